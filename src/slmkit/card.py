@@ -1,0 +1,163 @@
+"""The model card: what a model is and where it came from (lineage), as JSON for tools and Markdown for people."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+CARD_JSON = "card.json"
+CARD_MD = "card.md"
+CARD_FORMAT = 1
+
+
+@dataclass
+class ModelCard:
+    """Lineage and facts of one stored model; every stage writes one for the model it makes."""
+
+    name: str
+    architecture: str
+    model_type: str
+    parameters: int
+    size_bytes: int
+    dtype: str
+    context_length: int
+    stage: str
+    source: dict[str, Any]
+    parent: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    slmkit_version: str = ""
+    format: int = CARD_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def to_markdown(self) -> str:
+        src = ", ".join(f"{k}: `{v}`" for k, v in self.source.items())
+        lines = [
+            f"# {self.name}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| architecture | {self.architecture} ({self.model_type}) |",
+            f"| parameters | {human_count(self.parameters)} ({self.parameters:,}) |",
+            f"| size on disk | {human_bytes(self.size_bytes)} |",
+            f"| weights dtype | {self.dtype} |",
+            f"| context length | {self.context_length} |",
+            f"| made by stage | {self.stage} |",
+            f"| parent | {self.parent or '-'} |",
+            f"| source | {src} |",
+            f"| created | {self.created} |",
+            f"| slmkit | {self.slmkit_version} |",
+            "",
+        ]
+        if self.settings:
+            lines += ["## Settings", "", "```json", json.dumps(self.settings, indent=2), "```", ""]
+        if self.metrics:
+            lines += ["## Metrics", "", "```json", json.dumps(self.metrics, indent=2), "```", ""]
+        lines += ["## Files (sha256)", ""] + [f"- `{n}` {h}" for n, h in sorted(self.files.items())] + [""]
+        return "\n".join(lines)
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8", "I32": "int32"}
+
+
+def count_safetensors_parameters(folder: Path) -> tuple[int, str]:
+    """Count stored parameters (tied weights are stored once) and name the dominant dtype, without loading."""
+    total = 0
+    by_dtype: dict[str, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n
+                dt = _DTYPE_NAMES.get(str(sl.get_dtype()), str(sl.get_dtype()).lower())
+                by_dtype[dt] = by_dtype.get(dt, 0) + n
+    dominant = max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "unknown"
+    return total, dominant
+
+
+def build_card(
+    folder: Path,
+    *,
+    name: str,
+    stage: str,
+    source: dict[str, Any],
+    parent: str | None = None,
+    settings: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Describe the model files in `folder` (hashes, sizes, parameters) and its lineage."""
+    from slmkit import __version__
+
+    config = json.loads((folder / "config.json").read_text())
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (CARD_JSON, CARD_MD)}
+    size = sum((folder / n).stat().st_size for n in files)
+    params, dtype = count_safetensors_parameters(folder)
+    return ModelCard(
+        name=name,
+        architecture=(config.get("architectures") or ["unknown"])[0],
+        model_type=config.get("model_type", "unknown"),
+        parameters=params,
+        size_bytes=size,
+        dtype=dtype,
+        context_length=int(config.get("max_position_embeddings") or 0),
+        stage=stage,
+        source=source,
+        parent=parent,
+        settings=settings or {},
+        files=files,
+        metrics=metrics or {},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        slmkit_version=__version__,
+    )
+
+
+def write_card(folder: Path, card: ModelCard) -> None:
+    (folder / CARD_JSON).write_text(card.to_json())
+    (folder / CARD_MD).write_text(card.to_markdown())
+
+
+def read_card(folder: Path) -> ModelCard:
+    return ModelCard.from_json((folder / CARD_JSON).read_text())

@@ -1,0 +1,29 @@
+"""The `slmkit` command: a thin layer over the Python API; errors print what to do and exit 1."""
+
+from __future__ import annotations
+
+import typer
+
+from slmkit.cli import generate, models
+from slmkit.cli.common import setup_output
+
+app = typer.Typer(
+    name="slmkit",
+    help="Make small language models and run them on the machine you have, offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(models.app, name="models")
+app.command("run")(generate.run)
+app.command("chat")(generate.chat)
+
+
+@app.callback()
+def _root() -> None:
+    """Make small language models and run them on the machine you have, offline."""
+    setup_output()
+
+
+def main() -> None:
+    app()

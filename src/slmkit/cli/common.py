@@ -1,0 +1,71 @@
+"""What every command shares: consoles, the error handler, and the sampling options (defaults live in SamplingParams)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from slmkit.engine.sampling import SamplingParams
+from slmkit.errors import SlmkitError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_D = SamplingParams()
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def out_console() -> Console:
+    return Console(highlight=False)
+
+
+def setup_output() -> None:
+    """Progress on stderr; silence transformers' own bars and warnings, which would interleave with ours."""
+    import transformers
+
+    from slmkit import progress
+
+    progress.enable(err_console())
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def handle_errors(fn: F) -> F:
+    """Turn SlmkitError into a two-line message (what is wrong, what to do) and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SlmkitError as exc:
+            con = err_console()
+            con.print(f"[bold red]error:[/] {exc.message}")
+            if exc.hint:
+                con.print(exc.hint)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+ModelOpt = Annotated[str | None, typer.Argument(help="Model name in the store (default: the embedded SmolLM2-135M-Instruct).")]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="Inference backend.")]
+Temperature = Annotated[float | None, typer.Option(help=f"Sampling temperature; 0 is greedy. [default: {_D.temperature}]")]
+TopP = Annotated[float | None, typer.Option("--top-p", help=f"Nucleus sampling mass. [default: {_D.top_p}]")]
+TopK = Annotated[int | None, typer.Option("--top-k", help=f"Sample among the k likeliest tokens; 0 is off. [default: {_D.top_k}]")]
+RepPenalty = Annotated[
+    float | None, typer.Option("--repetition-penalty", help=f"Penalty on recently seen tokens; 1 is off. [default: {_D.repetition_penalty}]")
+]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help=f"Most tokens to generate. [default: {_D.max_tokens}]")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this string appears (repeatable).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same output.")]
+
+
+def sampling_kwargs(**given: Any) -> dict[str, Any]:
+    """Keep only the options the user set, so SamplingParams' defaults apply to the rest."""
+    return {k: v for k, v in given.items() if v is not None and v != []}

@@ -1,0 +1,108 @@
+"""Sampling settings and the pure math that turns next-token logits into a token id."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from slmkit.errors import SlmkitError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. The defaults here are the only defaults (CLI and API read them from here).
+
+    temperature 0 means greedy decoding. `seed` fixes the random stream: the same seed, prompt and model
+    give the same output.
+    """
+
+    temperature: float = 0.2
+    top_p: float = 0.9
+    top_k: int = 40
+    repetition_penalty: float = 1.1
+    repeat_last_n: int = 64
+    max_tokens: int = 256
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append("temperature must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append("top_k must be >= 0 (0 turns it off)")
+        if self.repetition_penalty <= 0:
+            problems.append("repetition_penalty must be > 0 (1 turns it off)")
+        if self.max_tokens < 1:
+            problems.append("max_tokens must be >= 1")
+        if any(not s for s in self.stop):
+            problems.append("stop strings must not be empty")
+        if problems:
+            raise SlmkitError("bad sampling settings: " + "; ".join(problems), "Fix the values and try again.")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "SamplingParams":
+        """Build from keyword arguments, ignoring None (so callers pass only what the user set)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise SlmkitError(f"unknown sampling setting(s): {', '.join(unknown)}", f"Known: {', '.join(sorted(known))}")
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if "stop" in given:
+            stop = given["stop"]
+            given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        return cls(**given)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, recent_ids: Sequence[int], penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: divide positive logits (multiply negative ones) of tokens seen recently.  # (V,)"""
+    if penalty == 1.0 or not recent_ids:
+        return logits
+    ids = torch.tensor(sorted(set(recent_ids)), dtype=torch.long)
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits, set the rest to -inf.  # (V,)"""
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of top tokens whose probability reaches p.  # (V,)"""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # a token is dropped when the mass before it already reaches p (so the top token always stays)
+    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= p
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, history: Sequence[int], generator: torch.Generator | None
+) -> int:
+    """Pick the next token id from one row of logits (V,), given the token history for the penalty."""
+    logits = logits.float()
+    window = history[-params.repeat_last_n :] if params.repeat_last_n > 0 else history
+    logits = apply_repetition_penalty(logits, window, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = filter_top_k(logits / params.temperature, params.top_k)
+    logits = filter_top_p(logits, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

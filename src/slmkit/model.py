@@ -1,0 +1,203 @@
+"""The Python API: a loaded model that generates, chats (both streaming or not) and scores text.
+
+Backend-independent: everything here works on token ids from a `Backend` and turns them into text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from slmkit.card import ModelCard
+from slmkit.engine.backend import Backend
+from slmkit.engine.sampling import SamplingParams
+from slmkit.engine.text_stream import IncrementalDecoder, StopMatcher
+from slmkit.errors import PromptTooLong, SlmkitError
+
+Message = dict[str, str]
+
+
+@dataclass
+class GenerationStats:
+    """Filled in while a generation runs; complete once it is exhausted."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding (prefill excluded)."""
+        decode_s = self.total_s - self.time_to_first_token_s
+        return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0
+
+
+class Generation:
+    """An iterator of text pieces; `text` and `stats` grow as it is consumed. Closing it stops the backend."""
+
+    def __init__(self, model: "Model", prompt_ids: list[int], params: SamplingParams) -> None:
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.text = ""
+        self._pieces = model._pieces(prompt_ids, params, self.stats)
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._pieces)
+        self.text += piece
+        return piece
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def read(self) -> str:
+        """Consume the rest and return the whole text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+@dataclass
+class Score:
+    """Log-probabilities (natural log) of each scored token given everything before it."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def mean(self) -> float:
+        return self.total / len(self.logprobs) if self.logprobs else 0.0
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.mean) if self.logprobs else float("nan")
+
+
+class Model:
+    """A model from the store, bound to an inference backend."""
+
+    def __init__(self, name: str, backend: Backend, card: ModelCard | None = None) -> None:
+        self.name = name
+        self.backend = backend
+        self.card = card
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, backend={self.backend.name!r})"
+
+    # ---- generation -------------------------------------------------------------------------------
+    def stream(self, prompt: str, **sampling: Any) -> Generation:
+        """Plain completion (no chat template), streamed as text pieces."""
+        params = SamplingParams.from_kwargs(**sampling)
+        return Generation(self, self._checked_ids(self.backend.encode(prompt, add_special_tokens=True), params), params)
+
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        return self.stream(prompt, **sampling).read()
+
+    def stream_chat(self, messages: Sequence[Message], **sampling: Any) -> Generation:
+        """Answer the last message of a conversation, formatted with the model's chat template."""
+        _check_messages(messages)
+        params = SamplingParams.from_kwargs(**sampling)
+        text = self.backend.render_chat(messages, add_generation_prompt=True)
+        # the template writes the special tokens itself
+        ids = self.backend.encode(text, add_special_tokens=False)
+        return Generation(self, self._checked_ids(ids, params), params)
+
+    def chat(self, messages: Sequence[Message], **sampling: Any) -> str:
+        return self.stream_chat(messages, **sampling).read()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.backend.encode(text, add_special_tokens=True))
+
+    def _checked_ids(self, ids: list[int], params: SamplingParams) -> list[int]:
+        ctx = self.backend.context_length
+        if len(ids) >= ctx:
+            raise PromptTooLong(
+                f"the prompt is {len(ids)} tokens, but {self.name}'s context window is {ctx} tokens",
+                f"Shorten the prompt to at most {ctx - 1} tokens (fewer, to leave room for the answer).",
+            )
+        return ids
+
+    def _pieces(self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats) -> Iterator[str]:
+        """The text-level decode loop: ids from the backend -> text, cut at EOS, stop strings or the budget."""
+        budget = min(params.max_tokens, self.backend.context_length - len(prompt_ids))
+        decoder = IncrementalDecoder(self.backend.decode)
+        stops = StopMatcher(params.stop)
+        eos = self.backend.eos_token_ids
+        start = time.perf_counter()
+        tokens = self.backend.stream_tokens(prompt_ids, params, budget)
+        try:
+            for token in tokens:
+                now = time.perf_counter()
+                if stats.completion_tokens == 0:
+                    stats.time_to_first_token_s = now - start
+                stats.completion_tokens += 1
+                stats.total_s = now - start
+                if token in eos:
+                    stats.finish_reason = "stop"
+                    break
+                piece = stops.push(decoder.push(token))
+                if piece:
+                    yield piece
+                if stops.stopped:
+                    stats.finish_reason = "stop"
+                    break
+            else:
+                stats.finish_reason = "length"
+            tail = stops.flush()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()
+            stats.total_s = time.perf_counter() - start
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def score(self, text: str, context: str = "") -> Score:
+        """Log-probability of each token of `text`, given `context` (or the start of a document).
+
+        With a context, tokens are split as lm-evaluation-harness does: encode context+text, and the tokens
+        past the context's own encoding are the scored ones. Without one, the first token is conditioned on
+        the tokenizer's BOS if it adds one, else on an EOS token (as lm-evaluation-harness does).
+        """
+        if not text:
+            raise SlmkitError("nothing to score: the text is empty", "Pass a non-empty text.")
+        b = self.backend
+        if context:
+            ctx_ids = b.encode(context, add_special_tokens=True)
+            ids = b.encode(context + text, add_special_tokens=True)
+            start = len(ctx_ids)
+        else:
+            prefix = b.encode("", add_special_tokens=True)
+            ids = b.encode(text, add_special_tokens=True)
+            if not prefix:
+                prefix = [min(b.eos_token_ids)] if b.eos_token_ids else []
+                ids = prefix + ids
+            start = max(len(prefix), 1)
+        if len(ids) > b.context_length:
+            raise PromptTooLong(
+                f"the text is {len(ids)} tokens, but {self.name}'s context window is {b.context_length} tokens",
+                "Score a shorter text, or split it into windows.",
+            )
+        scored = ids[start:]
+        return Score(token_ids=scored, tokens=[b.token_text(i) for i in scored], logprobs=b.token_logprobs(ids, start))
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise SlmkitError("no messages to answer", "Pass a list like [{'role': 'user', 'content': 'Hello'}].")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise SlmkitError(
+                f"message {i} is not a {{'role': str, 'content': str}} dict: {m!r}",
+                "Each message needs a 'role' (system, user or assistant) and a 'content' string.",
+            )

@@ -1,0 +1,75 @@
+"""Read GGUF files: check them cheaply first, then load weights (dequantized) and tokenizer through transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import ImportFailed
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> dict[str, Any]:
+    """Validate a GGUF file (magic, header, tensor extents within the file) and return a few metadata fields.
+
+    Fails fast with a clear error on a non-GGUF or truncated file, before any slow loading starts.
+    """
+    import gguf
+
+    hint = "Give a complete .gguf file (re-download or re-export it) or a Hugging Face model folder."
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ImportFailed(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')", hint)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises several types on a damaged header
+        raise ImportFailed(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})", hint) from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ImportFailed(f"{path} is truncated: tensor {t.name!r} ends past the end of the file", hint)
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    file_type = field("general.file_type")
+    try:
+        file_type_name = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    except ValueError:
+        file_type_name = str(file_type)
+    return {
+        "architecture": field("general.architecture"),
+        "model_name": field("general.name"),
+        "file_type": file_type_name,
+        "tensors": len(reader.tensors),
+    }
+
+
+def load_gguf(path: Path) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a GGUF file; weights are dequantized to float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmkit import progress
+
+    folder, fname = str(path.parent), path.name
+    try:
+        with progress.step("Reading tokenizer from GGUF"):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        with progress.step("Dequantizing GGUF weights to float32"):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise ImportFailed(
+            f"transformers could not load {path}: {exc}",
+            "GGUF import supports the architectures transformers' GGUF loader reads (llama, mistral, qwen2, "
+            "qwen3, gemma, gemma3, phi3, ...). Import the original Hugging Face folder instead.",
+        ) from exc
+    # The weights are now plain float32 tensors: drop the GGUF marker so the model saves as safetensors.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model, tokenizer

@@ -1,0 +1,57 @@
+"""Read Hugging Face model folders (config.json, *.safetensors, tokenizer files); never unpickle, never remote code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import ImportFailed
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_hf_dir(path: Path) -> dict[str, Any]:
+    """Validate the folder's contents and return its config; clear errors for what is missing."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ImportFailed(
+            f"{path} has no config.json, so it is not a Hugging Face model folder",
+            "Give a folder with config.json, *.safetensors and tokenizer files, or a .gguf file.",
+        )
+    if not list(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        why = f" (found only pickle files: {', '.join(pickled)}; slmkit never unpickles)" if pickled else ""
+        raise ImportFailed(
+            f"{path} has no *.safetensors weights{why}",
+            "Save the model with safetensors (model.save_pretrained(dir, safe_serialization=True)) and import again.",
+        )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ImportFailed(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
+            "Save the tokenizer beside the weights (tokenizer.save_pretrained(dir)) and import again.",
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ImportFailed(f"{config_path} is not valid JSON: {exc}", "Fix or regenerate config.json.") from exc
+
+
+def load_hf_dir(path: Path) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a folder, keeping the stored dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmkit import progress
+
+    try:
+        with progress.step(f"Loading {path.name}"):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype="auto", use_safetensors=True, trust_remote_code=False
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ImportFailed(
+            f"transformers could not load {path}: {exc}",
+            "Check that the folder is a complete causal language model (matching config.json and weights).",
+        ) from exc
+    return model, tokenizer

@@ -1,0 +1,66 @@
+"""Import a model into the store from a GGUF file or a Hugging Face folder; make sure the default is there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slmkit import progress
+from slmkit.card import ModelCard, build_card, sha256_file, write_card
+from slmkit.config import DEFAULT_MODEL
+from slmkit.errors import ImportFailed
+from slmkit.sources.gguf import check_gguf, load_gguf
+from slmkit.sources.hf_dir import check_hf_dir, load_hf_dir
+from slmkit.sources.packaged import PACKAGE, default_gguf
+from slmkit.store import Store, name_from_path, validate_name
+
+
+def _save(store: Store, name: str, model: Any, tokenizer: Any, *, overwrite: bool, **lineage: Any) -> ModelCard:
+    with store.install(name, overwrite=overwrite) as staging:
+        with progress.step(f"Writing {name} (safetensors)"):
+            model.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+        with progress.step("Hashing files and writing the model card"):
+            card = build_card(staging, name=name, **lineage)
+            write_card(staging, card)
+    return card
+
+
+def import_gguf(path: Path, name: str, *, store: Store, overwrite: bool = False, source: dict | None = None) -> ModelCard:
+    meta = check_gguf(path)
+    model, tokenizer = load_gguf(path)
+    with progress.step("Hashing the source file"):
+        src = {"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path)}
+    src.update(source or {})
+    settings = {"source_quantization": meta["file_type"], "dtype": "float32", "gguf_architecture": meta["architecture"]}
+    return _save(store, name, model, tokenizer, overwrite=overwrite, stage="import", source=src, settings=settings)
+
+
+def import_hf_dir(path: Path, name: str, *, store: Store, overwrite: bool = False) -> ModelCard:
+    check_hf_dir(path)
+    model, tokenizer = load_hf_dir(path)
+    src = {"kind": "hf_dir", "path": str(path.resolve())}
+    return _save(store, name, model, tokenizer, overwrite=overwrite, stage="import", source=src)
+
+
+def import_path(path: str | Path, name: str | None = None, *, store: Store | None = None, overwrite: bool = False) -> ModelCard:
+    """Import a .gguf file or a Hugging Face folder as `name` (default: derived from the path)."""
+    store = store or Store()
+    path = Path(path).expanduser()
+    name = validate_name(name) if name is not None else name_from_path(path)
+    if not path.exists():
+        raise ImportFailed(f"{path} does not exist", "Give the path of a .gguf file or of a Hugging Face model folder.")
+    store.check_free(name, overwrite=overwrite)
+    if path.is_dir():
+        return import_hf_dir(path, name, store=store, overwrite=overwrite)
+    return import_gguf(path, name, store=store, overwrite=overwrite)
+
+
+def ensure_default(store: Store | None = None) -> str:
+    """Import the packaged default model on first use; afterwards this is a folder check."""
+    store = store or Store()
+    if not store.exists(DEFAULT_MODEL):
+        path, version = default_gguf()
+        progress.note(f"First use: importing the default model {DEFAULT_MODEL} from {PACKAGE} {version} (once).")
+        import_gguf(path, DEFAULT_MODEL, store=store, source={"kind": "packaged", "package": PACKAGE, "package_version": version})
+    return DEFAULT_MODEL
