@@ -27,9 +27,13 @@ def out_console() -> Console:
 
 def setup_output() -> None:
     """Progress on stderr; silence transformers' own bars and warnings, which would interleave with ours."""
+    import os
+
     import transformers
 
     from slmkit import progress
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader calls tqdm directly
 
     progress.enable(err_console())
     transformers.utils.logging.set_verbosity_error()
@@ -45,9 +49,9 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except SlmkitError as exc:
             con = err_console()
-            con.print(f"[bold red]error:[/] {exc.message}")
+            con.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
             if exc.hint:
-                con.print(exc.hint)
+                con.print(exc.hint, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

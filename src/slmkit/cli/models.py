@@ -24,15 +24,15 @@ def list_models() -> None:
     """List stored models with their size, parameter count and lineage."""
     store = Store()
     ensure_default(store)
-    table = Table(title=f"Models in {store.root}")
-    for col in ("NAME", "PARAMS", "SIZE", "DTYPE", "STAGE", "FROM", "CREATED"):
-        table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left")
+    table = Table(title=f"Models in {store.root}", caption="* the default model")
+    for col in ("NAME", "PARAMS", "SIZE", "DTYPE", "STAGE", "FROM"):
+        table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left", no_wrap=col != "CREATED")
     for card in store.cards():
         origin = card.parent or card.source.get("package") or Path(str(card.source.get("path", "?"))).name
-        marker = " (default)" if card.name == DEFAULT_MODEL else ""
+        marker = " *" if card.name == DEFAULT_MODEL else ""
         table.add_row(
             card.name + marker, human_count(card.parameters), human_bytes(card.size_bytes), card.dtype,
-            card.stage, origin, card.created[:19].replace("T", " "),
+            card.stage, origin,
         )
     out_console().print(table)
 

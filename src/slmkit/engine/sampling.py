@@ -73,36 +73,37 @@ def apply_repetition_penalty(logits: torch.Tensor, recent_ids: Sequence[int], pe
     return logits
 
 
-def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits, set the rest to -inf.  # (V,)"""
-    if k <= 0 or k >= logits.numel():
-        return logits
-    kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits and their token ids, largest first (all of them, sorted, when k is 0).  # (k,), (k,)"""
+    if 0 < k < logits.numel():
+        return torch.topk(logits, k)
+    return torch.sort(logits, descending=True)
 
 
-def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of top tokens whose probability reaches p.  # (V,)"""
+def nucleus_size(sorted_logits: torch.Tensor, p: float) -> int:
+    """How many of the top tokens (logits sorted descending) to keep so their probability mass reaches p."""
     if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
+        return sorted_logits.numel()
     probs = torch.softmax(sorted_logits, dim=-1)
-    # a token is dropped when the mass before it already reaches p (so the top token always stays)
-    drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= p
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    # a token is kept while the mass before it is still below p, so the top token always stays
+    before = torch.cumsum(probs, dim=-1) - probs
+    return max(int((before < p).sum()), 1)
 
 
 def sample_next(
     logits: torch.Tensor, params: SamplingParams, history: Sequence[int], generator: torch.Generator | None
 ) -> int:
-    """Pick the next token id from one row of logits (V,), given the token history for the penalty."""
+    """Pick the next token id from one row of logits (V,), given the token history for the penalty.
+
+    Order as in llama.cpp and transformers: repetition penalty, temperature, top-k, top-p, then sample.
+    Top-k runs first so that top-p sorts k candidates rather than the whole vocabulary.
+    """
     logits = logits.float()
     window = history[-params.repeat_last_n :] if params.repeat_last_n > 0 else history
     logits = apply_repetition_penalty(logits, window, params.repetition_penalty)
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = filter_top_k(logits / params.temperature, params.top_k)
-    logits = filter_top_p(logits, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    values, ids = top_candidates(logits / params.temperature, params.top_k)  # (k,), (k,)
+    keep = nucleus_size(values, params.top_p)
+    probs = torch.softmax(values[:keep], dim=-1)
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ class TorchBackend:
             elif source:
                 eos.update(int(i) for i in source)
         self._eos = frozenset(eos)
+        # transformers renamed the forward's cache argument (past_key_values -> cache) in 5.x
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_folder(cls, folder: Path, *, threads: int | None = None) -> "TorchBackend":
@@ -88,7 +91,8 @@ class TorchBackend:
         history = list(prompt_ids)
         input_ids = torch.tensor([history], dtype=torch.long)  # (1, T)
         # prefill: the whole prompt in one pass, keep only the last position's logits
-        logits = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        cache_kw = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        logits = self.model(input_ids=input_ids, **cache_kw).logits
         for _ in range(max_new_tokens):
             token = sample_next(logits[0, -1], params, history, generator)  # logits: (1, 1, V)
             yield token
@@ -96,7 +100,7 @@ class TorchBackend:
                 return
             history.append(token)
             step = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
-            logits = self.model(input_ids=step, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=step, **cache_kw).logits
 
     @torch.inference_mode()
     def token_logprobs(self, ids: Sequence[int], start: int) -> list[float]:

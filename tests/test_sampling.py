@@ -1,0 +1,69 @@
+"""Sampling math: penalties, top-k, top-p, greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmkit.engine.sampling import (
+    SamplingParams, apply_repetition_penalty, nucleus_size, sample_next, top_candidates,
+)
+from slmkit.errors import SlmkitError
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]  # input untouched
+
+
+def test_top_candidates_sorted_and_k_zero_means_all():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.0])
+    vals, ids = top_candidates(logits, 2)
+    assert ids.tolist() == [1, 3] and vals.tolist() == [3.0, 2.0]
+    vals, ids = top_candidates(logits, 0)
+    assert ids.tolist() == [1, 3, 0, 2]
+
+
+def test_nucleus_size():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    assert nucleus_size(logits, 0.5) == 1
+    assert nucleus_size(logits, 0.79) == 2
+    assert nucleus_size(logits, 0.81) == 3
+    assert nucleus_size(logits, 1.0) == 4
+    assert nucleus_size(logits, 0.01) == 1  # the top token always stays
+
+
+def test_greedy_is_argmax_and_sampling_respects_filters():
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    assert sample_next(logits, SamplingParams(temperature=0, repetition_penalty=1.0), [], None) == 1
+    g = torch.Generator().manual_seed(0)
+    p = SamplingParams(temperature=5.0, top_k=2, top_p=1.0, repetition_penalty=1.0)
+    seen = {sample_next(logits, p, [], g) for _ in range(200)}
+    assert seen == {1, 2}  # hot enough to pick both, but never outside the top 2
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=0.3, repetition_penalty=1.0)
+    assert {sample_next(logits, p, [], g) for _ in range(50)} == {1}
+
+
+def test_seeded_sampling_repeats():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    run = lambda: [sample_next(logits, p, [], g) for g in [torch.Generator().manual_seed(7)] for _ in range(20)]
+    assert run() == run()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"max_tokens": 0}, {"stop": [""]}]
+)
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(SlmkitError):
+        SamplingParams.from_kwargs(**kwargs)
+
+
+def test_from_kwargs_ignores_none_and_rejects_unknown():
+    assert SamplingParams.from_kwargs(temperature=None, seed=3) == SamplingParams(seed=3)
+    assert SamplingParams.from_kwargs(stop="\n").stop == ("\n",)
+    with pytest.raises(SlmkitError, match="temprature"):
+        SamplingParams.from_kwargs(temprature=1)
