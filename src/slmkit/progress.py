@@ -38,4 +38,4 @@ def step(description: str) -> Iterator[None]:
 def note(message: str) -> None:
     """A one-line message shown with the steps (nothing in library use)."""
     if _console is not None:
-        _console.print(message)
+        _console.print(message, soft_wrap=True)

@@ -27,13 +27,9 @@ def out_console() -> Console:
 
 def setup_output() -> None:
     """Progress on stderr; silence transformers' own bars and warnings, which would interleave with ours."""
-    import os
-
     import transformers
 
     from slmkit import progress
-
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader calls tqdm directly
 
     progress.enable(err_console())
     transformers.utils.logging.set_verbosity_error()

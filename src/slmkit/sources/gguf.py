@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,22 @@ def check_gguf(path: Path) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _no_tqdm() -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar (no switch turns it off); ours is already showing."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *a, **k: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_gguf(path: Path) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a GGUF file; weights are dequantized to float32."""
     import torch
@@ -59,7 +77,7 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     try:
         with progress.step("Reading tokenizer from GGUF"):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        with progress.step("Dequantizing GGUF weights to float32"):
+        with progress.step("Dequantizing GGUF weights to float32"), _no_tqdm():
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
         raise ImportFailed(
