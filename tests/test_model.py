@@ -130,7 +130,7 @@ def test_score_with_context_scores_only_the_continuation(tiny):
     s = tiny.score(cont, context=ctx)
     whole = tiny.backend.encode(ctx + cont)
     assert s.token_ids == whole[len(tiny.backend.encode(ctx)) :]
-    direct = tiny.backend.token_logprobs(whole, len(whole) - len(s.token_ids))
+    direct = tiny.backend.score_batch([(whole, len(whole) - len(s.token_ids))])[0]
     assert s.total == pytest.approx(sum(direct), abs=1e-5)
     with pytest.raises(SlmkitError):
         tiny.score("")

@@ -15,6 +15,15 @@ class Settings:
 
     home: Path
     threads: int
+    data_dir: Path | None
+
+    @property
+    def evals_dir(self) -> Path:
+        return self.home / "evals"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
 
     @property
     def models_dir(self) -> Path:
@@ -26,4 +35,15 @@ def settings() -> Settings:
     home = Path(os.environ.get("SLMKIT_HOME") or Path.home() / ".cache" / "slmkit").expanduser()
     raw_threads = os.environ.get("SLMKIT_THREADS", "")
     threads = int(raw_threads) if raw_threads.isdigit() and int(raw_threads) > 0 else (os.cpu_count() or 1)
-    return Settings(home=home, threads=threads)
+    return Settings(home=home, threads=threads, data_dir=_data_dir())
+
+
+def _data_dir() -> Path | None:
+    """SLMKIT_DATA, else the shared data folder beside the checkout (../shared/data) if there is one."""
+    if os.environ.get("SLMKIT_DATA"):
+        return Path(os.environ["SLMKIT_DATA"]).expanduser()
+    repo = Path(__file__).resolve().parents[2]  # src/slmkit/config.py -> the checkout
+    for candidate in (Path.cwd() / ".." / "shared" / "data", repo / ".." / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None

@@ -14,6 +14,7 @@ from typing import Any
 from slmkit.card import ModelCard
 from slmkit.engine.backend import Backend
 from slmkit.engine.sampling import SamplingParams
+from slmkit.engine.scoring import encode_document, encode_pair
 from slmkit.engine.text_stream import IncrementalDecoder, StopMatcher
 from slmkit.errors import PromptTooLong, SlmkitError
 
@@ -165,31 +166,21 @@ class Model:
     def score(self, text: str, context: str = "") -> Score:
         """Log-probability of each token of `text`, given `context` (or the start of a document).
 
-        With a context, tokens are split as lm-evaluation-harness does: encode context+text, and the tokens
-        past the context's own encoding are the scored ones. Without one, the first token is conditioned on
-        the tokenizer's BOS if it adds one, else on an EOS token (as lm-evaluation-harness does).
+        Tokens are split as lm-evaluation-harness does (see engine/scoring.py): with a context, the tokens past
+        the context's own encoding are scored; without one, the first token is conditioned on the tokenizer's
+        BOS if it adds one, else on an EOS token.
         """
         if not text:
             raise SlmkitError("nothing to score: the text is empty", "Pass a non-empty text.")
         b = self.backend
-        if context:
-            ctx_ids = b.encode(context, add_special_tokens=True)
-            ids = b.encode(context + text, add_special_tokens=True)
-            start = len(ctx_ids)
-        else:
-            prefix = b.encode("", add_special_tokens=True)
-            ids = b.encode(text, add_special_tokens=True)
-            if not prefix:
-                prefix = [min(b.eos_token_ids)] if b.eos_token_ids else []
-                ids = prefix + ids
-            start = max(len(prefix), 1)
+        ids, start = encode_pair(b, context, text) if context else encode_document(b, text)
         if len(ids) > b.context_length:
             raise PromptTooLong(
                 f"the text is {len(ids)} tokens, but {self.name}'s context window is {b.context_length} tokens",
                 "Score a shorter text, or split it into windows.",
             )
         scored = ids[start:]
-        return Score(token_ids=scored, tokens=[b.token_text(i) for i in scored], logprobs=b.token_logprobs(ids, start))
+        return Score(token_ids=scored, tokens=[b.token_text(i) for i in scored], logprobs=b.score_batch([(ids, start)])[0])
 
 
 def _check_messages(messages: Sequence[Message]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 
 _console: Console | None = None
 
@@ -39,3 +41,18 @@ def note(message: str) -> None:
     """A one-line message shown with the steps (nothing in library use)."""
     if _console is not None:
         _console.print(message, soft_wrap=True)
+
+
+@contextmanager
+def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar with ETA for work counted in items; yields advance(n). Silent in library use."""
+    if _console is None:
+        yield lambda n=1: None
+        return
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_console, transient=False) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)

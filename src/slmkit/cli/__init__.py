@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import generate, models
+from slmkit.cli import evaluate, generate, models
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -17,6 +17,8 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.command("run")(generate.run)
 app.command("chat")(generate.chat)
+app.command("eval")(evaluate.eval_cmd)
+app.command("compare")(evaluate.compare)
 
 
 @app.callback()

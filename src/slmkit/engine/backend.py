@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
+from typing import TYPE_CHECKING
+
 from slmkit.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -45,6 +50,16 @@ class Backend(Protocol):
         """Yield sampled token ids one at a time (an EOS id is yielded too, then the stream ends)."""
         ...
 
-    def token_logprobs(self, ids: Sequence[int], start: int) -> list[float]:
-        """Log-probability of ids[i] given ids[:i], for every i from `start` (>= 1) to the end."""
+    @property
+    def vocab_size(self) -> int: ...
+
+    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
+        """For each (ids, start): log-probability of ids[i] given ids[:i], for i from start (>= 1) to the end.
+
+        Requests are scored together where the backend can batch them; the order of results matches.
+        """
+        ...
+
+    def logprob_rows(self, ids: Sequence[int]) -> "torch.Tensor":
+        """Log-softmax next-token distributions after each of ids[:-1]: shape (len(ids) - 1, vocab_size)."""
         ...

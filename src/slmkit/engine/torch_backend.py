@@ -103,14 +103,74 @@ class TorchBackend:
             logits = self.model(input_ids=step, **cache_kw).logits
 
     @torch.inference_mode()
-    def token_logprobs(self, ids: Sequence[int], start: int) -> list[float]:
-        if start < 1:
-            raise ValueError("start must be >= 1: the first token has no context to be scored against")
-        input_ids = torch.tensor([list(ids)], dtype=torch.long)  # (1, T)
-        logits = self.model(input_ids=input_ids, use_cache=False).logits[0, start - 1 : -1].float()  # (T-start, V)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        targets = input_ids[0, start:].unsqueeze(-1)  # (T-start, 1)
-        return logprobs.gather(-1, targets).squeeze(-1).tolist()
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True
+    ) -> list[list[int]]:
+        """A static batch: left-padded prompts decoded together, one forward per step for all rows.
+
+        Row r samples with seed `params.seed + r`. Finished rows keep computing (static batch) but stop growing.
+        """
+        from transformers import DynamicCache
+
+        n, width = len(prompts), max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((n, width), pad, dtype=torch.long)  # (B, T), left-padded
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        base_seed = params.seed if params.seed is not None else _random_seed()
+        gens = [torch.Generator().manual_seed(base_seed + r) for r in range(n)]
+        histories = [list(p) for p in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * n
+        cache = DynamicCache(config=self.model.config)
+        kw = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kw).logits[:, -1]  # (B, V)
+        for _ in range(max_new_tokens):
+            step = [sample_next(logits[r], params, histories[r], gens[r]) for r in range(n)]
+            for r, token in enumerate(step):
+                if not done[r]:
+                    outputs[r].append(token)
+                    histories[r].append(token)
+                    done[r] = stop_at_eos and token in self._eos
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1  # (B, 1)
+            step_ids = torch.tensor(step, dtype=torch.long).unsqueeze(-1)  # (B, 1)
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **kw).logits[:, -1]
+        return outputs
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @torch.inference_mode()
+    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
+        for ids, start in requests:
+            if not 1 <= start <= len(ids):
+                raise ValueError(f"start must be in [1, len(ids)]: got {start} for {len(ids)} ids")
+        width = max(len(ids) for ids, _ in requests)
+        batch = torch.zeros((len(requests), width), dtype=torch.long)  # (B, T), right-padded
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(requests):
+            batch[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        logits = self.model(input_ids=batch, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+        out = []
+        for row, (ids, start) in enumerate(requests):
+            rows = logits[row, start - 1 : len(ids) - 1].float()  # (n, V): predictions for ids[start:]
+            targets = batch[row, start : len(ids)].unsqueeze(-1)  # (n, 1)
+            picked = rows.gather(-1, targets).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+            out.append(picked.tolist())
+        return out
+
+    @torch.inference_mode()
+    def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
+        logits = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), use_cache=False).logits[0, :-1]
+        return torch.log_softmax(logits.float(), dim=-1)  # (T-1, V)
 
 
 def _random_seed() -> int:

@@ -1,0 +1,84 @@
+"""`slmkit eval` (measure a model) and `slmkit compare` (put results side by side, with an HTML report)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from slmkit.cli.common import BackendOpt, ModelOpt, handle_errors, out_console
+from slmkit.config import settings
+from slmkit.errors import SlmkitError
+from slmkit.evaluate.report import columns_of, fmt, rows_of, write_html
+from slmkit.evaluate.results import load_result
+from slmkit.evaluate.run import evaluate, latest_result_for
+from slmkit.loading import load
+
+
+def _table(results: list[dict[str, Any]], title: str) -> Table:
+    rows = rows_of(results)
+    cols = columns_of(rows)
+    table = Table(title=title)
+    table.add_column("metric", no_wrap=True)
+    for row in rows:
+        table.add_column(row["model"], justify="right", no_wrap=True)
+    for c in cols:  # one row per metric: fits a terminal better than one column per metric
+        table.add_row(c.title, *(fmt(c, row.get(c.key)) for row in rows))
+    return table
+
+
+@handle_errors
+def eval_cmd(
+    model_name: ModelOpt = None,
+    ppl: Annotated[str | None, typer.Option("--ppl", help="Perplexity over a text file (or 'wikitext2').")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Multiple-choice task: built-in name (arc_easy, arc_challenge) or YAML file. Repeatable.")] = None,
+    speed: Annotated[bool, typer.Option("--speed", help="Time to first token, prefill/decode tokens/s, memory, size.")] = False,
+    kl: Annotated[str | None, typer.Option("--kl", help="Reference model (teacher) for KL divergence and top-1 agreement.")] = None,
+    kl_text: Annotated[str | None, typer.Option("--kl-text", help="Text for --kl (default: the --ppl text, else wikitext2).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N task items / perplexity or KL windows.")] = None,
+    context_length: Annotated[int, typer.Option("--context-length", help="Perplexity window in tokens.")] = 1024,
+    stride: Annotated[int, typer.Option("--stride", help="New tokens scored per perplexity window.")] = 512,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the results JSON here.")] = None,
+    backend: BackendOpt = "torch",
+) -> None:
+    """Measure a model: perplexity and bits per byte, task accuracy, KL from a teacher, speed and memory."""
+    if not (ppl or task or speed or kl):
+        raise SlmkitError("nothing to measure", "Pass at least one of --ppl FILE, --task NAME, --speed, --kl MODEL.")
+    if limit is not None and limit < 1:
+        raise SlmkitError("--limit must be at least 1", "Leave it out to use everything.")
+    model = load(model_name, backend=backend)
+    reference = load(kl, backend=backend) if kl else None
+    result, archived = evaluate(
+        model, ppl=ppl, tasks=list(task or []), speed=speed, kl=reference, kl_text=kl_text, limit=limit,
+        context_length=context_length, stride=stride, out=out,
+    )
+    out_console().print(_table([result], f"slmkit eval: {model.name}"))
+    typer.echo(f"results: {out or archived}")
+
+
+@handle_errors
+def compare(
+    items: Annotated[list[str], typer.Argument(help="Results JSON files, or model names (their latest eval).")],
+    html: Annotated[Path | None, typer.Option("--html", help="Where to write the HTML report.")] = None,
+) -> None:
+    """Put eval results side by side: a table here, and an HTML report with quality-vs-size/speed plots."""
+    paths = []
+    for item in items:
+        p = Path(item)
+        if p.suffix == ".json" or p.exists():
+            paths.append(p)
+            continue
+        found = latest_result_for(item)
+        if found is None:
+            raise SlmkitError(f"{item!r} is neither a results file nor a model with saved eval results",
+                              f"Run: slmkit eval {item} --ppl wikitext2 --speed (or give a results .json path).")
+        paths.append(found)
+    results = [load_result(p) for p in paths]
+    out_console().print(_table(results, "slmkit compare"))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = html or settings().reports_dir / f"compare-{stamp}.html"
+    write_html(results, target, [str(p) for p in paths])
+    typer.echo(f"report: {target}")

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, multiple-choice tasks, divergence from a teacher, speed, and comparison reports."""

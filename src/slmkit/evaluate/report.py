@@ -1,0 +1,149 @@
+"""Compare eval results: a table for the terminal and a self-contained HTML report with Pareto plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmkit.evaluate.metrics import pareto_front
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    lower_is_better: bool
+    fmt: str
+
+
+def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten each result into one row of comparable numbers (None where not measured)."""
+    rows = []
+    for res in results:
+        r = res.get("results", {})
+        card = (res.get("model") or {}).get("card") or {}
+        speed = r.get("speed") or {}
+        ppl = r.get("perplexity") or {}
+        kl = r.get("kl") or {}
+        row: dict[str, Any] = {
+            "model": res["model"]["name"],
+            "backend": res["model"].get("backend"),
+            "parameters": card.get("parameters") or speed.get("parameters"),
+            "size_mb": (card.get("size_bytes") or speed.get("size_bytes") or 0) / 1e6 or None,
+            "perplexity": ppl.get("perplexity"),
+            "bits_per_byte": ppl.get("bits_per_byte"),
+            "mean_kl": kl.get("mean_kl"),
+            "top1_agreement": kl.get("top1_agreement"),
+            "ttft_s": speed.get("time_to_first_token_s"),
+            "prefill_tps": speed.get("prefill_tokens_per_s"),
+            "decode_tps": speed.get("decode_tokens_per_s"),
+            "batched_tps": speed.get("batched_tokens_per_s"),
+            "peak_rss_mb": speed.get("peak_rss_mb"),
+        }
+        for name, t in (r.get("tasks") or {}).items():
+            row[f"{name}.acc"] = t["acc"]
+            row[f"{name}.acc_norm"] = t["acc_norm"]
+        rows.append(row)
+    return rows
+
+
+def columns_of(rows: list[dict[str, Any]]) -> list[Column]:
+    fixed = [
+        Column("parameters", "params", True, "{:,.0f}"), Column("size_mb", "size MB", True, "{:.1f}"),
+        Column("perplexity", "ppl", True, "{:.3f}"), Column("bits_per_byte", "bits/byte", True, "{:.4f}"),
+        Column("mean_kl", "KL", True, "{:.4f}"), Column("top1_agreement", "top-1 agree", False, "{:.3f}"),
+        Column("ttft_s", "TTFT s", True, "{:.3f}"), Column("prefill_tps", "prefill tok/s", False, "{:.1f}"),
+        Column("decode_tps", "decode tok/s", False, "{:.1f}"), Column("batched_tps", "batched tok/s", False, "{:.1f}"),
+        Column("peak_rss_mb", "peak RSS MB", True, "{:.0f}"),
+    ]
+    task_keys = sorted({k for row in rows for k in row if k.endswith(".acc") or k.endswith(".acc_norm")})
+    cols = fixed + [Column(k, k, False, "{:.4f}") for k in task_keys]
+    return [c for c in cols if any(row.get(c.key) is not None for row in rows)]
+
+
+def fmt(col: Column, value: Any) -> str:
+    return "-" if value is None else col.fmt.format(value)
+
+
+def quality_axes(columns: list[Column]) -> list[Column]:
+    """The quality metrics worth plotting against size and speed."""
+    keys = ["bits_per_byte", "mean_kl"] + [c.key for c in columns if c.key.endswith(".acc_norm")]
+    return [c for c in columns if c.key in keys]
+
+
+def _plot(rows: list[dict[str, Any]], quality: Column, cost: Column) -> str | None:
+    """A scatter of quality against a cost axis with the Pareto front marked; PNG as base64, or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(row[cost.key], row[quality.key], row["model"]) for row in rows
+           if row.get(cost.key) is not None and row.get(quality.key) is not None]
+    if not pts:
+        return None
+    front = pareto_front([(x, y) for x, y, _ in pts], lower_x_better=cost.lower_is_better, lower_y_better=quality.lower_is_better)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#888", zorder=2)
+    fp = sorted((pts[i] for i in front), key=lambda p: p[0])
+    ax.plot([p[0] for p in fp], [p[1] for p in fp], "-o", color="#d62728", zorder=3, label="Pareto front")
+    for x, y, name in pts:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    better = lambda lower: "lower is better" if lower else "higher is better"
+    ax.set_xlabel(f"{cost.title} ({better(cost.lower_is_better)})")
+    ax.set_ylabel(f"{quality.title} ({better(quality.lower_is_better)})")
+    ax.set_title(f"{quality.title} vs {cost.title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(results: list[dict[str, Any]], path: Path, sources: list[str]) -> Path:
+    rows = rows_of(results)
+    cols = columns_of(rows)
+    head = "".join(f"<th>{html.escape(c.title)}</th>" for c in cols)
+    body = "".join(
+        "<tr><td>" + html.escape(row["model"]) + "</td>" + "".join(f"<td>{fmt(c, row.get(c.key))}</td>" for c in cols) + "</tr>"
+        for row in rows
+    )
+    cost_cols = [c for c in cols if c.key in ("size_mb", "decode_tps")]
+    images = []
+    for q in quality_axes(cols):
+        for cost in cost_cols:
+            png = _plot(rows, q, cost)
+            if png:
+                images.append(f'<figure><img alt="{html.escape(q.title)} vs {cost.title}" src="data:image/png;base64,{png}"></figure>')
+    notes = "".join(f"<li><code>{html.escape(s)}</code></li>" for s in sources)
+    settings = "".join(
+        f"<li>{html.escape(res['model']['name'])}: {html.escape(str({k: v for k, v in res.get('settings', {}).items() if v}))}</li>"
+        for res in results
+    )
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>slmkit comparison</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 0.5rem; }}
+</style></head><body>
+<h1>slmkit comparison</h1>
+<table><thead><tr><th>model</th>{head}</tr></thead><tbody>{body}</tbody></table>
+<h2>Quality against size and speed</h2>
+<p>Red: the Pareto front (no other model is better on both axes).</p>
+{''.join(images) or '<p>Not enough measurements to plot: run slmkit eval with --ppl or --task, and --speed.</p>'}
+<h2>Settings</h2><ul>{settings}</ul>
+<h2>Results files</h2><ul>{notes}</ul>
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
+    return path
