@@ -24,6 +24,9 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/slmkit models list
 	$(BIN)/slmkit run --seed 0 --max-tokens 120 "In two sentences, why would a developer run a small language model on their own laptop?"
+	@echo "--- a quick evaluation on a sample (see docs/evaluation.md for the full runs) ---"
+	$(BIN)/slmkit eval --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256
+	$(BIN)/slmkit compare smollm2-135m-instruct
 
 test: install-test
 	$(BIN)/python -m pytest

@@ -21,7 +21,7 @@ CHATML = (
 )
 
 
-def build_tokenizer(chat_template: str | None = CHATML):
+def build_tokenizer(chat_template: str | None = CHATML, vocab_size: int = 320):
     """A byte-level BPE tokenizer (any text encodes) with ChatML special tokens, trained on CORPUS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -30,7 +30,7 @@ def build_tokenizer(chat_template: str | None = CHATML):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size=vocab_size,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -44,12 +44,14 @@ def build_tokenizer(chat_template: str | None = CHATML):
     return fast
 
 
-def build_tiny_llama(folder: Path, *, chat_template: str | None = CHATML, context: int = 64, seed: int = 0) -> Path:
+def build_tiny_llama(
+    folder: Path, *, chat_template: str | None = CHATML, context: int = 64, seed: int = 0, vocab_size: int = 320
+) -> Path:
     """Save a 2-layer random Llama (hidden 32, GQA 4/2 heads) and its tokenizer as safetensors in `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(chat_template)
+    tokenizer = build_tokenizer(chat_template, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,

@@ -24,7 +24,10 @@ def peak_rss_mb() -> float:
 
 
 def measure_speed(model: Model, *, prompt_tokens: int = 256, new_tokens: int = 64, batch: int = 4, repeats: int = 2) -> dict[str, Any]:
-    """Best of `repeats` runs; greedy so that runs are comparable."""
+    """Best of `repeats` runs; greedy so that runs are comparable. Sizes shrink to fit a small context window."""
+    ctx = model.backend.context_length
+    new_tokens = min(new_tokens, ctx // 4)
+    prompt_tokens = min(prompt_tokens, ctx - new_tokens - 1)
     prompt = PASSAGE
     while model.count_tokens(prompt) < prompt_tokens:
         prompt += PASSAGE

@@ -1,0 +1,207 @@
+"""Evaluation on tiny random models, checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from typer.testing import CliRunner
+
+import slmkit
+from slmkit.cli import app
+from slmkit.errors import SlmkitError
+from slmkit.evaluate.choice import evaluate_task
+from slmkit.evaluate.divergence import divergence
+from slmkit.evaluate.perplexity import perplexity
+from slmkit.evaluate.speed import measure_speed
+from slmkit.evaluate.tasks import load_task, read_rows
+from slmkit.sources.importer import import_path
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Small language models run on laptops, offline and private. "
+    "Paris is the capital of France. Berlin is the capital of Germany. "
+) * 3
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny(store):
+    return slmkit.load("tiny")
+
+
+def write_task(tmp_path, rows, fmt="query_choices_gold", extra="", name="t"):
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("\n".join(json.dumps(r) if not isinstance(r, str) else r for r in rows) + "\n")
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(f"name: {name}\ndata: {data.name}\nformat: {fmt}\nprompt: \"{{query}}\\nAnswer:\"\n{extra}")
+    return spec
+
+
+ARC_ROWS = [
+    {"query": "Question: What is the capital of France?", "choices": ["Paris", "Berlin", "the lazy dog"], "gold": 0},
+    {"query": "Question: Which animal is quick?", "choices": ["fox", "dog"], "gold": 0},
+    {"query": "Question: Where do models run?", "choices": ["on laptops", "in Germany", "offline"], "gold": 2},
+    {"query": "Question: Berlin is the capital of?", "choices": ["France", "Germany"], "gold": 1},
+]
+
+
+def test_task_accuracy_matches_independent_scoring(tiny, tmp_path):
+    spec = write_task(tmp_path, ARC_ROWS)
+    res = evaluate_task(tiny, str(spec))
+    accs, norms = [], []
+    for row in ARC_ROWS:
+        ctx = row["query"] + "\nAnswer:"
+        lls = [tiny.score(" " + c, context=ctx).total for c in row["choices"]]
+        accs.append(float(max(range(len(lls)), key=lambda i: (lls[i], -i)) == row["gold"]))
+        normed = [ll / len(c) for ll, c in zip(lls, row["choices"])]
+        norms.append(float(max(range(len(normed)), key=lambda i: (normed[i], -i)) == row["gold"]))
+    assert res["n"] == 4 and res["acc"] == pytest.approx(sum(accs) / 4) and res["acc_norm"] == pytest.approx(sum(norms) / 4)
+    assert res["acc_stderr"] >= 0 or math.isnan(res["acc_stderr"])
+    assert evaluate_task(tiny, str(spec), limit=2)["n"] == 2
+
+
+def test_other_formats(tiny, tmp_path):
+    hs = write_task(tmp_path, [{"query": "The fox", "endings": [" jumps.", " sleeps."], "label": 0}] * 3, "hellaswag", name="hs")
+    assert evaluate_task(tiny, str(hs))["n"] == 3
+    labels = tmp_path / "piqa-labels.lst"
+    labels.write_text("1\n0\n")
+    piqa = write_task(
+        tmp_path, [{"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat it"}] * 2, "piqa",
+        extra=f"labels: {labels.name}\nfewshot: 1\n", name="piqa",
+    )
+    piqa.write_text(piqa.read_text().replace("{query}", "Question: {goal}"))
+    res = evaluate_task(tiny, str(piqa))
+    assert res["n"] == 2 and res["fewshot"] == 1
+    wg = write_task(
+        tmp_path, [{"context_options": ["Paris is in France", "Paris is in Germany"], "continuation": " and it is big.", "gold": 0}],
+        "winogrande", name="wg",
+    )
+    res = evaluate_task(tiny, str(wg))
+    a = tiny.score(" and it is big.", context="Paris is in France").total
+    b = tiny.score(" and it is big.", context="Paris is in Germany").total
+    assert res["acc"] == float(a >= b)
+
+
+@pytest.mark.parametrize(
+    "rows, fmt, message",
+    [
+        ([ARC_ROWS[0], "{not json"], "query_choices_gold", ":2: not valid JSON"),
+        ([ARC_ROWS[0], {"query": "q", "choices": ["a", "b"]}], "query_choices_gold", ":2: missing field 'gold'"),
+        ([{"query": "q", "choices": ["a", "b"], "gold": 5}], "query_choices_gold", ":1: gold/label 5 is out of range"),
+        ([{"query": "q", "choices": "ab", "gold": 0}], "query_choices_gold", ":1: field 'choices' should be list"),
+        ([ARC_ROWS[0]], "hellaswag", ":1: missing field 'endings'"),
+        ([ARC_ROWS[0]], "multiple_guess", "unknown format 'multiple_guess'"),
+    ],
+)
+def test_bad_task_files_say_which_line_and_why(tmp_path, rows, fmt, message):
+    spec = write_task(tmp_path, rows, fmt)
+    with pytest.raises(SlmkitError, match=message.replace("(", r"\(").replace("[", r"\[")) as e:
+        read_rows(load_task(str(spec)))
+    assert e.value.hint
+
+
+def test_piqa_needs_matching_labels(tmp_path):
+    labels = tmp_path / "l.lst"
+    labels.write_text("0\n")
+    spec = write_task(tmp_path, [{"goal": "g", "sol1": "a", "sol2": "b"}] * 2, "piqa", extra=f"labels: {labels.name}\n")
+    with pytest.raises(SlmkitError, match="no label for this row"):
+        read_rows(load_task(str(spec)))
+
+
+def test_unknown_task_lists_builtins():
+    with pytest.raises(SlmkitError) as e:
+        load_task("no_such_task")
+    assert "arc_easy" in e.value.hint
+
+
+def test_perplexity_matches_a_plain_transformers_loop(tiny):
+    res = perplexity(tiny, TEXT, context_length=32, stride=16)
+    model, b = tiny.backend.model, tiny.backend
+    ids = [min(b.eos_token_ids)] + b.encode(TEXT)  # prefix token, then the text
+    nll, count, prev_end = 0.0, 0, 1
+    with torch.no_grad():  # windows of 32 tokens, each scoring the next 16 (the last one reaching back 32), one by one
+        while prev_end < len(ids):
+            end = min(32 if prev_end == 1 else prev_end + 16, len(ids))
+            begin = max(0, end - 32)
+            logp = torch.log_softmax(model(torch.tensor([ids[begin:end]])).logits[0].float(), -1)
+            for pos in range(prev_end, end):
+                nll -= float(logp[pos - begin - 1, ids[pos]])
+                count += 1
+            prev_end = end
+    assert res["tokens"] == count == len(ids) - 1
+    assert res["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert res["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(TEXT.encode()), rel=1e-4)
+    assert res["complete"]
+    part = perplexity(tiny, TEXT, context_length=32, stride=16, limit=2)
+    assert part["windows"] == 2 and not part["complete"] and part["tokens"] == 31 + 16
+
+
+def test_kl_zero_against_itself_and_positive_against_another(tiny, tmp_path):
+    same = divergence(tiny, tiny, TEXT, context_length=32)
+    assert same["mean_kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    import_path(build_tiny_llama(tmp_path / "other", seed=1), "other")
+    other = divergence(tiny, slmkit.load("other"), TEXT, context_length=32)
+    assert other["mean_kl"] > 0.01 and other["tokens"] == same["tokens"]
+
+
+def test_kl_refuses_a_different_tokenizer(tiny, tmp_path):
+    import_path(build_tiny_llama(tmp_path / "othertok", vocab_size=300), "othertok")
+    with pytest.raises(SlmkitError, match="different tokenizers") as e:
+        divergence(tiny, slmkit.load("othertok"), TEXT)
+    assert "bits per byte" in e.value.hint
+
+
+def test_speed_reports_numbers(tiny):
+    s = measure_speed(tiny, prompt_tokens=16, new_tokens=4, batch=2, repeats=1)
+    assert s["prompt_tokens"] == 16 and s["prefill_tokens_per_s"] > 0 and s["batched_tokens_per_s"] > 0
+    assert s["peak_rss_mb"] > 10 and s["parameters"] == tiny.card.parameters
+
+
+def test_batched_generation_matches_single(tiny):
+    b = tiny.backend
+    prompts = [b.encode("The quick brown"), b.encode("Paris is the capital of France and")]
+    params = slmkit.SamplingParams(temperature=0, repetition_penalty=1.0)
+    batched = b.generate_batch(prompts, params, 6, stop_at_eos=False)
+    for p, out in zip(prompts, batched):
+        single = b.generate_batch([p], params, 6, stop_at_eos=False)[0]
+        assert out == single
+
+
+def test_eval_and_compare_cli(store, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    spec = write_task(tmp_path, ARC_ROWS)
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["eval", "tiny", "--ppl", str(text), "--task", str(spec), "--speed", "--limit", "2",
+                            "--context-length", "32", "--stride", "16", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["schema"] == "slmkit.eval/1" and res["model"]["name"] == "tiny"
+    assert res["model"]["card"]["stage"] == "import" and res["environment"]["torch"]
+    assert set(res["results"]) == {"perplexity", "tasks", "speed"} and res["results"]["tasks"]["t"]["n"] == 2
+    r2 = runner.invoke(app, ["eval", "--ppl", str(text), "--context-length", "32", "--limit", "1"])  # the default
+    assert r2.exit_code == 0, r2.output
+    html = tmp_path / "report.html"
+    r = runner.invoke(app, ["compare", str(out), "smollm2-135m-instruct", "--html", str(html)])
+    assert r.exit_code == 0, r.output
+    page = html.read_text()
+    assert "data:image/png;base64," in page and "Pareto" in page and "tiny" in page and "smollm2-135m-instruct" in page
+    assert "bits/byte" in r.stdout
+
+
+def test_eval_cli_errors(store, tmp_path):
+    bad = write_task(tmp_path, [ARC_ROWS[0], "{oops"])
+    for args, message in [
+        (["eval", "tiny"], "nothing to measure"),
+        (["eval", "tiny", "--task", "nope"], "no task named 'nope'"),
+        (["eval", "tiny", "--task", str(bad)], ":2: not valid JSON"),
+        (["eval", "tiny", "--ppl", str(tmp_path / "missing.txt")], "no such text file"),
+        (["compare", "never-evaluated"], "neither a results file"),
+    ]:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert message in r.stderr, (args, r.stderr)
