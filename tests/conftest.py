@@ -45,7 +45,8 @@ def build_tokenizer(chat_template: str | None = CHATML, vocab_size: int = 320):
 
 
 def build_tiny_llama(
-    folder: Path, *, chat_template: str | None = CHATML, context: int = 64, seed: int = 0, vocab_size: int = 320
+    folder: Path, *, chat_template: str | None = CHATML, context: int = 64, seed: int = 0, vocab_size: int = 320,
+    layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 64,
 ) -> Path:
     """Save a 2-layer random Llama (hidden 32, GQA 4/2 heads) and its tokenizer as safetensors in `folder`."""
     import torch
@@ -53,8 +54,8 @@ def build_tiny_llama(
 
     tokenizer = build_tokenizer(chat_template, vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8, max_position_embeddings=context, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -32,6 +32,7 @@ class ModelCard:
     parent: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    weights_bytes: dict[str, int] = field(default_factory=dict)  # per weight format: safetensors, gguf
     metrics: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     slmkit_version: str = ""
@@ -56,6 +57,7 @@ class ModelCard:
             f"| architecture | {self.architecture} ({self.model_type}) |",
             f"| parameters | {human_count(self.parameters)} ({self.parameters:,}) |",
             f"| size on disk | {human_bytes(self.size_bytes)} |",
+            *(f"| {fmt} weights | {human_bytes(n)} |" for fmt, n in sorted(self.weights_bytes.items())),
             f"| weights dtype | {self.dtype} |",
             f"| context length | {self.context_length} |",
             f"| made by stage | {self.stage} |",
@@ -100,10 +102,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8", "I32": "int32"}
 
 
-def count_safetensors_parameters(folder: Path) -> tuple[int, str]:
-    """Count stored parameters (tied weights are stored once) and name the dominant dtype, without loading."""
+def count_parameters(folder: Path) -> tuple[int, str]:
+    """Count stored parameters (tied weights are stored once) and name the dominant dtype, without loading.
+
+    Reads safetensors headers; a GGUF-only folder is counted from the GGUF tensor table.
+    """
     total = 0
     by_dtype: dict[str, int] = {}
+    if not list(folder.glob("*.safetensors")):
+        ggufs = sorted(folder.glob("*.gguf"))
+        if ggufs:
+            import gguf
+
+            reader = gguf.GGUFReader(str(ggufs[0]))
+            for t in reader.tensors:
+                by_dtype[t.tensor_type.name] = by_dtype.get(t.tensor_type.name, 0) + int(t.n_elements)
+            total = sum(by_dtype.values())
+            return total, max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "unknown"
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -134,7 +149,12 @@ def build_card(
     config = json.loads((folder / "config.json").read_text())
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (CARD_JSON, CARD_MD)}
     size = sum((folder / n).stat().st_size for n in files)
-    params, dtype = count_safetensors_parameters(folder)
+    params, dtype = count_parameters(folder)
+    weights: dict[str, int] = {}
+    for fmt in ("safetensors", "gguf"):
+        total = sum(p.stat().st_size for p in folder.glob(f"*.{fmt}"))
+        if total:
+            weights[fmt] = total
     return ModelCard(
         name=name,
         architecture=(config.get("architectures") or ["unknown"])[0],
@@ -148,6 +168,7 @@ def build_card(
         parent=parent,
         settings=settings or {},
         files=files,
+        weights_bytes=weights,
         metrics=metrics or {},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         slmkit_version=__version__,

@@ -13,9 +13,16 @@ from slmkit.model import Model
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
-# name -> loader from a store folder. A llama.cpp backend registers here beside torch.
+def _llamacpp(folder: Path, threads: int) -> Backend:
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend  # llama_cpp is imported only when asked for
+
+    return LlamaCppBackend.from_folder(folder, threads=threads)
+
+
+# name -> loader from a store folder
 BACKENDS: dict[str, Callable[[Path, int], Backend]] = {
     "torch": lambda folder, threads: TorchBackend.from_folder(folder, threads=threads),
+    "llamacpp": _llamacpp,
 }
 
 

@@ -39,6 +39,12 @@ class TorchBackend:
 
         if threads:
             torch.set_num_threads(threads)
+        ggufs = sorted(Path(folder).glob("*.gguf"))
+        if not list(Path(folder).glob("*.safetensors")) and ggufs:  # a GGUF-only model (from export)
+            from slmkit.sources.gguf import check_gguf, load_gguf
+
+            model, tokenizer = load_gguf(ggufs[0], check_gguf(ggufs[0])["pre_tokenizer"])
+            return cls(model, tokenizer)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(

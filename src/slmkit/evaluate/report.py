@@ -20,6 +20,12 @@ class Column:
     fmt: str
 
 
+def weights_size(card: dict[str, Any], backend: str | None) -> int | None:
+    """Bytes of the weights the backend ran (GGUF for llama.cpp, safetensors for torch), else the folder size."""
+    weights = card.get("weights_bytes") or {}
+    return weights.get("gguf" if backend == "llamacpp" else "safetensors") or card.get("size_bytes")
+
+
 def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flatten each result into one row of comparable numbers (None where not measured)."""
     rows = []
@@ -33,7 +39,7 @@ def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "model": res["model"]["name"],
             "backend": res["model"].get("backend"),
             "parameters": card.get("parameters") or speed.get("parameters"),
-            "size_mb": (card.get("size_bytes") or speed.get("size_bytes") or 0) / 1e6 or None,
+            "size_mb": (speed.get("size_bytes") or weights_size(card, res["model"].get("backend")) or 0) / 1e6 or None,
             "perplexity": ppl.get("perplexity"),
             "bits_per_byte": ppl.get("bits_per_byte"),
             "mean_kl": kl.get("mean_kl"),

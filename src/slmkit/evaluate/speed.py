@@ -60,9 +60,10 @@ def measure_speed(model: Model, *, prompt_tokens: int = 256, new_tokens: int = 6
     else:
         result.update({"batch": None, "batched_tokens_per_s": None})
     card = model.card
+    weights = card.weights_bytes if card else {}
     result.update({
         "peak_rss_mb": peak_rss_mb(),
-        "size_bytes": card.size_bytes if card else None,
+        "size_bytes": weights.get("gguf" if model.backend.name == "llamacpp" else "safetensors") or (card.size_bytes if card else None),
         "parameters": card.parameters if card else None,
     })
     return result

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import ImportFailed
+from slmkit.gguf_tables import PRE_TOKENIZERS
 
 GGUF_MAGIC = b"GGUF"
 
@@ -43,6 +44,7 @@ def check_gguf(path: Path) -> dict[str, Any]:
     except ValueError:
         file_type_name = str(file_type)
     return {
+        "pre_tokenizer": field("tokenizer.ggml.pre"),
         "architecture": field("general.architecture"),
         "model_name": field("general.name"),
         "file_type": file_type_name,
@@ -66,8 +68,13 @@ def _no_tqdm() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
-def load_gguf(path: Path) -> tuple[Any, Any]:
-    """Load (model, tokenizer) from a GGUF file; weights are dequantized to float32."""
+def load_gguf(path: Path, pre_tokenizer: str | None = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a GGUF file; weights are dequantized to float32.
+
+    transformers rebuilds the tokenizer with a plain GPT-2 pre-tokenizer whatever the GGUF says; when the
+    GGUF names one we know (e.g. smollm: digits split one by one), it is put back so that the PyTorch and
+    llama.cpp backends tokenize alike.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,6 +84,8 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     try:
         with progress.step("Reading tokenizer from GGUF"):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+            if pre_tokenizer in PRE_TOKENIZERS and hasattr(tokenizer, "backend_tokenizer"):
+                tokenizer.backend_tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre_tokenizer]()
         with progress.step("Dequantizing GGUF weights to float32"), _no_tqdm():
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:

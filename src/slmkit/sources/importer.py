@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,20 @@ from slmkit.sources.packaged import PACKAGE, default_gguf
 from slmkit.store import Store, name_from_path, validate_name
 
 
-def _save(store: Store, name: str, model: Any, tokenizer: Any, *, overwrite: bool, **lineage: Any) -> ModelCard:
+GGUF_FILE = "model.gguf"
+
+
+def _save(
+    store: Store, name: str, model: Any, tokenizer: Any, *, overwrite: bool, gguf: Path | None = None, **lineage: Any
+) -> ModelCard:
+    """Write safetensors (for the torch backend) and, when the source was GGUF, keep it for llama.cpp."""
     with store.install(name, overwrite=overwrite) as staging:
         with progress.step(f"Writing {name} (safetensors)"):
             model.save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
+        if gguf is not None:
+            with progress.step("Keeping the GGUF file for the llama.cpp backend"):
+                shutil.copyfile(gguf, staging / GGUF_FILE)
         with progress.step("Hashing files and writing the model card"):
             card = build_card(staging, name=name, **lineage)
             write_card(staging, card)
@@ -28,12 +38,13 @@ def _save(store: Store, name: str, model: Any, tokenizer: Any, *, overwrite: boo
 
 def import_gguf(path: Path, name: str, *, store: Store, overwrite: bool = False, source: dict | None = None) -> ModelCard:
     meta = check_gguf(path)
-    model, tokenizer = load_gguf(path)
+    model, tokenizer = load_gguf(path, meta["pre_tokenizer"])
     with progress.step("Hashing the source file"):
         src = {"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path)}
     src.update(source or {})
-    settings = {"source_quantization": meta["file_type"], "dtype": "float32", "gguf_architecture": meta["architecture"]}
-    return _save(store, name, model, tokenizer, overwrite=overwrite, stage="import", source=src, settings=settings)
+    settings = {"source_quantization": meta["file_type"], "dtype": "float32", "gguf_architecture": meta["architecture"],
+                "pre_tokenizer": meta["pre_tokenizer"]}
+    return _save(store, name, model, tokenizer, overwrite=overwrite, gguf=path, stage="import", source=src, settings=settings)
 
 
 def import_hf_dir(path: Path, name: str, *, store: Store, overwrite: bool = False) -> ModelCard:

@@ -1,0 +1,56 @@
+"""`slmkit export`: write a store model as GGUF with llama.cpp's quant types, plus an Ollama Modelfile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slmkit.card import human_bytes
+from slmkit.cli.common import handle_errors
+from slmkit.errors import SlmkitError
+from slmkit.gguf_tables import GGUF_TYPES
+
+
+@handle_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Model name in the store.")],
+    fmt: Annotated[str, typer.Option("--format", help="Output format.")] = "gguf",
+    gguf_type: Annotated[str, typer.Option("--type", help=f"GGUF type: {', '.join(GGUF_TYPES)}.")] = "Q8_0",
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: $SLMKIT_HOME/exports/MODEL-TYPE).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Also install the GGUF in the store under this name.")] = None,
+    ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+) -> None:
+    """Export to GGUF (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0) and write an Ollama Modelfile beside it."""
+    from slmkit.export.store_export import export_model
+
+    if fmt != "gguf":
+        raise SlmkitError(f"unknown export format {fmt!r}", "Formats: gguf")
+    res = export_model(model, gguf_type, out_dir=out, store_as=name)
+    typer.echo(f"wrote {res['gguf']} ({human_bytes(res['size_after'])}, was {human_bytes(res['size_before'])} "
+               f"as safetensors: {res['size_before'] / res['size_after']:.2f}x smaller)")
+    typer.echo(f"wrote {res['modelfile']}  (ollama create NAME -f {res['modelfile']})")
+    if res["store_name"]:
+        typer.echo(f"installed {res['store_name']} in the store (run it with --backend llamacpp)")
+    if ppl:
+        _quick_ppl_delta(model, Path(res["gguf"]))
+
+
+def _quick_ppl_delta(model: str, gguf_path: Path) -> None:
+    """Perplexity of the source (torch) and the GGUF (llama.cpp) on the same small WikiText-2 sample."""
+    from slmkit.config import settings
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.evaluate.perplexity import perplexity, resolve_text
+    from slmkit.loading import load
+    from slmkit.model import Model
+
+    if settings().data_dir is None:
+        typer.echo("(no data folder for the quick perplexity check; set SLMKIT_DATA or pass --no-ppl)")
+        return
+    text = resolve_text("wikitext2").read_text(encoding="utf-8")[:20000]
+    kw = dict(context_length=512, stride=256, limit=4)
+    before = perplexity(load(model), text, **kw)["perplexity"]
+    after = perplexity(Model(gguf_path.stem, LlamaCppBackend(gguf_path, threads=settings().threads)), text, **kw)["perplexity"]
+    typer.echo(f"perplexity on a WikiText-2 sample (4 windows of 512): {before:.3f} -> {after:.3f} "
+               f"({100 * (after - before) / before:+.2f}%)")

@@ -1,0 +1,160 @@
+"""llama.cpp backend (llama-cpp-python): runs GGUF files with llama.cpp's kernels, sampling with our sampler.
+
+Token ids, chat template (from the GGUF metadata) and log-probabilities follow the same Protocol as the
+PyTorch backend, so text streaming, stop strings and limits in `Model` are shared, and greedy output of the
+two backends on the same weights can be compared token for token.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmkit.engine.sampling import SamplingParams, sample_next
+from slmkit.engine.torch_backend import _random_seed
+from slmkit.errors import SlmkitError
+
+SCORING_CONTEXT = 2048
+
+
+class LlamaCppBackend:
+    """One llama.cpp context for generation; a second one with all-position logits is made when scoring."""
+
+    name = "llamacpp"
+
+    def __init__(self, gguf_path: Path, *, threads: int | None = None, n_ctx: int = 0) -> None:
+        self.path = Path(gguf_path)
+        self.threads = threads
+        self.llm = self._open(n_ctx=n_ctx, logits_all=False)
+        self._scorer: Any = None
+        atexit.register(self.close)  # llama-cpp-python's own __del__ fails during interpreter teardown
+        meta = self.llm.metadata
+        self._template = meta.get("tokenizer.chat_template")
+        arch = meta.get("general.architecture", "")
+        self._train_ctx = int(meta.get(f"{arch}.context_length", 0) or self.llm.n_ctx())
+        # end of generation as the file declares it (llama.cpp also guesses extra ones from token texts)
+        self._eos = frozenset(
+            int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
+        )
+        self._bos_text = self._piece(self.llm._model.token_bos())
+        self._eos_text = self._piece(self.llm._model.token_eos())
+
+    def close(self) -> None:
+        for llm in (self.llm, self._scorer):
+            if llm is not None:
+                llm.close()
+        self._scorer = None
+
+    def _open(self, *, n_ctx: int, logits_all: bool) -> Any:
+        from llama_cpp import Llama
+
+        try:
+            return Llama(
+                model_path=str(self.path), n_ctx=n_ctx, n_threads=self.threads, n_batch=512, logits_all=logits_all,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise SlmkitError(f"llama.cpp could not load {self.path}: {exc}", "Check that the GGUF file is complete.") from exc
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, threads: int | None = None) -> "LlamaCppBackend":
+        ggufs = sorted(Path(folder).glob("*.gguf"))
+        if not ggufs:
+            raise SlmkitError(
+                f"{Path(folder).name} has no GGUF file for the llama.cpp backend",
+                f"Export one into the store: slmkit export {Path(folder).name} --type Q8_0 --name {Path(folder).name}-q8_0",
+            )
+        return cls(ggufs[0], threads=threads)
+
+    def _piece(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    @property
+    def context_length(self) -> int:
+        return min(int(self.llm.n_ctx()), self._train_ctx)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._template)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llm.n_vocab())
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if not text:
+            return self.llm.tokenize(b"", add_bos=add_special_tokens, special=True) if add_special_tokens else []
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.llm.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        return self._piece(int(token_id))
+
+    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        if not self._template:
+            raise SlmkitError(
+                "this GGUF has no chat template (tokenizer.chat_template)",
+                "Use plain completion instead: slmkit run --raw, or Model.generate().",
+            )
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        formatter = Jinja2ChatFormatter(
+            template=self._template, eos_token=self._eos_text, bos_token=self._bos_text,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return formatter(messages=list(messages)).prompt
+
+    def _last_logits(self) -> torch.Tensor:
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.vocab_size,))
+        return torch.from_numpy(row.copy())  # (V,)
+
+    def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else _random_seed())
+        llm = self.llm
+        # reuse the KV cache of a shared prefix with the previous request (system prompt, chat history)
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        keep = 0
+        while keep < min(len(cached), len(prompt_ids) - 1) and cached[keep] == prompt_ids[keep]:
+            keep += 1
+        llm.n_tokens = keep
+        llm.eval(list(prompt_ids[keep:]))
+        history = list(prompt_ids)
+        for _ in range(max_new_tokens):
+            token = sample_next(self._last_logits(), params, history, generator)
+            yield token
+            if token in self._eos:
+                return
+            history.append(token)
+            llm.eval([token])
+
+    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
+        out = []
+        for ids, start in requests:
+            rows = self.logprob_rows(ids)[start - 1 :]  # (n, V): predictions for ids[start:]
+            out.append(rows.gather(-1, torch.tensor(list(ids[start:])).unsqueeze(-1)).squeeze(-1).tolist())
+        return out
+
+    def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
+        if self._scorer is None:
+            self._scorer = self._open(n_ctx=min(SCORING_CONTEXT, self.context_length), logits_all=True)
+            atexit.register(self._scorer.close)
+        if len(ids) > self._scorer.n_ctx():
+            raise SlmkitError(f"{len(ids)} tokens exceed the llama.cpp scoring context ({self._scorer.n_ctx()})",
+                              "Use a shorter window (--context-length).")
+        self._scorer.reset()
+        self._scorer.eval(list(ids))
+        logits = torch.from_numpy(np.array(self._scorer.scores[: len(ids) - 1], dtype=np.float32))  # (T-1, V)
+        return torch.log_softmax(logits, dim=-1)

@@ -1,0 +1,190 @@
+"""Write a store model as GGUF (F32/F16 with gguf-py, other types through llama.cpp's quantizer) + a Modelfile."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmkit import progress
+from slmkit.errors import SlmkitError
+from slmkit.gguf_tables import ARCHITECTURES, GGUF_TYPES, OLLAMA_TEMPLATES, pre_name_of
+
+
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k rows from Hugging Face's rotate-half layout to llama.cpp's interleaved pairs.  # (out, in)"""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def check_exportable(config: dict[str, Any]) -> str:
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise SlmkitError(
+            f"GGUF export does not support the architecture {arch!r}",
+            f"Supported: {', '.join(ARCHITECTURES)}.",
+        )
+    return arch
+
+
+def check_type(gguf_type: str) -> str:
+    t = gguf_type.upper()
+    if t not in GGUF_TYPES:
+        raise SlmkitError(f"unknown GGUF type {gguf_type!r}", f"Types: {', '.join(GGUF_TYPES)}")
+    return t
+
+
+def _tokenizer_fields(folder: Path) -> dict[str, Any]:
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise SlmkitError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')!r}",
+                          "Export a model with a GPT-2 style (byte-level BPE) tokenizer.")
+    pre = pre_name_of(tj)
+    if pre is None:
+        raise SlmkitError("GGUF export does not recognise this tokenizer's pre-tokenizer",
+                          f"Supported pre-tokenizers: see slmkit.gguf_tables.PRE_TOKENIZERS; found {json.dumps(tj.get('pre_tokenizer'))[:200]}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [5] * size  # UNUSED until filled
+    for text, i in vocab.items():
+        tokens[i] = text
+        t = added.get(text)
+        types[i] = (3 if t.get("special") else 4) if t else 1  # CONTROL / USER_DEFINED / NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    template = tcfg.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+
+    def special_id(key: str) -> int | None:
+        tok = tcfg.get(key)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        return vocab.get(tok) if tok else None
+
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, "template": template,
+            "bos": special_id("bos_token"), "eos": special_id("eos_token"), "unk": special_id("unk_token"),
+            "pad": special_id("pad_token"), "add_bos": bool(tcfg.get("add_bos_token", False))}
+
+
+def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> None:
+    """Convert a Llama-architecture safetensors folder to one GGUF file (2-D weights F16 when f16)."""
+    import gguf
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    arch_key, permute = ARCHITECTURES[check_exportable(config)]
+    arch = getattr(gguf.MODEL_ARCH, arch_key)
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // n_head
+    n_layers = config["num_hidden_layers"]
+    tok = _tokenizer_fields(folder)
+
+    w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_name(name)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32))
+    w.add_context_length(config.get("max_position_embeddings", 2048))
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(n_layers)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    rope = config.get("rope_parameters") or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    w.add_vocab_size(len(tok["tokens"]))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
+        if tok[key] is not None:
+            adder(tok[key])
+    w.add_add_bos_token(tok["add_bos"])
+    if tok["template"]:
+        w.add_chat_template(tok["template"])
+
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                data = f.get_tensor(key).astype(np.float32)
+                if permute and key.endswith("q_proj.weight"):
+                    data = permute_rotary(data, n_head)
+                elif permute and key.endswith("k_proj.weight"):
+                    data = permute_rotary(data, n_kv)
+                target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if target is None:
+                    raise SlmkitError(f"no GGUF name for tensor {key!r}", "This model has tensors the Llama layout lacks.")
+                if f16 and data.ndim == 2:
+                    data = data.astype(np.float16)
+                w.add_tensor(target, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize_gguf(src: Path, dst: Path, gguf_type: str, *, threads: int | None = None) -> None:
+    """llama.cpp's own quantizer, through llama-cpp-python's API."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, GGUF_TYPES[gguf_type])
+    params.nthread = threads or os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SlmkitError(f"llama.cpp's quantizer failed ({rc}) making {gguf_type}", "Try another --type.")
+
+
+def modelfile_text(gguf_name: str, template: str | None, temperature: float) -> str:
+    """An Ollama Modelfile: FROM the file beside it, the chat TEMPLATE in Go syntax, and stop tokens."""
+    lines = [f"FROM ./{gguf_name}"]
+    for marker, go_template, stops in OLLAMA_TEMPLATES.values():
+        if template and marker in template:
+            lines.append(f'TEMPLATE """{go_template}"""')
+            lines += [f'PARAMETER stop "{s}"' for s in stops]
+            break
+    lines.append(f"PARAMETER temperature {temperature}")
+    return "\n".join(lines) + "\n"
+
+
+def export_gguf(folder: Path, out_dir: Path, *, name: str, gguf_type: str, threads: int | None = None) -> Path:
+    """Write `out_dir/NAME.gguf` and `out_dir/Modelfile`; each file appears only when complete."""
+    from slmkit.engine.sampling import SamplingParams
+
+    gguf_type = check_type(gguf_type)
+    check_exportable(json.loads((folder / "config.json").read_text()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{name}.gguf"
+    tmp_f32 = out_dir / f".{name}.f32.tmp-{os.getpid()}"
+    tmp_out = out_dir / f".{name}.gguf.tmp-{os.getpid()}"
+    try:
+        with progress.step(f"Writing GGUF ({'F16' if gguf_type == 'F16' else 'F32'})"):
+            write_gguf_f32(folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16")
+        if gguf_type not in ("F32", "F16"):
+            with progress.step(f"Quantizing to {gguf_type} with llama.cpp"):
+                quantize_gguf(tmp_f32, tmp_out, gguf_type, threads=threads)
+        os.replace(tmp_out, final)
+    finally:
+        for t in (tmp_f32, tmp_out):
+            t.unlink(missing_ok=True)
+    tok = _tokenizer_fields(folder)
+    modelfile = out_dir / "Modelfile"
+    tmp_mf = out_dir / f".Modelfile.tmp-{os.getpid()}"
+    tmp_mf.write_text(modelfile_text(final.name, tok["template"], SamplingParams().temperature))
+    os.replace(tmp_mf, modelfile)
+    return final

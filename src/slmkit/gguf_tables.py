@@ -1,0 +1,87 @@
+"""GGUF facts as data tables: pre-tokenizer names, architectures, quant types (no if-ladders on model names)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+
+def _gpt2() -> Any:
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _smollm() -> Any:
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+
+
+# llama.cpp's tokenizer.ggml.pre name -> the same splitting in `tokenizers`
+PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {"gpt-2": _gpt2, "smollm": _smollm}
+
+
+def _as_json(pre: Any) -> dict[str, Any]:
+    """A `tokenizers` pre-tokenizer as the dict tokenizer.json would hold."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre
+    return json.loads(tok.to_str())["pre_tokenizer"]
+
+
+def _normalized(data: dict[str, Any]) -> str:
+    """Drop fields that change offsets only, not how text is split."""
+
+    def clean(d: dict[str, Any]) -> dict[str, Any]:
+        d = {k: v for k, v in d.items() if k != "trim_offsets"}
+        if "pretokenizers" in d:
+            d["pretokenizers"] = [clean(p) for p in d["pretokenizers"]]
+        return d
+
+    return json.dumps(clean(data), sort_keys=True)
+
+
+def pre_name_of(tokenizer_json: dict[str, Any]) -> str | None:
+    """The GGUF pre-tokenizer name whose splitting equals this tokenizer.json's, or None."""
+    pre = tokenizer_json.get("pre_tokenizer")
+    if pre is None:
+        return None
+    want = _normalized(pre)
+    for name, build in PRE_TOKENIZERS.items():
+        if _normalized(_as_json(build())) == want:
+            return name
+    return None
+
+
+# Hugging Face architecture -> (gguf-py MODEL_ARCH name, q/k need llama.cpp's rotary permutation)
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("LLAMA", True),
+    "MistralForCausalLM": ("LLAMA", True),
+}
+
+# slmkit --type name -> llama.cpp file type (llama_ftype). F32/F16 are written directly; the rest are quantized
+# from the F32 file by llama.cpp's own quantizer.
+GGUF_TYPES: dict[str, str] = {
+    "F32": "LLAMA_FTYPE_ALL_F32",
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+
+# chat template family (recognised by a marker in the Jinja template) -> Ollama Modelfile TEMPLATE and stops
+OLLAMA_TEMPLATES: dict[str, tuple[str, str, list[str]]] = {
+    "chatml": (
+        "<|im_start|>",
+        '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
+        ["<|im_end|>", "<|im_start|>"],
+    ),
+}
