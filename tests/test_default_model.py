@@ -61,3 +61,30 @@ def test_cli_list_and_run(smol):
     assert r.exit_code == 0 and "smollm2-135m-instruct *" in r.stdout and "134.5M" in r.stdout
     r = runner.invoke(app, ["run", "--temperature", "0", "-n", "20", "What is the capital of France?"])
     assert r.exit_code == 0 and "Paris" in r.stdout
+
+
+def test_llamacpp_backend_runs_the_packaged_q4_1(smol, default_home):
+    import slmkit
+
+    assert (default_home / "models" / DEFAULT_MODEL / "model.gguf").is_file()
+    cpp = slmkit.load(backend="llamacpp")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "Paris" in cpp.chat(question, temperature=0, max_tokens=30)
+    # both backends tokenize alike (digits split one by one, as the GGUF's smollm pre-tokenizer says)
+    for text in ["In 2024, 1234 people paid $56.78.", "naïve café 東京"]:
+        assert cpp.backend.encode(text) == smol.backend.encode(text)
+    cpp.backend.close()
+
+
+def test_export_q8_0_round_trip(smol, default_home, tmp_path):
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.export.store_export import export_model
+
+    res = export_model(DEFAULT_MODEL, "Q8_0", out_dir=tmp_path)
+    assert res["size_after"] < 0.3 * res["size_before"]
+    b = LlamaCppBackend(tmp_path / f"{DEFAULT_MODEL}-q8_0.gguf", threads=2)
+    from slmkit.model import Model
+
+    answer = Model("q8", b).chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=30)
+    assert "Paris" in answer
+    b.close()
