@@ -24,9 +24,11 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/slmkit models list
 	$(BIN)/slmkit run --seed 0 --max-tokens 120 "In two sentences, why would a developer run a small language model on their own laptop?"
-	@echo "--- a quick evaluation on a sample (see docs/evaluation.md for the full runs) ---"
-	$(BIN)/slmkit eval --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256
-	$(BIN)/slmkit compare smollm2-135m-instruct
+	@echo "--- a quick evaluation on a sample: float32 in PyTorch vs the packaged Q4_1 GGUF in llama.cpp ---"
+	@mkdir -p demo-results
+	$(BIN)/slmkit eval --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256 --out demo-results/torch-f32.json
+	$(BIN)/slmkit eval --backend llamacpp --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256 --out demo-results/llamacpp-q4_1.json
+	$(BIN)/slmkit compare demo-results/torch-f32.json demo-results/llamacpp-q4_1.json --html demo-results/report.html
 
 test: install-test
 	$(BIN)/python -m pytest

@@ -45,6 +45,10 @@ class LlamaCppBackend:
         self._bos_text = self._piece(self.llm._model.token_bos())
         self._eos_text = self._piece(self.llm._model.token_eos())
 
+    def reset(self) -> None:
+        """Forget the cached prefix (speed measurements must not reuse the previous request's KV cache)."""
+        self.llm.reset()
+
     def close(self) -> None:
         for llm in (self.llm, self._scorer):
             if llm is not None:

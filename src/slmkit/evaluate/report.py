@@ -35,8 +35,9 @@ def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         speed = r.get("speed") or {}
         ppl = r.get("perplexity") or {}
         kl = r.get("kl") or {}
+        backend = res["model"].get("backend")
         row: dict[str, Any] = {
-            "model": res["model"]["name"],
+            "model": res["model"]["name"] + (f" ({backend})" if backend and backend != "torch" else ""),
             "backend": res["model"].get("backend"),
             "parameters": card.get("parameters") or speed.get("parameters"),
             "size_mb": (speed.get("size_bytes") or weights_size(card, res["model"].get("backend")) or 0) / 1e6 or None,

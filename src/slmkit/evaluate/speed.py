@@ -35,7 +35,10 @@ def measure_speed(model: Model, *, prompt_tokens: int = 256, new_tokens: int = 6
     text = model.backend.decode(ids)
     params = dict(temperature=0, repetition_penalty=1.0, max_tokens=new_tokens)
     best = None
+    reset = getattr(model.backend, "reset", None)  # a backend with a prefix cache must not reuse it here
     for _ in range(repeats):
+        if reset is not None:
+            reset()
         gen = model.stream(text, **params)
         gen.read()
         if best is None or gen.stats.total_s < best.total_s:

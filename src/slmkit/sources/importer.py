@@ -70,8 +70,13 @@ def import_path(path: str | Path, name: str | None = None, *, store: Store | Non
 def ensure_default(store: Store | None = None) -> str:
     """Import the packaged default model on first use; afterwards this is a folder check."""
     store = store or Store()
-    if not store.exists(DEFAULT_MODEL):
+    present = store.exists(DEFAULT_MODEL)
+    # stores made by slmkit 0.1.0 before the GGUF was kept need it for the llama.cpp backend: re-import (atomic)
+    stale = present and not (store.path(DEFAULT_MODEL) / GGUF_FILE).is_file() and store.card(DEFAULT_MODEL).source.get("kind") == "packaged"
+    if not present or stale:
         path, version = default_gguf()
-        progress.note(f"First use: importing the default model {DEFAULT_MODEL} from {PACKAGE} {version} (once).")
-        import_gguf(path, DEFAULT_MODEL, store=store, source={"kind": "packaged", "package": PACKAGE, "package_version": version})
+        why = "First use" if not present else "Updating the store copy (adding its GGUF for llama.cpp)"
+        progress.note(f"{why}: importing the default model {DEFAULT_MODEL} from {PACKAGE} {version} (once).")
+        import_gguf(path, DEFAULT_MODEL, store=store, overwrite=stale,
+                    source={"kind": "packaged", "package": PACKAGE, "package_version": version})
     return DEFAULT_MODEL
