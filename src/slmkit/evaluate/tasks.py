@@ -70,18 +70,22 @@ def _check_gold(gold: int, n: int, where: str) -> int:
     return gold
 
 
+def _strings(row: dict, key: str, where: str) -> list[str]:
+    """A list of at least two strings (the choices, endings or context options of one row)."""
+    values = _need(row, key, list, where)
+    if len(values) < 2 or not all(isinstance(v, str) for v in values):
+        raise TaskError(f"{where}: {key!r} must be a list of at least 2 strings", "Fix the row.")
+    return values
+
+
 def _read_query_choices_gold(row: dict, where: str) -> dict:
-    choices = _need(row, "choices", list, where)
-    if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise TaskError(f"{where}: 'choices' must be a list of at least 2 strings", "Fix the row.")
+    choices = _strings(row, "choices", where)
     return {"query": _need(row, "query", str, where), "choices": choices,
             "gold": _check_gold(_need(row, "gold", int, where), len(choices), where)}
 
 
 def _read_hellaswag(row: dict, where: str) -> dict:
-    endings = _need(row, "endings", list, where)
-    if len(endings) < 2 or not all(isinstance(c, str) for c in endings):
-        raise TaskError(f"{where}: 'endings' must be a list of at least 2 strings", "Fix the row.")
+    endings = _strings(row, "endings", where)
     return {"query": _need(row, "query", str, where), "choices": endings,
             "gold": _check_gold(_need(row, "label", int, where), len(endings), where)}
 
@@ -93,9 +97,7 @@ def _read_piqa(row: dict, where: str) -> dict:
 
 
 def _read_winogrande(row: dict, where: str) -> dict:
-    options = _need(row, "context_options", list, where)
-    if len(options) < 2 or not all(isinstance(c, str) for c in options):
-        raise TaskError(f"{where}: 'context_options' must be a list of at least 2 strings", "Fix the row.")
+    options = _strings(row, "context_options", where)
     return {"context_options": options, "continuation": _need(row, "continuation", str, where),
             "gold": _check_gold(_need(row, "gold", int, where), len(options), where)}
 
