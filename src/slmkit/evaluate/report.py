@@ -104,6 +104,7 @@ def _plot(rows: list[dict[str, Any]], quality: Column, cost: Column) -> str | No
     ax.set_xlabel(f"{cost.title} ({better(cost.lower_is_better)})")
     ax.set_ylabel(f"{quality.title} ({better(quality.lower_is_better)})")
     ax.set_title(f"{quality.title} vs {cost.title}")
+    ax.margins(x=0.3, y=0.2)  # room for the model names
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
