@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,10 @@ class LlamaCppBackend:
         self.threads = threads
         self.llm = self._open(n_ctx=n_ctx, logits_all=False)
         self._scorer: Any = None
-        atexit.register(self.close)  # llama-cpp-python's own __del__ fails during interpreter teardown
+        # llama-cpp-python's own __del__ fails during interpreter teardown: close first (a weak reference, so
+        # this registration does not keep a dropped backend and its weights alive)
+        ref = weakref.ref(self)
+        atexit.register(lambda: (backend := ref()) is not None and backend.close())
         meta = self.llm.metadata
         self._template = meta.get("tokenizer.chat_template")
         arch = meta.get("general.architecture", "")
@@ -154,7 +158,6 @@ class LlamaCppBackend:
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
         if self._scorer is None:
             self._scorer = self._open(n_ctx=min(SCORING_CONTEXT, self.context_length), logits_all=True)
-            atexit.register(self._scorer.close)
         if len(ids) > self._scorer.n_ctx():
             raise SlmkitError(f"{len(ids)} tokens exceed the llama.cpp scoring context ({self._scorer.n_ctx()})",
                               "Use a shorter window (--context-length).")
