@@ -74,8 +74,10 @@ def _tokenizer_fields(folder: Path) -> dict[str, Any]:
             "pad": special_id("pad_token"), "add_bos": bool(tcfg.get("add_bos_token", False))}
 
 
-def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> None:
-    """Convert a Llama-architecture safetensors folder to one GGUF file (2-D weights F16 when f16)."""
+def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> str | None:
+    """Convert a Llama-architecture safetensors folder to one GGUF file (2-D weights F16 when f16).
+
+    Returns the chat template written into the file (the Modelfile is made from it)."""
     import gguf
     from safetensors import safe_open
 
@@ -136,6 +138,7 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return tok["template"]
 
 
 def quantize_gguf(src: Path, dst: Path, gguf_type: str, *, threads: int | None = None) -> None:
@@ -174,7 +177,9 @@ def export_gguf(folder: Path, out_dir: Path, *, name: str, gguf_type: str, threa
     tmp_out = out_dir / f".{name}.gguf.tmp-{os.getpid()}"
     try:
         with progress.step(f"Writing GGUF ({'F16' if gguf_type == 'F16' else 'F32'})"):
-            write_gguf_f32(folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16")
+            template = write_gguf_f32(
+                folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16"
+            )
         if gguf_type not in ("F32", "F16"):
             with progress.step(f"Quantizing to {gguf_type} with llama.cpp"):
                 quantize_gguf(tmp_f32, tmp_out, gguf_type, threads=threads)
@@ -182,9 +187,8 @@ def export_gguf(folder: Path, out_dir: Path, *, name: str, gguf_type: str, threa
     finally:
         for t in (tmp_f32, tmp_out):
             t.unlink(missing_ok=True)
-    tok = _tokenizer_fields(folder)
     modelfile = out_dir / "Modelfile"
     tmp_mf = out_dir / f".Modelfile.tmp-{os.getpid()}"
-    tmp_mf.write_text(modelfile_text(final.name, tok["template"], SamplingParams().temperature))
+    tmp_mf.write_text(modelfile_text(final.name, template, SamplingParams().temperature))
     os.replace(tmp_mf, modelfile)
     return final
