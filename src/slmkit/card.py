@@ -142,6 +142,7 @@ def build_card(
     parent: str | None = None,
     settings: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    parameters: int | None = None,
 ) -> ModelCard:
     """Describe the model files in `folder` (hashes, sizes, parameters) and its lineage."""
     from slmkit import __version__
@@ -150,6 +151,7 @@ def build_card(
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (CARD_JSON, CARD_MD)}
     size = sum((folder / n).stat().st_size for n in files)
     params, dtype = count_parameters(folder)
+    params = parameters or params  # packed or quantized tensors undercount: a stage passes the logical count
     weights: dict[str, int] = {}
     for fmt in ("safetensors", "gguf"):
         total = sum(p.stat().st_size for p in folder.glob(f"*.{fmt}"))

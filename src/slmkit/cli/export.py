@@ -8,14 +8,14 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_bytes
-from slmkit.cli.common import handle_errors
+from slmkit.cli.common import ModelOpt, handle_errors
 from slmkit.errors import SlmkitError
 from slmkit.gguf_tables import GGUF_TYPES
 
 
 @handle_errors
 def export(
-    model: Annotated[str, typer.Argument(help="Model name in the store.")],
+    model: ModelOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="Output format.")] = "gguf",
     gguf_type: Annotated[str, typer.Option("--type", help=f"GGUF type: {', '.join(GGUF_TYPES)}.")] = "Q8_0",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: $SLMKIT_HOME/exports/MODEL-TYPE).")] = None,
@@ -27,6 +27,9 @@ def export(
 
     if fmt != "gguf":
         raise SlmkitError(f"unknown export format {fmt!r}", "Formats: gguf")
+    from slmkit.sources.importer import ensure_default
+
+    model = model or ensure_default()
     res = export_model(model, gguf_type, out_dir=out, store_as=name)
     typer.echo(f"wrote {res['gguf']} ({human_bytes(res['size_after'])}, was {human_bytes(res['size_before'])} "
                f"as safetensors: {res['size_before'] / res['size_after']:.2f}x smaller)")
@@ -41,16 +44,10 @@ def _quick_ppl_delta(model: str, gguf_path: Path) -> None:
     """Perplexity of the source (torch) and the GGUF (llama.cpp) on the same small WikiText-2 sample."""
     from slmkit.config import settings
     from slmkit.engine.llamacpp_backend import LlamaCppBackend
-    from slmkit.evaluate.perplexity import perplexity, resolve_text
+    from slmkit.evaluate.quick import describe_delta, quick_perplexity
     from slmkit.loading import load
     from slmkit.model import Model
 
-    if settings().data_dir is None:
-        typer.echo("(no data folder for the quick perplexity check; set SLMKIT_DATA or pass --no-ppl)")
-        return
-    text = resolve_text("wikitext2").read_text(encoding="utf-8")[:20000]
-    kw = dict(context_length=512, stride=256, limit=4)
-    before = perplexity(load(model), text, **kw)["perplexity"]
-    after = perplexity(Model(gguf_path.stem, LlamaCppBackend(gguf_path, threads=settings().threads)), text, **kw)["perplexity"]
-    typer.echo(f"perplexity on a WikiText-2 sample (4 windows of 512): {before:.3f} -> {after:.3f} "
-               f"({100 * (after - before) / before:+.2f}%)")
+    before = quick_perplexity(load(model))
+    after = quick_perplexity(Model(gguf_path.stem, LlamaCppBackend(gguf_path, threads=settings().threads)))
+    typer.echo(describe_delta(before, after))

@@ -39,6 +39,10 @@ class TorchBackend:
 
         if threads:
             torch.set_num_threads(threads)
+        from slmkit.compress.quantize import is_quantized, load_quantized
+
+        if is_quantized(Path(folder)):  # integer weights saved by `slmkit quantize`
+            return cls(load_quantized(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
         ggufs = sorted(Path(folder).glob("*.gguf"))
         if not list(Path(folder).glob("*.safetensors")) and ggufs:  # a GGUF-only model (from export)
             from slmkit.sources.gguf import check_gguf, load_gguf

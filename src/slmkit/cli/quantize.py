@@ -1,0 +1,38 @@
+"""`slmkit quantize`: weight-only int8/int4 quantization that runs in the PyTorch backend with integer weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slmkit.card import human_bytes
+from slmkit.cli.common import ModelOpt, handle_errors
+
+
+@handle_errors
+def quantize(
+    model: ModelOpt = None,
+    scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel) or int4 (per group).")] = "int8",
+    group_size: Annotated[int | None, typer.Option("--group-size", help="int4 group size: 32, 64 or 128. [default: 32]")] = None,
+    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib).")] = "rtn",
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-SCHEME[-gG]-METHOD).")] = None,
+    ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+) -> None:
+    """Quantize a model's weights to int8 or int4 (real integer weights: smaller and faster), as a new store model."""
+    from slmkit.compress.stage import quantize_stage
+    from slmkit.evaluate.quick import describe_delta, quick_perplexity
+    from slmkit.loading import load
+    from slmkit.store import Store
+
+    from slmkit.sources.importer import ensure_default
+
+    model = model or ensure_default()
+    card = quantize_stage(model, scheme, method=method, group_size=group_size, calib=calib, name=name)
+    before = Store().card(model).weights_bytes.get("safetensors") or Store().card(model).size_bytes
+    after = card.weights_bytes.get("safetensors") or card.size_bytes
+    typer.echo(f"made {card.name}: {human_bytes(after)} (was {human_bytes(before)}: {before / after:.2f}x smaller)")
+    if ppl:
+        typer.echo(describe_delta(quick_perplexity(load(model)), quick_perplexity(load(card.name))))

@@ -1,0 +1,1 @@
+"""Compression stages: weight quantization (more to come: pruning, low-rank)."""

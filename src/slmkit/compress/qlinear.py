@@ -1,0 +1,75 @@
+"""Linear layers holding real integer weights, computed with torch's CPU weight-only kernels.
+
+Activations run in bfloat16 (the kernels are fast for bf16 on CPU; fp32 activations are several times slower).
+Int4 keeps the portable nibble-packed weight as its saved state and builds the kernel's own packed layout at
+load time, so files do not depend on a torch build's internal layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slmkit.compress.quant_ops import unpack_nibbles
+
+COMPUTE = torch.bfloat16
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b, q int8 per output channel. Optional per-input-channel `smooth` (AWQ)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE) if bias else None)
+        self.register_buffer("smooth", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE)  # (M, K)
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ (q * scale + minimum)^T + b, q 4-bit per group of input columns (tinygemm CPU kernel)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros((out_features, in_features // 2), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones((out_features, groups), dtype=COMPUTE))
+        self.register_buffer("mins", torch.zeros((out_features, groups), dtype=COMPUTE))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE) if bias else None)
+        self.register_buffer("smooth", None)
+        self._packed: torch.Tensor | None = None
+        self._scales_zeros: torch.Tensor | None = None
+
+    def prepare(self) -> None:
+        """Build the kernel layout from the saved state (after loading or quantizing)."""
+        q = unpack_nibbles(self.qweight).to(torch.int32)  # (N, K) in [0, 15]
+        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        # the kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale
+        zeros = self.mins.float() + 8 * self.scales.float()
+        self._scales_zeros = torch.stack([self.scales.float().T, zeros.T], dim=-1).contiguous().to(COMPUTE)  # (K/g, N, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self.prepare()
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE)  # (M, K)
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._scales_zeros)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)

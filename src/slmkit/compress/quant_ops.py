@@ -1,0 +1,107 @@
+"""Pure tensor math for weight-only quantization: no modules, no models, no I/O.
+
+Conventions: a weight is (N, K) = (out_features, in_features). int8 is symmetric per output channel;
+int4 is asymmetric per group of `group` input columns, w ~= q * scale + minimum with q in [0, 15].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+INT4_MAX = 15
+
+
+def int8_scales(w: torch.Tensor) -> torch.Tensor:
+    """Per-row scale so that the largest |w| maps to 127.  # (N,)"""
+    return (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+
+
+def quantize_int8(w: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest: (q int8 (N, K), scales (N,))."""
+    s = int8_scales(w) if scales is None else scales
+    q = torch.round(w / s[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, s
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, minimum) of an (N, K) weight.  # (N, K/group) each"""
+    n, k = w.shape
+    g = w.reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    return ((hi - lo) / INT4_MAX).clamp(min=1e-10), lo
+
+
+def quantize_int4(
+    w: torch.Tensor, group: int, params: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest: (q uint8 in [0, 15] (N, K), scales (N, K/g), minimums (N, K/g))."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"group size {group} does not divide {k} input features")
+    scale, lo = int4_params(w, group) if params is None else params
+    q = torch.round((w.reshape(n, k // group, group) - lo[..., None]) / scale[..., None]).clamp(0, INT4_MAX)
+    return q.reshape(n, k).to(torch.uint8), scale, lo
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    groups = scale.shape[1]
+    return (q.reshape(n, groups, k // groups).float() * scale[..., None].float() + lo[..., None].float()).reshape(n, k)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values per byte (even column in the low nibble): the portable on-disk form.  # (N, K/2)"""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    n, half = packed.shape
+    out = torch.empty((n, half * 2), dtype=torch.uint8)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out
+
+
+def gptq(
+    w: torch.Tensor, hessian: torch.Tensor, quant_dequant: Callable[[torch.Tensor, int], torch.Tensor], *,
+    block: int = 128, damp: float = 0.01, group: int | None = None,
+    refresh: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """GPTQ (Frantar et al. 2022): quantize columns left to right, pushing each column's rounding error onto
+    the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = 2 X^T X).
+
+    `quant_dequant(column (N,), col_index)` rounds one column with the current grid and returns it
+    dequantized; `refresh(w_slice)` is called at each group start with the (error-updated) group's columns
+    so the grid can follow them. Returns the dequantized result (N, K); the caller rounds it to the grid.
+    """
+    w = w.clone().float()
+    h = hessian.clone().float()
+    n, k = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (K, K)
+    out = torch.zeros_like(w)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group and refresh is not None and col % group == 0:
+                refresh(torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group])
+            q = quant_dequant(w1[:, i], col)
+            out[:, col] = q
+            e = (w1[:, i] - q) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return out

@@ -1,0 +1,117 @@
+"""Weight-only quantization: the math, the integer layers, the store stage and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import snapshot
+from typer.testing import CliRunner
+
+import slmkit
+from slmkit.cli import app
+from slmkit.compress import quant_ops as qo
+from slmkit.compress.qlinear import Int4Linear, Int8Linear
+from slmkit.compress.quantize import quantize_layer
+from slmkit.compress.stage import quantize_stage
+from slmkit.errors import SlmkitError
+from slmkit.store import Store
+
+runner = CliRunner()
+
+
+def test_int8_and_int4_round_trip_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q, s = qo.quantize_int8(w)
+    assert q.dtype == torch.int8 and (qo.dequantize_int8(q, s) - w).abs().max() <= s.max() / 2 + 1e-6
+    q4, scale, lo = qo.quantize_int4(w, 32)
+    assert int(q4.max()) <= 15 and scale.shape == (64, 4)
+    err = (qo.dequantize_int4(q4, scale, lo) - w).abs().reshape(64, 4, 32).amax(-1)
+    assert bool((err <= scale / 2 + 1e-6).all())
+    assert torch.equal(qo.unpack_nibbles(qo.pack_nibbles(q4)), q4)
+    with pytest.raises(ValueError):
+        qo.quantize_int4(torch.randn(4, 48), 32)
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    k = 64
+    mix = torch.randn(k, k) * 0.3 + torch.eye(k)
+    x = torch.randn(2048, k) @ mix  # correlated input channels, as in real layers
+    w = torch.randn(32, k)
+    h = 2 * x.T @ x / x.shape[0]
+    scales = qo.int8_scales(w) * 40  # a coarse grid, so that rounding error matters
+    rtn = torch.round(w / scales[:, None]) * scales[:, None]
+    opt = qo.gptq(w, h, lambda col, _i: torch.round(col / scales) * scales)
+    assert torch.allclose(torch.round(opt / scales[:, None]) * scales[:, None], opt, atol=1e-5)  # on the grid
+    err = lambda q: float(((x @ w.T) - (x @ q.T)).pow(2).mean())
+    assert err(opt) < 0.8 * err(rtn)
+
+
+@pytest.mark.parametrize("scheme, method", [("int8", "rtn"), ("int4", "rtn"), ("int8", "gptq"), ("int4", "gptq"), ("int4", "awq")])
+def test_quantized_layer_matches_its_dequantized_weights(scheme, method):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(300, 64)
+    stat = {"H": 2 * x.T @ x / 300, "absmean": x.abs().mean(0), "sample": x[:64]}
+    layer = quantize_layer(lin, scheme, 32 if scheme == "int4" else None, method, stat)
+    assert isinstance(layer, Int8Linear if scheme == "int8" else Int4Linear)
+    with torch.no_grad():
+        y, ref = layer(x[:5]), lin(x[:5])
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    rel = float((y - ref).norm() / ref.norm())
+    assert rel < (0.03 if scheme == "int8" else 0.25)
+
+
+def test_quantize_stage_saves_a_loadable_smaller_model(store):
+    card = quantize_stage("tiny", "int8")
+    assert card.name == "tiny-int8-rtn" and card.stage == "quantize" and card.parent == "tiny"
+    assert card.settings["scheme"] == "int8" and card.parameters == Store().card("tiny").parameters
+    assert card.weights_bytes["safetensors"] < Store().card("tiny").weights_bytes["safetensors"]
+    fp, q = slmkit.load("tiny"), slmkit.load("tiny-int8-rtn")
+    assert any(isinstance(m, Int8Linear) for m in q.backend.model.modules())
+    text = "The quick brown fox jumps over the lazy dog."
+    a, b = fp.score(text), q.score(text)
+    assert abs(a.mean - b.mean) < 0.05 * abs(a.mean)  # int8 barely moves the log-likelihood
+    assert q.generate("The", temperature=0, max_tokens=4) is not None
+
+
+def test_int4_gptq_stage_with_calibration(store, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Paris is the capital of France. The quick brown fox jumps over the lazy dog. " * 40)
+    card = quantize_stage("tiny", "int4", method="gptq", group_size=32, calib=calib, name="t4")
+    assert card.settings["calibration"]["windows"] >= 1 and card.settings["group_size"] == 32
+    m = slmkit.load("t4")
+    assert any(isinstance(x, Int4Linear) for x in m.backend.model.modules())
+    assert len(m.generate("Paris", temperature=0, max_tokens=3, repetition_penalty=1.0)) >= 0
+
+
+def test_quantize_errors_leave_the_store_unchanged(store, tmp_path):
+    quantize_stage("tiny", "int8", name="q8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    before = snapshot(store.root)
+    cases = [
+        (dict(model="q8", scheme="int4"), "already quantized"),
+        (dict(model="tiny", scheme="int3"), "unknown scheme"),
+        (dict(model="tiny", scheme="int4", method="gptq"), "needs calibration"),
+        (dict(model="tiny", scheme="int4", method="gptq", calib=tmp_path / "missing.txt"), "not found"),
+        (dict(model="tiny", scheme="int4", method="awq", calib=empty), "is empty"),
+        (dict(model="tiny", scheme="int4", group_size=64), "does not divide"),
+        (dict(model="tiny", scheme="int8", calib=empty), "gptq and awq only"),
+        (dict(model="tiny", scheme="int8", name="../x"), "invalid model name"),
+    ]
+    for kwargs, message in cases:
+        model = kwargs.pop("model")
+        scheme = kwargs.pop("scheme")
+        with pytest.raises(SlmkitError, match=message):
+            quantize_stage(model, scheme, **kwargs)
+        assert snapshot(store.root) == before, message
+
+
+def test_quantize_cli(store):
+    r = runner.invoke(app, ["quantize", "tiny", "--scheme", "int4", "--group-size", "32", "--no-ppl"])
+    assert r.exit_code == 0, r.output
+    assert "made tiny-int4-g32-rtn" in r.stdout and "smaller" in r.stdout
+    r = runner.invoke(app, ["quantize", "tiny-int4-g32-rtn", "--no-ppl"])
+    assert r.exit_code == 1 and "already quantized" in r.stderr
