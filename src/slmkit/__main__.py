@@ -1,0 +1,5 @@
+"""`python -m slmkit` runs the CLI."""
+
+from slmkit.cli import main
+
+main()
