@@ -1,0 +1,222 @@
+"""Continuous batching for the PyTorch backend: requests join and leave the running batch at every step.
+
+One worker thread owns the model. A new request is prefilled alone (reusing a cached prompt prefix when one
+matches), then its KV rows join the running batch; each decode step runs one forward pass for all running
+sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from slmkit.engine.kv_cache import PrefixCache, cache_from, join_rows, kv_of, select_rows
+from slmkit.engine.sampling import SamplingParams, sample_next
+from slmkit.engine.torch_backend import TorchBackend
+from slmkit.errors import SlmkitError
+
+_DONE = object()
+
+
+class QueueFull(SlmkitError):
+    """The waiting queue is full: the server answers 429 with Retry-After."""
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int
+    out: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None
+    history: list[int] = field(default_factory=list)
+    produced: int = 0
+
+
+class BatchScheduler:
+    """Runs requests on one TorchBackend with a shared, continuously changing batch."""
+
+    def __init__(self, backend: TorchBackend, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_tokens: int = 4096) -> None:
+        self.backend = backend
+        self.model = backend.model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.running: list[_Request] = []
+        self._kv: list | None = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None  # (B,) next position id per row
+        self._last: list[int] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="slmkit-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- public -----------------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams, max_new: int) -> _Request:
+        with self._cv:
+            if self._stopping:
+                raise SlmkitError("the server is shutting down", "Retry against a running server.")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)", "Retry in a moment.")
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+            req = _Request(list(prompt), params, max_new, generator=torch.Generator().manual_seed(seed), history=list(prompt))
+            self.waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def tokens(self, req: _Request) -> Iterator[int]:
+        """Token ids of a request as they are made; closing this iterator cancels the request."""
+        try:
+            while True:
+                item = req.out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop admitting, let running requests finish for up to `timeout` s, then cancel the rest."""
+        with self._cv:
+            self._stopping = True
+            for req in self.waiting:
+                req.out.put(SlmkitError("the server shut down before this request started"))
+            self.waiting.clear()
+            self._cv.notify()
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for req in list(self.running):
+            req.cancelled.set()
+        with self._cv:
+            self._cv.notify()
+        self._thread.join(timeout=5)
+
+    # ---- worker -----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self.waiting and not self.running and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self.running:
+                    return
+                admit = []
+                while self.waiting and len(self.running) + len(admit) < self.max_batch:
+                    admit.append(self.waiting.popleft())
+            try:
+                for req in admit:
+                    if not req.cancelled.is_set():
+                        self._prefill(req)
+                if self.running:
+                    self._step()
+            except BaseException as exc:  # a failure ends the affected requests, not the server
+                for req in self.running + admit:
+                    req.out.put(exc)
+                self.running, self._kv, self._mask = [], None, None
+
+    @torch.inference_mode()
+    def _prefill(self, req: _Request) -> None:
+        ids = req.prompt
+        reused, kv = self.prefix_cache.lookup(ids) if self.prefix_cache else (0, None)
+        cache = cache_from(self.model.config, kv) if kv else cache_from(self.model.config, [])
+        new = torch.tensor([ids[reused:]], dtype=torch.long)  # (1, T_new)
+        positions = torch.arange(reused, len(ids)).unsqueeze(0)  # (1, T_new)
+        kw = {self.backend._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        logits = self.model(input_ids=new, position_ids=positions, **kw).logits[0, -1]
+        row_kv = kv_of(cache)
+        if self.prefix_cache:
+            self.prefix_cache.store(ids, row_kv)
+        if not self._emit(req, sample_next(logits, req.params, req.history, req.generator)):
+            return
+        mask = torch.ones((1, len(ids)), dtype=torch.long)
+        if self.running:
+            self._kv, self._mask = join_rows(self._kv, self._mask, row_kv, mask)
+            self._positions = torch.cat([self._positions, torch.tensor([len(ids)])])
+        else:
+            self._kv, self._mask, self._positions = row_kv, mask, torch.tensor([len(ids)])
+        self.running.append(req)
+
+    def _emit(self, req: _Request, token: int) -> bool:
+        """Hand a token to the consumer; False when the request is finished."""
+        req.out.put(token)
+        req.produced += 1
+        req.history.append(token)
+        if token in self.backend.eos_token_ids or req.produced >= req.max_new or req.cancelled.is_set():
+            req.out.put(_DONE)
+            return False
+        return True
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        rows = len(self.running)
+        last = torch.tensor([[r.history[-1]] for r in self.running], dtype=torch.long)  # (B, 1)
+        self._mask = torch.cat([self._mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)  # (B, T+1)
+        cache = cache_from(self.model.config, self._kv)
+        kw = {self.backend._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions.unsqueeze(1), **kw).logits[:, -1]
+        self._kv = kv_of(cache)
+        self._positions = self._positions + 1
+        keep = []
+        for i, req in enumerate(self.running):
+            if req.cancelled.is_set():
+                req.out.put(_DONE)
+                continue
+            if self._emit(req, sample_next(logits[i], req.params, req.history, req.generator)):
+                keep.append(i)
+        if len(keep) < rows:
+            self.running = [self.running[i] for i in keep]
+            if keep:
+                self._kv, self._mask = select_rows(self._kv, self._mask, keep)
+                self._positions = self._positions[torch.tensor(keep)]
+            else:
+                self._kv = self._mask = self._positions = None
+
+
+class BatchedBackend:
+    """A TorchBackend whose generation goes through a BatchScheduler; everything else is delegated."""
+
+    def __init__(self, backend: TorchBackend, **scheduler_kw: Any) -> None:
+        self.inner = backend
+        self.scheduler = BatchScheduler(backend, **scheduler_kw)
+        self.name = backend.name
+        self._lock = threading.Lock()  # scoring and embeddings share the model with the worker thread
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.inner, item)
+
+    @property
+    def context_length(self) -> int:
+        return self.inner.context_length
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.inner.eos_token_ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.inner.has_chat_template
+
+    def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+        req = self.scheduler.submit(prompt_ids, params, max_new_tokens)  # raises QueueFull before iteration
+        return self.scheduler.tokens(req)

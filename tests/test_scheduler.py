@@ -1,0 +1,103 @@
+"""Continuous batching: the same tokens as decoding alone, whatever joins or leaves the batch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import slmkit
+from slmkit.engine.kv_cache import PrefixCache
+from slmkit.engine.sampling import SamplingParams
+from slmkit.engine.scheduler import BatchedBackend, QueueFull
+from slmkit.model import Model
+
+GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
+PROMPTS = ["The quick brown fox", "Paris is the capital of France and", "héllo", "def add(a, b):\n    return",
+           "Small language models run on laptops, offline", "Berlin"]
+
+
+@pytest.fixture
+def tiny_pair(store):
+    plain = slmkit.load("tiny")
+    batched = BatchedBackend(slmkit.load("tiny").backend, max_batch=4, max_queue=16)
+    yield plain, batched
+    batched.scheduler.stop()
+
+
+def test_batched_greedy_equals_single(tiny_pair):
+    plain, batched = tiny_pair
+    expected = {p: list(plain.backend.stream_tokens(plain.backend.encode(p), GREEDY, 12)) for p in PROMPTS}
+    results: dict[str, list[int]] = {}
+
+    def run(p: str) -> None:
+        results[p] = list(batched.stream_tokens(batched.encode(p), GREEDY, 12))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]  # 6 requests, batch of 4: some wait
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == expected
+
+
+def test_seeded_sampling_is_the_same_batched_or_not(tiny_pair):
+    plain, batched = tiny_pair
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=5)
+    ids = plain.backend.encode("The quick brown")
+    assert list(batched.stream_tokens(ids, params, 10)) == list(plain.backend.stream_tokens(ids, params, 10))
+
+
+def test_model_api_on_the_batched_backend_and_prefix_reuse(tiny_pair):
+    plain, batched = tiny_pair
+    m = Model("tiny", batched)
+    msgs = [{"role": "system", "content": "You are terse and exact."}, {"role": "user", "content": "hi"}]
+    first = m.chat(msgs, temperature=0, max_tokens=6, repetition_penalty=1.0)
+    assert first == plain.chat(msgs, temperature=0, max_tokens=6, repetition_penalty=1.0)
+    msgs2 = msgs[:1] + [{"role": "user", "content": "hello"}]
+    second = m.chat(msgs2, temperature=0, max_tokens=6, repetition_penalty=1.0)
+    assert second == plain.chat(msgs2, temperature=0, max_tokens=6, repetition_penalty=1.0)
+    cache = batched.scheduler.prefix_cache
+    assert cache.hits >= 1 and cache.reused_tokens >= len(batched.encode("<|im_start|>system\nYou are terse"))
+
+
+def test_cancel_frees_the_slot(tiny_pair):
+    _, batched = tiny_pair
+    it = batched.stream_tokens(batched.encode("The"), SamplingParams(temperature=1.0, seed=0), 10_000)
+    next(it)
+    it.close()  # the consumer goes away
+    for _ in range(200):
+        if batched.scheduler.batch_size == 0:
+            break
+        threading.Event().wait(0.01)
+    assert batched.scheduler.batch_size == 0
+
+
+def test_queue_full_is_refused(store):
+    b = BatchedBackend(slmkit.load("tiny").backend, max_batch=1, max_queue=1)
+    try:
+        long = SamplingParams(temperature=1.0, seed=0)
+        running = b.stream_tokens(b.encode("The"), long, 10_000)
+        next(running)
+        waiting = b.stream_tokens(b.encode("A"), long, 5)  # fills the queue of 1
+        with pytest.raises(QueueFull):
+            b.stream_tokens(b.encode("B"), long, 5)
+        running.close()
+        assert len(list(waiting)) == 5
+    finally:
+        b.scheduler.stop()
+
+
+def test_prefix_cache_lookup_and_bound():
+    import torch
+
+    pc = PrefixCache(max_tokens=10)
+    kv = [(torch.zeros(1, 1, 6, 2), torch.zeros(1, 1, 6, 2))]
+    pc.store([1, 2, 3, 4, 5, 6], kv)
+    n, got = pc.lookup([1, 2, 3, 9])
+    assert n == 3 and got[0][0].shape[2] == 3
+    n, got = pc.lookup([1, 2, 3, 4, 5, 6])
+    assert n == 5  # one token is always left to compute
+    pc.store([7, 8, 9, 10, 11, 12], kv)
+    assert [e[0][0] for e in pc.entries] == [7]  # over 10 tokens: the least recently used went
+    assert 0 < pc.hit_rate < 1
