@@ -44,7 +44,9 @@ class Generation:
     def __init__(self, model: "Model", prompt_ids: list[int], params: SamplingParams) -> None:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.text = ""
-        self._pieces = model._pieces(prompt_ids, params, self.stats)
+        self.prompt_ids = prompt_ids
+        self.token_ids: list[int] = []  # every generated id, the final EOS included
+        self._pieces = model._pieces(prompt_ids, params, self.stats, self.token_ids)
 
     def __iter__(self) -> "Generation":
         return self
@@ -129,7 +131,9 @@ class Model:
             )
         return ids
 
-    def _pieces(self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats) -> Iterator[str]:
+    def _pieces(
+        self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats, token_ids: list[int]
+    ) -> Iterator[str]:
         """The text-level decode loop: ids from the backend -> text, cut at EOS, stop strings or the budget."""
         budget = min(params.max_tokens, self.backend.context_length - len(prompt_ids))
         decoder = IncrementalDecoder(self.backend.decode)
@@ -144,6 +148,7 @@ class Model:
                     stats.time_to_first_token_s = now - start
                 stats.completion_tokens += 1
                 stats.total_s = now - start
+                token_ids.append(token)
                 if token in eos:
                     stats.finish_reason = "stop"
                     break

@@ -1,7 +1,8 @@
 """Linear layers holding real integer weights, computed with torch's CPU weight-only kernels.
 
-Activations run in bfloat16 (the kernels are fast for bf16 on CPU; fp32 activations are several times slower).
-Int4 keeps the portable nibble-packed weight as its saved state and builds the kernel's own packed layout at
+Decoding (a few rows at a time) calls the integer kernels with bfloat16 activations (they are several times
+slower with float32 ones on CPU); prefill and scoring (many rows) dequantize the weight on the fly and use a
+float32 matmul, which is faster there. Outputs come back in the input's dtype. Int4 keeps the portable nibble-packed weight as its saved state and builds the kernel's own packed layout at
 load time, so files do not depend on a torch build's internal layout.
 """
 
@@ -13,6 +14,7 @@ from torch import nn
 from slmkit.compress.quant_ops import unpack_nibbles
 
 COMPUTE = torch.bfloat16
+KERNEL_MAX_ROWS = 16  # up to this many rows the integer kernel wins; above, dequantize + float32 matmul
 
 
 class Int8Linear(nn.Module):
@@ -26,15 +28,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE) if bias else None)
         self.register_buffer("smooth", None)
 
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]  # (N, K)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE)  # (M, K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.smooth is not None:
-            x2 = x2 / self.smooth
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
+            x2 = x2 / self.smooth.to(x2.dtype)
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE), self.weight, self.scales).to(x.dtype)  # (M, N)
+        else:
+            y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
@@ -62,14 +70,23 @@ class Int4Linear(nn.Module):
         zeros = self.mins.float() + 8 * self.scales.float()
         self._scales_zeros = torch.stack([self.scales.float().T, zeros.T], dim=-1).contiguous().to(COMPUTE)  # (K/g, N, 2)
 
+    def dequantized(self) -> torch.Tensor:
+        q = unpack_nibbles(self.qweight).float()  # (N, K)
+        n, k = q.shape
+        g = q.reshape(n, k // self.group_size, self.group_size)
+        return (g * self.scales.float()[..., None] + self.mins.float()[..., None]).reshape(n, k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
             self.prepare()
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE)  # (M, K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.smooth is not None:
-            x2 = x2 / self.smooth
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._scales_zeros)  # (M, N)
+            x2 = x2 / self.smooth.to(x2.dtype)
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(COMPUTE), self._packed, self.group_size, self._scales_zeros).to(x.dtype)
+        else:
+            y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)

@@ -156,7 +156,8 @@ def quantize_model(
     model: nn.Module, scheme: str, *, method: str = "rtn", group_size: int | None = None,
     calibration: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Replace every nn.Linear by its quantized form, in place; the rest of the model goes to bfloat16."""
+    """Replace every nn.Linear by its quantized form, in place; the rest of the model stays float32 in memory
+    (and is saved as bfloat16)."""
     layers = linear_layers(model)
     group = check_settings(scheme, method, group_size, layers)
     stats = None
@@ -168,10 +169,11 @@ def quantize_model(
         for name, lin in layers.items():
             _set_module(model, name, quantize_layer(lin, scheme, group, method, stats[name] if stats else None))
             advance(1)
-    model.to(COMPUTE)
     model.config.tie_word_embeddings = False  # the output layer now has its own quantized weight
     info = {"scheme": scheme, "method": method, "group_size": group, "modules": sorted(layers),
-            "smooth": method == "awq", "compute_dtype": "bfloat16"}
+            "smooth": method == "awq",
+            "compute": "integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; "
+                       "other weights bf16 on disk, float32 in memory"}
     setattr(model.config, CONFIG_KEY, info)
     return info
 
@@ -184,7 +186,9 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # float tensors that were not quantized (embeddings, norms) are stored as bf16: half the bytes
+    state = {k: (v.to(COMPUTE) if v.is_floating_point() and v.dtype == torch.float32 else v).contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "slmkit": "quantized"})
 
 
@@ -200,7 +204,7 @@ def load_quantized(folder: Path) -> nn.Module:
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     info = getattr(config, CONFIG_KEY)
-    model = AutoModelForCausalLM.from_config(config, dtype=COMPUTE)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name in info["modules"]:
         lin = model.get_submodule(name)
         if info["scheme"] == "int8":

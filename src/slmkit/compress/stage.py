@@ -58,7 +58,7 @@ def quantize_stage(
         net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
     batches = calibration_batches(tokenizer, calib) if calib is not None else None
     info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches)
-    settings = {k: info[k] for k in ("scheme", "method", "group_size", "compute_dtype")}
+    settings = {k: info[k] for k in ("scheme", "method", "group_size", "compute")}
     if calib is not None:
         from slmkit.card import sha256_file
 

@@ -153,6 +153,17 @@ class TorchBackend:
             logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **kw).logits[:, -1]
         return outputs
 
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Mean-pooled last hidden states, L2-normalised (one vector per text)."""
+        out = []
+        for text in texts:
+            ids = torch.tensor([self.encode(text, add_special_tokens=True)], dtype=torch.long)
+            hidden = self.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1][0]  # (T, H)
+            vec = hidden.float().mean(0)
+            out.append((vec / vec.norm().clamp(min=1e-12)).tolist())
+        return out
+
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)

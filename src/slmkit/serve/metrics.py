@@ -1,0 +1,29 @@
+"""Prometheus metrics for the server, in a registry of its own (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("slmkit_requests", "HTTP API requests", ["endpoint", "model", "status"], registry=r)
+        self.prompt_tokens = Counter("slmkit_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("slmkit_completion_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("slmkit_time_to_first_token_seconds", "Time to first token", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("slmkit_inter_token_latency_seconds", "Time between streamed tokens", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("slmkit_queue_depth", "Requests waiting for a batch slot", ["model"], registry=r)
+        self.batch_size = Gauge("slmkit_running_batch_size", "Sequences in the running batch", ["model"], registry=r)
+        self.prefix_hit_rate = Gauge("slmkit_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", ["model"], registry=r)
+
+    def watch(self, model: str, queue_depth: Callable[[], float], batch_size: Callable[[], float], hit_rate: Callable[[], float]) -> None:
+        """Gauges read live values at scrape time."""
+        self.queue_depth.labels(model).set_function(queue_depth)
+        self.batch_size.labels(model).set_function(batch_size)
+        self.prefix_hit_rate.labels(model).set_function(hit_rate)

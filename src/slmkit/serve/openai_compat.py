@@ -1,0 +1,111 @@
+"""OpenAI wire format: request models and pure conversions to and from slmkit's types (no I/O, no models)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=8)
+    stream: bool = False
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy endpoint's logprobs is a count
+
+
+class EmbeddingRequest(BaseModel):
+    model: str | None = None
+    input: str | list[str]
+
+
+def sampling_kwargs(req: _Sampling, index: int) -> dict[str, Any]:
+    """Sampling settings for choice `index` (seeded choices get seed + index so that n > 1 differ)."""
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    out: dict[str, Any] = {
+        "temperature": req.temperature, "top_p": req.top_p, "max_tokens": req.max_completion_tokens or req.max_tokens,
+        "stop": tuple(stop) or None, "seed": None if req.seed is None else req.seed + index,
+        # OpenAI applies no repetition penalty unless asked (frequency/presence penalties are not supported here)
+        "repetition_penalty": 1.0,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices, "usage": use}
+
+
+def chat_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs}
+
+
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def completion_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices, "usage": use}
+
+
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def completion_chunk(rid: str, model: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def chat_logprobs(tokens: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]) -> dict[str, Any]:
+    """The chat endpoint's logprobs object: one entry per generated token, with its top alternatives."""
+    def entry(tok: str, lp: float) -> dict[str, Any]:
+        return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+
+    return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, b) for a, b in top]) for t, lp, top in zip(tokens, logprobs, tops)],
+            "refusal": None}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]) -> dict[str, Any]:
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": [dict(top) for top in tops], "text_offset": offsets}
