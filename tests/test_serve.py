@@ -1,0 +1,197 @@
+"""The HTTP server over real sockets on 127.0.0.1, with the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from slmkit.serve.app import create_app
+from slmkit.serve.metrics import Metrics
+from slmkit.serve.registry import ModelRegistry
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, names: list[str], **kw) -> None:
+        import uvicorn
+
+        self.metrics = Metrics()
+        reg_kw = {k: kw.pop(k) for k in ("max_batch", "max_queue", "prefix_cache_tokens") if k in kw}
+        self.registry = ModelRegistry(names, self.metrics, **{"max_batch": 4, "max_queue": 16, "prefix_cache_tokens": 4096, **reg_kw})
+        app = create_app(self.registry, self.metrics, **kw)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def srv(store):
+    s = Running(["tiny", "smollm2-135m-instruct"], max_tokens_limit=40)
+    yield s
+    s.stop()
+
+
+def client(srv, key="unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_chat_completions_models_embeddings(srv):
+    c = client(srv)
+    assert [m.id for m in c.models.list().data] == ["tiny", "smollm2-135m-instruct"]
+    msgs = [{"role": "user", "content": "hi"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, seed=3, temperature=1.0)
+    again = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, seed=3, temperature=1.0)
+    assert r.choices[0].message.content == again.choices[0].message.content  # same seed, same answer
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    pieces = [ch.choices[0].delta.content or "" for ch in
+              c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, seed=3, temperature=1.0, stream=True)]
+    assert "".join(pieces) == r.choices[0].message.content
+    two = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, n=2, seed=1)
+    assert [ch.index for ch in two.choices] == [0, 1]
+    comp = c.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    chat_lp = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat_lp.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= t.top_logprobs[0].logprob + 1e-5 for t in content)
+    emb = c.embeddings.create(model="tiny", input=["hello", "world"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 32
+    assert abs(sum(v * v for v in emb.data[0].embedding) - 1) < 1e-4
+
+
+def test_stop_and_max_tokens_and_greedy_matches_the_library(srv, store):
+    import slmkit
+
+    lib = slmkit.load("tiny").chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=10, repetition_penalty=1.0)
+    r = client(srv).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == lib
+    if len(lib) > 4:
+        stop = lib[2:4]
+        cut = client(srv).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0, stop=[stop])
+        assert cut.choices[0].message.content == lib[: lib.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_health_metrics_and_page(srv):
+    client(srv).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    h = httpx.get(srv.url + "/health").json()
+    assert h["status"] == "ok" and "tiny" in h["loaded"]
+    m = httpx.get(srv.url + "/metrics").text
+    for name in ("slmkit_requests_total", "slmkit_prompt_tokens_total", "slmkit_completion_tokens_total",
+                 "slmkit_time_to_first_token_seconds_bucket", "slmkit_inter_token_latency_seconds", "slmkit_queue_depth",
+                 "slmkit_running_batch_size", "slmkit_prefix_cache_hit_rate"):
+        assert name in m, name
+    assert 'slmkit_requests_total{endpoint="chat",model="tiny",status="200"} 1.0' in m
+    page = httpx.get(srv.url + "/")
+    assert page.status_code == 200 and "<title>slmkit chat</title>" in page.text
+
+
+def test_bad_requests_get_openai_errors(srv):
+    post = lambda body, path="/v1/chat/completions": httpx.post(srv.url + path, json=body, timeout=30)
+    r = post({"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and "tiny" in r.json()["error"]["message"] and r.json()["error"]["code"] == "model_not_found"
+    r = post({"model": "tiny", "messages": [{"role": "user", "content": "fox " * 200}]})
+    assert r.status_code == 400 and "context window is 64 tokens" in r.json()["error"]["message"]
+    r = post({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 41})
+    assert r.status_code == 400 and "limit of 40" in r.json()["error"]["message"]
+    r = httpx.post(srv.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+    r = post({"model": "tiny", "messages": "hi"})
+    assert r.status_code == 422 and "messages" in r.json()["error"]["message"]
+    r = post({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"})
+    assert r.status_code == 422
+    r = post({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, "logprobs": True})
+    assert r.status_code == 400
+    assert httpx.get(srv.url + "/health").status_code == 200  # still alive
+
+
+def test_api_key(store):
+    s = Running(["tiny"], api_key="sekret")
+    try:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client(s, "sekret").models.list().data[0].id == "tiny"
+        assert httpx.get(s.url + "/health").status_code == 200 and httpx.get(s.url + "/").status_code == 200
+    finally:
+        s.stop()
+
+
+def _stream_lines(url: str, body: dict):
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        yield r
+        for line in r.iter_lines():
+            yield line
+
+
+def test_queue_full_is_429_and_disconnect_frees_the_slot(store):
+    s = Running(["tiny"], max_batch=1, max_queue=1, max_tokens_limit=100000)
+    try:
+        sched = s.registry.get("tiny").backend.scheduler
+        # a stream that never ends by itself: no context limit, no end-of-sequence token
+        sched.backend.model.config.max_position_embeddings = 100000
+        sched.backend._eos = frozenset()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 100000, "temperature": 1.0, "seed": 0}
+        first = _stream_lines(s.url, body)
+        assert next(first).status_code == 200
+        next(first)
+        waiting = threading.Thread(target=lambda: httpx.post(s.url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=5), timeout=60))
+        waiting.start()
+        for _ in range(100):
+            if sched.queue_depth == 1:
+                break
+            time.sleep(0.02)
+        r = httpx.post(s.url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=5), timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+        first.close()  # the streaming client goes away: its slot must come free, and the waiting request run
+        waiting.join(timeout=30)
+        assert not waiting.is_alive()
+        for _ in range(100):
+            if sched.batch_size == 0:
+                break
+            time.sleep(0.02)
+        assert sched.batch_size == 0
+    finally:
+        s.stop()
+
+
+def test_graceful_shutdown_finishes_running_requests(store):
+    s = Running(["tiny"], max_tokens_limit=60)
+    result = {}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 1.0, "seed": 0}
+    t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)))
+    t.start()
+    time.sleep(0.3)
+    s.stop()
+    t.join(timeout=30)
+    assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["content"] is not None
+
+
+def test_serve_cli_refuses_unknown_models(store):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "nosuch"])
+    assert r.exit_code == 1 and "no model named 'nosuch'" in r.stderr
