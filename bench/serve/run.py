@@ -42,11 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], url: str, env: dict[str, str]) -> subprocess.Popen:
+def start(cmd: list[str], url: str, env: dict[str, str], model: str) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                # warm-up: load the model and run one request before anything is timed
+                httpx.post(url + "/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4}, timeout=600)
                 return proc
         except httpx.HTTPError:
             pass
@@ -138,7 +140,7 @@ def main() -> None:
     result: dict = {"benchmark": "serve", "model": name, "max_tokens": args.max_tokens, "slmkit": [], "llama_cpp_server": []}
 
     ours = start([sys.executable, "-m", "slmkit", "serve", name, "--port", str(ours_port), "--max-batch", "32",
-                  "--max-queue", "128", "--max-tokens", "512"], ours_url, env)
+                  "--max-queue", "128", "--max-tokens", "512"], ours_url, env, name)
     try:
         for n in args.levels:
             result["slmkit"].append(asyncio.run(level(ours_url, name, n, args.max_tokens)))
@@ -150,7 +152,7 @@ def main() -> None:
         ours.terminate()
         ours.wait(30)
     theirs = start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(os.cpu_count() or 2),
-                    "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(theirs_port), "--model_alias", name], theirs_url, env)
+                    "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(theirs_port), "--model_alias", name], theirs_url, env, name)
     try:
         for n in args.levels:
             result["llama_cpp_server"].append(asyncio.run(level(theirs_url, name, n, args.max_tokens)))
