@@ -3,6 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
+EVAL_SAMPLE := --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256
+
 .PHONY: demo test install install-test clean
 
 $(BIN)/python:
@@ -24,11 +26,14 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/slmkit models list
 	$(BIN)/slmkit run --seed 0 --max-tokens 120 "In two sentences, why would a developer run a small language model on their own laptop?"
-	@echo "--- a quick evaluation on a sample: float32 in PyTorch vs the packaged Q4_1 GGUF in llama.cpp ---"
+	@echo "--- shrink it: int8 weights in PyTorch (kept in the store as smollm2-135m-instruct-int8-rtn) ---"
+	$(BIN)/slmkit models show smollm2-135m-instruct-int8-rtn --json >/dev/null 2>&1 || $(BIN)/slmkit quantize --scheme int8
+	@echo "--- a quick evaluation on a sample: float32 and int8 in PyTorch, the packaged Q4_1 GGUF in llama.cpp ---"
 	@mkdir -p demo-results
-	$(BIN)/slmkit eval --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256 --out demo-results/torch-f32.json
-	$(BIN)/slmkit eval --backend llamacpp --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256 --out demo-results/llamacpp-q4_1.json
-	$(BIN)/slmkit compare demo-results/torch-f32.json demo-results/llamacpp-q4_1.json --html demo-results/report.html
+	$(BIN)/slmkit eval $(EVAL_SAMPLE) --out demo-results/torch-f32.json
+	$(BIN)/slmkit eval smollm2-135m-instruct-int8-rtn $(EVAL_SAMPLE) --out demo-results/torch-int8.json
+	$(BIN)/slmkit eval --backend llamacpp $(EVAL_SAMPLE) --out demo-results/llamacpp-q4_1.json
+	$(BIN)/slmkit compare demo-results/torch-f32.json demo-results/torch-int8.json demo-results/llamacpp-q4_1.json --html demo-results/report.html
 
 test: install-test
 	$(BIN)/python -m pytest
