@@ -149,6 +149,17 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     def count(endpoint: str, model: str, status: int) -> None:
         metrics.requests.labels(endpoint, model, str(status)).inc()
 
+    @asynccontextmanager
+    async def counted(endpoint: str, model: str) -> AsyncIterator[None]:
+        """Count the request by outcome; any failure becomes its HTTP error in OpenAI's format."""
+        try:
+            yield
+        except Exception as exc:
+            err = _to_http(exc)
+            count(endpoint, model, err.status)
+            raise err from None
+        count(endpoint, model, 200)
+
     def account(model: str, choices: list[_Choice]) -> None:
         metrics.prompt_tokens.labels(model).inc(sum(c.gen.stats.prompt_tokens for c in choices))
         metrics.completion_tokens.labels(model).inc(sum(c.gen.stats.completion_tokens for c in choices))
@@ -228,18 +239,13 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     async def chat_completions(body: oa.ChatRequest, request: Request) -> Any:
         name = body.model or registry.names[0]
         t0 = time.perf_counter()
-        try:
+        async with counted("chat", name):
             model = await asyncio.to_thread(registry.get, body.model)
             if body.stream and body.logprobs:
                 raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
             messages = [m.model_dump() for m in body.messages]
             choices = start(model, body, lambda kw: model.stream_chat(messages, **kw))
             firsts = await first_items(choices, t0, name)
-        except Exception as exc:
-            err = _to_http(exc)
-            count("chat", name, err.status)
-            raise err from None
-        count("chat", name, 200)
         rid = oa.new_id("chatcmpl")
         if body.stream:
             def chunk(i: int, text: str | None, finish: str | None) -> dict:
@@ -260,7 +266,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
         name = body.model or registry.names[0]
         t0 = time.perf_counter()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        try:
+        async with counted("completions", name):
             model = await asyncio.to_thread(registry.get, body.model)
             if not prompts:
                 raise BadRequest("prompt is empty", "Send a prompt string.")
@@ -272,11 +278,6 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
                     c.index = len(choices)
                     choices.append(c)
             firsts = await first_items(choices, t0, name)
-        except Exception as exc:
-            err = _to_http(exc)
-            count("completions", name, err.status)
-            raise err from None
-        count("completions", name, 200)
         rid = oa.new_id("cmpl")
         if body.stream:
             return StreamingResponse(
@@ -295,7 +296,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     async def embeddings(body: oa.EmbeddingRequest) -> Any:
         name = body.model or registry.names[0]
         texts = [body.input] if isinstance(body.input, str) else body.input
-        try:
+        async with counted("embeddings", name):
             model = await asyncio.to_thread(registry.get, body.model)
             if not texts or any(not t for t in texts):
                 raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to embed.")
@@ -304,11 +305,6 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
                 if n > model.backend.context_length:
                     raise PromptTooLong(f"input is {n} tokens, but {name}'s context window is {model.backend.context_length} tokens", "Embed shorter texts.")
             vectors = await asyncio.to_thread(model.backend.embed, texts)
-        except Exception as exc:
-            err = _to_http(exc)
-            count("embeddings", name, err.status)
-            raise err from None
-        count("embeddings", name, 200)
         tokens = sum(model.count_tokens(t) for t in texts)
         return {"object": "list", "model": name, "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
