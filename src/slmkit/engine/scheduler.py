@@ -53,7 +53,7 @@ class BatchScheduler:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []
-        self._kv: list | None = None
+        self._cache: Any = None  # the running batch's transformers cache, rebuilt only when rows join or leave
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None  # (B,) next position id per row
         self._last: list[int] = []
@@ -133,7 +133,7 @@ class BatchScheduler:
             except BaseException as exc:  # a failure ends the affected requests, not the server
                 for req in self.running + admit:
                     req.out.put(exc)
-                self.running, self._kv, self._mask = [], None, None
+                self.running, self._cache, self._mask = [], None, None
 
     @torch.inference_mode()
     def _prefill(self, req: _Request) -> None:
@@ -151,10 +151,11 @@ class BatchScheduler:
             return
         mask = torch.ones((1, len(ids)), dtype=torch.long)
         if self.running:
-            self._kv, self._mask = join_rows(self._kv, self._mask, row_kv, mask)
+            kv, self._mask = join_rows(kv_of(self._cache), self._mask, row_kv, mask)
+            self._cache = cache_from(self.model.config, kv)
             self._positions = torch.cat([self._positions, torch.tensor([len(ids)])])
         else:
-            self._kv, self._mask, self._positions = row_kv, mask, torch.tensor([len(ids)])
+            self._cache, self._mask, self._positions = cache, mask, torch.tensor([len(ids)])
         self.running.append(req)
 
     def _emit(self, req: _Request, token: int) -> bool:
@@ -172,10 +173,8 @@ class BatchScheduler:
         rows = len(self.running)
         last = torch.tensor([[r.history[-1]] for r in self.running], dtype=torch.long)  # (B, 1)
         self._mask = torch.cat([self._mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)  # (B, T+1)
-        cache = cache_from(self.model.config, self._kv)
-        kw = {self.backend._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        kw = {self.backend._cache_arg: self._cache, "use_cache": True, "logits_to_keep": 1}
         logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions.unsqueeze(1), **kw).logits[:, -1]
-        self._kv = kv_of(cache)
         self._positions = self._positions + 1
         keep = []
         for i, req in enumerate(self.running):
@@ -187,10 +186,11 @@ class BatchScheduler:
         if len(keep) < rows:
             self.running = [self.running[i] for i in keep]
             if keep:
-                self._kv, self._mask = select_rows(self._kv, self._mask, keep)
+                kv, self._mask = select_rows(kv_of(self._cache), self._mask, keep)
+                self._cache = cache_from(self.model.config, kv)
                 self._positions = self._positions[torch.tensor(keep)]
             else:
-                self._kv = self._mask = self._positions = None
+                self._cache = self._mask = self._positions = None
 
 
 class BatchedBackend:
