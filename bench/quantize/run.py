@@ -33,7 +33,6 @@ TORCH = [
     (f"{BASE}-int4-g32-rtn", "torch", ["quantize", BASE, "--scheme", "int4", "--group-size", "32", "--no-ppl"]),
     (f"{BASE}-int4-g32-gptq", "torch", ["quantize", BASE, "--scheme", "int4", "--group-size", "32", "--method", "gptq", "--calib", "@CALIB", "--no-ppl"]),
     (f"{BASE}-int4-g32-awq", "torch", ["quantize", BASE, "--scheme", "int4", "--group-size", "32", "--method", "awq", "--calib", "@CALIB", "--no-ppl"]),
-    (f"{BASE}-int4-g64-gptq", "torch", ["quantize", BASE, "--scheme", "int4", "--group-size", "64", "--method", "gptq", "--calib", "@CALIB", "--no-ppl"]),
 ]
 GGUF = [(BASE, "llamacpp", None)] + [
     (f"{BASE}-{t.lower()}", "llamacpp", ["export", BASE, "--type", t, "--name", f"{BASE}-{t.lower()}", "--no-ppl"])

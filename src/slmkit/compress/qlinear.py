@@ -2,7 +2,8 @@
 
 Decoding (a few rows at a time) calls the integer kernels with bfloat16 activations (they are several times
 slower with float32 ones on CPU); prefill and scoring (many rows) dequantize the weight on the fly and use a
-float32 matmul, which is faster there. Outputs come back in the input's dtype. Int4 keeps the portable nibble-packed weight as its saved state and builds the kernel's own packed layout at
+float32 matmul, which is faster there (bf16 matmuls are slow on CPUs without AMX). Outputs come back in the
+input's dtype; a loaded quantized model keeps its activations in bf16. Int4 keeps the portable nibble-packed weight as its saved state and builds the kernel's own packed layout at
 load time, so files do not depend on a torch build's internal layout.
 """
 

@@ -173,7 +173,7 @@ def quantize_model(
     info = {"scheme": scheme, "method": method, "group_size": group, "modules": sorted(layers),
             "smooth": method == "awq",
             "compute": "integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; "
-                       "other weights bf16 on disk, float32 in memory"}
+                       "other weights and activations bf16"}
     setattr(model.config, CONFIG_KEY, info)
     return info
 
@@ -222,4 +222,8 @@ def load_quantized(folder: Path) -> nn.Module:
     for m in model.modules():
         if isinstance(m, Int4Linear):
             m.prepare()
+    # float parameters (embeddings, norms) in bf16: half the memory, and activations then stay bf16 between the
+    # integer kernels (no per-layer dtype conversions); buffers such as rotary frequencies stay float32
+    for p in model.parameters():
+        p.data = p.data.to(COMPUTE)
     return model.eval()
