@@ -38,7 +38,7 @@ class Int8Linear(nn.Module):
         if self.smooth is not None:
             x2 = x2 / self.smooth.to(x2.dtype)
         if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE), self.weight, self.scales).to(x.dtype)  # (M, N)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE).contiguous(), self.weight, self.scales).to(x.dtype)  # (M, N)
         else:
             y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
         if self.bias is not None:
@@ -85,7 +85,9 @@ class Int4Linear(nn.Module):
         if self.smooth is not None:
             x2 = x2 / self.smooth.to(x2.dtype)
         if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(COMPUTE), self._packed, self.group_size, self._scales_zeros).to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(COMPUTE).contiguous(), self._packed, self.group_size, self._scales_zeros
+            ).to(x.dtype)
         else:
             y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
         if self.bias is not None:

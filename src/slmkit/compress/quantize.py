@@ -202,9 +202,14 @@ def load_quantized(folder: Path) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from accelerate import init_empty_weights
+
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     info = getattr(config, CONFIG_KEY)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # the float skeleton is built without memory (parameters on the meta device; buffers such as rotary
+    # frequencies are real), then the saved tensors are assigned in place: no full-size float copy ever exists
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name in info["modules"]:
         lin = model.get_submodule(name)
         if info["scheme"] == "int8":
@@ -215,10 +220,13 @@ def load_quantized(folder: Path) -> nn.Module:
             shell.smooth = torch.ones(lin.in_features, dtype=COMPUTE)
         _set_module(model, name, shell)
     state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise SlmkitError(f"the quantized weights in {folder} do not match the model: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}", "Quantize the model again.")
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise SlmkitError(f"the quantized file in {folder} lacks {leftover[:3]}", "Quantize the model again.")
     for m in model.modules():
         if isinstance(m, Int4Linear):
             m.prepare()
