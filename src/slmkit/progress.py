@@ -19,11 +19,6 @@ def enable(console: Console) -> None:
     _console = console
 
 
-def disable() -> None:
-    global _console
-    _console = None
-
-
 @contextmanager
 def step(description: str) -> Iterator[None]:
     """Mark a stage that may take seconds; shows a spinner and, when done, a tick with the elapsed time."""

@@ -200,7 +200,6 @@ class BatchedBackend:
         self.inner = backend
         self.scheduler = BatchScheduler(backend, **scheduler_kw)
         self.name = backend.name
-        self._lock = threading.Lock()  # scoring and embeddings share the model with the worker thread
 
     def __getattr__(self, item: str) -> Any:
         return getattr(self.inner, item)
