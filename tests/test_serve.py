@@ -15,6 +15,14 @@ from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import ModelRegistry
 
 
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    """Poll until condition() is true or the timeout passes; returns the last value."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(condition())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,20 +166,13 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(store):
         next(first)
         waiting = threading.Thread(target=lambda: httpx.post(s.url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=5), timeout=60))
         waiting.start()
-        for _ in range(100):
-            if sched.queue_depth == 1:
-                break
-            time.sleep(0.02)
+        wait_until(lambda: sched.queue_depth == 1, 2.0)
         r = httpx.post(s.url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=5), timeout=30)
         assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
         first.close()  # the streaming client goes away: its slot must come free, and the waiting request run
         waiting.join(timeout=30)
         assert not waiting.is_alive()
-        for _ in range(100):
-            if sched.batch_size == 0:
-                break
-            time.sleep(0.02)
-        assert sched.batch_size == 0
+        assert wait_until(lambda: sched.batch_size == 0)
     finally:
         s.stop()
 

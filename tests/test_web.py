@@ -6,7 +6,7 @@ import shutil
 import tempfile
 
 import pytest
-from test_serve import Running
+from test_serve import Running, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -62,12 +62,6 @@ def test_chat_page_streams_an_answer_and_stops(store, browser):
         browser.find_element(By.ID, "stop").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=stopped]"))
         wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
-        for _ in range(100):  # the server freed the slot
-            if sched.batch_size == 0:
-                break
-            import time
-
-            time.sleep(0.05)
-        assert sched.batch_size == 0
+        assert wait_until(lambda: sched.batch_size == 0)  # the server freed the slot
     finally:
         s.stop()

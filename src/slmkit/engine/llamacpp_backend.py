@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmkit.engine.sampling import SamplingParams, sample_next
-from slmkit.engine.torch_backend import _random_seed
+from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
 from slmkit.errors import SlmkitError
 
 SCORING_CONTEXT = 2048
@@ -130,7 +129,7 @@ class LlamaCppBackend:
         return torch.from_numpy(row.copy())  # (V,)
 
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else _random_seed())
+        generator = make_generator(params.seed)
         llm = self.llm
         # reuse the KV cache of a shared prefix with the previous request (system prompt, chat history)
         cached = llm.input_ids[: llm.n_tokens].tolist()

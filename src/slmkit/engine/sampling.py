@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -60,6 +61,13 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def make_generator(seed: int | None, offset: int = 0) -> torch.Generator:
+    """The random stream for one sequence: `seed + offset` when seeded (reproducible), else a fresh random seed."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 62) - 1)
+    return torch.Generator().manual_seed(seed + offset)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent_ids: Sequence[int], penalty: float) -> torch.Tensor:

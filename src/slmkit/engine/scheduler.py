@@ -8,7 +8,6 @@ sequences. Finished or cancelled sequences leave at once. Consumers read token i
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from slmkit.engine.kv_cache import PrefixCache, cache_from, join_rows, kv_of, select_rows
-from slmkit.engine.sampling import SamplingParams, sample_next
+from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 
@@ -69,8 +68,7 @@ class BatchScheduler:
                 raise SlmkitError("the server is shutting down", "Retry against a running server.")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)", "Retry in a moment.")
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-            req = _Request(list(prompt), params, max_new, generator=torch.Generator().manual_seed(seed), history=list(prompt))
+            req = _Request(list(prompt), params, max_new, generator=make_generator(params.seed), history=list(prompt))
             self.waiting.append(req)
             self._cv.notify()
         return req

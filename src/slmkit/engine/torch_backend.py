@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slmkit.engine.sampling import SamplingParams, sample_next
+from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
 from slmkit.errors import SlmkitError
 
 
@@ -96,7 +95,7 @@ class TorchBackend:
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
         from transformers import DynamicCache
 
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else _random_seed())
+        generator = make_generator(params.seed)
         cache = DynamicCache(config=self.model.config)
         history = list(prompt_ids)
         input_ids = torch.tensor([history], dtype=torch.long)  # (1, T)
@@ -130,8 +129,8 @@ class TorchBackend:
             ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             mask[row, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        base_seed = params.seed if params.seed is not None else _random_seed()
-        gens = [torch.Generator().manual_seed(base_seed + r) for r in range(n)]
+        base_seed = params.seed if params.seed is not None else make_generator(None).initial_seed()
+        gens = [make_generator(base_seed, r) for r in range(n)]
         histories = [list(p) for p in prompts]
         outputs: list[list[int]] = [[] for _ in prompts]
         done = [False] * n
@@ -193,6 +192,3 @@ class TorchBackend:
         logits = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), use_cache=False).logits[0, :-1]
         return torch.log_softmax(logits.float(), dim=-1)  # (T-1, V)
 
-
-def _random_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
