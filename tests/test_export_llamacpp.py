@@ -93,3 +93,81 @@ def test_llamacpp_backend_needs_a_gguf(store):
     with pytest.raises(SlmkitError, match="no GGUF file") as e:
         slmkit.load("tiny", backend="llamacpp")
     assert "slmkit export tiny" in e.value.hint
+
+
+CALIB_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France; 12 + 30 = 42.\n" * 40
+
+
+def test_imatrix_is_mean_squared_input_and_guides_llamacpp(tmp_path, tiny_dir):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmkit.export.imatrix import compute_imatrix, load_or_compute, read_imatrix_gguf, write_imatrix_gguf
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT)
+    imat = compute_imatrix(tiny_dir, calib, window=32, samples=4)
+    assert imat.chunk_count == 4 and imat.chunk_size == 32
+    assert {"blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output.weight"} <= set(imat.sums)
+    means = imat.means()
+    assert means["blk.1.ffn_down.weight"].shape == (64,) and means["blk.0.attn_q.weight"].shape == (32,)
+    # independent check: q_proj of layer 0 sees input_layernorm(embeddings); its imatrix is that squared, averaged
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    net = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    ids = tok.encode(CALIB_TEXT, add_special_tokens=False)[:128]
+    with torch.no_grad():
+        x = torch.cat([net.model.layers[0].input_layernorm(net.model.embed_tokens(torch.tensor([ids[i:i + 32]])))[0]
+                       for i in range(0, 128, 32)])
+    np.testing.assert_allclose(means["blk.0.attn_q.weight"], x.square().mean(0).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(means["blk.0.attn_v.weight"], means["blk.0.attn_q.weight"])  # same input
+    # the llama.cpp imatrix GGUF round-trips
+    write_imatrix_gguf(imat, tmp_path / "imatrix.gguf")
+    back, computed = load_or_compute(tmp_path / "imatrix.gguf", tiny_dir)
+    assert not computed and back.counts == imat.counts and back.chunk_count == 4
+    for k, v in means.items():
+        np.testing.assert_allclose(back.means()[k], v, rtol=1e-6)
+    assert read_imatrix_gguf(tmp_path / "imatrix.gguf").datasets == [str(calib)]
+    # llama.cpp uses it: Q4_0 rounds differently with an importance matrix
+    plain = export_gguf(tiny_dir, tmp_path / "a", name="m", gguf_type="Q4_0")
+    guided = export_gguf(tiny_dir, tmp_path / "b", name="m", gguf_type="Q4_0", imatrix=means)
+    assert plain.read_bytes() != guided.read_bytes()
+    b = LlamaCppBackend(guided, threads=2)
+    assert len(list(b.stream_tokens(b.encode("The quick"), GREEDY, 5))) >= 1
+    b.close()
+
+
+def test_export_cli_imatrix_writes_a_reusable_matrix(store, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT)
+    r = runner.invoke(app, ["export", "tiny", "--type", "Q4_0", "--imatrix", str(calib), "--out", str(tmp_path / "e1"),
+                            "--name", "tiny-q4", "--no-ppl"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "e1" / "imatrix.gguf").is_file() and "importance matrix of" in r.stdout
+    card = Store().card("tiny-q4")
+    assert card.settings["imatrix"]["computed"] and card.settings["imatrix"]["tensors"] >= 15
+    r = runner.invoke(app, ["export", "tiny", "--type", "Q4_0", "--imatrix", str(tmp_path / "e1" / "imatrix.gguf"),
+                            "--out", str(tmp_path / "e2"), "--no-ppl"])
+    assert r.exit_code == 0, r.output
+    first, second = (tmp_path / d / "tiny-q4_0-imat.gguf" for d in ("e1", "e2"))
+    assert first.read_bytes() == second.read_bytes()  # the same matrix read back makes the same file
+
+
+def test_export_imatrix_errors(store, tmp_path, tiny_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n")
+    not_imatrix = export_gguf(tiny_dir, tmp_path / "f", name="m", gguf_type="F32")
+    before = snapshot(store.root)
+    for args, message in [
+        (["--type", "Q4_0", "--imatrix", str(tmp_path / "missing.txt")], "not found"),
+        (["--type", "Q4_0", "--imatrix", str(empty)], "is empty"),
+        (["--type", "Q4_0", "--imatrix", str(blank)], "is empty"),
+        (["--type", "F16", "--imatrix", str(blank)], "F16 is not quantized"),
+        (["--type", "Q4_0", "--imatrix", str(not_imatrix)], "not an importance matrix"),
+    ]:
+        r = runner.invoke(app, ["export", "tiny", *args, "--name", "x", "--no-ppl"])
+        assert r.exit_code == 1, (args, r.output)
+        assert message in r.stderr, (args, r.stderr)
+        assert snapshot(store.root) == before

@@ -21,6 +21,9 @@ def export(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: $SLMKIT_HOME/exports/MODEL-TYPE).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Also install the GGUF in the store under this name.")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+    imatrix: Annotated[Path | None, typer.Option(
+        "--imatrix", help="Calibration text to compute an importance matrix from (saved as imatrix.gguf), "
+                          "or an imatrix .gguf (ours or llama-imatrix's). Improves K-quants and Q4_0.")] = None,
 ) -> None:
     """Export to GGUF (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0) and write an Ollama Modelfile beside it."""
     from slmkit.export.store_export import export_model
@@ -30,10 +33,13 @@ def export(
     from slmkit.sources.importer import ensure_default
 
     model = model or ensure_default()
-    res = export_model(model, gguf_type, out_dir=out, store_as=name)
+    res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix)
     typer.echo(f"wrote {res['gguf']} ({human_bytes(res['size_after'])}, was {human_bytes(res['size_before'])} "
                f"as safetensors: {res['size_before'] / res['size_after']:.2f}x smaller)")
     typer.echo(f"wrote {res['modelfile']}  (ollama create NAME -f {res['modelfile']})")
+    if res["imatrix"] and res["imatrix"].get("file"):
+        typer.echo(f"wrote {res['imatrix']['file']}  (importance matrix of {res['imatrix']['tensors']} weights from "
+                   f"{res['imatrix']['chunks']} x {res['imatrix']['chunk_size']} tokens; reuse it with --imatrix)")
     if res["store_name"]:
         typer.echo(f"installed {res['store_name']} in the store (run it with --backend llamacpp)")
     if ppl:

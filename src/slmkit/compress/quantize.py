@@ -55,8 +55,12 @@ def check_settings(scheme: str, method: str, group_size: int | None, layers: dic
 
 # ---- calibration statistics --------------------------------------------------------------------------------
 def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Per layer: mean |x| per input channel (AWQ) and, when asked, H = 2/n X^T X (GPTQ), from calibration inputs."""
-    stats: dict[str, dict[str, Any]] = {n: {"n": 0, "absmean": torch.zeros(m.in_features)} for n, m in layers.items()}
+    """Per layer: mean |x| (AWQ) and mean x^2 (llama.cpp's imatrix) per input channel and, when asked,
+    H = 2/n X^T X (GPTQ), from calibration inputs."""
+    stats: dict[str, dict[str, Any]] = {
+        n: {"n": 0, "absmean": torch.zeros(m.in_features), "sqmean": torch.zeros(m.in_features, dtype=torch.float64)}
+        for n, m in layers.items()
+    }
     if hessian:
         for n, m in layers.items():
             stats[n]["H"] = torch.zeros((m.in_features, m.in_features))
@@ -67,6 +71,7 @@ def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[
             s = stats[name]
             total = s["n"] + x.shape[0]
             s["absmean"] = s["absmean"] * (s["n"] / total) + x.abs().sum(0) / total
+            s["sqmean"] = s["sqmean"] * (s["n"] / total) + x.double().square().sum(0) / total
             if hessian:
                 s["H"] = s["H"] * (s["n"] / total) + (2.0 / total) * (x.T @ x)
             s["n"] = total

@@ -17,13 +17,15 @@ CALIB_WINDOW = 512
 CALIB_SAMPLES = 32
 
 
-def calibration_batches(tokenizer: Any, path: Path, *, window: int = CALIB_WINDOW, samples: int = CALIB_SAMPLES) -> list[torch.Tensor]:
-    """Consecutive token windows from a text file (the first `samples` of them)."""
+def calibration_batches(
+    tokenizer: Any, path: Path, *, window: int = CALIB_WINDOW, samples: int = CALIB_SAMPLES, option: str = "--calib"
+) -> list[torch.Tensor]:
+    """Consecutive token windows from a text file (the first `samples` of them); `option` names it in errors."""
     if not path.is_file():
-        raise SlmkitError(f"calibration file {path} not found", "Pass --calib with a plain-text file (a few hundred KB is plenty).")
+        raise SlmkitError(f"calibration file {path} not found", f"Pass {option} with a plain-text file (a few hundred KB is plenty).")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
-        raise SlmkitError(f"calibration file {path} is empty", "Pass --calib with a non-empty plain-text file.")
+        raise SlmkitError(f"calibration file {path} is empty", f"Pass {option} with a non-empty plain-text file.")
     ids = tokenizer.encode(text[: window * samples * 8], add_special_tokens=False)
     batches = [torch.tensor([ids[i : i + window]]) for i in range(0, len(ids) - 1, window)][:samples]
     return [b for b in batches if b.shape[1] > 1]
@@ -56,13 +58,14 @@ def quantize_stage(
     with progress.step(f"Loading {model}"):
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
-    batches = calibration_batches(tokenizer, calib) if calib is not None else None
+    window = min(CALIB_WINDOW, net.config.max_position_embeddings or CALIB_WINDOW)
+    batches = calibration_batches(tokenizer, calib, window=window) if calib is not None else None
     info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches)
     settings = {k: info[k] for k in ("scheme", "method", "group_size", "compute")}
     if calib is not None:
         from slmkit.card import sha256_file
 
-        settings["calibration"] = {"file": str(calib), "sha256": sha256_file(calib), "windows": len(batches or []), "window": CALIB_WINDOW}
+        settings["calibration"] = {"file": str(calib), "sha256": sha256_file(calib), "windows": len(batches or []), "window": window}
     with store.install(name) as staging:
         with progress.step(f"Writing {name}"):
             save_quantized(net, tokenizer, staging)

@@ -141,13 +141,27 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> 
     return tok["template"]
 
 
-def quantize_gguf(src: Path, dst: Path, gguf_type: str, *, threads: int | None = None) -> None:
-    """llama.cpp's own quantizer, through llama-cpp-python's API."""
+def quantize_gguf(
+    src: Path, dst: Path, gguf_type: str, *, threads: int | None = None, imatrix: dict[str, np.ndarray] | None = None
+) -> None:
+    """llama.cpp's own quantizer, through llama-cpp-python's API; `imatrix` (GGUF name -> mean x^2 per input
+    channel) weighs each column's rounding error, as `llama-quantize --imatrix` does."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, GGUF_TYPES[gguf_type])
     params.nthread = threads or os.cpu_count() or 1
+    keep: list[Any] = []  # the arrays must outlive the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the last one ends the list
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [arr, name.encode()]
+            entries[i].name = keep[-1]
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        keep.append(entries)
+        params.imatrix = entries
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise SlmkitError(f"llama.cpp's quantizer failed ({rc}) making {gguf_type}", "Try another --type.")
@@ -165,7 +179,10 @@ def modelfile_text(gguf_name: str, template: str | None, temperature: float) -> 
     return "\n".join(lines) + "\n"
 
 
-def export_gguf(folder: Path, out_dir: Path, *, name: str, gguf_type: str, threads: int | None = None) -> Path:
+def export_gguf(
+    folder: Path, out_dir: Path, *, name: str, gguf_type: str, threads: int | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write `out_dir/NAME.gguf` and `out_dir/Modelfile`; each file appears only when complete."""
     from slmkit.engine.sampling import SamplingParams
 
@@ -181,8 +198,9 @@ def export_gguf(folder: Path, out_dir: Path, *, name: str, gguf_type: str, threa
                 folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16"
             )
         if gguf_type not in ("F32", "F16"):
-            with progress.step(f"Quantizing to {gguf_type} with llama.cpp"):
-                quantize_gguf(tmp_f32, tmp_out, gguf_type, threads=threads)
+            how = " and an importance matrix" if imatrix else ""
+            with progress.step(f"Quantizing to {gguf_type} with llama.cpp{how}"):
+                quantize_gguf(tmp_f32, tmp_out, gguf_type, threads=threads, imatrix=imatrix)
         os.replace(tmp_out, final)
     finally:
         for t in (tmp_f32, tmp_out):

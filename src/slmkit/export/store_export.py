@@ -10,6 +10,8 @@ from slmkit import progress
 from slmkit.card import build_card, write_card
 from slmkit.config import settings
 from slmkit.export.gguf import check_exportable, check_type, export_gguf
+from slmkit.errors import SlmkitError
+from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
 from slmkit.store import Store, validate_name
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -17,26 +19,37 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 
 
 def export_model(
-    model: str, gguf_type: str, *, out_dir: Path | None = None, store_as: str | None = None, store: Store | None = None
+    model: str, gguf_type: str, *, out_dir: Path | None = None, store_as: str | None = None, store: Store | None = None,
+    imatrix: Path | None = None,
 ) -> dict[str, Any]:
-    """Write MODEL as GGUF of `gguf_type`; with `store_as`, also install it as a new store model (stage export)."""
+    """Write MODEL as GGUF of `gguf_type`; with `store_as`, also install it as a new store model (stage export).
+
+    `imatrix`: calibration text (an importance matrix is computed from it and saved beside the GGUF as
+    imatrix.gguf) or an imatrix GGUF; llama.cpp's quantizer then weighs rounding error by activation size."""
     import json
 
     store = store or Store()
     gguf_type = check_type(gguf_type)
     folder = store.require(model)
     check_exportable(json.loads((folder / "config.json").read_text()))
+    if imatrix is not None and gguf_type in ("F32", "F16"):
+        raise SlmkitError(f"--imatrix guides quantization; {gguf_type} is not quantized",
+                          "Drop --imatrix, or pick a quantized --type such as Q4_K_M.")
     if store_as is not None:
         validate_name(store_as)
         store.check_free(store_as)
-    base = f"{model}-{gguf_type.lower()}"
+    base = f"{model}-{gguf_type.lower()}" + ("-imat" if imatrix is not None else "")
     out_dir = out_dir or settings().home / "exports" / base
-    path = export_gguf(folder, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads)
+    imat, imat_info = None, None
+    if imatrix is not None:
+        imat, imat_info = _importance(imatrix, folder, out_dir)
+    path = export_gguf(folder, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads,
+                       imatrix=imat.means() if imat else None)
     parent_card = store.card(model)
     result: dict[str, Any] = {
         "model": model, "type": gguf_type, "gguf": str(path), "modelfile": str(out_dir / "Modelfile"),
         "size_before": parent_card.weights_bytes.get("safetensors") or parent_card.size_bytes,
-        "size_after": path.stat().st_size, "store_name": None,
+        "size_after": path.stat().st_size, "store_name": None, "imatrix": imat_info,
     }
     if store_as is not None:
         with store.install(store_as) as staging:
@@ -47,7 +60,29 @@ def export_model(
                         shutil.copyfile(folder / name, staging / name)
                 card = build_card(staging, name=store_as, stage="export", parent=model,
                                   source={"kind": "export", "parent": model},
-                                  settings={"format": "gguf", "type": gguf_type})
+                                  settings={"format": "gguf", "type": gguf_type, "imatrix": imat_info})
                 write_card(staging, card)
         result["store_name"] = store_as
     return result
+
+
+def _importance(spec: Path, folder: Path, out_dir: Path) -> tuple[Imatrix, dict[str, Any]]:
+    """Load or compute the importance matrix; a computed one is saved as out_dir/imatrix.gguf (reusable)."""
+    import os
+
+    from slmkit.card import sha256_file
+
+    imat, computed = load_or_compute(spec, folder)
+    info: dict[str, Any] = {"source": str(spec), "sha256": sha256_file(spec), "computed": computed,
+                            "tensors": len(imat.sums), "chunks": imat.chunk_count, "chunk_size": imat.chunk_size}
+    if computed:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = out_dir / "imatrix.gguf"
+        tmp = out_dir / f".imatrix.gguf.tmp-{os.getpid()}"
+        try:
+            write_imatrix_gguf(imat, tmp)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        info["file"] = str(final)
+    return imat, info

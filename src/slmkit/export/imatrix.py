@@ -1,0 +1,138 @@
+"""Importance matrices for llama.cpp's quantizer: mean squared activation per input channel of every weight matrix.
+
+llama.cpp weighs each column's rounding error by how large its input activations are on real text (the same statistic
+its `llama-imatrix` tool gathers). We gather it with forward hooks on the PyTorch model over calibration text, key it
+by GGUF tensor name, hand it to `llama_model_quantize`, and save it in llama.cpp's own imatrix GGUF format so it can
+be reused. An imatrix file made by `llama-imatrix` is accepted as input too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slmkit.errors import SlmkitError
+from slmkit.gguf_tables import ARCHITECTURES
+
+GGUF_MAGIC = b"GGUF"
+IMATRIX_WINDOW = 512
+IMATRIX_SAMPLES = 32
+
+
+@dataclass
+class Imatrix:
+    """Sums of squared inputs and row counts per GGUF weight name (what llama.cpp stores as .in_sum2 / .counts)."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, int]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def means(self) -> dict[str, np.ndarray]:
+        """What the quantizer wants: the mean squared activation per input channel (1 where nothing was seen)."""
+        return {k: (s / self.counts[k]).astype(np.float32) if self.counts[k] > 0 else np.ones_like(s, dtype=np.float32)
+                for k, s in self.sums.items()}
+
+
+def is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def compute_imatrix(folder: Path, text: Path, *, window: int = IMATRIX_WINDOW, samples: int = IMATRIX_SAMPLES) -> Imatrix:
+    """Run the float model of a store folder over `text` and collect per-channel sums of x^2 for every Linear."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmkit import progress
+    from slmkit.compress.quantize import collect_stats, linear_layers
+    from slmkit.compress.stage import calibration_batches
+
+    config = json.loads((folder / "config.json").read_text())
+    arch_key, _ = ARCHITECTURES[(config.get("architectures") or ["?"])[0]]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_key), config["num_hidden_layers"])
+    with progress.step("Loading the float model for the importance matrix"):
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    window = min(window, config.get("max_position_embeddings") or window)
+    batches = calibration_batches(tokenizer, text, window=window, samples=samples, option="--imatrix")
+    stats = collect_stats(net, linear_layers(net), batches, hessian=False)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for hf_name, s in stats.items():
+        target = names.get_name(f"{hf_name}.weight", try_suffixes=(".weight",))
+        if target is None or s["n"] == 0:
+            continue
+        sums[target] = (s["sqmean"] * s["n"]).numpy()
+        counts[target] = int(s["n"])
+    return Imatrix(sums, counts, datasets=[str(text)], chunk_count=len(batches), chunk_size=window)
+
+
+def write_imatrix_gguf(imatrix: Imatrix, path: Path) -> None:
+    """Save in llama.cpp's imatrix GGUF layout (`NAME.in_sum2`, `NAME.counts`, imatrix.* keys) for `llama-quantize`."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "imatrix")
+    w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama.cpp's imatrix files carry no architecture
+    w.add_type("imatrix")
+    w.add_array(gguf.Keys.IMatrix.DATASETS, imatrix.datasets)
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, imatrix.chunk_count)
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, imatrix.chunk_size)
+    for name in sorted(imatrix.sums):
+        w.add_tensor(f"{name}.in_sum2", imatrix.sums[name].astype(np.float32).reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.array([[float(imatrix.counts[name])]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def read_imatrix_gguf(path: Path) -> Imatrix:
+    """Read an imatrix GGUF (ours or `llama-imatrix`'s); one expert (dense models) per tensor."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field_type = reader.get_field(gguf.Keys.General.TYPE)
+    if field_type is None or field_type.contents() != "imatrix":
+        raise SlmkitError(f"{path} is a GGUF file but not an importance matrix",
+                          "Pass calibration text, or an imatrix .gguf made by `slmkit export --imatrix` or llama-imatrix.")
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for name, data in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        c = tensors.get(f"{base}.counts")
+        if c is None or c.size != 1:
+            raise SlmkitError(f"imatrix entry {base} has {0 if c is None else c.size} counts",
+                              "Only dense (one-expert) imatrix files are supported.")
+        sums[base] = data.reshape(-1)
+        counts[base] = int(c.reshape(-1)[0])
+    if not sums:
+        raise SlmkitError(f"{path} holds no importance data", "Recompute it from calibration text: --imatrix TEXT.")
+    chunk_count = reader.get_field(gguf.Keys.IMatrix.CHUNK_COUNT)
+    chunk_size = reader.get_field(gguf.Keys.IMatrix.CHUNK_SIZE)
+    datasets = reader.get_field(gguf.Keys.IMatrix.DATASETS)
+    return Imatrix(sums, counts, datasets=list(datasets.contents()) if datasets else [],
+                   chunk_count=int(chunk_count.contents()) if chunk_count else 0,
+                   chunk_size=int(chunk_size.contents()) if chunk_size else 0)
+
+
+def load_or_compute(spec: Path, folder: Path) -> tuple[Imatrix, bool]:
+    """An imatrix from `spec`: read it when it is an imatrix GGUF, else compute it from `spec` as text.
+
+    Returns (imatrix, computed)."""
+    if not spec.is_file():
+        raise SlmkitError(f"imatrix data {spec} not found",
+                          "Pass --imatrix with a plain-text calibration file (a few hundred KB is plenty) or an imatrix .gguf.")
+    if spec.stat().st_size == 0:
+        raise SlmkitError(f"imatrix data {spec} is empty", "Pass --imatrix with a non-empty plain-text file.")
+    if is_gguf(spec):
+        return read_imatrix_gguf(spec), False
+    return compute_imatrix(folder, spec), True
