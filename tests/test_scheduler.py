@@ -17,21 +17,27 @@ PROMPTS = ["The quick brown fox", "Paris is the capital of France and", "héllo"
            "Small language models run on laptops, offline", "Berlin"]
 
 
-@pytest.fixture
-def tiny_pair(store):
+@pytest.fixture(params=["slots", "dynamic-cache"])
+def tiny_pair(store, request):
+    """A plain model and a batched backend; the batch in the lean forward's slots or in transformers' cache."""
     plain = slmkit.load("tiny")
-    batched = BatchedBackend(slmkit.load("tiny").backend, max_batch=4, max_queue=16)
+    inner = slmkit.load("tiny").backend
+    if request.param == "dynamic-cache":
+        inner.fast = None
+    batched = BatchedBackend(inner, max_batch=4, max_queue=16)
+    assert type(batched.scheduler._kv).__name__ == {"slots": "SlotKV", "dynamic-cache": "DynamicKV"}[request.param]
     yield plain, batched
     batched.scheduler.stop()
 
 
 def test_batched_greedy_equals_single(tiny_pair):
     plain, batched = tiny_pair
-    expected = {p: list(plain.backend.stream_tokens(plain.backend.encode(p), GREEDY, 12)) for p in PROMPTS}
+    lengths = {p: 5 + 3 * i for i, p in enumerate(PROMPTS)}  # rows leave at different steps
+    expected = {p: list(plain.backend.stream_tokens(plain.backend.encode(p), GREEDY, lengths[p])) for p in PROMPTS}
     results: dict[str, list[int]] = {}
 
     def run(p: str) -> None:
-        results[p] = list(batched.stream_tokens(batched.encode(p), GREEDY, 12))
+        results[p] = list(batched.stream_tokens(batched.encode(p), GREEDY, lengths[p]))
 
     threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]  # 6 requests, batch of 4: some wait
     for t in threads:

@@ -3,6 +3,8 @@
 One worker thread owns the model. A new request is prefilled alone (reusing a cached prompt prefix when one
 matches), then its KV rows join the running batch; each decode step runs one forward pass for all running
 sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
+Llama-layout models keep the batch in a preallocated slot cache (`SlotKV`, the lean forward of llama_fast);
+other models in a left-padded transformers cache (`DynamicKV`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 import torch
 
-from slmkit.engine.kv_cache import PrefixCache, cache_from, join_rows, kv_of, select_rows
+from slmkit.engine.kv_cache import KV, PrefixCache, cache_from, join_rows, kv_of, select_rows
+from slmkit.engine.llama_fast import FastLlama
 from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
@@ -52,10 +55,8 @@ class BatchScheduler:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []
-        self._cache: Any = None  # the running batch's transformers cache, rebuilt only when rows join or leave
-        self._mask: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None  # (B,) next position id per row
-        self._last: list[int] = []
+        # the running batch's KV: slots stepped by the lean Llama forward, or a transformers cache for other models
+        self._kv: SlotKV | DynamicKV = SlotKV(backend.fast, max_batch) if backend.fast else DynamicKV(backend)
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="slmkit-scheduler", daemon=True)
@@ -131,29 +132,19 @@ class BatchScheduler:
             except BaseException as exc:  # a failure ends the affected requests, not the server
                 for req in self.running + admit:
                     req.out.put(exc)
-                self.running, self._cache, self._mask = [], None, None
+                self.running = []
+                self._kv.clear()
 
     @torch.inference_mode()
     def _prefill(self, req: _Request) -> None:
         ids = req.prompt
         reused, kv = self.prefix_cache.lookup(ids) if self.prefix_cache else (0, None)
-        cache = cache_from(self.model.config, kv) if kv else cache_from(self.model.config, [])
-        new = torch.tensor([ids[reused:]], dtype=torch.long)  # (1, T_new)
-        positions = torch.arange(reused, len(ids)).unsqueeze(0)  # (1, T_new)
-        kw = {self.backend._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
-        logits = self.model(input_ids=new, position_ids=positions, **kw).logits[0, -1]
-        row_kv = kv_of(cache)
-        if self.prefix_cache:
+        logits, row_kv = self._kv.prefill(ids, reused, kv, export=self.prefix_cache is not None)
+        if self.prefix_cache and row_kv is not None:
             self.prefix_cache.store(ids, row_kv)
         if not self._emit(req, sample_next(logits, req.params, req.history, req.generator)):
             return
-        mask = torch.ones((1, len(ids)), dtype=torch.long)
-        if self.running:
-            kv, self._mask = join_rows(kv_of(self._cache), self._mask, row_kv, mask)
-            self._cache = cache_from(self.model.config, kv)
-            self._positions = torch.cat([self._positions, torch.tensor([len(ids)])])
-        else:
-            self._cache, self._mask, self._positions = cache, mask, torch.tensor([len(ids)])
+        self._kv.join()
         self.running.append(req)
 
     def _emit(self, req: _Request, token: int) -> bool:
@@ -168,12 +159,7 @@ class BatchScheduler:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        rows = len(self.running)
-        last = torch.tensor([[r.history[-1]] for r in self.running], dtype=torch.long)  # (B, 1)
-        self._mask = torch.cat([self._mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)  # (B, T+1)
-        kw = {self.backend._cache_arg: self._cache, "use_cache": True, "logits_to_keep": 1}
-        logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions.unsqueeze(1), **kw).logits[:, -1]
-        self._positions = self._positions + 1
+        logits = self._kv.step([r.history[-1] for r in self.running])  # (B, V)
         keep = []
         for i, req in enumerate(self.running):
             if req.cancelled.is_set():
@@ -181,14 +167,99 @@ class BatchScheduler:
                 continue
             if self._emit(req, sample_next(logits[i], req.params, req.history, req.generator)):
                 keep.append(i)
-        if len(keep) < rows:
-            self.running = [self.running[i] for i in keep]
-            if keep:
-                kv, self._mask = select_rows(kv_of(self._cache), self._mask, keep)
-                self._cache = cache_from(self.model.config, kv)
-                self._positions = self._positions[torch.tensor(keep)]
-            else:
-                self._cache = self._mask = self._positions = None
+        if len(keep) < len(self.running):
+            self.running = [self.running[i] for i in self._kv.keep(keep)]
+
+
+class SlotKV:
+    """The running batch in a preallocated slot cache, stepped by the lean Llama forward (rows 0..n-1 run)."""
+
+    def __init__(self, fast: FastLlama, slots: int) -> None:
+        self.fast = fast
+        self.cache = fast.new_cache(slots)
+        self.rows = 0
+
+    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
+        """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked."""
+        slot = self.rows
+        self.cache.load(slot, kv or [])
+        logits = self.fast.forward(self.cache, torch.tensor([ids[reused:]]), slots=[slot])[0]
+        return logits, self.cache.export(slot) if export else None
+
+    def join(self) -> None:
+        self.rows += 1
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        return self.fast.forward(self.cache, torch.tensor(last, dtype=torch.long)[:, None])
+
+    def keep(self, rows: list[int]) -> list[int]:
+        """Keep `rows`, filling each freed slot with the last running row; returns the new order."""
+        order = list(range(self.rows))
+        for gone in sorted(set(order) - set(rows), reverse=True):
+            last = len(order) - 1
+            if gone != last:
+                self.cache.move(last, gone)
+                order[gone] = order[last]
+            order.pop()
+        self.rows = len(order)
+        return order
+
+    def clear(self) -> None:
+        self.rows = 0
+
+
+class DynamicKV:
+    """The running batch as a left-padded transformers DynamicCache (any causal LM transformers runs)."""
+
+    def __init__(self, backend: TorchBackend) -> None:
+        self.model = backend.model
+        self.cache_arg = backend.cache_arg
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # (B,) next position id per row
+        self.pending: tuple[Any, int] | None = None
+
+    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
+        cache = cache_from(self.model.config, kv or [])
+        new = torch.tensor([ids[reused:]], dtype=torch.long)  # (1, T_new)
+        positions = torch.arange(reused, len(ids)).unsqueeze(0)  # (1, T_new)
+        kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        logits = self.model(input_ids=new, position_ids=positions, **kw).logits[0, -1]
+        self.pending = (cache, len(ids))
+        return logits, kv_of(cache)
+
+    def join(self) -> None:
+        assert self.pending is not None
+        cache, length = self.pending
+        mask = torch.ones((1, length), dtype=torch.long)
+        if self.cache is not None:
+            kv, self.mask = join_rows(kv_of(self.cache), self.mask, kv_of(cache), mask)
+            self.cache = cache_from(self.model.config, kv)
+            self.positions = torch.cat([self.positions, torch.tensor([length])])
+        else:
+            self.cache, self.mask, self.positions = cache, mask, torch.tensor([length])
+        self.pending = None
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        rows = len(last)
+        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)  # (B, T+1)
+        kw = {self.cache_arg: self.cache, "use_cache": True, "logits_to_keep": 1}
+        ids = torch.tensor(last, dtype=torch.long)[:, None]  # (B, 1)
+        logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions.unsqueeze(1), **kw).logits[:, -1]
+        self.positions = self.positions + 1
+        return logits
+
+    def keep(self, rows: list[int]) -> list[int]:
+        if rows:
+            kv, self.mask = select_rows(kv_of(self.cache), self.mask, rows)
+            self.cache = cache_from(self.model.config, kv)
+            self.positions = self.positions[torch.tensor(rows)]
+        else:
+            self.clear()
+        return rows
 
 
 class BatchedBackend:

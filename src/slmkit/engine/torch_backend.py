@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slmkit.engine.llama_fast import FastLlama, supports
 from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
 from slmkit.errors import SlmkitError
 
@@ -29,7 +30,9 @@ class TorchBackend:
                 eos.update(int(i) for i in source)
         self._eos = frozenset(eos)
         # transformers renamed the forward's cache argument (past_key_values -> cache) in 5.x
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # Llama-layout models decode through a lean forward over a preallocated cache (engine/llama_fast.py)
+        self.fast: FastLlama | None = FastLlama(model) if supports(model) else None
 
     @classmethod
     def from_folder(cls, folder: Path, *, threads: int | None = None) -> "TorchBackend":
@@ -93,6 +96,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+        if self.fast is not None:
+            yield from self._stream_fast(prompt_ids, params, max_new_tokens)
+            return
         from transformers import DynamicCache
 
         generator = make_generator(params.seed)
@@ -100,7 +106,7 @@ class TorchBackend:
         history = list(prompt_ids)
         input_ids = torch.tensor([history], dtype=torch.long)  # (1, T)
         # prefill: the whole prompt in one pass, keep only the last position's logits
-        cache_kw = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        cache_kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
         logits = self.model(input_ids=input_ids, **cache_kw).logits
         for _ in range(max_new_tokens):
             token = sample_next(logits[0, -1], params, history, generator)  # logits: (1, 1, V)
@@ -110,6 +116,21 @@ class TorchBackend:
             history.append(token)
             step = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
             logits = self.model(input_ids=step, **cache_kw).logits
+
+    def _stream_fast(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+        """The same loop on the lean Llama forward, with a cache sized for prompt + answer up front."""
+        assert self.fast is not None
+        generator = make_generator(params.seed)
+        history = list(prompt_ids)
+        cache = self.fast.new_cache(1, capacity=len(history) + max_new_tokens)
+        logits = self.fast.forward(cache, torch.tensor([history], dtype=torch.long))  # (1, V); forward is inference-mode
+        for _ in range(max_new_tokens):
+            token = sample_next(logits[0], params, history, generator)
+            yield token
+            if token in self._eos:
+                return
+            history.append(token)
+            logits = self.fast.forward(cache, torch.tensor([[token]], dtype=torch.long))
 
     @torch.inference_mode()
     def generate_batch(
@@ -135,7 +156,7 @@ class TorchBackend:
         outputs: list[list[int]] = [[] for _ in prompts]
         done = [False] * n
         cache = DynamicCache(config=self.model.config)
-        kw = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kw).logits[:, -1]  # (B, V)
         for _ in range(max_new_tokens):
             step = [sample_next(logits[r], params, histories[r], gens[r]) for r in range(n)]

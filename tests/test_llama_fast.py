@@ -1,0 +1,92 @@
+"""The lean Llama forward over the slot cache: the same logits and tokens as transformers' own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+
+import slmkit
+from slmkit.compress.stage import quantize_stage
+from slmkit.engine.llama_fast import FastLlama, SlotCache, supports
+from slmkit.engine.sampling import SamplingParams
+from slmkit.engine.scheduler import SlotKV
+from slmkit.engine.torch_backend import TorchBackend
+
+GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
+SHAPES = {"gqa-4-2": {}, "mha-2-2": {"heads": 2, "kv_heads": 2}, "pruned-1-layer-mqa": {"layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 48}}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_logits_match_transformers_for_prefill_and_ragged_batched_steps(tmp_path, shape):
+    backend = TorchBackend.from_folder(build_tiny_llama(tmp_path / "m", **shape))
+    net, fast = backend.model, backend.fast
+    assert fast is not None and supports(net)
+    seqs = [backend.encode(t) for t in ("The quick brown fox jumps", "Paris is", "héllo wörld 123 and more words")]
+    cache = fast.new_cache(3, capacity=4)  # small on purpose: it must grow while holding data
+    with torch.inference_mode():
+        for slot, ids in enumerate(seqs):
+            first = fast.forward(cache, torch.tensor([ids[:2]]), slots=[slot])  # prefill in two pieces
+            last = fast.forward(cache, torch.tensor([ids[2:]]), slots=[slot])
+            torch.testing.assert_close(first[0], net(input_ids=torch.tensor([ids[:2]])).logits[0, -1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(last[0], net(input_ids=torch.tensor([ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        nxt = [7, 11, 13]
+        for _ in range(3):  # rows of different lengths step together
+            out = fast.forward(cache, torch.tensor(nxt)[:, None])
+            seqs = [s + [t] for s, t in zip(seqs, nxt)]
+            for row, ids in enumerate(seqs):
+                torch.testing.assert_close(out[row], net(input_ids=torch.tensor([ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
+            nxt = [int(out[r].argmax()) for r in range(3)]
+    assert cache.lens == [len(s) for s in seqs]
+
+
+def test_greedy_tokens_match_the_transformers_loop(store):
+    fast = slmkit.load("tiny").backend
+    slow = slmkit.load("tiny").backend
+    slow.fast = None  # transformers' forward with its DynamicCache
+    for text in ("The quick brown fox", "def add(a, b):\n", "héllo"):
+        ids = fast.encode(text)
+        assert list(fast.stream_tokens(ids, GREEDY, 20)) == list(slow.stream_tokens(ids, GREEDY, 20))
+    params = SamplingParams(temperature=0.9, seed=3)
+    ids = fast.encode("Paris")
+    assert list(fast.stream_tokens(ids, params, 20)) == list(slow.stream_tokens(ids, params, 20))
+
+
+def test_int8_model_runs_on_the_lean_forward(store):
+    quantize_stage("tiny", "int8")
+    fast = slmkit.load("tiny-int8-rtn").backend
+    slow = slmkit.load("tiny-int8-rtn").backend
+    slow.fast = None
+    assert fast.fast is not None
+    ids = fast.encode("The quick brown fox")
+    with torch.inference_mode():
+        got = fast.fast.forward(fast.fast.new_cache(1), torch.tensor([ids]))[0].float()
+        want = slow.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    assert float((got - want).norm() / want.norm()) < 0.02  # bfloat16 activations on both paths
+    assert int(got.argmax()) == int(want.argmax())
+
+
+def test_slot_cache_keeps_rows_compact_when_rows_leave():
+    cache = SlotCache(layers=1, slots=4, kv_heads=1, head_dim=2, dtype=torch.float32, capacity=2)
+    for slot in range(4):
+        cache.load(slot, [(torch.full((1, 1, slot + 1, 2), float(slot)), torch.full((1, 1, slot + 1, 2), -float(slot)))])
+    cache.reserve(9)
+    assert cache.capacity >= 9 and cache.lens == [1, 2, 3, 4]
+    kv = SlotKV.__new__(SlotKV)
+    kv.cache, kv.rows = cache, 4
+    order = kv.keep([0, 2])  # rows 1 and 3 leave: row 2 moves into slot 1
+    assert order == [0, 2] and kv.rows == 2
+    assert cache.lens[:2] == [1, 3] and torch.all(cache.k[0, 1, 0, :3] == 2.0) and torch.all(cache.v[0, 1, 0, :3] == -2.0)
+    assert kv.keep([1]) == [1] and torch.all(cache.k[0, 0, 0, :3] == 2.0)
+
+
+def test_other_architectures_are_not_claimed():
+    class Cfg:
+        model_type = "gpt2"
+
+    class Net:
+        config = Cfg()
+
+    assert not supports(Net())
+    with pytest.raises(ValueError):
+        FastLlama(Net())
