@@ -16,6 +16,8 @@ from slmkit.compress.quant_ops import unpack_nibbles
 
 COMPUTE = torch.bfloat16
 KERNEL_MAX_ROWS = 16  # up to this many rows the integer kernel wins; above, dequantize + float32 matmul
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # resolved once: per-call lookup costs µs on a 200-call step
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 class Int8Linear(nn.Module):
@@ -32,13 +34,31 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]  # (N, K)
 
+    @classmethod
+    def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+        """One layer computing several (same input, outputs side by side); the parts become views of it."""
+        bias = parts[0].bias is not None
+        fused = cls(parts[0].in_features, sum(p.out_features for p in parts), bias)
+        fused.weight = torch.cat([p.weight for p in parts])
+        fused.scales = torch.cat([p.scales for p in parts])
+        fused.bias = torch.cat([p.bias for p in parts]) if bias else None
+        start = 0
+        for p in parts:  # share storage: no second copy of the weights
+            end = start + p.out_features
+            p.weight, p.scales = fused.weight[start:end], fused.scales[start:end]
+            p.bias = fused.bias[start:end] if bias else None
+            start = end
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.smooth is not None:
             x2 = x2 / self.smooth.to(x2.dtype)
         if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE).contiguous(), self.weight, self.scales).to(x.dtype)  # (M, N)
+            y = _INT8_MM((x2 if x2.dtype == COMPUTE else x2.to(COMPUTE)).contiguous(), self.weight, self.scales)  # (M, N)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         else:
             y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
         if self.bias is not None:
@@ -85,9 +105,9 @@ class Int4Linear(nn.Module):
         if self.smooth is not None:
             x2 = x2 / self.smooth.to(x2.dtype)
         if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(COMPUTE).contiguous(), self._packed, self.group_size, self._scales_zeros
-            ).to(x.dtype)
+            y = _INT4_MM((x2 if x2.dtype == COMPUTE else x2.to(COMPUTE)).contiguous(), self._packed, self.group_size, self._scales_zeros)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         else:
             y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
         if self.bias is not None:
