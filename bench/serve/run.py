@@ -152,7 +152,9 @@ def main() -> None:
         ours.terminate()
         ours.wait(30)
     theirs = start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(os.cpu_count() or 2),
-                    "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(theirs_port), "--model_alias", name], theirs_url, env, name)
+                    "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(theirs_port), "--model_alias", name,
+                    # by default it aborts a running stream when another request arrives; queue them instead
+                    "--interrupt_requests", "False"], theirs_url, env, name)
     try:
         for n in args.levels:
             result["llama_cpp_server"].append(asyncio.run(level(theirs_url, name, n, args.max_tokens)))

@@ -77,7 +77,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the rotate-half layout.  x: (B, H, T, D); cos/sin: (B, 1, T, D)"""
+    """Rotary embedding in the rotate-half layout.  x: (B, T, H, D); cos/sin: (B, T, 1, D)"""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -188,27 +188,30 @@ class FastLlama:
 
         h = self.inner.embed_tokens(ids)  # (B, T, E)
         cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, D)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D): broadcast over heads
+        qk_heads = self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = _rms_norm(h, layer.input_layernorm.weight, self.eps)
             if self.qkv[i] is not None:
-                q, k, v = _linear(self.qkv[i], x).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+                y = _linear(self.qkv[i], x)  # (B, T, (H + 2 Hkv) D)
+                qk, v = y[..., : self.q_width + self.kv_width], y[..., self.q_width + self.kv_width :]
             else:
-                q, k, v = _linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)
-            q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+                qk = torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x)], dim=-1)
+                v = _linear(attn.v_proj, x)
+            qk = _rotate(qk.reshape(b, t, qk_heads, self.head_dim), cos, sin)  # queries and keys rotated together
+            q = qk[:, :, : self.heads].transpose(1, 2)  # (B, H, T, D)
+            k = qk[:, :, self.heads :]  # (B, T, Hkv, D)
+            v = v.reshape(b, t, self.kv_heads, self.head_dim)
             kc, vc = cache.k[i], cache.v[i]
             if b == 1:
-                kc[slot_list[0], :, starts[0] : starts[0] + t] = k[0]
-                vc[slot_list[0], :, starts[0] : starts[0] + t] = v[0]
+                kc[slot_list[0], :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
+                vc[slot_list[0], :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
             else:  # each row writes at its own length
                 pos = positions.T.reshape(-1)  # (T*B,) position-major
                 ridx = row_idx.repeat(t)
-                kc[ridx, :, pos] = k.permute(2, 0, 1, 3).reshape(t * b, self.kv_heads, self.head_dim)
-                vc[ridx, :, pos] = v.permute(2, 0, 1, 3).reshape(t * b, self.kv_heads, self.head_dim)
+                kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
+                vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
             keys, values = kc[rows, :, :end], vc[rows, :, :end]  # (B, Hkv, end, D)
             qg = q.reshape(b, self.kv_heads, self.group * t, self.head_dim)  # heads sharing a KV head, stacked
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
