@@ -168,7 +168,9 @@ def main() -> None:
     single = result["slmkit"][0]["tokens_per_s"]
     md = [f"# serve ({name})", "", f"Streamed /v1/completions, ~128 prompt tokens, {args.max_tokens} new tokens each, temperature 0.7. "
           "slmkit serves the float32 safetensors in PyTorch with continuous batching; llama-cpp-python's server runs the "
-          "packaged Q4_1 GGUF (4x fewer weight bytes). Same machine, one run, one server at a time.", "",
+          "packaged Q4_1 GGUF (4x fewer weight bytes) with `--interrupt_requests False` (by default it aborts a running "
+          "stream when another request arrives, failing 15 of 16 streams; this way it queues them). Same machine, one run, "
+          "one server at a time.", "",
           "| server | streams | errors | tokens/s (aggregate) | x single | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, k=1: "-" if v is None else f"{v * k:.2f}"
     for label, rows in (("slmkit", result["slmkit"]), ("llama_cpp.server", result["llama_cpp_server"])):
