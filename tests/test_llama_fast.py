@@ -52,12 +52,14 @@ def test_greedy_tokens_match_the_transformers_loop(store):
     assert list(fast.stream_tokens(ids, params, 20)) == list(slow.stream_tokens(ids, params, 20))
 
 
-def test_int8_model_runs_on_the_lean_forward(store):
-    quantize_stage("tiny", "int8")
-    fast = slmkit.load("tiny-int8-rtn").backend
-    slow = slmkit.load("tiny-int8-rtn").backend
+@pytest.mark.parametrize("scheme,name", [("int8", "tiny-int8-rtn"), ("int4", "tiny-int4-g32-rtn")])
+def test_quantized_models_run_on_the_lean_forward(store, scheme, name):
+    quantize_stage("tiny", scheme)
+    fast = slmkit.load(name).backend
+    slow = slmkit.load(name).backend
     slow.fast = None
     assert fast.fast is not None
+    assert (fast.fast.qkv[0] is not None) == (scheme == "int8")  # int8 q/k/v fused into one kernel call
     ids = fast.encode("The quick brown fox")
     with torch.inference_mode():
         got = fast.fast.forward(fast.fast.new_cache(1), torch.tensor([ids]))[0].float()

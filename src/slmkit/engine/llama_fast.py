@@ -1,8 +1,9 @@
 """A lean forward pass for Llama-layout models over a preallocated, slot-based KV cache.
 
-Why: at batch 1 a 135M model's weights take ~15 ms (int8) to ~45 ms (fp32) to stream through the matmuls, and
-transformers' general forward adds ~25 ms of per-layer Python and cache bookkeeping on top (mask building,
-attention dispatch, `torch.cat` of every layer's cache each step). This forward calls the model's own modules
+Why: at batch 1 a 135M model's weights take ~25 ms (int8) to ~70 ms (fp32) to go through the matmuls here, and
+transformers' general forward adds 5-15 ms of per-layer Python and cache bookkeeping per token on top (mask
+building, attention dispatch, `torch.cat` of every layer's cache each step); batched, its `x W^T` matmuls run MKL's
+slow path on AMD CPUs (see `_linear`). This forward calls the model's own modules
 (so float, int8 and int4 linears all work) and does the rest with a handful of tensor ops per layer.
 
 Cache layout: keys and values of layer l are `k[l]`, `v[l]`: (slots, H_kv, capacity, D). Each slot holds one
@@ -40,11 +41,14 @@ def fuse_linears(parts: list[Any]) -> Any | None:
 
 
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`; a float nn.Linear as (W @ x^T)^T, which MKL runs 1.5-3x faster than x @ W^T at 2-32 rows
-    on AMD CPUs (bench/results/linear_forms.md), with the same weights and no extra memory."""
+    """`module(x)`; a float nn.Linear with 2+ rows as (W @ x^T)^T, which MKL runs 1.2-3.5x faster than x @ W^T
+    at 2-32 rows on AMD CPUs (bench/linear_forms.py -> bench/results/linear_forms.md; at 1 row both are alike).
+    Same weights, same result, no extra memory."""
     if type(module) is not torch.nn.Linear:
         return module(x)
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 1:
+        return module(x)
     y = torch.mm(module.weight, x2.T).T
     if module.bias is not None:
         y = y + module.bias
@@ -69,9 +73,9 @@ class SlotCache:
     """Preallocated keys/values for up to `slots` sequences; `lens[s]` tokens are valid in slot s."""
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 256) -> None:
-        self.shape = (layers, slots, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(self.shape, dtype=dtype)
-        self.v = torch.zeros(self.shape, dtype=dtype)
+        shape = (layers, slots, kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
         self.lens = [0] * slots
 
     @property
