@@ -63,3 +63,13 @@ def test_plan_batches_respects_budget_and_covers_all():
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
         assert len(b) <= 3 and max(lengths[i] for i in b) * len(b) <= 100
+
+
+def test_short_labels_drop_the_shared_words():
+    from slmkit.evaluate.report import short_labels
+
+    names = ["smollm2-135m-instruct", "smollm2-135m-instruct-int8-rtn", "smollm2-135m-instruct (llamacpp)"]
+    assert short_labels(names) == ("smollm2-135m-instruct", ["…", "…-int8-rtn", "… (llamacpp)"])
+    assert short_labels(["m-7b", "m-8b"]) == ("m", ["…-7b", "…-8b"])
+    assert short_labels(["tiny", "smollm2-135m"]) == ("", ["tiny", "smollm2-135m"])  # nothing shared
+    assert short_labels(["only-one"]) == ("", ["only-one"])

@@ -12,7 +12,7 @@ from rich.table import Table
 from slmkit.cli.common import BackendOpt, ModelOpt, handle_errors, out_console
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
-from slmkit.evaluate.report import columns_of, fmt, rows_of, write_html
+from slmkit.evaluate.report import columns_of, fmt, rows_of, short_labels, write_html
 from slmkit.evaluate.results import load_result
 from slmkit.evaluate.run import evaluate, latest_result_for
 from slmkit.loading import load
@@ -21,10 +21,11 @@ from slmkit.loading import load
 def _table(results: list[dict[str, Any]], title: str) -> Table:
     rows = rows_of(results)
     cols = columns_of(rows)
-    table = Table(title=title)
+    prefix, labels = short_labels([row["model"] for row in rows])
+    table = Table(title=title + (f" (… = {prefix})" if prefix else ""))
     table.add_column("metric", no_wrap=True)
-    for row in rows:
-        table.add_column(row["model"], justify="right", no_wrap=True)
+    for label in labels:
+        table.add_column(label, justify="right", no_wrap=True)
     for c in cols:  # one row per metric: fits a terminal better than one column per metric
         table.add_row(c.title, *(fmt(c, row.get(c.key)) for row in rows))
     return table

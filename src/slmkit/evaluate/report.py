@@ -26,6 +26,26 @@ def weights_size(card: dict[str, Any], backend: str | None) -> int | None:
     return weights.get("gguf" if backend == "llamacpp" else "safetensors") or card.get("size_bytes")
 
 
+def short_labels(names: list[str]) -> tuple[str, list[str]]:
+    """Replace the leading '-'-separated words all model names share by '…', so a terminal table fits:
+    ['m-7b', 'm-7b-int8', 'm-7b (llamacpp)'] -> ('m-7b', ['…', '…-int8', '… (llamacpp)']). Fewer than two
+    names, or nothing shared: unchanged."""
+    if len(names) < 2:
+        return "", list(names)
+    parts = [n.partition(" ") for n in names]  # "name (backend)" -> name, " ", "(backend)"
+    words = [base.split("-") for base, _, _ in parts]
+    common = 0
+    while all(len(w) > common for w in words) and len({w[common] for w in words}) == 1:
+        common += 1
+    if common == 0:
+        return "", list(names)
+    labels = []
+    for w, (_, _, tail) in zip(words, parts):
+        rest = "-".join(w[common:])
+        labels.append("…" + (f"-{rest}" if rest else "") + (f" {tail}" if tail else ""))
+    return "-".join(words[0][:common]), labels
+
+
 def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flatten each result into one row of comparable numbers (None where not measured)."""
     rows = []
