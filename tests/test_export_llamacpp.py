@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import slmkit
 from slmkit.cli import app
+from slmkit.compress.stage import quantize_stage
 from slmkit.engine.llamacpp_backend import LlamaCppBackend
 from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.torch_backend import TorchBackend
@@ -66,6 +67,15 @@ def test_export_cli_installs_and_runs_on_llamacpp(store):
     assert r.exit_code == 0, r.output
     # the torch backend reads the GGUF-only model too (dequantized)
     assert isinstance(slmkit.load("tiny-q8").generate("The", max_tokens=3), str)
+    before = snapshot(Store().root)  # but it has no float weights to export again
+    r = runner.invoke(app, ["export", "tiny-q8", "--type", "Q4_0", "--no-ppl", "--name", "again"])
+    assert r.exit_code == 1 and "holds only a GGUF file" in r.stderr and "slmkit export tiny --type Q4_0" in r.stderr
+    assert snapshot(Store().root) == before
+    quantize_stage("tiny", "int8")  # PyTorch integer weights cannot be exported either
+    before = snapshot(Store().root)
+    r = runner.invoke(app, ["export", "tiny-int8-rtn", "--type", "Q4_0", "--no-ppl"])
+    assert r.exit_code == 1 and "holds PyTorch integer weights" in r.stderr and "slmkit export tiny" in r.stderr
+    assert snapshot(Store().root) == before
 
 
 def test_export_errors_leave_the_store_unchanged(store, tmp_path, tiny_dir):

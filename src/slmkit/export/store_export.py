@@ -10,6 +10,7 @@ from slmkit import progress
 from slmkit.card import build_card, write_card
 from slmkit.config import settings
 from slmkit.export.gguf import check_exportable, check_type, export_gguf
+from slmkit.compress.quantize import is_quantized
 from slmkit.errors import SlmkitError
 from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
 from slmkit.store import Store, validate_name
@@ -32,6 +33,15 @@ def export_model(
     gguf_type = check_type(gguf_type)
     folder = store.require(model)
     check_exportable(json.loads((folder / "config.json").read_text()))
+    gguf_only, quantized = not list(folder.glob("*.safetensors")), is_quantized(folder)
+    if gguf_only or quantized:
+        parent = store.card(model).parent
+        what = "holds only a GGUF file" if gguf_only else "holds PyTorch integer weights (slmkit quantize)"
+        raise SlmkitError(
+            f"{model} {what}: there are no float weights to export",
+            f"Export its float parent instead: slmkit export {parent or 'PARENT'} --type {gguf_type}"
+            + ("" if parent else "; or run the GGUF as it is with --backend llamacpp."),
+        )
     if imatrix is not None and gguf_type in ("F32", "F16"):
         raise SlmkitError(f"--imatrix guides quantization; {gguf_type} is not quantized",
                           "Drop --imatrix, or pick a quantized --type such as Q4_K_M.")
