@@ -164,11 +164,19 @@ def test_export_cli_imatrix_writes_a_reusable_matrix(store, tmp_path):
 
 
 def test_export_imatrix_errors(store, tmp_path, tiny_dir):
+    import numpy as np
+
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     blank = tmp_path / "blank.txt"
     blank.write_text("  \n\n")
     not_imatrix = export_gguf(tiny_dir, tmp_path / "f", name="m", gguf_type="F32")
+    from slmkit.export.imatrix import Imatrix, write_imatrix_gguf
+
+    other_model = tmp_path / "other.imatrix.gguf"  # right names, wrong widths: made for a wider model
+    write_imatrix_gguf(Imatrix({"blk.0.attn_q.weight": np.ones(64)}, {"blk.0.attn_q.weight": 10}), other_model)
+    foreign = tmp_path / "foreign.imatrix.gguf"
+    write_imatrix_gguf(Imatrix({"enc.0.conv.weight": np.ones(8)}, {"enc.0.conv.weight": 10}), foreign)
     before = snapshot(store.root)
     for args, message in [
         (["--type", "Q4_0", "--imatrix", str(tmp_path / "missing.txt")], "not found"),
@@ -176,6 +184,8 @@ def test_export_imatrix_errors(store, tmp_path, tiny_dir):
         (["--type", "Q4_0", "--imatrix", str(blank)], "is empty"),
         (["--type", "F16", "--imatrix", str(blank)], "F16 is not quantized"),
         (["--type", "Q4_0", "--imatrix", str(not_imatrix)], "not an importance matrix"),
+        (["--type", "Q4_0", "--imatrix", str(other_model)], "which takes 32 inputs"),
+        (["--type", "Q4_0", "--imatrix", str(foreign)], "names none of this model's weights"),
     ]:
         r = runner.invoke(app, ["export", "tiny", *args, "--name", "x", "--no-ppl"])
         assert r.exit_code == 1, (args, r.output)

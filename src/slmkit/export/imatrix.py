@@ -124,6 +124,39 @@ def read_imatrix_gguf(path: Path) -> Imatrix:
                    chunk_size=int(chunk_size.contents()) if chunk_size else 0)
 
 
+def expected_widths(folder: Path) -> dict[str, int]:
+    """GGUF weight name -> input width, from the safetensors headers of a store folder (no weights read)."""
+    import gguf
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    arch_key, _ = ARCHITECTURES[(config.get("architectures") or ["?"])[0]]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_key), config["num_hidden_layers"])
+    widths: dict[str, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                target = names.get_name(key, try_suffixes=(".weight",)) if len(shape) == 2 else None
+                if target is not None:
+                    widths[target] = int(shape[1])
+    return widths
+
+
+def check_fits(imatrix: Imatrix, folder: Path, source: Path) -> None:
+    """Refuse an importance matrix made for another model, before llama.cpp's quantizer aborts on it."""
+    widths = expected_widths(folder)
+    shared = set(imatrix.sums) & set(widths)
+    if not shared:
+        raise SlmkitError(f"the importance matrix {source} names none of this model's weights",
+                          "It was made for another model: compute one for this model with --imatrix TEXT.")
+    for name in sorted(shared):
+        if imatrix.sums[name].size != widths[name]:
+            raise SlmkitError(
+                f"the importance matrix {source} has {imatrix.sums[name].size} values for {name}, which takes "
+                f"{widths[name]} inputs", "It was made for another model shape: compute one for this model with --imatrix TEXT.")
+
+
 def load_or_compute(spec: Path, folder: Path) -> tuple[Imatrix, bool]:
     """An imatrix from `spec`: read it when it is an imatrix GGUF, else compute it from `spec` as text.
 
@@ -134,5 +167,7 @@ def load_or_compute(spec: Path, folder: Path) -> tuple[Imatrix, bool]:
     if spec.stat().st_size == 0:
         raise SlmkitError(f"imatrix data {spec} is empty", "Pass --imatrix with a non-empty plain-text file.")
     if is_gguf(spec):
-        return read_imatrix_gguf(spec), False
+        imatrix = read_imatrix_gguf(spec)
+        check_fits(imatrix, folder, spec)
+        return imatrix, False
     return compute_imatrix(folder, spec), True
