@@ -9,6 +9,8 @@ load time, so files do not depend on a torch build's internal layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,6 +20,24 @@ COMPUTE = torch.bfloat16
 KERNEL_MAX_ROWS = 16  # up to this many rows the integer kernel wins; above, dequantize + float32 matmul
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # resolved once: per-call lookup costs µs on a 200-call step
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
+def _weight_only_forward(layer: "Int8Linear | Int4Linear", x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Shared by the integer layers: `kernel` (bf16 (M, K) -> (M, N)) for up to KERNEL_MAX_ROWS rows, else the
+    dequantized weight in a float32 matmul; then the bias, in the input's dtype and shape."""
+    shape = x.shape
+    x2 = x.reshape(-1, layer.in_features)  # (M, K)
+    if layer.smooth is not None:
+        x2 = x2 / layer.smooth.to(x2.dtype)
+    if x2.shape[0] <= KERNEL_MAX_ROWS:
+        y = kernel((x2 if x2.dtype == COMPUTE else x2.to(COMPUTE)).contiguous())
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+    else:
+        y = torch.nn.functional.linear(x2.float(), layer.dequantized()).to(x.dtype)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.reshape(*shape[:-1], layer.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -51,19 +71,7 @@ class Int8Linear(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.smooth is not None:
-            x2 = x2 / self.smooth.to(x2.dtype)
-        if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = _INT8_MM((x2 if x2.dtype == COMPUTE else x2.to(COMPUTE)).contiguous(), self.weight, self.scales)  # (M, N)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-        else:
-            y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return _weight_only_forward(self, x, lambda x2: _INT8_MM(x2, self.weight, self.scales))
 
 
 class Int4Linear(nn.Module):
@@ -100,16 +108,4 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
             self.prepare()
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.smooth is not None:
-            x2 = x2 / self.smooth.to(x2.dtype)
-        if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = _INT4_MM((x2 if x2.dtype == COMPUTE else x2.to(COMPUTE)).contiguous(), self._packed, self.group_size, self._scales_zeros)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-        else:
-            y = torch.nn.functional.linear(x2.float(), self.dequantized()).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return _weight_only_forward(self, x, lambda x2: _INT4_MM(x2, self._packed, self.group_size, self._scales_zeros))
