@@ -26,8 +26,8 @@ def test_logits_match_transformers_for_prefill_and_ragged_batched_steps(tmp_path
     cache = fast.new_cache(3, capacity=4)  # small on purpose: it must grow while holding data
     with torch.inference_mode():
         for slot, ids in enumerate(seqs):
-            first = fast.forward(cache, torch.tensor([ids[:2]]), slots=[slot])  # prefill in two pieces
-            last = fast.forward(cache, torch.tensor([ids[2:]]), slots=[slot])
+            first = fast.forward(cache, torch.tensor([ids[:2]]), first=slot)  # prefill in two pieces
+            last = fast.forward(cache, torch.tensor([ids[2:]]), first=slot)
             torch.testing.assert_close(first[0], net(input_ids=torch.tensor([ids[:2]])).logits[0, -1], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(last[0], net(input_ids=torch.tensor([ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
         nxt = [7, 11, 13]

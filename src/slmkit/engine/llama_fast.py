@@ -147,12 +147,12 @@ class FastLlama:
         return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.dtype, capacity)
 
     @torch.inference_mode()
-    def forward(self, cache: SlotCache, ids: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
-        """Run `ids` (B, T) for slots 0..B-1 (or `slots`), appending to each slot; return last-position logits (B, V).
+    def forward(self, cache: SlotCache, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Run `ids` (B, T) for slots first..first+B-1, appending to each slot; return last-position logits (B, V).
 
         Rows of a multi-row call must each add T tokens; a prefill is a one-row call with the whole prompt."""
         b, t = ids.shape
-        slot_list = slots if slots is not None else list(range(b))
+        slot_list = list(range(first, first + b))
         starts = [cache.lens[s] for s in slot_list]
         end = max(starts) + t
         cache.reserve(end)
@@ -168,8 +168,7 @@ class FastLlama:
             mask = None  # one new token sees every cached position
         else:  # additive form, built once per step rather than converted by every layer's attention
             mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, float("-inf"))
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + b))
-        rows = slice(slot_list[0], slot_list[0] + b) if contiguous else torch.tensor(slot_list)
+        rows = slice(first, first + b)
         row_idx = torch.tensor(slot_list)
 
         h = self.inner.embed_tokens(ids)  # (B, T, E)
@@ -191,8 +190,8 @@ class FastLlama:
             v = v.reshape(b, t, self.kv_heads, self.head_dim)
             kc, vc = cache.k[i], cache.v[i]
             if b == 1:
-                kc[slot_list[0], :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
-                vc[slot_list[0], :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
+                kc[first, :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
+                vc[first, :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
             else:  # each row writes at its own length
                 pos = positions.T.reshape(-1)  # (T*B,) position-major
                 ridx = row_idx.repeat(t)

@@ -49,7 +49,6 @@ class BatchScheduler:
 
     def __init__(self, backend: TorchBackend, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_tokens: int = 4096) -> None:
         self.backend = backend
-        self.model = backend.model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
@@ -183,7 +182,7 @@ class SlotKV:
         """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked."""
         slot = self.rows
         self.cache.load(slot, kv or [])
-        logits = self.fast.forward(self.cache, torch.tensor([ids[reused:]]), slots=[slot])[0]
+        logits = self.fast.forward(self.cache, torch.tensor([ids[reused:]]), first=slot)[0]
         return logits, self.cache.export(slot) if export else None
 
     def join(self) -> None:

@@ -30,6 +30,14 @@ def check_exportable(config: dict[str, Any]) -> str:
     return arch
 
 
+def tensor_names(config: dict[str, Any]) -> Any:
+    """gguf-py's map from Hugging Face tensor names to GGUF ones, for this model's architecture and depth."""
+    import gguf
+
+    arch_key, _ = ARCHITECTURES[check_exportable(config)]
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_key), config["num_hidden_layers"])
+
+
 def check_type(gguf_type: str) -> str:
     t = gguf_type.upper()
     if t not in GGUF_TYPES:
@@ -119,7 +127,7 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> 
     if tok["template"]:
         w.add_chat_template(tok["template"])
 
-    names = gguf.get_tensor_name_map(arch, n_layers)
+    names = tensor_names(config)
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():

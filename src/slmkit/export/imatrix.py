@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from slmkit.errors import SlmkitError
-from slmkit.gguf_tables import ARCHITECTURES
+from slmkit.export.gguf import tensor_names
 
 GGUF_MAGIC = b"GGUF"
 IMATRIX_WINDOW = 512
@@ -45,7 +45,6 @@ def is_gguf(path: Path) -> bool:
 
 def compute_imatrix(folder: Path, text: Path, *, window: int = IMATRIX_WINDOW, samples: int = IMATRIX_SAMPLES) -> Imatrix:
     """Run the float model of a store folder over `text` and collect per-channel sums of x^2 for every Linear."""
-    import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,8 +53,7 @@ def compute_imatrix(folder: Path, text: Path, *, window: int = IMATRIX_WINDOW, s
     from slmkit.compress.stage import calibration_batches
 
     config = json.loads((folder / "config.json").read_text())
-    arch_key, _ = ARCHITECTURES[(config.get("architectures") or ["?"])[0]]
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_key), config["num_hidden_layers"])
+    names = tensor_names(config)
     with progress.step("Loading the float model for the importance matrix"):
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
@@ -126,12 +124,10 @@ def read_imatrix_gguf(path: Path) -> Imatrix:
 
 def expected_widths(folder: Path) -> dict[str, int]:
     """GGUF weight name -> input width, from the safetensors headers of a store folder (no weights read)."""
-    import gguf
     from safetensors import safe_open
 
     config = json.loads((folder / "config.json").read_text())
-    arch_key, _ = ARCHITECTURES[(config.get("architectures") or ["?"])[0]]
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_key), config["num_hidden_layers"])
+    names = tensor_names(config)
     widths: dict[str, int] = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:
