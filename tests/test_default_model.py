@@ -88,3 +88,35 @@ def test_export_q8_0_round_trip(smol, default_home, tmp_path):
     answer = Model("q8", b).chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=30)
     assert "Paris" in answer
     b.close()
+
+
+def test_server_engine_batches_the_packaged_q4_1_like_one_sequence(smol, default_home):
+    """`slmkit serve` runs the default model on llama.cpp (it has a GGUF); rows decoded together in one
+    llama.cpp context give each the greedy tokens it gets decoding alone."""
+    import threading
+
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.engine.scheduler import BatchedBackend
+    from slmkit.serve.metrics import Metrics
+    from slmkit.serve.registry import ModelRegistry
+
+    assert ModelRegistry([DEFAULT_MODEL], Metrics(), max_batch=4, max_queue=4, prefix_cache_tokens=0).backends == {DEFAULT_MODEL: "llamacpp"}
+    gguf = default_home / "models" / DEFAULT_MODEL / "model.gguf"
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    alone = LlamaCppBackend(gguf, flash_attn=True)
+    batched = BatchedBackend(LlamaCppBackend(gguf, n_ctx=64), max_batch=4, max_queue=4)
+    questions = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Write a haiku about rain."]
+    prompts = [alone.encode(alone.render_chat([{"role": "user", "content": q}]), add_special_tokens=False) for q in questions]
+    want = [list(alone.stream_tokens(p, greedy, 24)) for p in prompts]
+    got: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, list(batched.stream_tokens(prompts[i], greedy, 24))))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    batched.scheduler.stop()
+    assert [got[i] for i in range(4)] == want
+    assert len({tuple(w) for w in want}) == 4 and all(len(w) > 3 for w in want)  # four different answers
+    alone.close()

@@ -6,16 +6,33 @@ import pytest
 import torch
 
 from slmkit.engine.sampling import (
-    SamplingParams, apply_repetition_penalty, nucleus_size, sample_next, top_candidates,
+    SamplingParams, apply_repetition_penalty, make_generator, nucleus_size, sample_next, sample_rows, top_candidates,
 )
 from slmkit.errors import SlmkitError
 
 
-def test_repetition_penalty_pushes_seen_tokens_down():
-    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
-    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
-    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
-    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]  # input untouched
+def test_repetition_penalty_pushes_seen_tokens_down_per_row():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.5]])
+    apply_repetition_penalty(logits, [[0, 1, 1], [2], [0]], [2.0, 4.0, 1.0])  # in place
+    assert logits.tolist() == [[1.0, -4.0, 1.0, 0.5], [2.0, -2.0, 0.25, 0.5], [2.0, -2.0, 1.0, 0.5]]
+
+
+def test_batch_sampling_gives_each_row_what_it_would_get_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3  # (B, V)
+    params = [SamplingParams(temperature=0, repetition_penalty=50.0), SamplingParams(temperature=0.8, top_k=40, seed=1),
+              SamplingParams(temperature=1.0, top_k=0, top_p=0.9, seed=2), SamplingParams(temperature=0.5, top_k=40, seed=3),
+              SamplingParams(temperature=1.2, top_k=7, top_p=0.5, repeat_last_n=2, seed=4)]
+    histories = [[int(logits[0].argmax()), 5], [1, 2, 3], [], [7] * 10, list(range(50))]
+    for step in range(20):  # same random streams, step after step
+        if step == 0:
+            alone_gens = [make_generator(p.seed) for p in params]
+            batch_gens = [make_generator(p.seed) for p in params]
+        alone = [sample_next(logits[r], params[r], histories[r], alone_gens[r]) for r in range(5)]
+        before = logits.clone()
+        assert sample_rows(logits, params, histories, batch_gens) == alone
+        assert torch.equal(logits, before)  # the caller's logits are left as they were
+    assert alone[0] != int(logits[0].argmax())  # the greedy row's penalty changed its pick
 
 
 def test_top_candidates_sorted_and_k_zero_means_all():

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
 import slmkit
-from slmkit.engine.kv_cache import PrefixCache
+from slmkit.engine.kv_cache import PrefixCache, cut
+from slmkit.engine.llamacpp_backend import LlamaCppBackend
 from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.scheduler import BatchedBackend, QueueFull
+from slmkit.export.gguf import export_gguf
 from slmkit.model import Model
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
@@ -17,17 +20,32 @@ PROMPTS = ["The quick brown fox", "Paris is the capital of France and", "héllo"
            "Small language models run on laptops, offline", "Berlin"]
 
 
-@pytest.fixture(params=["slots", "dynamic-cache"])
-def tiny_pair(store, request):
-    """A plain model and a batched backend; the batch in the lean forward's slots or in transformers' cache."""
-    plain = slmkit.load("tiny")
-    inner = slmkit.load("tiny").backend
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_dir) -> Path:
+    """An F32 GGUF of the tiny model, so the llama.cpp batch runs the same weights."""
+    return export_gguf(tiny_dir, tmp_path_factory.mktemp("gguf"), name="tiny-f32", gguf_type="F32")
+
+
+@pytest.fixture(params=["slots", "dynamic-cache", "llamacpp"])
+def tiny_pair(store, request, tiny_gguf):
+    """A plain backend and a batched one: the batch in the lean forward's slots, in transformers' cache, or in
+    llama.cpp sequences (compared with llama.cpp decoding one sequence alone, with flash attention as the batch)."""
+    if request.param == "llamacpp":
+        plain = Model("tiny", LlamaCppBackend(tiny_gguf, threads=2, flash_attn=True))
+        inner = LlamaCppBackend(tiny_gguf, threads=2, n_ctx=64)
+    else:
+        plain = slmkit.load("tiny")
+        inner = slmkit.load("tiny").backend
     if request.param == "dynamic-cache":
         inner.fast = None
     batched = BatchedBackend(inner, max_batch=4, max_queue=16)
-    assert type(batched.scheduler._kv).__name__ == {"slots": "SlotKV", "dynamic-cache": "DynamicKV"}[request.param]
+    kinds = {"slots": "SlotKV", "dynamic-cache": "DynamicKV", "llamacpp": "LlamaCppSlots"}
+    assert type(batched.scheduler.store).__name__ == kinds[request.param]
     yield plain, batched
     batched.scheduler.stop()
+    for b in (plain.backend, inner):
+        if hasattr(b, "close"):
+            b.close()
 
 
 def test_batched_greedy_equals_single(tiny_pair):
@@ -101,7 +119,7 @@ def test_prefix_cache_lookup_and_bound():
     kv = [(torch.zeros(1, 1, 6, 2), torch.zeros(1, 1, 6, 2))]
     pc.store([1, 2, 3, 4, 5, 6], kv)
     n, got = pc.lookup([1, 2, 3, 9])
-    assert n == 3 and got[0][0].shape[2] == 3
+    assert n == 3 and got is kv and cut(got, n)[0][0].shape[2] == 3
     n, got = pc.lookup([1, 2, 3, 4, 5, 6])
     assert n == 5  # one token is always left to compute
     pc.store([7, 8, 9, 10, 11, 12], kv)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -10,9 +9,15 @@ import time
 import httpx
 import pytest
 
+from conftest import snapshot
+
+from slmkit.engine.sampling import SamplingParams
 from slmkit.serve.app import create_app
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import ModelRegistry
+
+
+GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
 
 
 def wait_until(condition, timeout: float = 5.0) -> bool:
@@ -196,3 +201,64 @@ def test_serve_cli_refuses_unknown_models(store):
 
     r = CliRunner().invoke(app, ["serve", "nosuch"])
     assert r.exit_code == 1 and "no model named 'nosuch'" in r.stderr
+
+
+def test_gguf_only_model_is_served_batched_on_llamacpp(store):
+    """A model with a GGUF (here an export installed with --name) is served on llama.cpp, continuously batched."""
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.store import Store
+
+    r = CliRunner().invoke(app, ["export", "tiny", "--type", "F32", "--name", "tiny-f32", "--no-ppl"])
+    assert r.exit_code == 0, r.output
+    s = Running(["tiny-f32", "tiny"], max_tokens_limit=40)
+    try:
+        assert s.registry.backends == {"tiny-f32": "llamacpp", "tiny": "torch"}
+        c = client(s)
+        msgs = [{"role": "user", "content": "hi"}]
+        ref = LlamaCppBackend(next(Store().path("tiny-f32").glob("*.gguf")), threads=2, flash_attn=True)
+        try:
+            want = ref.decode([t for t in ref.stream_tokens(ref.encode(ref.render_chat(msgs), add_special_tokens=False),
+                                                          GREEDY, 8) if t not in ref.eos_token_ids])
+        finally:
+            ref.close()
+        got = c.chat.completions.create(model="tiny-f32", messages=msgs, max_tokens=8, temperature=0)
+        assert got.choices[0].message.content == want
+        results: dict[int, str] = {}
+
+        def one(i: int) -> None:  # four streams at once share the batch
+            pieces = c.chat.completions.create(model="tiny-f32", messages=[{"role": "user", "content": f"hi {i}"}],
+                                               max_tokens=12, seed=i, temperature=1.0, stream=True)
+            results[i] = "".join(ch.choices[0].delta.content or "" for ch in pieces)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(results) == [0, 1, 2, 3]
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'slmkit_requests_total{endpoint="chat",model="tiny-f32",status="200"} 5.0' in metrics
+        # pooled embeddings agree with PyTorch's on the same weights
+        a = c.embeddings.create(model="tiny-f32", input="hello world").data[0].embedding
+        b = c.embeddings.create(model="tiny", input="hello world").data[0].embedding
+        assert sum(x * y for x, y in zip(a, b)) > 0.999
+        too_long = httpx.post(s.url + "/v1/completions", json={"model": "tiny-f32", "prompt": "fox " * 200}, timeout=30)
+        assert too_long.status_code == 400 and "context window is 64 tokens" in too_long.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_serve_backend_choice_errors(store):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    before = snapshot(store.root)
+    r = CliRunner().invoke(app, ["serve", "tiny", "--backend", "llamacpp"])
+    assert r.exit_code == 1 and "has no GGUF file" in r.stderr and "slmkit export tiny" in r.stderr
+    r = CliRunner().invoke(app, ["serve", "tiny", "--backend", "onnx"])
+    assert r.exit_code == 1 and "unknown backend 'onnx'" in r.stderr and "auto, torch, llamacpp" in r.stderr
+    assert snapshot(store.root) == before

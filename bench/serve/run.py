@@ -5,9 +5,11 @@ and records aggregate output tokens/s, time to first token and inter-token laten
 Then a soak: a steady load on slmkit for --soak-seconds while the server's resident memory is sampled.
 
     .venv/bin/pip install -c constraints.txt -e '.[dev]'
-    .venv/bin/python bench/serve/run.py [--levels 1 4 8 16 32] [--soak-seconds 600]
+    .venv/bin/python bench/serve/run.py [--levels 1 4 8 16 32] [--soak-seconds 600] [--no-f16]
 
-Writes bench/results/serve.{json,md}. Both servers get 2 threads' worth of this machine.
+Servers, one at a time: slmkit on PyTorch (float32) and on llama.cpp (the packaged Q4_1 GGUF), llama-cpp-python's
+server on the same Q4_1 file, then both on an F16 export of the same weights (made once, as MODEL-f16 in the store).
+Writes bench/results/serve.{json,md}. Every server gets this machine's cores as threads.
 """
 
 from __future__ import annotations
@@ -121,75 +123,118 @@ async def soak(url: str, model: str, pid: int, seconds: float, streams: int) -> 
             "samples": samples}
 
 
+def slmkit_cmd(model: str, port: int, backend: str) -> list[str]:
+    return [sys.executable, "-m", "slmkit", "serve", model, "--port", str(port), "--backend", backend, "--max-batch", "32",
+            "--max-queue", "128", "--max-tokens", "512"]
+
+
+def llama_server_cmd(gguf: Path, alias: str, port: int) -> list[str]:
+    # by default it aborts a running stream when another request arrives; queue them instead
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(os.cpu_count() or 2),
+            "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(port), "--model_alias", alias,
+            "--interrupt_requests", "False"]
+
+
+def f16_export(name: str) -> tuple[str, Path]:
+    """The default model's weights as an F16 GGUF in the store (made once): a format whose batched kernels
+    are efficient on AVX2, unlike Q4_1's."""
+    from slmkit.export.store_export import export_model
+    from slmkit.store import Store
+
+    f16 = f"{name}-f16"
+    if not Store().exists(f16):
+        export_model(name, gguf_type="F16", store_as=f16)
+    return f16, next(Store().path(f16).glob("*.gguf"))
+
+
+def run_server(cmd: list[str], model: str, levels: list[int], max_tokens: int, label: str, soak_s: float, soak_streams: int) -> dict:
+    port = int(cmd[cmd.index("--port") + 1])
+    url = f"http://127.0.0.1:{port}"
+    proc = start(cmd, url, dict(os.environ), model)
+    out: dict = {"label": label, "model": model, "levels": []}
+    try:
+        for n in levels:
+            out["levels"].append(asyncio.run(level(url, model, n, max_tokens)))
+            print(label, json.dumps(out["levels"][-1]), flush=True)
+        if soak_s > 0:
+            out["soak"] = asyncio.run(soak(url, model, proc.pid, soak_s, soak_streams))
+            print(label, "soak", json.dumps({k: v for k, v in out["soak"].items() if k != "samples"}), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--soak-seconds", type=float, default=600)
+    ap.add_argument("--soak-seconds", type=float, default=600, help="per slmkit engine (PyTorch and llama.cpp)")
     ap.add_argument("--soak-streams", type=int, default=8)
+    ap.add_argument("--no-f16", action="store_true", help="skip the F16 GGUF pair")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from slmkit.sources.importer import ensure_default
     from slmkit.store import Store
 
     name = ensure_default()
-    gguf = Store().path(name) / "model.gguf"
-    env = dict(os.environ)
-    ours_port, theirs_port = free_port(), free_port()
-    ours_url, theirs_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{theirs_port}"
-    result: dict = {"benchmark": "serve", "model": name, "max_tokens": args.max_tokens, "slmkit": [], "llama_cpp_server": []}
-
-    ours = start([sys.executable, "-m", "slmkit", "serve", name, "--port", str(ours_port), "--max-batch", "32",
-                  "--max-queue", "128", "--max-tokens", "512"], ours_url, env, name)
-    try:
-        for n in args.levels:
-            result["slmkit"].append(asyncio.run(level(ours_url, name, n, args.max_tokens)))
-            print("slmkit", json.dumps(result["slmkit"][-1]), flush=True)
-        if args.soak_seconds > 0:
-            result["soak"] = asyncio.run(soak(ours_url, name, ours.pid, args.soak_seconds, args.soak_streams))
-            print("soak", json.dumps({k: v for k, v in result["soak"].items() if k != "samples"}), flush=True)
-    finally:
-        ours.terminate()
-        ours.wait(30)
-    theirs = start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(os.cpu_count() or 2),
-                    "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(theirs_port), "--model_alias", name,
-                    # by default it aborts a running stream when another request arrives; queue them instead
-                    "--interrupt_requests", "False"], theirs_url, env, name)
-    try:
-        for n in args.levels:
-            result["llama_cpp_server"].append(asyncio.run(level(theirs_url, name, n, args.max_tokens)))
-            print("llama_cpp", json.dumps(result["llama_cpp_server"][-1]), flush=True)
-    finally:
-        theirs.terminate()
-        theirs.wait(30)
-
+    q41 = Store().path(name) / "model.gguf"  # the packaged Q4_1 file
+    # (label, command, model name the server answers to, soak?)
+    runs = [
+        ("slmkit torch fp32", slmkit_cmd(name, free_port(), "torch"), name, True),
+        ("slmkit llama.cpp Q4_1", slmkit_cmd(name, free_port(), "llamacpp"), name, True),
+        ("llama_cpp.server Q4_1", llama_server_cmd(q41, name, free_port()), name, False),
+    ]
+    if not args.no_f16:
+        f16, f16_gguf = f16_export(name)
+        runs += [("slmkit llama.cpp F16", slmkit_cmd(f16, free_port(), "llamacpp"), f16, False),
+                 ("llama_cpp.server F16", llama_server_cmd(f16_gguf, f16, free_port()), f16, False)]
+    result: dict = {"benchmark": "serve", "model": name, "max_tokens": args.max_tokens, "runs": []}
+    for label, cmd, model, soaks in runs:
+        result["runs"].append(run_server(cmd, model, args.levels, args.max_tokens, label,
+                                         args.soak_seconds if soaks else 0, args.soak_streams))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    single = result["slmkit"][0]["tokens_per_s"]
-    md = [f"# serve ({name})", "", f"Streamed /v1/completions, ~128 prompt tokens, {args.max_tokens} new tokens each, temperature 0.7. "
-          "slmkit serves the float32 safetensors in PyTorch with continuous batching; llama-cpp-python's server runs the "
-          "packaged Q4_1 GGUF (4x fewer weight bytes) with `--interrupt_requests False` (by default it aborts a running "
-          "stream when another request arrives, failing 15 of 16 streams; this way it queues them). Same machine, one run, "
-          "one server at a time.", "",
-          "| server | streams | errors | tokens/s (aggregate) | x single | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    md = report(result, args.max_tokens)
+    (RESULTS / "serve.md").write_text(md)
+    print(md)
+
+
+def report(result: dict, max_tokens: int) -> str:
+    md = [f"# serve ({result['model']})", "",
+          f"Streamed /v1/completions, ~128 prompt tokens, {max_tokens} new tokens each, temperature 0.7, one server at a "
+          "time, same machine, one run. slmkit serves the default model on PyTorch (float32 safetensors, the default "
+          "engine for it) and on llama.cpp (`--backend llamacpp`: the packaged Q4_1 GGUF, continuously batched as "
+          "sequences of one llama.cpp context). llama-cpp-python's server (`python -m llama_cpp.server`) runs the same "
+          "GGUF files with `--interrupt_requests False` (by default it aborts a running stream when another request "
+          "arrives, failing 15 of 16 streams; this way it queues them). The F16 pair serves an F16 export of the same "
+          "weights on both servers.", "",
+          "| server | streams | errors | tokens/s (aggregate) | x own single | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |",
+          "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, k=1: "-" if v is None else f"{v * k:.2f}"
-    for label, rows in (("slmkit", result["slmkit"]), ("llama_cpp.server", result["llama_cpp_server"])):
-        for r in rows:
-            md.append(f"| {label} | {r['streams']} | {r['errors']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / single:.2f} | "
+    for run in result["runs"]:
+        single = run["levels"][0]["tokens_per_s"]
+        for r in run["levels"]:
+            md.append(f"| {run['label']} | {r['streams']} | {r['errors']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / single:.2f} | "
                       f"{f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r['itl_p50'], 1000)} | {f(r['itl_p99'], 1000)} |")
-    by = lambda rows, n: next((r for r in rows if r["streams"] == n), None)
-    o16, t16 = by(result["slmkit"], 16), by(result["llama_cpp_server"], 16)
-    md += ["", "## Targets", ""]
-    if o16 and t16:
-        md.append(f"- 16 streams vs slmkit single stream: {o16['tokens_per_s'] / single:.2f}x (target 5x)")
-        md.append(f"- 16 streams vs llama-cpp-python's server: {o16['tokens_per_s'] / t16['tokens_per_s']:.2f}x (target 3x)")
-    md.append(f"- errors: {sum(r['errors'] for r in result['slmkit'])} (slmkit), {sum(r['errors'] for r in result['llama_cpp_server'])} (llama.cpp server)")
-    if "soak" in result:
-        s = result["soak"]
-        md.append(f"- soak {s['seconds']:.0f} s at {s['streams']} streams: {s['requests']} requests, {s['errors']} errors, "
-                  f"RSS {s['rss_mb_start']:.0f} MB -> {s['rss_mb_end']:.0f} MB ({s['rss_growth_pct']:+.1f}%)")
-    (RESULTS / "serve.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    runs = {r["label"]: r for r in result["runs"]}
+    at = lambda label, n: next((r["tokens_per_s"] for r in runs[label]["levels"] if r["streams"] == n), None) if label in runs else None
+    md += ["", "## Targets (16 streams)", ""]
+    for ours in ("slmkit llama.cpp Q4_1", "slmkit torch fp32", "slmkit llama.cpp F16"):
+        if at(ours, 16) and at(ours, 1):
+            md.append(f"- {ours}: {at(ours, 16) / at(ours, 1):.2f}x its single stream (target 5x)")
+    for ours, theirs in (("slmkit llama.cpp Q4_1", "llama_cpp.server Q4_1"), ("slmkit llama.cpp F16", "llama_cpp.server F16"),
+                         ("slmkit torch fp32", "llama_cpp.server Q4_1")):
+        if at(ours, 16) and at(theirs, 16):
+            md.append(f"- {ours} vs {theirs}: {at(ours, 16) / at(theirs, 16):.2f}x (target 3x)")
+    errors = {r["label"]: sum(x["errors"] for x in r["levels"]) for r in result["runs"]}
+    md.append("- errors: " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+    for run in result["runs"]:
+        if "soak" in run:
+            s = run["soak"]
+            md.append(f"- soak {run['label']}, {s['seconds']:.0f} s at {s['streams']} streams: {s['requests']} requests, "
+                      f"{s['errors']} errors, RSS {s['rss_mb_start']:.0f} MB -> {s['rss_mb_end']:.0f} MB ({s['rss_growth_pct']:+.1f}%)")
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

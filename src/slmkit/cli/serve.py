@@ -20,6 +20,8 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", help="Most requests waiting per model; beyond, 429.")] = 64,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for (and the default).")] = 2048,
     prefix_cache_tokens: Annotated[int, typer.Option("--prefix-cache-tokens", help="Prompt tokens of KV kept for reuse; 0 turns it off.")] = 4096,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="auto (llama.cpp where the model has a GGUF, else PyTorch), llamacpp or torch.")] = "auto",
+    context: Annotated[int | None, typer.Option("--context", help="llama.cpp: tokens per batch slot; its KV is allocated up front, --max-batch x this. [default: 2048, or the model's context if smaller]")] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="Seconds to let running requests finish on shutdown.")] = 10.0,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a chat page at /."""
@@ -30,14 +32,16 @@ def serve(
     from slmkit.serve.registry import ModelRegistry
     from slmkit.sources.importer import ensure_default
 
-    if max_batch < 1 or max_queue < 0 or max_tokens < 1:
-        raise SlmkitError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0", "Fix the values.")
+    if max_batch < 1 or max_queue < 0 or max_tokens < 1 or (context is not None and context < 16):
+        raise SlmkitError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0, --context >= 16", "Fix the values.")
     names = list(models or []) or [ensure_default()]
     metrics = Metrics()
-    registry = ModelRegistry(names, metrics, max_batch=max_batch, max_queue=max_queue, prefix_cache_tokens=prefix_cache_tokens)
+    registry = ModelRegistry(names, metrics, max_batch=max_batch, max_queue=max_queue, prefix_cache_tokens=prefix_cache_tokens,
+                             backend=backend, context=context)
     app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout)
     where = f"http://{host}:{port}"
-    err_console().print(f"Serving {', '.join(names)} at {where}  (chat page: {where}/, API: {where}/v1, metrics: {where}/metrics)")
+    engines = ", ".join(f"{n} ({registry.backends[n]})" for n in registry.names)
+    err_console().print(f"Serving {engines} at {where}  (chat page: {where}/, API: {where}/v1, metrics: {where}/metrics)")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err_console().print("[yellow]warning:[/] listening beyond this machine without --api-key")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(shutdown_timeout) + 1)

@@ -51,20 +51,28 @@ def select_rows(kv: KV, mask: torch.Tensor, rows: list[int]) -> tuple[KV, torch.
     return [(k[idx, :, start:], v[idx, :, start:]) for k, v in kv], mask[:, start:]
 
 
+def cut(kv: KV, length: int) -> KV:
+    """The first `length` positions of per-layer keys/values."""
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
+
+
 class PrefixCache:
     """KV of recent prompts, so a new prompt that starts the same way (a system prompt, a chat history) skips
-    recomputing the shared part. Bounded by total cached tokens; least recently used entries go first."""
+    recomputing the shared part. Bounded by total cached tokens; least recently used entries go first.
+    Entries are whatever the batch store exports (per-layer tensors, or llama.cpp's sequence state); the store
+    that loads one keeps only the shared length."""
 
     def __init__(self, max_tokens: int = 32768) -> None:
         self.max_tokens = max_tokens
-        self.entries: list[tuple[list[int], KV]] = []  # most recent last
+        self.entries: list[tuple[list[int], Any]] = []  # most recent last
         self.lookups = 0
         self.hits = 0
         self.prompt_tokens = 0
         self.reused_tokens = 0
 
-    def lookup(self, ids: list[int]) -> tuple[int, KV | None]:
-        """Longest cached prefix of ids (at most len(ids) - 1, so one token is always computed) and its KV."""
+    def lookup(self, ids: list[int]) -> tuple[int, Any]:
+        """Longest cached prefix of ids (at most len(ids) - 1, so one token is always computed) and the entry
+        holding it (which may be longer)."""
         self.lookups += 1
         self.prompt_tokens += len(ids)
         best, best_i = 0, -1
@@ -81,9 +89,9 @@ class PrefixCache:
         self.reused_tokens += best
         entry = self.entries.pop(best_i)
         self.entries.append(entry)
-        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in entry[1]]
+        return best, entry[1]
 
-    def store(self, ids: list[int], kv: KV) -> None:
+    def store(self, ids: list[int], kv: Any) -> None:
         self.entries = [e for e in self.entries if e[0] != ids]
         self.entries.append((list(ids), kv))
         while sum(len(e[0]) for e in self.entries) > self.max_tokens and len(self.entries) > 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,11 +29,13 @@ class LlamaCppBackend:
 
     name = "llamacpp"
 
-    def __init__(self, gguf_path: Path, *, threads: int | None = None, n_ctx: int = 0) -> None:
+    def __init__(self, gguf_path: Path, *, threads: int | None = None, n_ctx: int = 0, flash_attn: bool = False) -> None:
         self.path = Path(gguf_path)
         self.threads = threads
-        self.llm = self._open(n_ctx=n_ctx, logits_all=False)
+        self.llm = self._open(n_ctx=n_ctx, logits_all=False, flash_attn=flash_attn)
         self._scorer: Any = None
+        self._embedder: Any = None
+        self._aux_lock = threading.Lock()  # the scoring and embedding contexts serve one caller at a time
         # llama-cpp-python's own __del__ fails during interpreter teardown: close first (a weak reference, so
         # this registration does not keep a dropped backend and its weights alive)
         ref = weakref.ref(self)
@@ -53,31 +56,32 @@ class LlamaCppBackend:
         self.llm.reset()
 
     def close(self) -> None:
-        for llm in (self.llm, self._scorer):
+        for llm in (self.llm, self._scorer, self._embedder):
             if llm is not None:
                 llm.close()
-        self._scorer = None
+        self._scorer = self._embedder = None
 
-    def _open(self, *, n_ctx: int, logits_all: bool) -> Any:
+    def _open(self, *, n_ctx: int, logits_all: bool, **kw: Any) -> Any:
         from llama_cpp import Llama
 
         try:
             return Llama(
-                model_path=str(self.path), n_ctx=n_ctx, n_threads=self.threads, n_batch=512, logits_all=logits_all,
-                verbose=False,
+                model_path=str(self.path), n_ctx=n_ctx, n_threads=self.threads, logits_all=logits_all, verbose=False,
+                **{"n_batch": 512, **kw},
             )
         except (ValueError, RuntimeError) as exc:
             raise SlmkitError(f"llama.cpp could not load {self.path}: {exc}", "Check that the GGUF file is complete.") from exc
 
     @classmethod
-    def from_folder(cls, folder: Path, *, threads: int | None = None) -> "LlamaCppBackend":
+    def from_folder(cls, folder: Path, *, threads: int | None = None, n_ctx: int = 0) -> "LlamaCppBackend":
+        """The first GGUF of a store folder; `n_ctx` sizes the generation context (0: the model's own)."""
         ggufs = sorted(Path(folder).glob("*.gguf"))
         if not ggufs:
             raise SlmkitError(
                 f"{Path(folder).name} has no GGUF file for the llama.cpp backend",
                 f"Export one into the store: slmkit export {Path(folder).name} --type Q8_0 --name {Path(folder).name}-q8_0",
             )
-        return cls(ggufs[0], threads=threads)
+        return cls(ggufs[0], threads=threads, n_ctx=n_ctx)
 
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
@@ -85,6 +89,11 @@ class LlamaCppBackend:
     @property
     def context_length(self) -> int:
         return min(int(self.llm.n_ctx()), self._train_ctx)
+
+    @property
+    def trained_context(self) -> int:
+        """The context length the model was trained with (the generation context may be smaller)."""
+        return self._train_ctx
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -155,12 +164,32 @@ class LlamaCppBackend:
         return out
 
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
-        if self._scorer is None:
-            self._scorer = self._open(n_ctx=min(SCORING_CONTEXT, self.context_length), logits_all=True)
-        if len(ids) > self._scorer.n_ctx():
-            raise SlmkitError(f"{len(ids)} tokens exceed the llama.cpp scoring context ({self._scorer.n_ctx()})",
-                              "Use a shorter window (--context-length).")
-        self._scorer.reset()
-        self._scorer.eval(list(ids))
-        logits = torch.from_numpy(np.array(self._scorer.scores[: len(ids) - 1], dtype=np.float32))  # (T-1, V)
+        with self._aux_lock:
+            if self._scorer is None:
+                self._scorer = self._open(n_ctx=min(SCORING_CONTEXT, self._train_ctx), logits_all=True)
+            if len(ids) > self._scorer.n_ctx():
+                raise SlmkitError(f"{len(ids)} tokens exceed the llama.cpp scoring context ({self._scorer.n_ctx()})",
+                                  "Use a shorter window (--context-length).")
+            self._scorer.reset()
+            self._scorer.eval(list(ids))
+            logits = torch.from_numpy(np.array(self._scorer.scores[: len(ids) - 1], dtype=np.float32))  # (T-1, V)
         return torch.log_softmax(logits, dim=-1)
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Mean-pooled last hidden states (after the final norm, as the PyTorch backend), L2-normalised."""
+        import llama_cpp
+
+        with self._aux_lock:
+            if self._embedder is None:
+                n = min(SCORING_CONTEXT, self._train_ctx)
+                self._embedder = self._open(n_ctx=n, logits_all=False, embedding=True, n_batch=n, n_ubatch=n,
+                                            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+            out = []
+            for text in texts:
+                ids = self.encode(text, add_special_tokens=True)
+                if len(ids) > self._embedder.n_ctx():
+                    raise SlmkitError(f"{len(ids)} tokens exceed the llama.cpp embedding context ({self._embedder.n_ctx()})",
+                                      "Embed shorter texts.")
+                vec = torch.tensor(self._embedder.embed(text), dtype=torch.float32)
+                out.append((vec / vec.norm().clamp(min=1e-12)).tolist())
+        return out

@@ -70,20 +70,28 @@ def make_generator(seed: int | None, offset: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed + offset)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, recent_ids: Sequence[int], penalty: float) -> torch.Tensor:
-    """CTRL-style penalty: divide positive logits (multiply negative ones) of tokens seen recently.  # (V,)"""
-    if penalty == 1.0 or not recent_ids:
-        return logits
-    ids = torch.tensor(sorted(set(recent_ids)), dtype=torch.long)
-    picked = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+def apply_repetition_penalty(logits: torch.Tensor, recent: Sequence[Sequence[int]], penalties: Sequence[float]) -> torch.Tensor:
+    """CTRL-style penalty, in place: in row r, divide positive logits (multiply negative ones) of the tokens in
+    recent[r] by penalties[r].  logits: (B, V)"""
+    rows, ids, pens = [], [], []
+    for r, (window, penalty) in enumerate(zip(recent, penalties)):
+        if penalty != 1.0 and window:
+            seen = sorted(set(window))
+            rows += [r] * len(seen)
+            ids += seen
+            pens += [penalty] * len(seen)
+    if rows:
+        at = (torch.tensor(rows), torch.tensor(ids))
+        picked = logits[at]
+        pen = torch.tensor(pens, dtype=logits.dtype)
+        logits[at] = torch.where(picked > 0, picked / pen, picked * pen)
     return logits
 
 
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest logits and their token ids, largest first (all of them, sorted, when k is 0).  # (k,), (k,)"""
-    if 0 < k < logits.numel():
+    """The k largest logits of each row and their token ids, largest first (all of them, sorted, when k is 0).
+    logits: (..., V) -> (..., k), (..., k)"""
+    if 0 < k < logits.shape[-1]:
         return torch.topk(logits, k)
     return torch.sort(logits, descending=True)
 
@@ -98,20 +106,42 @@ def nucleus_size(sorted_logits: torch.Tensor, p: float) -> int:
     return max(int((before < p).sum()), 1)
 
 
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """Pick the next token of every row of logits (B, V), each with its own settings, history and random stream.
+
+    Order as in llama.cpp and transformers: repetition penalty, temperature, top-k, top-p, then sample. The
+    work over the whole vocabulary (penalty, temperature, top-k) runs once for the batch; a row's result does
+    not depend on the other rows, so a sequence samples the same tokens batched or alone.
+    Top-k runs first so that top-p sorts k candidates rather than the whole vocabulary.
+    """
+    logits = logits.float().clone()  # (B, V); changed in place below
+    windows = [h[-p.repeat_last_n :] if p.repeat_last_n > 0 else h for h, p in zip(histories, params)]
+    apply_repetition_penalty(logits, windows, [p.repetition_penalty for p in params])
+    out: list[int] = [0] * len(params)
+    greedy = [r for r, p in enumerate(params) if p.temperature == 0]
+    if greedy:
+        best = torch.argmax(logits[greedy], dim=-1).tolist()
+        for r, token in zip(greedy, best):
+            out[r] = int(token)
+    by_k: dict[int, list[int]] = {}
+    for r, p in enumerate(params):
+        if p.temperature != 0:
+            by_k.setdefault(p.top_k, []).append(r)
+    for k, rows in by_k.items():
+        temps = torch.tensor([params[r].temperature for r in rows], dtype=logits.dtype)
+        values, ids = top_candidates(logits[rows] / temps[:, None], k)  # (R, k), (R, k)
+        for i, r in enumerate(rows):
+            keep = nucleus_size(values[i], params[r].top_p)
+            probs = torch.softmax(values[i, :keep], dim=-1)
+            out[r] = int(ids[i, torch.multinomial(probs, 1, generator=generators[r])])
+    return out
+
+
 def sample_next(
     logits: torch.Tensor, params: SamplingParams, history: Sequence[int], generator: torch.Generator | None
 ) -> int:
-    """Pick the next token id from one row of logits (V,), given the token history for the penalty.
-
-    Order as in llama.cpp and transformers: repetition penalty, temperature, top-k, top-p, then sample.
-    Top-k runs first so that top-p sorts k candidates rather than the whole vocabulary.
-    """
-    logits = logits.float()
-    window = history[-params.repeat_last_n :] if params.repeat_last_n > 0 else history
-    logits = apply_repetition_penalty(logits, window, params.repetition_penalty)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    values, ids = top_candidates(logits / params.temperature, params.top_k)  # (k,), (k,)
-    keep = nucleus_size(values, params.top_p)
-    probs = torch.softmax(values[:keep], dim=-1)
-    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+    """Pick the next token id from one row of logits (V,), given the token history for the penalty."""
+    return sample_rows(logits[None], [params], [history], [generator])[0]

@@ -3,8 +3,9 @@
 One worker thread owns the model. A new request is prefilled alone (reusing a cached prompt prefix when one
 matches), then its KV rows join the running batch; each decode step runs one forward pass for all running
 sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
-Llama-layout models keep the batch in a preallocated slot cache (`SlotKV`, the lean forward of llama_fast);
-other models in a left-padded transformers cache (`DynamicKV`).
+The batch's KV lives in a batch store: on llama.cpp, one sequence per slot of a multi-sequence context
+(`llamacpp_batch.LlamaCppSlots`); on PyTorch, Llama-layout models in a preallocated slot cache (`SlotKV`, the
+lean forward of llama_fast) and other models in a left-padded transformers cache (`DynamicKV`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 
 import torch
 
-from slmkit.engine.kv_cache import KV, PrefixCache, cache_from, join_rows, kv_of, select_rows
+from slmkit.engine.kv_cache import KV, PrefixCache, cache_from, cut, join_rows, kv_of, select_rows
 from slmkit.engine.llama_fast import FastLlama
-from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
+from slmkit.engine.sampling import SamplingParams, make_generator, sample_next, sample_rows
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 
@@ -45,17 +46,17 @@ class _Request:
 
 
 class BatchScheduler:
-    """Runs requests on one TorchBackend with a shared, continuously changing batch."""
+    """Runs requests on one backend (PyTorch or llama.cpp) with a shared, continuously changing batch."""
 
-    def __init__(self, backend: TorchBackend, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_tokens: int = 4096) -> None:
+    def __init__(self, backend: Any, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_tokens: int = 4096,
+                 context: int | None = None) -> None:
         self.backend = backend
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []
-        # the running batch's KV: slots stepped by the lean Llama forward, or a transformers cache for other models
-        self._kv: SlotKV | DynamicKV = SlotKV(backend.fast, max_batch) if backend.fast else DynamicKV(backend)
+        self.store = batch_store(backend, max_batch, context)
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="slmkit-scheduler", daemon=True)
@@ -110,6 +111,8 @@ class BatchScheduler:
         with self._cv:
             self._cv.notify()
         self._thread.join(timeout=5)
+        if hasattr(self.store, "close") and not self._thread.is_alive():
+            self.store.close()
 
     # ---- worker -----------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -132,18 +135,18 @@ class BatchScheduler:
                 for req in self.running + admit:
                     req.out.put(exc)
                 self.running = []
-                self._kv.clear()
+                self.store.clear()
 
     @torch.inference_mode()
     def _prefill(self, req: _Request) -> None:
         ids = req.prompt
         reused, kv = self.prefix_cache.lookup(ids) if self.prefix_cache else (0, None)
-        logits, row_kv = self._kv.prefill(ids, reused, kv, export=self.prefix_cache is not None)
+        logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None)
         if self.prefix_cache and row_kv is not None:
             self.prefix_cache.store(ids, row_kv)
         if not self._emit(req, sample_next(logits, req.params, req.history, req.generator)):
             return
-        self._kv.join()
+        self.store.join()
         self.running.append(req)
 
     def _emit(self, req: _Request, token: int) -> bool:
@@ -158,16 +161,27 @@ class BatchScheduler:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        logits = self._kv.step([r.history[-1] for r in self.running])  # (B, V)
+        run = self.running
+        logits = self.store.step([r.history[-1] for r in run])  # (B, V)
+        tokens = sample_rows(logits, [r.params for r in run], [r.history for r in run], [r.generator for r in run])
         keep = []
-        for i, req in enumerate(self.running):
+        for i, (req, token) in enumerate(zip(run, tokens)):
             if req.cancelled.is_set():
                 req.out.put(_DONE)
                 continue
-            if self._emit(req, sample_next(logits[i], req.params, req.history, req.generator)):
+            if self._emit(req, token):
                 keep.append(i)
         if len(keep) < len(self.running):
-            self.running = [self.running[i] for i in self._kv.keep(keep)]
+            self.running = [self.running[i] for i in self.store.keep(keep)]
+
+
+def batch_store(backend: Any, slots: int, context: int | None = None) -> "SlotKV | DynamicKV | Any":
+    """Where the running batch's KV lives for this backend (`context`: tokens per slot, llama.cpp only)."""
+    if getattr(backend, "name", "") == "llamacpp":
+        from slmkit.engine.llamacpp_batch import LlamaCppSlots  # llama_cpp is imported only when asked for
+
+        return LlamaCppSlots(backend, slots, context)
+    return SlotKV(backend.fast, slots) if backend.fast else DynamicKV(backend)
 
 
 class SlotKV:
@@ -181,7 +195,7 @@ class SlotKV:
     def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
         """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked."""
         slot = self.rows
-        self.cache.load(slot, kv or [])
+        self.cache.load(slot, cut(kv, reused) if kv else [])
         logits = self.fast.forward(self.cache, torch.tensor([ids[reused:]]), first=slot)[0]
         return logits, self.cache.export(slot) if export else None
 
@@ -222,7 +236,7 @@ class DynamicKV:
         self.pending: tuple[Any, int] | None = None
 
     def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
-        cache = cache_from(self.model.config, kv or [])
+        cache = cache_from(self.model.config, cut(kv, reused) if kv else [])
         new = torch.tensor([ids[reused:]], dtype=torch.long)  # (1, T_new)
         positions = torch.arange(reused, len(ids)).unsqueeze(0)  # (1, T_new)
         kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
@@ -262,9 +276,9 @@ class DynamicKV:
 
 
 class BatchedBackend:
-    """A TorchBackend whose generation goes through a BatchScheduler; everything else is delegated."""
+    """A backend whose generation goes through a BatchScheduler; everything else is delegated."""
 
-    def __init__(self, backend: TorchBackend, **scheduler_kw: Any) -> None:
+    def __init__(self, backend: Any, **scheduler_kw: Any) -> None:
         self.inner = backend
         self.scheduler = BatchScheduler(backend, **scheduler_kw)
         self.name = backend.name
@@ -274,7 +288,8 @@ class BatchedBackend:
 
     @property
     def context_length(self) -> int:
-        return self.inner.context_length
+        """The model's context, or on llama.cpp a batch slot's."""
+        return getattr(self.scheduler.store, "context", None) or self.inner.context_length
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -1,25 +1,49 @@
-"""The models a server offers, loaded on first use, each behind its own continuous-batching scheduler."""
+"""The models a server offers, loaded on first use, each behind its own continuous-batching scheduler.
+
+Each model runs on llama.cpp (its GGUF file) or on PyTorch (its safetensors weights). `auto` takes llama.cpp
+where the store folder has a GGUF (always the model's own weights: an imported GGUF such as the default model's,
+or an export installed with --name): at batch 1 it decodes several times faster than PyTorch on a CPU, and
+batched it still leads. Models with no GGUF (PyTorch-quantized, or float models not exported) run on PyTorch.
+"""
 
 from __future__ import annotations
 
 import threading
 
+from pathlib import Path
+
 from slmkit.engine.scheduler import BatchedBackend
-from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import ModelNotFound, SlmkitError
 from slmkit.model import Model
 from slmkit.serve.metrics import Metrics
 from slmkit.store import Store
 
 
+SERVE_BACKENDS = ("auto", "torch", "llamacpp")
+TOKENIZER_CONTEXT = 64  # llama.cpp: the backend's own context (generation runs in the batch's context)
+
+
+def pick_backend(folder: Path, backend: str) -> str:
+    """The engine a model is served on: `backend`, or for `auto` llama.cpp when the folder has a GGUF."""
+    if backend not in SERVE_BACKENDS:
+        raise SlmkitError(f"unknown backend {backend!r}", f"Use one of: {', '.join(SERVE_BACKENDS)}")
+    if backend == "auto":
+        return "llamacpp" if any(folder.glob("*.gguf")) else "torch"
+    if backend == "llamacpp" and not any(folder.glob("*.gguf")):
+        raise SlmkitError(f"{folder.name} has no GGUF file for the llama.cpp backend",
+                          f"Export one: slmkit export {folder.name} --type Q8_0 --name {folder.name}-q8_0")
+    return backend
+
+
 class ModelRegistry:
-    def __init__(self, names: list[str], metrics: Metrics, *, max_batch: int, max_queue: int, prefix_cache_tokens: int, store: Store | None = None) -> None:
+    def __init__(self, names: list[str], metrics: Metrics, *, max_batch: int, max_queue: int, prefix_cache_tokens: int,
+                 store: Store | None = None, backend: str = "auto", context: int | None = None) -> None:
         self.store = store or Store()
-        for name in names:
-            self.store.require(name)  # fail at start-up, not at the first request
+        self.backends = {name: pick_backend(self.store.require(name), backend) for name in names}  # fail at start-up
         self.names = list(dict.fromkeys(names))
         self.metrics = metrics
         self.max_batch, self.max_queue, self.prefix_cache_tokens = max_batch, max_queue, prefix_cache_tokens
+        self.context = context
         self._models: dict[str, Model] = {}
         self._lock = threading.Lock()
 
@@ -30,10 +54,17 @@ class ModelRegistry:
         with self._lock:
             if name not in self._models:
                 from slmkit.config import settings
+                from slmkit.loading import BACKENDS
 
-                backend = TorchBackend.from_folder(self.store.require(name), threads=settings().threads)
+                folder = self.store.require(name)
+                if self.backends[name] == "llamacpp":  # its own context only tokenizes: keep it small
+                    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+
+                    backend = LlamaCppBackend.from_folder(folder, threads=settings().threads, n_ctx=TOKENIZER_CONTEXT)
+                else:
+                    backend = BACKENDS["torch"](folder, settings().threads)
                 batched = BatchedBackend(backend, max_batch=self.max_batch, max_queue=self.max_queue,
-                                         prefix_cache_tokens=self.prefix_cache_tokens)
+                                         prefix_cache_tokens=self.prefix_cache_tokens, context=self.context)
                 sched = batched.scheduler
                 self.metrics.watch(name, lambda: sched.queue_depth, lambda: sched.batch_size,
                                    lambda: sched.prefix_cache.hit_rate if sched.prefix_cache else 0.0)
