@@ -141,7 +141,7 @@ class LlamaCppSlots:
         size = self._L.llama_state_seq_get_size(self.ctx, slot)
         buf = (ctypes.c_uint8 * size)()
         written = self._L.llama_state_seq_get_data(self.ctx, buf, size, slot)
-        return bytes(buf[:written])
+        return ctypes.string_at(buf, written)
 
     def _clear_slot(self, slot: int) -> None:
         self._L.llama_memory_seq_rm(self.mem, slot, -1, -1)
