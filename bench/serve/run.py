@@ -7,7 +7,7 @@ Then a soak: a steady load on slmkit for --soak-seconds while the server's resid
     .venv/bin/pip install -c constraints.txt -e '.[dev]'
     .venv/bin/python bench/serve/run.py [--levels 1 4 8 16 32] [--soak-seconds 600] [--no-f16]
 
-Servers, one at a time: slmkit on PyTorch (float32) and on llama.cpp (the packaged Q4_1 GGUF), llama-cpp-python's
+Servers (all started first, then each level runs on each server in turn): slmkit on PyTorch (float32) and on llama.cpp (the packaged Q4_1 GGUF), llama-cpp-python's
 server on the same Q4_1 file, then both on an F16 export of the same weights (made once, as MODEL-f16 in the store).
 Writes bench/results/serve.{json,md}. Every server gets this machine's cores as threads.
 """
@@ -147,21 +147,28 @@ def f16_export(name: str) -> tuple[str, Path]:
     return f16, next(Store().path(f16).glob("*.gguf"))
 
 
-def run_server(cmd: list[str], model: str, levels: list[int], max_tokens: int, label: str, soak_s: float, soak_streams: int) -> dict:
-    port = int(cmd[cmd.index("--port") + 1])
-    url = f"http://127.0.0.1:{port}"
-    proc = start(cmd, url, dict(os.environ), model)
-    out: dict = {"label": label, "model": model, "levels": []}
+def run_all(runs: list[tuple[str, list[str], str, bool]], levels: list[int], max_tokens: int, soak_s: float, soak_streams: int) -> list[dict]:
+    """Start every server, then run each level on each server in turn, so that servers compared at a level are
+    measured minutes apart, not half an hour (this machine's speed drifts by +-25%); the soaks come last.
+    An idle server uses no CPU."""
+    procs, out = [], []
     try:
+        for label, cmd, model, _ in runs:
+            url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+            procs.append((start(cmd, url, dict(os.environ), model), url))
+            out.append({"label": label, "model": model, "levels": []})
         for n in levels:
-            out["levels"].append(asyncio.run(level(url, model, n, max_tokens)))
-            print(label, json.dumps(out["levels"][-1]), flush=True)
-        if soak_s > 0:
-            out["soak"] = asyncio.run(soak(url, model, proc.pid, soak_s, soak_streams))
-            print(label, "soak", json.dumps({k: v for k, v in out["soak"].items() if k != "samples"}), flush=True)
+            for (label, _, model, _), (_, url), res in zip(runs, procs, out):
+                res["levels"].append(asyncio.run(level(url, model, n, max_tokens)))
+                print(label, json.dumps(res["levels"][-1]), flush=True)
+        for (label, _, model, soaks), (proc, url), res in zip(runs, procs, out):
+            if soaks and soak_s > 0:
+                res["soak"] = asyncio.run(soak(url, model, proc.pid, soak_s, soak_streams))
+                print(label, "soak", json.dumps({k: v for k, v in res["soak"].items() if k != "samples"}), flush=True)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait(30)
     return out
 
 
@@ -190,9 +197,7 @@ def main() -> None:
         runs += [("slmkit llama.cpp F16", slmkit_cmd(f16, free_port(), "llamacpp"), f16, False),
                  ("llama_cpp.server F16", llama_server_cmd(f16_gguf, f16, free_port()), f16, False)]
     result: dict = {"benchmark": "serve", "model": name, "max_tokens": args.max_tokens, "runs": []}
-    for label, cmd, model, soaks in runs:
-        result["runs"].append(run_server(cmd, model, args.levels, args.max_tokens, label,
-                                         args.soak_seconds if soaks else 0, args.soak_streams))
+    result["runs"] = run_all(runs, args.levels, args.max_tokens, args.soak_seconds, args.soak_streams)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     md = report(result, args.max_tokens)
@@ -202,8 +207,8 @@ def main() -> None:
 
 def report(result: dict, max_tokens: int) -> str:
     md = [f"# serve ({result['model']})", "",
-          f"Streamed /v1/completions, ~128 prompt tokens, {max_tokens} new tokens each, temperature 0.7, one server at a "
-          "time, same machine, one run. slmkit serves the default model on PyTorch (float32 safetensors, the default "
+          f"Streamed /v1/completions, ~128 prompt tokens, {max_tokens} new tokens each, temperature 0.7, same machine, "
+          "one run; all servers up at once, each level run on one server after the other (the others idle). slmkit serves the default model on PyTorch (float32 safetensors, the default "
           "engine for it) and on llama.cpp (`--backend llamacpp`: the packaged Q4_1 GGUF, continuously batched as "
           "sequences of one llama.cpp context). llama-cpp-python's server (`python -m llama_cpp.server`) runs the same "
           "GGUF files with `--interrupt_requests False` (by default it aborts a running stream when another request "

@@ -4,6 +4,9 @@ llama-cpp-python's own server decodes one request at a time; llama.cpp itself ca
 one `llama_decode` call (each token tagged with its sequence id and position). Here every batch slot is a
 sequence id with its own part of the KV cache (`kv_unified` off: a slot's context is the context / slots,
 and attention never scans other slots' cells), so a step for B running rows is one call with B tokens.
+Running rows always hold slots 0..B-1, in order (a leaving row's slot takes the last row's sequence): llama.cpp
+splits a batch over separate KV streams into one pass per run of consecutive sequence ids, so gaps or
+disorder would turn one step into several (measured: 2-3x slower steps after requests come and go).
 Same interface as the PyTorch slot cache (`scheduler.SlotKV`): prefill, join, step, keep, clear. The prefix
 cache holds a slot's KV as llama.cpp's own per-sequence state blob, restored into a new slot and cut to the
 shared length.
@@ -23,7 +26,7 @@ DEFAULT_CONTEXT = 2048  # tokens per batch slot (llama.cpp allocates the KV up f
 
 
 class LlamaCppSlots:
-    """Sequences of one llama.cpp context, one per batch slot; running rows map to slots in `self.rows`."""
+    """Sequences of one llama.cpp context, one per batch slot; running row i is sequence (slot) i."""
 
     def __init__(self, backend: LlamaCppBackend, slots: int, context_per_slot: int | None = None) -> None:
         import llama_cpp as L
@@ -50,9 +53,7 @@ class LlamaCppSlots:
         self.batch = L.llama_batch_init(params.n_batch, 0, 1)
         self.slots = slots
         self.lens = [0] * slots  # tokens in each slot's KV
-        self.rows: list[int] = []  # slot of each running row
-        self.free = list(range(slots - 1, -1, -1))
-        self.pending: int | None = None
+        self.rows = 0  # running rows, in slots 0..rows-1
 
     def close(self) -> None:
         if self.ctx:
@@ -67,7 +68,7 @@ class LlamaCppSlots:
         if len(ids) > self.context:
             raise SlmkitError(f"{len(ids)} prompt tokens exceed the {self.context}-token context of a batch slot",
                               "Shorten the prompt, or serve with a larger --context.")
-        slot = self.free[-1]
+        slot = self.rows
         self._clear_slot(slot)
         if state is not None and reused:
             buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
@@ -83,42 +84,42 @@ class LlamaCppSlots:
                 self._put(j, token, self.lens[slot] + j, slot, start + j == len(rest) - 1)
             self._decode(len(part))
             self.lens[slot] += len(part)
-        self.pending = slot
         return self._logits(1)[0], self._state(slot) if export else None
 
     def join(self) -> None:
-        assert self.pending is not None
-        self.free.remove(self.pending)
-        self.rows.append(self.pending)
-        self.pending = None
+        self.rows += 1
 
     def step(self, last: list[int]) -> torch.Tensor:
         """One token for every running row, all in one llama_decode call; logits (B, V)."""
-        for i, (slot, token) in enumerate(zip(self.rows, last)):
+        for slot, token in enumerate(last):
             if self.lens[slot] >= self.context:
                 raise SlmkitError(f"a sequence reached the {self.context}-token context of its batch slot",
                                   "Ask for fewer tokens, or serve with a larger --context.")
-            self._put(i, token, self.lens[slot], slot, True)
+            self._put(slot, token, self.lens[slot], slot, True)
         self._decode(len(last))
-        for slot in self.rows:
+        for slot in range(len(last)):
             self.lens[slot] += 1
         return self._logits(len(last))
 
     def keep(self, rows: list[int]) -> list[int]:
-        kept = set(rows)
-        for i, slot in enumerate(self.rows):
-            if i not in kept:
-                self._clear_slot(slot)
-                self.free.append(slot)
-        self.rows = [self.rows[i] for i in rows]
-        return rows
+        """Keep `rows`, moving the last running sequence into each freed slot; returns the new order."""
+        order = list(range(self.rows))
+        for gone in sorted(set(order) - set(rows), reverse=True):
+            last = len(order) - 1
+            self._clear_slot(gone)
+            if gone != last:
+                self._L.llama_memory_seq_cp(self.mem, last, gone, -1, -1)
+                self.lens[gone] = self.lens[last]
+                self._clear_slot(last)
+                order[gone] = order[last]
+            order.pop()
+        self.rows = len(order)
+        return order
 
     def clear(self) -> None:
         self._L.llama_memory_clear(self.mem, True)
         self.lens = [0] * self.slots
-        self.rows = []
-        self.free = list(range(self.slots - 1, -1, -1))
-        self.pending = None
+        self.rows = 0
 
     # ---- llama.cpp calls --------------------------------------------------------------------------------
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
