@@ -208,9 +208,9 @@ def main() -> None:
 def report(result: dict, max_tokens: int) -> str:
     md = [f"# serve ({result['model']})", "",
           f"Streamed /v1/completions, ~128 prompt tokens, {max_tokens} new tokens each, temperature 0.7, same machine, "
-          "one run; all servers up at once, each level run on one server after the other (the others idle). slmkit serves the default model on PyTorch (float32 safetensors, the default "
-          "engine for it) and on llama.cpp (`--backend llamacpp`: the packaged Q4_1 GGUF, continuously batched as "
-          "sequences of one llama.cpp context). llama-cpp-python's server (`python -m llama_cpp.server`) runs the same "
+          "one run; all servers up at once, each level run on one server after the other (the others idle). slmkit serves the default model on llama.cpp (`--backend llamacpp`, "
+          "what `auto` picks: the packaged Q4_1 GGUF, continuously batched as sequences of one llama.cpp context) and "
+          "on PyTorch (`--backend torch`: its float32 safetensors). llama-cpp-python's server (`python -m llama_cpp.server`) runs the same "
           "GGUF files with `--interrupt_requests False` (by default it aborts a running stream when another request "
           "arrives, failing 15 of 16 streams; this way it queues them). The F16 pair serves an F16 export of the same "
           "weights on both servers.", "",

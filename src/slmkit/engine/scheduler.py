@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,12 @@ from slmkit.engine.llama_fast import FastLlama
 from slmkit.engine.sampling import SamplingParams, make_generator, sample_next, sample_rows
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
+
+if TYPE_CHECKING:
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.engine.llamacpp_batch import LlamaCppSlots
+
+    Engine = TorchBackend | LlamaCppBackend
 
 _DONE = object()
 
@@ -48,7 +54,7 @@ class _Request:
 class BatchScheduler:
     """Runs requests on one backend (PyTorch or llama.cpp) with a shared, continuously changing batch."""
 
-    def __init__(self, backend: Any, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_tokens: int = 4096,
+    def __init__(self, backend: "Engine", *, max_batch: int = 16, max_queue: int = 64, prefix_cache_tokens: int = 4096,
                  context: int | None = None) -> None:
         self.backend = backend
         self.max_batch = max_batch
@@ -175,7 +181,7 @@ class BatchScheduler:
             self.running = [self.running[i] for i in self.store.keep(keep)]
 
 
-def batch_store(backend: Any, slots: int, context: int | None = None) -> "SlotKV | DynamicKV | Any":
+def batch_store(backend: "Engine", slots: int, context: int | None = None) -> "SlotKV | DynamicKV | LlamaCppSlots":
     """Where the running batch's KV lives for this backend (`context`: tokens per slot, llama.cpp only)."""
     if getattr(backend, "name", "") == "llamacpp":
         from slmkit.engine.llamacpp_batch import LlamaCppSlots  # llama_cpp is imported only when asked for
@@ -278,7 +284,7 @@ class DynamicKV:
 class BatchedBackend:
     """A backend whose generation goes through a BatchScheduler; everything else is delegated."""
 
-    def __init__(self, backend: Any, **scheduler_kw: Any) -> None:
+    def __init__(self, backend: "Engine", **scheduler_kw: Any) -> None:
         self.inner = backend
         self.scheduler = BatchScheduler(backend, **scheduler_kw)
         self.name = backend.name
