@@ -191,3 +191,16 @@ def test_export_imatrix_errors(store, tmp_path, tiny_dir):
         assert r.exit_code == 1, (args, r.output)
         assert message in r.stderr, (args, r.stderr)
         assert snapshot(store.root) == before
+
+
+def test_llamacpp_static_batch_equals_one_at_a_time(tmp_path, tiny_dir):
+    """generate_batch (the speed test's batched rate) decodes rows together; each row is what it gets alone."""
+    gguf = export_gguf(tiny_dir, tmp_path, name="t", gguf_type="F32")
+    b = LlamaCppBackend(gguf, threads=2, flash_attn=True)
+    prompts = [b.encode(t) for t in PROMPTS]
+    for params in (GREEDY, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=7)):
+        batch = b.generate_batch(prompts, params, 12)
+        for r, ids in enumerate(prompts):
+            alone = params if params.seed is None else SamplingParams(**{**params.to_dict(), "seed": params.seed + r})
+            assert batch[r] == list(b.stream_tokens(ids, alone, 12))
+    b.close()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
+from slmkit.engine.sampling import SamplingParams, decode_static_batch, make_generator, sample_next
 from slmkit.errors import SlmkitError
 
 SCORING_CONTEXT = 2048
@@ -155,6 +155,26 @@ class LlamaCppBackend:
                 return
             history.append(token)
             llm.eval([token])
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True
+    ) -> list[list[int]]:
+        """A static batch decoded together in a multi-sequence llama.cpp context (one llama_decode per step).
+
+        Row r samples with seed `params.seed + r`. Finished rows keep computing (static batch) but stop growing.
+        """
+        from slmkit.engine.llamacpp_batch import LlamaCppSlots
+
+        store = LlamaCppSlots(self, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        try:
+            rows = []
+            for p in prompts:
+                rows.append(store.prefill(list(p), 0, None, export=False)[0])
+                store.join()
+            return decode_static_batch(torch.stack(rows), store.step, prompts, params, max_new_tokens, self._eos,
+                                       stop_at_eos=stop_at_eos)
+        finally:
+            store.close()
 
     def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
         out = []

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from slmkit.engine.llama_fast import FastLlama, supports
-from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
+from slmkit.engine.sampling import SamplingParams, decode_static_batch, make_generator, sample_next
 from slmkit.errors import SlmkitError
 
 
@@ -150,28 +150,18 @@ class TorchBackend:
             ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             mask[row, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        base_seed = params.seed if params.seed is not None else make_generator(None).initial_seed()
-        gens = [make_generator(base_seed, r) for r in range(n)]
-        histories = [list(p) for p in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * n
         cache = DynamicCache(config=self.model.config)
         kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kw).logits[:, -1]  # (B, V)
-        for _ in range(max_new_tokens):
-            step = [sample_next(logits[r], params, histories[r], gens[r]) for r in range(n)]
-            for r, token in enumerate(step):
-                if not done[r]:
-                    outputs[r].append(token)
-                    histories[r].append(token)
-                    done[r] = stop_at_eos and token in self._eos
-            if all(done):
-                break
+
+        def step(tokens: list[int]) -> torch.Tensor:
+            nonlocal mask, positions
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1  # (B, 1)
-            step_ids = torch.tensor(step, dtype=torch.long).unsqueeze(-1)  # (B, 1)
-            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **kw).logits[:, -1]
-        return outputs
+            step_ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(-1)  # (B, 1)
+            return self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **kw).logits[:, -1]
+
+        return decode_static_batch(logits, step, prompts, params, max_new_tokens, self._eos, stop_at_eos=stop_at_eos)
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
