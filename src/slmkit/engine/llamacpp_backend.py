@@ -24,6 +24,16 @@ from slmkit.errors import SlmkitError
 SCORING_CONTEXT = 2048
 
 
+def gguf_of(folder: Path) -> Path:
+    """The GGUF file llama.cpp runs for a store folder (the first one), or a clear error saying how to make one."""
+    ggufs = sorted(Path(folder).glob("*.gguf"))
+    if not ggufs:
+        name = Path(folder).name
+        raise SlmkitError(f"{name} has no GGUF file for the llama.cpp backend",
+                          f"Export one into the store: slmkit export {name} --type Q8_0 --name {name}-q8_0")
+    return ggufs[0]
+
+
 class LlamaCppBackend:
     """One llama.cpp context for generation; a second one with all-position logits is made when scoring."""
 
@@ -75,13 +85,7 @@ class LlamaCppBackend:
     @classmethod
     def from_folder(cls, folder: Path, *, threads: int | None = None, n_ctx: int = 0) -> "LlamaCppBackend":
         """The first GGUF of a store folder; `n_ctx` sizes the generation context (0: the model's own)."""
-        ggufs = sorted(Path(folder).glob("*.gguf"))
-        if not ggufs:
-            raise SlmkitError(
-                f"{Path(folder).name} has no GGUF file for the llama.cpp backend",
-                f"Export one into the store: slmkit export {Path(folder).name} --type Q8_0 --name {Path(folder).name}-q8_0",
-            )
-        return cls(ggufs[0], threads=threads, n_ctx=n_ctx)
+        return cls(gguf_of(folder), threads=threads, n_ctx=n_ctx)
 
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""

@@ -9,10 +9,11 @@ batched it still leads. Models with no GGUF (PyTorch-quantized, or float models 
 from __future__ import annotations
 
 import threading
-
 from pathlib import Path
 
+from slmkit.engine.llamacpp_backend import LlamaCppBackend, gguf_of
 from slmkit.engine.scheduler import BatchedBackend
+from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import ModelNotFound, SlmkitError
 from slmkit.model import Model
 from slmkit.serve.metrics import Metrics
@@ -29,9 +30,8 @@ def pick_backend(folder: Path, backend: str) -> str:
         raise SlmkitError(f"unknown backend {backend!r}", f"Use one of: {', '.join(SERVE_BACKENDS)}")
     if backend == "auto":
         return "llamacpp" if any(folder.glob("*.gguf")) else "torch"
-    if backend == "llamacpp" and not any(folder.glob("*.gguf")):
-        raise SlmkitError(f"{folder.name} has no GGUF file for the llama.cpp backend",
-                          f"Export one: slmkit export {folder.name} --type Q8_0 --name {folder.name}-q8_0")
+    if backend == "llamacpp":
+        gguf_of(folder)  # refuse at start-up, with how to make one
     return backend
 
 
@@ -54,15 +54,12 @@ class ModelRegistry:
         with self._lock:
             if name not in self._models:
                 from slmkit.config import settings
-                from slmkit.loading import BACKENDS
 
-                folder = self.store.require(name)
+                folder, threads = self.store.require(name), settings().threads
                 if self.backends[name] == "llamacpp":  # its own context only tokenizes: keep it small
-                    from slmkit.engine.llamacpp_backend import LlamaCppBackend
-
-                    backend = LlamaCppBackend.from_folder(folder, threads=settings().threads, n_ctx=TOKENIZER_CONTEXT)
+                    backend = LlamaCppBackend.from_folder(folder, threads=threads, n_ctx=TOKENIZER_CONTEXT)
                 else:
-                    backend = BACKENDS["torch"](folder, settings().threads)
+                    backend = TorchBackend.from_folder(folder, threads=threads)
                 batched = BatchedBackend(backend, max_batch=self.max_batch, max_queue=self.max_queue,
                                          prefix_cache_tokens=self.prefix_cache_tokens, context=self.context)
                 sched = batched.scheduler
