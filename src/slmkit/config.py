@@ -15,7 +15,8 @@ class Settings:
 
     home: Path
     threads: int
-    data_dir: Path | None
+    data_dir: Path | None  # SLMKIT_DATA: a folder of evaluation data the user keeps (slmkit.data.catalog's layout)
+    hub_offline: bool  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: never try the Hugging Face Hub for data
 
     @property
     def evals_dir(self) -> Path:
@@ -29,21 +30,18 @@ class Settings:
     def models_dir(self) -> Path:
         return self.home / "models"
 
+    @property
+    def data_cache(self) -> Path:
+        """Evaluation data slmkit fetched or unpacked, in the same layout as a data folder."""
+        return self.home / "data"
+
 
 def settings() -> Settings:
-    """Read the environment: SLMKIT_HOME (store root) and SLMKIT_THREADS (CPU threads for inference)."""
+    """Read the environment: SLMKIT_HOME (store root), SLMKIT_THREADS (CPU threads for inference), SLMKIT_DATA
+    (a data folder; slmkit never looks for one on its own), and the Hugging Face offline switches."""
     home = Path(os.environ.get("SLMKIT_HOME") or Path.home() / ".cache" / "slmkit").expanduser()
     raw_threads = os.environ.get("SLMKIT_THREADS", "")
     threads = int(raw_threads) if raw_threads.isdigit() and int(raw_threads) > 0 else (os.cpu_count() or 1)
-    return Settings(home=home, threads=threads, data_dir=_data_dir())
-
-
-def _data_dir() -> Path | None:
-    """SLMKIT_DATA, else the shared data folder beside the checkout (../shared/data) if there is one."""
-    if os.environ.get("SLMKIT_DATA"):
-        return Path(os.environ["SLMKIT_DATA"]).expanduser()
-    repo = Path(__file__).resolve().parents[2]  # src/slmkit/config.py -> the checkout
-    for candidate in (Path.cwd() / ".." / "shared" / "data", repo / ".." / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
+    data = os.environ.get("SLMKIT_DATA")
+    offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return Settings(home=home, threads=threads, data_dir=Path(data).expanduser() if data else None, hub_offline=offline)

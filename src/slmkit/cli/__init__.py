@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import evaluate, export, generate, models, quantize, serve
+from slmkit.cli import data, evaluate, export, generate, models, quantize, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -15,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models.app, name="models")
+app.add_typer(data.app, name="data")
 app.command("run")(generate.run)
 app.command("chat")(generate.chat)
 app.command("eval")(evaluate.eval_cmd)

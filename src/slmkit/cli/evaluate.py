@@ -18,6 +18,26 @@ from slmkit.evaluate.run import evaluate, latest_result_for
 from slmkit.loading import load
 
 
+def tasks_table(data_dir: Path | None) -> Table:
+    """The built-in tasks: what each scores, its dataset and where that data would come from now."""
+    from slmkit.data.catalog import get_dataset
+    from slmkit.data.locate import where
+    from slmkit.evaluate.tasks import BUILTIN, MMLU_SUBJECTS, SUITES
+
+    table = Table(title="Built-in tasks (lm-evaluation-harness's prompts and metrics)",
+                  caption="data: where it comes from now; missing: slmkit data fetch DATASET (see slmkit data list)")
+    for col in ("task", "what", "split, rows", "data", "suites"):
+        table.add_column(col, no_wrap=col in ("task", "data"))
+    for spec in BUILTIN.values():
+        ds = get_dataset(spec.dataset or "")
+        f = ds.file(spec.split)
+        found = where(ds.name, data_dir=data_dir)[0]
+        suites = ", ".join(k for k, v in SUITES.items() if spec.name in v)
+        table.add_row(spec.name, spec.title, f"{f.split}, {f.rows:,}", found.origin, suites)
+    table.add_row("mmlu_<subject>", f"one of MMLU's {len(MMLU_SUBJECTS)} subjects (_5shot: 5-shot)", "", "", "")
+    return table
+
+
 def _table(results: list[dict[str, Any]], title: str) -> Table:
     rows = rows_of(results)
     cols = columns_of(rows)
@@ -35,7 +55,8 @@ def _table(results: list[dict[str, Any]], title: str) -> Table:
 def eval_cmd(
     model_name: ModelOpt = None,
     ppl: Annotated[str | None, typer.Option("--ppl", help="Perplexity over a text file (or 'wikitext2').")] = None,
-    task: Annotated[list[str] | None, typer.Option("--task", help="Multiple-choice task: built-in name (arc_easy, arc_challenge) or YAML file. Repeatable.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Task: a built-in name (see --list-tasks) or a task YAML file. Repeatable.")] = None,
+    suite: Annotated[list[str] | None, typer.Option("--suite", help="A named set of tasks, reported with their average: small, arc, mmlu. Repeatable.")] = None,
     speed: Annotated[bool, typer.Option("--speed", help="Time to first token, prefill/decode tokens/s, memory, size.")] = False,
     kl: Annotated[str | None, typer.Option("--kl", help="Reference model (teacher) for KL divergence and top-1 agreement.")] = None,
     kl_text: Annotated[str | None, typer.Option("--kl-text", help="Text for --kl (default: the --ppl text, else wikitext2).")] = None,
@@ -43,17 +64,22 @@ def eval_cmd(
     context_length: Annotated[int, typer.Option("--context-length", help="Perplexity window in tokens.")] = 1024,
     stride: Annotated[int, typer.Option("--stride", help="New tokens scored per perplexity window.")] = 512,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the results JSON here.")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="A folder of evaluation data to look in first (default: SLMKIT_DATA; see `slmkit data list`).")] = None,
+    list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the built-in tasks and suites, with their data's source and size, and exit.")] = False,
     backend: BackendOpt = "torch",
 ) -> None:
     """Measure a model: perplexity and bits per byte, task accuracy, KL from a teacher, speed and memory."""
-    if not (ppl or task or speed or kl):
-        raise SlmkitError("nothing to measure", "Pass at least one of --ppl FILE, --task NAME, --speed, --kl MODEL.")
+    if list_tasks:
+        out_console().print(tasks_table(data_dir))
+        return
+    if not (ppl or task or suite or speed or kl):
+        raise SlmkitError("nothing to measure", "Pass at least one of --ppl FILE, --task NAME, --suite NAME, --speed, --kl MODEL.")
     if limit is not None and limit < 1:
         raise SlmkitError("--limit must be at least 1", "Leave it out to use everything.")
     model = load(model_name, backend=backend)
     reference = load(kl, backend=backend) if kl else None
     result, archived = evaluate(
-        model, ppl=ppl, tasks=list(task or []), speed=speed, kl=reference, kl_text=kl_text, limit=limit,
+        model, ppl=ppl, tasks=list(task or []), suites=list(suite or []), speed=speed, data_dir=data_dir, kl=reference, kl_text=kl_text, limit=limit,
         context_length=context_length, stride=stride, out=out,
     )
     out_console().print(_table([result], f"slmkit eval: {model.name}"))

@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     import torch
 
 
+class TokenScores(list):
+    """Log-probabilities of the scored tokens (a list of floats); `greedy` is True when every scored token was also
+    the likeliest one at its position (lm-evaluation-harness's is_greedy, which LAMBADA's accuracy counts)."""
+
+    def __init__(self, values: Sequence[float], greedy: bool) -> None:
+        super().__init__(values)
+        self.greedy = greedy
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str
@@ -53,8 +62,9 @@ class Backend(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
-        """For each (ids, start): log-probability of ids[i] given ids[:i], for i from start (>= 1) to the end.
+    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
+        """For each (ids, start): log-probability of ids[i] given ids[:i], for i from start (>= 1) to the end,
+        and whether each of those tokens was the argmax.
 
         Requests are scored together where the backend can batch them; the order of results matches.
         """

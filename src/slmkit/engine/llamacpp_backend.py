@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slmkit.engine.backend import TokenScores
 from slmkit.engine.sampling import SamplingParams, decode_static_batch, make_generator, sample_next
 from slmkit.errors import SlmkitError
 
@@ -180,11 +181,13 @@ class LlamaCppBackend:
         finally:
             store.close()
 
-    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
+    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
         out = []
         for ids, start in requests:
             rows = self.logprob_rows(ids)[start - 1 :]  # (n, V): predictions for ids[start:]
-            out.append(rows.gather(-1, torch.tensor(list(ids[start:])).unsqueeze(-1)).squeeze(-1).tolist())
+            targets = torch.tensor(list(ids[start:]))  # (n,)
+            picked = rows.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            out.append(TokenScores(picked.tolist(), bool((rows.argmax(-1) == targets).all())))
         return out
 
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slmkit.engine.backend import TokenScores
 from slmkit.engine.llama_fast import FastLlama, supports
 from slmkit.engine.sampling import SamplingParams, decode_static_batch, make_generator, sample_next
 from slmkit.errors import SlmkitError
@@ -179,7 +180,7 @@ class TorchBackend:
         return int(self.model.config.vocab_size)
 
     @torch.inference_mode()
-    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
+    def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
         for ids, start in requests:
             if not 1 <= start <= len(ids):
                 raise ValueError(f"start must be in [1, len(ids)]: got {start} for {len(ids)} ids")
@@ -195,7 +196,7 @@ class TorchBackend:
             rows = logits[row, start - 1 : len(ids) - 1].float()  # (n, V): predictions for ids[start:]
             targets = batch[row, start : len(ids)].unsqueeze(-1)  # (n, 1)
             picked = rows.gather(-1, targets).squeeze(-1) - torch.logsumexp(rows, dim=-1)
-            out.append(picked.tolist())
+            out.append(TokenScores(picked.tolist(), bool((rows.argmax(-1) == targets.squeeze(-1)).all())))
         return out
 
     @torch.inference_mode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from slmkit import progress
-from slmkit.engine.backend import Backend
+from slmkit.engine.backend import Backend, TokenScores
 
 Request = tuple[Sequence[int], int]
 
@@ -29,9 +29,9 @@ def plan_batches(lengths: Sequence[int], *, max_tokens: int, max_batch: int) -> 
 def score_requests(
     backend: Backend, requests: Sequence[Request], *, description: str = "Scoring", max_tokens: int = 4096,
     max_batch: int = 32,
-) -> list[list[float]]:
+) -> list[TokenScores]:
     """Log-probabilities for every request, in the order given."""
-    results: list[list[float] | None] = [None] * len(requests)
+    results: list[TokenScores | None] = [None] * len(requests)
     batches = plan_batches([len(ids) for ids, _ in requests], max_tokens=max_tokens, max_batch=max_batch)
     with progress.bar(description, total=len(requests)) as advance:
         for batch in batches:

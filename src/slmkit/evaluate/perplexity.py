@@ -5,23 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slmkit.config import settings
+from slmkit.data.catalog import DATASETS
+from slmkit.data.locate import locate
 from slmkit.engine.scoring import encode_document
 from slmkit.errors import SlmkitError
 from slmkit.evaluate.batching import score_requests
 from slmkit.evaluate.metrics import bits_per_byte, perplexity_from_nll, sliding_windows
 from slmkit.model import Model
 
-BUILTIN_TEXTS = {"wikitext2": "wikitext2/wiki.test.raw"}
+BUILTIN_TEXTS = [name for name, d in DATASETS.items() if d.text_field]  # raw-text corpora of the catalog
 
 
-def resolve_text(name_or_path: str) -> Path:
-    """A built-in text by name (wikitext2) or a file path."""
+def resolve_text(name_or_path: str, *, data_dir: Path | None = None) -> Path:
+    """A built-in text by name (wikitext2: the test split, found by slmkit.data.locate) or a file path."""
     if name_or_path in BUILTIN_TEXTS:
-        data = settings().data_dir
-        if data is None:
-            raise SlmkitError(f"the built-in text {name_or_path!r} needs the shared data folder", "Set SLMKIT_DATA.")
-        return data / BUILTIN_TEXTS[name_or_path]
+        return locate(name_or_path, data_dir=data_dir)
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise SlmkitError(f"no such text file: {path}", f"Give a UTF-8 text file, or one of: {', '.join(BUILTIN_TEXTS)}")

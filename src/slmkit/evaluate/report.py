@@ -73,7 +73,10 @@ def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for name, t in (r.get("tasks") or {}).items():
             row[f"{name}.acc"] = t["acc"]
-            row[f"{name}.acc_norm"] = t["acc_norm"]
+            row[f"{name}.acc_norm"] = t.get("acc_norm")
+            row[f"{name}.ppl"] = t.get("perplexity")  # LAMBADA-style tasks
+        for name, suite in (r.get("suites") or {}).items():
+            row[f"suite:{name}"] = suite["average"]
         rows.append(row)
     return rows
 
@@ -87,8 +90,10 @@ def columns_of(rows: list[dict[str, Any]]) -> list[Column]:
         Column("decode_tps", "decode tok/s", False, "{:.1f}"), Column("batched_tps", "batched tok/s", False, "{:.1f}"),
         Column("peak_rss_mb", "peak RSS MB", True, "{:.0f}"),
     ]
-    task_keys = sorted({k for row in rows for k in row if k.endswith(".acc") or k.endswith(".acc_norm")})
-    cols = fixed + [Column(k, k, False, "{:.4f}") for k in task_keys]
+    suite_keys = sorted({k for row in rows for k in row if k.startswith("suite:")})
+    task_keys = sorted({k for row in rows for k in row if k.endswith((".acc", ".acc_norm", ".ppl"))})
+    cols = (fixed + [Column(k, f"{k[len('suite:'):]} suite (avg)", False, "{:.4f}") for k in suite_keys]
+            + [Column(k, k, k.endswith(".ppl"), "{:.3f}" if k.endswith(".ppl") else "{:.4f}") for k in task_keys])
     return [c for c in cols if any(row.get(c.key) is not None for row in rows)]
 
 
@@ -98,7 +103,7 @@ def fmt(col: Column, value: Any) -> str:
 
 def quality_axes(columns: list[Column]) -> list[Column]:
     """The quality metrics worth plotting against size and speed."""
-    keys = ["bits_per_byte", "mean_kl"] + [c.key for c in columns if c.key.endswith(".acc_norm")]
+    keys = ["bits_per_byte", "mean_kl"] + [c.key for c in columns if c.key.endswith(".acc_norm") or c.key.startswith("suite:")]
     return [c for c in columns if c.key in keys]
 
 

@@ -13,7 +13,7 @@ from slmkit.evaluate.divergence import divergence
 from slmkit.evaluate.perplexity import perplexity, resolve_text
 from slmkit.evaluate.results import new_result, save_result
 from slmkit.evaluate.speed import measure_speed
-from slmkit.evaluate.tasks import load_task
+from slmkit.evaluate.tasks import load_task, suite_tasks
 from slmkit.model import Model
 
 
@@ -22,6 +22,7 @@ def evaluate(
     *,
     ppl: str | None = None,
     tasks: list[str] | None = None,
+    suites: list[str] | None = None,
     speed: bool = False,
     kl: Model | None = None,
     kl_text: str | None = None,
@@ -29,15 +30,22 @@ def evaluate(
     context_length: int = 1024,
     stride: int = 512,
     out: Path | None = None,
+    data_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Run the requested measurements on `model`; save the result JSON (to `out` and the store's evals folder)."""
-    tasks = tasks or []
-    for t in tasks:  # fail on a bad task name or file before any slow work
-        load_task(t)
-    ppl_path = resolve_text(ppl) if ppl else None
-    kl_path = resolve_text(kl_text or ppl or "wikitext2") if kl is not None else None
+    """Run the requested measurements on `model`; save the result JSON (to `out` and the store's evals folder).
+
+    `suites` add their tasks and a per-suite average of each task's primary metric; `data_dir` is a folder of
+    evaluation data to look in first (slmkit.data.locate says where else data comes from)."""
+    suites = suites or []
+    tasks = list(tasks or [])
+    for name in suites:
+        tasks += [t for t in suite_tasks(name) if t not in tasks]
+    specs = {t: load_task(t, data_dir=data_dir) for t in tasks}  # fail on a bad task name or file before any slow work
+    ppl_path = resolve_text(ppl, data_dir=data_dir) if ppl else None
+    kl_path = resolve_text(kl_text or ppl or "wikitext2", data_dir=data_dir) if kl is not None else None
     result = new_result(model, {
-        "ppl": str(ppl_path) if ppl_path else None, "tasks": tasks, "speed": speed, "kl": kl.name if kl else None,
+        "ppl": str(ppl_path) if ppl_path else None, "tasks": tasks, "suites": suites, "speed": speed,
+        "kl": kl.name if kl else None,
         "kl_text": str(kl_path) if kl_path else None, "limit": limit, "context_length": context_length, "stride": stride,
     })
     r = result["results"]
@@ -46,9 +54,10 @@ def evaluate(
             model, ppl_path.read_text(encoding="utf-8"), context_length=context_length, stride=stride, limit=limit)}
     if tasks:
         r["tasks"] = {}
-        for t in tasks:
-            res = evaluate_task(model, t, limit=limit)
-            r["tasks"][res["task"]] = res
+        for t, spec in specs.items():
+            r["tasks"][t] = evaluate_task(model, spec, limit=limit, data_dir=data_dir)
+    if suites:
+        r["suites"] = {name: suite_summary(r["tasks"], suite_tasks(name)) for name in suites}
     if kl is not None and kl_path is not None:
         r["kl"] = {"file": str(kl_path), **divergence(model, kl, kl_path.read_text(encoding="utf-8"), limit=limit)}
     if speed:
@@ -58,6 +67,19 @@ def evaluate(
     if out:
         save_result(result, out)
     return result, archived
+
+
+def primary_metric(task_result: dict[str, Any]) -> str:
+    """The metric a suite averages for one task: its primary one, or acc where the task lacks that metric."""
+    primary = task_result.get("primary", "acc")
+    return primary if primary in task_result else "acc"
+
+
+def suite_summary(task_results: dict[str, dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
+    """Each task's primary metric and their plain average, the way model cards tabulate a suite."""
+    per_task = {t: {"metric": primary_metric(task_results[t]), "value": task_results[t][primary_metric(task_results[t])],
+                    "n": task_results[t]["n"]} for t in names}
+    return {"tasks": per_task, "average": sum(v["value"] for v in per_task.values()) / len(per_task)}
 
 
 def latest_result_for(name: str) -> Path | None:
