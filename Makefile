@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-EVAL_SAMPLE := --ppl wikitext2 --task arc_easy --speed --limit 16 --context-length 512 --stride 256
+EVAL_SAMPLE := --ppl wikitext2 --suite arc --speed --limit 16 --context-length 512 --stride 256
 
 .PHONY: demo test install install-test clean
 

@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, snapshot
 from typer.testing import CliRunner
 
 import slmkit
 from slmkit.cli import app
 from slmkit.errors import SlmkitError
 from slmkit.evaluate.choice import evaluate_task
+from slmkit.engine.scoring import encode_pair
 from slmkit.evaluate.divergence import divergence
 from slmkit.evaluate.perplexity import perplexity
 from slmkit.evaluate.speed import measure_speed
@@ -93,7 +94,8 @@ def test_other_formats(tiny, tmp_path):
         ([ARC_ROWS[0], {"query": "q", "choices": ["a", "b"]}], "query_choices_gold", ":2: missing field 'gold'"),
         ([{"query": "q", "choices": ["a", "b"], "gold": 5}], "query_choices_gold", ":1: gold/label 5 is out of range"),
         ([{"query": "q", "choices": "ab", "gold": 0}], "query_choices_gold", ":1: field 'choices' should be list"),
-        ([ARC_ROWS[0]], "hellaswag", ":1: missing field 'endings'"),
+        ([{"query": "q", "label": 0}], "hellaswag", ":1: missing field 'choices'"),  # neither the Hub's nor a processed row
+        ([{"sentence": "no blank here", "option1": "a", "option2": "b", "answer": "1"}], "winogrande", ":1: the sentence has no blank"),
         ([ARC_ROWS[0]], "multiple_guess", "unknown format 'multiple_guess'"),
     ],
 )
@@ -205,3 +207,74 @@ def test_eval_cli_errors(store, tmp_path):
         r = runner.invoke(app, args)
         assert r.exit_code == 1, (args, r.output)
         assert message in r.stderr, (args, r.stderr)
+
+
+def write_dataset(folder, rel, rows):
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_lambada_accuracy_is_greedy_match_and_perplexity_per_item(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("SLMKIT_DATA", raising=False)
+    b = tiny.backend
+    rows = [{"text": "The quick brown fox jumps over the lazy dog."},
+            {"text": "Paris is the capital of France."},
+            {"text": "Small language models run on laptops"}]
+    # one more row whose last word is what the model itself predicts, so a greedy hit is possible
+    ctx_ids = b.encode("Berlin is the capital of")
+    nxt = int(b.logprob_rows(ctx_ids + [0])[-1].argmax())
+    rows.append({"text": "Berlin is the capital of" + b.decode([nxt])})
+    data = tmp_path / "data"
+    write_dataset(data, "lambada_openai/test.jsonl", rows)
+    res = evaluate_task(tiny, "lambada_openai", data_dir=data)
+    greedy, lls = [], []
+    for row in rows:
+        words = row["text"].split(" ")
+        ctx, cont = " ".join(words[:-1]), " " + words[-1]
+        s = tiny.score(cont, context=ctx)
+        lls.append(s.total)
+        ids, start = encode_pair(b, ctx, cont)
+        rows_lp = b.logprob_rows(ids)[start - 1:]  # predictions for ids[start:]
+        greedy.append(float(all(int(rows_lp[i].argmax()) == ids[start + i] for i in range(len(ids) - start))))
+    assert res["n"] == 4 and res["acc"] == pytest.approx(sum(greedy) / 4)
+    assert res["perplexity"] == pytest.approx(math.exp(-sum(lls) / 4), rel=1e-5)
+    assert "acc_norm" not in res
+
+
+MMLU_ROWS = [{"question": f"Where is {c}?", "subject": s, "choices": ["France", "Germany", "a dog", "laptops"], "answer": a}
+             for s, c, a in [("geography", "Paris", 0), ("geography", "Berlin", 1), ("geography", "the fox", 2),
+                             ("computer_science", "a model", 3), ("computer_science", "the code", 3)]]
+
+
+def test_mmlu_suite_reports_subjects_and_the_average(store, tmp_path, monkeypatch):
+    from slmkit.evaluate.run import evaluate
+
+    monkeypatch.delenv("SLMKIT_DATA", raising=False)
+    data = tmp_path / "data"
+    write_dataset(data, "mmlu/test.jsonl", MMLU_ROWS)
+    write_dataset(data, "mmlu/dev.jsonl", MMLU_ROWS[:2] + MMLU_ROWS[3:4])
+    result, _ = evaluate(slmkit.load("tiny"), suites=["mmlu"], data_dir=data)
+    r = result["results"]
+    zero, five = r["tasks"]["mmlu"], r["tasks"]["mmlu_5shot"]
+    assert zero["n"] == five["n"] == 5 and set(zero["groups"]) == {"geography", "computer_science"}
+    g = zero["groups"]
+    assert g["geography"]["n"] == 3 and g["computer_science"]["n"] == 2
+    # lm-eval's MMLU average weights subjects by size: the same as the accuracy over all questions
+    assert zero["acc"] == pytest.approx((3 * g["geography"]["acc"] + 2 * g["computer_science"]["acc"]) / 5)
+    suite = r["suites"]["mmlu"]
+    assert suite["average"] == pytest.approx((zero["acc"] + five["acc"]) / 2)
+    assert suite["tasks"]["mmlu"] == {"metric": "acc", "value": zero["acc"], "n": 5}
+    res = runner.invoke(app, ["eval", "tiny", "--suite", "nope"])
+    assert res.exit_code == 1 and "Suites: small" in res.stderr
+
+
+def test_missing_dataset_is_a_clear_cli_error(store, monkeypatch):
+    monkeypatch.delenv("SLMKIT_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = snapshot(store.root.parent)
+    res = runner.invoke(app, ["eval", "tiny", "--task", "hellaswag"])
+    assert res.exit_code == 1
+    assert "hellaswag/validation.jsonl" in res.stderr and "slmkit data fetch hellaswag" in res.stderr
+    assert snapshot(store.root.parent) == before

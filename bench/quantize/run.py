@@ -4,7 +4,7 @@ For each variant: file size, bits per weight, WikiText-2 perplexity (same contex
 prefill and decode tokens/s, peak resident memory. Each measurement runs `slmkit eval` in its own process, so
 the peak memory is that model's alone (speed and perplexity in separate processes).
 
-    .venv/bin/python bench/quantize/run.py [--windows 16] [--home /tmp/slmkit-bench-home]
+    .venv/bin/python bench/quantize/run.py [--windows 16] [--home /tmp/slmkit-bench-home] [--data ../shared/data]
 
 Writes bench/results/quantize.{json,md}. Targets (from the issue) are checked in the Markdown.
 """
@@ -86,11 +86,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 1024 tokens (stride 512)")
     ap.add_argument("--home", default="/tmp/slmkit-bench-home")
     ap.add_argument("--ab-repeats", type=int, default=3, help="alternating fp32 / int8 speed runs for the decode ratio")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
+                    help="the project's data folder (calibration text wikitext2/wiki.valid.tokens)")
     args = ap.parse_args()
     env = dict(os.environ, SLMKIT_HOME=args.home)
-    from slmkit.config import settings
-
-    data = settings().data_dir
+    data = args.data
     out = Path(args.home) / "bench"
     out.mkdir(parents=True, exist_ok=True)
     sh(SLMKIT + ["models", "list"], env)  # imports the default into the bench store

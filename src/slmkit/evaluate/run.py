@@ -54,8 +54,8 @@ def evaluate(
             model, ppl_path.read_text(encoding="utf-8"), context_length=context_length, stride=stride, limit=limit)}
     if tasks:
         r["tasks"] = {}
-        for t, spec in specs.items():
-            r["tasks"][t] = evaluate_task(model, spec, limit=limit, data_dir=data_dir)
+        for spec in specs.values():
+            r["tasks"][spec.name] = evaluate_task(model, spec, limit=limit, data_dir=data_dir)
     if suites:
         r["suites"] = {name: suite_summary(r["tasks"], suite_tasks(name)) for name in suites}
     if kl is not None and kl_path is not None:
