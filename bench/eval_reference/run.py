@@ -1,10 +1,12 @@
 """Check slmkit eval against references on the default model, in one run:
 
-1. ARC-Easy accuracy: slmkit's arc_easy vs lm-evaluation-harness on the same local file (target: within 0.5 points).
+1. Every built-in task whose data is at hand (ARC-Easy and ARC-Challenge always: they ship inside slmkit; the
+   others when a data folder holds them): slmkit's score vs lm-evaluation-harness running its *own* task config
+   for that task on the same rows (target: within 0.5 points).
 2. WikiText-2 perplexity: slmkit vs a plain transformers loop written here (target: within 1%).
 
-Needs the dev extra (pip install -c constraints.txt -e '.[dev]'). Run:
-    .venv/bin/python bench/eval_reference/run.py [--limit 500] [--ppl-chars 60000]
+Needs the test or dev extra (lm-eval). Run:
+    .venv/bin/python bench/eval_reference/run.py [--limit 500] [--ppl-chars 60000] [--data-dir DATA]
 Writes bench/results/eval_reference.{json,md}.
 """
 
@@ -14,6 +16,9 @@ import argparse
 import json
 import math
 import os
+import platform
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +26,19 @@ import torch
 
 HERE = Path(__file__).parent
 RESULTS = HERE.parent / "results"
+
+# slmkit task -> (lm-eval task config inside lm_eval/tasks, the split lm-eval scores, metrics to compare)
+LM_EVAL = {
+    "arc_easy": ("arc/arc_easy.yaml", "test", ("acc", "acc_norm")),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test", ("acc", "acc_norm")),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "validation", ("acc", "acc_norm")),
+    "piqa": ("piqa/piqa.yaml", "validation", ("acc", "acc_norm")),
+    "winogrande": ("winogrande/default.yaml", "validation", ("acc",)),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test", ("acc", "acc_norm")),
+    "boolq": ("super_glue/boolq/default.yaml", "validation", ("acc",)),
+    "sciq": ("sciq/sciq.yaml", "test", ("acc", "acc_norm")),
+    "lambada_openai": ("lambada/lambada_openai.yaml", "test", ("acc", "perplexity")),
+}
 
 
 def plain_transformers_ppl(model, tokenizer, text: str, ctx: int, stride: int) -> tuple[float, int]:
@@ -41,40 +59,85 @@ def plain_transformers_ppl(model, tokenizer, text: str, ctx: int, stride: int) -
     return math.exp(nll / count), count
 
 
+def hub_rows(task: str, path: Path, limit: int) -> list[dict]:
+    """The first `limit` rows in the Hub's schema (the packaged ARC files are llm-foundry's {query, choices, gold})."""
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:limit]
+    if task.startswith("arc") and rows and "query" in rows[0]:
+        labels = "ABCDEFGH"
+        rows = [{"question": r["query"].removeprefix("Question: "), "answerKey": labels[r["gold"]],
+                 "choices": {"text": r["choices"], "label": list(labels[: len(r["choices"])])}} for r in rows]
+    return rows
+
+
+def lscpu_flags() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "?"
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
+    return f"{model}; " + " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=500, help="ARC-Easy questions (of 2376)")
+    ap.add_argument("--limit", type=int, default=500, help="questions per task")
     ap.add_argument("--ppl-chars", type=int, default=60000, help="characters of wiki.test.raw for the perplexity check")
+    ap.add_argument("--data-dir", type=Path, default=None, help="a data folder with more tasks' files (slmkit data list)")
     args = ap.parse_args()
 
-    import slmkit
-    from slmkit.config import settings
-    from slmkit.evaluate.choice import evaluate_task
-    from slmkit.evaluate.perplexity import perplexity
-    from slmkit.store import Store
-
-    data = settings().data_dir
-    model = slmkit.load()
-    folder = Store().path(model.name)
-
-    t = time.perf_counter()
-    ours = evaluate_task(model, "arc_easy", limit=args.limit)
-    ours_s = time.perf_counter() - t
-
     import lm_eval
+    import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
-    (HERE / "arc_easy_local.yaml").write_text((HERE / "arc_easy_local.yaml.in").read_text().replace("@DATA@", str(data)))
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    t = time.perf_counter()
-    ref = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=["slmkit_arc_easy_local"],
-        task_manager=TaskManager(include_path=str(HERE)), limit=args.limit, batch_size=16, device="cpu",
-    )
-    ref_s = time.perf_counter() - t
-    ref_task = ref["results"]["slmkit_arc_easy_local"]
+    import slmkit
+    from slmkit.data.locate import DataNotFound, locate
+    from slmkit.evaluate.choice import evaluate_task
+    from slmkit.evaluate.perplexity import perplexity, resolve_text
+    from slmkit.evaluate.tasks import load_task
+    from slmkit.store import Store
 
-    text = (data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[: args.ppl_chars]
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    model = slmkit.load()
+    folder = Store().path(model.name)
+    lm_tasks_dir = Path(lm_eval.tasks.__file__).parent
+    work = Path(tempfile.mkdtemp(prefix="slmkit-eval-ref-"))
+
+    tasks: dict[str, dict] = {}
+    for name, (config, split, metrics) in LM_EVAL.items():
+        spec = load_task(name)
+        try:
+            path = locate(spec.dataset, spec.split, data_dir=args.data_dir, hub=False)
+        except DataNotFound:
+            print(f"{name}: no data at hand, skipped", flush=True)
+            continue
+        rows = hub_rows(name, path, args.limit)
+        local = work / f"{name}.jsonl"
+        local.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (work / f"ref_{name}.yaml").write_text(
+            f"include: {lm_tasks_dir / config}\ntask: ref_{name}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    {split}: {local}\ntraining_split: null\n"
+            f"validation_split: {split if split == 'validation' else 'null'}\ntest_split: {split if split == 'test' else 'null'}\n")
+        t = time.perf_counter()
+        ours = evaluate_task(model, name, limit=args.limit, data_dir=args.data_dir)
+        ours_s = time.perf_counter() - t
+        t = time.perf_counter()
+        ref = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=[f"ref_{name}"],
+            task_manager=TaskManager(include_path=str(work)), batch_size=16, device="cpu",
+        )["results"][f"ref_{name}"]
+        ref_s = time.perf_counter() - t
+        entry = {"questions": ours["n"], "slmkit_seconds": ours_s, "lm_eval_seconds": ref_s, "metrics": {}}
+        for m in metrics:
+            a, b = ours[m], ref[f"{m},none"]
+            diff = abs(a - b) if m == "perplexity" else 100 * abs(a - b)
+            entry["metrics"][m] = {"slmkit": a, "lm_eval": b, "diff": diff, "unit": "%" if m == "perplexity" else "points"}
+            if m == "perplexity":
+                entry["metrics"][m]["diff"] = 100 * abs(a - b) / b
+        tasks[name] = entry
+        print(json.dumps({name: entry}), flush=True)
+
+    text = resolve_text("wikitext2").read_text(encoding="utf-8")[: args.ppl_chars]
     t = time.perf_counter()
     ours_ppl = perplexity(model, text, context_length=1024, stride=512)
     ours_ppl_s = time.perf_counter() - t
@@ -84,14 +147,10 @@ def main() -> None:
     result = {
         "benchmark": "eval_reference",
         "model": model.name,
-        "arc_easy": {
-            "questions": ours["n"],
-            "slmkit": {"acc": ours["acc"], "acc_norm": ours["acc_norm"], "acc_stderr": ours["acc_stderr"], "seconds": ours_s},
-            "lm_eval": {"version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "?",
-                        "acc": ref_task["acc,none"], "acc_norm": ref_task["acc_norm,none"], "seconds": ref_s},
-            "diff_points_acc": 100 * abs(ours["acc"] - ref_task["acc,none"]),
-            "diff_points_acc_norm": 100 * abs(ours["acc_norm"] - ref_task["acc_norm,none"]),
-        },
+        "cpu": lscpu_flags(),
+        "platform": platform.platform(),
+        "lm_eval_version": getattr(lm_eval, "__version__", "?"),
+        "tasks": tasks,
         "perplexity": {
             "text": f"wiki.test.raw, first {args.ppl_chars} characters",
             "slmkit": {"perplexity": ours_ppl["perplexity"], "tokens": ours_ppl["tokens"],
@@ -102,19 +161,23 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "eval_reference.json").write_text(json.dumps(result, indent=2) + "\n")
-    a, p = result["arc_easy"], result["perplexity"]
-    md = f"""# eval_reference ({model.name})
-
-| check | slmkit | reference | difference | target |
-|---|---|---|---|---|
-| ARC-Easy acc ({a['questions']} q) | {a['slmkit']['acc']:.4f} | {a['lm_eval']['acc']:.4f} (lm-eval) | {a['diff_points_acc']:.2f} points | <= 0.5 |
-| ARC-Easy acc_norm | {a['slmkit']['acc_norm']:.4f} | {a['lm_eval']['acc_norm']:.4f} (lm-eval) | {a['diff_points_acc_norm']:.2f} points | <= 0.5 |
-| WikiText-2 ppl ({p['slmkit']['tokens']} tokens) | {p['slmkit']['perplexity']:.4f} | {p['plain_transformers']['perplexity']:.4f} (plain loop) | {100 * p['rel_diff']:.3f}% | <= 1% |
-
-Time: slmkit ARC {a['slmkit']['seconds']:.0f} s, lm-eval ARC {a['lm_eval']['seconds']:.0f} s (same machine, same run).
-"""
-    (RESULTS / "eval_reference.md").write_text(md)
-    print(md)
+    lines = [f"# eval_reference ({model.name})", "",
+             f"lm-evaluation-harness {result['lm_eval_version']} runs its own task config for each task on the same rows "
+             f"(first {args.limit} of each split); CPU: {result['cpu']}.", "",
+             "| task | metric | n | slmkit | lm-eval | difference | target |", "|---|---|---|---|---|---|---|"]
+    for name, e in tasks.items():
+        for m, v in e["metrics"].items():
+            unit = v["unit"]
+            lines.append(f"| {name} | {m} | {e['questions']} | {v['slmkit']:.4f} | {v['lm_eval']:.4f} | "
+                         f"{v['diff']:.2f} {unit} | <= {'1 %' if unit == '%' else '0.5 points'} |")
+    p = result["perplexity"]
+    lines += ["", "| check | slmkit | plain transformers loop | difference | target |", "|---|---|---|---|---|",
+              f"| WikiText-2 ppl ({p['slmkit']['tokens']} tokens) | {p['slmkit']['perplexity']:.4f} | "
+              f"{p['plain_transformers']['perplexity']:.4f} | {100 * p['rel_diff']:.3f}% | <= 1% |", "",
+              "Time (same machine, same run): " + ", ".join(
+                  f"{n} slmkit {e['slmkit_seconds']:.0f} s / lm-eval {e['lm_eval_seconds']:.0f} s" for n, e in tasks.items()), ""]
+    (RESULTS / "eval_reference.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
