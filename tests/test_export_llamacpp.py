@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import slmkit
 from slmkit.cli import app
-from slmkit.compress.stage import quantize_stage
+from slmkit.compress.quantize_stage import quantize_stage
 from slmkit.engine.llamacpp_backend import LlamaCppBackend
 from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.torch_backend import TorchBackend

@@ -7,7 +7,7 @@ import torch
 from conftest import build_tiny_llama
 
 import slmkit
-from slmkit.compress.stage import quantize_stage
+from slmkit.compress.quantize_stage import quantize_stage
 from slmkit.engine.llama_fast import FastLlama, SlotCache, supports
 from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.scheduler import SlotKV

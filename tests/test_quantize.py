@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 import slmkit
 from slmkit.cli import app
 from slmkit.compress import quant_ops as qo
-from slmkit.compress.qlinear import Int4Linear, Int8Linear
+from slmkit.layers.integer import Int4Linear, Int8Linear
 from slmkit.compress.quantize import quantize_layer
-from slmkit.compress.stage import quantize_stage
+from slmkit.compress.quantize_stage import quantize_stage
 from slmkit.errors import SlmkitError
 from slmkit.store import Store
 

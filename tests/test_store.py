@@ -61,7 +61,7 @@ def test_failed_import_leaves_nothing(home, tiny_dir, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr("slmkit.sources.importer.build_card", boom)  # fails after the weights are written
+    monkeypatch.setattr("slmkit.store.build_card", boom)  # fails after the weights are written (Store.derive)
     with pytest.raises(RuntimeError):
         import_path(tiny_dir, "broken")
     assert snapshot(home) == before
@@ -72,7 +72,7 @@ def test_interrupted_import_leaves_nothing(home, tiny_dir, monkeypatch):
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("slmkit.sources.importer.write_card", ctrl_c)
+    monkeypatch.setattr("slmkit.store.write_card", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         import_path(tiny_dir, "half")
     assert not Store().exists("half")

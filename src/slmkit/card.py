@@ -11,6 +11,9 @@ from typing import Any
 
 from safetensors import safe_open
 
+from slmkit.sources.hf_dir import read_config
+from slmkit.version import __version__
+
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
 CARD_FORMAT = 1
@@ -145,9 +148,7 @@ def build_card(
     parameters: int | None = None,
 ) -> ModelCard:
     """Describe the model files in `folder` (hashes, sizes, parameters) and its lineage."""
-    from slmkit import __version__
-
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (CARD_JSON, CARD_MD)}
     size = sum((folder / n).stat().st_size for n in files)
     params, dtype = count_parameters(folder)

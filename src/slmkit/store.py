@@ -14,7 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from slmkit.card import CARD_JSON, ModelCard, read_card
+from collections.abc import Callable
+from typing import Any
+
+from slmkit import progress
+from slmkit.card import CARD_JSON, ModelCard, build_card, read_card, write_card
 from slmkit.config import settings
 from slmkit.errors import InvalidName, ModelNotFound, SlmkitError
 
@@ -117,6 +121,23 @@ class Store:
                 f"a model named {name!r} already exists",
                 f"Pick another name with --name, or replace it with --force (or: slmkit models rm {name}).",
             )
+
+    def derive(
+        self, name: str, write: Callable[[Path], None], *, stage: str, parent: str | None = None,
+        source: dict[str, Any] | None = None, settings: dict[str, Any] | None = None, parameters: int | None = None,
+        overwrite: bool = False,
+    ) -> ModelCard:
+        """Install model `name` made by `stage`: `write(staging)` puts its files in a staging folder, then its card
+        (lineage: parent, stage, settings; file hashes, size, parameters) is written and the folder renamed into
+        place. Every stage and import ends here; a failure anywhere leaves nothing under `name`."""
+        with self.install(name, overwrite=overwrite) as staging:
+            write(staging)
+            with progress.step("Hashing files and writing the model card"):
+                card = build_card(staging, name=name, stage=stage, parent=parent,
+                                  source=source if source is not None else {"kind": "stage", "parent": parent},
+                                  settings=settings, parameters=parameters)
+                write_card(staging, card)
+        return card
 
     @contextmanager
     def install(self, name: str, *, overwrite: bool = False) -> Iterator[Path]:

@@ -22,7 +22,7 @@ def quantize(
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
 ) -> None:
     """Quantize a model's weights to int8 or int4 (real integer weights: smaller and faster), as a new store model."""
-    from slmkit.compress.stage import quantize_stage
+    from slmkit.compress.quantize_stage import quantize_stage
     from slmkit.evaluate.quick import describe_delta, quick_perplexity
     from slmkit.loading import load
     from slmkit.store import Store

@@ -6,8 +6,6 @@ hard-coded paths, so any causal LM that transformers builds is walked the same w
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +14,18 @@ from torch import nn
 
 from slmkit import progress
 from slmkit.compress import quant_ops as qo
-from slmkit.compress.qlinear import COMPUTE, Int4Linear, Int8Linear
+from slmkit.compress.calibrate import collect_stats
+from slmkit.layers.integer import COMPUTE, Int4Linear, Int8Linear
+from slmkit.layers.walk import empty_skeleton, linear_layers, set_module
 from slmkit.errors import SlmkitError
+from slmkit.sources.hf_dir import read_config
 
 SCHEMES = ("int8", "int4")
 METHODS = ("rtn", "gptq", "awq")
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP = 32  # int4 weights per scale and minimum
 CONFIG_KEY = "slmkit_quantization"
 AWQ_GRID = 11  # alphas 0, 0.1, ..., 1
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def check_settings(scheme: str, method: str, group_size: int | None, layers: dict[str, nn.Linear]) -> int | None:
@@ -42,7 +35,7 @@ def check_settings(scheme: str, method: str, group_size: int | None, layers: dic
         raise SlmkitError(f"unknown method {method!r}", f"Methods: {', '.join(METHODS)}")
     if scheme == "int8":
         return None  # per output channel; a group size does not apply
-    group = group_size or 32
+    group = group_size or DEFAULT_GROUP
     if group not in GROUP_SIZES:
         raise SlmkitError(f"group size {group} is not supported", f"Use one of {GROUP_SIZES}.")
     bad = sorted({m.in_features for m in layers.values() if m.in_features % group})
@@ -51,44 +44,6 @@ def check_settings(scheme: str, method: str, group_size: int | None, layers: dic
         raise SlmkitError(f"group size {group} does not divide the input sizes {bad} of this model",
                           f"Use --group-size {' or '.join(map(str, fits)) or '(none fits)'}.")
     return group
-
-
-# ---- calibration statistics --------------------------------------------------------------------------------
-def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Per layer: mean |x| (AWQ) and mean x^2 (llama.cpp's imatrix) per input channel and, when asked,
-    H = 2/n X^T X (GPTQ), from calibration inputs."""
-    stats: dict[str, dict[str, Any]] = {
-        n: {"n": 0, "absmean": torch.zeros(m.in_features), "sqmean": torch.zeros(m.in_features, dtype=torch.float64)}
-        for n, m in layers.items()
-    }
-    if hessian:
-        for n, m in layers.items():
-            stats[n]["H"] = torch.zeros((m.in_features, m.in_features))
-
-    def hook(name: str) -> Callable:
-        def fn(_mod: nn.Module, inputs: tuple, _out: Any) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (T, K)
-            s = stats[name]
-            total = s["n"] + x.shape[0]
-            s["absmean"] = s["absmean"] * (s["n"] / total) + x.abs().sum(0) / total
-            s["sqmean"] = s["sqmean"] * (s["n"] / total) + x.double().square().sum(0) / total
-            if hessian:
-                s["H"] = s["H"] * (s["n"] / total) + (2.0 / total) * (x.T @ x)
-            s["n"] = total
-            if "sample" not in s:
-                s["sample"] = x[:256].clone()  # a few rows to score AWQ scales against
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.inference_mode(), progress.bar("calibration", total=len(batches)) as advance:
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-                advance(1)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
 
 
 # ---- one layer -----------------------------------------------------------------------------------------------
@@ -172,7 +127,7 @@ def quantize_model(
         stats = collect_stats(model, layers, calibration, hessian=method == "gptq")
     with torch.no_grad(), progress.bar(f"quantizing ({scheme}, {method})", total=len(layers)) as advance:
         for name, lin in layers.items():
-            _set_module(model, name, quantize_layer(lin, scheme, group, method, stats[name] if stats else None))
+            set_module(model, name, quantize_layer(lin, scheme, group, method, stats[name] if stats else None))
             advance(1)
     model.config.tie_word_embeddings = False  # the output layer now has its own quantized weight
     info = {"scheme": scheme, "method": method, "group_size": group, "modules": sorted(layers),
@@ -198,23 +153,19 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: Path) -> None:
 
 
 def is_quantized(folder: Path) -> bool:
-    config = folder / "config.json"
-    return config.is_file() and CONFIG_KEY in json.loads(config.read_text())
+    return (folder / "config.json").is_file() and CONFIG_KEY in read_config(folder)
 
 
 def load_quantized(folder: Path) -> nn.Module:
     """Rebuild the architecture from config.json, swap in quantized shells, load the saved integers."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from accelerate import init_empty_weights
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     info = getattr(config, CONFIG_KEY)
-    # the float skeleton is built without memory (parameters on the meta device; buffers such as rotary
-    # frequencies are real), then the saved tensors are assigned in place: no full-size float copy ever exists
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # the float skeleton is built without memory, then the saved tensors are assigned in place: no full-size
+    # float copy ever exists
+    model = empty_skeleton(config, torch.float32)
     for name in info["modules"]:
         lin = model.get_submodule(name)
         if info["scheme"] == "int8":
@@ -223,7 +174,7 @@ def load_quantized(folder: Path) -> nn.Module:
             shell = Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, info["group_size"])
         if info.get("smooth"):
             shell.smooth = torch.ones(lin.in_features, dtype=COMPUTE)
-        _set_module(model, name, shell)
+        set_module(model, name, shell)
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:

@@ -160,8 +160,10 @@ def locate(name: str, split: str | None = None, *, data_dir: Path | None = None,
     ds = get_dataset(name)
     f = ds.file(split)
     folder = _data_folder(data_dir)
-    if folder is not None and (folder / f.path).is_file():
-        return folder / f.path
+    if folder is not None:
+        if (folder / f.path).is_file():
+            return folder / f.path
+        progress.note(f"{folder / f.path} not found in the data folder; looking in slmkit's cache")
     cache = settings().data_cache
     target = cache / f.path
     _sweep_stale(target.parent)

@@ -33,7 +33,7 @@ def fuse_linears(parts: list[Any]) -> Any | None:
     """One int8 layer computing `parts` (same input) side by side, their weights becoming views of its own;
     None otherwise. Float layers stay apart: fusing them saves no time here, and copying weights that were
     memory-mapped from safetensors would keep both copies resident (+270 MB RSS on the default model)."""
-    from slmkit.compress.qlinear import Int8Linear
+    from slmkit.layers.integer import Int8Linear
 
     if all(type(p) is Int8Linear and p.smooth is None for p in parts) and len({p.bias is None for p in parts}) == 1:
         return Int8Linear.concat(parts)

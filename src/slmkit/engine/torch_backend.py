@@ -38,12 +38,13 @@ class TorchBackend:
     @classmethod
     def from_folder(cls, folder: Path, *, threads: int | None = None) -> "TorchBackend":
         """Load safetensors weights and tokenizer from a store folder (no pickle, no remote code)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from slmkit.compress.quantize import is_quantized, load_quantized
+        from slmkit.sources.hf_dir import load_float
 
         if threads:
             torch.set_num_threads(threads)
-        from slmkit.compress.quantize import is_quantized, load_quantized
-
         if is_quantized(Path(folder)):  # integer weights saved by `slmkit quantize`
             return cls(load_quantized(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
         ggufs = sorted(Path(folder).glob("*.gguf"))
@@ -52,16 +53,7 @@ class TorchBackend:
 
             model, tokenizer = load_gguf(ggufs[0], check_gguf(ggufs[0])["pre_tokenizer"])
             return cls(model, tokenizer)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype="auto", use_safetensors=True, trust_remote_code=False
-            )
-        except (OSError, ValueError) as exc:
-            raise SlmkitError(
-                f"could not load the model in {folder}: {exc}",
-                "The store folder may be damaged: remove it (slmkit models rm NAME) and import it again.",
-            ) from exc
+        model, tokenizer = load_float(Path(folder))
         return cls(model, tokenizer)
 
     @property

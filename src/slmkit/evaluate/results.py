@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import SlmkitError
+from slmkit.version import __version__
 
 SCHEMA = "slmkit.eval/1"
 
@@ -19,8 +20,6 @@ SCHEMA = "slmkit.eval/1"
 def environment() -> dict[str, Any]:
     import torch
     import transformers
-
-    from slmkit import __version__
 
     return {
         "slmkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__,

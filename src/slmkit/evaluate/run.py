@@ -13,7 +13,7 @@ from slmkit.evaluate.divergence import divergence
 from slmkit.evaluate.perplexity import perplexity, resolve_text
 from slmkit.evaluate.results import new_result, save_result
 from slmkit.evaluate.speed import measure_speed
-from slmkit.evaluate.tasks import load_task, suite_tasks
+from slmkit.evaluate.tasks import data_path, load_task, suite_tasks
 from slmkit.model import Model
 
 
@@ -41,6 +41,10 @@ def evaluate(
     for name in suites:
         tasks += [t for t in suite_tasks(name) if t not in tasks]
     specs = {t: load_task(t, data_dir=data_dir) for t in tasks}  # fail on a bad task name or file before any slow work
+    for spec in specs.values():  # ... and on data that is not on this machine (or fetch it now)
+        data_path(spec, data_dir=data_dir)
+        if spec.fewshot_split:
+            data_path(spec, split=spec.fewshot_split, data_dir=data_dir)
     ppl_path = resolve_text(ppl, data_dir=data_dir) if ppl else None
     kl_path = resolve_text(kl_text or ppl or "wikitext2", data_dir=data_dir) if kl is not None else None
     result = new_result(model, {

@@ -12,6 +12,7 @@ import numpy as np
 
 from slmkit import progress
 from slmkit.errors import SlmkitError
+from slmkit.sources.hf_dir import read_config
 from slmkit.gguf_tables import ARCHITECTURES, GGUF_TYPES, OLLAMA_TEMPLATES, pre_name_of
 
 
@@ -89,7 +90,7 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> 
     import gguf
     from safetensors import safe_open
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     arch_key, permute = ARCHITECTURES[check_exportable(config)]
     arch = getattr(gguf.MODEL_ARCH, arch_key)
     n_head = config["num_attention_heads"]
@@ -195,7 +196,7 @@ def export_gguf(
     from slmkit.engine.sampling import SamplingParams
 
     gguf_type = check_type(gguf_type)
-    check_exportable(json.loads((folder / "config.json").read_text()))
+    check_exportable(read_config(folder))
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{name}.gguf"
     tmp_f32 = out_dir / f".{name}.f32.tmp-{os.getpid()}"

@@ -8,18 +8,17 @@ be reused. An imatrix file made by `llama-imatrix` is accepted as input too.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW
 from slmkit.errors import SlmkitError
 from slmkit.export.gguf import tensor_names
+from slmkit.sources.hf_dir import read_config
 
 GGUF_MAGIC = b"GGUF"
-IMATRIX_WINDOW = 512
-IMATRIX_SAMPLES = 32
 
 
 @dataclass
@@ -43,20 +42,17 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def compute_imatrix(folder: Path, text: Path, *, window: int = IMATRIX_WINDOW, samples: int = IMATRIX_SAMPLES) -> Imatrix:
+def compute_imatrix(folder: Path, text: Path, *, window: int = CALIB_WINDOW, samples: int = CALIB_SAMPLES) -> Imatrix:
     """Run the float model of a store folder over `text` and collect per-channel sums of x^2 for every Linear."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmkit import progress
-    from slmkit.compress.quantize import collect_stats, linear_layers
-    from slmkit.compress.stage import calibration_batches
+    from slmkit.compress.calibrate import calibration_batches, collect_stats
+    from slmkit.layers.walk import linear_layers
+    from slmkit.sources.hf_dir import load_float
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     names = tensor_names(config)
-    with progress.step("Loading the float model for the importance matrix"):
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    net, tokenizer = load_float(folder, dtype=torch.float32, what="Loading the float model for the importance matrix")
     window = min(window, config.get("max_position_embeddings") or window)
     batches = calibration_batches(tokenizer, text, window=window, samples=samples, option="--imatrix")
     stats = collect_stats(net, linear_layers(net), batches, hessian=False)
@@ -126,7 +122,7 @@ def expected_widths(folder: Path) -> dict[str, int]:
     """GGUF weight name -> input width, from the safetensors headers of a store folder (no weights read)."""
     from safetensors import safe_open
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     names = tensor_names(config)
     widths: dict[str, int] = {}
     for path in sorted(folder.glob("*.safetensors")):

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import progress
-from slmkit.card import build_card, write_card
 from slmkit.config import settings
 from slmkit.export.gguf import check_exportable, check_type, export_gguf
 from slmkit.compress.quantize import is_quantized
 from slmkit.errors import SlmkitError
 from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
+from slmkit.sources.hf_dir import read_config
 from slmkit.store import Store, validate_name
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -27,12 +27,10 @@ def export_model(
 
     `imatrix`: calibration text (an importance matrix is computed from it and saved beside the GGUF as
     imatrix.gguf) or an imatrix GGUF; llama.cpp's quantizer then weighs rounding error by activation size."""
-    import json
-
     store = store or Store()
     gguf_type = check_type(gguf_type)
     folder = store.require(model)
-    check_exportable(json.loads((folder / "config.json").read_text()))
+    check_exportable(read_config(folder))
     gguf_only, quantized = not list(folder.glob("*.safetensors")), is_quantized(folder)
     if gguf_only or quantized:
         parent = store.card(model).parent
@@ -62,16 +60,15 @@ def export_model(
         "size_after": path.stat().st_size, "store_name": None, "imatrix": imat_info,
     }
     if store_as is not None:
-        with store.install(store_as) as staging:
+        def write(staging: Path) -> None:
             with progress.step(f"Installing {store_as} in the store"):
                 shutil.copyfile(path, staging / "model.gguf")
                 for name in COPIED:
                     if (folder / name).is_file():
                         shutil.copyfile(folder / name, staging / name)
-                card = build_card(staging, name=store_as, stage="export", parent=model,
-                                  source={"kind": "export", "parent": model},
-                                  settings={"format": "gguf", "type": gguf_type, "imatrix": imat_info})
-                write_card(staging, card)
+
+        store.derive(store_as, write, stage="export", parent=model, source={"kind": "export", "parent": model},
+                     settings={"format": "gguf", "type": gguf_type, "imatrix": imat_info})
         result["store_name"] = store_as
     return result
 

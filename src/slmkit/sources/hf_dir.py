@@ -31,27 +31,40 @@ def check_hf_dir(path: Path) -> dict[str, Any]:
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
             "Save the tokenizer beside the weights (tokenizer.save_pretrained(dir)) and import again.",
         )
+    return read_config(path)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict: the one place slmkit parses it."""
+    path = Path(folder) / "config.json"
     try:
-        return json.loads(config_path.read_text())
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ImportFailed(f"cannot read {path}: {exc}", "Give a model folder with its config.json.") from exc
     except json.JSONDecodeError as exc:
-        raise ImportFailed(f"{config_path} is not valid JSON: {exc}", "Fix or regenerate config.json.") from exc
+        raise ImportFailed(f"{path} is not valid JSON: {exc}", "Fix or regenerate config.json.") from exc
+    if not isinstance(data, dict):
+        raise ImportFailed(f"{path} is not a JSON object", "Fix or regenerate config.json.")
+    return data
 
 
-def load_hf_dir(path: Path) -> tuple[Any, Any]:
-    """Load (model, tokenizer) from a folder, keeping the stored dtype."""
+def load_float(folder: Path, *, dtype: Any = "auto", what: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder of float safetensors weights: for running (dtype "auto", the stored one) or
+    for editing by a stage (dtype torch.float32); `what` shows as a progress step. Never pickle, never remote code."""
+    from contextlib import nullcontext
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slmkit import progress
 
     try:
-        with progress.step(f"Loading {path.name}"):
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype="auto", use_safetensors=True, trust_remote_code=False
-            )
+        with progress.step(what) if what else nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ImportFailed(
-            f"transformers could not load {path}: {exc}",
-            "Check that the folder is a complete causal language model (matching config.json and weights).",
+            f"transformers could not load {folder}: {exc}",
+            "Check that the folder is a complete causal language model (matching config.json and weights); "
+            "a damaged store model can be removed (slmkit models rm NAME) and imported again.",
         ) from exc
     return model, tokenizer

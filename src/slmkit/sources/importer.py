@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import progress
-from slmkit.card import ModelCard, build_card, sha256_file, write_card
+from slmkit.card import ModelCard, sha256_file
 from slmkit.config import DEFAULT_MODEL
 from slmkit.errors import ImportFailed
 from slmkit.sources.gguf import check_gguf, load_gguf
-from slmkit.sources.hf_dir import check_hf_dir, load_hf_dir
+from slmkit.sources.hf_dir import check_hf_dir, load_float
 from slmkit.sources.packaged import PACKAGE, default_gguf
 from slmkit.store import Store, name_from_path, validate_name
 
@@ -23,17 +23,16 @@ def _save(
     store: Store, name: str, model: Any, tokenizer: Any, *, overwrite: bool, gguf: Path | None = None, **lineage: Any
 ) -> ModelCard:
     """Write safetensors (for the torch backend) and, when the source was GGUF, keep it for llama.cpp."""
-    with store.install(name, overwrite=overwrite) as staging:
+
+    def write(staging: Path) -> None:
         with progress.step(f"Writing {name} (safetensors)"):
             model.save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
         if gguf is not None:
             with progress.step("Keeping the GGUF file for the llama.cpp backend"):
                 shutil.copyfile(gguf, staging / GGUF_FILE)
-        with progress.step("Hashing files and writing the model card"):
-            card = build_card(staging, name=name, **lineage)
-            write_card(staging, card)
-    return card
+
+    return store.derive(name, write, overwrite=overwrite, **lineage)
 
 
 def import_gguf(path: Path, name: str, *, store: Store, overwrite: bool = False, source: dict | None = None) -> ModelCard:
@@ -49,7 +48,7 @@ def import_gguf(path: Path, name: str, *, store: Store, overwrite: bool = False,
 
 def import_hf_dir(path: Path, name: str, *, store: Store, overwrite: bool = False) -> ModelCard:
     check_hf_dir(path)
-    model, tokenizer = load_hf_dir(path)
+    model, tokenizer = load_float(path, what=f"Loading {path.name}")
     src = {"kind": "hf_dir", "path": str(path.resolve())}
     return _save(store, name, model, tokenizer, overwrite=overwrite, stage="import", source=src)
 

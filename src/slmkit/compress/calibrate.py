@@ -1,0 +1,69 @@
+"""Calibration: token windows from a text file, and the per-layer activation statistics gathered over them with
+forward hooks. Shared by every stage that looks at real activations: quantize (AWQ's mean |x|, GPTQ's Hessian),
+export's importance matrix (mean x^2), and pruning and low-rank (Wanda's ||x||, SparseGPT's Hessian)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit import progress
+from slmkit.errors import SlmkitError
+
+CALIB_WINDOW = 512
+CALIB_SAMPLES = 32
+
+
+def calibration_batches(
+    tokenizer: Any, path: Path, *, window: int = CALIB_WINDOW, samples: int = CALIB_SAMPLES, option: str = "--calib"
+) -> list[torch.Tensor]:
+    """Consecutive token windows from a text file (the first `samples` of them); `option` names it in errors."""
+    if not path.is_file():
+        raise SlmkitError(f"calibration file {path} not found", f"Pass {option} with a plain-text file (a few hundred KB is plenty).")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise SlmkitError(f"calibration file {path} is empty", f"Pass {option} with a non-empty plain-text file.")
+    ids = tokenizer.encode(text[: window * samples * 8], add_special_tokens=False)
+    batches = [torch.tensor([ids[i : i + window]]) for i in range(0, len(ids) - 1, window)][:samples]
+    return [b for b in batches if b.shape[1] > 1]
+
+
+def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Per layer: mean |x| (AWQ) and mean x^2 (llama.cpp's imatrix) per input channel and, when asked,
+    H = 2/n X^T X (GPTQ), from calibration inputs."""
+    stats: dict[str, dict[str, Any]] = {
+        n: {"n": 0, "absmean": torch.zeros(m.in_features), "sqmean": torch.zeros(m.in_features, dtype=torch.float64)}
+        for n, m in layers.items()
+    }
+    if hessian:
+        for n, m in layers.items():
+            stats[n]["H"] = torch.zeros((m.in_features, m.in_features))
+
+    def hook(name: str) -> Callable:
+        def fn(_mod: nn.Module, inputs: tuple, _out: Any) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (T, K)
+            s = stats[name]
+            total = s["n"] + x.shape[0]
+            s["absmean"] = s["absmean"] * (s["n"] / total) + x.abs().sum(0) / total
+            s["sqmean"] = s["sqmean"] * (s["n"] / total) + x.double().square().sum(0) / total
+            if hessian:
+                s["H"] = s["H"] * (s["n"] / total) + (2.0 / total) * (x.T @ x)
+            s["n"] = total
+            if "sample" not in s:
+                s["sample"] = x[:256].clone()  # a few rows to score AWQ scales against
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.inference_mode(), progress.bar("calibration", total=len(batches)) as advance:
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+                advance(1)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

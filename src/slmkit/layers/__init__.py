@@ -1,0 +1,3 @@
+"""The floor below engine/ and compress/: module types that stages swap into a model (integer.py: int8/int4
+linears) and the helpers that walk a model to find and replace them (walk.py). Nothing here imports engine/,
+compress/ or the store."""
