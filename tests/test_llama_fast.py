@@ -10,7 +10,7 @@ import slmkit
 from slmkit.compress.quantize_stage import quantize_stage
 from slmkit.engine.llama_fast import FastLlama, SlotCache, supports
 from slmkit.engine.sampling import SamplingParams
-from slmkit.engine.scheduler import SlotKV
+from slmkit.engine.torch_batch import SlotKV
 from slmkit.engine.torch_backend import TorchBackend
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)

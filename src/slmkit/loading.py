@@ -1,10 +1,12 @@
-"""`slmkit.load`: find a model in the store (importing the default on first use) and bind it to a backend."""
+"""The one place engines are registered and opened: `slmkit.load` (CLI, Python API), the server's registry and
+the scheduler all get their backends here. Adding a backend is one entry in BACKENDS."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+from slmkit import progress
 from slmkit.config import settings
 from slmkit.engine.backend import Backend
 from slmkit.engine.torch_backend import TorchBackend
@@ -13,29 +15,53 @@ from slmkit.model import Model
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
-def _llamacpp(folder: Path, threads: int) -> Backend:
+TOKENIZER_CONTEXT = 64  # llama.cpp under the server: the backend's own context only tokenizes (batches have their own)
+
+
+def _torch(folder: Path, threads: int, serving: bool) -> Backend:
+    return TorchBackend.from_folder(folder, threads=threads)
+
+
+def _llamacpp(folder: Path, threads: int, serving: bool) -> Backend:
     from slmkit.engine.llamacpp_backend import LlamaCppBackend  # llama_cpp is imported only when asked for
 
-    return LlamaCppBackend.from_folder(folder, threads=threads)
+    return LlamaCppBackend.from_folder(folder, threads=threads, n_ctx=TOKENIZER_CONTEXT if serving else 0)
 
 
-# name -> loader from a store folder
-BACKENDS: dict[str, Callable[[Path, int], Backend]] = {
-    "torch": lambda folder, threads: TorchBackend.from_folder(folder, threads=threads),
-    "llamacpp": _llamacpp,
-}
+# name -> opener(store folder, threads, serving)
+BACKENDS: dict[str, Callable[[Path, int, bool], Backend]] = {"torch": _torch, "llamacpp": _llamacpp}
+CHOICES = ("auto", *BACKENDS)
+
+
+def pick_backend(folder: Path, backend: str) -> str:
+    """The engine a model runs on: `backend`, or for `auto` llama.cpp when the folder has a GGUF (at batch 1 it
+    decodes several times faster than PyTorch on a CPU), else PyTorch. llama.cpp without a GGUF is refused here,
+    with how to make one."""
+    if backend not in CHOICES:
+        raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
+    if backend == "auto":
+        return "llamacpp" if any(folder.glob("*.gguf")) else "torch"
+    if backend == "llamacpp":
+        from slmkit.engine.llamacpp_backend import gguf_of
+
+        gguf_of(folder)
+    return backend
+
+
+def open_backend(folder: Path, backend: str, *, serving: bool = False) -> Backend:
+    """Open the store folder on `backend` (already picked: torch or llamacpp) with the configured threads."""
+    return BACKENDS[backend](folder, settings().threads, serving)
 
 
 def load(name: str | None = None, *, backend: str = "torch", store: Store | None = None) -> Model:
-    """Load model `name` from the store (the embedded default when None) on the given backend."""
+    """Load model `name` from the store (the embedded default when None) on the given backend (or auto)."""
     store = store or Store()
-    if backend not in BACKENDS:
-        raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(sorted(BACKENDS))}")
+    if backend not in CHOICES:
+        raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
     name = name or ensure_default(store)
     folder = store.require(name)
     card = store.card(name)
-    from slmkit import progress
-
-    with progress.step(f"Loading {name} ({backend})"):
-        engine = BACKENDS[backend](folder, settings().threads)
+    picked = pick_backend(folder, backend) if backend == "auto" else backend
+    with progress.step(f"Loading {name} ({picked})"):
+        engine = open_backend(folder, picked)
     return Model(name, engine, card)

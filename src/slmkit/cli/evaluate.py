@@ -12,6 +12,7 @@ from rich.table import Table
 from slmkit.cli.common import BackendOpt, ModelOpt, handle_errors, out_console
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
+from slmkit.evaluate.perplexity import CONTEXT_LENGTH, STRIDE
 from slmkit.evaluate.report import columns_of, fmt, rows_of, short_labels, write_html
 from slmkit.evaluate.results import load_result
 from slmkit.evaluate.run import evaluate, latest_result_for
@@ -61,8 +62,8 @@ def eval_cmd(
     kl: Annotated[str | None, typer.Option("--kl", help="Reference model (teacher) for KL divergence and top-1 agreement.")] = None,
     kl_text: Annotated[str | None, typer.Option("--kl-text", help="Text for --kl (default: the --ppl text, else wikitext2).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N task items / perplexity or KL windows.")] = None,
-    context_length: Annotated[int, typer.Option("--context-length", help="Perplexity window in tokens.")] = 1024,
-    stride: Annotated[int, typer.Option("--stride", help="New tokens scored per perplexity window.")] = 512,
+    context_length: Annotated[int, typer.Option("--context-length", help="Perplexity window in tokens.")] = CONTEXT_LENGTH,
+    stride: Annotated[int, typer.Option("--stride", help="New tokens scored per perplexity window.")] = STRIDE,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the results JSON here.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="A folder of evaluation data to look in first (default: SLMKIT_DATA; see `slmkit data list`).")] = None,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the built-in tasks and suites, with their data's source and size, and exit.")] = False,

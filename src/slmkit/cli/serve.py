@@ -7,7 +7,10 @@ from typing import Annotated
 import typer
 
 from slmkit.cli.common import err_console, handle_errors
+from slmkit.engine.llamacpp_batch import DEFAULT_CONTEXT
+from slmkit.engine.scheduler import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_TOKENS
 from slmkit.errors import SlmkitError
+from slmkit.serve.limits import MAX_TOKENS_LIMIT
 
 
 @handle_errors
@@ -16,12 +19,12 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="SLMKIT_API_KEY", help="Require Authorization: Bearer KEY on /v1 routes.")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Most sequences decoded together per model.")] = 16,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Most requests waiting per model; beyond, 429.")] = 64,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for (and the default).")] = 2048,
-    prefix_cache_tokens: Annotated[int, typer.Option("--prefix-cache-tokens", help="Prompt tokens of KV kept for reuse; 0 turns it off.")] = 4096,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most sequences decoded together per model.")] = MAX_BATCH,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Most requests waiting per model; beyond, 429.")] = MAX_QUEUE,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for (and the default).")] = MAX_TOKENS_LIMIT,
+    prefix_cache_tokens: Annotated[int, typer.Option("--prefix-cache-tokens", help="Prompt tokens of KV kept for reuse; 0 turns it off.")] = PREFIX_CACHE_TOKENS,
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (llama.cpp where the model has a GGUF, else PyTorch), llamacpp or torch.")] = "auto",
-    context: Annotated[int | None, typer.Option("--context", help="llama.cpp: tokens per batch slot; its KV is allocated up front, --max-batch x this. [default: 2048, or the model's context if smaller]")] = None,
+    context: Annotated[int | None, typer.Option("--context", help=f"llama.cpp: tokens per batch slot; its KV is allocated up front, --max-batch x this. [default: {DEFAULT_CONTEXT}, or the model's context if smaller]")] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="Seconds to let running requests finish on shutdown.")] = 10.0,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a chat page at /."""

@@ -12,7 +12,6 @@ written to a temporary name and renamed into place, its hash beside it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import progress
+from slmkit.card import sha256_file as sha256_of
 from slmkit.config import settings
 from slmkit.data.catalog import DATASETS, DataFile, Dataset, get_dataset
 from slmkit.errors import SlmkitError
@@ -44,14 +44,6 @@ class Where:
     path: Path | None
     origin: str  # "data folder", "cache", "packaged", "hub", or "missing"
     note: str = ""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sidecar(path: Path) -> Path:

@@ -7,9 +7,7 @@ A backend deals in token ids; text handling (templates aside), stop strings and 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from slmkit.engine.sampling import SamplingParams
 
@@ -24,6 +22,33 @@ class TokenScores(list):
     def __init__(self, values: Sequence[float], greedy: bool) -> None:
         super().__init__(values)
         self.greedy = greedy
+
+
+class BatchStore(Protocol):
+    """Where a continuous batch's KV lives (engine/torch_batch.py, engine/llamacpp_batch.py): rows 0..n-1 run."""
+
+    context: int | None  # tokens per slot where the store limits it (llama.cpp), else None
+
+    def prefill(self, ids: list[int], reused: int, kv: Any, *, export: bool) -> tuple["torch.Tensor", Any]:
+        """Prefill `ids` (the first `reused` already in the prefix-cache entry `kv`) into the next free slot:
+        the last position's logits (V,) and, if asked, the slot's KV for the prefix cache."""
+        ...
+
+    def join(self) -> None:
+        """The slot just prefilled joins the running rows."""
+        ...
+
+    def step(self, last: list[int]) -> "torch.Tensor":
+        """One decode step for every running row (its last token): logits (B, V)."""
+        ...
+
+    def keep(self, rows: list[int]) -> list[int]:
+        """Keep only `rows`; returns the running rows' new order."""
+        ...
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -72,4 +97,18 @@ class Backend(Protocol):
 
     def logprob_rows(self, ids: Sequence[int]) -> "torch.Tensor":
         """Log-softmax next-token distributions after each of ids[:-1]: shape (len(ids) - 1, vocab_size)."""
+        ...
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True
+    ) -> list[list[int]]:
+        """A static batch decoded together (row r samples with seed params.seed + r)."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Mean-pooled last hidden states after the final norm, L2-normalised: one vector per text."""
+        ...
+
+    def batch_store(self, slots: int, context: int | None = None) -> BatchStore:
+        """Where a continuous-batching scheduler keeps the running batch's KV on this engine."""
         ...

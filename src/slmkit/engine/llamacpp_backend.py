@@ -161,6 +161,12 @@ class LlamaCppBackend:
             history.append(token)
             llm.eval([token])
 
+    def batch_store(self, slots: int, context: int | None = None) -> Any:
+        """A multi-sequence llama.cpp context with `slots` sequences of `context` tokens each, for the scheduler."""
+        from slmkit.engine.llamacpp_batch import LlamaCppSlots
+
+        return LlamaCppSlots(self, slots, context)
+
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True
     ) -> list[list[int]]:

@@ -19,9 +19,13 @@ import ctypes
 import numpy as np
 import torch
 
+from typing import TYPE_CHECKING
+
 from slmkit.config import settings
-from slmkit.engine.llamacpp_backend import LlamaCppBackend
 from slmkit.errors import SlmkitError
+
+if TYPE_CHECKING:  # the backend imports this module when asked for a batch; only the type is needed here
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
 
 CHUNK = 512  # prompt tokens per llama_decode call while prefilling
 DEFAULT_CONTEXT = 2048  # tokens per batch slot (llama.cpp allocates the KV up front: slots x context)
@@ -30,7 +34,7 @@ DEFAULT_CONTEXT = 2048  # tokens per batch slot (llama.cpp allocates the KV up f
 class LlamaCppSlots:
     """Sequences of one llama.cpp context, one per batch slot; running row i is sequence (slot) i."""
 
-    def __init__(self, backend: LlamaCppBackend, slots: int, context_per_slot: int | None = None) -> None:
+    def __init__(self, backend: "LlamaCppBackend", slots: int, context_per_slot: int | None = None) -> None:
         import llama_cpp as L
 
         context_per_slot = min(context_per_slot or DEFAULT_CONTEXT, backend.trained_context)

@@ -3,9 +3,9 @@
 One worker thread owns the model. A new request is prefilled alone (reusing a cached prompt prefix when one
 matches), then its KV rows join the running batch; each decode step runs one forward pass for all running
 sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
-The batch's KV lives in a batch store: on llama.cpp, one sequence per slot of a multi-sequence context
-(`llamacpp_batch.LlamaCppSlots`); on PyTorch, Llama-layout models in a preallocated slot cache (`SlotKV`, the
-lean forward of llama_fast) and other models in a left-padded transformers cache (`DynamicKV`).
+The batch's KV lives in the backend's batch store (`Backend.batch_store`): on llama.cpp, one sequence per slot
+of a multi-sequence context (`llamacpp_batch.LlamaCppSlots`); on PyTorch, Llama-layout models in a preallocated
+slot cache and other models in a left-padded transformers cache (`torch_batch.SlotKV`, `torch_batch.DynamicKV`).
 """
 
 from __future__ import annotations
@@ -20,17 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slmkit.engine.kv_cache import KV, PrefixCache, cache_from, cut, join_rows, kv_of, select_rows
-from slmkit.engine.llama_fast import FastLlama
+from slmkit.engine.kv_cache import PrefixCache
 from slmkit.engine.sampling import SamplingParams, make_generator, sample_next, sample_rows
-from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 
 if TYPE_CHECKING:
-    from slmkit.engine.llamacpp_backend import LlamaCppBackend
-    from slmkit.engine.llamacpp_batch import LlamaCppSlots
-
-    Engine = TorchBackend | LlamaCppBackend
+    from slmkit.engine.backend import Backend as Engine
 
 _DONE = object()
 
@@ -51,10 +46,16 @@ class _Request:
     produced: int = 0
 
 
+MAX_BATCH = 16  # sequences decoded together
+MAX_QUEUE = 64  # requests waiting; beyond, QueueFull
+PREFIX_CACHE_TOKENS = 4096  # prompt tokens of KV kept for reuse
+
+
 class BatchScheduler:
     """Runs requests on one backend (PyTorch or llama.cpp) with a shared, continuously changing batch."""
 
-    def __init__(self, backend: "Engine", *, max_batch: int = 16, max_queue: int = 64, prefix_cache_tokens: int = 4096,
+    def __init__(self, backend: "Engine", *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
                  context: int | None = None) -> None:
         self.backend = backend
         self.max_batch = max_batch
@@ -62,7 +63,7 @@ class BatchScheduler:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []
-        self.store = batch_store(backend, max_batch, context)
+        self.store = backend.batch_store(max_batch, context)
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="slmkit-scheduler", daemon=True)
@@ -117,7 +118,7 @@ class BatchScheduler:
         with self._cv:
             self._cv.notify()
         self._thread.join(timeout=5)
-        if hasattr(self.store, "close") and not self._thread.is_alive():
+        if not self._thread.is_alive():
             self.store.close()
 
     # ---- worker -----------------------------------------------------------------------------------------
@@ -181,106 +182,6 @@ class BatchScheduler:
             self.running = [self.running[i] for i in self.store.keep(keep)]
 
 
-def batch_store(backend: "Engine", slots: int, context: int | None = None) -> "SlotKV | DynamicKV | LlamaCppSlots":
-    """Where the running batch's KV lives for this backend (`context`: tokens per slot, llama.cpp only)."""
-    if getattr(backend, "name", "") == "llamacpp":
-        from slmkit.engine.llamacpp_batch import LlamaCppSlots  # llama_cpp is imported only when asked for
-
-        return LlamaCppSlots(backend, slots, context)
-    return SlotKV(backend.fast, slots) if backend.fast else DynamicKV(backend)
-
-
-class SlotKV:
-    """The running batch in a preallocated slot cache, stepped by the lean Llama forward (rows 0..n-1 run)."""
-
-    def __init__(self, fast: FastLlama, slots: int) -> None:
-        self.fast = fast
-        self.cache = fast.new_cache(slots)
-        self.rows = 0
-
-    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
-        """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked."""
-        slot = self.rows
-        self.cache.load(slot, cut(kv, reused) if kv else [])
-        logits = self.fast.forward(self.cache, torch.tensor([ids[reused:]]), first=slot)[0]
-        return logits, self.cache.export(slot) if export else None
-
-    def join(self) -> None:
-        self.rows += 1
-
-    def step(self, last: list[int]) -> torch.Tensor:
-        return self.fast.forward(self.cache, torch.tensor(last, dtype=torch.long)[:, None])
-
-    def keep(self, rows: list[int]) -> list[int]:
-        """Keep `rows`, filling each freed slot with the last running row; returns the new order."""
-        order = list(range(self.rows))
-        for gone in sorted(set(order) - set(rows), reverse=True):
-            last = len(order) - 1
-            if gone != last:
-                self.cache.move(last, gone)
-                order[gone] = order[last]
-            order.pop()
-        self.rows = len(order)
-        return order
-
-    def clear(self) -> None:
-        self.rows = 0
-
-
-class DynamicKV:
-    """The running batch as a left-padded transformers DynamicCache (any causal LM transformers runs)."""
-
-    def __init__(self, backend: TorchBackend) -> None:
-        self.model = backend.model
-        self.cache_arg = backend.cache_arg
-        self.clear()
-
-    def clear(self) -> None:
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None  # (B,) next position id per row
-        self.pending: tuple[Any, int] | None = None
-
-    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
-        cache = cache_from(self.model.config, cut(kv, reused) if kv else [])
-        new = torch.tensor([ids[reused:]], dtype=torch.long)  # (1, T_new)
-        positions = torch.arange(reused, len(ids)).unsqueeze(0)  # (1, T_new)
-        kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
-        logits = self.model(input_ids=new, position_ids=positions, **kw).logits[0, -1]
-        self.pending = (cache, len(ids))
-        return logits, kv_of(cache)
-
-    def join(self) -> None:
-        assert self.pending is not None
-        cache, length = self.pending
-        mask = torch.ones((1, length), dtype=torch.long)
-        if self.cache is not None:
-            kv, self.mask = join_rows(kv_of(self.cache), self.mask, kv_of(cache), mask)
-            self.cache = cache_from(self.model.config, kv)
-            self.positions = torch.cat([self.positions, torch.tensor([length])])
-        else:
-            self.cache, self.mask, self.positions = cache, mask, torch.tensor([length])
-        self.pending = None
-
-    def step(self, last: list[int]) -> torch.Tensor:
-        rows = len(last)
-        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)  # (B, T+1)
-        kw = {self.cache_arg: self.cache, "use_cache": True, "logits_to_keep": 1}
-        ids = torch.tensor(last, dtype=torch.long)[:, None]  # (B, 1)
-        logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions.unsqueeze(1), **kw).logits[:, -1]
-        self.positions = self.positions + 1
-        return logits
-
-    def keep(self, rows: list[int]) -> list[int]:
-        if rows:
-            kv, self.mask = select_rows(kv_of(self.cache), self.mask, rows)
-            self.cache = cache_from(self.model.config, kv)
-            self.positions = self.positions[torch.tensor(rows)]
-        else:
-            self.clear()
-        return rows
-
-
 class BatchedBackend:
     """A backend whose generation goes through a BatchScheduler; everything else is delegated."""
 
@@ -295,7 +196,7 @@ class BatchedBackend:
     @property
     def context_length(self) -> int:
         """The model's context, or on llama.cpp a batch slot's."""
-        return getattr(self.scheduler.store, "context", None) or self.inner.context_length
+        return self.scheduler.store.context or self.inner.context_length
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

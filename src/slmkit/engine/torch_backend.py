@@ -125,6 +125,13 @@ class TorchBackend:
             history.append(token)
             logits = self.fast.forward(cache, torch.tensor([[token]], dtype=torch.long))
 
+    def batch_store(self, slots: int, context: int | None = None) -> Any:
+        """Where the scheduler keeps the running batch's KV: a preallocated slot cache for Llama-layout models, else a
+        left-padded transformers cache. `context` applies to llama.cpp only."""
+        from slmkit.engine.torch_batch import DynamicKV, SlotKV
+
+        return SlotKV(self.fast, slots) if self.fast is not None else DynamicKV(self)
+
     @torch.inference_mode()
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True

@@ -13,6 +13,8 @@ from slmkit.evaluate.batching import score_requests
 from slmkit.evaluate.metrics import bits_per_byte, perplexity_from_nll, sliding_windows
 from slmkit.model import Model
 
+CONTEXT_LENGTH = 1024  # tokens a window feeds the model
+STRIDE = 512  # new tokens each window scores (each with at least CONTEXT_LENGTH - STRIDE tokens of context)
 BUILTIN_TEXTS = [name for name, d in DATASETS.items() if d.text_field]  # raw-text corpora of the catalog
 
 
@@ -27,7 +29,7 @@ def resolve_text(name_or_path: str, *, data_dir: Path | None = None) -> Path:
 
 
 def perplexity(
-    model: Model, text: str, *, context_length: int = 1024, stride: int = 512, limit: int | None = None
+    model: Model, text: str, *, context_length: int = CONTEXT_LENGTH, stride: int = STRIDE, limit: int | None = None
 ) -> dict[str, Any]:
     """Token perplexity and bits per byte of `text`; `limit` scores only the first `limit` windows."""
     if not text.strip():

@@ -10,7 +10,7 @@ from typing import Any
 from slmkit.config import settings
 from slmkit.evaluate.choice import evaluate_task
 from slmkit.evaluate.divergence import divergence
-from slmkit.evaluate.perplexity import perplexity, resolve_text
+from slmkit.evaluate.perplexity import CONTEXT_LENGTH, STRIDE, perplexity, resolve_text
 from slmkit.evaluate.results import new_result, save_result
 from slmkit.evaluate.speed import measure_speed
 from slmkit.evaluate.tasks import data_path, load_task, suite_tasks
@@ -27,8 +27,8 @@ def evaluate(
     kl: Model | None = None,
     kl_text: str | None = None,
     limit: int | None = None,
-    context_length: int = 1024,
-    stride: int = 512,
+    context_length: int = CONTEXT_LENGTH,
+    stride: int = STRIDE,
     out: Path | None = None,
     data_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:

@@ -24,6 +24,7 @@ from slmkit.engine.scheduler import QueueFull
 from slmkit.errors import ModelNotFound, PromptTooLong, SlmkitError
 from slmkit.model import Generation, Model
 from slmkit.serve import openai_compat as oa
+from slmkit.serve.limits import MAX_TOKENS_LIMIT
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import BadRequest, ModelRegistry
 
@@ -75,7 +76,7 @@ class _Choice:
             push(_DONE)
 
 
-def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None = None, max_tokens_limit: int = 2048,
+def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
                shutdown_timeout: float = 10.0) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

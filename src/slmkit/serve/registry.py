@@ -1,38 +1,21 @@
 """The models a server offers, loaded on first use, each behind its own continuous-batching scheduler.
 
-Each model runs on llama.cpp (its GGUF file) or on PyTorch (its safetensors weights). `auto` takes llama.cpp
-where the store folder has a GGUF (always the model's own weights: an imported GGUF such as the default model's,
-or an export installed with --name): at batch 1 it decodes several times faster than PyTorch on a CPU, and
-batched it still leads. Models with no GGUF (PyTorch-quantized, or float models not exported) run on PyTorch.
+Each model runs on llama.cpp (its GGUF file) or on PyTorch (its safetensors weights), opened through
+slmkit.loading (`pick_backend`: `auto` takes llama.cpp where the store folder has a GGUF, always the model's own
+weights: an imported GGUF such as the default model's, or an export installed with --name; at batch 1 it decodes
+several times faster than PyTorch on a CPU, and batched it still leads). Models with no GGUF run on PyTorch.
 """
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
-from slmkit.engine.llamacpp_backend import LlamaCppBackend, gguf_of
 from slmkit.engine.scheduler import BatchedBackend
-from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import ModelNotFound, SlmkitError
+from slmkit.loading import open_backend, pick_backend
 from slmkit.model import Model
 from slmkit.serve.metrics import Metrics
 from slmkit.store import Store
-
-
-SERVE_BACKENDS = ("auto", "torch", "llamacpp")
-TOKENIZER_CONTEXT = 64  # llama.cpp: the backend's own context (generation runs in the batch's context)
-
-
-def pick_backend(folder: Path, backend: str) -> str:
-    """The engine a model is served on: `backend`, or for `auto` llama.cpp when the folder has a GGUF."""
-    if backend not in SERVE_BACKENDS:
-        raise SlmkitError(f"unknown backend {backend!r}", f"Use one of: {', '.join(SERVE_BACKENDS)}")
-    if backend == "auto":
-        return "llamacpp" if any(folder.glob("*.gguf")) else "torch"
-    if backend == "llamacpp":
-        gguf_of(folder)  # refuse at start-up, with how to make one
-    return backend
 
 
 class ModelRegistry:
@@ -53,13 +36,7 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} not found", f"Models served: {', '.join(self.names)}")
         with self._lock:
             if name not in self._models:
-                from slmkit.config import settings
-
-                folder, threads = self.store.require(name), settings().threads
-                if self.backends[name] == "llamacpp":  # its own context only tokenizes: keep it small
-                    backend = LlamaCppBackend.from_folder(folder, threads=threads, n_ctx=TOKENIZER_CONTEXT)
-                else:
-                    backend = TorchBackend.from_folder(folder, threads=threads)
+                backend = open_backend(self.store.require(name), self.backends[name], serving=True)
                 batched = BatchedBackend(backend, max_batch=self.max_batch, max_queue=self.max_queue,
                                          prefix_cache_tokens=self.prefix_cache_tokens, context=self.context)
                 sched = batched.scheduler

@@ -1,0 +1,119 @@
+"""Continuous batching on PyTorch: where the running batch's KV lives (the scheduler's batch store).
+
+Llama-layout models keep it in a preallocated slot cache stepped by the lean forward of llama_fast (`SlotKV`);
+any other causal LM transformers runs keeps it in a left-padded transformers cache (`DynamicKV`). Same interface
+as llama.cpp's (`llamacpp_batch.LlamaCppSlots`): prefill, join, step, keep, clear.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from slmkit.engine.kv_cache import KV, cache_from, cut, join_rows, kv_of, select_rows
+from slmkit.engine.llama_fast import FastLlama
+
+if TYPE_CHECKING:
+    from slmkit.engine.torch_backend import TorchBackend
+
+
+class SlotKV:
+    """The running batch in a preallocated slot cache, stepped by the lean Llama forward (rows 0..n-1 run)."""
+
+    context: int | None = None  # no per-slot limit beyond the model's context
+
+    def __init__(self, fast: FastLlama, slots: int) -> None:
+        self.fast = fast
+        self.cache = fast.new_cache(slots)
+        self.rows = 0
+
+    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
+        """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked."""
+        slot = self.rows
+        self.cache.load(slot, cut(kv, reused) if kv else [])
+        logits = self.fast.forward(self.cache, torch.tensor([ids[reused:]]), first=slot)[0]
+        return logits, self.cache.export(slot) if export else None
+
+    def join(self) -> None:
+        self.rows += 1
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        return self.fast.forward(self.cache, torch.tensor(last, dtype=torch.long)[:, None])
+
+    def keep(self, rows: list[int]) -> list[int]:
+        """Keep `rows`, filling each freed slot with the last running row; returns the new order."""
+        order = list(range(self.rows))
+        for gone in sorted(set(order) - set(rows), reverse=True):
+            last = len(order) - 1
+            if gone != last:
+                self.cache.move(last, gone)
+                order[gone] = order[last]
+            order.pop()
+        self.rows = len(order)
+        return order
+
+    def clear(self) -> None:
+        self.rows = 0
+
+    def close(self) -> None:
+        """Nothing to free: the cache is ordinary tensors."""
+
+
+class DynamicKV:
+    """The running batch as a left-padded transformers DynamicCache (any causal LM transformers runs)."""
+
+    context: int | None = None
+
+    def __init__(self, backend: "TorchBackend") -> None:
+        self.model = backend.model
+        self.cache_arg = backend.cache_arg
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # (B,) next position id per row
+        self.pending: tuple[Any, int] | None = None
+
+    def close(self) -> None:
+        self.clear()
+
+    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
+        cache = cache_from(self.model.config, cut(kv, reused) if kv else [])
+        new = torch.tensor([ids[reused:]], dtype=torch.long)  # (1, T_new)
+        positions = torch.arange(reused, len(ids)).unsqueeze(0)  # (1, T_new)
+        kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        logits = self.model(input_ids=new, position_ids=positions, **kw).logits[0, -1]
+        self.pending = (cache, len(ids))
+        return logits, kv_of(cache)
+
+    def join(self) -> None:
+        assert self.pending is not None
+        cache, length = self.pending
+        mask = torch.ones((1, length), dtype=torch.long)
+        if self.cache is not None:
+            kv, self.mask = join_rows(kv_of(self.cache), self.mask, kv_of(cache), mask)
+            self.cache = cache_from(self.model.config, kv)
+            self.positions = torch.cat([self.positions, torch.tensor([length])])
+        else:
+            self.cache, self.mask, self.positions = cache, mask, torch.tensor([length])
+        self.pending = None
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        rows = len(last)
+        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)  # (B, T+1)
+        kw = {self.cache_arg: self.cache, "use_cache": True, "logits_to_keep": 1}
+        ids = torch.tensor(last, dtype=torch.long)[:, None]  # (B, 1)
+        logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions.unsqueeze(1), **kw).logits[:, -1]
+        self.positions = self.positions + 1
+        return logits
+
+    def keep(self, rows: list[int]) -> list[int]:
+        if rows:
+            kv, self.mask = select_rows(kv_of(self.cache), self.mask, rows)
+            self.cache = cache_from(self.model.config, kv)
+            self.positions = self.positions[torch.tensor(rows)]
+        else:
+            self.clear()
+        return rows

@@ -1,0 +1,134 @@
+"""The stage spine's seams: deriving a child into the store, walking a model, the one float loader and config
+reader, the one backend registry, capabilities declared on the Backend protocol, and an import graph with no
+circles and no imports of the package face from inside the package."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import slmkit
+from slmkit.engine.backend import Backend
+from slmkit.errors import SlmkitError
+from slmkit.layers.walk import decoder_blocks, linear_layers, set_module
+from slmkit.loading import open_backend, pick_backend
+from slmkit.sources.hf_dir import load_float, read_config
+
+SRC = Path(slmkit.__file__).parent
+
+
+def test_derive_installs_a_child_with_its_lineage(store):
+    def write(staging: Path) -> None:
+        (staging / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+        (staging / "weights.bin").write_bytes(b"\0" * 10)
+
+    card = store.derive("child", write, stage="prune", parent="tiny", settings={"sparsity": 0.5}, parameters=123)
+    assert card.parent == "tiny" and card.stage == "prune" and card.settings == {"sparsity": 0.5}
+    assert card.source == {"kind": "stage", "parent": "tiny"} and card.parameters == 123
+    assert store.card("child").files.keys() == {"config.json", "weights.bin"}
+    with pytest.raises(SlmkitError, match="already exists"):
+        store.derive("child", write, stage="prune", parent="tiny")
+
+    def broken(staging: Path) -> None:
+        (staging / "half.bin").write_bytes(b"1")
+        raise RuntimeError("disk full (simulated)")
+
+    before = sorted(p.name for p in store.root.iterdir())
+    with pytest.raises(RuntimeError):
+        store.derive("other", broken, stage="prune", parent="tiny")
+    assert sorted(p.name for p in store.root.iterdir()) == before
+
+
+def test_walk_finds_blocks_and_linears_by_type(tiny_dir):
+    model, _ = load_float(tiny_dir, dtype=torch.float32)
+    assert next(model.parameters()).dtype == torch.float32
+    name, blocks = decoder_blocks(model)
+    assert blocks is model.model.layers and name == "model.layers" and len(blocks) == 2
+    lins = linear_layers(model)
+    assert len(lins) == 2 * 7 + 1  # q k v o gate up down per block, and the output head
+    new = nn.Linear(32, 32, bias=False)
+    set_module(model, "model.layers.0.self_attn.o_proj", new)
+    assert model.model.layers[0].self_attn.o_proj is new
+
+    class Wrapped(nn.Module):  # a wrapped model is walked the same way
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    assert decoder_blocks(Wrapped(model))[1] is blocks
+    with pytest.raises(ValueError, match="no stack of decoder blocks"):
+        decoder_blocks(nn.Linear(2, 2))
+
+
+def test_read_config_says_what_is_wrong(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SlmkitError, match="not valid JSON"):
+        read_config(tmp_path)
+    with pytest.raises(SlmkitError, match="cannot read"):
+        read_config(tmp_path / "nowhere")
+
+
+def test_one_backend_registry(store, tiny_dir):
+    folder = store.path("tiny")
+    assert pick_backend(folder, "auto") == "torch"  # no GGUF in the folder
+    with pytest.raises(SlmkitError, match="no GGUF"):
+        pick_backend(folder, "llamacpp")
+    with pytest.raises(SlmkitError, match="auto, torch, llamacpp"):
+        pick_backend(folder, "onnx")
+    backend = open_backend(folder, "torch")
+    assert isinstance(backend, Backend)  # every capability the server and scheduler use is declared and present
+    batch = backend.batch_store(2)
+    assert batch.context is None
+    batch.close()
+
+
+def _module_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) imported at module level, outside `if TYPE_CHECKING:` blocks."""
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return out
+
+
+def test_import_graph_has_no_circles_and_never_climbs_to_the_package_face():
+    modules = {".".join(("slmkit",) + p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in modules.items():
+        deps = set()
+        for target, names in _module_imports(path):
+            if target == "slmkit" and mod != "slmkit":
+                face = [n for n in names if f"slmkit.{n}" not in modules]
+                assert not face, f"{mod} imports {face} from the package face (slmkit/__init__.py)"
+                deps |= {f"slmkit.{n}" for n in names}
+            elif target in modules:
+                deps.add(target)
+                deps |= {f"{target}.{n}" for n in names if f"{target}.{n}" in modules}
+        graph[mod] = deps - {mod}
+
+    state: dict[str, int] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = 1
+        for d in graph.get(m, ()):
+            if d == "slmkit":
+                continue
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join(trail[trail.index(d):] + [d]) if d in trail else d)
+            if not state.get(d):
+                visit(d, trail + [d])
+        state[m] = 2
+
+    for m in graph:
+        if not state.get(m):
+            visit(m, [m])
