@@ -132,3 +132,26 @@ def test_import_graph_has_no_circles_and_never_climbs_to_the_package_face():
     for m in graph:
         if not state.get(m):
             visit(m, [m])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_decode_loop_hands_out_log_probabilities(store, batched):
+    """Steps carry the log-probability a separate forward pass gives each generated token, and the top ones."""
+    from slmkit.engine.scheduler import BatchedBackend
+
+    model = slmkit.load("tiny")
+    b = model.backend
+    if batched:
+        model = slmkit.Model("tiny", BatchedBackend(b, max_batch=2))
+    gen = model.stream("The quick brown", temperature=0.8, seed=3, max_tokens=6, top_logprobs=3,
+                       repetition_penalty=1.3)
+    gen.read()
+    ids = gen.token_ids
+    assert len(gen.steps) == len(ids) >= 1
+    rows = b.logprob_rows(gen.prompt_ids + ids)[len(gen.prompt_ids) - 1:]  # (n, V): a second pass, for the check
+    for i, step in enumerate(gen.steps):
+        assert step.logprob == pytest.approx(float(rows[i, step.token]), abs=1e-4)
+        top_ids = rows[i].topk(3).indices.tolist()
+        assert [t for t, _ in step.top] == top_ids and step.top[0][1] >= step.logprob - 1e-5
+    if batched:
+        model.backend.scheduler.stop()

@@ -13,6 +13,7 @@ from typing import Any
 
 from slmkit.card import ModelCard
 from slmkit.engine.backend import Backend
+from slmkit.engine.decode import Step
 from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.scoring import encode_document, encode_pair
 from slmkit.engine.text_stream import IncrementalDecoder, StopMatcher
@@ -45,8 +46,12 @@ class Generation:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.text = ""
         self.prompt_ids = prompt_ids
-        self.token_ids: list[int] = []  # every generated id, the final EOS included
-        self._pieces = model._pieces(prompt_ids, params, self.stats, self.token_ids)
+        self.steps: list[Step] = []  # every generated token with its log-probability, the final EOS included
+        self._pieces = model._pieces(prompt_ids, params, self.stats, self.steps)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [s.token for s in self.steps]
 
     def __iter__(self) -> "Generation":
         return self
@@ -132,7 +137,7 @@ class Model:
         return ids
 
     def _pieces(
-        self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats, token_ids: list[int]
+        self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats, steps: list[Step]
     ) -> Iterator[str]:
         """The text-level decode loop: ids from the backend -> text, cut at EOS, stop strings or the budget."""
         budget = min(params.max_tokens, self.backend.context_length - len(prompt_ids))
@@ -140,15 +145,16 @@ class Model:
         stops = StopMatcher(params.stop)
         eos = self.backend.eos_token_ids
         start = time.perf_counter()
-        tokens = self.backend.stream_tokens(prompt_ids, params, budget)
+        stream = self.backend.stream_steps(prompt_ids, params, budget)
         try:
-            for token in tokens:
+            for step in stream:
+                token = step.token
                 now = time.perf_counter()
                 if stats.completion_tokens == 0:
                     stats.time_to_first_token_s = now - start
                 stats.completion_tokens += 1
                 stats.total_s = now - start
-                token_ids.append(token)
+                steps.append(step)
                 if token in eos:
                     stats.finish_reason = "stop"
                     break
@@ -164,7 +170,7 @@ class Model:
             if tail:
                 yield tail
         finally:
-            tokens.close()
+            stream.close()
             stats.total_s = time.perf_counter() - start
 
     # ---- scoring ----------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from slmkit.engine.sampling import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from slmkit.engine.decode import Step
+
 
 class TokenScores(list):
     """Log-probabilities of the scored tokens (a list of floats); `greedy` is True when every scored token was also
@@ -80,8 +82,13 @@ class Backend(Protocol):
         """Format messages with the model's own chat template."""
         ...
 
+    def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator["Step"]:
+        """Yield sampled tokens one at a time with their log-probabilities (engine/decode.py's loop; an EOS is
+        yielded too, then the stream ends). Closing the iterator stops generation."""
+        ...
+
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
-        """Yield sampled token ids one at a time (an EOS id is yielded too, then the stream ends)."""
+        """The token ids of stream_steps alone."""
         ...
 
     @property

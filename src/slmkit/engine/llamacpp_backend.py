@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from slmkit.engine.backend import TokenScores
-from slmkit.engine.sampling import SamplingParams, decode_static_batch, make_generator, sample_next
+from slmkit.engine.decode import Step, decode_loop, tokens_of
+from slmkit.engine.sampling import SamplingParams, decode_static_batch
 from slmkit.errors import SlmkitError
 
 SCORING_CONTEXT = 2048
@@ -143,23 +144,24 @@ class LlamaCppBackend:
         return torch.from_numpy(row.copy())  # (V,)
 
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
-        generator = make_generator(params.seed)
+        return tokens_of(self.stream_steps(prompt_ids, params, max_new_tokens))
+
+    def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
+        """Prefill (reusing the KV of a prefix shared with the previous request: system prompt, chat history), then
+        engine/decode.py's loop with llama.cpp's logits."""
         llm = self.llm
-        # reuse the KV cache of a shared prefix with the previous request (system prompt, chat history)
         cached = llm.input_ids[: llm.n_tokens].tolist()
         keep = 0
         while keep < min(len(cached), len(prompt_ids) - 1) and cached[keep] == prompt_ids[keep]:
             keep += 1
         llm.n_tokens = keep
         llm.eval(list(prompt_ids[keep:]))
-        history = list(prompt_ids)
-        for _ in range(max_new_tokens):
-            token = sample_next(self._last_logits(), params, history, generator)
-            yield token
-            if token in self._eos:
-                return
-            history.append(token)
+
+        def forward(token: int) -> torch.Tensor:
             llm.eval([token])
+            return self._last_logits()
+
+        yield from decode_loop(self._last_logits(), forward, prompt_ids, params, max_new_tokens, self._eos)
 
     def batch_store(self, slots: int, context: int | None = None) -> Any:
         """A multi-sequence llama.cpp context with `slots` sequences of `context` tokens each, for the scheduler."""

@@ -28,6 +28,7 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    top_logprobs: int = 0  # the likeliest alternatives each generated token reports with its log-probability
 
     def __post_init__(self) -> None:
         problems = []
@@ -41,6 +42,8 @@ class SamplingParams:
             problems.append("repetition_penalty must be > 0 (1 turns it off)")
         if self.max_tokens < 1:
             problems.append("max_tokens must be >= 1")
+        if not 0 <= self.top_logprobs <= 20:
+            problems.append("top_logprobs must be in [0, 20]")
         if any(not s for s in self.stop):
             problems.append("stop strings must not be empty")
         if problems:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slmkit.engine.decode import Step, steps_of, tokens_of
 from slmkit.engine.kv_cache import PrefixCache
 from slmkit.engine.sampling import SamplingParams, make_generator, sample_next, sample_rows
 from slmkit.errors import SlmkitError
@@ -81,8 +82,8 @@ class BatchScheduler:
             self._cv.notify()
         return req
 
-    def tokens(self, req: _Request) -> Iterator[int]:
-        """Token ids of a request as they are made; closing this iterator cancels the request."""
+    def steps(self, req: _Request) -> Iterator[Step]:
+        """A request's tokens (with their log-probabilities) as they are made; closing this cancels the request."""
         try:
             while True:
                 item = req.out.get()
@@ -151,17 +152,18 @@ class BatchScheduler:
         logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None)
         if self.prefix_cache and row_kv is not None:
             self.prefix_cache.store(ids, row_kv)
-        if not self._emit(req, sample_next(logits, req.params, req.history, req.generator)):
+        token = sample_next(logits, req.params, req.history, req.generator)
+        if not self._emit(req, steps_of(logits[None], [token], [req.params.top_logprobs])[0]):
             return
         self.store.join()
         self.running.append(req)
 
-    def _emit(self, req: _Request, token: int) -> bool:
+    def _emit(self, req: _Request, step: Step) -> bool:
         """Hand a token to the consumer; False when the request is finished."""
-        req.out.put(token)
+        req.out.put(step)
         req.produced += 1
-        req.history.append(token)
-        if token in self.backend.eos_token_ids or req.produced >= req.max_new or req.cancelled.is_set():
+        req.history.append(step.token)
+        if step.token in self.backend.eos_token_ids or req.produced >= req.max_new or req.cancelled.is_set():
             req.out.put(_DONE)
             return False
         return True
@@ -171,12 +173,13 @@ class BatchScheduler:
         run = self.running
         logits = self.store.step([r.history[-1] for r in run])  # (B, V)
         tokens = sample_rows(logits, [r.params for r in run], [r.history for r in run], [r.generator for r in run])
+        steps = steps_of(logits, tokens, [r.params.top_logprobs for r in run])
         keep = []
-        for i, (req, token) in enumerate(zip(run, tokens)):
+        for i, (req, step) in enumerate(zip(run, steps)):
             if req.cancelled.is_set():
                 req.out.put(_DONE)
                 continue
-            if self._emit(req, token):
+            if self._emit(req, step):
                 keep.append(i)
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in self.store.keep(keep)]
@@ -206,6 +209,9 @@ class BatchedBackend:
     def has_chat_template(self) -> bool:
         return self.inner.has_chat_template
 
-    def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+    def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
         req = self.scheduler.submit(prompt_ids, params, max_new_tokens)  # raises QueueFull before iteration
-        return self.scheduler.tokens(req)
+        return self.scheduler.steps(req)
+
+    def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+        return tokens_of(self.stream_steps(prompt_ids, params, max_new_tokens))

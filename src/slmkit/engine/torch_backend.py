@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from slmkit.engine.backend import TokenScores
+from slmkit.engine.decode import Step, decode_loop, tokens_of
 from slmkit.engine.llama_fast import FastLlama, supports
-from slmkit.engine.sampling import SamplingParams, decode_static_batch, make_generator, sample_next
+from slmkit.engine.sampling import SamplingParams, decode_static_batch
 from slmkit.errors import SlmkitError
 
 
@@ -87,43 +88,26 @@ class TorchBackend:
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    @torch.inference_mode()
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+        return tokens_of(self.stream_steps(prompt_ids, params, max_new_tokens))
+
+    @torch.inference_mode()
+    def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
+        """Prefill the prompt in one pass, then engine/decode.py's loop one token per forward with the cache: the
+        lean Llama forward over a cache sized for prompt + answer up front, else transformers' with a DynamicCache."""
+        prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)  # (1, T)
         if self.fast is not None:
-            yield from self._stream_fast(prompt_ids, params, max_new_tokens)
-            return
-        from transformers import DynamicCache
+            fast = self.fast
+            cache = fast.new_cache(1, capacity=len(prompt_ids) + max_new_tokens)
+            first = fast.forward(cache, prompt)[0]  # (V,)
+            forward = lambda token: fast.forward(cache, torch.tensor([[token]], dtype=torch.long))[0]  # noqa: E731
+        else:
+            from transformers import DynamicCache
 
-        generator = make_generator(params.seed)
-        cache = DynamicCache(config=self.model.config)
-        history = list(prompt_ids)
-        input_ids = torch.tensor([history], dtype=torch.long)  # (1, T)
-        # prefill: the whole prompt in one pass, keep only the last position's logits
-        cache_kw = {self.cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
-        logits = self.model(input_ids=input_ids, **cache_kw).logits
-        for _ in range(max_new_tokens):
-            token = sample_next(logits[0, -1], params, history, generator)  # logits: (1, 1, V)
-            yield token
-            if token in self._eos:
-                return
-            history.append(token)
-            step = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
-            logits = self.model(input_ids=step, **cache_kw).logits
-
-    def _stream_fast(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
-        """The same loop on the lean Llama forward, with a cache sized for prompt + answer up front."""
-        assert self.fast is not None
-        generator = make_generator(params.seed)
-        history = list(prompt_ids)
-        cache = self.fast.new_cache(1, capacity=len(history) + max_new_tokens)
-        logits = self.fast.forward(cache, torch.tensor([history], dtype=torch.long))  # (1, V); forward is inference-mode
-        for _ in range(max_new_tokens):
-            token = sample_next(logits[0], params, history, generator)
-            yield token
-            if token in self._eos:
-                return
-            history.append(token)
-            logits = self.fast.forward(cache, torch.tensor([[token]], dtype=torch.long))
+            kw = {self.cache_arg: DynamicCache(config=self.model.config), "use_cache": True, "logits_to_keep": 1}
+            first = self.model(input_ids=prompt, **kw).logits[0, -1]  # (V,): only the last position's logits
+            forward = lambda token: self.model(input_ids=torch.tensor([[token]], dtype=torch.long), **kw).logits[0, -1]  # noqa: E731
+        yield from decode_loop(first, forward, prompt_ids, params, max_new_tokens, self._eos)
 
     def batch_store(self, slots: int, context: int | None = None) -> Any:
         """Where the scheduler keeps the running batch's KV: a preallocated slot cache for Llama-layout models, else a

@@ -165,20 +165,13 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
         metrics.prompt_tokens.labels(model).inc(sum(c.gen.stats.prompt_tokens for c in choices))
         metrics.completion_tokens.labels(model).inc(sum(c.gen.stats.completion_tokens for c in choices))
 
-    def logprobs_of(model: Model, gen: Generation, top: int) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
-        """Log-probabilities of the generated tokens under the model (before sampling filters), and the top ones."""
+    def logprobs_of(model: Model, gen: Generation) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
+        """The generated tokens' log-probabilities under the model (before sampling filters) and the top ones, as
+        the decode loop computed them while generating (EOS left out)."""
         b = model.backend
-        ids = [t for t in gen.token_ids if t not in b.eos_token_ids]
-        if not ids:
-            return [], [], []
-        rows = b.logprob_rows(gen.prompt_ids + ids)[len(gen.prompt_ids) - 1 :]  # (n, V)
-        tokens, lps, tops = [], [], []
-        for i, t in enumerate(ids):
-            tokens.append(b.decode([t]))
-            lps.append(float(rows[i, t]))
-            vals, idx = rows[i].topk(top) if top else (rows[i][:0], rows[i][:0].long())
-            tops.append([(b.decode([int(j)]), float(v)) for v, j in zip(vals, idx)])
-        return tokens, lps, tops
+        steps = [s for s in gen.steps if s.token not in b.eos_token_ids]
+        return ([b.decode([s.token]) for s in steps], [s.logprob for s in steps],
+                [[(b.decode([t]), lp) for t, lp in s.top] for s in steps])
 
     async def stream_events(choices: list[_Choice], firsts: list[Any], model: str, chunk: Callable[[int, str | None, str | None], dict]) -> AsyncIterator[bytes]:
         merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -257,7 +250,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
         account(name, choices)
         out = []
         for c, text in zip(choices, texts):
-            lp = oa.chat_logprobs(*await asyncio.to_thread(logprobs_of, model, c.gen, body.top_logprobs or 0)) if body.logprobs else None
+            lp = oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None
             out.append(oa.chat_choice(c.index, text, c.gen.stats.finish_reason, lp))
         use = oa.usage(choices[0].gen.stats.prompt_tokens, sum(c.gen.stats.completion_tokens for c in choices))
         return oa.chat_response(rid, name, out, use)
@@ -288,7 +281,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
         account(name, choices)
         out = []
         for c, text in zip(choices, texts):
-            lp = oa.completion_logprobs(*await asyncio.to_thread(logprobs_of, model, c.gen, body.logprobs)) if body.logprobs is not None else None
+            lp = oa.completion_logprobs(*logprobs_of(model, c.gen)) if body.logprobs is not None else None
             out.append(oa.completion_choice(c.index, text, c.gen.stats.finish_reason, lp))
         use = oa.usage(sum(c.gen.stats.prompt_tokens for c in choices[:: body.n]), sum(c.gen.stats.completion_tokens for c in choices))
         return oa.completion_response(rid, name, out, use)

@@ -52,8 +52,17 @@ def sampling_kwargs(req: _Sampling, index: int) -> dict[str, Any]:
         "stop": tuple(stop) or None, "seed": None if req.seed is None else req.seed + index,
         # OpenAI applies no repetition penalty unless asked (frequency/presence penalties are not supported here)
         "repetition_penalty": 1.0,
+        "top_logprobs": top_logprobs_of(req),
     }
     return {k: v for k, v in out.items() if v is not None}
+
+
+def top_logprobs_of(req: _Sampling) -> int | None:
+    """How many alternatives each token reports: chat's top_logprobs (with logprobs true), the legacy endpoint's
+    logprobs count; None when logprobs are not asked for."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs  # CompletionRequest: a count, or None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> dict[str, Any]:

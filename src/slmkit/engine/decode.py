@@ -1,0 +1,67 @@
+"""The decode loop, once for every engine: sample from the logits after the prompt, hand out the token with its
+log-probability, feed it back, repeat until EOS or the budget. PyTorch (lean Llama forward or transformers'),
+llama.cpp and the continuous-batching scheduler all produce `Step`s through the functions here, so the server's
+logprobs and routing on confidence read what generation computed (no second forward pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One generated token and its log-probability under the model's own next-token distribution (before
+    temperature, top-k/top-p or the repetition penalty reshape it: what OpenAI's logprobs report);
+    `top` holds the params.top_logprobs likeliest tokens as (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def steps_of(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int]) -> list[Step]:
+    """Steps for the tokens sampled from each row of logits (B, V); row r keeps its top_n[r] alternatives."""
+    rows = logits.float()
+    norm = torch.logsumexp(rows, dim=-1)  # (B,)
+    chosen = (rows[torch.arange(len(tokens)), torch.tensor(list(tokens))] - norm).tolist()  # (B,)
+    out = []
+    for r, (token, lp) in enumerate(zip(tokens, chosen)):
+        top: tuple[tuple[int, float], ...] = ()
+        if top_n[r]:
+            vals, ids = torch.topk(rows[r], top_n[r])
+            top = tuple(zip(ids.tolist(), (vals - norm[r]).tolist()))
+        out.append(Step(int(token), float(lp), top))
+    return out
+
+
+def decode_loop(
+    first: torch.Tensor, forward: Callable[[int], torch.Tensor], prompt_ids: Sequence[int], params: SamplingParams,
+    max_new_tokens: int, eos: frozenset[int],
+) -> Iterator[Step]:
+    """One sequence: `first` is the logits (V,) after the prompt, `forward(token)` runs one token and returns the
+    next logits (V,). Yields every token, an EOS included, then stops."""
+    generator = make_generator(params.seed)
+    history = list(prompt_ids)
+    logits = first
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, params, history, generator)
+        yield steps_of(logits[None], [token], [params.top_logprobs])[0]
+        if token in eos:
+            return
+        history.append(token)
+        logits = forward(token)
+
+
+def tokens_of(steps: Generator[Step, None, None]) -> Iterator[int]:
+    """Only the token ids of a step stream (closing this closes the stream)."""
+    try:
+        for step in steps:
+            yield step.token
+    finally:
+        steps.close()
