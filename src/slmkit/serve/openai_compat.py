@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,71 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str]
 
 
+# ---- responses: typed shapes of what goes on the wire ---------------------------------------------------------
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorBody(TypedDict):
+    error: dict[str, str | None]
+
+
+class ChatMessageOut(TypedDict):
+    role: str
+    content: str
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: dict[str, Any] | None
+
+
+class ChatCompletion(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkChoice(TypedDict, total=False):
+    index: int
+    delta: dict[str, str]
+    text: str
+    finish_reason: str | None
+    logprobs: None
+
+
+class Chunk(TypedDict):
+    id: str
+    object: Literal["chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+
+
+class CompletionChoice(TypedDict):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: dict[str, Any] | None
+
+
+class Completion(TypedDict):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+# ---- conversions -------------------------------------------------------------------------------------------------
 def sampling_kwargs(req: _Sampling, index: int) -> dict[str, Any]:
     """Sampling settings for choice `index` (seeded choices get seed + index so that n > 1 differ)."""
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
@@ -65,7 +130,7 @@ def top_logprobs_of(req: _Sampling) -> int | None:
     return req.logprobs  # CompletionRequest: a count, or None
 
 
-def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> ErrorBody:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -73,32 +138,32 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+def chat_response(rid: str, model: str, choices: list[ChatChoice], use: Usage) -> ChatCompletion:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices, "usage": use}
 
 
-def chat_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+def chat_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> ChatChoice:
     return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs}
 
 
-def chat_chunk(rid: str, model: str, index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, str], finish: str | None) -> Chunk:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
 
-def completion_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+def completion_response(rid: str, model: str, choices: list[CompletionChoice], use: Usage) -> Completion:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices, "usage": use}
 
 
-def completion_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> CompletionChoice:
     return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, finish: str | None) -> dict[str, Any]:
+def completion_chunk(rid: str, model: str, index: int, text: str, finish: str | None) -> Chunk:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
 

@@ -1,0 +1,168 @@
+"""The OpenAI-compatible routes (/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings).
+
+Chat and completions share one skeleton (`_generate`): pick the model, start a reader thread per choice, wait
+for the first pieces (so refusals are HTTP errors), then stream server-sent events or collect the texts. Wire
+objects are built by the pure conversions in openai_compat.py; failures become OpenAI error bodies (errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from slmkit.errors import PromptTooLong
+from slmkit.model import Generation, Model
+from slmkit.serve import openai_compat as oa
+from slmkit.serve.errors import HTTPError, to_http
+from slmkit.serve.metrics import Metrics
+from slmkit.serve.registry import BadRequest, ModelRegistry
+from slmkit.serve.streaming import Choice, account, collect, first_items, sse_events
+
+
+@dataclass(frozen=True)
+class Server:
+    """What the routes share: the models, the metrics and the limits of one server."""
+
+    registry: ModelRegistry
+    metrics: Metrics
+    api_key: str | None
+    max_tokens_limit: int
+
+
+def logprobs_of(model: Model, gen: Generation) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
+    """The generated tokens' log-probabilities under the model (before sampling filters) and the top ones, as
+    the decode loop computed them while generating (EOS left out)."""
+    b = model.backend
+    steps = [s for s in gen.steps if s.token not in b.eos_token_ids]
+    return ([b.decode([s.token]) for s in steps], [s.logprob for s in steps],
+            [[(b.decode([t]), lp) for t, lp in s.top] for s in steps])
+
+
+def openai_routes(server: Server) -> APIRouter:
+    registry, metrics = server.registry, server.metrics
+
+    def auth(request: Request) -> None:
+        if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
+            raise HTTPError(401, oa.error_body("missing or wrong API key: send Authorization: Bearer KEY",
+                                               type_="authentication_error", code="invalid_api_key"))
+
+    router = APIRouter(dependencies=[Depends(auth)])
+
+    @asynccontextmanager
+    async def counted(endpoint: str, model: str) -> AsyncIterator[None]:
+        """Count the request by outcome; any failure becomes its HTTP error in OpenAI's format."""
+        try:
+            yield
+        except Exception as exc:
+            err = to_http(exc)
+            metrics.requests.labels(endpoint, model, str(err.status)).inc()
+            raise err from None
+        metrics.requests.labels(endpoint, model, "200").inc()
+
+    def start(model: Model, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation]) -> list[Choice]:
+        limit = body.max_completion_tokens or body.max_tokens
+        if limit is not None and limit > server.max_tokens_limit:
+            raise BadRequest(f"max_tokens {limit} is over this server's limit of {server.max_tokens_limit}", "Ask for fewer tokens.")
+        loop = asyncio.get_running_loop()
+        choices = []
+        for i in range(body.n):
+            kw = oa.sampling_kwargs(body, i)
+            kw.setdefault("max_tokens", server.max_tokens_limit)
+            choices.append(Choice(i, make(kw), loop))
+        return choices
+
+    async def _generate(
+        endpoint: str, body: oa._Sampling, request: Request, begin: Callable[[Model], list[Choice]],
+        chunk: Callable[[str, str, int, str | None, str | None], dict],
+        respond: Callable[[str, str, Model, list[Choice], list[str]], dict],
+    ) -> Any:
+        name = body.model or registry.names[0]
+        t0 = time.perf_counter()
+        async with counted(endpoint, name):
+            model = await asyncio.to_thread(registry.get, body.model)
+            if body.stream and body.logprobs:
+                raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
+            choices = begin(model)
+            firsts = await first_items(choices)
+            metrics.ttft.labels(name).observe(time.perf_counter() - t0)
+        rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
+        if body.stream:
+            events = sse_events(choices, firsts, name, metrics, lambda i, text, finish: chunk(rid, name, i, text, finish))
+            return StreamingResponse(events, media_type="text/event-stream")
+        texts = await collect(request, choices, firsts)
+        account(metrics, name, choices)
+        return respond(rid, name, model, choices, texts)
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmkit"} for n in registry.names]}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: oa.ChatRequest, request: Request) -> Any:
+        messages = [m.model_dump() for m in body.messages]
+
+        def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return oa.chat_chunk(rid, name, i, delta, finish)
+
+        def respond(rid: str, name: str, model: Model, choices: list[Choice], texts: list[str]) -> dict:
+            out = [oa.chat_choice(c.index, text, c.gen.stats.finish_reason,
+                                  oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None)
+                   for c, text in zip(choices, texts)]
+            use = oa.usage(choices[0].gen.stats.prompt_tokens, sum(c.gen.stats.completion_tokens for c in choices))
+            return oa.chat_response(rid, name, out, use)
+
+        return await _generate("chat", body, request, lambda model: start(model, body, lambda kw: model.stream_chat(messages, **kw)),
+                               chunk, respond)
+
+    @router.post("/v1/completions")
+    async def completions(body: oa.CompletionRequest, request: Request) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+
+        def begin(model: Model) -> list[Choice]:
+            if not prompts:
+                raise BadRequest("prompt is empty", "Send a prompt string.")
+            choices: list[Choice] = []
+            for p in prompts:
+                for c in start(model, body, lambda kw, p=p: model.stream(p, **kw)):
+                    c.index = len(choices)
+                    choices.append(c)
+            return choices
+
+        def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
+            return oa.completion_chunk(rid, name, i, text or "", finish)
+
+        def respond(rid: str, name: str, model: Model, choices: list[Choice], texts: list[str]) -> dict:
+            out = [oa.completion_choice(c.index, text, c.gen.stats.finish_reason,
+                                        oa.completion_logprobs(*logprobs_of(model, c.gen)) if body.logprobs is not None else None)
+                   for c, text in zip(choices, texts)]
+            use = oa.usage(sum(c.gen.stats.prompt_tokens for c in choices[:: body.n]), sum(c.gen.stats.completion_tokens for c in choices))
+            return oa.completion_response(rid, name, out, use)
+
+        return await _generate("completions", body, request, begin, chunk, respond)
+
+    @router.post("/v1/embeddings")
+    async def embeddings(body: oa.EmbeddingRequest) -> Any:
+        name = body.model or registry.names[0]
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        async with counted("embeddings", name):
+            model = await asyncio.to_thread(registry.get, body.model)
+            if not texts or any(not t for t in texts):
+                raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to embed.")
+            for t in texts:
+                n = model.count_tokens(t)
+                if n > model.backend.context_length:
+                    raise PromptTooLong(f"input is {n} tokens, but {name}'s context window is {model.backend.context_length} tokens", "Embed shorter texts.")
+            vectors = await asyncio.to_thread(model.backend.embed, texts)
+        tokens = sum(model.count_tokens(t) for t in texts)
+        return {"object": "list", "model": name, "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    return router
