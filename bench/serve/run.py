@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--soak-seconds", type=float, default=600, help="per slmkit engine (PyTorch and llama.cpp)")
     ap.add_argument("--soak-streams", type=int, default=8)
     ap.add_argument("--no-f16", action="store_true", help="skip the F16 GGUF pair")
+    ap.add_argument("--name", default="serve", help="results file stem (bench/results/NAME.{json,md}); a partial run "
+                                                     "under another name leaves the full results in place")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from slmkit.sources.importer import ensure_default
@@ -199,9 +201,9 @@ def main() -> None:
     result: dict = {"benchmark": "serve", "model": name, "max_tokens": args.max_tokens, "runs": []}
     result["runs"] = run_all(runs, args.levels, args.max_tokens, args.soak_seconds, args.soak_streams)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = report(result, args.max_tokens)
-    (RESULTS / "serve.md").write_text(md)
+    (RESULTS / f"{args.name}.md").write_text(md)
     print(md)
 
 

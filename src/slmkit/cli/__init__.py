@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import data, evaluate, export, generate, models, quantize, serve
+from slmkit.cli import data, evaluate, export, generate, models, prune, quantize, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("eval")(evaluate.eval_cmd)
 app.command("compare")(evaluate.compare)
 app.command("export")(export.export)
 app.command("quantize")(quantize.quantize)
+app.command("prune")(prune.prune)
 app.command("serve")(serve.serve)
 
 

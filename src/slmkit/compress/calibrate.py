@@ -5,6 +5,7 @@ export's importance matrix (mean x^2), and pruning and low-rank (Wanda's ||x||, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,20 @@ def calibration_batches(
 
 
 def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Per layer: mean |x| (AWQ) and mean x^2 (llama.cpp's imatrix) per input channel and, when asked,
-    H = 2/n X^T X (GPTQ), from calibration inputs."""
+    """Per layer: mean |x| (AWQ) and mean x^2 (llama.cpp's imatrix, Wanda's norm) per input channel and, when asked,
+    H = 2/n X^T X (GPTQ, SparseGPT), from calibration inputs run through the whole model."""
+
+    def run() -> None:
+        with progress.bar("calibration", total=len(batches)) as advance:
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+                advance(1)
+
+    return watch_inputs(layers, run, hessian=hessian)
+
+
+def watch_inputs(layers: dict[str, nn.Module], run: Callable[[], None], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """The statistics of collect_stats, gathered with forward hooks on `layers` while `run()` runs forward passes."""
     stats: dict[str, dict[str, Any]] = {
         n: {"n": 0, "absmean": torch.zeros(m.in_features), "sqmean": torch.zeros(m.in_features, dtype=torch.float64)}
         for n, m in layers.items()
@@ -59,11 +72,61 @@ def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     try:
-        with torch.inference_mode(), progress.bar("calibration", total=len(batches)) as advance:
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-                advance(1)
+        with torch.inference_mode():
+            run()
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """What the first decoder block receives for every calibration batch: the hidden states (B, T, H), which
+    move block to block, and the rest of its call (attention mask, rotary embeddings, positions), which stays."""
+
+    hidden: list[torch.Tensor]
+    calls: list[tuple[tuple, dict[str, Any]]]
+
+    def run(self, block: nn.Module, *, advance: bool) -> list[torch.Tensor]:
+        """Run `block` on every batch's current hidden states; with `advance`, its outputs become the inputs of the
+        next block. Returns the outputs."""
+        outs = []
+        with torch.inference_mode():
+            for h, (args, kwargs) in zip(self.hidden, self.calls):
+                out = block(h, *args, **kwargs)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        if advance:
+            self.hidden = outs
+        return outs
+
+
+def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockInputs:
+    """Run the model up to its first decoder block for every batch and keep what that block is called with (the
+    layer-by-layer calibration of Wanda and SparseGPT: each block then sees the outputs of the blocks before it,
+    as already pruned)."""
+    hidden: list[torch.Tensor] = []
+    calls: list[tuple[tuple, dict[str, Any]]] = []
+
+    def catch(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(h.detach())
+        kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+        calls.append((tuple(args[1:]), {**kw, "use_cache": False}))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden, calls)

@@ -68,18 +68,17 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gptq(
-    w: torch.Tensor, hessian: torch.Tensor, quant_dequant: Callable[[torch.Tensor, int], torch.Tensor], *,
-    block: int = 128, damp: float = 0.01, group: int | None = None,
-    refresh: Callable[[torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """GPTQ (Frantar et al. 2022): quantize columns left to right, pushing each column's rounding error onto
-    the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = 2 X^T X).
+ColumnUpdate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
-    `quant_dequant(column (N,), col_index)` rounds one column with the current grid and returns it
-    dequantized; `refresh(w_slice)` is called at each group start with the (error-updated) group's columns
-    so the grid can follow them. Returns the dequantized result (N, K); the caller rounds it to the grid.
-    """
+
+def obs_sweep(w: torch.Tensor, hessian: torch.Tensor, update: ColumnUpdate, *, block: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """The Optimal Brain Surgeon column sweep GPTQ and SparseGPT share: columns left to right, each replaced by
+    `update(w1, rest, hinv1, i, col)` (rounded, or pruned), its error pushed onto the columns not yet done,
+    weighted by the inverse Hessian of the layer's inputs (H = 2 X^T X), in blocks of `block` columns.
+
+    `update` sees the current block w1 (N, b) and the columns after it `rest` (N, K - i2), both already carrying
+    earlier errors, the block's inverse-Hessian factor hinv1 (b, b), and the column's index in the block `i` and
+    in the layer `col`; it returns the new column (N,). Returns the result (N, K)."""
     w = w.clone().float()
     h = hessian.clone().float()
     n, k = w.shape
@@ -96,12 +95,30 @@ def gptq(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group and refresh is not None and col % group == 0:
-                refresh(torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group])
-            q = quant_dequant(w1[:, i], col)
+            q = update(w1, w[:, i2:], hinv1, i, col)
             out[:, col] = q
             e = (w1[:, i] - q) / hinv1[i, i]
             w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return out
+
+
+def gptq(
+    w: torch.Tensor, hessian: torch.Tensor, quant_dequant: Callable[[torch.Tensor, int], torch.Tensor], *,
+    block: int = 128, damp: float = 0.01, group: int | None = None,
+    refresh: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """GPTQ (Frantar et al. 2022): quantize columns left to right with obs_sweep.
+
+    `quant_dequant(column (N,), col_index)` rounds one column with the current grid and returns it
+    dequantized; `refresh(w_slice)` is called at each group start with the (error-updated) group's columns
+    so the grid can follow them. Returns the dequantized result (N, K); the caller rounds it to the grid.
+    """
+
+    def update(w1: torch.Tensor, rest: torch.Tensor, _hinv1: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        if group and refresh is not None and col % group == 0:
+            refresh(torch.cat([w1[:, i:], rest], dim=1)[:, :group])
+        return quant_dequant(w1[:, i], col)
+
+    return obs_sweep(w, hessian, update, block=block, damp=damp)

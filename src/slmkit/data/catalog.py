@@ -22,7 +22,7 @@ class DataFile:
 class Dataset:
     name: str
     title: str
-    hub: str  # Hugging Face Hub dataset repository
+    hub: str | None  # Hugging Face Hub dataset repository (None: shipped inside slmkit only)
     hub_config: str | None
     files: tuple[DataFile, ...]
     license: str
@@ -53,6 +53,10 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             "CC BY-SA 3.0", text_field="text"),
     # The packaged ARC files are llm-foundry's layout ({query, choices, gold}); a Hub fetch writes the Hub's schema
     # to the same path. The task readers take either.
+    # calibration text for pruning and quantization when none is given: public domain, not an evaluation set
+    Dataset("calibration", "The first 160 KB of Charles Dickens' Oliver Twist (1839), public domain", None, None,
+            (DataFile("sample", "calibration/novel_sample.txt", 2632,
+                      "abdb4eff2a7ae88b5179557c3f61b3b8bf5a01552e4346876742066a5ced0f65"),), "public domain"),
     Dataset("arc_easy", "AI2 ARC-Easy test split", "allenai/ai2_arc", "ARC-Easy",
             (DataFile("test", "arc/arc_easy_test.jsonl", 2376,
                       "d2d12e59543acf9a5ef6079634a72b30215e36c2fd4236fff3bc855d287b87f5"),), "CC BY-SA 4.0"),

@@ -168,7 +168,9 @@ def locate(name: str, split: str | None = None, *, data_dir: Path | None = None,
     if f.sha256:
         return _unpack(f, target)
     reason = "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set"
-    if hub and not settings().hub_offline:
+    if ds.hub is None:
+        reason = "not on the Hub"
+    elif hub and not settings().hub_offline:
         try:
             return _from_hub(ds, f, target)
         except SlmkitError:

@@ -70,6 +70,7 @@ def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "decode_tps": speed.get("decode_tokens_per_s"),
             "batched_tps": speed.get("batched_tokens_per_s"),
             "peak_rss_mb": speed.get("peak_rss_mb"),
+            "sparsity": (r.get("sparsity") or {}).get("linear_sparsity"),
         }
         for name, t in (r.get("tasks") or {}).items():
             row[f"{name}.acc"] = t["acc"]
@@ -88,7 +89,7 @@ def columns_of(rows: list[dict[str, Any]]) -> list[Column]:
         Column("mean_kl", "KL", True, "{:.4f}"), Column("top1_agreement", "top-1 agree", False, "{:.3f}"),
         Column("ttft_s", "TTFT s", True, "{:.3f}"), Column("prefill_tps", "prefill tok/s", False, "{:.1f}"),
         Column("decode_tps", "decode tok/s", False, "{:.1f}"), Column("batched_tps", "batched tok/s", False, "{:.1f}"),
-        Column("peak_rss_mb", "peak RSS MB", True, "{:.0f}"),
+        Column("peak_rss_mb", "peak RSS MB", True, "{:.0f}"), Column("sparsity", "sparsity", False, "{:.1%}"),
     ]
     suite_keys = sorted({k for row in rows for k in row if k.startswith("suite:")})
     task_keys = sorted({k for row in rows for k in row if k.endswith((".acc", ".acc_norm", ".ppl"))})
@@ -137,6 +138,49 @@ def _plot(rows: list[dict[str, Any]], quality: Column, cost: Column) -> str | No
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_scan_html(scan: dict[str, Any], path: Path) -> Path:
+    """`slmkit prune --scan`: per-block influence and the perplexity cost of removing each block, plotted and tabled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = scan["blocks"]
+    idx = [b["block"] for b in blocks]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    ax1.bar(idx, [b["influence"] for b in blocks], color="#1f77b4")
+    ax1.set_ylabel("influence (1 - cos in/out)")
+    ax1.set_title(f"{scan['model']}: what each decoder block is worth")
+    ax2.bar(idx, [100 * b["cost"] for b in blocks], color="#d62728")
+    ax2.set_ylabel("perplexity cost of removing it (%)")
+    ax2.set_xlabel("decoder block")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    png = base64.b64encode(buf.getvalue()).decode()
+    rows = "".join(f"<tr><td>{b['block']}</td><td>{b['influence']:.4f}</td><td>{b['perplexity_without']:.3f}</td>"
+                   f"<td>{100 * b['cost']:+.1f}%</td></tr>" for b in blocks)
+    cal = scan.get("calibration") or {}
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>slmkit prune --scan: {html.escape(scan['model'])}</title>
+<style>body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }} table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}</style></head><body>
+<h1>{html.escape(scan['model'])}: block importance</h1>
+<p>Calibration: {html.escape(str(cal.get('file')))}, {cal.get('windows')} windows of {cal.get('window')} tokens; perplexity
+{scan['perplexity']:.3f} with every block. {scan['params_per_block']:,} parameters per block of {scan['params']:,}.
+Depth pruning (<code>slmkit prune --structured depth</code>) removes the blocks of lowest influence.</p>
+<figure><img alt="block importance" src="data:image/png;base64,{png}"></figure>
+<table><thead><tr><th>block</th><th>influence</th><th>perplexity without it</th><th>cost</th></tr></thead><tbody>{rows}</tbody></table>
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
+    return path
 
 
 def write_html(results: list[dict[str, Any]], path: Path, sources: list[str]) -> Path:

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from slmkit.compress.prune import measured_sparsity
 from slmkit.config import settings
 from slmkit.evaluate.choice import evaluate_task
 from slmkit.evaluate.divergence import divergence
@@ -66,6 +67,10 @@ def evaluate(
         r["kl"] = {"file": str(kl_path), **divergence(model, kl, kl_path.read_text(encoding="utf-8"), limit=limit)}
     if speed:
         r["speed"] = measure_speed(model)
+    if model.backend.name == "torch":  # the real share of zero weights, where pruning left any
+        found = measured_sparsity(model.backend.model)
+        if found["linear_sparsity"] > 0.001:
+            r["sparsity"] = found
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     archived = save_result(result, settings().evals_dir / f"{model.name}-{stamp}.json")
     if out:

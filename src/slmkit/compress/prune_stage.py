@@ -1,0 +1,204 @@
+"""`prune`: the store stages that take a model and put a pruned child back, with lineage.
+
+- `prune_stage`: unstructured or N:M sparsity (magnitude, Wanda, SparseGPT); the file stays dense.
+- `shrink_stage`: structured pruning to a parameter target, by depth (whole blocks) or width (KV groups and MLP
+  channels): a smaller dense Llama that plain transformers loads, GGUF export converts and both engines run.
+- `scan`: per-block importance and the calibration-perplexity cost of dropping each block, without writing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit import progress
+from slmkit.card import ModelCard, sha256_file
+from slmkit.compress import prune as pr
+from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_batches
+from slmkit.compress.prune_ops import parse_pattern
+from slmkit.compress.quantize import is_quantized
+from slmkit.data.locate import locate
+from slmkit.errors import SlmkitError
+from slmkit.layers.walk import decoder_blocks
+from slmkit.sources.hf_dir import load_float
+from slmkit.store import Store, validate_name
+
+STRUCTURES = ("depth", "width")
+MIN_SAMPLES = 4
+SCAN_SAMPLES = 8  # --scan runs the model once per block: fewer, shorter windows
+SCAN_WINDOW = 256
+DENSE_NOTE = "dense file: pruned weights are stored as zeros (no smaller on disk, no faster on a CPU)"
+
+
+def _open(store: Store, model: str) -> tuple[Path, ModelCard]:
+    folder = store.require(model)
+    card = store.card(model)
+    if is_quantized(folder) or not list(folder.glob("*.safetensors")) or card.stage == "export":
+        raise SlmkitError(f"{model} holds no float weights to prune ({card.stage})",
+                          f"Prune its float parent ({card.parent or 'the model it came from'}), then quantize or export the pruned child.")
+    return folder, card
+
+
+def _calibration(tokenizer: Any, net: nn.Module, calib: Path | None, samples: int, window: int) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    if samples < MIN_SAMPLES:
+        raise SlmkitError(f"{samples} calibration samples are too few to rank weights", f"Use --samples {MIN_SAMPLES} or more (32 is the default).")
+    path = calib if calib is not None else locate("calibration")
+    window = min(window, getattr(net.config, "max_position_embeddings", None) or window)
+    batches = calibration_batches(tokenizer, path, window=window, samples=samples)
+    if len(batches) < MIN_SAMPLES:
+        raise SlmkitError(f"{path} gives only {len(batches)} windows of {window} tokens", "Give a longer calibration text, or a smaller --window.")
+    info = {"file": str(path) if calib is not None else "packaged: " + path.name, "sha256": sha256_file(path),
+            "windows": len(batches), "window": window}
+    return batches, info
+
+
+def _default_name(model: str, suffix: str) -> str:
+    return validate_name(f"{model}-{suffix}")
+
+
+def _install(store: Store, name: str, net: nn.Module, tokenizer: Any, *, model: str, settings: dict[str, Any]) -> ModelCard:
+    def write(staging: Path) -> None:
+        with progress.step(f"Writing {name}"):
+            net.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+
+    return store.derive(name, write, stage="prune", parent=model, settings=settings, parameters=pr.count_params(net))
+
+
+def prune_stage(
+    model: str, *, method: str = "wanda", sparsity: float | None = None, pattern: str | None = None,
+    calib: Path | None = None, samples: int = CALIB_SAMPLES, window: int = CALIB_WINDOW, name: str | None = None,
+    store: Store | None = None,
+) -> ModelCard:
+    """Unstructured (`sparsity` of every row) or N:M (`pattern`) pruning of every decoder-block linear layer."""
+    store = store or Store()
+    if method not in pr.METHODS:
+        raise SlmkitError(f"unknown method {method!r}", f"Methods: {', '.join(pr.METHODS)}")
+    if (sparsity is None) == (pattern is None):
+        raise SlmkitError("give one of --sparsity (for example 0.5) or --pattern (for example 2:4)", "Pass exactly one of them.")
+    if sparsity is not None and not 0 < sparsity < 1:
+        raise SlmkitError(f"sparsity {sparsity} is outside (0, 1)", "Use a share of weights to remove, for example 0.5.")
+    try:
+        nm = parse_pattern(pattern) if pattern else None
+    except ValueError as exc:
+        raise SlmkitError(str(exc), "Use N:M with 0 < N < M, for example 2:4.") from None
+    folder, _ = _open(store, model)
+    name = name or _default_name(model, f"{method}-{f'{nm[0]}of{nm[1]}' if nm else f'{round(sparsity * 100)}pct'}")
+    validate_name(name)
+    store.check_free(name)
+    net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
+    if nm:
+        pr.check_pattern(net, nm)
+    batches, calib_info = _calibration(tokenizer, net, calib, samples, window) if method != "magnitude" else (None, None)
+    report = pr.sparsify(net, method, sparsity=sparsity, nm=nm, batches=batches)
+    settings = {"kind": "unstructured" if nm is None else "n:m", "method": method, "sparsity": sparsity,
+                "pattern": pattern, "measured": {k: v for k, v in report.items() if k != "layers"},
+                "layers": report["layers"], "calibration": calib_info, "storage": DENSE_NOTE}
+    return _install(store, name, net, tokenizer, model=model, settings=settings)
+
+
+def parse_count(text: str) -> int:
+    """'70M' -> 70_000_000; '1.2B', '500K', or a plain number."""
+    t = text.strip().upper().replace("_", "").replace(",", "")
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if t[-1:] in "KMB" else t) * scale
+    except ValueError:
+        raise SlmkitError(f"cannot read {text!r} as a parameter count", "Write it like 70M, 1.2B or 70000000.") from None
+    return int(value)
+
+
+def shrink_stage(
+    model: str, *, structured: str, target_params: int | None = None, ratio: float | None = None,
+    calib: Path | None = None, samples: int = CALIB_SAMPLES, window: int = CALIB_WINDOW, name: str | None = None,
+    store: Store | None = None,
+) -> ModelCard:
+    """Structured pruning to `target_params` (or `ratio` of the parameters): whole blocks (depth) or KV groups and
+    MLP channels (width), ranked on calibration data. The child is a smaller dense model with a consistent config."""
+    store = store or Store()
+    if structured not in STRUCTURES:
+        raise SlmkitError(f"unknown --structured {structured!r}", f"Use one of: {', '.join(STRUCTURES)}")
+    if (target_params is None) == (ratio is None):
+        raise SlmkitError("give one of --target-params (for example 70M) or --ratio (for example 0.7)", "Pass exactly one of them.")
+    if ratio is not None and not 0 < ratio < 1:
+        raise SlmkitError(f"ratio {ratio} is outside (0, 1)", "Use the share of parameters to keep, for example 0.7.")
+    folder, card = _open(store, model)
+    total = card.parameters or 0
+    target = target_params if target_params is not None else int(total * (ratio or 0))
+    if total and target >= total:
+        raise SlmkitError(f"the target {target:,} is not below {model}'s {total:,} parameters", "Aim lower.")
+    suffix = f"{structured}-{target / 1e6:.0f}m" if target >= 1e6 else f"{structured}-{target / 1e3:.0f}k"
+    name = name or _default_name(model, suffix)
+    validate_name(name)
+    store.check_free(name)
+    net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
+    before = pr.count_params(net)
+    batches, calib_info = _calibration(tokenizer, net, calib, samples, window)
+    _, blocks = decoder_blocks(net)
+    settings: dict[str, Any] = {"kind": "structured", "structured": structured, "target_params": target, "ratio": ratio,
+                                "params_before": before, "calibration": calib_info}
+    if structured == "depth":
+        per_block = sum(p.numel() for p in blocks[0].parameters())
+        n_drop = math.ceil((before - target) / per_block)
+        if n_drop >= len(blocks):
+            raise SlmkitError(f"a target of {target:,} parameters leaves no decoder block ({len(blocks)} blocks of {per_block:,})",
+                              "Aim higher: at least one block must stay.")
+        scores = pr.block_importance(net, batches)
+        drop = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:n_drop])
+        pr.drop_blocks(net, drop)
+        settings |= {"block_importance": scores, "dropped_blocks": drop, "blocks": len(blocks) - len(drop)}
+    else:
+        kv, channels = pr.width_plan(net, target)
+        scores = pr.width_importance(net, batches)
+        heads_before, inter_before = net.config.num_attention_heads, net.config.intermediate_size
+        pr.prune_width(net, scores, kv_groups=kv, channels=channels)
+        settings |= {"attention_heads": [heads_before, net.config.num_attention_heads], "kv_heads": kv,
+                     "intermediate_size": [inter_before, channels]}
+    settings["params_after"] = pr.count_params(net)
+    return _install(store, name, net, tokenizer, model=model, settings=settings)
+
+
+def _nll(net: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Mean next-token negative log-likelihood over the calibration windows."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids in batches:
+            logits = net(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def scan(model: str, *, calib: Path | None = None, samples: int = SCAN_SAMPLES, window: int = SCAN_WINDOW,
+         store: Store | None = None) -> dict[str, Any]:
+    """Per block: its block influence (1 - cos of input and output) and the calibration perplexity with that block
+    removed; per linear layer: its share of the parameters. Nothing is written to the store."""
+    store = store or Store()
+    folder, _ = _open(store, model)
+    net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
+    batches, calib_info = _calibration(tokenizer, net, calib, samples, window)
+    influence = pr.block_importance(net, batches)
+    base = math.exp(_nll(net, batches))
+    _, blocks = decoder_blocks(net)
+    without = []
+
+    def skip(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], _out: Any) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]  # the block passes its input through unchanged
+
+    with progress.bar("perplexity without each block", total=len(blocks)) as advance:
+        for block in blocks:
+            handle = block.register_forward_hook(skip, with_kwargs=True)
+            try:
+                without.append(math.exp(_nll(net, batches)))
+            finally:
+                handle.remove()
+            advance(1)
+    per_block = sum(p.numel() for p in blocks[0].parameters())
+    return {"model": model, "calibration": calib_info, "perplexity": base, "params": pr.count_params(net),
+            "params_per_block": per_block,
+            "blocks": [{"block": i, "influence": bi, "perplexity_without": p, "cost": p / base - 1}
+                       for i, (bi, p) in enumerate(zip(influence, without))]}
