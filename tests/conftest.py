@@ -114,3 +114,24 @@ def store(home, _tiny_store_template):
 def snapshot(root: Path) -> list[str]:
     """Every path under root, to assert a failed command changed nothing."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+CALIB_TEXT = ("The quick brown fox jumps over the lazy dog. Small language models run on laptops, offline and private. "
+              "Paris is the capital of France. Berlin is the capital of Germany. def add(a, b): return a + b\n") * 40
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    """A calibration text file for the stages that look at activations."""
+    path = tmp_path / "calib.txt"
+    path.write_text(CALIB_TEXT)
+    return path
+
+
+@pytest.fixture
+def wide(store, tmp_path_factory) -> str:
+    """A 4-block tiny Llama in the store as 'wide': 4 heads in 2 KV groups, a 64-channel MLP."""
+    from slmkit.sources.importer import import_path
+
+    import_path(build_tiny_llama(tmp_path_factory.mktemp("wide") / "wide", layers=4, intermediate=64), "wide")
+    return "wide"

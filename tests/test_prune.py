@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama, snapshot
+from conftest import snapshot
 from typer.testing import CliRunner
 
 import slmkit
@@ -14,26 +14,8 @@ from slmkit.cli import app
 from slmkit.compress import prune_ops as po
 from slmkit.compress.prune_stage import parse_count, prune_stage, scan, shrink_stage
 from slmkit.errors import SlmkitError
-from slmkit.sources.importer import import_path
 
 runner = CliRunner()
-TEXT = ("The quick brown fox jumps over the lazy dog. Small language models run on laptops, offline and private. "
-        "Paris is the capital of France. Berlin is the capital of Germany. def add(a, b): return a + b\n") * 40
-
-
-@pytest.fixture
-def calib(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return path
-
-
-@pytest.fixture
-def wide(store, tmp_path_factory):
-    """A 4-block tiny Llama with 4 heads in 2 KV groups and a 64-channel MLP."""
-    folder = build_tiny_llama(tmp_path_factory.mktemp("wide") / "wide", layers=4, intermediate=64)
-    import_path(folder, "wide")
-    return "wide"
 
 
 # ---- math ---------------------------------------------------------------------------------------------------------
@@ -177,6 +159,7 @@ def test_prune_cli_and_bad_input(wide, calib, tmp_path):
         (["prune", wide, "--method", "wanda", "--pattern", "2:3", "--calib", str(calib)], "divisible by 3"),
         (["prune", wide, "--method", "nope", "--sparsity", "0.5"], "unknown method"),
         (["prune", wide, "--structured", "depth", "--target-params", "10"], "leaves no decoder block"),
+        (["prune", wide, "--structured", "width", "--blocks", "2"], "--blocks applies to"),
         (["prune", wide, "--structured", "depth", "--target-params", "10G"], "cannot read"),
         (["prune", wide, "--structured", "depth", "--target-params", "999M"], "not below"),
         (["prune", wide, "--structured", "width", "--ratio", "0.7", "--samples", "2"], "too few"),
@@ -203,7 +186,7 @@ def test_quantized_models_are_refused(wide):
     from slmkit.compress.quantize_stage import quantize_stage
 
     q = quantize_stage(wide, "int8").name
-    with pytest.raises(SlmkitError, match="no float weights"):
+    with pytest.raises(SlmkitError, match="no plain float weights"):
         prune_stage(q, method="magnitude", sparsity=0.5)
 
 

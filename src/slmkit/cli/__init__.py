@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import data, evaluate, export, generate, models, prune, quantize, serve
+from slmkit.cli import data, evaluate, export, generate, lowrank, models, prune, quantize, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("compare")(evaluate.compare)
 app.command("export")(export.export)
 app.command("quantize")(quantize.quantize)
 app.command("prune")(prune.prune)
+app.command("lowrank")(lowrank.lowrank)
 app.command("serve")(serve.serve)
 
 

@@ -40,6 +40,8 @@ def export(
     if res["imatrix"] and res["imatrix"].get("file"):
         typer.echo(f"wrote {res['imatrix']['file']}  (importance matrix of {res['imatrix']['tensors']} weights from "
                    f"{res['imatrix']['chunks']} x {res['imatrix']['chunk_size']} tokens; reuse it with --imatrix)")
+    if res["note"]:
+        typer.echo(f"note: {res['note']}")
     if res["store_name"]:
         typer.echo(f"installed {res['store_name']} in the store (run it with --backend llamacpp)")
     if ppl:

@@ -25,6 +25,7 @@ def prune(
     structured: Annotated[str | None, typer.Option("--structured", help="depth (whole blocks) or width (KV groups and MLP channels).")] = None,
     target_params: Annotated[str | None, typer.Option("--target-params", help="Structured: parameters to keep, e.g. 70M.")] = None,
     ratio: Annotated[float | None, typer.Option("--ratio", help="Structured: share of the parameters to keep, in (0, 1).")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="Depth: how many decoder blocks to remove (instead of a target).")] = None,
     scan: Annotated[bool, typer.Option("--scan", help="Show each block's importance and the perplexity cost of removing it; writes nothing.")] = False,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text (default: a public-domain novel sample shipped with slmkit).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", help=f"Calibration windows. [default: {CALIB_SAMPLES}; --scan: {SCAN_SAMPLES}]")] = None,
@@ -50,7 +51,7 @@ def prune(
         return
     if structured:
         card = ps.shrink_stage(model, structured=structured, target_params=ps.parse_count(target_params) if target_params else None,
-                               ratio=ratio, name=name, **given)
+                               ratio=ratio, blocks=blocks, name=name, **given)
     else:
         card = ps.prune_stage(model, method=method or "wanda", sparsity=sparsity, pattern=pattern, name=name, **given)
     parent = Store().card(model)

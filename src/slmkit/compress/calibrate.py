@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from slmkit import progress
+from slmkit.card import sha256_file
+from slmkit.data.locate import locate
 from slmkit.errors import SlmkitError
 
 CALIB_WINDOW = 512
 CALIB_SAMPLES = 32
+MIN_SAMPLES = 4
 
 
 def calibration_batches(
@@ -31,6 +34,21 @@ def calibration_batches(
     ids = tokenizer.encode(text[: window * samples * 8], add_special_tokens=False)
     batches = [torch.tensor([ids[i : i + window]]) for i in range(0, len(ids) - 1, window)][:samples]
     return [b for b in batches if b.shape[1] > 1]
+
+
+def calibration_for(tokenizer: Any, net: nn.Module, calib: Path | None, samples: int, window: int) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """A stage's calibration windows (from `calib`, else the public-domain sample shipped with slmkit) and what the
+    card records of them."""
+    if samples < MIN_SAMPLES:
+        raise SlmkitError(f"{samples} calibration samples are too few to rank weights", f"Use --samples {MIN_SAMPLES} or more (32 is the default).")
+    path = calib if calib is not None else locate("calibration")
+    window = min(window, getattr(net.config, "max_position_embeddings", None) or window)
+    batches = calibration_batches(tokenizer, path, window=window, samples=samples)
+    if len(batches) < MIN_SAMPLES:
+        raise SlmkitError(f"{path} gives only {len(batches)} windows of {window} tokens", "Give a longer calibration text, or a smaller --window.")
+    info = {"file": str(path) if calib is not None else "packaged: " + path.name, "sha256": sha256_file(path),
+            "windows": len(batches), "window": window}
+    return batches, info
 
 
 def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:

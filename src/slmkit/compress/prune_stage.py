@@ -16,44 +16,20 @@ import torch
 from torch import nn
 
 from slmkit import progress
-from slmkit.card import ModelCard, sha256_file
+from slmkit.card import ModelCard
 from slmkit.compress import prune as pr
-from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_batches
+from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_for
+from slmkit.compress.parents import float_parent
 from slmkit.compress.prune_ops import parse_pattern
-from slmkit.compress.quantize import is_quantized
-from slmkit.data.locate import locate
 from slmkit.errors import SlmkitError
 from slmkit.layers.walk import decoder_blocks
 from slmkit.sources.hf_dir import load_float
 from slmkit.store import Store, validate_name
 
 STRUCTURES = ("depth", "width")
-MIN_SAMPLES = 4
 SCAN_SAMPLES = 8  # --scan runs the model once per block: fewer, shorter windows
 SCAN_WINDOW = 256
 DENSE_NOTE = "dense file: pruned weights are stored as zeros (no smaller on disk, no faster on a CPU)"
-
-
-def _open(store: Store, model: str) -> tuple[Path, ModelCard]:
-    folder = store.require(model)
-    card = store.card(model)
-    if is_quantized(folder) or not list(folder.glob("*.safetensors")) or card.stage == "export":
-        raise SlmkitError(f"{model} holds no float weights to prune ({card.stage})",
-                          f"Prune its float parent ({card.parent or 'the model it came from'}), then quantize or export the pruned child.")
-    return folder, card
-
-
-def _calibration(tokenizer: Any, net: nn.Module, calib: Path | None, samples: int, window: int) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    if samples < MIN_SAMPLES:
-        raise SlmkitError(f"{samples} calibration samples are too few to rank weights", f"Use --samples {MIN_SAMPLES} or more (32 is the default).")
-    path = calib if calib is not None else locate("calibration")
-    window = min(window, getattr(net.config, "max_position_embeddings", None) or window)
-    batches = calibration_batches(tokenizer, path, window=window, samples=samples)
-    if len(batches) < MIN_SAMPLES:
-        raise SlmkitError(f"{path} gives only {len(batches)} windows of {window} tokens", "Give a longer calibration text, or a smaller --window.")
-    info = {"file": str(path) if calib is not None else "packaged: " + path.name, "sha256": sha256_file(path),
-            "windows": len(batches), "window": window}
-    return batches, info
 
 
 def _default_name(model: str, suffix: str) -> str:
@@ -86,14 +62,14 @@ def prune_stage(
         nm = parse_pattern(pattern) if pattern else None
     except ValueError as exc:
         raise SlmkitError(str(exc), "Use N:M with 0 < N < M, for example 2:4.") from None
-    folder, _ = _open(store, model)
+    folder, _ = float_parent(store, model)
     name = name or _default_name(model, f"{method}-{f'{nm[0]}of{nm[1]}' if nm else f'{round(sparsity * 100)}pct'}")
     validate_name(name)
     store.check_free(name)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
     if nm:
         pr.check_pattern(net, nm)
-    batches, calib_info = _calibration(tokenizer, net, calib, samples, window) if method != "magnitude" else (None, None)
+    batches, calib_info = calibration_for(tokenizer, net, calib, samples, window) if method != "magnitude" else (None, None)
     report = pr.sparsify(net, method, sparsity=sparsity, nm=nm, batches=batches)
     settings = {"kind": "unstructured" if nm is None else "n:m", "method": method, "sparsity": sparsity,
                 "pattern": pattern, "measured": {k: v for k, v in report.items() if k != "layers"},
@@ -113,44 +89,54 @@ def parse_count(text: str) -> int:
 
 
 def shrink_stage(
-    model: str, *, structured: str, target_params: int | None = None, ratio: float | None = None,
+    model: str, *, structured: str, target_params: int | None = None, ratio: float | None = None, blocks: int | None = None,
     calib: Path | None = None, samples: int = CALIB_SAMPLES, window: int = CALIB_WINDOW, name: str | None = None,
     store: Store | None = None,
 ) -> ModelCard:
     """Structured pruning to `target_params` (or `ratio` of the parameters): whole blocks (depth) or KV groups and
-    MLP channels (width), ranked on calibration data. The child is a smaller dense model with a consistent config."""
+    MLP channels (width), ranked on calibration data; depth can also name how many `blocks` to remove. The child is
+    a smaller dense model with a consistent config."""
     store = store or Store()
     if structured not in STRUCTURES:
         raise SlmkitError(f"unknown --structured {structured!r}", f"Use one of: {', '.join(STRUCTURES)}")
-    if (target_params is None) == (ratio is None):
-        raise SlmkitError("give one of --target-params (for example 70M) or --ratio (for example 0.7)", "Pass exactly one of them.")
+    if blocks is not None and structured != "depth":
+        raise SlmkitError("--blocks applies to --structured depth", "Give width pruning a --target-params or --ratio.")
+    if sum(x is not None for x in (target_params, ratio, blocks)) != 1:
+        raise SlmkitError("give one of --target-params (for example 70M), --ratio (for example 0.7) or, for depth, --blocks",
+                          "Pass exactly one of them.")
     if ratio is not None and not 0 < ratio < 1:
         raise SlmkitError(f"ratio {ratio} is outside (0, 1)", "Use the share of parameters to keep, for example 0.7.")
-    folder, card = _open(store, model)
+    folder, card = float_parent(store, model)
     total = card.parameters or 0
     target = target_params if target_params is not None else int(total * (ratio or 0))
+    if blocks is not None:
+        if blocks < 1:
+            raise SlmkitError(f"--blocks {blocks}: remove at least one block", "Give a positive number of blocks.")
+        target = total - 1  # placeholder: the block count decides
     if total and target >= total:
         raise SlmkitError(f"the target {target:,} is not below {model}'s {total:,} parameters", "Aim lower.")
-    suffix = f"{structured}-{target / 1e6:.0f}m" if target >= 1e6 else f"{structured}-{target / 1e3:.0f}k"
+    suffix = (f"depth-minus{blocks}" if blocks is not None else
+              f"{structured}-{target / 1e6:.0f}m" if target >= 1e6 else f"{structured}-{target / 1e3:.0f}k")
     name = name or _default_name(model, suffix)
     validate_name(name)
     store.check_free(name)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
     before = pr.count_params(net)
-    batches, calib_info = _calibration(tokenizer, net, calib, samples, window)
-    _, blocks = decoder_blocks(net)
-    settings: dict[str, Any] = {"kind": "structured", "structured": structured, "target_params": target, "ratio": ratio,
+    batches, calib_info = calibration_for(tokenizer, net, calib, samples, window)
+    _, stack = decoder_blocks(net)
+    settings: dict[str, Any] = {"kind": "structured", "structured": structured,
+                                "target_params": target if blocks is None else None, "ratio": ratio, "remove_blocks": blocks,
                                 "params_before": before, "calibration": calib_info}
     if structured == "depth":
-        per_block = sum(p.numel() for p in blocks[0].parameters())
-        n_drop = math.ceil((before - target) / per_block)
-        if n_drop >= len(blocks):
-            raise SlmkitError(f"a target of {target:,} parameters leaves no decoder block ({len(blocks)} blocks of {per_block:,})",
+        per_block = sum(p.numel() for p in stack[0].parameters())
+        n_drop = blocks if blocks is not None else math.ceil((before - target) / per_block)
+        if n_drop >= len(stack):
+            raise SlmkitError(f"that leaves no decoder block ({len(stack)} blocks of {per_block:,} parameters)",
                               "Aim higher: at least one block must stay.")
         scores = pr.block_importance(net, batches)
         drop = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:n_drop])
         pr.drop_blocks(net, drop)
-        settings |= {"block_importance": scores, "dropped_blocks": drop, "blocks": len(blocks) - len(drop)}
+        settings |= {"block_importance": scores, "dropped_blocks": drop, "blocks": len(stack) - len(drop)}
     else:
         kv, channels = pr.width_plan(net, target)
         scores = pr.width_importance(net, batches)
@@ -178,9 +164,9 @@ def scan(model: str, *, calib: Path | None = None, samples: int = SCAN_SAMPLES, 
     """Per block: its block influence (1 - cos of input and output) and the calibration perplexity with that block
     removed; per linear layer: its share of the parameters. Nothing is written to the store."""
     store = store or Store()
-    folder, _ = _open(store, model)
+    folder, _ = float_parent(store, model)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
-    batches, calib_info = _calibration(tokenizer, net, calib, samples, window)
+    batches, calib_info = calibration_for(tokenizer, net, calib, samples, window)
     influence = pr.block_importance(net, batches)
     base = math.exp(_nll(net, batches))
     _, blocks = decoder_blocks(net)

@@ -9,6 +9,7 @@ import torch
 from slmkit import progress
 from slmkit.card import ModelCard, sha256_file
 from slmkit.compress.calibrate import CALIB_WINDOW, calibration_batches
+from slmkit.compress.lowrank import is_lowrank
 from slmkit.compress.quantize import DEFAULT_GROUP, METHODS, SCHEMES, is_quantized, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import load_float
@@ -25,6 +26,9 @@ def quantize_stage(
     parent = store.card(model)
     if scheme not in SCHEMES or method not in METHODS:
         raise SlmkitError(f"unknown scheme/method {scheme!r}/{method!r}", f"Schemes: {', '.join(SCHEMES)}; methods: {', '.join(METHODS)}")
+    if is_lowrank(folder):
+        raise SlmkitError(f"{model} holds factorized (low-rank) layers, which slmkit quantize does not handle yet",
+                          f"Quantize its float parent ({parent.parent or 'PARENT'}), or export {model} to GGUF (its factors are multiplied back).")
     if is_quantized(folder) or not list(folder.glob("*.safetensors")) or parent.stage == "export":
         raise SlmkitError(
             f"{model} is already quantized ({parent.stage}: {parent.settings.get('scheme') or parent.settings.get('type')})",

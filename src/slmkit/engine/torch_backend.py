@@ -41,6 +41,7 @@ class TorchBackend:
         """Load safetensors weights and tokenizer from a store folder (no pickle, no remote code)."""
         from transformers import AutoTokenizer
 
+        from slmkit.compress.lowrank import is_lowrank, load_lowrank
         from slmkit.compress.quantize import is_quantized, load_quantized
         from slmkit.sources.hf_dir import load_float
 
@@ -48,6 +49,8 @@ class TorchBackend:
             torch.set_num_threads(threads)
         if is_quantized(Path(folder)):  # integer weights saved by `slmkit quantize`
             return cls(load_quantized(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
+        if is_lowrank(Path(folder)):  # factorized layers saved by `slmkit lowrank`
+            return cls(load_lowrank(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
         ggufs = sorted(Path(folder).glob("*.gguf"))
         if not list(Path(folder).glob("*.safetensors")) and ggufs:  # a GGUF-only model (from export)
             from slmkit.sources.gguf import check_gguf, load_gguf

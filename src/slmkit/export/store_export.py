@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,29 +51,60 @@ def export_model(
         store.check_free(store_as)
     base = f"{model}-{gguf_type.lower()}" + ("-imat" if imatrix is not None else "")
     out_dir = out_dir or settings().home / "exports" / base
-    imat, imat_info = None, None
-    if imatrix is not None:
-        imat, imat_info = _importance(imatrix, folder, out_dir)
-    path = export_gguf(folder, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads,
-                       imatrix=imat.means() if imat else None)
-    parent_card = store.card(model)
-    result: dict[str, Any] = {
-        "model": model, "type": gguf_type, "gguf": str(path), "modelfile": str(out_dir / "Modelfile"),
-        "size_before": parent_card.weights_bytes.get("safetensors") or parent_card.size_bytes,
-        "size_after": path.stat().st_size, "store_name": None, "imatrix": imat_info,
-    }
-    if store_as is not None:
-        def write(staging: Path) -> None:
-            with progress.step(f"Installing {store_as} in the store"):
-                shutil.copyfile(path, staging / "model.gguf")
-                for name in COPIED:
-                    if (folder / name).is_file():
-                        shutil.copyfile(folder / name, staging / name)
-
-        store.derive(store_as, write, stage="export", parent=model, source={"kind": "export", "parent": model},
-                     settings={"format": "gguf", "type": gguf_type, "imatrix": imat_info})
-        result["store_name"] = store_as
+    with _dense_source(folder) as (source, note):
+        imat, imat_info = None, None
+        if imatrix is not None:
+            imat, imat_info = _importance(imatrix, source, out_dir)
+        path = export_gguf(source, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads,
+                           imatrix=imat.means() if imat else None)
+        parent_card = store.card(model)
+        result: dict[str, Any] = {
+            "model": model, "type": gguf_type, "gguf": str(path), "modelfile": str(out_dir / "Modelfile"),
+            "size_before": parent_card.weights_bytes.get("safetensors") or parent_card.size_bytes,
+            "size_after": path.stat().st_size, "store_name": None, "imatrix": imat_info, "note": note,
+        }
+        if store_as is not None:
+            _install_export(store, store_as, model, path, source, gguf_type, imat_info)
+            result["store_name"] = store_as
     return result
+
+
+@contextmanager
+def _dense_source(folder: Path) -> Iterator[tuple[Path, str | None]]:
+    """The folder to convert: the model's own, or for a low-rank model (GGUF has no factorized layers) a temporary
+    copy with the factors multiplied back, and a note saying what that costs."""
+    from slmkit.compress.lowrank import densify, is_lowrank, load_lowrank
+
+    if not is_lowrank(folder):
+        yield folder, None
+        return
+    with tempfile.TemporaryDirectory(prefix=".slmkit-dense-", dir=settings().home) as tmp:
+        with progress.step("Multiplying the low-rank factors back (GGUF has no factorized layers)"):
+            net = load_lowrank(folder)
+            factored = sum(p.numel() for p in net.parameters())
+            n = densify(net)
+            dense = sum(p.numel() for p in net.parameters())
+            net.save_pretrained(tmp, safe_serialization=True)
+            for name in COPIED:
+                if name != "config.json" and (folder / name).is_file():
+                    shutil.copyfile(folder / name, Path(tmp) / name)
+        yield Path(tmp), (f"{n} low-rank layers multiplied back to dense: the GGUF holds {dense:,} parameters "
+                          f"(the store model {factored:,}); the quality is the low-rank model's, the size and speed a dense one's")
+
+
+def _install_export(store: Store, store_as: str, model: str, path: Path, source: Path, gguf_type: str,
+                    imat_info: dict[str, Any] | None) -> None:
+    """The GGUF as a store model of its own (stage export), with the config and tokenizer files it was made from."""
+
+    def write(staging: Path) -> None:
+        with progress.step(f"Installing {store_as} in the store"):
+            shutil.copyfile(path, staging / "model.gguf")
+            for name in COPIED:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, staging / name)
+
+    store.derive(store_as, write, stage="export", parent=model, source={"kind": "export", "parent": model},
+                 settings={"format": "gguf", "type": gguf_type, "imatrix": imat_info})
 
 
 def _importance(spec: Path, folder: Path, out_dir: Path) -> tuple[Imatrix, dict[str, Any]]:

@@ -1,0 +1,119 @@
+"""Low-rank factorization of a model: choose ranks, replace linear layers by LowRankLinear (layers/lowrank.py),
+save, load back, and multiply back to dense where a format cannot hold two thin layers (GGUF). Math in
+lowrank_ops.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit import progress
+from slmkit.compress import lowrank_ops as lo
+from slmkit.compress.calibrate import collect_stats
+from slmkit.errors import SlmkitError
+from slmkit.layers.lowrank import LowRankLinear
+from slmkit.layers.walk import decoder_blocks, empty_skeleton, set_module
+from slmkit.sources.hf_dir import read_config
+
+CONFIG_KEY = "slmkit_lowrank"
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The decoder blocks' linear layers by qualified name (embeddings and the output head stay as they are)."""
+    name, blocks = decoder_blocks(model)
+    return {f"{name}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+
+
+def factorize(model: nn.Module, batches: list[torch.Tensor], *, ratio: float | None = None, energy: float | None = None) -> dict[str, Any]:
+    """Replace decoder-block linears by activation-aware rank-r factors, in place: ranks by `energy` (each layer keeps
+    that share of its whitened output energy) or allocated across layers so the model keeps `ratio` of its
+    parameters. A layer whose factors would not be smaller stays dense."""
+    layers = block_linears(model)
+    total = sum(p.numel() for p in model.parameters())
+    dense = sum(m.weight.numel() for m in layers.values())
+    stats = collect_stats(model, layers, batches, hessian=True)
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    with progress.bar("whitened SVD", total=len(layers)) as advance:
+        for name, lin in layers.items():
+            parts[name] = lo.whitened_svd(lin.weight.detach().float(), lo.whitening(stats[name]["H"]))
+            advance(1)
+    shapes = {name: (lin.out_features, lin.in_features) for name, lin in layers.items()}
+    if energy is not None:
+        ranks = {name: lo.energy_rank(parts[name][1], energy) for name in layers}
+    else:
+        budget = int(total * (ratio or 0)) - (total - dense)
+        if budget < sum(n + k for n, k in shapes.values()):
+            raise SlmkitError(f"keeping {ratio:.0%} of {total:,} parameters leaves no room for the layers' factors "
+                              f"({total - dense:,} parameters are embeddings and norms)", "Use a higher --ratio.")
+        ranks = lo.allocate_ranks({name: (parts[name][1], *shapes[name]) for name in layers}, budget)
+    kept: dict[str, int] = {}
+    with torch.no_grad():
+        for name, lin in layers.items():
+            n, k = shapes[name]
+            r = min(ranks[name], min(n, k))
+            if lo.lowrank_params(n, k, r) >= n * k:
+                continue  # no smaller as factors: stays dense
+            up, down = lo.factors(*parts[name], r)
+            new = LowRankLinear(k, n, r, lin.bias is not None)
+            new.up.weight.copy_(up)
+            new.down.weight.copy_(down)
+            if lin.bias is not None:
+                new.up.bias.copy_(lin.bias.detach())
+            set_module(model, name, new)
+            kept[name] = r
+    setattr(model.config, CONFIG_KEY, {"ranks": kept})
+    after = sum(p.numel() for p in model.parameters())
+    return {"ranks": kept, "factorized": len(kept), "dense_layers": len(layers) - len(kept), "params_before": total,
+            "params_after": after}
+
+
+def is_lowrank(folder: Path) -> bool:
+    return (Path(folder) / "config.json").is_file() and CONFIG_KEY in read_config(folder)
+
+
+def load_lowrank(folder: Path) -> nn.Module:
+    """Rebuild the architecture from config.json with LowRankLinear shells where the ranks say, load the weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    ranks = getattr(config, CONFIG_KEY)["ranks"]
+    model = empty_skeleton(config, torch.float32)
+    for name, r in ranks.items():
+        lin = model.get_submodule(name)
+        set_module(model, name, LowRankLinear(lin.in_features, lin.out_features, r, lin.bias is not None))
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state |= load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise SlmkitError(f"the low-rank weights in {folder} do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
+                          "Make the model again with slmkit lowrank.")
+    if tied:
+        model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise SlmkitError(f"the low-rank file in {folder} lacks {leftover[:3]}", "Make the model again with slmkit lowrank.")
+    return model.eval()
+
+
+def densify(model: nn.Module) -> int:
+    """Multiply every LowRankLinear back into a dense nn.Linear, in place (for formats without factorized layers);
+    returns how many were multiplied back."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    with torch.no_grad():
+        for name in names:
+            m = model.get_submodule(name)
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.up.bias is not None, dtype=m.up.weight.dtype)
+            lin.weight.copy_(m.dense_weight())
+            if m.up.bias is not None:
+                lin.bias.copy_(m.up.bias)
+            set_module(model, name, lin)
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    return len(names)

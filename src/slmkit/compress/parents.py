@@ -1,0 +1,20 @@
+"""Which stored forms a stage can start from: plain float weights (not integer, not factorized, not GGUF-only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slmkit.card import ModelCard
+from slmkit.compress.lowrank import is_lowrank
+from slmkit.compress.quantize import is_quantized
+from slmkit.errors import SlmkitError
+from slmkit.store import Store
+
+
+def float_parent(store: Store, model: str) -> tuple[Path, ModelCard]:
+    folder = store.require(model)
+    card = store.card(model)
+    if is_quantized(folder) or is_lowrank(folder) or not list(folder.glob("*.safetensors")) or card.stage == "export":
+        raise SlmkitError(f"{model} holds no plain float weights to change ({card.stage})",
+                          f"Start from its float parent ({card.parent or 'the model it came from'}), then quantize or export the child.")
+    return folder, card
