@@ -28,12 +28,15 @@ demo: install
 	$(BIN)/slmkit run --seed 0 --max-tokens 120 "In two sentences, why would a developer run a small language model on their own laptop?"
 	@echo "--- shrink it: int8 weights in PyTorch (kept in the store as smollm2-135m-instruct-int8-rtn) ---"
 	$(BIN)/slmkit models show smollm2-135m-instruct-int8-rtn --json >/dev/null 2>&1 || $(BIN)/slmkit quantize --scheme int8
-	@echo "--- a quick evaluation on a sample: float32 and int8 in PyTorch, the packaged Q4_1 GGUF in llama.cpp ---"
+	@echo "--- make it smaller: remove the 6 least important of its 30 decoder blocks (structured pruning, no retraining) ---"
+	$(BIN)/slmkit models show smollm2-135m-instruct-depth-minus6 --json >/dev/null 2>&1 || $(BIN)/slmkit prune --structured depth --blocks 6 --no-ppl
+	@echo "--- a quick evaluation on a sample: float32, int8 and depth-pruned in PyTorch, the packaged Q4_1 GGUF in llama.cpp ---"
 	@mkdir -p demo-results
 	$(BIN)/slmkit eval $(EVAL_SAMPLE) --out demo-results/torch-f32.json
 	$(BIN)/slmkit eval smollm2-135m-instruct-int8-rtn $(EVAL_SAMPLE) --out demo-results/torch-int8.json
+	$(BIN)/slmkit eval smollm2-135m-instruct-depth-minus6 $(EVAL_SAMPLE) --out demo-results/torch-depth.json
 	$(BIN)/slmkit eval --backend llamacpp $(EVAL_SAMPLE) --out demo-results/llamacpp-q4_1.json
-	$(BIN)/slmkit compare demo-results/torch-f32.json demo-results/torch-int8.json demo-results/llamacpp-q4_1.json --html demo-results/report.html
+	$(BIN)/slmkit compare demo-results/torch-f32.json demo-results/torch-int8.json demo-results/torch-depth.json demo-results/llamacpp-q4_1.json --html demo-results/report.html
 
 test: install-test
 	$(BIN)/python -m pytest

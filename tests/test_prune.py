@@ -207,3 +207,16 @@ def test_structured_children_export_to_gguf_that_llamacpp_runs(wide, calib, tmp_
         ids = torch_b.encode(text)
         assert list(cpp_b.stream_tokens(ids, greedy, 12)) == list(torch_b.stream_tokens(ids, greedy, 12))
     cpp_b.close()
+
+
+def test_stages_compose_prune_then_quantize_then_export(wide, calib):
+    from slmkit.compress.quantize_stage import quantize_stage
+    from slmkit.export.store_export import export_model
+
+    pruned = shrink_stage(wide, structured="width", target_params=int(slmkit.Store().card(wide).parameters * 0.75),
+                          calib=calib, samples=4, window=32).name
+    q = quantize_stage(pruned, "int8")
+    assert q.parent == pruned and slmkit.Store().card(pruned).parent == wide  # the lineage runs back to the base
+    assert slmkit.load(q.name).generate("The quick", max_tokens=3, temperature=0) is not None
+    res = export_model(pruned, "Q8_0", store_as=f"{pruned}-q8")
+    assert res["store_name"] and slmkit.load(f"{pruned}-q8", backend="llamacpp").generate("The", max_tokens=3, temperature=0) is not None
