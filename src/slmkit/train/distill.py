@@ -1,0 +1,107 @@
+"""`distill`: a teacher's knowledge into a student, on the user's data, with the student installed in the store.
+
+The loss mixes a distillation term against the teacher's cached top-k log-probabilities (forward KL, reverse KL or
+generalized JSD, at temperature tau) with the plain next-token loss: alpha * KD + (1 - alpha) * CE. alpha 0 is plain
+next-token training on the same tokens (the baseline distillation has to beat), and needs no teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit import progress
+from slmkit.card import ModelCard
+from slmkit.compress.parents import float_parent
+from slmkit.config import settings
+from slmkit.errors import SlmkitError
+from slmkit.sources.hf_dir import load_float
+from slmkit.store import Store, validate_name
+from slmkit.train import data as td
+from slmkit.train import teacher as tc
+from slmkit.train.loop import TrainConfig, fit
+from slmkit.train.losses import LOSSES, kd_loss, next_token_loss
+
+SEQ_LEN = 256
+TAU = 2.0
+ALPHA = 0.5
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def distill_stage(
+    teacher: str, student: str, data: list[Path], *, loss: str = "fkl", tau: float = TAU, alpha: float = ALPHA,
+    top_k: int = tc.TOP_K, seq_len: int = SEQ_LEN, valid_fraction: float = 0.05, config: TrainConfig | None = None,
+    name: str | None = None, resume: bool = False, store: Store | None = None, read: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Train store model `student` from `teacher` on `data` files and install the result as `name` (default
+    STUDENT-distilled); `resume` continues the run of that name from its last checkpoint."""
+    store = store or Store()
+    cfg = config or TrainConfig()
+    if loss not in LOSSES:
+        raise SlmkitError(f"unknown loss {loss!r}", f"Losses: {', '.join(LOSSES)}")
+    if not 0 <= alpha <= 1 or tau <= 0 or top_k < 1:
+        raise SlmkitError("--alpha must be in [0, 1], --temperature > 0 and --top-k >= 1", "Fix the values.")
+    if not data:
+        raise SlmkitError("no training data given", "Pass --data FILE (text, JSON lines or CSV), repeatable.")
+    name = validate_name(name or f"{student}-{'distilled' if alpha > 0 else 'trained'}")
+    store.check_free(name)
+    s_folder, _ = float_parent(store, student)
+    t_folder, t_card = store.require(teacher), store.card(teacher)
+    net, tokenizer = load_float(s_folder, dtype=torch.float32, what=f"Loading the student {student}")
+    if alpha > 0:
+        from transformers import AutoTokenizer
+
+        if not same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(str(t_folder), trust_remote_code=False)):
+            raise SlmkitError(f"{teacher} and {student} have different tokenizers: their token-level distributions cannot be compared",
+                              "Pick a student made from the teacher (slmkit prune, lowrank), or one with the same tokenizer.")
+    with progress.step("Reading and packing the data"):
+        train, valid, info = td.build(tokenizer, [Path(p) for p in data], seq_len=seq_len, valid_fraction=valid_fraction,
+                                      seed=cfg.seed, **(read or {}))
+    cache = None
+    cache_info: dict[str, Any] | None = None
+    if alpha > 0:
+        key = tc.cache_key(t_card, info["sha256"], seq_len, top_k)
+        cache, computed = tc.load_or_compute(settings().home / "cache" / "teacher", key, train,
+                                             lambda: load_float(t_folder, dtype=torch.float32, what=f"Loading the teacher {teacher}")[0],
+                                             k=top_k)
+        cache_info = {"file": str(cache.path), "key": key, "computed": computed, "top_k": top_k,
+                      "bytes_per_token": cache.bytes_per_token}
+        progress.note(f"teacher cache: {cache.path.name}, {cache.bytes_per_token:.0f} bytes per token"
+                      + (" (computed now)" if computed else " (reused)"))
+
+    def loss_fn(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # (B, T, V)
+        m = mask[:, 1:]  # the learned targets
+        ce = next_token_loss(logits, ids[:, 1:], m)
+        if cache is None:
+            return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
+        kd = kd_loss(loss, logits, cache.values[idx], cache.ids[idx], m, tau=tau)
+        total = alpha * kd + (1 - alpha) * ce
+        return total, {"loss": float(total.detach()), "ce": float(ce.detach()), "kd": float(kd.detach())}
+
+    result = fit(net, train, valid, cfg, settings().home / "runs" / name, loss_fn, resume=resume)
+    ppl = lambda v: math.exp(v) if v is not None else None  # noqa: E731
+    train_settings = {
+        "teacher": teacher if alpha > 0 else None, "teacher_sha256": t_card.files if alpha > 0 else None,
+        "loss": loss if alpha > 0 else "next-token", "temperature": tau, "alpha": alpha, "data": info,
+        "teacher_cache": cache_info, "train": asdict(cfg), "steps": result["steps"], "tokens": result["tokens"],
+        "seconds": result["seconds"], "processes": result["world"],
+        "validation_perplexity": {"before": ppl(result["val_before"]), "after": ppl(result["val_after"])},
+        "loss_curve": [{k: h[k] for k in ("step", "loss", "ce", "kd", "val_loss") if k in h} for h in result["history"]],
+    }
+
+    def write(staging: Path) -> None:
+        with progress.step(f"Writing {name}"):
+            net.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+
+    return store.derive(name, write, stage="distill" if alpha > 0 else "train", parent=student, settings=train_settings,
+                        parameters=sum(p.numel() for p in net.parameters()))

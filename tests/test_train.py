@@ -1,0 +1,252 @@
+"""The training core and distillation, on tiny random Llamas: data readers and masks, losses against their
+definitions, the schedule, exact resume after a crash and after kill -9, the teacher cache, and the stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CALIB_TEXT, build_tiny_llama, build_tokenizer
+from typer.testing import CliRunner
+
+import slmkit
+from slmkit.cli import app
+from slmkit.errors import SlmkitError
+from slmkit.sources.importer import import_path
+from slmkit.train import data as td
+from slmkit.train.distill import distill_stage
+from slmkit.train.loop import TrainConfig, fit, lr_at
+from slmkit.train.losses import kd_loss, next_token_loss
+
+runner = CliRunner()
+DOCS = CALIB_TEXT.replace(". ", ".\n\n")
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    p = tmp_path / "data.txt"
+    p.write_text(DOCS)
+    return p
+
+
+@pytest.fixture
+def pair(store, tmp_path_factory) -> tuple[str, str]:
+    """A teacher and a student with the same tokenizer and different random weights."""
+    import_path(build_tiny_llama(tmp_path_factory.mktemp("t") / "t", layers=4, intermediate=64), "teacher")
+    import_path(build_tiny_llama(tmp_path_factory.mktemp("s") / "s", layers=2, intermediate=64, seed=1), "student")
+    return "teacher", "student"
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+def test_readers_take_the_usual_layouts(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": "Add", "input": "1 and 2", "output": "3"}]))
+    (tmp_path / "c.csv").write_text("q,a,x\nhow?,like this,1\n,empty,2\n")
+    a = td.read_examples(tmp_path / "a.jsonl")
+    assert a[0].text == "hello there" and a[1].messages == (("user", "hi"), ("assistant", "hello"))
+    assert td.read_examples(tmp_path / "b.json")[0].messages == (("user", "Add\n\n1 and 2"), ("assistant", "3"))
+    assert td.read_examples(tmp_path / "c.csv", prompt_column="q", response_column="a") == [
+        td.Example(messages=(("user", "how?"), ("assistant", "like this")))]
+    assert [e.text for e in td.read_examples(tmp_path / "c.csv", text_column="a")] == ["like this", "empty"]
+    for path, kw, message in [
+        (tmp_path / "c.csv", {}, "say which column"),
+        (tmp_path / "c.csv", {"text_column": "nope"}, "no column 'nope'"),
+        (tmp_path / "missing.txt", {}, "not found"),
+    ]:
+        with pytest.raises(SlmkitError, match=message):
+            td.read_examples(path, **kw)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"prompt": "x"}\n')
+    with pytest.raises(SlmkitError, match=r"bad.jsonl:2: no 'text'"):
+        td.read_examples(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n\n")
+    with pytest.raises(SlmkitError, match="no usable rows"):
+        td.read_examples(tmp_path / "empty.txt")
+
+
+def test_chat_loss_mask_covers_the_assistant_turns_only():
+    tok = build_tokenizer()
+    ex = td.Example(messages=(("system", "Be brief."), ("user", "Where is Paris?"), ("assistant", "In France.")))
+    ids, mask = td.encode_example(tok, ex)
+    rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in ex.messages], tokenize=False)
+    assert ids == tok.encode(rendered, add_special_tokens=False)
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "<|im_start|>assistant\nIn France.<|im_end|>\n"
+    plain_ids, plain_mask = td.encode_example(tok, td.Example(text="Paris is big."))
+    assert plain_ids[-1] == tok.eos_token_id and all(plain_mask)
+
+
+def test_pack_and_split_are_deterministic(text_file):
+    tok = build_tokenizer()
+    train, valid, info = td.build(tok, [text_file], seq_len=16, valid_fraction=0.1, seed=3)
+    assert train.ids.shape[1] == 17 and train.mask.shape == train.ids.shape and len(valid) >= 1
+    again, _, info2 = td.build(tok, [text_file], seq_len=16, valid_fraction=0.1, seed=3)
+    assert torch.equal(train.ids, again.ids) and info["sha256"] == info2["sha256"]
+    other, _, info3 = td.build(tok, [text_file], seq_len=16, valid_fraction=0.1, seed=4)
+    assert info3["sha256"] != info["sha256"]
+    with pytest.raises(SlmkitError, match="less than one window"):
+        td.pack([([1, 2, 3], [1, 1, 1])], 16)
+
+
+# ---- losses and schedule -----------------------------------------------------------------------------------------
+def test_losses_against_their_definitions():
+    torch.manual_seed(0)
+    v = 12
+    s_logits, t_logits = torch.randn(2, 3, v), torch.randn(2, 3, v)
+    t_logp = torch.log_softmax(t_logits, -1)
+    ids = torch.arange(v).expand(2, 3, v)  # the full vocabulary as "top-k": the exact divergences
+    mask = torch.ones(2, 3)
+    p, q = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
+    fkl = (p * (p.log() - q.log())).sum(-1).mean()
+    rkl = (q * (q.log() - p.log())).sum(-1).mean()
+    m = 0.5 * p + 0.5 * q
+    jsd = (0.5 * (p * (p.log() - m.log())).sum(-1) + 0.5 * (q * (q.log() - m.log())).sum(-1)).mean()
+    assert float(kd_loss("fkl", s_logits, t_logp, ids, mask)) == pytest.approx(float(fkl), rel=1e-5)
+    assert float(kd_loss("rkl", s_logits, t_logp, ids, mask)) == pytest.approx(float(rkl), rel=1e-5)
+    assert float(kd_loss("jsd", s_logits, t_logp, ids, mask)) == pytest.approx(float(jsd), rel=1e-5)
+    for kind in ("fkl", "rkl", "jsd"):
+        assert float(kd_loss(kind, t_logits, t_logp, ids, mask, tau=2.0)) == pytest.approx(0.0, abs=1e-6)
+    targets = torch.randint(0, v, (2, 3))
+    half = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    ce = -torch.log_softmax(s_logits, -1).gather(-1, targets[..., None])[..., 0]
+    assert float(next_token_loss(s_logits, targets, half)) == pytest.approx(float((ce * half).sum() / 3), rel=1e-5)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, warmup=0.1, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+# ---- the loop: exact resume ---------------------------------------------------------------------------------------
+def _setup(tmp_path: Path, text_file: Path):
+    folder = build_tiny_llama(tmp_path / "m", layers=2, intermediate=64)
+    tok = build_tokenizer()
+    train, valid, _ = td.build(tok, [text_file], seq_len=16, valid_fraction=0.1, seed=0)
+    return folder, train, valid
+
+
+def _loss(model, ids, mask, idx):
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+    loss = next_token_loss(logits, ids[:, 1:], mask[:, 1:])
+    return loss, {"loss": float(loss.detach())}
+
+
+CFG = TrainConfig(steps=8, batch_size=2, grad_accum=2, lr=1e-3, checkpoint_every=2, eval_every=4)
+
+
+def _model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, text_file):
+    folder, train, valid = _setup(tmp_path, text_file)
+    whole = _model(folder)
+    res = fit(whole, train, valid, CFG, tmp_path / "run-a", _loss)
+    assert res["steps"] == 8 and res["val_after"] < res["val_before"]
+
+    def crash(step: int) -> None:
+        if step == 4:
+            raise Crash
+
+    broken = _model(folder)
+    with pytest.raises(Crash):
+        fit(broken, train, valid, CFG, tmp_path / "run-b", _loss, after_checkpoint=crash)
+    with pytest.raises(SlmkitError, match="already holds a checkpoint"):
+        fit(_model(folder), train, valid, CFG, tmp_path / "run-b", _loss)
+    resumed = _model(folder)
+    res_b = fit(resumed, train, valid, CFG, tmp_path / "run-b", _loss, resume=True)
+    for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [h["step"] for h in res_b["history"]] == list(range(1, 9))  # no step lost or repeated
+    with pytest.raises(SlmkitError, match="other settings"):
+        fit(_model(folder), train, valid, TrainConfig(steps=9, batch_size=2, grad_accum=2), tmp_path / "run-b", _loss, resume=True)
+    with pytest.raises(SlmkitError, match="nothing to resume"):
+        fit(_model(folder), train, valid, CFG, tmp_path / "run-c", _loss, resume=True)
+
+
+KILLER = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import test_train as t
+from slmkit.train.loop import fit
+folder, train, valid = t._setup(Path({tmp!r}), Path({text!r}))
+def die(step):
+    if step == 6:
+        os.kill(os.getpid(), 9)
+fit(t._model(folder), train, valid, t.CFG, Path({run!r}), t._loss, after_checkpoint=die)
+"""
+
+
+def test_resume_after_kill_9(tmp_path, text_file):
+    script = KILLER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path / "k"), text=str(text_file), run=str(tmp_path / "run"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 6
+    folder, train, valid = _setup(tmp_path / "k", text_file)
+    resumed = _model(folder)
+    fit(resumed, train, valid, CFG, tmp_path / "run", _loss, resume=True)
+    whole = _model(folder)
+    fit(whole, train, valid, CFG, tmp_path / "run-whole", _loss)
+    for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+# ---- distillation --------------------------------------------------------------------------------------------------
+def _kl_to_teacher(student: str, teacher: str, text: str) -> float:
+    from slmkit.evaluate.divergence import divergence
+
+    return divergence(slmkit.load(student), slmkit.load(teacher), text, context_length=32)["mean_kl"]
+
+
+def test_distillation_moves_the_student_toward_the_teacher(pair, text_file):
+    teacher, student = pair
+    cfg = TrainConfig(steps=30, lr=3e-3, batch_size=4, eval_every=10, checkpoint_every=10)
+    card = distill_stage(teacher, student, [text_file], seq_len=32, config=cfg, name="kd", tau=1.0, alpha=1.0)
+    s = card.settings
+    assert card.stage == "distill" and card.parent == student and s["teacher"] == teacher and s["steps"] == 30
+    assert s["teacher_cache"]["computed"] and s["teacher_cache"]["bytes_per_token"] == 32 * (2 + 4)
+    assert _kl_to_teacher("kd", teacher, DOCS[:3000]) < 0.7 * _kl_to_teacher(student, teacher, DOCS[:3000])
+    again = distill_stage(teacher, student, [text_file], seq_len=32, config=TrainConfig(steps=2), name="kd2", loss="jsd")
+    assert not again.settings["teacher_cache"]["computed"]  # same teacher and data: the cache is reused
+    plain = distill_stage(teacher, student, [text_file], seq_len=32, config=TrainConfig(steps=2), name="ce", alpha=0.0)
+    assert plain.stage == "train" and plain.settings["teacher_cache"] is None
+    assert slmkit.load("kd").generate("The quick", max_tokens=3, temperature=0) is not None
+
+
+def test_distill_bad_input(pair, text_file, tmp_path):
+    teacher, student = pair
+    import_path(build_tiny_llama(tmp_path / "other", vocab_size=300), "othertok")
+    before = sorted(p.name for p in slmkit.Store().root.iterdir())
+    for kwargs, message in [
+        ({"teacher": "othertok", "student": student}, "different tokenizers"),
+        ({"teacher": teacher, "student": student, "data": []}, "no training data"),
+        ({"teacher": teacher, "student": student, "data": [tmp_path / "nope.txt"]}, "not found"),
+        ({"teacher": teacher, "student": student, "loss": "l2"}, "unknown loss"),
+        ({"teacher": teacher, "student": student, "alpha": 2.0}, "--alpha"),
+    ]:
+        args = {"data": [text_file], **kwargs}
+        with pytest.raises(SlmkitError, match=message):
+            distill_stage(args.pop("teacher"), args.pop("student"), args.pop("data"), seq_len=32, config=TrainConfig(steps=1), **args)
+    assert sorted(p.name for p in slmkit.Store().root.iterdir()) == before
+    r = runner.invoke(app, ["distill", "--teacher", teacher, "--student", student, "--data", str(text_file), "--seq-len", "32",
+                            "--steps", "3", "--name", "cli-kd"])
+    assert r.exit_code == 0, r.output
+    assert "made cli-kd: 3 steps" in r.stdout and "validation perplexity" in r.stdout
+    r = runner.invoke(app, ["distill", "--teacher", "othertok", "--student", student, "--data", str(text_file)])
+    assert r.exit_code == 1 and "different tokenizers" in r.stderr
