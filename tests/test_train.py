@@ -4,8 +4,6 @@ definitions, the schedule, exact resume after a crash and after kill -9, the tea
 from __future__ import annotations
 
 import json
-import math
-import os
 import subprocess
 import sys
 from pathlib import Path
