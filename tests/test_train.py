@@ -4,6 +4,7 @@ definitions, the schedule, exact resume after a crash and after kill -9, the tea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,43 @@ def test_distill_bad_input(pair, text_file, tmp_path):
     assert "made cli-kd: 3 steps" in r.stdout and "validation perplexity" in r.stdout
     r = runner.invoke(app, ["distill", "--teacher", "othertok", "--student", student, "--data", str(text_file)])
     assert r.exit_code == 1 and "different tokenizers" in r.stderr
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch
+import test_train as t
+from slmkit.train.loop import TrainConfig, fit
+from safetensors.torch import save_model
+folder, train, valid = t._setup(Path({tmp!r}), Path({text!r}))
+model = t._model(folder)
+res = fit(model, train, valid, TrainConfig(steps=4, batch_size={batch}, lr=1e-3, checkpoint_every=100, eval_every=100), Path({run!r}), t._loss)
+if res["world"] == 1 or torch.distributed.get_rank() == 0:
+    save_model(model, {out!r})
+    print("WORLD", res["world"])
+"""
+
+
+def test_two_processes_agree_with_one(tmp_path, text_file):
+    """The same loop under torchrun (2 CPU processes; accelerate picks gloo and DDP) gives the one-process result:
+    each process takes half of every step's windows and the gradients are averaged."""
+    from safetensors.torch import load_file
+
+    def script(batch: int, run: str, out: str) -> str:
+        return DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path / "d"), text=str(text_file), batch=batch,
+                                 run=str(tmp_path / run), out=str(tmp_path / out))
+
+    (tmp_path / "one.py").write_text(script(4, "run1", "one.safetensors"))
+    (tmp_path / "two.py").write_text(script(2, "run2", "two.safetensors"))
+    one = subprocess.run([sys.executable, str(tmp_path / "one.py")], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and "WORLD 1" in one.stdout, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(29500 + os.getpid() % 1000), str(tmp_path / "two.py")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0 and "WORLD 2" in two.stdout, (two.stdout[-1000:], two.stderr[-3000:])
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
