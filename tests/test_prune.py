@@ -220,3 +220,11 @@ def test_stages_compose_prune_then_quantize_then_export(wide, calib):
     assert slmkit.load(q.name).generate("The quick", max_tokens=3, temperature=0) is not None
     res = export_model(pruned, "Q8_0", store_as=f"{pruned}-q8")
     assert res["store_name"] and slmkit.load(f"{pruned}-q8", backend="llamacpp").generate("The", max_tokens=3, temperature=0) is not None
+
+
+def test_depth_by_perplexity_cost_drops_the_cheapest_block(wide, calib):
+    card = shrink_stage(wide, structured="depth", blocks=1, rank="perplexity", calib=calib, samples=4, window=32)
+    s = card.settings
+    assert s["rank"] == "perplexity" and s["dropped_blocks"] == [min(range(4), key=lambda i: s["block_importance"][i])]
+    assert scan(wide, calib=calib, samples=4, window=32)["blocks"][s["dropped_blocks"][0]]["perplexity_without"] == \
+        pytest.approx(min(s["block_importance"]), rel=1e-4)

@@ -11,6 +11,7 @@ Blocks and layers are found by type (layers/walk.py); width pruning needs the Ll
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -97,6 +98,36 @@ def block_importance(model: nn.Module, batches: list[torch.Tensor]) -> list[floa
             scores.append(float(bi.mean()))
             advance(1)
     return scores
+
+
+def mean_nll(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Mean next-token negative log-likelihood over calibration windows."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids in batches:
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def perplexity_without_each_block(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
+    """Calibration perplexity with each decoder block skipped in turn (its input passed through unchanged)."""
+    _, blocks = decoder_blocks(model)
+
+    def skip(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], _out: Any) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    out = []
+    with progress.bar("perplexity without each block", total=len(blocks)) as advance:
+        for block in blocks:
+            handle = block.register_forward_hook(skip, with_kwargs=True)
+            try:
+                out.append(math.exp(mean_nll(model, batches)))
+            finally:
+                handle.remove()
+            advance(1)
+    return out
 
 
 def drop_blocks(model: nn.Module, drop: list[int]) -> None:

@@ -27,6 +27,7 @@ from slmkit.sources.hf_dir import load_float
 from slmkit.store import Store, validate_name
 
 STRUCTURES = ("depth", "width")
+RANKINGS = ("influence", "perplexity")  # how depth pruning ranks blocks
 SCAN_SAMPLES = 8  # --scan runs the model once per block: fewer, shorter windows
 SCAN_WINDOW = 256
 DENSE_NOTE = "dense file: pruned weights are stored as zeros (no smaller on disk, no faster on a CPU)"
@@ -90,6 +91,7 @@ def parse_count(text: str) -> int:
 
 def shrink_stage(
     model: str, *, structured: str, target_params: int | None = None, ratio: float | None = None, blocks: int | None = None,
+    rank: str = "influence",
     calib: Path | None = None, samples: int = CALIB_SAMPLES, window: int = CALIB_WINDOW, name: str | None = None,
     store: Store | None = None,
 ) -> ModelCard:
@@ -99,6 +101,8 @@ def shrink_stage(
     store = store or Store()
     if structured not in STRUCTURES:
         raise SlmkitError(f"unknown --structured {structured!r}", f"Use one of: {', '.join(STRUCTURES)}")
+    if rank not in RANKINGS:
+        raise SlmkitError(f"unknown --rank {rank!r}", f"Use one of: {', '.join(RANKINGS)}")
     if blocks is not None and structured != "depth":
         raise SlmkitError("--blocks applies to --structured depth", "Give width pruning a --target-params or --ratio.")
     if sum(x is not None for x in (target_params, ratio, blocks)) != 1:
@@ -133,10 +137,11 @@ def shrink_stage(
         if n_drop >= len(stack):
             raise SlmkitError(f"that leaves no decoder block ({len(stack)} blocks of {per_block:,} parameters)",
                               "Aim higher: at least one block must stay.")
-        scores = pr.block_importance(net, batches)
+        # influence: 1 - cos(in, out); perplexity: the calibration perplexity without the block (lower: less needed)
+        scores = pr.block_importance(net, batches) if rank == "influence" else pr.perplexity_without_each_block(net, batches)
         drop = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:n_drop])
         pr.drop_blocks(net, drop)
-        settings |= {"block_importance": scores, "dropped_blocks": drop, "blocks": len(stack) - len(drop)}
+        settings |= {"rank": rank, "block_importance": scores, "dropped_blocks": drop, "blocks": len(stack) - len(drop)}
     else:
         kv, channels = pr.width_plan(net, target)
         scores = pr.width_importance(net, batches)
@@ -148,17 +153,6 @@ def shrink_stage(
     return _install(store, name, net, tokenizer, model=model, settings=settings)
 
 
-def _nll(net: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Mean next-token negative log-likelihood over the calibration windows."""
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for ids in batches:
-            logits = net(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
-            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            count += ids.shape[1] - 1
-    return total / count
-
-
 def scan(model: str, *, calib: Path | None = None, samples: int = SCAN_SAMPLES, window: int = SCAN_WINDOW,
          store: Store | None = None) -> dict[str, Any]:
     """Per block: its block influence (1 - cos of input and output) and the calibration perplexity with that block
@@ -168,21 +162,9 @@ def scan(model: str, *, calib: Path | None = None, samples: int = SCAN_SAMPLES, 
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
     batches, calib_info = calibration_for(tokenizer, net, calib, samples, window)
     influence = pr.block_importance(net, batches)
-    base = math.exp(_nll(net, batches))
+    base = math.exp(pr.mean_nll(net, batches))
     _, blocks = decoder_blocks(net)
-    without = []
-
-    def skip(_mod: nn.Module, args: tuple, kwargs: dict[str, Any], _out: Any) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]  # the block passes its input through unchanged
-
-    with progress.bar("perplexity without each block", total=len(blocks)) as advance:
-        for block in blocks:
-            handle = block.register_forward_hook(skip, with_kwargs=True)
-            try:
-                without.append(math.exp(_nll(net, batches)))
-            finally:
-                handle.remove()
-            advance(1)
+    without = pr.perplexity_without_each_block(net, batches)
     per_block = sum(p.numel() for p in blocks[0].parameters())
     return {"model": model, "calibration": calib_info, "perplexity": base, "params": pr.count_params(net),
             "params_per_block": per_block,
