@@ -6,13 +6,12 @@ from pathlib import Path
 
 import torch
 
-from slmkit import progress
 from slmkit.card import ModelCard
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_for
 from slmkit.compress.lowrank import factorize
 from slmkit.compress.parents import float_parent
 from slmkit.errors import SlmkitError
-from slmkit.sources.hf_dir import load_float
+from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 
 
@@ -38,9 +37,4 @@ def lowrank_stage(
                 "calibration": calib_info, **info,
                 "storage": "each factorized layer as two thin linears (NAME.down, NAME.up); slmkit loads it; GGUF export multiplies them back"}
 
-    def write(staging: Path) -> None:
-        with progress.step(f"Writing {name}"):
-            net.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-
-    return store.derive(name, write, stage="lowrank", parent=model, settings=settings, parameters=info["params_after"])
+    return store.derive(name, float_writer(net, tokenizer, name), stage="lowrank", parent=model, settings=settings, parameters=info["params_after"])

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmkit import progress
 from slmkit.card import ModelCard
 from slmkit.compress import prune as pr
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_for
@@ -23,7 +22,7 @@ from slmkit.compress.parents import float_parent
 from slmkit.compress.prune_ops import parse_pattern
 from slmkit.errors import SlmkitError
 from slmkit.layers.walk import decoder_blocks
-from slmkit.sources.hf_dir import load_float
+from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 
 STRUCTURES = ("depth", "width")
@@ -38,12 +37,8 @@ def _default_name(model: str, suffix: str) -> str:
 
 
 def _install(store: Store, name: str, net: nn.Module, tokenizer: Any, *, model: str, settings: dict[str, Any]) -> ModelCard:
-    def write(staging: Path) -> None:
-        with progress.step(f"Writing {name}"):
-            net.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-
-    return store.derive(name, write, stage="prune", parent=model, settings=settings, parameters=pr.count_params(net))
+    return store.derive(name, float_writer(net, tokenizer, name), stage="prune", parent=model, settings=settings,
+                        parameters=pr.count_params(net))
 
 
 def prune_stage(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ImportFailed(f"{path} is not a JSON object", "Fix or regenerate config.json.")
     return data
+
+
+def float_writer(model: Any, tokenizer: Any, name: str) -> Callable[[Path], None]:
+    """What a stage hands Store.derive to write a float model: safetensors weights, config and tokenizer."""
+    from slmkit import progress
+
+    def write(staging: Path) -> None:
+        with progress.step(f"Writing {name}"):
+            model.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+
+    return write
 
 
 def load_float(folder: Path, *, dtype: Any = "auto", what: str | None = None) -> tuple[Any, Any]:

@@ -20,7 +20,7 @@ from slmkit.card import ModelCard
 from slmkit.compress.parents import float_parent
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
-from slmkit.sources.hf_dir import load_float
+from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
 from slmkit.train import teacher as tc
@@ -98,10 +98,5 @@ def distill_stage(
         "loss_curve": [{k: h[k] for k in ("step", "loss", "ce", "kd", "val_loss") if k in h} for h in result["history"]],
     }
 
-    def write(staging: Path) -> None:
-        with progress.step(f"Writing {name}"):
-            net.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-
-    return store.derive(name, write, stage="distill" if alpha > 0 else "train", parent=student, settings=train_settings,
+    return store.derive(name, float_writer(net, tokenizer, name), stage="distill" if alpha > 0 else "train", parent=student, settings=train_settings,
                         parameters=sum(p.numel() for p in net.parameters()))
