@@ -289,3 +289,26 @@ def test_two_processes_agree_with_one(tmp_path, text_file):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_fresh_student_from_a_config_and_teacher_written_data(pair, text_file):
+    teacher, _ = pair
+    card = distill_stage(teacher, "new:layers=2,intermediate=32", [text_file], seq_len=32, name="fresh",
+                         config=TrainConfig(steps=3, batch_size=2), synthetic=4, synthetic_max_tokens=8)
+    s = card.settings
+    assert card.parent == teacher and s["student_init"]["config"]["layers"] == 2
+    assert s["student_init"]["block_sources"] == {0: 0, 1: 3}
+    net = slmkit.load("fresh").backend.model
+    t_net = slmkit.load(teacher).backend.model
+    assert net.config.num_hidden_layers == 2 and net.config.intermediate_size == 32
+    # everything but the narrower MLP projections (3 per block) matched the teacher's shapes and was copied
+    assert s["student_init"]["copied_tensors"] == s["student_init"]["tensors"] - 2 * 3
+    rows = [json.loads(x) for x in Path(s["synthetic"]["file"]).read_text().splitlines()]
+    assert len(rows) == 4 and all(r["text"] for r in rows) and s["synthetic"]["samples"] == 4
+    assert s["data"]["files"][-1].endswith("synthetic.jsonl")
+    assert t_net.config.num_hidden_layers == 4
+    from slmkit.train.student import parse_spec
+
+    for bad in ("new:", "new:layers=0", "new:depth=3"):
+        with pytest.raises(SlmkitError):
+            parse_spec(bad)

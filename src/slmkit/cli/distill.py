@@ -19,7 +19,8 @@ _D = TrainConfig()
 @handle_errors
 def distill(
     teacher: Annotated[str, typer.Option("--teacher", help="Store model whose outputs the student learns.")],
-    student: Annotated[str, typer.Option("--student", help="Store model to train (same tokenizer), e.g. a pruned child of the teacher.")],
+    student: Annotated[str, typer.Option("--student", help="Store model to train (same tokenizer), e.g. a pruned child of the teacher; "
+                                        "or new:layers=12,intermediate=768 (also hidden, heads, kv_heads) for a fresh one.")],
     data: Annotated[list[Path], typer.Option("--data", help="Training text: .txt, .jsonl ({text}, {messages}, Alpaca) or .csv. Repeatable.")],
     loss: Annotated[str, typer.Option("--loss", help="fkl (forward KL), rkl (reverse KL, MiniLLM) or jsd (generalized JSD).")] = "fkl",
     temperature: Annotated[float, typer.Option("--temperature", help="Softens both distributions.")] = TAU,
@@ -39,6 +40,8 @@ def distill(
     text_column: Annotated[str | None, typer.Option("--text-column", help="CSV: the column of text.")] = None,
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="CSV: the prompt column (with --response-column).")] = None,
     response_column: Annotated[str | None, typer.Option("--response-column", help="CSV: the response column.")] = None,
+    synthetic: Annotated[int, typer.Option("--synthetic", help="Also train on N samples the teacher writes from prompts of your data.")] = 0,
+    synthetic_max_tokens: Annotated[int, typer.Option("--synthetic-max-tokens", help="Tokens per teacher-written sample.")] = 128,
     name: Annotated[str | None, typer.Option("--name", help="Name of the trained student (default STUDENT-distilled).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this --name from its last checkpoint.")] = False,
 ) -> None:
@@ -50,7 +53,8 @@ def distill(
                       seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, bf16=bf16)
     read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column}.items() if v}
     card = distill_stage(teacher, student, data, loss=loss, tau=temperature, alpha=alpha, top_k=top_k, seq_len=seq_len,
-                         config=cfg, name=name, resume=resume, read=read)
+                         config=cfg, name=name, resume=resume, read=read, synthetic=synthetic,
+                         synthetic_max_tokens=synthetic_max_tokens)
     s = card.settings
     v = s["validation_perplexity"]
     typer.echo(f"made {card.name}: {s['steps']} steps, {s['tokens']:,} tokens"

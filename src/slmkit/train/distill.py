@@ -26,6 +26,8 @@ from slmkit.train import data as td
 from slmkit.train import teacher as tc
 from slmkit.train.loop import TrainConfig, fit
 from slmkit.train.losses import LOSSES, kd_loss, next_token_loss
+from slmkit.train.student import fresh_student, parse_spec
+from slmkit.train.synthetic import write_synthetic
 
 SEQ_LEN = 256
 TAU = 2.0
@@ -40,8 +42,10 @@ def distill_stage(
     teacher: str, student: str, data: list[Path], *, loss: str = "fkl", tau: float = TAU, alpha: float = ALPHA,
     top_k: int = tc.TOP_K, seq_len: int = SEQ_LEN, valid_fraction: float = 0.05, config: TrainConfig | None = None,
     name: str | None = None, resume: bool = False, store: Store | None = None, read: dict[str, Any] | None = None,
+    synthetic: int = 0, synthetic_max_tokens: int = 128,
 ) -> ModelCard:
-    """Train store model `student` from `teacher` on `data` files and install the result as `name` (default
+    """Train store model `student` (or a fresh one, `new:layers=12,...`, initialised from the teacher) from `teacher`
+    on `data` files, plus `synthetic` samples the teacher writes, and install the result as `name` (default
     STUDENT-distilled); `resume` continues the run of that name from its last checkpoint."""
     store = store or Store()
     cfg = config or TrainConfig()
@@ -51,27 +55,48 @@ def distill_stage(
         raise SlmkitError("--alpha must be in [0, 1], --temperature > 0 and --top-k >= 1", "Fix the values.")
     if not data:
         raise SlmkitError("no training data given", "Pass --data FILE (text, JSON lines or CSV), repeatable.")
-    name = validate_name(name or f"{student}-{'distilled' if alpha > 0 else 'trained'}")
+    fresh = student.startswith("new:")
+    overrides = parse_spec(student) if fresh else {}
+    name = validate_name(name or (f"{teacher}-student" if fresh else f"{student}-{'distilled' if alpha > 0 else 'trained'}"))
     store.check_free(name)
-    s_folder, _ = float_parent(store, student)
     t_folder, t_card = store.require(teacher), store.card(teacher)
-    net, tokenizer = load_float(s_folder, dtype=torch.float32, what=f"Loading the student {student}")
-    if alpha > 0:
+    load_teacher = lambda: load_float(t_folder, dtype=torch.float32, what=f"Loading the teacher {teacher}")  # noqa: E731
+    init_info = None
+    if fresh:
+        t_net, tokenizer = load_teacher()
+        net, init_info = fresh_student(t_net, overrides, seed=cfg.seed)
+        del t_net
+    else:
+        s_folder, _ = float_parent(store, student)
+        net, tokenizer = load_float(s_folder, dtype=torch.float32, what=f"Loading the student {student}")
+    if alpha > 0 and not fresh:
         from transformers import AutoTokenizer
 
         if not same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(str(t_folder), trust_remote_code=False)):
             raise SlmkitError(f"{teacher} and {student} have different tokenizers: their token-level distributions cannot be compared",
                               "Pick a student made from the teacher (slmkit prune, lowrank), or one with the same tokenizer.")
+    run_dir = settings().home / "runs" / name
+    paths = [Path(p) for p in data]
+    synth_info = None
+    if synthetic > 0:
+        synth = run_dir / "synthetic.jsonl"
+        if not (resume and synth.is_file()):  # a resumed run reuses what the teacher already wrote
+            from slmkit.engine.torch_backend import TorchBackend
+
+            examples = [e for p in paths for e in td.read_examples(p, **(read or {}))]
+            synth_info = write_synthetic(TorchBackend(load_teacher()[0], tokenizer), examples, synthetic, synth,
+                                         max_tokens=synthetic_max_tokens, seed=cfg.seed)
+        else:
+            synth_info = {"file": str(synth), "reused": True}
+        paths.append(synth)
     with progress.step("Reading and packing the data"):
-        train, valid, info = td.build(tokenizer, [Path(p) for p in data], seq_len=seq_len, valid_fraction=valid_fraction,
+        train, valid, info = td.build(tokenizer, paths, seq_len=seq_len, valid_fraction=valid_fraction,
                                       seed=cfg.seed, **(read or {}))
     cache = None
     cache_info: dict[str, Any] | None = None
     if alpha > 0:
         key = tc.cache_key(t_card, info["sha256"], seq_len, top_k)
-        cache, computed = tc.load_or_compute(settings().home / "cache" / "teacher", key, train,
-                                             lambda: load_float(t_folder, dtype=torch.float32, what=f"Loading the teacher {teacher}")[0],
-                                             k=top_k)
+        cache, computed = tc.load_or_compute(settings().home / "cache" / "teacher", key, train, lambda: load_teacher()[0], k=top_k)
         cache_info = {"file": str(cache.path), "key": key, "computed": computed, "top_k": top_k,
                       "bytes_per_token": cache.bytes_per_token}
         progress.note(f"teacher cache: {cache.path.name}, {cache.bytes_per_token:.0f} bytes per token"
@@ -87,16 +112,17 @@ def distill_stage(
         total = alpha * kd + (1 - alpha) * ce
         return total, {"loss": float(total.detach()), "ce": float(ce.detach()), "kd": float(kd.detach())}
 
-    result = fit(net, train, valid, cfg, settings().home / "runs" / name, loss_fn, resume=resume)
+    result = fit(net, train, valid, cfg, run_dir, loss_fn, resume=resume)
     ppl = lambda v: math.exp(v) if v is not None else None  # noqa: E731
     train_settings = {
         "teacher": teacher if alpha > 0 else None, "teacher_sha256": t_card.files if alpha > 0 else None,
         "loss": loss if alpha > 0 else "next-token", "temperature": tau, "alpha": alpha, "data": info,
-        "teacher_cache": cache_info, "train": asdict(cfg), "steps": result["steps"], "tokens": result["tokens"],
+        "teacher_cache": cache_info, "synthetic": synth_info, "student_init": init_info, "train": asdict(cfg), "steps": result["steps"], "tokens": result["tokens"],
         "seconds": result["seconds"], "processes": result["world"],
         "validation_perplexity": {"before": ppl(result["val_before"]), "after": ppl(result["val_after"])},
         "loss_curve": [{k: h[k] for k in ("step", "loss", "ce", "kd", "val_loss") if k in h} for h in result["history"]],
     }
 
-    return store.derive(name, float_writer(net, tokenizer, name), stage="distill" if alpha > 0 else "train", parent=student, settings=train_settings,
+    return store.derive(name, float_writer(net, tokenizer, name), stage="distill" if alpha > 0 else "train",
+                        parent=teacher if fresh else student, settings=train_settings,
                         parameters=sum(p.numel() for p in net.parameters()))
