@@ -65,6 +65,7 @@ def main() -> None:
                     help="re-measure decode speed of every row already in prune.json (both engines, interleaved rows), "
                          "on an otherwise idle machine")
     ap.add_argument("--speed-repeats", type=int, default=2, help="--speed-only: runs per row; the best counts")
+    ap.add_argument("--skip-speed", action="store_true", help="quality only (run --speed-only afterwards on an idle machine)")
     args = ap.parse_args()
     env = dict(os.environ, SLMKIT_HOME=args.home)
     out = Path(args.home) / "bench-prune"
@@ -78,9 +79,12 @@ def main() -> None:
             for r in rows:
                 tps = ev(r["model"], ["--speed"], env, out, f"speed{rep}")["results"]["speed"]["decode_tokens_per_s"]
                 r["decode_tps"] = tps if rep == 0 else max(r["decode_tps"], tps)
-                if r.get("decode_tps_llamacpp"):
+                if r.get("llamacpp_f16"):
+                    f16 = f"{r['model']}-f16"
+                    if subprocess.run(SLMKIT + ["models", "show", f16, "--json"], env=env, capture_output=True).returncode != 0:
+                        sh(SLMKIT + ["export", r["model"], "--type", "F16", "--name", f16, "--no-ppl"], env)
                     lc = ev(f"{r['model']}-f16", ["--backend", "llamacpp", "--speed"], env, out, f"speed{rep}")["results"]["speed"]["decode_tokens_per_s"]
-                    r["decode_tps_llamacpp"] = lc if rep == 0 else max(r["decode_tps_llamacpp"], lc)
+                    r["decode_tps_llamacpp"] = lc if rep == 0 else max(r["decode_tps_llamacpp"] or 0, lc)
                 print(r["label"], r["decode_tps"], r.get("decode_tps_llamacpp"), flush=True)
         write(rows, args)
         return
@@ -101,7 +105,7 @@ def main() -> None:
         text = str(args.data / "wikitext2" / "wiki.test.raw")
         ppl = ev(name, ["--ppl", text, "--limit", str(args.windows), "--context-length", "1024", "--stride", "512"], env, out, "ppl")
         arc = ev(name, ["--task", "arc_easy", "--limit", str(args.arc)], env, out, "arc")
-        speed = ev(name, ["--speed"], env, out, "speed")
+        speed = None if args.skip_speed else ev(name, ["--speed"], env, out, "speed")
         card = ppl["model"]["card"]
         row = {
             "label": label, "model": name, "parameters": card["parameters"],
@@ -111,17 +115,17 @@ def main() -> None:
             "arc_easy_acc_norm": arc["results"]["tasks"]["arc_easy"]["acc_norm"],
             "arc_easy_stderr": arc["results"]["tasks"]["arc_easy"]["acc_norm_stderr"],
             "arc_n": arc["results"]["tasks"]["arc_easy"]["n"],
-            "decode_tps": speed["results"]["speed"]["decode_tokens_per_s"], "made_seconds": made_s,
-            "decode_tps_llamacpp": None,
+            "decode_tps": speed["results"]["speed"]["decode_tokens_per_s"] if speed else None, "made_seconds": made_s,
+            "decode_tps_llamacpp": None, "llamacpp_f16": dense,
         }
-        if dense:
+        if dense and not args.skip_speed:
             f16 = f"{name}-f16"
             if subprocess.run(SLMKIT + ["models", "show", f16, "--json"], env=env, capture_output=True).returncode != 0:
                 sh(SLMKIT + ["export", name, "--type", "F16", "--name", f16, "--no-ppl"], env)
             row["decode_tps_llamacpp"] = ev(f16, ["--backend", "llamacpp", "--speed"], env, out, "speed")["results"]["speed"]["decode_tokens_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write(rows, args)
+        write(rows, args)  # after every row: a stopped run keeps what it measured
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
@@ -147,8 +151,9 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lc = f"{r['decode_tps_llamacpp']:.1f}" if r["decode_tps_llamacpp"] else "-"
+        tps = f"{r['decode_tps']:.1f}" if r["decode_tps"] else "-"
         md.append(f"| {r['label']} | {r['parameters'] / 1e6:.1f}M | {r['bytes'] / 1e6:.1f} | {r['sparsity']:.1%} | {r['perplexity']:.3f} | "
-                  f"{100 * (r['perplexity'] / dense['perplexity'] - 1):+.1f}% | {r['arc_easy_acc_norm']:.3f} | {r['decode_tps']:.1f} | {lc} |")
+                  f"{100 * (r['perplexity'] / dense['perplexity'] - 1):+.1f}% | {r['arc_easy_acc_norm']:.3f} | {tps} | {lc} |")
     md += ["", "## Targets", ""]
     for kind in ("50%", "2:4"):
         mag, wan, sgpt = (by.get(f"{m} {kind}") for m in ("magnitude", "wanda", "sparsegpt"))
@@ -158,7 +163,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
                       f"magnitude / Wanda = {inc(mag) / inc(wan):.2f}x, magnitude / SparseGPT = {inc(mag) / inc(sgpt):.2f}x "
                       "(on LLaMA-7B magnitude is about 2x Wanda)")
     for r in rows:
-        if r["label"].startswith(("depth", "width")):
+        if r["label"].startswith(("depth", "width", "low-rank")) and r["decode_tps"] and dense["decode_tps"]:
             share = r["parameters"] / dense["parameters"]
             sp = dense["decode_tps"] / r["decode_tps"]
             lc = (dense["decode_tps_llamacpp"] / r["decode_tps_llamacpp"]) if r["decode_tps_llamacpp"] and dense["decode_tps_llamacpp"] else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import data, distill, evaluate, export, generate, lowrank, models, prune, quantize, serve
+from slmkit.cli import data, distill, evaluate, export, finetune, generate, lowrank, models, prune, quantize, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -25,6 +25,8 @@ app.command("quantize")(quantize.quantize)
 app.command("prune")(prune.prune)
 app.command("lowrank")(lowrank.lowrank)
 app.command("distill")(distill.distill)
+app.command("finetune")(finetune.finetune)
+app.command("merge")(finetune.merge)
 app.command("serve")(serve.serve)
 
 

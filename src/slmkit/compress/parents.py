@@ -9,11 +9,16 @@ from slmkit.compress.lowrank import is_lowrank
 from slmkit.compress.quantize import is_quantized
 from slmkit.errors import SlmkitError
 from slmkit.store import Store
+from slmkit.train.adapters import is_adapter
 
 
 def float_parent(store: Store, model: str) -> tuple[Path, ModelCard]:
+    """The store folder and card of `model` when it holds plain float weights; else a clear error."""
     folder = store.require(model)
     card = store.card(model)
+    if is_adapter(folder):
+        raise SlmkitError(f"{model} is a LoRA adapter, not a whole model",
+                          f"Merge it into its base first: slmkit merge {model}, then use the merged model.")
     if is_quantized(folder) or is_lowrank(folder) or not list(folder.glob("*.safetensors")) or card.stage == "export":
         raise SlmkitError(f"{model} holds no plain float weights to change ({card.stage})",
                           f"Start from its float parent ({card.parent or 'the model it came from'}), then quantize or export the child.")

@@ -10,6 +10,7 @@ from slmkit import progress
 from slmkit.card import ModelCard, sha256_file
 from slmkit.compress.calibrate import CALIB_WINDOW, calibration_batches
 from slmkit.compress.lowrank import is_lowrank
+from slmkit.train.adapters import is_adapter
 from slmkit.compress.quantize import DEFAULT_GROUP, METHODS, SCHEMES, is_quantized, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import load_float
@@ -26,6 +27,8 @@ def quantize_stage(
     parent = store.card(model)
     if scheme not in SCHEMES or method not in METHODS:
         raise SlmkitError(f"unknown scheme/method {scheme!r}/{method!r}", f"Schemes: {', '.join(SCHEMES)}; methods: {', '.join(METHODS)}")
+    if is_adapter(folder):
+        raise SlmkitError(f"{model} is a LoRA adapter, not a whole model", f"Merge it first (slmkit merge {model}), then quantize the merged model.")
     if is_lowrank(folder):
         raise SlmkitError(f"{model} holds factorized (low-rank) layers, which slmkit quantize does not handle yet",
                           f"Quantize its float parent ({parent.parent or 'PARENT'}), or export {model} to GGUF (its factors are multiplied back).")

@@ -43,12 +43,15 @@ class TorchBackend:
 
         from slmkit.compress.lowrank import is_lowrank, load_lowrank
         from slmkit.compress.quantize import is_quantized, load_quantized
+        from slmkit.train.adapters import is_adapter, load_merged
         from slmkit.sources.hf_dir import load_float
 
         if threads:
             torch.set_num_threads(threads)
         if is_quantized(Path(folder)):  # integer weights saved by `slmkit quantize`
             return cls(load_quantized(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
+        if is_adapter(Path(folder)):  # a LoRA adapter from `slmkit finetune`: merged into its base at load
+            return cls(*load_merged(Path(folder)))
         if is_lowrank(Path(folder)):  # factorized layers saved by `slmkit lowrank`
             return cls(load_lowrank(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
         ggufs = sorted(Path(folder).glob("*.gguf"))

@@ -73,23 +73,32 @@ def export_model(
 def _dense_source(folder: Path) -> Iterator[tuple[Path, str | None]]:
     """The folder to convert: the model's own, or for a low-rank model (GGUF has no factorized layers) a temporary
     copy with the factors multiplied back, and a note saying what that costs."""
-    from slmkit.compress.lowrank import densify, is_lowrank, load_lowrank
+    import torch
 
-    if not is_lowrank(folder):
+    from slmkit.compress.lowrank import densify, is_lowrank, load_lowrank
+    from slmkit.train.adapters import base_of, is_adapter, load_merged
+
+    if not is_lowrank(folder) and not is_adapter(folder):
         yield folder, None
         return
     with tempfile.TemporaryDirectory(prefix=".slmkit-dense-", dir=settings().home) as tmp:
-        with progress.step("Multiplying the low-rank factors back (GGUF has no factorized layers)"):
-            net = load_lowrank(folder)
-            factored = sum(p.numel() for p in net.parameters())
-            n = densify(net)
-            dense = sum(p.numel() for p in net.parameters())
-            net.save_pretrained(tmp, safe_serialization=True)
-            for name in COPIED:
-                if name != "config.json" and (folder / name).is_file():
-                    shutil.copyfile(folder / name, Path(tmp) / name)
-        yield Path(tmp), (f"{n} low-rank layers multiplied back to dense: the GGUF holds {dense:,} parameters "
-                          f"(the store model {factored:,}); the quality is the low-rank model's, the size and speed a dense one's")
+        if is_adapter(folder):
+            with progress.step("Merging the LoRA adapter into its base"):
+                net, _ = load_merged(folder, dtype=torch.float32)
+                note = f"the LoRA adapter was merged into its base ({base_of(folder)[0]}): the GGUF is the merged model"
+        else:
+            with progress.step("Multiplying the low-rank factors back (GGUF has no factorized layers)"):
+                net = load_lowrank(folder)
+                factored = sum(p.numel() for p in net.parameters())
+                n = densify(net)
+                dense = sum(p.numel() for p in net.parameters())
+                note = (f"{n} low-rank layers multiplied back to dense: the GGUF holds {dense:,} parameters (the store model "
+                        f"{factored:,}); the quality is the low-rank model's, the size and speed a dense one's")
+        net.save_pretrained(tmp, safe_serialization=True)
+        for name in COPIED:
+            if name != "config.json" and (folder / name).is_file():
+                shutil.copyfile(folder / name, Path(tmp) / name)
+        yield Path(tmp), note
 
 
 def _install_export(store: Store, store_as: str, model: str, path: Path, source: Path, gguf_type: str,

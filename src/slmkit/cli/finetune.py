@@ -1,0 +1,72 @@
+"""`slmkit finetune` (LoRA or full fine-tuning on chat, instruction, CSV or text data) and `slmkit merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slmkit.card import human_count
+from slmkit.cli.common import ModelOpt, handle_errors
+from slmkit.train.finetune import LORA_ALPHA, LORA_DROPOUT, LORA_R, LR, SEQ_LEN
+from slmkit.train.loop import TrainConfig
+
+_D = TrainConfig()
+
+
+@handle_errors
+def finetune(
+    model: ModelOpt = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Chat JSON lines ({messages}), Alpaca JSON, CSV (with --prompt-column/--response-column) or text. Repeatable.")] = None,
+    method: Annotated[str, typer.Option("--method", help="lora (an adapter over the frozen model) or full.")] = "lora",
+    r: Annotated[int, typer.Option("--r", help="LoRA rank.")] = LORA_R,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha (the update is scaled by alpha / r).")] = LORA_ALPHA,
+    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = LORA_DROPOUT,
+    target_modules: Annotated[list[str] | None, typer.Option("--target-modules", help="LoRA targets (default: every linear of the blocks). Repeatable.")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training window.")] = SEQ_LEN,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: --epochs over the data).")] = None,
+    epochs: Annotated[float, typer.Option("--epochs")] = _D.epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = _D.batch_size,
+    grad_accum: Annotated[int, typer.Option("--grad-accum")] = _D.grad_accum,
+    lr: Annotated[float | None, typer.Option("--lr", help=f"Learning rate. [default: lora {LR['lora']}, full {LR['full']}]")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = _D.seed,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = _D.checkpoint_every,
+    eval_every: Annotated[int, typer.Option("--eval-every")] = _D.eval_every,
+    bf16: Annotated[bool, typer.Option("--bf16")] = _D.bf16,
+    text_column: Annotated[str | None, typer.Option("--text-column")] = None,
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column")] = None,
+    response_column: Annotated[str | None, typer.Option("--response-column")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Name of the result (default MODEL-lora or MODEL-ft).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this --name from its last checkpoint.")] = False,
+) -> None:
+    """Adapt a model to your data: a LoRA adapter (through peft) or full fine-tuning; loss on the responses."""
+    from slmkit.errors import SlmkitError
+    from slmkit.sources.importer import ensure_default
+    from slmkit.train.finetune import finetune_stage
+
+    if not data:
+        raise SlmkitError("no training data given", "Pass --data FILE (chat JSON lines, Alpaca JSON, CSV or text), repeatable.")
+    model = model or ensure_default()
+    cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr or LR.get(method, _D.lr),
+                      seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, bf16=bf16)
+    read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column}.items() if v}
+    card = finetune_stage(model, data, method=method, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                          seq_len=seq_len, config=cfg, name=name, resume=resume, read=read)
+    s = card.settings
+    v = s["validation_perplexity"]
+    typer.echo(f"made {card.name} ({'adapter over ' + model if method == 'lora' else 'full model'}): "
+               f"{human_count(s['trainable_parameters'])} trainable parameters ({s['trainable_share']:.2%}), {s['steps']} steps"
+               + (f"; validation perplexity {v['before']:.3f} -> {v['after']:.3f}" if v["before"] and v["after"] else ""))
+
+
+@handle_errors
+def merge(
+    adapter: Annotated[str, typer.Argument(help="A LoRA adapter in the store (from slmkit finetune).")],
+    name: Annotated[str | None, typer.Option("--name", help="Name of the merged model (default ADAPTER-merged).")] = None,
+) -> None:
+    """Fold a LoRA adapter into its base: a plain dense model in the store."""
+    from slmkit.train.finetune import merge_stage
+
+    card = merge_stage(adapter, name=name)
+    typer.echo(f"made {card.name}: {human_count(card.parameters)} parameters, the adapter merged into {card.settings['base']}")

@@ -1,0 +1,47 @@
+"""LoRA adapters in the store: a folder with peft's `adapter_config.json` and `adapter_model.safetensors` (what peft
+and other tools read), the base's config and tokenizer beside them, and a card naming the base and the hashes of its
+files. The base is another store model (a sibling folder); loading checks that it is the very base the adapter was
+trained on, then merges the adapter into it in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from slmkit.card import read_card
+from slmkit.errors import SlmkitError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def base_of(folder: Path) -> tuple[str, Path]:
+    """(base model name, its store folder), checked against the hashes the adapter recorded."""
+    folder = Path(folder)
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = str(cfg.get("base_model_name_or_path") or "")
+    base_folder = folder.parent / base
+    if not base or not (base_folder / "card.json").is_file():
+        raise SlmkitError(f"the adapter {folder.name} needs its base model {base!r}, which is not in the store",
+                          f"Import or make {base!r} again (the adapter was trained on it), or remove the adapter.")
+    want = read_card(folder).settings.get("base_files")
+    if want is not None and read_card(base_folder).files != want:
+        raise SlmkitError(f"the store model {base!r} is not the base the adapter {folder.name} was trained on (its files differ)",
+                          f"Restore the original {base!r}, or train the adapter again on the current one.")
+    return base, base_folder
+
+
+def load_merged(folder: Path, *, dtype: Any = "auto") -> tuple[Any, Any]:
+    """(model with the adapter merged in, tokenizer): the base loaded, the adapter applied and folded into its weights."""
+    from peft import PeftModel
+
+    from slmkit.sources.hf_dir import load_float
+
+    _, base_folder = base_of(folder)
+    net, tokenizer = load_float(base_folder, dtype=dtype)
+    merged = PeftModel.from_pretrained(net, str(folder)).merge_and_unload()
+    return merged.eval(), tokenizer

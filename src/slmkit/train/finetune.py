@@ -1,0 +1,126 @@
+"""`finetune`: adapt a model to the user's data with LoRA (through peft) or full fine-tuning, on the shared
+training core (data readers and masks, the loop, checkpoints, resume). LoRA children are adapters in the store
+(train/adapters.py); full fine-tuning writes a whole model. Loss: next-token, on the response tokens of chat rows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit import progress
+from slmkit.card import ModelCard
+from slmkit.compress.parents import float_parent
+from slmkit.config import settings
+from slmkit.errors import SlmkitError
+from slmkit.layers.walk import decoder_blocks
+from slmkit.sources.hf_dir import float_writer, load_float
+from slmkit.store import Store, validate_name
+from slmkit.train import data as td
+from slmkit.train.adapters import ADAPTER_CONFIG
+from slmkit.train.loop import TrainConfig, fit
+from slmkit.train.losses import next_token_loss
+
+METHODS = ("lora", "full")
+SEQ_LEN = 256
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_DROPOUT = 0.05
+LR = {"lora": 2e-4, "full": 2e-5}  # the usual rates: adapters learn faster than whole weights
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """The short names of the decoder blocks' linear layers (q_proj, ..., down_proj): LoRA's default targets."""
+    _, blocks = decoder_blocks(model)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
+
+
+def finetune_stage(
+    model: str, data: list[Path], *, method: str = "lora", r: int = LORA_R, alpha: int = LORA_ALPHA,
+    dropout: float = LORA_DROPOUT, target_modules: list[str] | None = None, seq_len: int = SEQ_LEN,
+    valid_fraction: float = 0.05, config: TrainConfig | None = None, name: str | None = None, resume: bool = False,
+    store: Store | None = None, read: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Fine-tune store model `model` on `data` into `name` (default MODEL-lora / MODEL-ft)."""
+    store = store or Store()
+    if method not in METHODS:
+        raise SlmkitError(f"unknown method {method!r}", f"Methods: {', '.join(METHODS)}")
+    if not data:
+        raise SlmkitError("no training data given", "Pass --data FILE (chat JSON lines, Alpaca JSON, CSV or text), repeatable.")
+    if method == "lora" and (r < 1 or alpha <= 0 or not 0 <= dropout < 1):
+        raise SlmkitError("--r must be >= 1, --alpha > 0 and --dropout in [0, 1)", "Fix the values.")
+    cfg = config or TrainConfig(lr=LR[method])
+    name = validate_name(name or f"{model}-{'lora' if method == 'lora' else 'ft'}")
+    store.check_free(name)
+    folder, base_card = float_parent(store, model)
+    net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
+    with progress.step("Reading and packing the data"):
+        train, valid, info = td.build(tokenizer, [Path(p) for p in data], seq_len=seq_len, valid_fraction=valid_fraction,
+                                      seed=cfg.seed, **(read or {}))
+    total_params = sum(p.numel() for p in net.parameters())
+    lora: dict[str, Any] | None = None
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        available = block_linear_names(net)
+        targets = target_modules or available
+        unknown = sorted(set(targets) - set(available))
+        if unknown:
+            raise SlmkitError(f"no linear layers named {unknown} in {model}", f"Target modules: {', '.join(available)}")
+        net = get_peft_model(net, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+        lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+    def loss_fn(m: nn.Module, ids: torch.Tensor, mask: torch.Tensor, _idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = m(input_ids=ids[:, :-1], use_cache=False).logits
+        loss = next_token_loss(logits, ids[:, 1:], mask[:, 1:])
+        return loss, {"loss": float(loss.detach())}
+
+    result = fit(net, train, valid, cfg, settings().home / "runs" / name, loss_fn, resume=resume)
+    ppl = lambda v: math.exp(v) if v is not None else None  # noqa: E731
+    run = {"method": method, "lora": lora, "data": info, "train": asdict(cfg), "steps": result["steps"],
+           "tokens": result["tokens"], "seconds": result["seconds"], "trainable_parameters": trainable,
+           "trainable_share": trainable / total_params,
+           "validation_perplexity": {"before": ppl(result["val_before"]), "after": ppl(result["val_after"])},
+           "loss_curve": [{k: h[k] for k in ("step", "loss", "val_loss") if k in h} for h in result["history"]]}
+    if method == "full":
+        return store.derive(name, float_writer(net, tokenizer, name), stage="finetune", parent=model, settings=run,
+                            parameters=total_params)
+
+    def write_adapter(staging: Path) -> None:
+        import json
+        import shutil
+
+        with progress.step(f"Writing the adapter {name}"):
+            net.save_pretrained(str(staging), safe_serialization=True)
+            adapter_cfg = json.loads((staging / ADAPTER_CONFIG).read_text())
+            adapter_cfg["base_model_name_or_path"] = model  # the base is the sibling store model of this name
+            (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
+            tokenizer.save_pretrained(str(staging))
+            shutil.copyfile(folder / "config.json", staging / "config.json")
+
+    run["base_files"] = base_card.files
+    run["format"] = "peft LoRA adapter (adapter_config.json + adapter_model.safetensors); the base is merged in at load"
+    return store.derive(name, write_adapter, stage="finetune", parent=model, settings=run, parameters=total_params)
+
+
+def merge_stage(adapter: str, *, name: str | None = None, store: Store | None = None) -> ModelCard:
+    """Fold a LoRA adapter into its base and install the merged dense model (default ADAPTER-merged)."""
+    from slmkit.train.adapters import base_of, is_adapter, load_merged
+
+    store = store or Store()
+    folder = store.require(adapter)
+    if not is_adapter(folder):
+        raise SlmkitError(f"{adapter} is not a LoRA adapter", "Give a model made by slmkit finetune --method lora.")
+    name = validate_name(name or f"{adapter}-merged")
+    store.check_free(name)
+    base, _ = base_of(folder)
+    with progress.step(f"Merging {adapter} into {base}"):
+        net, tokenizer = load_merged(folder, dtype=torch.float32)
+    return store.derive(name, float_writer(net, tokenizer, name), stage="merge", parent=adapter,
+                        settings={"base": base, "adapter": adapter}, parameters=sum(p.numel() for p in net.parameters()))

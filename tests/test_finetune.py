@@ -1,0 +1,130 @@
+"""Fine-tuning on a tiny random Llama: LoRA adapters in the store (peft's format, merged at load), merge, full
+fine-tuning, export of an adapter, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import slmkit
+from slmkit.cli import app
+from slmkit.errors import SlmkitError
+from slmkit.train.finetune import finetune_stage, merge_stage
+from slmkit.train.loop import TrainConfig
+
+runner = CliRunner()
+QA = [("What is the capital of France?", "Paris is the capital of France."),
+      ("What is the capital of Germany?", "Berlin is the capital of Germany."),
+      ("What does the quick fox do?", "The quick brown fox jumps over the lazy dog."),
+      ("Where do small models run?", "Small language models run on laptops, offline and private.")] * 12
+
+
+@pytest.fixture
+def chats(tmp_path) -> Path:
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                         for q, a in QA))
+    return p
+
+
+CFG = TrainConfig(steps=12, batch_size=4, lr=3e-3, eval_every=6, checkpoint_every=6)
+
+
+def test_lora_adapter_is_peft_format_loads_merged_and_merges(wide, chats):
+    card = finetune_stage(wide, [chats], seq_len=32, config=CFG, name="wide-lora")
+    folder = slmkit.Store().path("wide-lora")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == wide and cfg["r"] == 8 and (folder / "adapter_model.safetensors").is_file()
+    s = card.settings
+    assert card.parent == wide and card.stage == "finetune" and s["base_files"] == slmkit.Store().card(wide).files
+    assert s["lora"]["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lins = [m for b in slmkit.load(wide).backend.model.model.layers for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    assert s["trainable_parameters"] == sum(8 * (m.in_features + m.out_features) for m in lins)  # r (in + out) per layer
+    v = s["validation_perplexity"]
+    assert v["after"] < v["before"]
+    adapted = slmkit.load("wide-lora")  # the base with the adapter merged in
+    base = slmkit.load(wide)
+    ids = torch.tensor([adapted.backend.encode("What is the capital of France?")])
+    with torch.no_grad():
+        la, lb = adapted.backend.model(input_ids=ids).logits, base.backend.model(input_ids=ids).logits
+    assert not torch.allclose(la, lb, atol=1e-4)  # the adapter changed the model
+    merged = merge_stage("wide-lora")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(slmkit.Store().path(merged.name)))
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, la, atol=1e-4)
+    assert merged.parent == "wide-lora" and merged.settings["base"] == wide
+
+
+def test_an_adapter_refuses_a_changed_base(wide, chats):
+    finetune_stage(wide, [chats], seq_len=32, config=TrainConfig(steps=2, batch_size=4), name="wide-lora")
+    store = slmkit.Store()
+    card = store.card(wide)
+    weights = store.path(wide) / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("q_proj.weight"))
+    state[key] = state[key] + 1
+    save_file(state, str(weights), metadata={"format": "pt"})
+    from slmkit.card import build_card, write_card
+
+    write_card(store.path(wide), build_card(store.path(wide), name=wide, stage=card.stage, source=card.source))
+    with pytest.raises(SlmkitError, match="not the base the adapter"):
+        slmkit.load("wide-lora")
+
+
+def test_full_finetuning_and_bad_input(wide, chats, tmp_path):
+    card = finetune_stage(wide, [chats], method="full", seq_len=32, config=TrainConfig(steps=4, batch_size=4, lr=1e-3), name="wide-ft")
+    assert card.stage == "finetune" and card.settings["trainable_share"] == 1.0
+    assert not (slmkit.Store().path("wide-ft") / "adapter_config.json").exists()
+    for kwargs, message in [
+        ({"method": "qlora"}, "unknown method"),
+        ({"target_modules": ["attn_c"]}, "Target modules: down_proj"),
+        ({"r": 0}, "--r must be"),
+    ]:
+        with pytest.raises(SlmkitError, match=message):
+            finetune_stage(wide, [chats], seq_len=32, config=TrainConfig(steps=1), **kwargs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(SlmkitError, match=r"bad.jsonl:1: the conversation has no assistant turn"):
+        finetune_stage(wide, [bad], seq_len=32)
+
+
+def test_adapters_export_merged_and_refuse_other_stages(wide, chats, tmp_path):
+    from slmkit.compress.prune_stage import prune_stage
+    from slmkit.compress.quantize_stage import quantize_stage
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.export.store_export import export_model
+
+    finetune_stage(wide, [chats], seq_len=32, config=CFG, name="wide-lora")
+    res = export_model("wide-lora", "F32", out_dir=tmp_path / "out")
+    assert "merged into its base" in res["note"]
+    torch_b = slmkit.load("wide-lora").backend
+    cpp = LlamaCppBackend(Path(res["gguf"]), threads=2)
+    ids = torch_b.encode("What is the capital of France?")
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    assert list(cpp.stream_tokens(ids, greedy, 10)) == list(torch_b.stream_tokens(ids, greedy, 10))
+    cpp.close()
+    with pytest.raises(SlmkitError, match="slmkit merge wide-lora"):
+        prune_stage("wide-lora", method="magnitude", sparsity=0.5)
+    with pytest.raises(SlmkitError, match="slmkit merge wide-lora"):
+        quantize_stage("wide-lora", "int8")
+
+
+def test_finetune_and_merge_cli(wide, chats):
+    r = runner.invoke(app, ["finetune", wide, "--data", str(chats), "--seq-len", "32", "--steps", "3", "--name", "cli-lora"])
+    assert r.exit_code == 0, r.output
+    assert "made cli-lora (adapter over wide)" in r.stdout and "trainable parameters" in r.stdout
+    r = runner.invoke(app, ["merge", "cli-lora"])
+    assert r.exit_code == 0 and "made cli-lora-merged" in r.stdout
+    r = runner.invoke(app, ["merge", wide])
+    assert r.exit_code == 1 and "not a LoRA adapter" in r.stderr
+    r = runner.invoke(app, ["finetune", wide])
+    assert r.exit_code == 1 and "no training data" in r.stderr
