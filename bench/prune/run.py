@@ -77,6 +77,8 @@ def main() -> None:
         rows = list(previous.values())
         for rep in range(args.speed_repeats):
             for r in rows:
+                if args.only and r["label"] not in args.only:
+                    continue
                 tps = ev(r["model"], ["--speed"], env, out, f"speed{rep}")["results"]["speed"]["decode_tokens_per_s"]
                 r["decode_tps"] = tps if rep == 0 else max(r["decode_tps"], tps)
                 if r.get("llamacpp_f16"):
