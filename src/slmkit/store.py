@@ -155,13 +155,17 @@ class Store:
             yield staging
             if not (staging / CARD_JSON).is_file():
                 raise SlmkitError(f"internal error: install of {name!r} wrote no {CARD_JSON}")
-            if target.exists():
+            if overwrite and target.exists():
                 trash = self.root / f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
                 os.rename(target, trash)
                 os.rename(staging, target)
                 shutil.rmtree(trash, ignore_errors=True)
             else:
-                os.rename(staging, target)
+                try:  # renaming onto an existing model folder fails: of two writers of one name, the first wins
+                    os.rename(staging, target)
+                except OSError as exc:
+                    raise SlmkitError(f"a model named {name!r} was installed by another command while this one ran",
+                                      f"Nothing was replaced. Pick another --name, or replace it with --force (or: slmkit models rm {name}).") from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -60,11 +60,19 @@ def run(
     args = list(args or [])
     if len(args) > 2:
         raise SlmkitError(f"expected [MODEL] PROMPT, got {len(args)} arguments", 'Quote the prompt: slmkit run "your prompt"')
-    if not args or (len(args) == 1 and not sys.stdin.isatty() and _is_model_name(args[0])):
-        prompt = sys.stdin.read() if not sys.stdin.isatty() else ""
+    piped = sys.stdin is not None and not sys.stdin.closed and not sys.stdin.isatty()  # stdin may be closed (<&-)
+    if not args or (len(args) == 1 and piped and _is_model_name(args[0])):
+        try:
+            prompt = sys.stdin.read() if piped else ""
+        except UnicodeDecodeError as exc:
+            raise SlmkitError(f"the prompt on stdin is not UTF-8 text ({exc.reason} at byte {exc.start})", "Pipe UTF-8 text.") from None
         model_name = args[0] if args else None
     else:
         model_name, prompt = (args[0], args[1]) if len(args) == 2 else (None, args[0])
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # invalid bytes in argv arrive as lone surrogates
+        raise SlmkitError("the prompt is not valid UTF-8 text", "Pass the prompt as UTF-8 (check the terminal's encoding).") from None
     if not prompt.strip():
         raise SlmkitError("no prompt given", 'Pass one: slmkit run "your prompt" (or pipe it on stdin).')
     sampling = sampling_kwargs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -10,6 +11,9 @@ from typing import Any
 import torch
 
 from slmkit.errors import SlmkitError
+
+
+MAX_SEED = 2**62  # seeds are offset per row and per choice; this leaves room and fits torch's 64-bit generator
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         problems = []
+        if any(math.isnan(x) or math.isinf(x) for x in (self.temperature, self.top_p, self.repetition_penalty)):
+            problems.append("temperature, top_p and repetition_penalty must be finite numbers")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be in [0, {MAX_SEED}]")
         if self.temperature < 0:
             problems.append("temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:

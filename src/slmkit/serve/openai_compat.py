@@ -6,28 +6,43 @@ import time
 import uuid
 from typing import Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def valid_text(value: Any) -> Any:
+    """Refuse strings that are not valid Unicode text (a lone surrogate such as \\ud800 cannot be encoded)."""
+    for s in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(s, str):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"contains a lone surrogate ({s[exc.start]!r} at {exc.start}): not valid Unicode text") from None
+    return value
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    _text = field_validator("content")(valid_text)
+
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)  # strict: no true-as-1, no "5"-as-5
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(default=None, strict=True)  # its range is SamplingParams' (a clear 400 outside it)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=8)
+    n: int = Field(default=1, ge=1, le=8, strict=True)
     stream: bool = False
     logprobs: bool | int | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
+
+    _text = field_validator("stop")(valid_text)
 
 
 class ChatRequest(_Sampling):
@@ -36,12 +51,16 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy endpoint's logprobs is a count
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)  # the legacy endpoint's logprobs is a count
+
+    _prompt_text = field_validator("prompt")(valid_text)
 
 
 class EmbeddingRequest(BaseModel):
     model: str | None = None
     input: str | list[str]
+
+    _text = field_validator("input")(valid_text)
 
 
 # ---- responses: typed shapes of what goes on the wire ---------------------------------------------------------

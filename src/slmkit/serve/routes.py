@@ -57,7 +57,9 @@ def openai_routes(server: Server) -> APIRouter:
 
     @asynccontextmanager
     async def counted(endpoint: str, model: str) -> AsyncIterator[None]:
-        """Count the request by outcome; any failure becomes its HTTP error in OpenAI's format."""
+        """Count the request by outcome; any failure becomes its HTTP error in OpenAI's format. Labels come from the
+        served models only: any other name a client sends is counted as "unknown"."""
+        model = model if model in registry.names else "unknown"
         try:
             yield
         except Exception as exc:

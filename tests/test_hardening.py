@@ -1,0 +1,113 @@
+"""Regressions from adversarial use (issue 16), each reproduced first: the server over real sockets, the CLI, the store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from test_serve import Running
+from typer.testing import CliRunner
+
+import slmkit
+from slmkit.cli import app
+from slmkit.errors import SlmkitError
+
+runner = CliRunner()
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def srv(store):
+    s = Running(["tiny"], max_tokens_limit=40)
+    yield s
+    s.stop()
+
+
+def post(srv, body: dict | bytes, path: str = "/v1/chat/completions") -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(srv.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    return httpx.post(srv.url + path, json=body, timeout=30)
+
+
+def test_huge_or_fractional_seeds_are_a_clear_400_not_a_500(srv):
+    for seed in (2**64, 10**29):
+        r = post(srv, {"model": "tiny", "messages": MSG, "seed": seed, "max_tokens": 2})
+        assert r.status_code == 400 and "seed must be in" in r.json()["error"]["message"], r.text
+    r = post(srv, b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 1e29}')
+    assert r.status_code == 422 and "seed" in r.json()["error"]["message"]
+    assert post(srv, {"model": "tiny", "messages": MSG, "seed": 7, "max_tokens": 2}).status_code == 200
+
+
+def test_lone_surrogates_are_refused_in_every_text_field(srv):
+    bad = b'"hi \\ud800"'
+    for path, body in [
+        ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": ' + bad + b"}]}"),
+        ("/v1/completions", b'{"model": "tiny", "prompt": ' + bad + b"}"),
+        ("/v1/embeddings", b'{"model": "tiny", "input": [' + bad + b"]}"),
+    ]:
+        r = post(srv, body, path)
+        assert r.status_code == 422 and "lone surrogate" in r.json()["error"]["message"], (path, r.text)
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_request_types_are_strict(srv):
+    for field, value, message in [("max_tokens", True, "valid integer"), ("max_tokens", "5", "valid integer"),
+                                  ("n", 1.5, "valid integer")]:
+        r = post(srv, {"model": "tiny", "messages": MSG, field: value})
+        assert r.status_code == 422 and message in r.json()["error"]["message"], (field, r.text)
+    r = post(srv, b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
+    assert r.status_code == 422 and "finite number" in r.json()["error"]["message"], r.text
+
+
+def test_metrics_labels_come_from_the_served_models_only(srv):
+    for i in range(5):
+        post(srv, {"model": f"made-up-{i}-" + "x" * 1000, "messages": MSG})
+    page = httpx.get(srv.url + "/metrics").text
+    assert "made-up" not in page and 'model="unknown",status="404"' in page
+    assert len(page) < 100_000
+
+
+def test_two_writers_of_one_name_never_clobber(store):
+    first_files = {}
+
+    def write_b(staging: Path) -> None:
+        (staging / "config.json").write_text(json.dumps({"architectures": ["B"]}))
+
+    def write_a(staging: Path) -> None:  # while A writes, B installs the same name
+        (staging / "config.json").write_text(json.dumps({"architectures": ["A"]}))
+        first_files.update(store.derive("race", write_b, stage="test", parent="tiny").files)
+
+    with pytest.raises(SlmkitError, match="installed by another command"):
+        store.derive("race", write_a, stage="test", parent="tiny")
+    assert store.card("race").architecture == "B" and store.card("race").files == first_files
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".staging-")]
+
+
+def test_cli_bad_input_is_an_error_not_a_traceback(store, tmp_path):
+    r = runner.invoke(app, ["run", "tiny", "hi", "--seed", "99999999999999999999999"])
+    assert r.exit_code == 1 and "seed must be in" in r.stderr
+    code = ("import sys; sys.argv = ['slmkit', 'run', 'tiny', 'caf\\udce9']; from slmkit.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and "not valid UTF-8" in p.stderr and "Traceback" not in p.stderr
+    closed = subprocess.run([sys.executable, "-m", "slmkit", "run", "-n", "3"], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, env=_env(store))
+    assert closed.returncode == 1 and "no prompt given" in closed.stderr and "Traceback" not in closed.stderr
+    shut = subprocess.run(f"{sys.executable} -m slmkit run -n 3 <&-", shell=True, capture_output=True, text=True, env=_env(store),
+                          executable="/bin/bash")
+    assert shut.returncode == 1 and "Traceback" not in shut.stderr, shut.stderr[-1500:]
+
+
+def _env(store) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "SLMKIT_HOME": str(store.root.parent)}
+
+
+def test_sampling_params_refuse_nan_and_out_of_range_seeds():
+    for kw in ({"temperature": float("nan")}, {"top_p": float("inf")}, {"seed": -1}, {"seed": 2**63}):
+        with pytest.raises(SlmkitError):
+            slmkit.SamplingParams(**kw)
