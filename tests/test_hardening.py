@@ -111,3 +111,16 @@ def test_sampling_params_refuse_nan_and_out_of_range_seeds():
     for kw in ({"temperature": float("nan")}, {"top_p": float("inf")}, {"seed": -1}, {"seed": 2**63}):
         with pytest.raises(SlmkitError):
             slmkit.SamplingParams(**kw)
+
+
+def test_size_limits_and_openai_errors_for_404_405(srv):
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode()
+    r = post(srv, big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = post(srv, {"model": "tiny", "input": ["fox"] * 65}, "/v1/embeddings")
+    assert r.status_code == 400 and "limit of 64" in r.json()["error"]["message"]
+    r = httpx.get(srv.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(srv.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert post(srv, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200  # still serving

@@ -1,3 +1,6 @@
 """The server's request limits, in one place (the CLI's defaults and create_app read them)."""
 
 MAX_TOKENS_LIMIT = 2048  # the most a request may ask for, and what it gets when it names no max_tokens
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused with 413 before it is read whole
+MAX_EMBEDDING_INPUTS = 64  # texts per /v1/embeddings request
+MAX_EMBEDDING_TOKENS = 16384  # their tokens together

@@ -8,6 +8,7 @@ objects are built by the pure conversions in openai_compat.py; failures become O
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from slmkit.errors import PromptTooLong
 from slmkit.model import Generation, Model
 from slmkit.serve import openai_compat as oa
 from slmkit.serve.errors import HTTPError, to_http
+from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import BadRequest, ModelRegistry
 from slmkit.serve.streaming import Choice, account, collect, first_items, sse_events
@@ -49,7 +51,8 @@ def openai_routes(server: Server) -> APIRouter:
     registry, metrics = server.registry, server.metrics
 
     def auth(request: Request) -> None:
-        if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if server.api_key and not hmac.compare_digest(given, f"Bearer {server.api_key}".encode()):  # constant time
             raise HTTPError(401, oa.error_body("missing or wrong API key: send Authorization: Bearer KEY",
                                                type_="authentication_error", code="invalid_api_key"))
 
@@ -68,11 +71,12 @@ def openai_routes(server: Server) -> APIRouter:
             raise err from None
         metrics.requests.labels(endpoint, model, "200").inc()
 
-    def start(model: Model, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation]) -> list[Choice]:
+    def start(model: Model, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation],
+              loop: asyncio.AbstractEventLoop) -> list[Choice]:
+        """Render, tokenize and submit every choice (run in a worker thread: none of it on the event loop)."""
         limit = body.max_completion_tokens or body.max_tokens
         if limit is not None and limit > server.max_tokens_limit:
             raise BadRequest(f"max_tokens {limit} is over this server's limit of {server.max_tokens_limit}", "Ask for fewer tokens.")
-        loop = asyncio.get_running_loop()
         choices = []
         for i in range(body.n):
             kw = oa.sampling_kwargs(body, i)
@@ -81,7 +85,7 @@ def openai_routes(server: Server) -> APIRouter:
         return choices
 
     async def _generate(
-        endpoint: str, body: oa._Sampling, request: Request, begin: Callable[[Model], list[Choice]],
+        endpoint: str, body: oa._Sampling, request: Request, begin: Callable[[Model, asyncio.AbstractEventLoop], list[Choice]],
         chunk: Callable[[str, str, int, str | None, str | None], dict],
         respond: Callable[[str, str, Model, list[Choice], list[str]], dict],
     ) -> Any:
@@ -91,7 +95,7 @@ def openai_routes(server: Server) -> APIRouter:
             model = await asyncio.to_thread(registry.get, body.model)
             if body.stream and body.logprobs:
                 raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
-            choices = begin(model)
+            choices = await asyncio.to_thread(begin, model, asyncio.get_running_loop())
             firsts = await first_items(choices)
             metrics.ttft.labels(name).observe(time.perf_counter() - t0)
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
@@ -121,19 +125,19 @@ def openai_routes(server: Server) -> APIRouter:
             use = oa.usage(choices[0].gen.stats.prompt_tokens, sum(c.gen.stats.completion_tokens for c in choices))
             return oa.chat_response(rid, name, out, use)
 
-        return await _generate("chat", body, request, lambda model: start(model, body, lambda kw: model.stream_chat(messages, **kw)),
-                               chunk, respond)
+        return await _generate("chat", body, request,
+                               lambda model, loop: start(model, body, lambda kw: model.stream_chat(messages, **kw), loop), chunk, respond)
 
     @router.post("/v1/completions")
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
 
-        def begin(model: Model) -> list[Choice]:
+        def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
             if not prompts:
                 raise BadRequest("prompt is empty", "Send a prompt string.")
             choices: list[Choice] = []
             for p in prompts:
-                for c in start(model, body, lambda kw, p=p: model.stream(p, **kw)):
+                for c in start(model, body, lambda kw, p=p: model.stream(p, **kw), loop):
                     c.index = len(choices)
                     choices.append(c)
             return choices
@@ -158,12 +162,18 @@ def openai_routes(server: Server) -> APIRouter:
             model = await asyncio.to_thread(registry.get, body.model)
             if not texts or any(not t for t in texts):
                 raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to embed.")
-            for t in texts:
-                n = model.count_tokens(t)
+            if len(texts) > MAX_EMBEDDING_INPUTS:
+                raise BadRequest(f"{len(texts)} inputs are over this server's limit of {MAX_EMBEDDING_INPUTS} per request",
+                                 "Send them in several requests.")
+            counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
+            for n in counts:
                 if n > model.backend.context_length:
                     raise PromptTooLong(f"input is {n} tokens, but {name}'s context window is {model.backend.context_length} tokens", "Embed shorter texts.")
+            if sum(counts) > MAX_EMBEDDING_TOKENS:
+                raise BadRequest(f"the inputs hold {sum(counts)} tokens, over this server's limit of {MAX_EMBEDDING_TOKENS} per request",
+                                 "Send them in several requests.")
             vectors = await asyncio.to_thread(model.backend.embed, texts)
-        tokens = sum(model.count_tokens(t) for t in texts)
+        tokens = sum(counts)
         return {"object": "list", "model": name, "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
