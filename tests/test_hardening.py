@@ -124,3 +124,31 @@ def test_size_limits_and_openai_errors_for_404_405(srv):
     r = httpx.get(srv.url + "/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     assert post(srv, {"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_leftovers_of_killed_commands_are_swept(store):
+    dead = 2**22 + 12345  # no such process
+    stale_stage = store.root / f".staging-x-{dead}-deadbeef"
+    stale_stage.mkdir()
+    (stale_stage / "model.safetensors").write_bytes(b"0" * 100)
+    exports = store.root.parent / "exports" / "m-q4"
+    exports.mkdir(parents=True)
+    stale_tmp = exports / f".m-q4.gguf.tmp-{dead}"
+    stale_tmp.write_bytes(b"0" * 100)
+    live_tmp = exports / f".m-q4.gguf.tmp-{__import__('os').getpid()}"  # a running export's file stays
+    live_tmp.write_bytes(b"1")
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 0
+    assert not stale_stage.exists() and not stale_tmp.exists() and live_tmp.exists()
+
+
+def test_every_api_request_is_logged_as_json_without_its_text(srv, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="slmkit.access")
+    post(srv, {"model": "tiny", "messages": [{"role": "user", "content": "secret words"}], "max_tokens": 2})
+    post(srv, {"model": "nope", "messages": MSG})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "slmkit.access"]
+    assert [(x["endpoint"], x["model"], x["status"]) for x in lines] == [("chat", "tiny", 200), ("chat", "unknown", 404)]
+    assert all(x["ms"] >= 0 and len(x["request"]) == 16 for x in lines) and "error" in lines[1]
+    assert "secret" not in caplog.text

@@ -114,6 +114,19 @@ class Store:
                     removed.append(p)
         return removed
 
+    def sweep_exports(self) -> list[Path]:
+        """Remove the temporary files (`.NAME.tmp-PID`) a killed export left under SLMKIT_HOME/exports."""
+        exports = self.root.parent / "exports"
+        removed: list[Path] = []
+        if not exports.is_dir():
+            return removed
+        for p in exports.rglob(".*.tmp-*"):
+            m = re.search(r"\.tmp-(\d+)$", p.name)
+            if m and p.is_file() and not _pid_alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
+
     def check_free(self, name: str, *, overwrite: bool = False) -> None:
         """Fail before slow work starts if `name` is taken and the caller did not ask to replace it."""
         if self.path(name).exists() and not overwrite:

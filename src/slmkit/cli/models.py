@@ -23,6 +23,8 @@ app = typer.Typer(help="Manage the local model store (SLMKIT_HOME, default ~/.ca
 def list_models() -> None:
     """List stored models with their size, parameter count and lineage."""
     store = Store()
+    store.sweep()  # staging folders of killed imports and stages, whenever the store is listed
+    store.sweep_exports()
     ensure_default(store)
     table = Table(title=f"Models in {store.root}", caption="* the default model")
     for col in ("NAME", "PARAMS", "SIZE", "DTYPE", "STAGE", "FROM"):

@@ -47,4 +47,12 @@ def serve(
     err_console().print(f"Serving {engines} at {where}  (chat page: {where}/, API: {where}/v1, metrics: {where}/metrics)")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err_console().print("[yellow]warning:[/] listening beyond this machine without --api-key")
+    import logging
+
+    access = logging.getLogger("slmkit.access")  # one JSON line per API request on stderr
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(shutdown_timeout) + 1)

@@ -31,6 +31,7 @@ def export_model(
     `imatrix`: calibration text (an importance matrix is computed from it and saved beside the GGUF as
     imatrix.gguf) or an imatrix GGUF; llama.cpp's quantizer then weighs rounding error by activation size."""
     store = store or Store()
+    store.sweep_exports()  # what a killed export left behind
     gguf_type = check_type(gguf_type)
     folder = store.require(model)
     check_exportable(read_config(folder))

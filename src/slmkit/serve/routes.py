@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +29,9 @@ from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import BadRequest, ModelRegistry
 from slmkit.serve.streaming import Choice, account, collect, first_items, sse_events
+
+
+ACCESS = logging.getLogger("slmkit.access")
 
 
 @dataclass(frozen=True)
@@ -63,13 +69,22 @@ def openai_routes(server: Server) -> APIRouter:
         """Count the request by outcome; any failure becomes its HTTP error in OpenAI's format. Labels come from the
         served models only: any other name a client sends is counted as "unknown"."""
         model = model if model in registry.names else "unknown"
+        t0 = time.perf_counter()
+        rid = uuid.uuid4().hex[:16]
+
+        def log(status: int, error: str | None = None) -> None:  # one JSON line per request; never the prompt text
+            ACCESS.info(json.dumps({"request": rid, "endpoint": endpoint, "model": model, "status": status,
+                                    "ms": round(1000 * (time.perf_counter() - t0), 1), **({"error": error[:200]} if error else {})}))
+
         try:
             yield
         except Exception as exc:
             err = to_http(exc)
             metrics.requests.labels(endpoint, model, str(err.status)).inc()
+            log(err.status, str(err.body.get("error", {}).get("message", "")))
             raise err from None
         metrics.requests.labels(endpoint, model, "200").inc()
+        log(200)
 
     def start(model: Model, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation],
               loop: asyncio.AbstractEventLoop) -> list[Choice]:
