@@ -152,3 +152,19 @@ def test_every_api_request_is_logged_as_json_without_its_text(srv, caplog):
     assert [(x["endpoint"], x["model"], x["status"]) for x in lines] == [("chat", "tiny", 200), ("chat", "unknown", 404)]
     assert all(x["ms"] >= 0 and len(x["request"]) == 16 for x in lines) and "error" in lines[1]
     assert "secret" not in caplog.text
+
+
+def test_a_burst_fills_the_batch_and_the_queue_before_any_429(store):
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.engine.scheduler import BatchedBackend, QueueFull
+
+    b = BatchedBackend(slmkit.load("tiny").backend, max_batch=4, max_queue=2)
+    try:
+        long = SamplingParams(temperature=1.0, seed=0)
+        streams = [b.stream_tokens(b.encode("The"), long, 10_000) for _ in range(6)]  # 4 running + 2 waiting fit
+        with pytest.raises(QueueFull):
+            b.stream_tokens(b.encode("The"), long, 5)
+        for s in streams:
+            s.close()
+    finally:
+        b.scheduler.stop()

@@ -75,8 +75,10 @@ class BatchScheduler:
         with self._cv:
             if self._stopping:
                 raise SlmkitError("the server is shutting down", "Retry against a running server.")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)", "Retry in a moment.")
+            # free batch slots count too: a burst fills the batch and the queue before anyone gets a 429
+            room = self.max_queue + max(0, self.max_batch - len(self.running))
+            if len(self.waiting) >= room:
+                raise QueueFull(f"the request queue is full ({len(self.waiting)} waiting, {len(self.running)} running)", "Retry in a moment.")
             req = _Request(list(prompt), params, max_new, generator=make_generator(params.seed), history=list(prompt))
             self.waiting.append(req)
             self._cv.notify()
