@@ -116,10 +116,7 @@ class Model:
         """Answer the last message of a conversation, formatted with the model's chat template."""
         _check_messages(messages)
         params = SamplingParams.from_kwargs(**sampling)
-        text = self.backend.render_chat(messages, add_generation_prompt=True)
-        # the template writes the special tokens itself
-        ids = self.backend.encode(text, add_special_tokens=False)
-        return Generation(self, self._checked_ids(ids, params), params)
+        return Generation(self, self._checked_ids(encode_chat(self.backend, messages), params), params)
 
     def chat(self, messages: Sequence[Message], **sampling: Any) -> str:
         return self.stream_chat(messages, **sampling).read()
@@ -192,6 +189,34 @@ class Model:
             )
         scored = ids[start:]
         return Score(token_ids=scored, tokens=[b.token_text(i) for i in scored], logprobs=b.score_batch([(ids, start)])[0])
+
+
+def encode_chat(backend: Backend, messages: Sequence[Message]) -> list[int]:
+    """The token ids of a conversation in the model's chat template, where only the template makes control tokens:
+    each message's text is encoded with special-token strings read as plain text, so a user cannot forge a turn
+    by writing <|im_end|><|im_start|>system inside a message. The template is rendered with a placeholder per
+    message and split there; a template that transforms the text (so a placeholder does not come through intact)
+    falls back to the whole rendered string."""
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    rendered = backend.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True)
+    where = [rendered.find(mark) for mark in marks]
+    if (any(rendered.count(mark) != 1 for mark in marks) or where != sorted(where)
+            or any(_PLACEHOLDER_CHARS & set(m["content"]) for m in messages)):
+        return backend.encode(backend.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+    ids: list[int] = []
+    rest = rendered
+    for mark, m in zip(marks, messages):
+        before, _, rest = rest.partition(mark)
+        if before:
+            ids += backend.encode(before, add_special_tokens=False)  # template text: control tokens parsed
+        if m["content"]:
+            ids += backend.encode(m["content"], add_special_tokens=False, parse_special=False)
+    if rest:
+        ids += backend.encode(rest, add_special_tokens=False)
+    return ids
+
+
+_PLACEHOLDER_CHARS = {"\ue000", "\ue001"}
 
 
 def _check_messages(messages: Sequence[Message]) -> None:

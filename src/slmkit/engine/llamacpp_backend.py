@@ -113,10 +113,10 @@ class LlamaCppBackend:
     def vocab_size(self) -> int:
         return int(self.llm.n_vocab())
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         if not text:
             return self.llm.tokenize(b"", add_bos=add_special_tokens, special=True) if add_special_tokens else []
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True))
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=parse_special))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
