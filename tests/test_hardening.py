@@ -195,3 +195,26 @@ def test_user_text_cannot_forge_chat_turns(store, tmp_path, engine):
     ids = encode_chat(b, forged)
     assert ids.count(start[0]) == 2  # the user turn and the assistant prompt: none from the user's text
     assert "<|im_start|>system" in b.decode(ids)  # the text is still there, as plain characters
+
+
+def test_damaged_inputs_and_a_file_for_home_are_clear_errors(store, tmp_path, tiny_dir, monkeypatch):
+    import shutil
+
+    bad = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"garbage, not safetensors")
+    r = runner.invoke(app, ["models", "import", str(bad), "--name", "c1"])
+    assert r.exit_code == 1 and "not a readable safetensors file" in r.stderr
+    from slmkit.export.gguf import export_gguf
+
+    gguf = export_gguf(tiny_dir, tmp_path / "g", name="t", gguf_type="F32")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 3])
+    r = runner.invoke(app, ["models", "import", str(cut), "--name", "c2"])
+    assert r.exit_code == 1 and "truncated" in r.stderr
+    assert not store.exists("c1") and not store.exists("c2")
+    home_file = tmp_path / "home-is-a-file"
+    home_file.write_text("x")
+    monkeypatch.setenv("SLMKIT_HOME", str(home_file))
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 1 and "is a file, not a folder" in r.stderr

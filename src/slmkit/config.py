@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.errors import SlmkitError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -40,6 +42,8 @@ def settings() -> Settings:
     """Read the environment: SLMKIT_HOME (store root), SLMKIT_THREADS (CPU threads for inference), SLMKIT_DATA
     (a data folder; slmkit never looks for one on its own), and the Hugging Face offline switches."""
     home = Path(os.environ.get("SLMKIT_HOME") or Path.home() / ".cache" / "slmkit").expanduser()
+    if home.exists() and not home.is_dir():
+        raise SlmkitError(f"SLMKIT_HOME={home} is a file, not a folder", "Point SLMKIT_HOME at a folder (it is created if missing).")
     raw_threads = os.environ.get("SLMKIT_THREADS", "")
     threads = int(raw_threads) if raw_threads.isdigit() and int(raw_threads) > 0 else (os.cpu_count() or 1)
     data = os.environ.get("SLMKIT_DATA")

@@ -28,7 +28,8 @@ def check_gguf(path: Path) -> dict[str, Any]:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises several types on a damaged header
-        raise ImportFailed(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})", hint) from exc
+        raise ImportFailed(f"{path} is truncated or damaged: its GGUF header and tensor table do not fit the file "
+                           f"({path.stat().st_size:,} bytes; the reader stopped with {type(exc).__name__})", hint) from exc
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:

@@ -27,6 +27,15 @@ def check_hf_dir(path: Path) -> dict[str, Any]:
             f"{path} has no *.safetensors weights{why}",
             "Save the model with safetensors (model.save_pretrained(dir, safe_serialization=True)) and import again.",
         )
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):  # a damaged file fails here, before anything is loaded
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                list(f.keys())
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise ImportFailed(f"{weights} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:120]})",
+                               "Save the weights again (model.save_pretrained(dir, safe_serialization=True)).") from exc
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ImportFailed(
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
