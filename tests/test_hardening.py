@@ -218,3 +218,42 @@ def test_damaged_inputs_and_a_file_for_home_are_clear_errors(store, tmp_path, ti
     monkeypatch.setenv("SLMKIT_HOME", str(home_file))
     r = runner.invoke(app, ["models", "list"])
     assert r.exit_code == 1 and "is a file, not a folder" in r.stderr
+
+
+def test_kill_9_at_any_point_leaves_a_whole_store(store, tiny_dir, tmp_path):
+    """import, quantize and export killed with SIGKILL at several points: afterwards the store lists the models it
+    had (plus any the killed command finished), the next command leaves no stray files, and every listed model loads."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "SLMKIT_HOME": str(store.root.parent)}
+    commands = [
+        ["models", "import", str(tiny_dir), "--name", "imp"],
+        ["quantize", "tiny", "--scheme", "int8", "--name", "q8", "--no-ppl"],
+        ["export", "tiny", "--type", "Q8_0", "--name", "x8", "--no-ppl"],
+    ]
+    before = set(store.names())
+    killed = {cmd[0]: 0 for cmd in commands}
+    for cmd in commands:
+        for delay in (1.0, 2.5, 4.0):
+            p = subprocess.Popen([sys.executable, "-m", "slmkit", *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(delay)
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                killed[cmd[0]] += 1
+            p.wait()
+            names = set(slmkit.Store().names())  # the killed command's model is there only if it finished
+            r = runner.invoke(app, ["models", "list"])
+            assert r.exit_code == 0, r.output
+            home = store.root.parent
+            assert not [p for p in store.root.iterdir() if p.name.startswith((".staging-", ".trash-"))]
+            assert not list((home / "exports").rglob(".*.tmp-*")) if (home / "exports").exists() else True
+            assert before <= names
+            for name in names:
+                card = slmkit.Store().card(name)
+                backend = "llamacpp" if card.stage == "export" else "torch"
+                assert slmkit.load(name, backend=backend).generate("The", max_tokens=2, temperature=0) is not None
+            for made in names - before:
+                assert runner.invoke(app, ["models", "rm", made]).exit_code == 0
+    assert all(n >= 2 for n in killed.values()), killed  # most runs really were cut short
