@@ -45,7 +45,7 @@ def name_from_path(path: Path) -> str:
     return cleaned[:100] or "model"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -109,7 +109,7 @@ class Store:
                 removed.append(p)
             elif p.name.startswith(STAGING_PREFIX):
                 m = re.search(r"-(\d+)-[0-9a-f]{8}$", p.name)
-                if m and not _pid_alive(int(m.group(1))):
+                if m and not pid_alive(int(m.group(1))):
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
         return removed
@@ -122,7 +122,7 @@ class Store:
             return removed
         for p in exports.rglob(".*.tmp-*"):
             m = re.search(r"\.tmp-(\d+)$", p.name)
-            if m and p.is_file() and not _pid_alive(int(m.group(1))):
+            if m and p.is_file() and not pid_alive(int(m.group(1))):
                 p.unlink(missing_ok=True)
                 removed.append(p)
         return removed

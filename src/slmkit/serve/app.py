@@ -93,7 +93,9 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(oa.error_body(f"invalid request: {where or 'body'}: {first.get('msg', 'bad value')}", param=where or None), status_code=422)
+        msg = str(first.get("msg", "bad value"))
+        status = 400 if "lone surrogate" in msg else 422  # well-formed JSON, but text that is not Unicode: a bad request
+        return JSONResponse(oa.error_body(f"invalid request: {where or 'body'}: {msg}", param=where or None), status_code=status)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from slmkit import progress
 from slmkit.errors import SlmkitError
+from slmkit.store import pid_alive
 from slmkit.train.data import Windows
 from slmkit.train.losses import next_token_loss
 
@@ -102,6 +103,16 @@ def _save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
         raise
 
 
+def _sweep(run_dir: Path) -> None:
+    """Temporary checkpoint folders a killed run left (their process is gone)."""
+    import re
+
+    for p in run_dir.glob(f".{CHECKPOINT}-tmp-*"):
+        m = re.match(rf"\.{CHECKPOINT}-tmp-(\d+)-", p.name)
+        if m and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _find_checkpoint(run_dir: Path) -> Path | None:
     final = run_dir / CHECKPOINT
     if (final / "state.json").is_file():
@@ -157,6 +168,7 @@ def fit(model: nn.Module, train: Windows, valid: Windows, cfg: TrainConfig, run_
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _sweep(run_dir)
     found = _find_checkpoint(run_dir)
     start, history, tokens = 0, [], 0
     if found is not None and not resume:
