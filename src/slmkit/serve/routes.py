@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,10 +27,7 @@ from slmkit.serve.errors import HTTPError, to_http
 from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import BadRequest, ModelRegistry
-from slmkit.serve.streaming import Choice, account, collect, first_items, sse_events
-
-
-ACCESS = logging.getLogger("slmkit.access")
+from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse_events
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ def openai_routes(server: Server) -> APIRouter:
     router = APIRouter(dependencies=[Depends(auth)])
 
     @asynccontextmanager
-    async def counted(endpoint: str, model: str) -> AsyncIterator[None]:
+    async def counted(endpoint: str, model: str) -> AsyncIterator[str]:
         """Count the request by outcome; any failure becomes its HTTP error in OpenAI's format. Labels come from the
         served models only: any other name a client sends is counted as "unknown"."""
         model = model if model in registry.names else "unknown"
@@ -77,7 +73,7 @@ def openai_routes(server: Server) -> APIRouter:
                                     "ms": round(1000 * (time.perf_counter() - t0), 1), **({"error": error[:200]} if error else {})}))
 
         try:
-            yield
+            yield rid
         except Exception as exc:
             err = to_http(exc)
             metrics.requests.labels(endpoint, model, str(err.status)).inc()
@@ -106,7 +102,7 @@ def openai_routes(server: Server) -> APIRouter:
     ) -> Any:
         name = body.model or registry.names[0]
         t0 = time.perf_counter()
-        async with counted(endpoint, name):
+        async with counted(endpoint, name) as log_id:
             model = await asyncio.to_thread(registry.get, body.model)
             if body.stream and body.logprobs:
                 raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
@@ -115,10 +111,10 @@ def openai_routes(server: Server) -> APIRouter:
             metrics.ttft.labels(name).observe(time.perf_counter() - t0)
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
         if body.stream:
-            events = sse_events(choices, firsts, name, metrics, lambda i, text, finish: chunk(rid, name, i, text, finish))
+            events = sse_events(choices, firsts, name, metrics, lambda i, text, finish: chunk(rid, name, i, text, finish), log_id)
             return StreamingResponse(events, media_type="text/event-stream")
         texts = await collect(request, choices, firsts)
-        account(metrics, name, choices)
+        account(metrics, name, choices, log_id)
         return respond(rid, name, model, choices, texts)
 
     @router.get("/v1/models")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -89,9 +90,17 @@ async def collect(request: Request, choices: list[Choice], firsts: list[Any]) ->
         watcher.cancel()
 
 
-def account(metrics: Metrics, model: str, choices: list[Choice]) -> None:
-    metrics.prompt_tokens.labels(model).inc(sum(c.gen.stats.prompt_tokens for c in choices))
-    metrics.completion_tokens.labels(model).inc(sum(c.gen.stats.completion_tokens for c in choices))
+ACCESS = logging.getLogger("slmkit.access")
+
+
+def account(metrics: Metrics, model: str, choices: list[Choice], request_id: str = "") -> None:
+    """Count the tokens of a finished request, and log them on the access log under the request's id."""
+    prompt = sum(c.gen.stats.prompt_tokens for c in choices)
+    completion = sum(c.gen.stats.completion_tokens for c in choices)
+    metrics.prompt_tokens.labels(model).inc(prompt)
+    metrics.completion_tokens.labels(model).inc(completion)
+    ACCESS.info(json.dumps({"request": request_id, "done": True, "prompt_tokens": prompt, "completion_tokens": completion,
+                            "finish": [c.gen.stats.finish_reason for c in choices]}))
 
 
 def sse(data: Any) -> bytes:
@@ -99,7 +108,7 @@ def sse(data: Any) -> bytes:
 
 
 async def sse_events(choices: list[Choice], firsts: list[Any], model: str, metrics: Metrics,
-                     chunk: Callable[[int, str | None, str | None], dict]) -> AsyncIterator[bytes]:
+                     chunk: Callable[[int, str | None, str | None], dict], request_id: str = "") -> AsyncIterator[bytes]:
     """Server-sent events for every choice, interleaved as pieces come: `chunk(index, text, finish)` builds one
     (text None: the opening chunk; finish set: the closing one), then `[DONE]`."""
     merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -135,4 +144,4 @@ async def sse_events(choices: list[Choice], firsts: list[Any], model: str, metri
         stop_all(choices)
         for t in tasks:
             t.cancel()
-        account(metrics, model, choices)
+        account(metrics, model, choices, request_id)
