@@ -137,7 +137,7 @@ def test_leftovers_of_killed_commands_are_swept(store):
     stale_tmp.write_bytes(b"0" * 100)
     live_tmp = exports / f".m-q4.gguf.tmp-{__import__('os').getpid()}"  # a running export's file stays
     live_tmp.write_bytes(b"1")
-    r = runner.invoke(app, ["models", "list"])
+    r = runner.invoke(app, ["data", "list"])  # any command sweeps first
     assert r.exit_code == 0
     assert not stale_stage.exists() and not stale_tmp.exists() and live_tmp.exists()
 

@@ -34,6 +34,21 @@ app.command("serve")(serve.serve)
 def _root() -> None:
     """Make small language models and run them on the machine you have, offline."""
     setup_output()
+    _sweep()
+
+
+def _sweep() -> None:
+    """What killed commands left behind (staging folders, export temporaries whose process is gone): every command
+    clears it first. A problem here (SLMKIT_HOME unusable) is left for the command itself to report."""
+    from slmkit.errors import SlmkitError
+    from slmkit.store import Store
+
+    try:
+        store = Store()
+        store.sweep()
+        store.sweep_exports()
+    except (SlmkitError, OSError):
+        pass
 
 
 def main() -> None:
