@@ -40,6 +40,12 @@ def test_wanda_scores_weigh_weights_by_input_norms():
     assert keep.tolist() == [[True, False], [True, False]]  # magnitude alone would keep -2.0 in row 0
 
 
+def test_wanda_loss_share():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    x = torch.tensor([1.0, 1.0, 1.0, 2.0])  # scores 1, 2, 3, 8: half the row removes 1 + 2 of 14
+    assert po.wanda_loss_share(w, x, 0.5) == pytest.approx(3 / 14)
+
+
 def test_sparsegpt_prunes_exactly_and_beats_magnitude_on_the_layer_output():
     torch.manual_seed(0)
     x = torch.randn(512, 64) @ torch.randn(64, 64) * 0.3  # correlated inputs (T, K)
@@ -149,6 +155,9 @@ def test_scan_reports_every_block(wide, calib):
     for b in result["blocks"]:
         assert b["perplexity_without"] > 0 and 0 <= b["influence"] <= 2
     assert any(abs(b["cost"]) > 1e-4 for b in result["blocks"])
+    layers = result["layers"]
+    assert sorted(layers) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert all(len(v) == 4 and all(0 < x < 0.5 for x in v) for v in layers.values())  # the lowest half of each row goes
 
 
 def test_prune_cli_and_bad_input(wide, calib, tmp_path):

@@ -83,6 +83,14 @@ def _show_scan(result: dict, html: Path | None) -> None:
     for b in result["blocks"]:
         table.add_row(str(b["block"]), f"{b['influence']:.4f}", f"{b['perplexity_without']:.3f}", f"{b['cost']:+.1%}")
     out_console().print(table)
+    layers = result.get("layers") or {}
+    if layers:
+        lt = Table(title="Per linear layer: share of Wanda score mass 50% sparsity removes (mean over blocks; max)")
+        for col in ("layer", "mean", "max", "most sensitive block"):
+            lt.add_column(col, justify="right" if col != "layer" else "left")
+        for kind, values in sorted(layers.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
+            lt.add_row(kind, f"{sum(values) / len(values):.1%}", f"{max(values):.1%}", str(values.index(max(values))))
+        out_console().print(lt)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = html or settings().reports_dir / f"scan-{result['model']}-{stamp}.html"
     write_scan_html(result, target)

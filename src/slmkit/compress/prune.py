@@ -130,6 +130,19 @@ def perplexity_without_each_block(model: nn.Module, batches: list[torch.Tensor])
     return out
 
 
+def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], sparsity: float = 0.5) -> dict[str, list[float]]:
+    """Per linear layer type (q_proj, ..., down_proj), per block: the share of its Wanda score mass that pruning
+    `sparsity` of each row would remove, from one calibration pass."""
+    name, blocks = decoder_blocks(model)
+    layers = {f"{name}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    stats = collect_stats(model, layers, batches, hessian=False)
+    out: dict[str, list[float]] = {}
+    for full, lin in layers.items():
+        kind = full.rsplit(".", 1)[-1]
+        out.setdefault(kind, []).append(po.wanda_loss_share(lin.weight.detach().float(), stats[full]["sqmean"].float().sqrt(), sparsity))
+    return out
+
+
 def drop_blocks(model: nn.Module, drop: list[int]) -> None:
     """Remove decoder blocks `drop` and renumber the rest, config included (num_hidden_layers and any per-layer list)."""
     name, blocks = decoder_blocks(model)

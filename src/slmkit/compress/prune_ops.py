@@ -108,5 +108,12 @@ def keep_top(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, count).indices).values
 
 
+def wanda_loss_share(w: torch.Tensor, x_norm: torch.Tensor, sparsity: float = 0.5) -> float:
+    """How much of a layer's Wanda score mass (|W| * ||X||) pruning `sparsity` of each row removes: a layer's
+    sensitivity to pruning, comparable across layers (0: nothing of weight lost, 1: everything)."""
+    score = wanda_scores(w, x_norm)
+    return float((score * ~row_mask(score, sparsity)).sum() / score.sum().clamp(min=1e-12))
+
+
 def sparsity_of(w: torch.Tensor) -> float:
     return float((w == 0).sum()) / w.numel()

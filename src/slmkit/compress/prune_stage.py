@@ -151,7 +151,7 @@ def shrink_stage(
 def scan(model: str, *, calib: Path | None = None, samples: int = SCAN_SAMPLES, window: int = SCAN_WINDOW,
          store: Store | None = None) -> dict[str, Any]:
     """Per block: its block influence (1 - cos of input and output) and the calibration perplexity with that block
-    removed; per linear layer: its share of the parameters. Nothing is written to the store."""
+    removed; per linear layer: the share of its Wanda score mass 50% sparsity would remove. Nothing is written."""
     store = store or Store()
     folder, _ = float_parent(store, model)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
@@ -162,6 +162,6 @@ def scan(model: str, *, calib: Path | None = None, samples: int = SCAN_SAMPLES, 
     without = pr.perplexity_without_each_block(net, batches)
     per_block = sum(p.numel() for p in blocks[0].parameters())
     return {"model": model, "calibration": calib_info, "perplexity": base, "params": pr.count_params(net),
-            "params_per_block": per_block,
+            "params_per_block": per_block, "layers": pr.layer_sensitivity(net, batches),
             "blocks": [{"block": i, "influence": bi, "perplexity_without": p, "cost": p / base - 1}
                        for i, (bi, p) in enumerate(zip(influence, without))]}

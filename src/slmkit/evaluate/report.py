@@ -165,6 +165,10 @@ def write_scan_html(scan: dict[str, Any], path: Path) -> Path:
     png = base64.b64encode(buf.getvalue()).decode()
     rows = "".join(f"<tr><td>{b['block']}</td><td>{b['influence']:.4f}</td><td>{b['perplexity_without']:.3f}</td>"
                    f"<td>{100 * b['cost']:+.1f}%</td></tr>" for b in blocks)
+    kinds = sorted(scan.get("layers") or {})
+    layer_head = "".join(f"<th>{html.escape(k)}</th>" for k in kinds)
+    layer_rows = "".join("<tr><td>" + str(i) + "</td>" + "".join(f"<td>{100 * scan['layers'][k][i]:.1f}%</td>" for k in kinds) + "</tr>"
+                         for i in range(len(blocks)) if kinds)
     cal = scan.get("calibration") or {}
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>slmkit prune --scan: {html.escape(scan['model'])}</title>
@@ -176,6 +180,10 @@ th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}<
 Depth pruning (<code>slmkit prune --structured depth</code>) removes the blocks of lowest influence.</p>
 <figure><img alt="block importance" src="data:image/png;base64,{png}"></figure>
 <table><thead><tr><th>block</th><th>influence</th><th>perplexity without it</th><th>cost</th></tr></thead><tbody>{rows}</tbody></table>
+<h2>Per linear layer: what 50% sparsity would cost</h2>
+<p>The share of each layer's Wanda score mass (|W| x ||X||, calibration activations) that pruning half of every row removes:
+higher means more sensitive to pruning.</p>
+<table><thead><tr><th>block</th>{layer_head}</tr></thead><tbody>{layer_rows}</tbody></table>
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)
