@@ -14,9 +14,7 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
