@@ -161,7 +161,9 @@ def test_a_burst_fills_the_batch_and_the_queue_before_any_429(store):
     from slmkit.engine.sampling import SamplingParams
     from slmkit.engine.scheduler import BatchedBackend, QueueFull
 
-    b = BatchedBackend(slmkit.load("tiny").backend, max_batch=4, max_queue=2)
+    inner = slmkit.load("tiny").backend
+    inner._eos = frozenset()  # no request may end by itself while the burst arrives
+    b = BatchedBackend(inner, max_batch=4, max_queue=2)
     try:
         long = SamplingParams(temperature=1.0, seed=0)
         streams = [b.stream_tokens(b.encode("The"), long, 10_000) for _ in range(6)]  # 4 running + 2 waiting fit

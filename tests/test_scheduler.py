@@ -98,7 +98,9 @@ def test_cancel_frees_the_slot(tiny_pair):
 
 
 def test_queue_full_is_refused(store):
-    b = BatchedBackend(slmkit.load("tiny").backend, max_batch=1, max_queue=1)
+    inner = slmkit.load("tiny").backend
+    inner._eos = frozenset()  # the running request must not end by itself (a sampled EOS would free the slot)
+    b = BatchedBackend(inner, max_batch=1, max_queue=1)
     try:
         long = SamplingParams(temperature=1.0, seed=0)
         running = b.stream_tokens(b.encode("The"), long, 10_000)

@@ -67,6 +67,7 @@ class BatchScheduler:
         self.store = backend.batch_store(max_batch, context)
         self._cv = threading.Condition()
         self._stopping = False
+        self._admitted = 0  # taken from the queue, not yet in the running batch (being prefilled)
         self._thread = threading.Thread(target=self._loop, name="slmkit-scheduler", daemon=True)
         self._thread.start()
 
@@ -76,8 +77,8 @@ class BatchScheduler:
             if self._stopping:
                 raise SlmkitError("the server is shutting down", "Retry against a running server.")
             # free batch slots count too: a burst fills the batch and the queue before anyone gets a 429
-            room = self.max_queue + max(0, self.max_batch - len(self.running))
-            if len(self.waiting) >= room:
+            in_flight = len(self.waiting) + len(self.running) + self._admitted
+            if in_flight >= self.max_batch + self.max_queue:
                 raise QueueFull(f"the request queue is full ({len(self.waiting)} waiting, {len(self.running)} running)", "Retry in a moment.")
             req = _Request(list(prompt), params, max_new, generator=make_generator(params.seed), history=list(prompt))
             self.waiting.append(req)
@@ -135,20 +136,26 @@ class BatchScheduler:
                 admit = []
                 while self.waiting and len(self.running) + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
+                self._admitted = len(admit)
             try:
                 for req in admit:
-                    if not req.cancelled.is_set():
-                        self._prefill(req)
+                    joined = not req.cancelled.is_set() and self._prefill(req)
+                    with self._cv:  # one step for admission: never counted twice, never missed
+                        self._admitted -= 1
+                        if joined:
+                            self.running.append(req)
                 if self.running:
                     self._step()
             except BaseException as exc:  # a failure ends the affected requests, not the server
                 for req in self.running + admit:
                     req.out.put(exc)
                 self.running = []
+                self._admitted = 0
                 self.store.clear()
 
     @torch.inference_mode()
-    def _prefill(self, req: _Request) -> None:
+    def _prefill(self, req: _Request) -> bool:
+        """Prefill one request and hand out its first token; True when it joins the running batch."""
         ids = req.prompt
         reused, kv = self.prefix_cache.lookup(ids) if self.prefix_cache else (0, None)
         logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None)
@@ -156,9 +163,9 @@ class BatchScheduler:
             self.prefix_cache.store(ids, row_kv)
         token = sample_next(logits, req.params, req.history, req.generator)
         if not self._emit(req, steps_of(logits[None], [token], [req.params.top_logprobs])[0]):
-            return
+            return False
         self.store.join()
-        self.running.append(req)
+        return True
 
     def _emit(self, req: _Request, step: Step) -> bool:
         """Hand a token to the consumer; False when the request is finished."""
