@@ -15,16 +15,10 @@ from slmkit.compress import lowrank_ops as lo
 from slmkit.compress.calibrate import collect_stats
 from slmkit.errors import SlmkitError
 from slmkit.layers.lowrank import LowRankLinear
-from slmkit.layers.walk import decoder_blocks, empty_skeleton, set_module
+from slmkit.layers.walk import block_linears, count_params, empty_skeleton, set_module
 from slmkit.sources.hf_dir import read_config
 
 CONFIG_KEY = "slmkit_lowrank"
-
-
-def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The decoder blocks' linear layers by qualified name (embeddings and the output head stay as they are)."""
-    name, blocks = decoder_blocks(model)
-    return {f"{name}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules() if isinstance(m, nn.Linear)}
 
 
 def factorize(model: nn.Module, batches: list[torch.Tensor], *, ratio: float | None = None, energy: float | None = None) -> dict[str, Any]:
@@ -32,7 +26,7 @@ def factorize(model: nn.Module, batches: list[torch.Tensor], *, ratio: float | N
     that share of its whitened output energy) or allocated across layers so the model keeps `ratio` of its
     parameters. A layer whose factors would not be smaller stays dense."""
     layers = block_linears(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = count_params(model)
     dense = sum(m.weight.numel() for m in layers.values())
     stats = collect_stats(model, layers, batches, hessian=True)
     parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -65,7 +59,7 @@ def factorize(model: nn.Module, batches: list[torch.Tensor], *, ratio: float | N
             set_module(model, name, new)
             kept[name] = r
     setattr(model.config, CONFIG_KEY, {"ranks": kept})
-    after = sum(p.numel() for p in model.parameters())
+    after = count_params(model)
     return {"ranks": kept, "factorized": len(kept), "dense_layers": len(layers) - len(kept), "params_before": total,
             "params_after": after}
 

@@ -9,7 +9,7 @@ from slmkit.compress.lowrank import is_lowrank
 from slmkit.compress.quantize import is_quantized
 from slmkit.errors import SlmkitError
 from slmkit.store import Store
-from slmkit.train.adapters import is_adapter
+from slmkit.sources.adapters import is_adapter
 
 
 def float_parent(store: Store, model: str) -> tuple[Path, ModelCard]:

@@ -21,28 +21,22 @@ from slmkit import progress
 from slmkit.compress import prune_ops as po
 from slmkit.compress.calibrate import block_inputs, collect_stats, watch_inputs
 from slmkit.errors import SlmkitError
-from slmkit.layers.walk import decoder_blocks, set_module
+from slmkit.layers.walk import block_linears, count_params, decoder_blocks, linear_layers, set_module
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
 def prunable_params(model: nn.Module) -> int:
     """Weights of the linear layers inside the decoder blocks (what sparsity is measured over)."""
-    _, blocks = decoder_blocks(model)
-    return sum(m.weight.numel() for b in blocks for m in block_linears(b).values())
+    return sum(m.weight.numel() for m in block_linears(model).values())
 
 
 def measured_sparsity(model: nn.Module) -> dict[str, Any]:
     """The real share of zero weights: over the decoder blocks' linear layers, and over every parameter."""
-    _, blocks = decoder_blocks(model)
-    zeros = sum(int((m.weight == 0).sum()) for b in blocks for m in block_linears(b).values())
-    total_params = sum(p.numel() for p in model.parameters())
+    zeros = sum(int((m.weight == 0).sum()) for m in block_linears(model).values())
+    total_params = count_params(model)
     return {"linear_sparsity": zeros / max(prunable_params(model), 1), "overall_sparsity": zeros / total_params,
             "zero_weights": zeros}
 
@@ -59,7 +53,7 @@ def sparsify(model: nn.Module, method: str, *, sparsity: float | None = None, nm
     per_layer: dict[str, float] = {}
     with torch.no_grad(), progress.bar(f"pruning ({method}, {f'{nm[0]}:{nm[1]}' if nm else f'{sparsity:.0%}'})", total=len(blocks)) as advance:
         for index, block in enumerate(blocks):
-            lins = block_linears(block)
+            lins = linear_layers(block)
             stats = watch_inputs(lins, lambda: inputs.run(block, advance=False), hessian=method == "sparsegpt") if inputs else None
             for name, lin in lins.items():
                 w = lin.weight.detach().float()  # (N, K)
@@ -78,7 +72,7 @@ def sparsify(model: nn.Module, method: str, *, sparsity: float | None = None, nm
 
 def check_pattern(model: nn.Module, nm: tuple[int, int]) -> None:
     _, blocks = decoder_blocks(model)
-    bad = sorted({m.in_features for b in blocks for m in block_linears(b).values() if m.in_features % nm[1]})
+    bad = sorted({m.in_features for m in block_linears(model).values() if m.in_features % nm[1]})
     if bad:
         raise SlmkitError(f"the pattern {nm[0]}:{nm[1]} needs input widths divisible by {nm[1]}; this model has {bad}",
                           "Pick an M that divides every layer's input width (4 and 8 usually do).")
@@ -133,8 +127,7 @@ def perplexity_without_each_block(model: nn.Module, batches: list[torch.Tensor])
 def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], sparsity: float = 0.5) -> dict[str, list[float]]:
     """Per linear layer type (q_proj, ..., down_proj), per block: the share of its Wanda score mass that pruning
     `sparsity` of each row would remove, from one calibration pass."""
-    name, blocks = decoder_blocks(model)
-    layers = {f"{name}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}
+    layers = block_linears(model)
     stats = collect_stats(model, layers, batches, hessian=False)
     out: dict[str, list[float]] = {}
     for full, lin in layers.items():
@@ -164,7 +157,7 @@ def drop_blocks(model: nn.Module, drop: list[int]) -> None:
 # ---- width ------------------------------------------------------------------------------------------------------
 def llama_layout(model: nn.Module) -> None:
     _, blocks = decoder_blocks(model)
-    names = set(block_linears(blocks[0]))
+    names = set(linear_layers(blocks[0]))
     missing = [n for n in ATTN + MLP if n not in names]
     if missing:
         raise SlmkitError(f"width pruning needs the Llama layout of projections; this model lacks {missing}",
@@ -234,7 +227,7 @@ def width_plan(model: nn.Module, target: int, *, multiple: int = 32, min_channel
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     _, blocks = decoder_blocks(model)
     n_blocks = len(blocks)
-    fixed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for b in blocks for p in b.parameters())
+    fixed = count_params(model) - sum(count_params(b) for b in blocks)
     norms = sum(p.numel() for p in blocks[0].parameters() if p.dim() == 1)  # per block, kept whole
     for kv in range(cfg.num_key_value_heads, 0, -1):
         attn = hidden * head_dim * (2 * kv * group + 2 * kv)  # q and o: kv*group heads; k and v: kv heads
@@ -247,6 +240,3 @@ def width_plan(model: nn.Module, target: int, *, multiple: int = 32, min_channel
                       f"Width pruning keeps at least one KV group and {min_channels:.0%} of the MLP; aim higher, or add --structured depth.")
 
 
-def count_params(model: nn.Module) -> int:
-    """Parameters, tied weights counted once (model.parameters() yields a shared tensor once)."""
-    return sum(p.numel() for p in model.parameters())

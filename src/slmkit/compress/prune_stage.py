@@ -21,7 +21,7 @@ from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_f
 from slmkit.compress.parents import float_parent
 from slmkit.compress.prune_ops import parse_pattern
 from slmkit.errors import SlmkitError
-from slmkit.layers.walk import decoder_blocks
+from slmkit.layers.walk import count_params, decoder_blocks
 from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 
@@ -38,7 +38,7 @@ def _default_name(model: str, suffix: str) -> str:
 
 def _install(store: Store, name: str, net: nn.Module, tokenizer: Any, *, model: str, settings: dict[str, Any]) -> ModelCard:
     return store.derive(name, float_writer(net, tokenizer, name), stage="prune", parent=model, settings=settings,
-                        parameters=pr.count_params(net))
+                        parameters=count_params(net))
 
 
 def prune_stage(
@@ -120,7 +120,7 @@ def shrink_stage(
     validate_name(name)
     store.check_free(name)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
-    before = pr.count_params(net)
+    before = count_params(net)
     batches, calib_info = calibration_for(tokenizer, net, calib, samples, window)
     _, stack = decoder_blocks(net)
     settings: dict[str, Any] = {"kind": "structured", "structured": structured,
@@ -144,7 +144,7 @@ def shrink_stage(
         pr.prune_width(net, scores, kv_groups=kv, channels=channels)
         settings |= {"attention_heads": [heads_before, net.config.num_attention_heads], "kv_heads": kv,
                      "intermediate_size": [inter_before, channels]}
-    settings["params_after"] = pr.count_params(net)
+    settings["params_after"] = count_params(net)
     return _install(store, name, net, tokenizer, model=model, settings=settings)
 
 
@@ -161,7 +161,7 @@ def scan(model: str, *, calib: Path | None = None, samples: int = SCAN_SAMPLES, 
     _, blocks = decoder_blocks(net)
     without = pr.perplexity_without_each_block(net, batches)
     per_block = sum(p.numel() for p in blocks[0].parameters())
-    return {"model": model, "calibration": calib_info, "perplexity": base, "params": pr.count_params(net),
+    return {"model": model, "calibration": calib_info, "perplexity": base, "params": count_params(net),
             "params_per_block": per_block, "layers": pr.layer_sensitivity(net, batches),
             "blocks": [{"block": i, "influence": bi, "perplexity_without": p, "cost": p / base - 1}
                        for i, (bi, p) in enumerate(zip(influence, without))]}

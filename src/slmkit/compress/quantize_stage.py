@@ -10,7 +10,7 @@ from slmkit import progress
 from slmkit.card import ModelCard, sha256_file
 from slmkit.compress.calibrate import CALIB_WINDOW, calibration_batches
 from slmkit.compress.lowrank import is_lowrank
-from slmkit.train.adapters import is_adapter
+from slmkit.sources.adapters import is_adapter
 from slmkit.compress.quantize import DEFAULT_GROUP, METHODS, SCHEMES, is_quantized, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import load_float
@@ -38,7 +38,7 @@ def quantize_stage(
             f"Quantizing rounded weights again compounds the error; quantize its float parent instead: {parent.parent or model}.",
         )
     if method in ("gptq", "awq") and calib is None:
-        raise SlmkitError(f"--method {method} needs calibration text", "Pass --calib FILE (plain text, e.g. ../shared/data/wikitext2/wiki.valid.tokens).")
+        raise SlmkitError(f"--method {method} needs calibration text", "Pass --calib FILE: plain text like what the model will see, a few hundred KB.")
     if method == "rtn" and calib is not None:
         raise SlmkitError("--calib is used by gptq and awq only", "Drop --calib, or pick --method gptq or awq.")
     suffix = f"-g{group_size or DEFAULT_GROUP}" if scheme == "int4" else ""

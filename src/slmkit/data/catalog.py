@@ -37,10 +37,6 @@ class Dataset:
                 return f
         raise SlmkitError(f"dataset {self.name!r} has no split {split!r}", f"Splits: {', '.join(f.split for f in self.files)}")
 
-    @property
-    def packaged(self) -> bool:
-        return all(f.sha256 for f in self.files)
-
 
 def _jsonl(name: str, split: str, rows: int) -> DataFile:
     return DataFile(split, f"{name}/{split}.jsonl", rows)

@@ -26,7 +26,7 @@ from typing import Any
 from slmkit import progress
 from slmkit.card import sha256_file as sha256_of
 from slmkit.config import settings
-from slmkit.data.catalog import DATASETS, DataFile, Dataset, get_dataset
+from slmkit.data.catalog import DataFile, Dataset, get_dataset
 from slmkit.errors import SlmkitError
 
 PACKAGED = Path(__file__).parent / "packaged"
@@ -246,7 +246,3 @@ def fetch(name: str, *, source: Path | None = None, force: bool = False) -> list
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
                                    f"Check the network, or copy the files from a folder: slmkit data fetch {name} --from DATA") from exc
     return paths
-
-
-def known() -> list[str]:
-    return list(DATASETS)

@@ -43,7 +43,7 @@ class TorchBackend:
 
         from slmkit.compress.lowrank import is_lowrank, load_lowrank
         from slmkit.compress.quantize import is_quantized, load_quantized
-        from slmkit.train.adapters import is_adapter, load_merged
+        from slmkit.sources.adapters import is_adapter, load_merged
         from slmkit.sources.hf_dir import load_float
 
         if threads:

@@ -15,6 +15,7 @@ from slmkit.export.gguf import check_exportable, check_type, export_gguf
 from slmkit.compress.quantize import is_quantized
 from slmkit.errors import SlmkitError
 from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
+from slmkit.layers.walk import count_params
 from slmkit.sources.hf_dir import read_config
 from slmkit.store import Store, validate_name
 
@@ -77,7 +78,7 @@ def _dense_source(folder: Path) -> Iterator[tuple[Path, str | None]]:
     import torch
 
     from slmkit.compress.lowrank import densify, is_lowrank, load_lowrank
-    from slmkit.train.adapters import base_of, is_adapter, load_merged
+    from slmkit.sources.adapters import base_of, is_adapter, load_merged
 
     if not is_lowrank(folder) and not is_adapter(folder):
         yield folder, None
@@ -90,9 +91,9 @@ def _dense_source(folder: Path) -> Iterator[tuple[Path, str | None]]:
         else:
             with progress.step("Multiplying the low-rank factors back (GGUF has no factorized layers)"):
                 net = load_lowrank(folder)
-                factored = sum(p.numel() for p in net.parameters())
+                factored = count_params(net)
                 n = densify(net)
-                dense = sum(p.numel() for p in net.parameters())
+                dense = count_params(net)
                 note = (f"{n} low-rank layers multiplied back to dense: the GGUF holds {dense:,} parameters (the store model "
                         f"{factored:,}); the quality is the low-rank model's, the size and speed a dense one's")
         net.save_pretrained(tmp, safe_serialization=True)

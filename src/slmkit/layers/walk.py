@@ -32,6 +32,17 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The decoder blocks' linear layers by qualified name (embeddings and the output head left out)."""
+    name, blocks = decoder_blocks(model)
+    return {f"{name}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in linear_layers(b).items()}
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters, tied weights counted once (model.parameters() yields a shared tensor once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def empty_skeleton(config: Any, dtype: Any) -> nn.Module:
     """The architecture of `config` with parameters on the meta device (no memory); buffers such as rotary
     frequencies are real. Load weights into it with load_state_dict(..., assign=True)."""

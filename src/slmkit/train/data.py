@@ -15,8 +15,7 @@ import csv
 import hashlib
 import json
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ class Windows:
 
     ids: torch.Tensor
     mask: torch.Tensor
-    sources: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -206,12 +204,3 @@ def build(tokenizer: Any, paths: list[Path], *, seq_len: int, valid_fraction: fl
             "train_windows": len(train), "valid_windows": len(valid), "train_tokens": train.tokens, "seq_len": seq_len,
             "seed": seed, "sha256": hash_files(paths, {"seq_len": seq_len, "valid_fraction": valid_fraction, "seed": seed, **read_kw})}
     return train, valid, info
-
-
-def batches(windows: Windows, batch_size: int, *, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The windows of one epoch in a seeded order, `batch_size` at a time (the last, short batch is dropped)."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    order = torch.randperm(len(windows), generator=g)
-    for i in range(0, len(order) - batch_size + 1, batch_size):
-        idx = order[i: i + batch_size]
-        yield windows.ids[idx], windows.mask[idx]

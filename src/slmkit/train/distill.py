@@ -20,6 +20,7 @@ from slmkit.card import ModelCard
 from slmkit.compress.parents import float_parent
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
+from slmkit.layers.walk import count_params
 from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
@@ -125,4 +126,4 @@ def distill_stage(
 
     return store.derive(name, float_writer(net, tokenizer, name), stage="distill" if alpha > 0 else "train",
                         parent=teacher if fresh else student, settings=train_settings,
-                        parameters=sum(p.numel() for p in net.parameters()))
+                        parameters=count_params(net))

@@ -1,6 +1,6 @@
 """`finetune`: adapt a model to the user's data with LoRA (through peft) or full fine-tuning, on the shared
 training core (data readers and masks, the loop, checkpoints, resume). LoRA children are adapters in the store
-(train/adapters.py); full fine-tuning writes a whole model. Loss: next-token, on the response tokens of chat rows."""
+(sources/adapters.py); full fine-tuning writes a whole model. Loss: next-token, on the response tokens of chat rows."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from slmkit.card import ModelCard
 from slmkit.compress.parents import float_parent
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
-from slmkit.layers.walk import decoder_blocks
+from slmkit.layers.walk import count_params, decoder_blocks, linear_layers
 from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
-from slmkit.train.adapters import ADAPTER_CONFIG
+from slmkit.sources.adapters import ADAPTER_CONFIG
 from slmkit.train.loop import TrainConfig, fit
 from slmkit.train.losses import next_token_loss
 
@@ -36,7 +36,7 @@ LR = {"lora": 2e-4, "full": 2e-5}  # the usual rates: adapters learn faster than
 def block_linear_names(model: nn.Module) -> list[str]:
     """The short names of the decoder blocks' linear layers (q_proj, ..., down_proj): LoRA's default targets."""
     _, blocks = decoder_blocks(model)
-    return sorted({n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
+    return sorted({n.rsplit(".", 1)[-1] for n in linear_layers(blocks[0])})
 
 
 def finetune_stage(
@@ -61,7 +61,7 @@ def finetune_stage(
     with progress.step("Reading and packing the data"):
         train, valid, info = td.build(tokenizer, [Path(p) for p in data], seq_len=seq_len, valid_fraction=valid_fraction,
                                       seed=cfg.seed, **(read or {}))
-    total_params = sum(p.numel() for p in net.parameters())
+    total_params = count_params(net)
     lora: dict[str, Any] | None = None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -111,7 +111,7 @@ def finetune_stage(
 
 def merge_stage(adapter: str, *, name: str | None = None, store: Store | None = None) -> ModelCard:
     """Fold a LoRA adapter into its base and install the merged dense model (default ADAPTER-merged)."""
-    from slmkit.train.adapters import base_of, is_adapter, load_merged
+    from slmkit.sources.adapters import base_of, is_adapter, load_merged
 
     store = store or Store()
     folder = store.require(adapter)
@@ -123,4 +123,4 @@ def merge_stage(adapter: str, *, name: str | None = None, store: Store | None = 
     with progress.step(f"Merging {adapter} into {base}"):
         net, tokenizer = load_merged(folder, dtype=torch.float32)
     return store.derive(name, float_writer(net, tokenizer, name), stage="merge", parent=adapter,
-                        settings={"base": base, "adapter": adapter}, parameters=sum(p.numel() for p in net.parameters()))
+                        settings={"base": base, "adapter": adapter}, parameters=count_params(net))
