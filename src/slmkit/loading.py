@@ -12,6 +12,7 @@ from slmkit.engine.backend import Backend
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
+from slmkit.route.calibrate import is_router
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
@@ -33,12 +34,19 @@ BACKENDS: dict[str, Callable[[Path, int, bool], Backend]] = {"torch": _torch, "l
 CHOICES = ("auto", *BACKENDS)
 
 
+def _not_a_router(folder: Path) -> None:
+    if is_router(folder):
+        raise SlmkitError(f"{folder.name} is a router (a small and a large model with a policy), not a model to load",
+                          f"Serve it: slmkit serve {folder.name}; or run its models by their own names (slmkit route show {folder.name}).")
+
+
 def pick_backend(folder: Path, backend: str) -> str:
     """The engine a model runs on: `backend`, or for `auto` llama.cpp when the folder has a GGUF (at batch 1 it
     decodes several times faster than PyTorch on a CPU), else PyTorch. llama.cpp without a GGUF is refused here,
     with how to make one."""
     if backend not in CHOICES:
         raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
+    _not_a_router(folder)
     if backend == "auto":
         return "llamacpp" if any(folder.glob("*.gguf")) else "torch"
     if backend == "llamacpp":
@@ -60,6 +68,7 @@ def load(name: str | None = None, *, backend: str = "torch", store: Store | None
         raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
     name = name or ensure_default(store)
     folder = store.require(name)
+    _not_a_router(folder)
     card = store.card(name)
     picked = pick_backend(folder, backend) if backend == "auto" else backend
     with progress.step(f"Loading {name} ({picked})"):

@@ -39,8 +39,38 @@ class GenerationStats:
         return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0
 
 
-class Generation:
-    """An iterator of text pieces; `text` and `stats` grow as it is consumed. Closing it stops the backend."""
+class TextStream:
+    """An iterator of text pieces drawn from `self._pieces`: `text` grows as it is consumed, `stats` and `steps` say
+    how it went; closing it stops whatever produces the pieces. Generation, a routed answer and a cached one are
+    all TextStreams, so callers (CLI, server) treat them alike."""
+
+    text: str
+    stats: GenerationStats
+    steps: list[Step]
+    _pieces: Iterator[str]
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._pieces)
+        self.text += piece
+        return piece
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+    def read(self) -> str:
+        """Consume the rest and return the whole text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class Generation(TextStream):
+    """A model generating: pieces come from the decode loop. Closing it stops the backend."""
 
     def __init__(self, model: "Model", prompt_ids: list[int], params: SamplingParams) -> None:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -52,23 +82,6 @@ class Generation:
     @property
     def token_ids(self) -> list[int]:
         return [s.token for s in self.steps]
-
-    def __iter__(self) -> "Generation":
-        return self
-
-    def __next__(self) -> str:
-        piece = next(self._pieces)
-        self.text += piece
-        return piece
-
-    def close(self) -> None:
-        self._pieces.close()
-
-    def read(self) -> str:
-        """Consume the rest and return the whole text."""
-        for _ in self:
-            pass
-        return self.text
 
 
 @dataclass

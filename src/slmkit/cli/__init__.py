@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import data, distill, evaluate, export, finetune, generate, lowrank, models, prune, quantize, serve
+from slmkit.cli import data, distill, evaluate, export, finetune, generate, lowrank, models, prune, quantize, route, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
+app.add_typer(route.app, name="route")
 app.command("run")(generate.run)
 app.command("chat")(generate.chat)
 app.command("eval")(evaluate.eval_cmd)

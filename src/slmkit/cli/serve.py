@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,6 +11,9 @@ from slmkit.cli.common import err_console, handle_errors
 from slmkit.engine.llamacpp_batch import DEFAULT_CONTEXT
 from slmkit.engine.scheduler import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_TOKENS
 from slmkit.errors import SlmkitError
+from slmkit.config import settings
+from slmkit.route.ab import parse_split
+from slmkit.route.cache import CACHE_ENTRIES, CACHE_TTL_S, ResponseCache
 from slmkit.serve.limits import MAX_TOKENS_LIMIT
 
 
@@ -26,6 +30,15 @@ def serve(
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (llama.cpp where the model has a GGUF, else PyTorch), llamacpp or torch.")] = "auto",
     context: Annotated[int | None, typer.Option("--context", help=f"llama.cpp: tokens per batch slot; its KV is allocated up front, --max-batch x this. [default: {DEFAULT_CONTEXT}, or the model's context if smaller]")] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="Seconds to let running requests finish on shutdown.")] = 10.0,
+    ab: Annotated[list[str] | None, typer.Option("--ab", help="An A/B split served as one name: NAME=MODEL:SHARE,MODEL:SHARE (arms must be served; sticky per request `user`). Repeatable.")] = None,
+    cache: Annotated[bool, typer.Option("--cache", help="Answer repeated requests from a response cache (greedy or seeded requests only, unless --cache-sampled).")] = False,
+    cache_similarity: Annotated[float | None, typer.Option("--cache-similarity", help="Also match a last message whose embedding has at least this cosine similarity (0.95); implies --cache.")] = None,
+    cache_size: Annotated[int, typer.Option("--cache-size", help="Most answers the cache holds per model (least recently used go first).")] = CACHE_ENTRIES,
+    cache_ttl: Annotated[float, typer.Option("--cache-ttl", help="Seconds a cached answer stays valid.")] = CACHE_TTL_S,
+    cache_sampled: Annotated[bool, typer.Option("--cache-sampled", help="Cache sampled requests too.")] = False,
+    small_only: Annotated[bool, typer.Option("--small-only", help="Routers answer with the small model only (decisions are still logged).")] = False,
+    large_key: Annotated[str | None, typer.Option("--large-key", envvar="SLMKIT_LARGE_API_KEY", help="API key for routers' large endpoints.")] = None,
+    decision_log: Annotated[Path | None, typer.Option("--decision-log", help="Routers' decisions as JSON lines. [default: SLMKIT_HOME/logs/route-decisions.jsonl]")] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a chat page at /."""
     import uvicorn
@@ -38,12 +51,21 @@ def serve(
     if max_batch < 1 or max_queue < 0 or max_tokens < 1 or (context is not None and context < 16):
         raise SlmkitError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0, --context >= 16", "Fix the values.")
     names = list(models or []) or [ensure_default()]
+    splits = [parse_split(a) for a in ab or []]
+    make_cache = None
+    if cache or cache_similarity is not None:
+        ResponseCache(cache_size, cache_ttl, cache_similarity)  # bad sizes fail here, before anything loads
+        make_cache = lambda: ResponseCache(cache_size, cache_ttl, cache_similarity)  # noqa: E731
     metrics = Metrics()
     registry = ModelRegistry(names, metrics, max_batch=max_batch, max_queue=max_queue, prefix_cache_tokens=prefix_cache_tokens,
-                             backend=backend, context=context)
+                             backend=backend, context=context, splits=splits, cache=make_cache, cache_sampled=cache_sampled,
+                             small_only=small_only, large_key=large_key,
+                             decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl")
     app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout)
     where = f"http://{host}:{port}"
-    engines = ", ".join(f"{n} ({registry.backends[n]})" for n in registry.names)
+    engines = ", ".join(f"{n} ({registry.backends[n]})" if n in registry.backends else
+                        f"{n} (router: {registry.routers[n]['small']} -> {registry.routers[n]['large'].get('store') or registry.routers[n]['large'].get('url')})"
+                        if n in registry.routers else f"{n} (A/B split)" for n in registry.names)
     err_console().print(f"Serving {engines} at {where}  (chat page: {where}/, API: {where}/v1, metrics: {where}/metrics)")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err_console().print("[yellow]warning:[/] listening beyond this machine without --api-key")
@@ -55,4 +77,8 @@ def serve(
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
+    route_log = logging.getLogger("slmkit.route")  # drift warnings
+    route_log.addHandler(handler)
+    route_log.setLevel(logging.INFO)
+    route_log.propagate = False
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(shutdown_timeout) + 1)

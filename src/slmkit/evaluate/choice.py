@@ -9,10 +9,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from slmkit.engine.backend import TokenScores
 from slmkit.engine.scoring import encode_pair
 from slmkit.evaluate.batching import score_requests
 from slmkit.evaluate.metrics import choice_correct, mean_stderr
-from slmkit.evaluate.tasks import TaskSpec, build_items, fewshot_rows, load_task, read_rows
+from slmkit.evaluate.tasks import Item, TaskSpec, build_items, fewshot_rows, load_task, read_rows
 from slmkit.model import Model
 
 
@@ -20,17 +21,22 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def evaluate_task(model: Model, task: str | TaskSpec, *, limit: int | None = None, data_dir: Path | None = None) -> dict[str, Any]:
-    """Score task `task` (built-in name, YAML file or spec) on `model`; the first `limit` items when given."""
-    spec = task if isinstance(task, TaskSpec) else load_task(task, data_dir=data_dir)
-    rows = read_rows(spec, data_dir=data_dir)
-    items = build_items(spec, rows, limit, fewshot_rows(spec, data_dir=data_dir))
+def score_items(model: Model, items: list[Item], description: str) -> tuple[list[TokenScores], list[int]]:
+    """Every (context, continuation) pair of every item scored in batches; owners[i] is the item of scores[i]."""
     requests, owners = [], []
     for n, item in enumerate(items):
         for ctx, cont in zip(item.contexts, item.continuations):
             requests.append(encode_pair(model.backend, ctx, cont))
             owners.append(n)
-    scores = score_requests(model.backend, requests, description=f"{spec.name}")
+    return score_requests(model.backend, requests, description=description), owners
+
+
+def evaluate_task(model: Model, task: str | TaskSpec, *, limit: int | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+    """Score task `task` (built-in name, YAML file or spec) on `model`; the first `limit` items when given."""
+    spec = task if isinstance(task, TaskSpec) else load_task(task, data_dir=data_dir)
+    rows = read_rows(spec, data_dir=data_dir)
+    items = build_items(spec, rows, limit, fewshot_rows(spec, data_dir=data_dir))
+    scores, owners = score_items(model, items, spec.name)
     result: dict[str, Any] = {
         "task": spec.name, "title": spec.title, "source": spec.source,
         "data": str(spec.data) if spec.data else f"dataset {spec.dataset}" + (f" ({spec.split})" if spec.split else ""),

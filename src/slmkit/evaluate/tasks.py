@@ -7,7 +7,6 @@ one context and several continuations). Bad rows fail with their line.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from slmkit.config import settings
 from slmkit.data.catalog import get_dataset
 from slmkit.data.locate import locate
+from slmkit.data.jsonl import json_objects
 from slmkit.evaluate.formats import TaskError, reader
 
 __all__ = ["Item", "TaskSpec", "TaskError", "BUILTIN", "SUITES", "MMLU_SUBJECTS", "load_task", "read_rows",
@@ -196,16 +196,7 @@ def _read_file(spec: TaskSpec, path: Path) -> list[dict]:
         labels = [x.strip() for x in spec.labels.read_text().splitlines() if x.strip()]
     rows = []
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskError(f"{where}: not valid JSON ({exc.msg})", "Each line must be one JSON object.") from exc
-            if not isinstance(row, dict):
-                raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}", "Each line must be one JSON object.")
+        for where, row in json_objects(fh, path, TaskError):
             if labels is not None:
                 if len(rows) >= len(labels):
                     raise TaskError(f"{where}: no label for this row ({spec.labels} has {len(labels)} lines)", "Fix the labels file.")

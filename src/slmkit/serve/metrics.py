@@ -20,6 +20,15 @@ class Metrics:
         self.itl = Histogram("slmkit_inter_token_latency_seconds", "Time between streamed tokens", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("slmkit_queue_depth", "Requests waiting for a batch slot", ["model"], registry=r)
         self.batch_size = Gauge("slmkit_running_batch_size", "Sequences in the running batch", ["model"], registry=r)
+        # routing (slmkit.route): decisions, latencies per side, calls to the large target, drift; the cache; A/B arms
+        self.route_decisions = Counter("slmkit_route_decisions", "Routed requests by who answered and why", ["route", "answered_by", "reason"], registry=r)
+        self.route_latency = Histogram("slmkit_route_latency_seconds", "Time spent on each side of a routed request", ["route", "side"], buckets=LATENCY_BUCKETS, registry=r)
+        self.route_large_calls = Counter("slmkit_route_large_calls", "Calls to the large target by outcome", ["route", "outcome"], registry=r)
+        self.drift_psi = Gauge("slmkit_route_drift_psi", "Population stability index of recent traffic against the calibration set", ["route", "signal"], registry=r)
+        self.cache_requests = Counter("slmkit_cache_requests", "Response cache lookups by result", ["model", "result"], registry=r)
+        self.cache_saved_tokens = Counter("slmkit_cache_saved_tokens", "Completion tokens served from the response cache", ["model"], registry=r)
+        self.cache_entries = Gauge("slmkit_cache_entries", "Answers held in the response cache", ["model"], registry=r)
+        self.ab_requests = Counter("slmkit_ab_requests", "Requests per arm of an A/B split", ["split", "arm"], registry=r)
         self.prefix_hit_rate = Gauge("slmkit_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", ["model"], registry=r)
 
     def watch(self, model: str, queue_depth: Callable[[], float], batch_size: Callable[[], float], hit_rate: Callable[[], float]) -> None:

@@ -41,6 +41,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     logprobs: bool | int | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
+    user: str | None = Field(default=None, max_length=256)  # the A/B split's sticky key
 
     _text = field_validator("stop")(valid_text)
 

@@ -1,4 +1,6 @@
-"""The models a server offers, loaded on first use, each behind its own continuous-batching scheduler.
+"""The names a server offers, loaded on first use: models (each behind its own continuous-batching scheduler),
+routers (a calibrated router from the store, served as one name: slmkit.route), and A/B splits over those;
+optionally each behind a response cache.
 
 Each model runs on llama.cpp (its GGUF file) or on PyTorch (its safetensors weights), opened through
 slmkit.loading (`pick_backend`: `auto` takes llama.cpp where the store folder has a GGUF, always the model's own
@@ -9,31 +11,85 @@ several times faster than PyTorch on a CPU, and batched it still leads). Models 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from slmkit.engine.scheduler import BatchedBackend
 from slmkit.errors import ModelNotFound, SlmkitError
 from slmkit.loading import open_backend, pick_backend
 from slmkit.model import Model
+from slmkit.route.ab import Split
+from slmkit.route.cache import ResponseCache
+from slmkit.route.calibrate import is_router, read_router
+from slmkit.route.targets import Endpoint
+from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
 from slmkit.serve.metrics import Metrics
 from slmkit.store import Store
 
 
 class ModelRegistry:
     def __init__(self, names: list[str], metrics: Metrics, *, max_batch: int, max_queue: int, prefix_cache_tokens: int,
-                 store: Store | None = None, backend: str = "auto", context: int | None = None) -> None:
+                 store: Store | None = None, backend: str = "auto", context: int | None = None, splits: Sequence[Split] = (),
+                 cache: Callable[[], ResponseCache] | None = None, cache_sampled: bool = False, small_only: bool = False,
+                 large_key: str | None = None, decision_log: Path | None = None) -> None:
         self.store = store or Store()
-        self.backends = {name: pick_backend(self.store.require(name), backend) for name in names}  # fail at start-up
-        self.names = list(dict.fromkeys(names))
+        self.routers: dict[str, dict[str, Any]] = {}
+        self.splits = {s.name: s for s in splits}
+        models: list[str] = []
+        for name in names:  # fail at start-up: unknown names, unreachable endpoints
+            folder = self.store.require(name)
+            if is_router(folder):
+                router = self.routers[name] = read_router(folder)
+                models.append(router["small"])
+                large = router["large"]
+                if "store" in large:
+                    models.append(large["store"])
+                elif not small_only:
+                    Endpoint(large["url"], large.get("model"), large_key).check()
+            else:
+                models.append(name)
+        for split in splits:
+            if split.name in names or self.store.exists(split.name):
+                raise SlmkitError(f"the A/B split's name {split.name!r} is already a model's", "Give the split another name.")
+            for arm in split.arms:
+                if arm not in names:
+                    raise SlmkitError(f"A/B split {split.name!r}: arm {arm!r} is not served", f"Serve it too: slmkit serve {' '.join(names)} {arm} ...")
+        self.backends = {m: pick_backend(self.store.require(m), backend) for m in dict.fromkeys(models)}
+        self.names = list(dict.fromkeys([*names, *self.splits]))
         self.metrics = metrics
         self.max_batch, self.max_queue, self.prefix_cache_tokens = max_batch, max_queue, prefix_cache_tokens
         self.context = context
+        self.cache, self.cache_sampled = cache, cache_sampled
+        self.small_only, self.large_key = small_only, large_key
+        self.decisions = DecisionLog(decision_log)
         self._models: dict[str, Model] = {}
-        self._lock = threading.Lock()
+        self._served: dict[str, Any] = {}
+        self._lock = threading.RLock()
 
-    def get(self, name: str | None) -> Model:
+    def get(self, name: str | None, user: str | None = None) -> Any:
+        """What serves `name`: a Model, a routed model or a cached one (all generate alike). For an A/B split,
+        the arm for `user` (sticky per user key)."""
         name = name or self.names[0]
         if name not in self.names:
             raise ModelNotFound(f"model {name!r} not found", f"Models served: {', '.join(self.names)}")
+        if name in self.splits:
+            arm = self.splits[name].arm(user)
+            self.metrics.ab_requests.labels(name, arm).inc()
+            return self.get(arm)
+        with self._lock:
+            if name not in self._served:
+                served: Any
+                if name in self.routers:
+                    served = build_route(name, self.routers[name], self.model(self.routers[name]["small"]), self.model, self.metrics,
+                                         self.decisions, small_only=self.small_only, large_key=self.large_key)
+                else:
+                    served = self.model(name)
+                self._served[name] = CachedModel(name, served, self.cache(), self.metrics, cache_sampled=self.cache_sampled) if self.cache else served
+            return self._served[name]
+
+    def model(self, name: str) -> Model:
+        """A model of the store behind its scheduler, loaded once (served names and routers' models share it)."""
         with self._lock:
             if name not in self._models:
                 backend = open_backend(self.store.require(name), self.backends[name], serving=True)

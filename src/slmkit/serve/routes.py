@@ -49,6 +49,16 @@ def logprobs_of(model: Model, gen: Generation) -> tuple[list[str], list[float], 
             [[(b.decode([t]), lp) for t, lp in s.top] for s in steps])
 
 
+def with_route(response: Any, choices: list[Choice]) -> Any:
+    """A routed or cached answer says so in an extension field (`slmkit`): who answered and why, or a cache hit."""
+    info = [({"answered_by": o.answered_by, "reason": o.decision.reason if o.decision else None, "fallback": o.error}
+             if (o := getattr(c.gen, "outcome", None)) else {}) | ({"cached": True} if getattr(c.gen, "cached", False) else {})
+            for c in choices]
+    if any(info):
+        response["slmkit"] = {"choices": info}
+    return response
+
+
 def openai_routes(server: Server) -> APIRouter:
     registry, metrics = server.registry, server.metrics
 
@@ -103,9 +113,12 @@ def openai_routes(server: Server) -> APIRouter:
         name = body.model or registry.names[0]
         t0 = time.perf_counter()
         async with counted(endpoint, name) as log_id:
-            model = await asyncio.to_thread(registry.get, body.model)
+            model = await asyncio.to_thread(registry.get, body.model, body.user)
             if body.stream and body.logprobs:
                 raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
+            if body.logprobs and getattr(model, "routed", False):
+                raise BadRequest(f"{name} is routed: its answer may come from another model, which gives no logprobs here",
+                                 "Ask a model by its own name for logprobs.")
             choices = await asyncio.to_thread(begin, model, asyncio.get_running_loop())
             firsts = await first_items(choices)
             metrics.ttft.labels(name).observe(time.perf_counter() - t0)
@@ -134,7 +147,7 @@ def openai_routes(server: Server) -> APIRouter:
                                   oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None)
                    for c, text in zip(choices, texts)]
             use = oa.usage(choices[0].gen.stats.prompt_tokens, sum(c.gen.stats.completion_tokens for c in choices))
-            return oa.chat_response(rid, name, out, use)
+            return with_route(oa.chat_response(rid, name, out, use), choices)
 
         return await _generate("chat", body, request,
                                lambda model, loop: start(model, body, lambda kw: model.stream_chat(messages, **kw), loop), chunk, respond)
@@ -161,7 +174,7 @@ def openai_routes(server: Server) -> APIRouter:
                                         oa.completion_logprobs(*logprobs_of(model, c.gen)) if body.logprobs is not None else None)
                    for c, text in zip(choices, texts)]
             use = oa.usage(sum(c.gen.stats.prompt_tokens for c in choices[:: body.n]), sum(c.gen.stats.completion_tokens for c in choices))
-            return oa.completion_response(rid, name, out, use)
+            return with_route(oa.completion_response(rid, name, out, use), choices)
 
         return await _generate("completions", body, request, begin, chunk, respond)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from slmkit.data.jsonl import json_objects
 from slmkit.errors import SlmkitError
 
 FORMATS = ("text", "jsonl", "csv")
@@ -108,14 +109,7 @@ def read_examples(path: Path, *, fmt: str | None = None, text_column: str | None
                 raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", "Fix the file.") from exc
             out = [_row_example(r, f"{path}[{i}]") for i, r in enumerate(rows)]
         else:
-            for lineno, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})", "Each line must be one JSON object.") from exc
-                out.append(_row_example(row, f"{path}:{lineno}"))
+            out = [_row_example(row, where) for where, row in json_objects(raw.splitlines(), path, DataError)]
     else:
         reader = csv.DictReader(raw.splitlines())
         cols = reader.fieldnames or []

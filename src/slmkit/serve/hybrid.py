@@ -1,0 +1,173 @@
+"""Server wiring of route/: routed names (a calibrated router from the store), A/B splits, the response cache and
+the drift watch, with their metrics and the decision log. The policies, cache, split and drift math are pure
+pieces in slmkit.route; this module only connects them to served models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from slmkit.engine.decode import Step
+from slmkit.model import GenerationStats, TextStream, encode_chat
+from slmkit.route.cache import ResponseCache
+from slmkit.route.cascade import Outcome, RoutedModel
+from slmkit.route.drift import DriftWatch, Reference
+from slmkit.route.policies import Chain, policy_from_dict
+from slmkit.route.targets import Endpoint, Local
+from slmkit.serve.metrics import Metrics
+
+LOG = logging.getLogger("slmkit.route")
+
+
+class DecisionLog:
+    """One JSON line per routed request (never the prompt's text), appended under a lock."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+
+
+def drift_of(router: dict[str, Any]) -> DriftWatch:
+    d = router.get("drift") or {}
+    refs = {k: Reference(v["edges"], v["expected"]) for k, v in d.items() if isinstance(v, dict) and "edges" in v}
+    return DriftWatch(refs, escalation_rate=d.get("escalation_rate"))
+
+
+def build_route(name: str, router: dict[str, Any], small: Any, large_local: Callable[[str], Any], metrics: Metrics,
+                log: DecisionLog, *, small_only: bool = False, large_key: str | None = None) -> RoutedModel:
+    """A RoutedModel from a stored router: its policies, its large target (checked now, unless small-only), and
+    the hooks that count every outcome, log it and feed the drift watch."""
+    chain = Chain(tuple(policy_from_dict(p) for p in router["policies"]))
+    spec = router["large"]
+    large: Any
+    if "url" in spec:
+        large = Endpoint(spec["url"], spec.get("model"), large_key)
+        if not small_only:
+            large.check()
+    else:
+        large = Local(large_local(spec["store"]))
+    watch = drift_of(router)
+    signal = (router.get("drift") or {}).get("confidence_signal")
+    warned: set[str] = set()
+    for s in [*watch.references, "escalation"]:
+        metrics.drift_psi.labels(name, s).set_function(lambda s=s: (watch.escalation_shift() if s == "escalation" else watch.psi(s)) or 0.0)
+
+    def record(o: Outcome) -> None:
+        reason = o.decision.reason if o.decision else "none"
+        metrics.route_decisions.labels(name, o.answered_by, reason).inc()
+        if o.small_s is not None:
+            metrics.route_latency.labels(name, "small").observe(o.small_s)
+        if o.large_s is not None:
+            metrics.route_latency.labels(name, "large").observe(o.large_s)
+            metrics.route_large_calls.labels(name, "error" if o.error else "ok").inc()
+        watch.observe("prompt_chars", float(o.prompt_chars))
+        if signal and o.signals is not None:
+            watch.observe("confidence", o.signals.get(signal))
+        watch.observe_escalation(bool(o.decision and o.decision.escalate))
+        for s, v in watch.drifted().items():
+            if s not in warned:  # once per signal until it settles
+                warned.add(s)
+                LOG.warning(json.dumps({"route": name, "drift": s, "psi": round(v, 3), "warn_at": watch.warn_at}))
+        warned.intersection_update(watch.drifted())
+        log.write(o.as_record())
+
+    return RoutedModel(name, small, large, chain, small_only=small_only, on_outcome=[record])
+
+
+class CachedGeneration(TextStream):
+    """A cached answer replayed as a Generation (one piece)."""
+
+    def __init__(self, text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> None:
+        self.text = ""
+        self.steps: list[Step] = []
+        self.stats = GenerationStats(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finish_reason=finish_reason)
+        self.cached = True
+        self._pieces = iter([text] if text else [])
+
+
+class StoringGeneration:
+    """Passes a generation through and caches its text once it finished on its own (not when cut short)."""
+
+    def __init__(self, gen: Any, on_done: Callable[[Any], None]) -> None:
+        self.gen, self._on_done, self._stored = gen, on_done, False
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.gen, item)
+
+    def __iter__(self) -> "StoringGeneration":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self.gen)
+        except StopIteration:
+            if not self._stored and self.gen.stats.finish_reason in ("stop", "length"):
+                self._stored = True
+                self._on_done(self.gen)
+            raise
+
+    def close(self) -> None:
+        self.gen.close()
+
+
+def cacheable(sampling: dict[str, Any], cache_sampled: bool) -> bool:
+    """Greedy or seeded requests give the same answer every time; sampled ones are cached only when asked."""
+    return cache_sampled or sampling.get("temperature") == 0 or sampling.get("seed") is not None
+
+
+class CachedModel:
+    """Any served model (plain or routed) behind a ResponseCache."""
+
+    def __init__(self, name: str, inner: Any, cache: ResponseCache, metrics: Metrics, *, cache_sampled: bool = False) -> None:
+        self.name, self.inner, self.cache, self.metrics, self.cache_sampled = name, inner, cache, metrics, cache_sampled
+        self._lock = threading.Lock()
+        metrics.cache_entries.labels(name).set_function(lambda: len(cache))
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.inner, item)
+
+    def _lookup(self, messages: Sequence[dict[str, Any]], sampling: dict[str, Any], start: Callable[[], Any], prompt_tokens: Callable[[], int]) -> Any:
+        if not cacheable(sampling, self.cache_sampled):
+            return start()
+        key, ctx = ResponseCache.keys(self.name, messages, {k: v for k, v in sampling.items() if k != "top_logprobs"})
+        emb = None
+        if self.cache.similarity is not None and messages:
+            emb = self.inner.backend.embed([str(messages[-1].get("content", ""))])[0]
+        with self._lock:
+            before = self.cache.semantic_hits
+            hit = self.cache.get(key, ctx, emb)
+            semantic = self.cache.semantic_hits > before
+        if hit is not None:
+            self.metrics.cache_requests.labels(self.name, "semantic_hit" if semantic else "hit").inc()
+            self.metrics.cache_saved_tokens.labels(self.name).inc(hit.completion_tokens)
+            return CachedGeneration(hit.text, prompt_tokens(), hit.completion_tokens, hit.finish_reason)
+        self.metrics.cache_requests.labels(self.name, "miss").inc()
+
+        def store(gen: Any) -> None:
+            with self._lock:
+                self.cache.put(key, gen.text, gen.stats.completion_tokens, gen.stats.finish_reason, context=ctx, embedding=emb)
+
+        return StoringGeneration(start(), store)
+
+    def stream_chat(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> Any:
+        msgs = [dict(m) for m in messages]
+        return self._lookup(msgs, sampling, lambda: self.inner.stream_chat(msgs, **sampling),
+                            lambda: len(encode_chat(self.inner.backend, msgs)))
+
+    def stream(self, prompt: str, **sampling: Any) -> Any:
+        return self._lookup([{"role": "prompt", "content": prompt}], sampling, lambda: self.inner.stream(prompt, **sampling),
+                            lambda: self.inner.count_tokens(prompt))
