@@ -226,6 +226,16 @@ def test_distillation_moves_the_student_toward_the_teacher(pair, text_file):
     plain = distill_stage(teacher, student, [text_file], seq_len=32, config=TrainConfig(steps=2), name="ce", alpha=0.0)
     assert plain.stage == "train" and plain.settings["teacher_cache"] is None
     assert slmkit.load("kd").generate("The quick", max_tokens=3, temperature=0) is not None
+    # the loss curve: beside the weights, and in compare's report from the card
+    from slmkit.store import Store
+
+    assert (Store().path("kd") / "training.png").read_bytes()[:4] == b"\x89PNG"
+    curve = s["loss_curve"]
+    assert len(curve) == 30 and curve[-1]["loss"] < curve[0]["loss"] and sum("val_loss" in h for h in curve) == 3
+    from slmkit.evaluate.report import write_html
+
+    report = write_html([{"model": {"name": "kd", "card": card.__dict__}, "results": {}, "settings": {}}], Store().root.parent / "r.html", [])
+    assert "<h2>Training</h2>" in report.read_text()
 
 
 def test_distill_bad_input(pair, text_file, tmp_path):
@@ -312,3 +322,15 @@ def test_fresh_student_from_a_config_and_teacher_written_data(pair, text_file):
     for bad in ("new:", "new:layers=0", "new:depth=3"):
         with pytest.raises(SlmkitError):
             parse_spec(bad)
+
+
+def test_hidden_state_alignment(pair, text_file):
+    teacher, student = pair
+    cfg = TrainConfig(steps=12, lr=3e-3, batch_size=4, eval_every=6, checkpoint_every=6)
+    card = distill_stage(teacher, student, [text_file], seq_len=32, config=cfg, name="kd-hidden", hidden_weight=1.0)
+    curve = card.settings["loss_curve"]
+    assert card.settings["hidden_weight"] == 1.0 and all("hidden" in h for h in curve)
+    assert sum(h["hidden"] for h in curve[-3:]) < sum(h["hidden"] for h in curve[:3])  # the states move toward the teacher's
+    with pytest.raises(SlmkitError, match="hidden size"):
+        distill_stage(teacher, "new:layers=1,hidden=16,heads=2,kv_heads=1,intermediate=16", [text_file], seq_len=32,
+                      config=TrainConfig(steps=1), name="kd-bad", hidden_weight=1.0)

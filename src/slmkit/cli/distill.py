@@ -40,6 +40,7 @@ def distill(
     text_column: Annotated[str | None, typer.Option("--text-column", help="CSV: the column of text.")] = None,
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="CSV: the prompt column (with --response-column).")] = None,
     response_column: Annotated[str | None, typer.Option("--response-column", help="CSV: the response column.")] = None,
+    hidden_weight: Annotated[float, typer.Option("--hidden-weight", help="Also align the student's final hidden states with the teacher's (Minitron); keeps the teacher in memory.")] = 0.0,
     synthetic: Annotated[int, typer.Option("--synthetic", help="Also train on N samples the teacher writes from prompts of your data.")] = 0,
     synthetic_max_tokens: Annotated[int, typer.Option("--synthetic-max-tokens", help="Tokens per teacher-written sample.")] = 128,
     name: Annotated[str | None, typer.Option("--name", help="Name of the trained student (default STUDENT-distilled).")] = None,
@@ -54,7 +55,7 @@ def distill(
     read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column}.items() if v}
     card = distill_stage(teacher, student, data, loss=loss, tau=temperature, alpha=alpha, top_k=top_k, seq_len=seq_len,
                          config=cfg, name=name, resume=resume, read=read, synthetic=synthetic,
-                         synthetic_max_tokens=synthetic_max_tokens)
+                         synthetic_max_tokens=synthetic_max_tokens, hidden_weight=hidden_weight)
     s = card.settings
     v = s["validation_perplexity"]
     typer.echo(f"made {card.name}: {s['steps']} steps, {s['tokens']:,} tokens"

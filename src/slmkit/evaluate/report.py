@@ -191,6 +191,35 @@ higher means more sensitive to pruning.</p>
     return path
 
 
+def loss_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes | None:
+    """Training loss per step (solid) and validation loss where measured (dots) of each named run; PNG bytes."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4), layout="constrained")
+    for i, (name, hist) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        loss = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+        if loss:
+            ax.plot(*zip(*loss), color=color, lw=1.2, label=f"{name}: training loss")
+        val = [(h["step"], h["val_loss"]) for h in hist if h.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, ms=4, lw=0.8, label=f"{name}: validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def write_html(results: list[dict[str, Any]], path: Path, sources: list[str]) -> Path:
     rows = rows_of(results)
     cols = columns_of(rows)
@@ -206,6 +235,10 @@ def write_html(results: list[dict[str, Any]], path: Path, sources: list[str]) ->
             png = _plot(rows, q, cost)
             if png:
                 images.append(f'<figure><img alt="{html.escape(q.title)} vs {cost.title}" src="data:image/png;base64,{png}"></figure>')
+    trained = {res["model"]["name"]: (res["model"].get("card") or {}).get("settings", {}).get("loss_curve") or [] for res in results}
+    curve_png = loss_curves_png(trained)
+    training = (f'<h2>Training</h2><p>Models made by slmkit distill or finetune, from their cards.</p>'
+                f'<figure><img alt="loss curves" src="data:image/png;base64,{base64.b64encode(curve_png).decode()}"></figure>') if curve_png else ""
     notes = "".join(f"<li><code>{html.escape(s)}</code></li>" for s in sources)
     settings = "".join(
         f"<li>{html.escape(res['model']['name'])}: {html.escape(str({k: v for k, v in res.get('settings', {}).items() if v}))}</li>"
@@ -225,6 +258,7 @@ figure {{ display: inline-block; margin: 0.5rem; }}
 <h2>Quality against size and speed</h2>
 <p>Red: the Pareto front (no other model is better on both axes).</p>
 {''.join(images) or '<p>Not enough measurements to plot: run slmkit eval with --ppl or --task, and --speed.</p>'}
+{training}
 <h2>Settings</h2><ul>{settings}</ul>
 <h2>Results files</h2><ul>{notes}</ul>
 </body></html>

@@ -2,7 +2,8 @@
 share escalated for the confidence cascade and the trained router (random routing as the baseline), pick the
 threshold that meets a quality target or an escalation budget, and save the router in the store with its lineage.
 
-The trained router's curve uses out-of-fold predictions (5-fold cross-validation), so it is not scored on the
+The trained router learns, from the small model's embedding of the prompt, whether the small answer is as good as
+the large one (so escalating would not help). Its curve uses out-of-fold predictions (5-fold cross-validation), so it is not scored on the
 prompts it learned from; the saved classifier is then fitted on all of them.
 """
 
@@ -89,7 +90,7 @@ def answer_all(target: Any, items: list[QAItem], max_tokens: int, what: str, *, 
 
 
 def out_of_fold(x: torch.Tensor, y: torch.Tensor, folds: int = FOLDS, l2: float = 1.0) -> list[float]:
-    """Each prompt's p(small right) from a classifier that did not see it (deterministic folds)."""
+    """Each prompt's p(small answer is good enough) from a classifier that did not see it (deterministic folds)."""
     n = len(y)
     folds = max(2, min(folds, n))
     p = [0.0] * n
@@ -198,9 +199,12 @@ def calibrate_stage(
         dev = {"file": str(data), "sha256": sha256_file(Path(data)), "metric": metric, "limit": limit}
     with progress.step("Training the router on the small model's embeddings"):
         x = torch.tensor(small_m.backend.embed(prompts), dtype=torch.float64)  # (N, hidden)
-        y = torch.tensor([1.0 if q >= 0.5 else 0.0 for q in small_q])  # "the small model does well enough here"
+        # the label: escalating would not help here (the small answer is as good as the large one), as RouteLLM's
+        # win labels; a graded metric such as ROUGE-L needs no cut-off this way
+        y = torch.tensor([1.0 if s >= lq else 0.0 for s, lq in zip(small_q, large_q)])
         if len(set(y.tolist())) < 2:
-            raise SlmkitError(f"the small model is {'right' if y[0] else 'wrong'} on every dev prompt: there is nothing to route",
+            raise SlmkitError("the small model is " + ("as good as the large one" if y[0] else "worse than the large one")
+                              + " on every dev prompt: a router has nothing to learn",
                               "Use a harder or larger dev set, or a different pair of models.")
         l2, router_scores = best_l2(x, y)
         classifier = fit_classifier(x, y, l2=l2)

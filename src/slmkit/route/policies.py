@@ -99,7 +99,7 @@ class Rules:
 
 @dataclass(frozen=True)
 class Classifier:
-    """Logistic regression on standardized features: p(small model is right | prompt embedding)."""
+    """Logistic regression on standardized features: p(the small answer is as good as the large one | prompt embedding)."""
 
     weight: tuple[float, ...]
     bias: float
@@ -145,7 +145,7 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1.0, steps: 
 
 @dataclass(frozen=True)
 class Router:
-    """Escalate when the classifier's p(small is right) for the prompt is below `threshold` (decide-before)."""
+    """Escalate when the classifier's p(small answer good enough) for the prompt is below `threshold` (decide-before)."""
 
     classifier: Classifier
     threshold: float
@@ -158,7 +158,7 @@ class Router:
         p = self.classifier.prob(embedding)
         low = p < self.threshold
         return Decision(low, "router" if low else "router_confident", self.name, p,
-                        f"p(small right) {p:.3f} {'<' if low else '>='} {self.threshold:.3f}")
+                        f"p(small good enough) {p:.3f} {'<' if low else '>='} {self.threshold:.3f}")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
 from slmkit.train import teacher as tc
-from slmkit.train.loop import TrainConfig, fit
-from slmkit.train.losses import LOSSES, kd_loss, next_token_loss
+from slmkit.train.loop import TrainConfig, fit, with_loss_curve
+from slmkit.train.losses import LOSSES, hidden_alignment, kd_loss, next_token_loss
 from slmkit.train.student import fresh_student, parse_spec
 from slmkit.train.synthetic import write_synthetic
 
@@ -43,7 +43,7 @@ def distill_stage(
     teacher: str, student: str, data: list[Path], *, loss: str = "fkl", tau: float = TAU, alpha: float = ALPHA,
     top_k: int = tc.TOP_K, seq_len: int = SEQ_LEN, valid_fraction: float = 0.05, config: TrainConfig | None = None,
     name: str | None = None, resume: bool = False, store: Store | None = None, read: dict[str, Any] | None = None,
-    synthetic: int = 0, synthetic_max_tokens: int = 128,
+    synthetic: int = 0, synthetic_max_tokens: int = 128, hidden_weight: float = 0.0,
 ) -> ModelCard:
     """Train store model `student` (or a fresh one, `new:layers=12,...`, initialised from the teacher) from `teacher`
     on `data` files, plus `synthetic` samples the teacher writes, and install the result as `name` (default
@@ -52,8 +52,8 @@ def distill_stage(
     cfg = config or TrainConfig()
     if loss not in LOSSES:
         raise SlmkitError(f"unknown loss {loss!r}", f"Losses: {', '.join(LOSSES)}")
-    if not 0 <= alpha <= 1 or tau <= 0 or top_k < 1:
-        raise SlmkitError("--alpha must be in [0, 1], --temperature > 0 and --top-k >= 1", "Fix the values.")
+    if not 0 <= alpha <= 1 or tau <= 0 or top_k < 1 or hidden_weight < 0:
+        raise SlmkitError("--alpha must be in [0, 1], --temperature > 0, --top-k >= 1 and --hidden-weight >= 0", "Fix the values.")
     if not data:
         raise SlmkitError("no training data given", "Pass --data FILE (text, JSON lines or CSV), repeatable.")
     fresh = student.startswith("new:")
@@ -103,27 +103,45 @@ def distill_stage(
         progress.note(f"teacher cache: {cache.path.name}, {cache.bytes_per_token:.0f} bytes per token"
                       + (" (computed now)" if computed else " (reused)"))
 
+    t_live = None
+    if hidden_weight > 0:  # Minitron's hidden-state alignment: the teacher stays in memory to give its states
+        t_live = load_teacher()[0].eval().requires_grad_(False)
+        if t_live.config.hidden_size != net.config.hidden_size:
+            raise SlmkitError(f"hidden-state alignment needs the teacher's hidden size ({t_live.config.hidden_size}); "
+                              f"the student has {net.config.hidden_size}",
+                              "Leave out --hidden-weight, or use a student that keeps the hidden size (slmkit prune depth or width).")
+
     def loss_fn(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # (B, T, V)
+        out = model(input_ids=ids[:, :-1], use_cache=False, output_hidden_states=t_live is not None)
+        logits = out.logits  # (B, T, V)
         m = mask[:, 1:]  # the learned targets
         ce = next_token_loss(logits, ids[:, 1:], m)
-        if cache is None:
-            return ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}
-        kd = kd_loss(loss, logits, cache.values[idx], cache.ids[idx], m, tau=tau)
-        total = alpha * kd + (1 - alpha) * ce
-        return total, {"loss": float(total.detach()), "ce": float(ce.detach()), "kd": float(kd.detach())}
+        parts = {"ce": float(ce.detach())}
+        total = ce
+        if cache is not None:
+            kd = kd_loss(loss, logits, cache.values[idx], cache.ids[idx], m, tau=tau)
+            total = alpha * kd + (1 - alpha) * ce
+            parts["kd"] = float(kd.detach())
+        if t_live is not None:
+            with torch.no_grad():
+                target = t_live(input_ids=ids[:, :-1], use_cache=False, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
+            hid = hidden_alignment(out.hidden_states[-1], target, m)
+            total = total + hidden_weight * hid
+            parts["hidden"] = float(hid.detach())
+        return total, {"loss": float(total.detach()), **parts}
 
     result = fit(net, train, valid, cfg, run_dir, loss_fn, resume=resume)
     ppl = lambda v: math.exp(v) if v is not None else None  # noqa: E731
     train_settings = {
         "teacher": teacher if alpha > 0 else None, "teacher_sha256": t_card.files if alpha > 0 else None,
         "loss": loss if alpha > 0 else "next-token", "temperature": tau, "alpha": alpha, "data": info,
-        "teacher_cache": cache_info, "synthetic": synth_info, "student_init": init_info, "train": asdict(cfg), "steps": result["steps"], "tokens": result["tokens"],
+        "teacher_cache": cache_info, "hidden_weight": hidden_weight, "synthetic": synth_info, "student_init": init_info, "train": asdict(cfg), "steps": result["steps"], "tokens": result["tokens"],
         "seconds": result["seconds"], "processes": result["world"],
         "validation_perplexity": {"before": ppl(result["val_before"]), "after": ppl(result["val_after"])},
-        "loss_curve": [{k: h[k] for k in ("step", "loss", "ce", "kd", "val_loss") if k in h} for h in result["history"]],
+        "loss_curve": [{k: h[k] for k in ("step", "loss", "ce", "kd", "hidden", "val_loss") if k in h} for h in result["history"]],
     }
 
-    return store.derive(name, float_writer(net, tokenizer, name), stage="distill" if alpha > 0 else "train",
+    return store.derive(name, with_loss_curve(float_writer(net, tokenizer, name), name, train_settings["loss_curve"]),
+                        stage="distill" if alpha > 0 else "train",
                         parent=teacher if fresh else student, settings=train_settings,
                         parameters=count_params(net))

@@ -22,7 +22,7 @@ from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
 from slmkit.sources.adapters import ADAPTER_CONFIG
-from slmkit.train.loop import TrainConfig, fit
+from slmkit.train.loop import TrainConfig, fit, with_loss_curve
 from slmkit.train.losses import next_token_loss
 
 METHODS = ("lora", "full")
@@ -89,8 +89,8 @@ def finetune_stage(
            "validation_perplexity": {"before": ppl(result["val_before"]), "after": ppl(result["val_after"])},
            "loss_curve": [{k: h[k] for k in ("step", "loss", "val_loss") if k in h} for h in result["history"]]}
     if method == "full":
-        return store.derive(name, float_writer(net, tokenizer, name), stage="finetune", parent=model, settings=run,
-                            parameters=total_params)
+        return store.derive(name, with_loss_curve(float_writer(net, tokenizer, name), name, run["loss_curve"]), stage="finetune",
+                            parent=model, settings=run, parameters=total_params)
 
     def write_adapter(staging: Path) -> None:
         import json
@@ -106,7 +106,8 @@ def finetune_stage(
 
     run["base_files"] = base_card.files
     run["format"] = "peft LoRA adapter (adapter_config.json + adapter_model.safetensors); the base is merged in at load"
-    return store.derive(name, write_adapter, stage="finetune", parent=model, settings=run, parameters=total_params)
+    return store.derive(name, with_loss_curve(write_adapter, name, run["loss_curve"]), stage="finetune", parent=model,
+                        settings=run, parameters=total_params)
 
 
 def merge_stage(adapter: str, *, name: str | None = None, store: Store | None = None) -> ModelCard:

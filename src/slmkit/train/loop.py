@@ -230,3 +230,17 @@ def fit(model: nn.Module, train: Windows, valid: Windows, cfg: TrainConfig, run_
     return {"steps": total, "tokens": tokens, "history": history, "val_before": val_before,
             "val_after": next((h["val_loss"] for h in reversed(history) if h.get("val_loss") is not None), None),
             "seconds": time.perf_counter() - t0, "world": world}
+
+
+def with_loss_curve(write: Callable[[Path], None], name: str, curve: list[dict[str, Any]]) -> Callable[[Path], None]:
+    """A store writer that also leaves the run's loss curve beside the weights (training.png)."""
+
+    def both(folder: Path) -> None:
+        from slmkit.evaluate.report import loss_curves_png
+
+        write(folder)
+        png = loss_curves_png({name: curve})
+        if png:
+            (folder / "training.png").write_bytes(png)
+
+    return both

@@ -51,3 +51,12 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     """Cross-entropy of the next tokens at the masked positions: logits (B, T, V), targets (B, T)."""
     per = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return _masked_mean(per.reshape(targets.shape), mask)
+
+
+def hidden_alignment(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Minitron's hidden-state loss: mean squared error between the student's and the teacher's final hidden
+    states (B, T, H) at the learned positions, relative to the teacher's mean square (scale-free)."""
+    m = mask.to(student.dtype).unsqueeze(-1)  # (B, T, 1)
+    err = ((student.float() - teacher.float()) ** 2 * m).sum()
+    scale = (teacher.float() ** 2 * m).sum().clamp(min=1e-12)
+    return err / scale
