@@ -5,9 +5,10 @@ WikiText-2 valid), against plain next-token training on the same tokens and step
 For each student: WikiText-2 test perplexity, perplexity on a held-out slice of the training mix, ARC-Easy acc_norm,
 bytes and decode tokens/s, after pruning alone, after distillation, and after plain training.
 
-    .venv/bin/python bench/distill/run.py [--steps 300] [--seq-len 256] [--batch-size 4] [--synthetic 0] [--data ../shared/data]
+    .venv/bin/python bench/distill/run.py [--steps 120] [--seq-len 256] [--batch-size 4] [--synthetic 0] [--data ../shared/data]
 
-The default budget (300 steps x 4 x 256 tokens = 307k tokens per run) takes roughly an hour on 2 cores here.
+The default budget (120 steps x 4 x 256 tokens = 123k tokens per run, four runs) takes about an hour on 2 cores here,
+plus about 15 minutes the first time for the teacher's log-probabilities over the mix (cached for later runs).
 Writes bench/results/distill.{json,md}.
 """
 
@@ -70,8 +71,9 @@ def measure(name: str, env: dict[str, str], out: Path, heldout: Path, data: Path
     ppl = ["--context-length", "512", "--stride", "256", "--limit", str(windows)]
     for tag, args in (("wiki", ["--ppl", str(data / "wikitext2" / "wiki.test.raw"), *ppl]), ("heldout", ["--ppl", str(heldout), *ppl]),
                       ("arc", ["--task", "arc_easy", "--limit", str(arc)]), ("speed", ["--speed"])):
-        f = out / f"{name}-{tag}.json"
-        sh(SLMKIT + ["eval", name, *args, "--out", str(f)], env)
+        f = out / f"{name}-{tag}-{windows}-{arc}.json"
+        if not f.is_file():  # a rerun reuses what an interrupted one measured
+            sh(SLMKIT + ["eval", name, *args, "--out", str(f)], env)
         res[tag] = json.loads(f.read_text())["results"]
     card = json.loads(f.read_text())["model"]["card"]
     return {"model": name, "parameters": card["parameters"], "bytes": card["weights_bytes"].get("safetensors"),
@@ -82,7 +84,9 @@ def measure(name: str, env: dict[str, str], out: Path, heldout: Path, data: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per training run")
+    ap.add_argument("--mix-steps", type=int, default=300, help="the training mix holds this many steps' worth of text "
+                    "(kept apart from --steps, so runs of different lengths share one teacher cache)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -95,7 +99,7 @@ def main() -> None:
     env = dict(os.environ, SLMKIT_HOME=args.home)
     out = Path(args.home) / "bench-distill"
     # enough text for the token budget (about 4 characters a token), spread over three sources
-    chars = args.steps * args.batch_size * (args.seq_len + 1) * 4 // 3
+    chars = args.mix_steps * args.batch_size * (args.seq_len + 1) * 4 // 3
     train, heldout = make_mix(args.data, out, chars)
     sh(SLMKIT + ["models", "list"], env)
     rows = [{"label": "teacher", **measure(BASE, env, out, heldout, args.data, args.windows, args.arc)}]
