@@ -128,3 +128,47 @@ def test_finetune_and_merge_cli(wide, chats):
     assert r.exit_code == 1 and "not a LoRA adapter" in r.stderr
     r = runner.invoke(app, ["finetune", wide])
     assert r.exit_code == 1 and "no training data" in r.stderr
+
+
+def test_integer_layers_backpropagate_without_keeping_float_weights():
+    from slmkit.compress.quantize import quantize_layer
+    from slmkit.layers.integer import Int4Linear, Int8Linear
+
+    torch.manual_seed(0)
+    for scheme, group, cls in (("int8", None, Int8Linear), ("int4", 32, Int4Linear)):
+        layer = quantize_layer(torch.nn.Linear(64, 96), scheme, group, "rtn", None)
+        assert isinstance(layer, cls)
+        x = torch.randn(40, 64, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            y = layer(x)
+        assert (96, 64) not in saved  # no float copy of the weight waits for backward
+        y.square().sum().backward()
+        ref = x.detach().clone().requires_grad_(True)
+        torch.nn.functional.linear(ref, layer.dequantized(), layer.bias.float() if layer.bias is not None else None).square().sum().backward()
+        assert torch.allclose(x.grad, ref.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_qlora_over_integer_weights(wide, chats):
+    from slmkit.compress.quantize_stage import quantize_stage
+
+    lora = finetune_stage(wide, [chats], seq_len=32, config=CFG, name="wide-lora-ref")
+    card = finetune_stage(wide, [chats], method="qlora", qlora_scheme="int8", seq_len=32, config=CFG, name="wide-qlora8")
+    s = card.settings
+    assert s["lora"]["base_quantized"] == "int8 in memory" and s["trainable_parameters"] == lora.settings["trainable_parameters"]
+    assert s["validation_perplexity"]["after"] < s["validation_perplexity"]["before"]
+    cfg = json.loads((slmkit.Store().path("wide-qlora8") / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == wide and "slmkit_quantization" not in json.loads((slmkit.Store().path("wide-qlora8") / "config.json").read_text())
+    # over a model that slmkit quantize made: the base stays the integer child; merged into its dequantized weights
+    child = quantize_stage(wide, "int4", name="wide-int4").name
+    q4 = finetune_stage(child, [chats], method="qlora", seq_len=32, config=CFG, name="wide-int4-qlora")
+    assert q4.parent == child and q4.settings["lora"]["base_quantized"] == "int4"
+    assert q4.settings["validation_perplexity"]["after"] < q4.settings["validation_perplexity"]["before"]
+    adapted, base = slmkit.load("wide-int4-qlora"), slmkit.load(child)
+    ids = torch.tensor([base.backend.encode("What is the capital of France?")])
+    with torch.no_grad():
+        la, lb = adapted.backend.model(input_ids=ids).logits.float(), base.backend.model(input_ids=ids).logits.float()
+    assert not torch.allclose(la, lb, atol=1e-3)
+    assert merge_stage("wide-int4-qlora").settings["base"] == child
+    with pytest.raises(SlmkitError, match="QLoRA base form"):
+        finetune_stage(wide, [chats], method="qlora", qlora_scheme="int2", seq_len=32, config=CFG, name="x")

@@ -19,7 +19,8 @@ _D = TrainConfig()
 def finetune(
     model: ModelOpt = None,
     data: Annotated[list[Path] | None, typer.Option("--data", help="Chat JSON lines ({messages}), Alpaca JSON, CSV (with --prompt-column/--response-column) or text. Repeatable.")] = None,
-    method: Annotated[str, typer.Option("--method", help="lora (an adapter over the frozen model) or full.")] = "lora",
+    method: Annotated[str, typer.Option("--method", help="lora (an adapter over the frozen model), qlora (the same over integer weights: less memory) or full.")] = "lora",
+    qlora_base: Annotated[str, typer.Option("--qlora-base", help="qlora on a float model: hold it as int4 or int8 while training (a model from slmkit quantize is used as it is).")] = "int4",
     r: Annotated[int, typer.Option("--r", help="LoRA rank.")] = LORA_R,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha (the update is scaled by alpha / r).")] = LORA_ALPHA,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = LORA_DROPOUT,
@@ -29,7 +30,7 @@ def finetune(
     epochs: Annotated[float, typer.Option("--epochs")] = _D.epochs,
     batch_size: Annotated[int, typer.Option("--batch-size")] = _D.batch_size,
     grad_accum: Annotated[int, typer.Option("--grad-accum")] = _D.grad_accum,
-    lr: Annotated[float | None, typer.Option("--lr", help=f"Learning rate. [default: lora {LR['lora']}, full {LR['full']}]")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=f"Learning rate. [default: lora and qlora {LR['lora']}, full {LR['full']}]")] = None,
     seed: Annotated[int, typer.Option("--seed")] = _D.seed,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = _D.checkpoint_every,
     eval_every: Annotated[int, typer.Option("--eval-every")] = _D.eval_every,
@@ -52,10 +53,10 @@ def finetune(
                       seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, bf16=bf16)
     read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column}.items() if v}
     card = finetune_stage(model, data, method=method, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
-                          seq_len=seq_len, config=cfg, name=name, resume=resume, read=read)
+                          seq_len=seq_len, config=cfg, name=name, resume=resume, read=read, qlora_scheme=qlora_base)
     s = card.settings
     v = s["validation_perplexity"]
-    typer.echo(f"made {card.name} ({'adapter over ' + model if method == 'lora' else 'full model'}): "
+    typer.echo(f"made {card.name} ({'full model' if method == 'full' else 'adapter over ' + model}): "
                f"{human_count(s['trainable_parameters'])} trainable parameters ({s['trainable_share']:.2%}), {s['steps']} steps"
                + (f"; validation perplexity {v['before']:.3f} -> {v['after']:.3f}" if v["before"] and v["after"] else ""))
 

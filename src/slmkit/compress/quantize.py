@@ -15,7 +15,7 @@ from torch import nn
 from slmkit import progress
 from slmkit.compress import quant_ops as qo
 from slmkit.compress.calibrate import collect_stats
-from slmkit.layers.integer import COMPUTE, Int4Linear, Int8Linear
+from slmkit.layers.integer import COMPUTE, Int4Linear, Int8Linear, dense_linear
 from slmkit.layers.walk import empty_skeleton, linear_layers, set_module
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import read_config
@@ -191,3 +191,22 @@ def load_quantized(folder: Path) -> nn.Module:
     for p in model.parameters():
         p.data = p.data.to(COMPUTE)
     return model.eval()
+
+
+def to_float(model: nn.Module) -> nn.Module:
+    """In place: every integer layer back to a float32 nn.Linear (its dequantized weights) and the rest in float32:
+    what adapters trained over integer weights (QLoRA) are merged into, and what training starts from."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            set_module(model, name, dense_linear(m))
+    for p in model.parameters():
+        p.data = p.data.float()
+    return model
+
+
+def for_training(model: nn.Module) -> nn.Module:
+    """In place: a loaded quantized model ready to train adapters over: integer layers kept, the float parameters
+    (embeddings, norms) in float32, so activations and gradients are float32."""
+    for p in model.parameters():
+        p.data = p.data.float()
+    return model

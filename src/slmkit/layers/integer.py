@@ -10,6 +10,7 @@ load time, so files do not depend on a torch build's internal layout.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,20 @@ _INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # resolved once: per-call
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
+class _Recomputed(torch.autograd.Function):
+    """y = x W^T with W dequantized again in backward rather than kept from forward: training through integer
+    layers (QLoRA: gradients flow to adapters before them) never holds a float copy of the frozen weights."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:  # x (M, K) float32 -> (M, N)
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.dequantized())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # grad (M, N) -> (M, K)
+        return grad @ ctx.layer.dequantized(), None
+
+
 def _weight_only_forward(layer: "Int8Linear | Int4Linear", x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Shared by the integer layers: `kernel` (bf16 (M, K) -> (M, N)) for up to KERNEL_MAX_ROWS rows, else the
     dequantized weight in a float32 matmul; then the bias, in the input's dtype and shape."""
@@ -29,7 +44,9 @@ def _weight_only_forward(layer: "Int8Linear | Int4Linear", x: torch.Tensor, kern
     x2 = x.reshape(-1, layer.in_features)  # (M, K)
     if layer.smooth is not None:
         x2 = x2 / layer.smooth.to(x2.dtype)
-    if x2.shape[0] <= KERNEL_MAX_ROWS:
+    if x2.requires_grad and torch.is_grad_enabled():  # training through the frozen integer weights
+        y = _Recomputed.apply(x2.float(), layer).to(x.dtype)
+    elif x2.shape[0] <= KERNEL_MAX_ROWS:
         y = kernel((x2 if x2.dtype == COMPUTE else x2.to(COMPUTE)).contiguous())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -109,3 +126,16 @@ class Int4Linear(nn.Module):
         if self._packed is None:
             self.prepare()
         return _weight_only_forward(self, x, lambda x2: _INT4_MM(x2, self._packed, self.group_size, self._scales_zeros))
+
+
+def dense_linear(layer: "Int8Linear | Int4Linear") -> nn.Linear:
+    """A float32 nn.Linear computing what the integer layer computes (the smoothing folded into the weight)."""
+    w = layer.dequantized()  # (N, K)
+    if layer.smooth is not None:
+        w = w / layer.smooth.float()[None, :]
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if layer.bias is not None:
+            lin.bias.copy_(layer.bias.float())
+    return lin

@@ -41,7 +41,14 @@ def load_merged(folder: Path, *, dtype: Any = "auto") -> tuple[Any, Any]:
 
     from slmkit.sources.hf_dir import load_float
 
+    from slmkit.compress.quantize import is_quantized, load_quantized, to_float
+
     _, base_folder = base_of(folder)
-    net, tokenizer = load_float(base_folder, dtype=dtype)
+    if is_quantized(base_folder):  # a QLoRA adapter over an integer child: merged into its dequantized weights
+        from transformers import AutoTokenizer
+
+        net, tokenizer = to_float(load_quantized(base_folder)), AutoTokenizer.from_pretrained(str(base_folder))
+    else:
+        net, tokenizer = load_float(base_folder, dtype=dtype)
     merged = PeftModel.from_pretrained(net, str(folder)).merge_and_unload()
     return merged.eval(), tokenizer

@@ -5,6 +5,7 @@ training core (data readers and masks, the loop, checkpoints, resume). LoRA chil
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,63 +18,92 @@ from slmkit.card import ModelCard
 from slmkit.compress.parents import float_parent
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
-from slmkit.layers.walk import count_params, decoder_blocks, linear_layers
-from slmkit.sources.hf_dir import float_writer, load_float
+from slmkit.compress.quantize import CONFIG_KEY, for_training, is_quantized, load_quantized, quantize_model
+from slmkit.layers.integer import Int4Linear, Int8Linear
+from slmkit.layers.walk import count_params, decoder_blocks
+from slmkit.sources.hf_dir import float_writer, load_float, read_config
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
 from slmkit.sources.adapters import ADAPTER_CONFIG
 from slmkit.train.loop import TrainConfig, fit, with_loss_curve
 from slmkit.train.losses import next_token_loss
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "qlora", "full")
+QLORA_SCHEMES = ("int4", "int8")
 SEQ_LEN = 256
 LORA_R = 8
 LORA_ALPHA = 16
 LORA_DROPOUT = 0.05
-LR = {"lora": 2e-4, "full": 2e-5}  # the usual rates: adapters learn faster than whole weights
+LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}  # the usual rates: adapters learn faster than whole weights
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
     """The short names of the decoder blocks' linear layers (q_proj, ..., down_proj): LoRA's default targets."""
     _, blocks = decoder_blocks(model)
-    return sorted({n.rsplit(".", 1)[-1] for n in linear_layers(blocks[0])})
+    return sorted({n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))})
 
 
 def finetune_stage(
     model: str, data: list[Path], *, method: str = "lora", r: int = LORA_R, alpha: int = LORA_ALPHA,
     dropout: float = LORA_DROPOUT, target_modules: list[str] | None = None, seq_len: int = SEQ_LEN,
     valid_fraction: float = 0.05, config: TrainConfig | None = None, name: str | None = None, resume: bool = False,
-    store: Store | None = None, read: dict[str, Any] | None = None,
+    store: Store | None = None, read: dict[str, Any] | None = None, qlora_scheme: str = "int4",
 ) -> ModelCard:
-    """Fine-tune store model `model` on `data` into `name` (default MODEL-lora / MODEL-ft)."""
+    """Fine-tune store model `model` on `data` into `name` (default MODEL-lora / MODEL-qlora / MODEL-ft).
+
+    qlora: LoRA over the base held in integer form: a model made by `slmkit quantize` as it is, or a float model
+    quantized in memory (`qlora_scheme`, round-to-nearest). Gradients pass through the integer layers without a float
+    copy of their weights (layers/integer.py), so memory really drops. The adapter is peft's LoRA format; its base is
+    the store model given (merged into its dequantized weights when it is an integer child)."""
     store = store or Store()
     if method not in METHODS:
         raise SlmkitError(f"unknown method {method!r}", f"Methods: {', '.join(METHODS)}")
     if not data:
         raise SlmkitError("no training data given", "Pass --data FILE (chat JSON lines, Alpaca JSON, CSV or text), repeatable.")
-    if method == "lora" and (r < 1 or alpha <= 0 or not 0 <= dropout < 1):
+    adapter = method in ("lora", "qlora")
+    if adapter and (r < 1 or alpha <= 0 or not 0 <= dropout < 1):
         raise SlmkitError("--r must be >= 1, --alpha > 0 and --dropout in [0, 1)", "Fix the values.")
+    if method == "qlora" and qlora_scheme not in QLORA_SCHEMES:
+        raise SlmkitError(f"unknown QLoRA base form {qlora_scheme!r}", f"Forms: {', '.join(QLORA_SCHEMES)}")
     cfg = config or TrainConfig(lr=LR[method])
-    name = validate_name(name or f"{model}-{'lora' if method == 'lora' else 'ft'}")
+    name = validate_name(name or f"{model}-{'ft' if method == 'full' else method}")
     store.check_free(name)
-    folder, base_card = float_parent(store, model)
-    net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
+    base_quantized = None
+    if method == "qlora" and is_quantized(store.require(model)):
+        from transformers import AutoTokenizer
+
+        folder, base_card = store.require(model), store.card(model)
+        with progress.step(f"Loading {model} (integer weights)"):
+            net, tokenizer = for_training(load_quantized(folder)), AutoTokenizer.from_pretrained(str(folder))
+        base_quantized = read_config(folder)[CONFIG_KEY]["scheme"]
+    else:
+        folder, base_card = float_parent(store, model)
+        net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
+        if method == "qlora":
+            with progress.step(f"Quantizing {model} to {qlora_scheme} in memory (round to nearest)"):
+                quantize_model(net, qlora_scheme)
+            base_quantized = f"{qlora_scheme} in memory"
     with progress.step("Reading and packing the data"):
         train, valid, info = td.build(tokenizer, [Path(p) for p in data], seq_len=seq_len, valid_fraction=valid_fraction,
                                       seed=cfg.seed, **(read or {}))
-    total_params = count_params(net)
+    total_params = base_card.parameters or count_params(net)  # the logical count (integer weights are buffers)
     lora: dict[str, Any] | None = None
-    if method == "lora":
+    if adapter:
         from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora.layer import Linear as LoraLinear
 
         available = block_linear_names(net)
         targets = target_modules or available
         unknown = sorted(set(targets) - set(available))
         if unknown:
             raise SlmkitError(f"no linear layers named {unknown} in {model}", f"Target modules: {', '.join(available)}")
-        net = get_peft_model(net, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                             task_type="CAUSAL_LM"))
-        lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
+        lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+        if base_quantized:  # peft's own LoRA layer wraps ours: base(x) + B(A(dropout(x))) * alpha / r
+            lora_config._register_custom_module({Int8Linear: LoraLinear, Int4Linear: LoraLinear})
+        with warnings.catch_warnings():  # peft warns of layer types it does not know: ours are registered above
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            net = get_peft_model(net, lora_config)
+        lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets, "base_quantized": base_quantized}
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
 
     def loss_fn(m: nn.Module, ids: torch.Tensor, mask: torch.Tensor, _idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -94,7 +124,6 @@ def finetune_stage(
 
     def write_adapter(staging: Path) -> None:
         import json
-        import shutil
 
         with progress.step(f"Writing the adapter {name}"):
             net.save_pretrained(str(staging), safe_serialization=True)
@@ -102,7 +131,9 @@ def finetune_stage(
             adapter_cfg["base_model_name_or_path"] = model  # the base is the sibling store model of this name
             (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
             tokenizer.save_pretrained(str(staging))
-            shutil.copyfile(folder / "config.json", staging / "config.json")
+            base_config = read_config(folder)
+            base_config.pop(CONFIG_KEY, None)  # the adapter applies to the base's computation, float or integer
+            (staging / "config.json").write_text(json.dumps(base_config, indent=2))
 
     run["base_files"] = base_card.files
     run["format"] = "peft LoRA adapter (adapter_config.json + adapter_model.safetensors); the base is merged in at load"
