@@ -172,3 +172,25 @@ def test_qlora_over_integer_weights(wide, chats):
     assert merge_stage("wide-int4-qlora").settings["base"] == child
     with pytest.raises(SlmkitError, match="QLoRA base form"):
         finetune_stage(wide, [chats], method="qlora", qlora_scheme="int2", seq_len=32, config=CFG, name="x")
+
+
+def test_eval_responses_before_and_after(wide, chats, tmp_path):
+    finetune_stage(wide, [chats], seq_len=32, config=TrainConfig(steps=30, batch_size=4, lr=5e-3), name="wide-lora-eval")
+    outs = {}
+    for name in (wide, "wide-lora-eval"):
+        f = tmp_path / f"{name}.json"
+        r = runner.invoke(app, ["eval", name, "--responses", str(chats), "--limit", "4", "--out", str(f)])
+        assert r.exit_code == 0, r.output
+        outs[name] = json.loads(f.read_text())["results"]["responses"]
+    before, after = outs[wide], outs["wide-lora-eval"]
+    assert before["n"] == 4 and before["metric"] == "rouge_l" and 0 <= before["rouge_l"] <= 1
+    assert after["response_perplexity"] < 0.8 * before["response_perplexity"]  # the responses were learned
+    assert after["rouge_l"] >= before["rouge_l"]
+    r = runner.invoke(app, ["compare", str(tmp_path / f"{wide}.json"), str(tmp_path / "wide-lora-eval.json"), "--html", str(tmp_path / "c.html")])
+    assert r.exit_code == 0 and "responses.rouge_l" in r.output and "responses.ppl" in r.output
+    text = tmp_path / "plain.txt"
+    text.write_text("just text\n\nno answers here\n")
+    r = runner.invoke(app, ["eval", wide, "--responses", str(text)])
+    assert r.exit_code == 1 and "no response to compare" in r.output
+    r = runner.invoke(app, ["eval", wide, "--responses", str(chats), "--metric", "bleu"])
+    assert r.exit_code == 1 and "unknown response metric" in r.output

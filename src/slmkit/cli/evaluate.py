@@ -67,21 +67,26 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Also write the results JSON here.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="A folder of evaluation data to look in first (default: SLMKIT_DATA; see `slmkit data list`).")] = None,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the built-in tasks and suites, with their data's source and size, and exit.")] = False,
+    responses: Annotated[Path | None, typer.Option("--responses", help="Held-out prompts with reference responses (chat JSON lines, Alpaca, CSV): answer quality and response perplexity.")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="For --responses: rouge_l (free answers) or exact_match (labels such as intents).")] = "rouge_l",
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="For a --responses CSV: the prompt column.")] = None,
+    response_column: Annotated[str | None, typer.Option("--response-column", help="For a --responses CSV: the response column.")] = None,
     backend: BackendOpt = "torch",
 ) -> None:
-    """Measure a model: perplexity and bits per byte, task accuracy, KL from a teacher, speed and memory."""
+    """Measure a model: perplexity and bits per byte, task accuracy, answers against references, KL from a teacher, speed and memory."""
     if list_tasks:
         out_console().print(tasks_table(data_dir))
         return
-    if not (ppl or task or suite or speed or kl):
-        raise SlmkitError("nothing to measure", "Pass at least one of --ppl FILE, --task NAME, --suite NAME, --speed, --kl MODEL.")
+    if not (ppl or task or suite or speed or kl or responses):
+        raise SlmkitError("nothing to measure", "Pass at least one of --ppl FILE, --task NAME, --suite NAME, --responses FILE, --speed, --kl MODEL.")
     if limit is not None and limit < 1:
         raise SlmkitError("--limit must be at least 1", "Leave it out to use everything.")
     model = load(model_name, backend=backend)
     reference = load(kl, backend=backend) if kl else None
     result, archived = evaluate(
         model, ppl=ppl, tasks=list(task or []), suites=list(suite or []), speed=speed, data_dir=data_dir, kl=reference, kl_text=kl_text, limit=limit,
-        context_length=context_length, stride=stride, out=out,
+        context_length=context_length, stride=stride, out=out, responses=responses, response_metric=metric,
+        response_read={k: v for k, v in {"prompt_column": prompt_column, "response_column": response_column}.items() if v},
     )
     out_console().print(_table([result], f"slmkit eval: {model.name}"))
     typer.echo(f"results: {out or archived}")

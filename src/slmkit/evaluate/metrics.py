@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import string
 from collections.abc import Sequence
 
 
@@ -76,3 +78,24 @@ def pareto_front(points: Sequence[tuple[float, float]], *, lower_x_better: bool,
         if not dominated:
             front.append(i)
     return front
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def exact_match(answer: str, reference: str) -> float:
+    """1.0 when the answer, normalized (case, punctuation, spaces), is the reference or starts with it as a whole
+    word sequence (a model that says "cancel order. ..." for the label cancel_order)."""
+    a, r = normalize(answer), normalize(reference)
+    return float(bool(r) and (a == r or a.startswith(r + " ")))
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1 (Google's rouge-score, with stemming)."""
+    from rouge_score import rouge_scorer
+
+    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, answer)["rougeL"].fmeasure)

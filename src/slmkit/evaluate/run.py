@@ -12,6 +12,7 @@ from slmkit.config import settings
 from slmkit.evaluate.choice import evaluate_task
 from slmkit.evaluate.divergence import divergence
 from slmkit.evaluate.perplexity import CONTEXT_LENGTH, STRIDE, perplexity, resolve_text
+from slmkit.evaluate.responses import evaluate_responses, response_items
 from slmkit.evaluate.results import new_result, save_result
 from slmkit.evaluate.speed import measure_speed
 from slmkit.evaluate.tasks import data_path, load_task, suite_tasks
@@ -32,6 +33,9 @@ def evaluate(
     stride: int = STRIDE,
     out: Path | None = None,
     data_dir: Path | None = None,
+    responses: Path | None = None,
+    response_metric: str = "rouge_l",
+    response_read: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run the requested measurements on `model`; save the result JSON (to `out` and the store's evals folder).
 
@@ -52,7 +56,10 @@ def evaluate(
         "ppl": str(ppl_path) if ppl_path else None, "tasks": tasks, "suites": suites, "speed": speed,
         "kl": kl.name if kl else None,
         "kl_text": str(kl_path) if kl_path else None, "limit": limit, "context_length": context_length, "stride": stride,
+        "responses": str(responses) if responses else None, "response_metric": response_metric if responses else None,
     })
+    if responses is not None:  # a bad file fails before slow work
+        response_items(responses, response_read)
     r = result["results"]
     if ppl_path:
         r["perplexity"] = {"file": str(ppl_path), **perplexity(
@@ -65,6 +72,8 @@ def evaluate(
         r["suites"] = {name: suite_summary(r["tasks"], suite_tasks(name)) for name in suites}
     if kl is not None and kl_path is not None:
         r["kl"] = {"file": str(kl_path), **divergence(model, kl, kl_path.read_text(encoding="utf-8"), limit=limit)}
+    if responses is not None:
+        r["responses"] = evaluate_responses(model, responses, metric=response_metric, limit=limit, read=response_read)
     if speed:
         r["speed"] = measure_speed(model)
     if model.backend.name == "torch":  # the real share of zero weights, where pruning left any

@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import csv
-import re
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.data.jsonl import json_objects
+from slmkit.evaluate.metrics import exact_match, rouge_l
 from slmkit.errors import SlmkitError
 
 PROMPT_FIELDS = ("prompt", "question", "instruction", "input", "query")
@@ -64,27 +63,6 @@ def read_qa(path: Path, *, prompt_column: str | None = None, answer_column: str 
     if len(items) < 2:
         raise DevSetError(f"{path} holds {len(items)} usable rows", "Calibration needs a dev set of at least a few dozen labelled prompts.")
     return items
-
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize(text: str) -> str:
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def exact_match(answer: str, reference: str) -> float:
-    """1.0 when the answer, normalized (case, punctuation, spaces), is the reference or starts with it as a whole
-    word sequence (a model that says "cancel order. ..." for the label cancel_order)."""
-    a, r = normalize(answer), normalize(reference)
-    return float(bool(r) and (a == r or a.startswith(r + " ")))
-
-
-def rouge_l(answer: str, reference: str) -> float:
-    """ROUGE-L F1 (Google's rouge-score, with stemming)."""
-    from rouge_score import rouge_scorer
-
-    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, answer)["rougeL"].fmeasure)
 
 
 def quality(metric: str, answer: str, reference: str) -> float:
