@@ -194,3 +194,36 @@ def test_eval_responses_before_and_after(wide, chats, tmp_path):
     assert r.exit_code == 1 and "no response to compare" in r.output
     r = runner.invoke(app, ["eval", wide, "--responses", str(chats), "--metric", "bleu"])
     assert r.exit_code == 1 and "unknown response metric" in r.output
+
+
+def test_lora_adapter_as_gguf_beside_its_base(wide, chats, tmp_path):
+    from llama_cpp import Llama
+
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.export.store_export import export_model
+
+    finetune_stage(wide, [chats], seq_len=32, config=TrainConfig(steps=20, batch_size=4, lr=5e-3), name="wide-lora-gguf")
+    kept = export_model("wide-lora-gguf", "F32", out_dir=tmp_path / "apart", lora_adapter=True)
+    merged = export_model("wide-lora-gguf", "F32", out_dir=tmp_path / "merged")
+    modelfile = (tmp_path / "apart" / "Modelfile").read_text().splitlines()
+    assert modelfile[0] == f"FROM ./{Path(kept['gguf']).name}" and modelfile[1] == "ADAPTER ./wide-lora-gguf-lora.gguf"
+    assert kept["adapted_weights"] == 4 * 7  # 4 blocks x q k v o gate up down
+
+    def greedy(model_path, lora=None, n=10):
+        llm = Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=64, n_threads=2, verbose=False)
+        out = []
+        for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(tok)
+            if len(out) == n:
+                break
+        return out
+
+    torch_b = slmkit.load("wide-lora-gguf").backend
+    ids = torch_b.encode("What is the capital of France?")
+    want = list(torch_b.stream_tokens(ids, SamplingParams(temperature=0, repetition_penalty=1.0), 10))
+    base_only = greedy(kept["gguf"])
+    with_adapter = greedy(kept["gguf"], kept["adapter_gguf"])
+    assert with_adapter == want == greedy(merged["gguf"])  # base + adapter in llama.cpp = merged = slmkit
+    assert base_only != want  # and the adapter is what makes the difference
+    with pytest.raises(SlmkitError, match="not a LoRA adapter"):
+        export_model(wide, "F32", out_dir=tmp_path / "x", lora_adapter=True)

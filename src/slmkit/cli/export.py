@@ -24,6 +24,8 @@ def export(
     imatrix: Annotated[Path | None, typer.Option(
         "--imatrix", help="Calibration text to compute an importance matrix from (saved as imatrix.gguf), "
                           "or an imatrix .gguf (ours or llama-imatrix's). Improves K-quants and Q4_0.")] = None,
+    lora_adapter: Annotated[bool, typer.Option("--lora-adapter", help="For a LoRA adapter: keep it apart (its base as GGUF + a GGUF LoRA "
+                                               "file + the Modelfile's ADAPTER line) instead of merging it.")] = False,
 ) -> None:
     """Export to GGUF (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0) and write an Ollama Modelfile beside it."""
     from slmkit.export.store_export import export_model
@@ -33,10 +35,14 @@ def export(
     from slmkit.sources.importer import ensure_default
 
     model = model or ensure_default()
-    res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix)
+    if lora_adapter and name:
+        raise SlmkitError("--name installs one GGUF in the store; an adapter kept apart is two files", "Drop --name, or --lora-adapter.")
+    res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix, lora_adapter=lora_adapter)
     typer.echo(f"wrote {res['gguf']} ({human_bytes(res['size_after'])}, was {human_bytes(res['size_before'])} "
                f"as safetensors: {res['size_before'] / res['size_after']:.2f}x smaller)")
     typer.echo(f"wrote {res['modelfile']}  (ollama create NAME -f {res['modelfile']})")
+    if res.get("adapter_gguf"):
+        typer.echo(f"wrote {res['adapter_gguf']}  (LoRA adapter, {res['adapted_weights']} weights: llama-cli -m {Path(res['gguf']).name} --lora {Path(res['adapter_gguf']).name})")
     if res["imatrix"] and res["imatrix"].get("file"):
         typer.echo(f"wrote {res['imatrix']['file']}  (importance matrix of {res['imatrix']['tensors']} weights from "
                    f"{res['imatrix']['chunks']} x {res['imatrix']['chunk_size']} tokens; reuse it with --imatrix)")
@@ -44,7 +50,7 @@ def export(
         typer.echo(f"note: {res['note']}")
     if res["store_name"]:
         typer.echo(f"installed {res['store_name']} in the store (run it with --backend llamacpp)")
-    if ppl:
+    if ppl and not res.get("adapter_gguf"):
         _quick_ppl_delta(model, Path(res["gguf"]))
 
 

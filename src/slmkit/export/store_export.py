@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,9 +26,12 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 
 def export_model(
     model: str, gguf_type: str, *, out_dir: Path | None = None, store_as: str | None = None, store: Store | None = None,
-    imatrix: Path | None = None,
+    imatrix: Path | None = None, lora_adapter: bool = False,
 ) -> dict[str, Any]:
     """Write MODEL as GGUF of `gguf_type`; with `store_as`, also install it as a new store model (stage export).
+
+    `lora_adapter` (MODEL a LoRA adapter): keep the adapter apart instead of merging it: its base as GGUF of
+    `gguf_type`, the adapter as a GGUF LoRA file beside it, and the Modelfile's ADAPTER line naming it.
 
     `imatrix`: calibration text (an importance matrix is computed from it and saved beside the GGUF as
     imatrix.gguf) or an imatrix GGUF; llama.cpp's quantizer then weighs rounding error by activation size."""
@@ -35,6 +39,8 @@ def export_model(
     store.sweep_exports()  # what a killed export left behind
     gguf_type = check_type(gguf_type)
     folder = store.require(model)
+    if lora_adapter:
+        return _export_with_adapter(store, model, folder, gguf_type, out_dir, imatrix)
     check_exportable(read_config(folder))
     gguf_only, quantized = not list(folder.glob("*.safetensors")), is_quantized(folder)
     if gguf_only or quantized:
@@ -68,6 +74,37 @@ def export_model(
         if store_as is not None:
             _install_export(store, store_as, model, path, source, gguf_type, imat_info)
             result["store_name"] = store_as
+    return result
+
+
+def _export_with_adapter(store: Store, model: str, folder: Path, gguf_type: str, out_dir: Path | None,
+                         imatrix: Path | None) -> dict[str, Any]:
+    from slmkit.export.lora_gguf import write_lora_gguf
+    from slmkit.sources.adapters import base_of, is_adapter
+
+    if not is_adapter(folder):
+        raise SlmkitError(f"{model} is not a LoRA adapter: there is no adapter to keep apart",
+                          "Drop --lora-adapter (or give an adapter made by slmkit finetune --method lora).")
+    base, _ = base_of(folder)
+    out_dir = out_dir or settings().home / "exports" / f"{model}-{gguf_type.lower()}"
+    result = export_model(base, gguf_type, out_dir=out_dir, store=store, imatrix=imatrix)
+    final = out_dir / f"{model}-lora.gguf"
+    tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        with progress.step("Writing the LoRA adapter as GGUF"):
+            n = write_lora_gguf(folder, tmp, name=model)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    modelfile = Path(result["modelfile"])
+    lines = modelfile.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("FROM ")) + 1
+    tmp_mf = out_dir / f".Modelfile.tmp-{os.getpid()}"
+    tmp_mf.write_text("\n".join([*lines[:at], f"ADAPTER ./{final.name}", *lines[at:]]) + "\n")
+    os.replace(tmp_mf, modelfile)
+    result.update(model=model, adapter_gguf=str(final), adapted_weights=n,
+                  note=f"the adapter is kept apart: {Path(result['gguf']).name} is its base ({base}); llama.cpp applies "
+                       f"{final.name} at load (--lora), Ollama through the Modelfile's ADAPTER line")
     return result
 
 
