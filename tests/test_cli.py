@@ -147,3 +147,21 @@ def test_chat_refuses_base_model(home, tiny_base_dir):
 def test_help(args):
     r = invoke(*args)
     assert r.exit_code == 0 and "Usage" in r.stdout
+
+
+def test_version_json_list_and_wide_pipes(store, tiny_dir):
+    import subprocess
+    import sys
+
+    from slmkit.version import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"slmkit {__version__}"
+    r = runner.invoke(app, ["models", "list", "--json"])
+    cards = json.loads(r.output)
+    assert r.exit_code == 0 and {c["name"] for c in cards} >= {"tiny"} and all("parameters" in c for c in cards)
+    # piped to another program, the table is not cut to 80 columns: a long name stays whole on its row
+    long = "a-model-with-a-rather-long-name-that-would-not-fit-an-eighty-column-terminal-table-x"
+    assert runner.invoke(app, ["models", "import", str(tiny_dir), "--name", long]).exit_code == 0
+    out = subprocess.run([sys.executable, "-m", "slmkit", "models", "list"], capture_output=True, text=True, check=True).stdout
+    assert any(long in line and "tiny" not in line.split(long)[0] for line in out.splitlines()), out

@@ -263,3 +263,53 @@ def test_serve_backend_choice_errors(store):
     r = CliRunner().invoke(app, ["serve", "tiny", "--backend", "onnx"])
     assert r.exit_code == 1 and "unknown backend 'onnx'" in r.stderr and "auto, torch, llamacpp" in r.stderr
     assert snapshot(store.root) == before
+
+
+def test_openai_api_details_content_parts_usage_chunk_models_cors_and_refusals(store):
+    s = Running(["tiny"], cors_origins=["http://localhost:3000"])
+    try:
+        c = client(s)
+        plain = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}],
+                                          max_tokens=6, temperature=0)
+        parts = c.chat.completions.create(model="tiny", max_tokens=6, temperature=0, messages=[
+            {"role": "developer", "content": "Be brief."},  # OpenAI's newer name for system
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}])
+        assert parts.choices[0].message.content == plain.choices[0].message.content
+        assert parts.created > 1_700_000_000
+        chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens > 0
+        assert all(ch.usage is None for ch in chunks[:-1])
+        m = c.models.retrieve("tiny")
+        assert m.id == "tiny" and m.created > 1_700_000_000
+        with pytest.raises(Exception) as e:
+            c.models.retrieve("nope")
+        assert getattr(e.value, "status_code", None) == 404
+        # top_k and repetition_penalty are taken; sampling with top_k 1 is greedy
+        top1 = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                                "max_tokens": 6, "temperature": 1.5, "top_k": 1, "seed": 1}).json()
+        greedy = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                                  "max_tokens": 6, "temperature": 0}).json()
+        assert top1["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+        refused = [
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            {"response_format": {"type": "json_object"}},
+            {"frequency_penalty": 0.5},
+            {"logit_bias": {"1": 5}},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]},
+        ]
+        for extra in refused:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+            r = httpx.post(s.url + "/v1/chat/completions", json=body)
+            msg = r.json()["error"]["message"]
+            assert r.status_code == 400 and ("not supported" in msg or "text only" in msg), (extra, r.text)
+        ok = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                              "max_tokens": 4, "response_format": {"type": "text"}, "tool_choice": "none"})
+        assert ok.status_code == 200
+        pre = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        s.stop()

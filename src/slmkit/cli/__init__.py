@@ -11,7 +11,7 @@ app = typer.Typer(
     name="slmkit",
     help="Make small language models and run them on the machine you have, offline.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 app.add_typer(models.app, name="models")
@@ -31,8 +31,16 @@ app.command("merge")(finetune.merge)
 app.command("serve")(serve.serve)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from slmkit.version import __version__
+
+        typer.echo(f"slmkit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
     """Make small language models and run them on the machine you have, offline."""
     setup_output()
     _sweep()

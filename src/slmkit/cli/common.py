@@ -22,7 +22,10 @@ def err_console() -> Console:
 
 
 def out_console() -> Console:
-    return Console(highlight=False)
+    """Standard output; piped to a file or another program it is not cut to 80 columns (tables keep every column)."""
+    import sys
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 250)
 
 
 def setup_output() -> None:
@@ -54,7 +57,9 @@ def handle_errors(fn: F) -> F:
 
 
 ModelOpt = Annotated[str | None, typer.Argument(help="Model name in the store (default: the embedded SmolLM2-135M-Instruct).")]
-BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="Inference backend.")]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="Inference backend: torch, llamacpp or auto.")]
+# run and chat take what serve takes: llama.cpp where the model has a GGUF (several times faster at batch 1), else PyTorch
+RunBackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto (llama.cpp where the model has a GGUF, else PyTorch), llamacpp or torch.")]
 Temperature = Annotated[float | None, typer.Option(help=f"Sampling temperature; 0 is greedy. [default: {_D.temperature}]")]
 TopP = Annotated[float | None, typer.Option("--top-p", help=f"Nucleus sampling mass. [default: {_D.top_p}]")]
 TopK = Annotated[int | None, typer.Option("--top-k", help=f"Sample among the k likeliest tokens; 0 is off. [default: {_D.top_k}]")]

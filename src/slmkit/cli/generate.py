@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from slmkit.cli.common import (
-    BackendOpt, MaxTokens, ModelOpt, RepPenalty, Seed, Stop, Temperature, TopK, TopP, err_console, handle_errors,
+    RunBackendOpt, MaxTokens, ModelOpt, RepPenalty, Seed, Stop, Temperature, TopK, TopP, err_console, handle_errors,
     sampling_kwargs,
 )
 from slmkit.errors import PromptTooLong, SlmkitError
@@ -46,7 +46,7 @@ def run(
     args: Annotated[list[str] | None, typer.Argument(help="[MODEL] PROMPT. With no prompt, it is read from stdin.", show_default=False)] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion, no chat template (for base models).")] = False,
     system: Annotated[str | None, typer.Option("--system", help="System prompt (chat models).")] = None,
-    backend: BackendOpt = "torch",
+    backend: RunBackendOpt = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print token counts and speed to stderr.")] = False,
     temperature: Temperature = None,
     top_p: TopP = None,
@@ -109,7 +109,7 @@ CHAT_HELP = """Commands:
 def chat(
     model_name: ModelOpt = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt to start with.")] = None,
-    backend: BackendOpt = "torch",
+    backend: RunBackendOpt = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print token counts and speed after each answer.")] = False,
     temperature: Temperature = None,
     top_p: TopP = None,

@@ -20,12 +20,18 @@ app = typer.Typer(help="Manage the local model store (SLMKIT_HOME, default ~/.ca
 
 @app.command("list")
 @handle_errors
-def list_models() -> None:
+def list_models(as_json: Annotated[bool, typer.Option("--json", help="Every model's card, as a JSON list.")] = False) -> None:
     """List stored models with their size, parameter count and lineage."""
     store = Store()
     store.sweep()  # staging folders of killed imports and stages, whenever the store is listed
     store.sweep_exports()
     ensure_default(store)
+    if as_json:
+        import json
+        from dataclasses import asdict
+
+        typer.echo(json.dumps([asdict(c) for c in store.cards()], indent=2))
+        return
     table = Table(title=f"Models in {store.root}", caption="* the default model")
     for col in ("NAME", "PARAMS", "SIZE", "DTYPE", "STAGE", "FROM"):
         table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left", no_wrap=col != "CREATED")

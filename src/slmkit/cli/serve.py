@@ -38,6 +38,7 @@ def serve(
     cache_sampled: Annotated[bool, typer.Option("--cache-sampled", help="Cache sampled requests too.")] = False,
     small_only: Annotated[bool, typer.Option("--small-only", help="Routers answer with the small model only (decisions are still logged).")] = False,
     large_key: Annotated[str | None, typer.Option("--large-key", envvar="SLMKIT_LARGE_API_KEY", help="API key for routers' large endpoints.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Let browser pages from this origin call the API (for example http://localhost:3000, or * for any). Repeatable.")] = None,
     decision_log: Annotated[Path | None, typer.Option("--decision-log", help="Routers' decisions as JSON lines. [default: SLMKIT_HOME/logs/route-decisions.jsonl]")] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a chat page at /."""
@@ -61,7 +62,8 @@ def serve(
                              backend=backend, context=context, splits=splits, cache=make_cache, cache_sampled=cache_sampled,
                              small_only=small_only, large_key=large_key,
                              decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl")
-    app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout)
+    app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout,
+                     cors_origins=list(cors_origin or []))
     where = f"http://{host}:{port}"
     engines = ", ".join(f"{n} ({registry.backends[n]})" if n in registry.backends else
                         f"{n} (router: {registry.routers[n]['small']} -> {registry.routers[n]['large'].get('store') or registry.routers[n]['large'].get('url')})"

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -71,7 +72,7 @@ class _TooLarge(Exception):
 
 
 def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-               shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES, cors_origins: list[str] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -79,6 +80,9 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
 
     app = FastAPI(title="slmkit", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if cors_origins:  # browsers on those origins may call the API (preflight OPTIONS answered)
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(_req: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405 in OpenAI's format

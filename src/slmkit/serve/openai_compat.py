@@ -8,6 +8,8 @@ from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from slmkit.errors import SlmkitError
+
 
 def valid_text(value: Any) -> Any:
     """Refuse strings that are not valid Unicode text (a lone surrogate such as \\ud800 cannot be encoded)."""
@@ -20,11 +22,46 @@ def valid_text(value: Any) -> Any:
     return value
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+    _text = field_validator("text")(valid_text)
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: checked in plain_messages
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
 
     _text = field_validator("content")(valid_text)
+
+
+class Unsupported(SlmkitError):
+    """A request field or content this server does not serve (400, never silently dropped)."""
+
+
+def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them: text content parts joined, `developer` as `system` (OpenAI's newer
+    name for it); images, audio and tool turns refused with what to do."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.role == "tool" or getattr(m, "tool_calls", None):
+            raise Unsupported(f"messages[{i}]: tool calls and tool results are not supported by this server yet",
+                              "Send plain user/assistant/system messages.")
+        if isinstance(m.content, list):
+            kinds = sorted({p.type for p in m.content if p.type != "text"})
+            if kinds:
+                raise Unsupported(f"messages[{i}]: content of type {', '.join(kinds)}: the models served here read text only",
+                                  "Send the text parts only.")
+            text = "".join(p.text or "" for p in m.content)
+        else:
+            text = m.content or ""
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    return out
 
 
 class _Sampling(BaseModel):
@@ -42,6 +79,19 @@ class _Sampling(BaseModel):
     logprobs: bool | int | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     user: str | None = Field(default=None, max_length=256)  # the A/B split's sticky key
+    top_k: int | None = Field(default=None, ge=0, strict=True)  # not OpenAI's; vLLM's and llama.cpp's servers take it
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    stream_options: dict[str, Any] | None = None
+    # OpenAI fields this server does not serve yet: refused when they ask for anything (refused_fields)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    min_p: float | None = None
 
     _text = field_validator("stop")(valid_text)
 
@@ -129,14 +179,30 @@ class Completion(TypedDict):
 
 
 # ---- conversions -------------------------------------------------------------------------------------------------
+def refused_fields(req: _Sampling) -> None:
+    """Refuse (400) what a client asks for that this server would otherwise ignore."""
+    asked = [f for f in ("tools", "functions", "logit_bias") if getattr(req, f)]
+    asked += [f for f in ("tool_choice", "function_call") if getattr(req, f) not in (None, "none", "auto")]
+    asked += [f for f in ("frequency_penalty", "presence_penalty", "min_p") if getattr(req, f)]
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        asked.append(f"response_format {req.response_format.get('type')!r}")
+    if asked:
+        raise Unsupported(f"not supported by this server yet: {', '.join(asked)}",
+                          "Leave them out (repetition_penalty and top_k are supported), or use a server that has them.")
+
+
+def include_usage(req: _Sampling) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.get("include_usage"))
+
+
 def sampling_kwargs(req: _Sampling, index: int) -> dict[str, Any]:
     """Sampling settings for choice `index` (seeded choices get seed + index so that n > 1 differ)."""
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     out: dict[str, Any] = {
         "temperature": req.temperature, "top_p": req.top_p, "max_tokens": req.max_completion_tokens or req.max_tokens,
         "stop": tuple(stop) or None, "seed": None if req.seed is None else req.seed + index,
-        # OpenAI applies no repetition penalty unless asked (frequency/presence penalties are not supported here)
-        "repetition_penalty": 1.0,
+        # OpenAI applies no repetition penalty unless asked (frequency/presence penalties are refused)
+        "repetition_penalty": req.repetition_penalty or 1.0, "top_k": req.top_k,
         "top_logprobs": top_logprobs_of(req),
     }
     return {k: v for k, v in out.items() if v is not None}
@@ -168,6 +234,11 @@ def chat_response(rid: str, model: str, choices: list[ChatChoice], use: Usage) -
 
 def chat_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> ChatChoice:
     return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs}
+
+
+def usage_chunk(rid: str, model: str, object_: str, use: Usage) -> dict[str, Any]:
+    """The last streamed chunk when stream_options.include_usage is set: no choices, the request's usage."""
+    return {"id": rid, "object": object_, "created": int(time.time()), "model": model, "choices": [], "usage": use}
 
 
 def chat_chunk(rid: str, model: str, index: int, delta: dict[str, str], finish: str | None) -> Chunk:

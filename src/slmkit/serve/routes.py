@@ -14,13 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from slmkit.errors import PromptTooLong
+from slmkit.errors import ModelNotFound, PromptTooLong
 from slmkit.model import Generation, Model
 from slmkit.serve import openai_compat as oa
 from slmkit.serve.errors import HTTPError, to_http
@@ -38,6 +38,7 @@ class Server:
     metrics: Metrics
     api_key: str | None
     max_tokens_limit: int
+    started: int = field(default_factory=lambda: int(time.time()))  # `created` of the served models
 
 
 def logprobs_of(model: Model, gen: Generation) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
@@ -47,6 +48,12 @@ def logprobs_of(model: Model, gen: Generation) -> tuple[list[str], list[float], 
     steps = [s for s in gen.steps if s.token not in b.eos_token_ids]
     return ([b.decode([s.token]) for s in steps], [s.logprob for s in steps],
             [[(b.decode([t]), lp) for t, lp in s.top] for s in steps])
+
+
+def request_usage(choices: list[Choice], endpoint: str, n: int) -> oa.Usage:
+    """Prompt tokens once per prompt (chat: one prompt; completions: one per prompt, each with n choices)."""
+    prompt = choices[0].gen.stats.prompt_tokens if endpoint == "chat" else sum(c.gen.stats.prompt_tokens for c in choices[::n])
+    return oa.usage(prompt, sum(c.gen.stats.completion_tokens for c in choices))
 
 
 def with_route(response: Any, choices: list[Choice]) -> Any:
@@ -113,6 +120,7 @@ def openai_routes(server: Server) -> APIRouter:
         name = body.model or registry.names[0]
         t0 = time.perf_counter()
         async with counted(endpoint, name) as log_id:
+            oa.refused_fields(body)
             model = await asyncio.to_thread(registry.get, body.model, body.user)
             if body.stream and body.logprobs:
                 raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
@@ -124,19 +132,36 @@ def openai_routes(server: Server) -> APIRouter:
             metrics.ttft.labels(name).observe(time.perf_counter() - t0)
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
         if body.stream:
-            events = sse_events(choices, firsts, name, metrics, lambda i, text, finish: chunk(rid, name, i, text, finish), log_id)
+            final = None
+            if oa.include_usage(body):
+                obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+                final = lambda: oa.usage_chunk(rid, name, obj, request_usage(choices, endpoint, body.n))  # noqa: E731
+            events = sse_events(choices, firsts, name, metrics, lambda i, text, finish: chunk(rid, name, i, text, finish), log_id, final)
             return StreamingResponse(events, media_type="text/event-stream")
         texts = await collect(request, choices, firsts)
         account(metrics, name, choices, log_id)
         return respond(rid, name, model, choices, texts)
 
+    def model_entry(n: str) -> dict[str, Any]:
+        return {"id": n, "object": "model", "created": server.started, "owned_by": "slmkit"}
+
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmkit"} for n in registry.names]}
+        return {"object": "list", "data": [model_entry(n) for n in registry.names]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id not in registry.names:
+            raise to_http(ModelNotFound(f"model {model_id!r} not found", f"Models served: {', '.join(registry.names)}"))
+        return model_entry(model_id)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: oa.ChatRequest, request: Request) -> Any:
-        messages = [m.model_dump() for m in body.messages]
+        messages: list[dict[str, str]] = []
+
+        def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
+            messages[:] = oa.plain_messages(body.messages)  # content parts joined; images and tools refused (400)
+            return start(model, body, lambda kw: model.stream_chat(messages, **kw), loop)
 
         def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
             delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
@@ -146,11 +171,9 @@ def openai_routes(server: Server) -> APIRouter:
             out = [oa.chat_choice(c.index, text, c.gen.stats.finish_reason,
                                   oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None)
                    for c, text in zip(choices, texts)]
-            use = oa.usage(choices[0].gen.stats.prompt_tokens, sum(c.gen.stats.completion_tokens for c in choices))
-            return with_route(oa.chat_response(rid, name, out, use), choices)
+            return with_route(oa.chat_response(rid, name, out, request_usage(choices, "chat", body.n)), choices)
 
-        return await _generate("chat", body, request,
-                               lambda model, loop: start(model, body, lambda kw: model.stream_chat(messages, **kw), loop), chunk, respond)
+        return await _generate("chat", body, request, begin, chunk, respond)
 
     @router.post("/v1/completions")
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
@@ -173,8 +196,7 @@ def openai_routes(server: Server) -> APIRouter:
             out = [oa.completion_choice(c.index, text, c.gen.stats.finish_reason,
                                         oa.completion_logprobs(*logprobs_of(model, c.gen)) if body.logprobs is not None else None)
                    for c, text in zip(choices, texts)]
-            use = oa.usage(sum(c.gen.stats.prompt_tokens for c in choices[:: body.n]), sum(c.gen.stats.completion_tokens for c in choices))
-            return with_route(oa.completion_response(rid, name, out, use), choices)
+            return with_route(oa.completion_response(rid, name, out, request_usage(choices, "completions", body.n)), choices)
 
         return await _generate("completions", body, request, begin, chunk, respond)
 

@@ -108,9 +108,11 @@ def sse(data: Any) -> bytes:
 
 
 async def sse_events(choices: list[Choice], firsts: list[Any], model: str, metrics: Metrics,
-                     chunk: Callable[[int, str | None, str | None], dict], request_id: str = "") -> AsyncIterator[bytes]:
+                     chunk: Callable[[int, str | None, str | None], dict], request_id: str = "",
+                     final: Callable[[], dict] | None = None) -> AsyncIterator[bytes]:
     """Server-sent events for every choice, interleaved as pieces come: `chunk(index, text, finish)` builds one
-    (text None: the opening chunk; finish set: the closing one), then `[DONE]`."""
+    (text None: the opening chunk; finish set: the closing one), then `final()` if given (the usage chunk), then
+    `[DONE]`."""
     merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(c: Choice, first: Any) -> None:
@@ -139,6 +141,8 @@ async def sse_events(choices: list[Choice], firsts: list[Any], model: str, metri
             metrics.itl.labels(model).observe(now - last)
             last = now
             yield sse(chunk(index, item, None))
+        if final is not None:
+            yield sse(final())
         yield b"data: [DONE]\n\n"
     finally:  # the client went away or the stream ended: stop every generation, free the slots
         stop_all(choices)
