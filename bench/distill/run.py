@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="teacher-written samples added to the mix")
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens")
     ap.add_argument("--arc", type=int, default=150, help="ARC-Easy questions")
+    ap.add_argument("--students", nargs="+", default=[s for s, _ in STUDENTS], choices=[s for s, _ in STUDENTS],
+                    help="which pruned students to run (each costs two training runs)")
     ap.add_argument("--home", default="/tmp/slmkit-bench-home")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     args = ap.parse_args()
@@ -104,7 +106,8 @@ def main() -> None:
     sh(SLMKIT + ["models", "list"], env)
     rows = [{"label": "teacher", **measure(BASE, env, out, heldout, args.data, args.windows, args.arc)}]
     print(json.dumps(rows[-1]), flush=True)
-    for suffix, target in STUDENTS:
+    students = [(s, t) for s, t in STUDENTS if s in args.students]
+    for suffix, target in students:
         pruned = f"{BASE}-{suffix}"
         if not exists(pruned, env):
             sh(SLMKIT + ["prune", BASE, "--structured", "width", "--target-params", target, "--calib",
@@ -138,7 +141,7 @@ def main() -> None:
         md.append(f"| {r['label']} | {r['parameters'] / 1e6:.1f}M | {(r['bytes'] or 0) / 1e6:.0f} | {r['wiki_ppl']:.2f} | "
                   f"{r['heldout_ppl']:.2f} | {r['arc_easy_acc_norm']:.3f} | {r['decode_tps']:.1f} |")
     md += ["", "## Targets", ""]
-    for suffix, _ in STUDENTS:
+    for suffix, _ in students:
         by = {r["label"].split(": ")[1]: r for r in rows if r["label"].startswith(suffix)}
         gap = by["pruned"]["heldout_ppl"] - t["heldout_ppl"]
         rec = (by["pruned"]["heldout_ppl"] - by["distilled"]["heldout_ppl"]) / gap if gap > 0 else float("nan")
