@@ -313,3 +313,40 @@ def test_openai_api_details_content_parts_usage_chunk_models_cors_and_refusals(s
         assert "access-control-allow-origin" not in other.headers
     finally:
         s.stop()
+
+
+def test_ollama_native_api_with_the_official_client(store):
+    import ollama
+
+    s = Running(["tiny"], max_tokens_limit=40)
+    try:
+        c = ollama.Client(host=s.url)
+        names = [m.model for m in c.list().models]
+        assert names == ["tiny:latest"]
+        msgs = [{"role": "user", "content": "hi"}]
+        opts = {"temperature": 0, "num_predict": 6}
+        whole = c.chat(model="tiny:latest", messages=msgs, options=opts, stream=False)
+        want = client(s).chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0).choices[0].message.content
+        assert whole.message.content == want and whole.done and whole.eval_count == 6 and whole.prompt_eval_count > 0
+        parts = list(c.chat(model="tiny", messages=msgs, options=opts, stream=True))
+        assert "".join(p.message.content for p in parts) == want and parts[-1].done and not parts[0].done
+        gen = c.generate(model="tiny", prompt="hi", options=opts)
+        assert gen.response == want  # not raw: the prompt goes through the chat template as a user message
+        raw = c.generate(model="tiny", prompt="Once upon", raw=True, options=opts)
+        assert raw.response == client(s).completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
+        emb = c.embed(model="tiny", input=["a", "bb"])
+        assert len(emb.embeddings) == 2 and len(emb.embeddings[0]) == 32
+        shown = c.show("tiny")
+        assert shown.details.family == "llama"
+        assert [m.model for m in c.ps().models] == ["tiny:latest"]
+        with pytest.raises(ollama.ResponseError) as e:
+            c.chat(model="nope", messages=msgs)
+        assert e.value.status_code == 404
+        with pytest.raises(ollama.ResponseError) as e:
+            c.chat(model="tiny", messages=msgs, options={"mirostat": 2})
+        assert e.value.status_code == 400 and "mirostat" in e.value.error
+        with pytest.raises(ollama.ResponseError) as e:
+            c.chat(model="tiny", messages=msgs, options={"num_predict": 400})
+        assert e.value.status_code == 400 and "limit" in e.value.error
+    finally:
+        s.stop()

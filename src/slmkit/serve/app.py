@@ -25,6 +25,7 @@ from slmkit.serve.errors import HTTPError
 from slmkit.serve.limits import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import ModelRegistry
+from slmkit.serve.ollama_routes import ollama_routes
 from slmkit.serve.routes import Server, openai_routes
 
 WEB = Path(__file__).parent / "web"
@@ -113,5 +114,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     async def page() -> HTMLResponse:
         return HTMLResponse((WEB / "index.html").read_text())
 
-    app.include_router(openai_routes(Server(registry, metrics, api_key, max_tokens_limit)))
+    server = Server(registry, metrics, api_key, max_tokens_limit)
+    app.include_router(openai_routes(server))
+    app.include_router(ollama_routes(server))  # Ollama's native API beside it
     return app

@@ -66,8 +66,8 @@ def with_route(response: Any, choices: list[Choice]) -> Any:
     return response
 
 
-def openai_routes(server: Server) -> APIRouter:
-    registry, metrics = server.registry, server.metrics
+def auth_of(server: Server) -> Callable[[Request], None]:
+    """The API-key check every API route depends on (a no-op without --api-key)."""
 
     def auth(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
@@ -75,7 +75,12 @@ def openai_routes(server: Server) -> APIRouter:
             raise HTTPError(401, oa.error_body("missing or wrong API key: send Authorization: Bearer KEY",
                                                type_="authentication_error", code="invalid_api_key"))
 
-    router = APIRouter(dependencies=[Depends(auth)])
+    return auth
+
+
+def openai_routes(server: Server) -> APIRouter:
+    registry, metrics = server.registry, server.metrics
+    router = APIRouter(dependencies=[Depends(auth_of(server))])
 
     @asynccontextmanager
     async def counted(endpoint: str, model: str) -> AsyncIterator[str]:

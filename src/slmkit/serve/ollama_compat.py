@@ -1,0 +1,135 @@
+"""Ollama's native API wire format (/api/chat, /api/generate, /api/tags, ...): request models and pure conversions
+to slmkit's sampling settings and back (no I/O, no models). Durations are nanoseconds, as Ollama's are."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from slmkit.card import human_count
+from slmkit.serve.openai_compat import Unsupported, valid_text
+
+TAG = ":latest"
+# Ollama's options -> slmkit's sampling keyword arguments
+OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "num_predict": "max_tokens",
+           "stop": "stop", "repeat_penalty": "repetition_penalty"}
+IGNORED_OPTIONS = {"num_ctx", "num_thread", "num_gpu", "num_batch", "use_mmap", "use_mlock", "numa", "main_gpu", "low_vram", "num_keep"}
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str = ""
+    images: list[Any] | None = None
+
+    _text = field_validator("content")(valid_text)
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    stream: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+    format: Any = None
+    keep_alive: Any = None
+
+
+class ChatRequest(_Base):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[Any] | None = None
+
+
+class GenerateRequest(_Base):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list[Any] | None = None
+
+    _text = field_validator("prompt")(valid_text)
+
+
+class EmbedRequest(BaseModel):
+    model: str
+    input: str | list[str]
+
+    _text = field_validator("input")(valid_text)
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None  # older clients
+
+
+def model_name(name: str) -> str:
+    """Ollama clients name models NAME:TAG; slmkit's names have no tag (":latest" is dropped)."""
+    return name[: -len(TAG)] if name.endswith(TAG) else name
+
+
+def sampling(req: _Base) -> dict[str, Any]:
+    """slmkit sampling keyword arguments from Ollama's options; options that change what is computed and are not
+    served are refused, the ones about memory and threads are ignored (the server's own settings decide)."""
+    if req.format not in (None, ""):
+        raise Unsupported("format (structured output) is not supported by this server yet", "Leave out format.")
+    unknown = sorted(set(req.options) - set(OPTIONS) - IGNORED_OPTIONS)
+    if unknown:
+        raise Unsupported(f"options not supported by this server: {', '.join(unknown)}",
+                          f"Supported: {', '.join(OPTIONS)} (and {', '.join(sorted(IGNORED_OPTIONS))}, ignored).")
+    out = {OPTIONS[k]: v for k, v in req.options.items() if k in OPTIONS and v is not None}
+    if isinstance(out.get("stop"), str):
+        out["stop"] = (out["stop"],)
+    elif "stop" in out:
+        out["stop"] = tuple(out["stop"])
+    if out.get("max_tokens") is not None and out["max_tokens"] < 0:  # -1: as long as the context allows
+        del out["max_tokens"]
+    out.setdefault("repetition_penalty", 1.0)
+    return out
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
+    if req.tools:
+        raise Unsupported("tools are not supported by this server yet", "Leave out tools.")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.images:
+            raise Unsupported(f"messages[{i}] has images: the models served here read text only", "Send text only.")
+        if m.role not in ("system", "user", "assistant"):
+            raise Unsupported(f"messages[{i}]: role {m.role!r} is not supported here", "Use system, user or assistant.")
+        out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def final_fields(stats: Any, total_ns: int) -> dict[str, Any]:
+    """The counts and durations Ollama's last streamed object (or its whole answer) carries."""
+    first = int(stats.time_to_first_token_s * 1e9)
+    return {"done": True, "done_reason": "length" if stats.finish_reason == "length" else "stop",
+            "total_duration": total_ns, "load_duration": 0, "prompt_eval_count": stats.prompt_tokens,
+            "prompt_eval_duration": first, "eval_count": stats.completion_tokens,
+            "eval_duration": max(0, int(stats.total_s * 1e9) - first)}
+
+
+def details(card: Any) -> dict[str, Any]:
+    """Ollama's `details` of a model from its card."""
+    if card is None:
+        return {"format": "", "family": "", "families": [], "parameter_size": "", "quantization_level": ""}
+    quant = (card.settings or {}).get("scheme") or (card.settings or {}).get("type") or card.dtype
+    fmt = "gguf" if card.weights_bytes.get("gguf") and not card.weights_bytes.get("safetensors") else "safetensors"
+    return {"format": fmt, "family": card.model_type, "families": [card.model_type], "parent_model": card.parent or "",
+            "parameter_size": human_count(card.parameters) if card.parameters else "", "quantization_level": str(quant).upper()}
+
+
+def tag_entry(name: str, card: Any) -> dict[str, Any]:
+    digest = ""
+    if card is not None and card.files:
+        digest = sorted(card.files.values())[0]
+    return {"name": name + TAG, "model": name + TAG, "modified_at": (card.created if card else "") or now(),
+            "size": card.size_bytes if card else 0, "digest": digest, "details": details(card)}

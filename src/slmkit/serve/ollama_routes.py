@@ -1,0 +1,157 @@
+"""Ollama's native API beside the OpenAI one, so clients that speak it (Open WebUI's Ollama connection, Continue's
+ollama provider, the `ollama` Python and JS packages, editor plugins) connect unmodified: /api/tags, /api/ps,
+/api/show, /api/version, /api/chat, /api/generate and /api/embed, streamed as JSON lines as Ollama does.
+
+The same models, schedulers, metrics and limits as the OpenAI routes; conversions live in ollama_compat.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from slmkit.errors import PromptTooLong
+from slmkit.serve import ollama_compat as ol
+from slmkit.serve.errors import to_http
+from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
+from slmkit.serve.registry import BadRequest
+from slmkit.serve.routes import Server, auth_of
+from slmkit.serve.streaming import DONE, Choice, account, collect, first_items, stop_all
+from slmkit.version import __version__
+
+
+def ollama_error(exc: BaseException) -> JSONResponse:
+    """Ollama's error shape: {"error": "message"} with the status the OpenAI routes would give."""
+    err = to_http(exc)
+    e = err.body.get("error")
+    return JSONResponse({"error": e.get("message") if isinstance(e, dict) else str(e)}, status_code=err.status, headers=err.headers)
+
+
+def ollama_routes(server: Server) -> APIRouter:
+    registry, metrics = server.registry, server.metrics
+    router = APIRouter(dependencies=[Depends(auth_of(server))])
+
+    def card_of(name: str) -> Any:
+        model = getattr(registry, "store", None)
+        return model.card(name) if model is not None and model.exists(name) else None
+
+    @router.get("/api/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @router.get("/api/tags")
+    async def tags() -> dict[str, Any]:
+        return {"models": [ol.tag_entry(n, card_of(n)) for n in registry.names]}
+
+    @router.get("/api/ps")
+    async def ps() -> dict[str, Any]:
+        # loaded models stay until the server stops: no expiry
+        return {"models": [{**ol.tag_entry(n, card_of(n)), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0} for n in registry.loaded()]}
+
+    @router.post("/api/show")
+    async def show(body: ol.ShowRequest) -> Any:
+        name = ol.model_name(body.model or body.name or "")
+        if name not in registry.names:
+            return JSONResponse({"error": f"model '{name}' not found"}, status_code=404)
+        card = card_of(name)
+        info = {"general.architecture": card.model_type, "general.parameter_count": card.parameters,
+                f"{card.model_type}.context_length": card.context_length} if card else {}
+        return {"license": "", "modelfile": f"FROM {name}\n", "parameters": "", "template": "", "details": ol.details(card),
+                "model_info": info, "capabilities": ["completion"], "modified_at": (card.created if card else "") or ol.now()}
+
+    async def generate(endpoint: str, body: ol._Base, request: Request, make: Callable[[Any, dict[str, Any]], Any],
+                       piece: Callable[[str, str], dict[str, Any]]) -> Any:
+        name = ol.model_name(body.model)
+        label = name if name in registry.names else "unknown"
+        t0 = time.perf_counter()
+        try:
+            kw = ol.sampling(body)
+            if kw.get("max_tokens", 0) > server.max_tokens_limit:
+                raise BadRequest(f"num_predict {kw['max_tokens']} is over this server's limit of {server.max_tokens_limit}", "Ask for fewer tokens.")
+            kw.setdefault("max_tokens", server.max_tokens_limit)
+            model = await asyncio.to_thread(registry.get, name)
+            loop = asyncio.get_running_loop()
+            choice = await asyncio.to_thread(lambda: Choice(0, make(model, kw), loop))
+            first = (await first_items([choice]))[0]
+        except Exception as exc:
+            metrics.requests.labels(endpoint, label, str(to_http(exc).status)).inc()
+            return ollama_error(exc)
+        metrics.requests.labels(endpoint, name, "200").inc()
+        metrics.ttft.labels(name).observe(time.perf_counter() - t0)
+        tag = name + ol.TAG
+
+        def final() -> dict[str, Any]:
+            return {"model": tag, "created_at": ol.now(), **piece("", ""),
+                    **ol.final_fields(choice.gen.stats, int((time.perf_counter() - t0) * 1e9))}
+
+        if not body.stream:
+            try:
+                text = (await collect(request, [choice], [first]))[0]
+            except Exception as exc:
+                return ollama_error(exc)
+            account(metrics, name, [choice])
+            return {**final(), **piece(text, "")}
+
+        async def lines() -> AsyncIterator[bytes]:
+            item = first
+            try:
+                while item is not DONE:
+                    if isinstance(item, BaseException):
+                        yield (json.dumps({"error": str(item)}) + "\n").encode()
+                        return
+                    yield (json.dumps({"model": tag, "created_at": ol.now(), **piece(item, ""), "done": False}) + "\n").encode()
+                    item = await choice.queue.get()
+                yield (json.dumps(final()) + "\n").encode()
+            finally:
+                stop_all([choice])
+                account(metrics, name, [choice])
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @router.post("/api/chat")
+    async def chat(body: ol.ChatRequest, request: Request) -> Any:
+        def make(model: Any, kw: dict[str, Any]) -> Any:
+            return model.stream_chat(ol.chat_messages(body), **kw)
+
+        return await generate("ollama_chat", body, request, make, lambda text, _: {"message": {"role": "assistant", "content": text}})
+
+    @router.post("/api/generate")
+    async def generate_route(body: ol.GenerateRequest, request: Request) -> Any:
+        def make(model: Any, kw: dict[str, Any]) -> Any:
+            if body.images:
+                raise ol.Unsupported("images: the models served here read text only", "Send text only.")
+            if body.raw:
+                return model.stream(body.prompt, **kw)
+            msgs = ([{"role": "system", "content": body.system}] if body.system else []) + [{"role": "user", "content": body.prompt}]
+            return model.stream_chat(msgs, **kw)
+
+        return await generate("ollama_generate", body, request, make, lambda text, _: {"response": text})
+
+    @router.post("/api/embed")
+    async def embed(body: ol.EmbedRequest) -> Any:
+        name = ol.model_name(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        t0 = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(registry.get, name)
+            if not texts or any(not t for t in texts):
+                raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to embed.")
+            if len(texts) > MAX_EMBEDDING_INPUTS:
+                raise BadRequest(f"{len(texts)} inputs are over this server's limit of {MAX_EMBEDDING_INPUTS} per request", "Send them in several requests.")
+            counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
+            if max(counts) > model.backend.context_length:
+                raise PromptTooLong(f"an input is {max(counts)} tokens, over the context of {model.backend.context_length}", "Embed shorter texts.")
+            if sum(counts) > MAX_EMBEDDING_TOKENS:
+                raise BadRequest(f"the inputs hold {sum(counts)} tokens, over this server's limit of {MAX_EMBEDDING_TOKENS}", "Send them in several requests.")
+            vectors = await asyncio.to_thread(model.backend.embed, texts)
+        except Exception as exc:
+            return ollama_error(exc)
+        return {"model": name + ol.TAG, "embeddings": vectors, "total_duration": int((time.perf_counter() - t0) * 1e9),
+                "load_duration": 0, "prompt_eval_count": sum(counts)}
+
+    return router
