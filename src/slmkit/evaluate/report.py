@@ -75,6 +75,9 @@ def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for name, t in (r.get("tasks") or {}).items():
             row[f"{name}.acc"] = t["acc"]
             row[f"{name}.acc_norm"] = t.get("acc_norm")
+            row[f"{name}.acc_stderr"] = t.get("acc_stderr")  # for error bars, not a column
+            row[f"{name}.acc_norm_stderr"] = t.get("acc_norm_stderr")
+            row[f"{name}.n"] = t.get("n")
             row[f"{name}.ppl"] = t.get("perplexity")  # LAMBADA-style tasks
         resp = r.get("responses")
         if resp:
@@ -120,25 +123,33 @@ def _plot(rows: list[dict[str, Any]], quality: Column, cost: Column) -> str | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(row[cost.key], row[quality.key], row["model"]) for row in rows
-           if row.get(cost.key) is not None and row.get(quality.key) is not None]
-    if not pts:
+    kept = [row for row in rows if row.get(cost.key) is not None and row.get(quality.key) is not None]
+    if not kept:
         return None
+    pts = [(row[cost.key], row[quality.key], row["model"]) for row in kept]
+    errs = [row.get(quality.key + "_stderr") or 0.0 for row in kept]  # task accuracies carry a standard error
+    ns = sorted({row.get(quality.key.rsplit(".", 1)[0] + ".n") for row in kept} - {None})
     front = pareto_front([(x, y) for x, y, _ in pts], lower_x_better=cost.lower_is_better, lower_y_better=quality.lower_is_better)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#888", zorder=2)
+    fig, ax = plt.subplots(figsize=(6.2, 4.2), layout="constrained")
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=errs if any(errs) else None, fmt="o", color="#888",
+                ecolor="#bbb", capsize=3, zorder=2, label="± 1 standard error" if any(errs) else None)
     fp = sorted((pts[i] for i in front), key=lambda p: p[0])
     ax.plot([p[0] for p in fp], [p[1] for p in fp], "-o", color="#d62728", zorder=3, label="Pareto front")
     for x, y, name in pts:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, annotation_clip=False)
     better = lambda lower: "lower is better" if lower else "higher is better"
     ax.set_xlabel(f"{cost.title} ({better(cost.lower_is_better)})")
     ax.set_ylabel(f"{quality.title} ({better(quality.lower_is_better)})")
-    ax.set_title(f"{quality.title} vs {cost.title}")
-    ax.margins(x=0.3, y=0.2)  # room for the model names
+    ax.set_title(f"{quality.title} vs {cost.title}" + (f" (n = {', '.join(map(str, ns))})" if ns else ""))
+    ys = [p[1] for p in pts]
+    lo, hi = min(y - e for y, e in zip(ys, errs)), max(y + e for y, e in zip(ys, errs))
+    mid, span = (lo + hi) / 2, hi - lo
+    floor = 0.02 * abs(mid)  # a spread under 2% is not drawn as a steep slope
+    if span < floor:
+        ax.set_ylim(mid - floor, mid + floor)
+    ax.margins(x=0.35, y=0.2)  # room for the model names
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
