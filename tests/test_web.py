@@ -65,3 +65,46 @@ def test_chat_page_streams_an_answer_and_stops(store, browser):
         assert wait_until(lambda: sched.batch_size == 0)  # the server freed the slot
     finally:
         s.stop()
+
+
+def test_chat_page_markdown_settings_speed_and_reload(store, browser):
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s = Running(["tiny"], max_tokens_limit=200)
+    try:
+        browser.get(s.url + "/")
+        saved = {"history": [{"role": "user", "content": "fruit?"},
+                             {"role": "assistant", "content": "*Banana* and `code`\n\n<img src=x onerror=\"window.pwned=1\">"}],
+                 "stats": [{"tokens": 5, "tps": 12.5, "ttft": 0.1}], "system": "Be brief.", "temperature": "0", "max_tokens": "8"}
+        browser.execute_script(f"localStorage.setItem('slmkit-chat', {json.dumps(json.dumps(saved))}); location.reload();")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant em"))
+        first = browser.find_element(By.CSS_SELECTOR, ".msg.assistant")
+        assert first.find_element(By.TAG_NAME, "em").text == "Banana" and first.find_element(By.TAG_NAME, "code").text == "code"
+        assert "onerror" not in first.get_attribute("innerHTML") and not browser.execute_script("return window.pwned")  # sanitized
+        assert browser.find_element(By.ID, "system").get_attribute("value") == "Be brief."
+        assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
+        assert "12.5 tokens/s" in browser.find_element(By.CSS_SELECTOR, ".stats").text
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 1)
+        browser.find_element(By.ID, "reset").click()  # a new chat keeps the settings (the tiny model has 64 tokens of context)
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+        browser.find_element(By.ID, "prompt").send_keys("hi")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]") or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        errors = browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert not errors, errors[0].text
+        stats = browser.find_elements(By.CSS_SELECTOR, ".stats")
+        assert len(stats) == 1 and "8 tokens" in stats[0].text and "tokens/s" in stats[0].text  # max_tokens 8 from the settings
+        browser.refresh()  # the conversation and the settings survive a reload
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1)
+        assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["hi"]
+        assert browser.find_element(By.ID, "max_tokens").get_attribute("value") == "8"
+        browser.find_element(By.ID, "reset").click()
+        browser.refresh()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+    finally:
+        s.stop()
