@@ -84,3 +84,28 @@ def test_from_kwargs_ignores_none_and_rejects_unknown():
     assert SamplingParams.from_kwargs(stop="\n").stop == ("\n",)
     with pytest.raises(SlmkitError, match="temprature"):
         SamplingParams.from_kwargs(temprature=1)
+
+
+def test_frequency_and_presence_penalties_and_min_p():
+    import torch
+
+    from slmkit.engine.sampling import SamplingParams, apply_additive_penalties, sample_rows
+
+    logits = torch.zeros(1, 5)
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)
+    apply_additive_penalties(logits, [[1, 1, 3]], [p])
+    assert logits[0].tolist() == [0.0, -2.0, 0.0, -1.5, 0.0]  # token 1: 2 x 0.5 + 1; token 3: 0.5 + 1
+    # a greedy row moves off a token it keeps repeating when penalized
+    row = torch.tensor([[0.0, 3.0, 2.9, 0.0]])
+    assert sample_rows(row, [SamplingParams(temperature=0, repetition_penalty=1.0)], [[1, 1]], [None]) == [1]
+    assert sample_rows(row, [SamplingParams(temperature=0, repetition_penalty=1.0, presence_penalty=0.5)], [[1, 1]], [None]) == [2]
+    # min_p 1 keeps only the likeliest token, whatever the temperature
+    g = torch.Generator().manual_seed(0)
+    wide = torch.tensor([[1.0, 1.2, 0.9, 1.1]])
+    picks = {sample_rows(wide, [SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=1.0, repetition_penalty=1.0)], [[]], [g])[0]
+             for _ in range(20)}
+    assert picks == {1}
+    with pytest.raises(SlmkitError):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(SlmkitError):
+        SamplingParams(frequency_penalty=3)

@@ -291,10 +291,14 @@ def test_openai_api_details_content_parts_usage_chunk_models_cors_and_refusals(s
         greedy = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                                   "max_tokens": 6, "temperature": 0}).json()
         assert top1["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+        minp = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                                "max_tokens": 6, "temperature": 1.5, "min_p": 1.0, "seed": 2}).json()
+        assert minp["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]  # min_p 1: the top token only
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3})
+        assert bad.status_code == 422
         refused = [
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
             {"response_format": {"type": "json_object"}},
-            {"frequency_penalty": 0.5},
             {"logit_bias": {"1": 5}},
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
             {"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]},

@@ -33,11 +33,20 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
     top_logprobs: int = 0  # the likeliest alternatives each generated token reports with its log-probability
+    min_p: float = 0.0  # keep tokens at least this share of the likeliest one's probability (0 turns it off)
+    # OpenAI's additive penalties over the same last repeat_last_n tokens (llama.cpp's server counts the same way)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
-        if any(math.isnan(x) or math.isinf(x) for x in (self.temperature, self.top_p, self.repetition_penalty)):
-            problems.append("temperature, top_p and repetition_penalty must be finite numbers")
+        if any(math.isnan(x) or math.isinf(x) for x in (self.temperature, self.top_p, self.repetition_penalty, self.min_p,
+                                                          self.frequency_penalty, self.presence_penalty)):
+            problems.append("temperature, top_p, min_p and the penalties must be finite numbers")
+        if not 0 <= self.min_p <= 1:
+            problems.append("min_p must be in [0, 1]")
+        if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
+            problems.append("frequency_penalty and presence_penalty must be in [-2, 2]")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             problems.append(f"seed must be in [0, {MAX_SEED}]")
         if self.temperature < 0:
@@ -99,6 +108,16 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: Sequence[Sequence[int
     return logits
 
 
+def apply_additive_penalties(logits: torch.Tensor, recent: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> torch.Tensor:
+    """OpenAI's penalties, in place: in row r, subtract frequency_penalty x (times a token occurs in recent[r]) and
+    presence_penalty x (whether it occurs at all).  logits: (B, V)"""
+    for r, (window, p) in enumerate(zip(recent, params)):
+        if (p.frequency_penalty or p.presence_penalty) and window:
+            ids, counts = torch.unique(torch.tensor(list(window)), return_counts=True)
+            logits[r, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    return logits
+
+
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of each row and their token ids, largest first (all of them, sorted, when k is 0).
     logits: (..., V) -> (..., k), (..., k)"""
@@ -123,7 +142,8 @@ def sample_rows(
 ) -> list[int]:
     """Pick the next token of every row of logits (B, V), each with its own settings, history and random stream.
 
-    Order as in llama.cpp and transformers: repetition penalty, temperature, top-k, top-p, then sample. The
+    Order as in llama.cpp and transformers: repetition penalty (and OpenAI's frequency and presence penalties),
+    temperature, top-k, top-p, min-p, then sample. The
     work over the whole vocabulary (penalty, temperature, top-k) runs once for the batch; a row's result does
     not depend on the other rows, so a sequence samples the same tokens batched or alone.
     Top-k runs first so that top-p sorts k candidates rather than the whole vocabulary.
@@ -131,6 +151,7 @@ def sample_rows(
     logits = logits.float().clone()  # (B, V); changed in place below
     windows = [h[-p.repeat_last_n :] if p.repeat_last_n > 0 else h for h, p in zip(histories, params)]
     apply_repetition_penalty(logits, windows, [p.repetition_penalty for p in params])
+    apply_additive_penalties(logits, windows, params)
     out: list[int] = [0] * len(params)
     greedy = [r for r, p in enumerate(params) if p.temperature == 0]
     if greedy:
@@ -147,6 +168,8 @@ def sample_rows(
         for i, r in enumerate(rows):
             keep = nucleus_size(values[i], params[r].top_p)
             probs = torch.softmax(values[i, :keep], dim=-1)
+            if params[r].min_p > 0:  # drop what is less likely than min_p x the likeliest (multinomial renormalizes)
+                probs = torch.where(probs >= params[r].min_p * probs[0], probs, torch.zeros_like(probs))
             out[r] = int(ids[i, torch.multinomial(probs, 1, generator=generators[r])])
     return out
 

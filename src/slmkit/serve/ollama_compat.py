@@ -14,7 +14,8 @@ from slmkit.serve.openai_compat import Unsupported, valid_text
 TAG = ":latest"
 # Ollama's options -> slmkit's sampling keyword arguments
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "num_predict": "max_tokens",
-           "stop": "stop", "repeat_penalty": "repetition_penalty"}
+           "stop": "stop", "repeat_penalty": "repetition_penalty", "repeat_last_n": "repeat_last_n", "min_p": "min_p",
+           "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty"}
 IGNORED_OPTIONS = {"num_ctx", "num_thread", "num_gpu", "num_batch", "use_mmap", "use_mlock", "numa", "main_gpu", "low_vram", "num_keep"}
 
 

@@ -82,16 +82,16 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=0, strict=True)  # not OpenAI's; vLLM's and llama.cpp's servers take it
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     stream_options: dict[str, Any] | None = None
-    # OpenAI fields this server does not serve yet: refused when they ask for anything (refused_fields)
+    # fields this server does not serve yet are refused when they ask for anything (refused_fields)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    min_p: float | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # vLLM's and llama.cpp's servers take it
 
     _text = field_validator("stop")(valid_text)
 
@@ -183,12 +183,11 @@ def refused_fields(req: _Sampling) -> None:
     """Refuse (400) what a client asks for that this server would otherwise ignore."""
     asked = [f for f in ("tools", "functions", "logit_bias") if getattr(req, f)]
     asked += [f for f in ("tool_choice", "function_call") if getattr(req, f) not in (None, "none", "auto")]
-    asked += [f for f in ("frequency_penalty", "presence_penalty", "min_p") if getattr(req, f)]
     if req.response_format and req.response_format.get("type", "text") != "text":
         asked.append(f"response_format {req.response_format.get('type')!r}")
     if asked:
         raise Unsupported(f"not supported by this server yet: {', '.join(asked)}",
-                          "Leave them out (repetition_penalty and top_k are supported), or use a server that has them.")
+                          "Leave them out, or use a server that has them.")
 
 
 def include_usage(req: _Sampling) -> bool:
@@ -201,8 +200,9 @@ def sampling_kwargs(req: _Sampling, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "temperature": req.temperature, "top_p": req.top_p, "max_tokens": req.max_completion_tokens or req.max_tokens,
         "stop": tuple(stop) or None, "seed": None if req.seed is None else req.seed + index,
-        # OpenAI applies no repetition penalty unless asked (frequency/presence penalties are refused)
-        "repetition_penalty": req.repetition_penalty or 1.0, "top_k": req.top_k,
+        # OpenAI applies no repetition penalty unless asked
+        "repetition_penalty": req.repetition_penalty or 1.0, "top_k": req.top_k, "min_p": req.min_p,
+        "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
         "top_logprobs": top_logprobs_of(req),
     }
     return {k: v for k, v in out.items() if v is not None}
