@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -352,5 +353,33 @@ def test_ollama_native_api_with_the_official_client(store):
         with pytest.raises(ollama.ResponseError) as e:
             c.chat(model="tiny", messages=msgs, options={"num_predict": 400})
         assert e.value.status_code == 400 and "limit" in e.value.error
+    finally:
+        s.stop()
+
+
+def test_structured_output_by_json_schema_in_both_apis(store):
+    import ollama
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    s = Running(["tiny"], max_tokens_limit=40)
+    try:
+        c = client(s)
+        for seed in range(3):  # sampled, and still valid
+            r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30, temperature=1.0, seed=seed,
+                                          response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+            data = json.loads(r.choices[0].message.content)
+            assert data["answer"] in ("yes", "no") and 0 <= data["n"] <= 9 and set(data) == {"answer", "n"}
+            assert r.choices[0].finish_reason == "stop"
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30, temperature=0, stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}) if ch.choices)
+        assert json.loads(streamed)["answer"] in ("yes", "no")
+        o = ollama.Client(host=s.url).chat(model="tiny", messages=[{"role": "user", "content": "hi"}], format=schema,
+                                           options={"temperature": 0, "num_predict": 30})
+        assert json.loads(o.message.content)["answer"] in ("yes", "no")
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                               "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
+        assert bad.status_code == 400 and "schema" in bad.json()["error"]["message"]
     finally:
         s.stop()

@@ -13,6 +13,7 @@ from typing import Any
 
 from slmkit.card import ModelCard
 from slmkit.engine.backend import Backend
+from slmkit.engine.constrained import constraint_for
 from slmkit.engine.decode import Step
 from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.scoring import encode_document, encode_pair
@@ -117,9 +118,15 @@ class Model:
         return f"Model({self.name!r}, backend={self.backend.name!r})"
 
     # ---- generation -------------------------------------------------------------------------------
+    def _params(self, sampling: dict[str, Any]) -> SamplingParams:
+        """Sampling settings; `response_format` (OpenAI's: json_object, json_schema) becomes this sequence's grammar."""
+        response_format = sampling.pop("response_format", None)
+        constraint = constraint_for(self.backend, response_format) if response_format else None
+        return SamplingParams.from_kwargs(**sampling, constraint=constraint)
+
     def stream(self, prompt: str, **sampling: Any) -> Generation:
         """Plain completion (no chat template), streamed as text pieces."""
-        params = SamplingParams.from_kwargs(**sampling)
+        params = self._params(sampling)
         return Generation(self, self._checked_ids(self.backend.encode(prompt, add_special_tokens=True), params), params)
 
     def generate(self, prompt: str, **sampling: Any) -> str:
@@ -128,7 +135,7 @@ class Model:
     def stream_chat(self, messages: Sequence[Message], **sampling: Any) -> Generation:
         """Answer the last message of a conversation, formatted with the model's chat template."""
         _check_messages(messages)
-        params = SamplingParams.from_kwargs(**sampling)
+        params = self._params(sampling)
         return Generation(self, self._checked_ids(encode_chat(self.backend, messages), params), params)
 
     def chat(self, messages: Sequence[Message], **sampling: Any) -> str:

@@ -113,6 +113,16 @@ class LlamaCppBackend:
     def vocab_size(self) -> int:
         return int(self.llm.n_vocab())
 
+    def ll_tokenizer(self) -> Any:
+        """llguidance's view of the GGUF's vocabulary, for structured output (built once)."""
+        if getattr(self, "_ll_tokenizer", None) is None:
+            import llama_cpp
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+            self._ll_tokenizer = lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_token_ids) or None)
+        return self._ll_tokenizer
+
     def encode(self, text: str, *, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         if not text:
             return self.llm.tokenize(b"", add_bos=add_special_tokens, special=True) if add_special_tokens else []

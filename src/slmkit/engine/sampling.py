@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ class SamplingParams:
     # OpenAI's additive penalties over the same last repeat_last_n tokens (llama.cpp's server counts the same way)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # structured output: one sequence's grammar state (engine/constrained.py); masks the logits before sampling
+    constraint: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,7 +82,7 @@ class SamplingParams:
         return cls(**given)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(replace(self, constraint=None)).items() if k != "constraint"}
 
 
 def make_generator(seed: int | None, offset: int = 0) -> torch.Generator:
@@ -152,6 +154,9 @@ def sample_rows(
     windows = [h[-p.repeat_last_n :] if p.repeat_last_n > 0 else h for h, p in zip(histories, params)]
     apply_repetition_penalty(logits, windows, [p.repetition_penalty for p in params])
     apply_additive_penalties(logits, windows, params)
+    for r, p in enumerate(params):
+        if p.constraint is not None:
+            p.constraint.mask(logits[r])
     out: list[int] = [0] * len(params)
     greedy = [r for r, p in enumerate(params) if p.temperature == 0]
     if greedy:
@@ -171,6 +176,9 @@ def sample_rows(
             if params[r].min_p > 0:  # drop what is less likely than min_p x the likeliest (multinomial renormalizes)
                 probs = torch.where(probs >= params[r].min_p * probs[0], probs, torch.zeros_like(probs))
             out[r] = int(ids[i, torch.multinomial(probs, 1, generator=generators[r])])
+    for r, p in enumerate(params):
+        if p.constraint is not None:
+            p.constraint.advance(out[r])
     return out
 
 

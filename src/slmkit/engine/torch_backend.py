@@ -168,6 +168,14 @@ class TorchBackend:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    def ll_tokenizer(self) -> Any:
+        """llguidance's view of this vocabulary, for structured output (built once: about a second)."""
+        if getattr(self, "_ll_tokenizer", None) is None:
+            from llguidance.hf import from_tokenizer
+
+            self._ll_tokenizer = from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=sorted(self.eos_token_ids))
+        return self._ll_tokenizer
+
     @torch.inference_mode()
     def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
         for ids, start in requests:

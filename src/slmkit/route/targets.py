@@ -20,7 +20,7 @@ class TargetUnavailable(SlmkitError):
 
 def _sampling(kw: dict[str, Any]) -> dict[str, Any]:
     """The sampling settings an OpenAI endpoint understands, from slmkit's keyword arguments."""
-    return {k: kw[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if kw.get(k) is not None}
+    return {k: kw[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop", "response_format") if kw.get(k) is not None}
 
 
 @dataclass

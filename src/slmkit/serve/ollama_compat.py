@@ -75,8 +75,6 @@ def model_name(name: str) -> str:
 def sampling(req: _Base) -> dict[str, Any]:
     """slmkit sampling keyword arguments from Ollama's options; options that change what is computed and are not
     served are refused, the ones about memory and threads are ignored (the server's own settings decide)."""
-    if req.format not in (None, ""):
-        raise Unsupported("format (structured output) is not supported by this server yet", "Leave out format.")
     unknown = sorted(set(req.options) - set(OPTIONS) - IGNORED_OPTIONS)
     if unknown:
         raise Unsupported(f"options not supported by this server: {', '.join(unknown)}",
@@ -89,6 +87,12 @@ def sampling(req: _Base) -> dict[str, Any]:
     if out.get("max_tokens") is not None and out["max_tokens"] < 0:  # -1: as long as the context allows
         del out["max_tokens"]
     out.setdefault("repetition_penalty", 1.0)
+    if req.format == "json":  # Ollama's structured output: any JSON, or a JSON schema
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(req.format, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": req.format}}
+    elif req.format not in (None, ""):
+        raise Unsupported(f"format {req.format!r} is not understood", 'Give "json" or a JSON schema object.')
     return out
 
 

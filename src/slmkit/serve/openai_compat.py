@@ -183,8 +183,6 @@ def refused_fields(req: _Sampling) -> None:
     """Refuse (400) what a client asks for that this server would otherwise ignore."""
     asked = [f for f in ("tools", "functions", "logit_bias") if getattr(req, f)]
     asked += [f for f in ("tool_choice", "function_call") if getattr(req, f) not in (None, "none", "auto")]
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        asked.append(f"response_format {req.response_format.get('type')!r}")
     if asked:
         raise Unsupported(f"not supported by this server yet: {', '.join(asked)}",
                           "Leave them out, or use a server that has them.")
@@ -203,6 +201,7 @@ def sampling_kwargs(req: _Sampling, index: int) -> dict[str, Any]:
         # OpenAI applies no repetition penalty unless asked
         "repetition_penalty": req.repetition_penalty or 1.0, "top_k": req.top_k, "min_p": req.min_p,
         "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
+        "response_format": req.response_format if (req.response_format or {}).get("type", "text") != "text" else None,
         "top_logprobs": top_logprobs_of(req),
     }
     return {k: v for k, v in out.items() if v is not None}
