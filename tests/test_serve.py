@@ -383,3 +383,46 @@ def test_structured_output_by_json_schema_in_both_apis(store):
         assert bad.status_code == 400 and "schema" in bad.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_tool_calling_with_the_official_client(store, tmp_path):
+    from conftest import build_tiny_llama
+    from slmkit.sources.importer import import_path
+
+    import_path(build_tiny_llama(tmp_path / "long", context=2048), "tinylong")  # the tool descriptions need room
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                              "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+    s = Running(["tinylong"], max_tokens_limit=80)
+    try:
+        c = client(s)
+        msgs = [{"role": "user", "content": "Weather in Paris?"}]
+        r = c.chat.completions.create(model="tinylong", messages=msgs, tools=[weather, clock], tool_choice="required", max_tokens=70, temperature=0)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert call.function.name in ("get_weather", "get_time") and call.id.startswith("call_")
+        args = json.loads(call.function.arguments)
+        assert (args in ({"city": "Paris"}, {"city": "Rome"})) if call.function.name == "get_weather" else args == {}
+        named = c.chat.completions.create(model="tinylong", messages=msgs, tools=[weather, clock], max_tokens=70, temperature=0,
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
+        # streamed: the call arrives as one tool_calls delta, then finish_reason tool_calls
+        chunks = list(c.chat.completions.create(model="tinylong", messages=msgs, tools=[weather], tool_choice="required", max_tokens=70,
+                                                temperature=0, stream=True))
+        deltas = [ch.choices[0].delta.tool_calls for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls]
+        assert len(deltas) == 1 and deltas[0][0].function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+        # the conversation goes on with the call and its result
+        follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [{"id": call.id, "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}, {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+        again = c.chat.completions.create(model="tinylong", messages=follow, tools=[weather], tool_choice="none", max_tokens=8, temperature=0)
+        assert again.choices[0].message.content is not None and again.choices[0].finish_reason in ("stop", "length")
+        auto = c.chat.completions.create(model="tinylong", messages=msgs, tools=[weather], max_tokens=8, temperature=0)
+        assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")  # a tiny random model answers in text
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tinylong", "messages": msgs, "tools": [{"type": "function"}]})
+        assert bad.status_code == 400 and "function tool" in bad.json()["error"]["message"]
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tinylong", "messages": msgs, "tools": [weather],
+                                                               "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+        assert bad.status_code == 400 and "not among the tools" in bad.json()["error"]["message"]
+    finally:
+        s.stop()

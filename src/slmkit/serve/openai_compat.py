@@ -46,12 +46,23 @@ class Unsupported(SlmkitError):
 
 def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
     """Messages as the chat template takes them: text content parts joined, `developer` as `system` (OpenAI's newer
-    name for it); images, audio and tool turns refused with what to do."""
+    name for it), earlier tool calls and tool results in serve/tools.py's text protocol; images and audio refused."""
+    from slmkit.serve.tools import call_text
+
     out = []
+    names: dict[str, str] = {}  # tool_call_id -> function name, for the results
     for i, m in enumerate(messages):
-        if m.role == "tool" or getattr(m, "tool_calls", None):
-            raise Unsupported(f"messages[{i}]: tool calls and tool results are not supported by this server yet",
-                              "Send plain user/assistant/system messages.")
+        calls = getattr(m, "tool_calls", None) or []
+        if m.role == "assistant" and calls:
+            for c in calls:
+                names[str(c.get("id"))] = str((c.get("function") or {}).get("name"))
+            out.append({"role": "assistant", "content": "\n".join(call_text(c) for c in calls)})
+            continue
+        if m.role == "tool":
+            name = names.get(str(getattr(m, "tool_call_id", "")), "the tool")
+            text = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])
+            out.append({"role": "user", "content": f"Result of {name}: {text}"})
+            continue
         if isinstance(m.content, list):
             kinds = sorted({p.type for p in m.content if p.type != "text"})
             if kinds:
@@ -125,9 +136,10 @@ class ErrorBody(TypedDict):
     error: dict[str, str | None]
 
 
-class ChatMessageOut(TypedDict):
+class ChatMessageOut(TypedDict, total=False):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]]
 
 
 class ChatChoice(TypedDict):
@@ -148,7 +160,7 @@ class ChatCompletion(TypedDict):
 
 class ChunkChoice(TypedDict, total=False):
     index: int
-    delta: dict[str, str]
+    delta: dict[str, Any]
     text: str
     finish_reason: str | None
     logprobs: None
@@ -181,8 +193,8 @@ class Completion(TypedDict):
 # ---- conversions -------------------------------------------------------------------------------------------------
 def refused_fields(req: _Sampling) -> None:
     """Refuse (400) what a client asks for that this server would otherwise ignore."""
-    asked = [f for f in ("tools", "functions", "logit_bias") if getattr(req, f)]
-    asked += [f for f in ("tool_choice", "function_call") if getattr(req, f) not in (None, "none", "auto")]
+    asked = [f for f in ("functions", "logit_bias") if getattr(req, f)]
+    asked += [f for f in ("function_call",) if getattr(req, f) not in (None, "none", "auto")]
     if asked:
         raise Unsupported(f"not supported by this server yet: {', '.join(asked)}",
                           "Leave them out, or use a server that has them.")
@@ -240,7 +252,7 @@ def usage_chunk(rid: str, model: str, object_: str, use: Usage) -> dict[str, Any
     return {"id": rid, "object": object_, "created": int(time.time()), "model": model, "choices": [], "usage": use}
 
 
-def chat_chunk(rid: str, model: str, index: int, delta: dict[str, str], finish: str | None) -> Chunk:
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, Any], finish: str | None) -> Chunk:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 

@@ -23,11 +23,12 @@ from fastapi.responses import StreamingResponse
 from slmkit.errors import ModelNotFound, PromptTooLong
 from slmkit.model import Generation, Model
 from slmkit.serve import openai_compat as oa
+from slmkit.serve import tools as tl
 from slmkit.serve.errors import HTTPError, to_http
 from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import BadRequest, ModelRegistry
-from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse_events
+from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse, sse_events
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,23 @@ def logprobs_of(model: Model, gen: Generation) -> tuple[list[str], list[float], 
     steps = [s for s in gen.steps if s.token not in b.eos_token_ids]
     return ([b.decode([s.token]) for s in steps], [s.logprob for s in steps],
             [[(b.decode([t]), lp) for t, lp in s.top] for s in steps])
+
+
+async def replay_chat(whole: dict[str, Any], usage_chunk: bool) -> AsyncIterator[bytes]:
+    """A finished chat completion as the chunks a stream of it would have had (a tool call as one delta)."""
+    rid, name = whole["id"], whole["model"]
+    for c in whole["choices"]:
+        msg = c["message"]
+        yield sse(oa.chat_chunk(rid, name, c["index"], {"role": "assistant", "content": ""}, None))
+        if msg.get("tool_calls"):
+            delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(msg["tool_calls"])]}
+            yield sse(oa.chat_chunk(rid, name, c["index"], delta, None))
+        elif msg.get("content"):
+            yield sse(oa.chat_chunk(rid, name, c["index"], {"content": msg["content"]}, None))
+        yield sse(oa.chat_chunk(rid, name, c["index"], {}, c["finish_reason"]))
+    if usage_chunk:
+        yield sse(oa.usage_chunk(rid, name, "chat.completion.chunk", whole["usage"]))
+    yield b"data: [DONE]\n\n"
 
 
 def request_usage(choices: list[Choice], endpoint: str, n: int) -> oa.Usage:
@@ -163,22 +181,41 @@ def openai_routes(server: Server) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: oa.ChatRequest, request: Request) -> Any:
         messages: list[dict[str, str]] = []
+        calling: dict[str, Any] = {}  # the checked tools and the tool_choice mode, set in begin
 
         def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
-            messages[:] = oa.plain_messages(body.messages)  # content parts joined; images and tools refused (400)
-            return start(model, body, lambda kw: model.stream_chat(messages, **kw), loop)
+            tools = tl.check_tools(body.tools)
+            mode = tl.mode_of(body.tool_choice, tools)
+            calling.update(tools=tools, mode=mode)
+            # content parts joined; earlier calls and results in the tool protocol; the tools in the system message
+            messages[:] = tl.with_tools(oa.plain_messages(body.messages), tools, mode)
+            extra: dict[str, Any] = {}
+            if mode not in (None, "none", "auto"):  # a call is required: its JSON is enforced by grammar
+                extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "call", "schema": tl.call_schema(tools, mode)}}
+            return start(model, body, lambda kw: model.stream_chat(messages, **{**kw, **extra}), loop)
 
         def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
             delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
             return oa.chat_chunk(rid, name, i, delta, finish)
 
         def respond(rid: str, name: str, model: Model, choices: list[Choice], texts: list[str]) -> dict:
-            out = [oa.chat_choice(c.index, text, c.gen.stats.finish_reason,
-                                  oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None)
-                   for c, text in zip(choices, texts)]
+            out = []
+            for c, text in zip(choices, texts):
+                call = tl.parse_call(text, calling["tools"]) if calling.get("mode") not in (None, "none") else None
+                choice = oa.chat_choice(c.index, text, "tool_calls" if call else c.gen.stats.finish_reason,
+                                        oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None)
+                if call:
+                    choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+                out.append(choice)
             return with_route(oa.chat_response(rid, name, out, request_usage(choices, "chat", body.n)), choices)
 
-        return await _generate("chat", body, request, begin, chunk, respond)
+        if not (body.tools and body.tool_choice != "none"):
+            return await _generate("chat", body, request, begin, chunk, respond)
+        # with tools, an answer is a call or text only once it is whole: generate, then stream what it turned out to be
+        whole = await _generate("chat", body.model_copy(update={"stream": False}), request, begin, chunk, respond)
+        if not body.stream:
+            return whole
+        return StreamingResponse(replay_chat(whole, oa.include_usage(body)), media_type="text/event-stream")
 
     @router.post("/v1/completions")
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:

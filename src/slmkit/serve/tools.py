@@ -1,0 +1,102 @@
+"""Tool calling, for models whose chat template knows nothing of tools (most small ones), by a text-level protocol:
+
+- the tools are described in the system message, with how to call one: answer with only a JSON object
+  `{"name": NAME, "arguments": {...}}`;
+- `tool_choice` "required" or a named function constrains the answer to such a call by grammar (llguidance,
+  engine/constrained.py), so it is always well-formed and names a real tool with schema-valid arguments; "auto"
+  lets the model choose, and an answer that parses as a call to a known tool becomes one;
+- earlier calls (assistant `tool_calls`) go back into the conversation as that JSON, and tool results (`tool`
+  messages) as a user turn "Result of NAME: ...".
+Pure conversions; the routes use them around one generation."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from slmkit.serve.openai_compat import Unsupported
+
+CALL_FORMAT = '{"name": "<function name>", "arguments": {<arguments as JSON>}}'
+
+
+def check_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
+    """OpenAI's `tools` as [{name, description, parameters}], checked."""
+    out = []
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise Unsupported(f"tools[{i}] is not a function tool {{type: function, function: {{name, parameters}}}}", "Fix the tool.")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise Unsupported(f"tools[{i}].function.parameters must be a JSON schema object", "Fix the tool.")
+        out.append({"name": fn["name"], "description": str(fn.get("description") or ""), "parameters": params})
+    return out
+
+
+def mode_of(tool_choice: Any, tools: list[dict[str, Any]]) -> str | None:
+    """None (no tools), "none", "auto", "required", or the name of the one function to call."""
+    if not tools or tool_choice == "none":
+        return None if not tools else "none"
+    if tool_choice in (None, "auto", "required"):
+        return tool_choice or "auto"
+    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    if name not in {t["name"] for t in tools}:
+        raise Unsupported(f"tool_choice names {name!r}, which is not among the tools", "Name one of the tools, or use auto.")
+    return name
+
+
+def system_text(tools: list[dict[str, Any]], mode: str) -> str:
+    lines = ["You can call these functions:"]
+    for t in tools:
+        lines.append(f"- {t['name']}: {t['description']} Parameters (JSON schema): {json.dumps(t['parameters'])}")
+    lines.append(f"To call a function, answer with only a JSON object: {CALL_FORMAT}.")
+    if mode == "required":
+        lines.append("You must call one of the functions.")
+    elif mode not in ("auto", "none"):
+        lines.append(f"You must call {mode}.")
+    return "\n".join(lines)
+
+
+def call_schema(tools: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """The JSON schema of a call: one of the tools by name, its arguments by its parameters."""
+    chosen = [t for t in tools if mode == "required" or t["name"] == mode]
+    variants = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                 "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def with_tools(messages: list[dict[str, str]], tools: list[dict[str, Any]], mode: str | None) -> list[dict[str, str]]:
+    """The conversation with the tools described in its system message."""
+    if not mode or mode == "none":
+        return messages
+    text = system_text(tools, mode)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def call_text(call: dict[str, Any]) -> str:
+    """An earlier assistant tool call written as the model would have written it."""
+    fn = call.get("function") or {}
+    args = fn.get("arguments") or "{}"
+    try:
+        parsed = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        parsed = args
+    return json.dumps({"name": fn.get("name"), "arguments": parsed})
+
+
+def parse_call(text: str, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """An answer that is a call to one of the tools, as OpenAI's tool_calls entry; else None."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.strip("`").removeprefix("json").strip()
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("name") not in {t["name"] for t in tools} or not isinstance(obj.get("arguments", {}), dict):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}))}}
