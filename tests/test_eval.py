@@ -278,3 +278,26 @@ def test_missing_dataset_is_a_clear_cli_error(store, monkeypatch):
     assert res.exit_code == 1
     assert "hellaswag/validation.jsonl" in res.stderr and "slmkit data fetch hellaswag" in res.stderr
     assert snapshot(store.root.parent) == before
+
+
+def test_compare_baseline_stderr_noise_and_json(store, tmp_path):
+    spec = write_task(tmp_path, ARC_ROWS)
+    outs = []
+    for name in ("tiny", "smollm2-135m-instruct"):
+        f = tmp_path / f"{name}.json"
+        r = runner.invoke(app, ["eval", name, "--task", str(spec), "--json", "--out", str(f)])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["results"]["tasks"]["t"]["n"] == len(ARC_ROWS)  # --json: the results on stdout
+        outs.append(str(f))
+    html = tmp_path / "c.html"
+    r = runner.invoke(app, ["compare", *outs, "--baseline", "tiny", "--html", str(html)])
+    assert r.exit_code == 0, r.output
+    assert "±" in r.stdout and f"(n={len(ARC_ROWS)})" in r.stdout and "(baseline)" in r.stdout
+    assert "within two standard errors" in r.stdout  # a handful of questions cannot tell models apart
+    page = html.read_text()
+    assert "±" in page and "within two standard errors" in page and "(baseline)" in page
+    r = runner.invoke(app, ["compare", *outs, "--json", "--html", str(html)])
+    rows = json.loads(r.stdout)["rows"]
+    assert r.exit_code == 0 and [row["model"] for row in rows] == ["tiny", "smollm2-135m-instruct"] and "t.acc_stderr" in rows[0]
+    r = runner.invoke(app, ["compare", *outs, "--baseline", "nope"])
+    assert r.exit_code == 1 and "not among the compared models" in r.output

@@ -381,6 +381,10 @@ def test_structured_output_by_json_schema_in_both_apis(store):
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
         assert bad.status_code == 400 and "schema" in bad.json()["error"]["message"]
+        odd = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": odd})
+        assert bad.status_code == 400, bad.text
+        assert httpx.get(s.url + "/health").status_code == 200  # and the server keeps serving
     finally:
         s.stop()
 
@@ -424,5 +428,22 @@ def test_tool_calling_with_the_official_client(store, tmp_path):
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tinylong", "messages": msgs, "tools": [weather],
                                                                "tool_choice": {"type": "function", "function": {"name": "nope"}}})
         assert bad.status_code == 400 and "not among the tools" in bad.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_ps_lists_what_a_running_server_loaded(store):
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+
+    s = Running(["tiny", "smollm2-135m-instruct"])
+    try:
+        runner = CliRunner()
+        r = runner.invoke(app, ["ps", "--url", s.url, "--json"])
+        assert r.exit_code == 0 and json.loads(r.stdout)["loaded"] == []
+        client(s).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        r = runner.invoke(app, ["ps", "--url", s.url])
+        assert r.exit_code == 0 and "1 of 2 offered models loaded" in " ".join(r.stdout.split()) and "│ tiny" in r.stdout
     finally:
         s.stop()

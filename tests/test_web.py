@@ -77,14 +77,17 @@ def test_chat_page_markdown_settings_speed_and_reload(store, browser):
     try:
         browser.get(s.url + "/")
         saved = {"history": [{"role": "user", "content": "fruit?"},
-                             {"role": "assistant", "content": "*Banana* and `code`\n\n<img src=x onerror=\"window.pwned=1\">"}],
+                             {"role": "assistant", "content": "*Banana* and `code`\n\n<img src=x onerror=\"window.pwned=1\">\n\n"
+                                                              "<script>window.pwned=2</script>\n\n```\nprint(1)\n```"}],
                  "stats": [{"tokens": 5, "tps": 12.5, "ttft": 0.1}], "system": "Be brief.", "temperature": "0", "max_tokens": "8"}
         browser.execute_script(f"localStorage.setItem('slmkit-chat', {json.dumps(json.dumps(saved))}); location.reload();")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant em"))
         first = browser.find_element(By.CSS_SELECTOR, ".msg.assistant")
         assert first.find_element(By.TAG_NAME, "em").text == "Banana" and first.find_element(By.TAG_NAME, "code").text == "code"
-        assert "onerror" not in first.get_attribute("innerHTML") and not browser.execute_script("return window.pwned")  # sanitized
+        inner = first.get_attribute("innerHTML")
+        assert "onerror" not in inner and "<script" not in inner and not browser.execute_script("return window.pwned")  # sanitized
+        assert first.find_element(By.CSS_SELECTOR, "pre button.copy").text == "copy"  # code blocks get a copy button
         assert browser.find_element(By.ID, "system").get_attribute("value") == "Be brief."
         assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
         assert "12.5 tokens/s" in browser.find_element(By.CSS_SELECTOR, ".stats").text
@@ -98,6 +101,11 @@ def test_chat_page_markdown_settings_speed_and_reload(store, browser):
         assert not errors, errors[0].text
         stats = browser.find_elements(By.CSS_SELECTOR, ".stats")
         assert len(stats) == 1 and "8 tokens" in stats[0].text and "tokens/s" in stats[0].text  # max_tokens 8 from the settings
+        first_answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text
+        browser.find_element(By.ID, "regenerate").click()  # the last question again, in place of its answer
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]") and d.find_element(By.ID, "send").is_enabled())
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1 and len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1
+        assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text == first_answer  # temperature 0 from the settings
         browser.refresh()  # the conversation and the settings survive a reload
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1)
         assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["hi"]

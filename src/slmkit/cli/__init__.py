@@ -29,6 +29,7 @@ app.command("distill")(distill.distill)
 app.command("finetune")(finetune.finetune)
 app.command("merge")(finetune.merge)
 app.command("serve")(serve.serve)
+app.command("ps")(serve.ps)
 
 
 def _version(value: bool) -> None:

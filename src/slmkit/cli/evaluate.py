@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from slmkit.cli.common import BackendOpt, ModelOpt, handle_errors, out_console
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
 from slmkit.evaluate.perplexity import CONTEXT_LENGTH, STRIDE
-from slmkit.evaluate.report import columns_of, fmt, rows_of, short_labels, write_html
+from slmkit.evaluate.report import baseline_row, cell, columns_of, noise_notes, rows_of, short_labels, titled, write_html
 from slmkit.evaluate.results import load_result
 from slmkit.evaluate.run import evaluate, latest_result_for
 from slmkit.loading import load
@@ -39,16 +40,19 @@ def tasks_table(data_dir: Path | None) -> Table:
     return table
 
 
-def _table(results: list[dict[str, Any]], title: str) -> Table:
+def _table(results: list[dict[str, Any]], title: str, baseline: str | None = None) -> Table:
     rows = rows_of(results)
     cols = columns_of(rows)
+    base = baseline_row(rows, baseline)
     prefix, labels = short_labels([row["model"] for row in rows])
-    table = Table(title=title + (f" (… = {prefix})" if prefix else ""))
+    notes = noise_notes(rows, cols, base)
+    table = Table(title=title + (f" (… = {prefix})" if prefix else ""),
+                  caption="\n".join(["± one standard error" + ("; (change from the baseline)" if base else ""), *notes]))
     table.add_column("metric", no_wrap=True)
-    for label in labels:
-        table.add_column(label, justify="right", no_wrap=True)
+    for label, row in zip(labels, rows):
+        table.add_column(label + (" (baseline)" if row is base else ""), justify="right", no_wrap=True)
     for c in cols:  # one row per metric: fits a terminal better than one column per metric
-        table.add_row(c.title, *(fmt(c, row.get(c.key)) for row in rows))
+        table.add_row(titled(c, rows), *(cell(c, row, base) for row in rows))
     return table
 
 
@@ -71,6 +75,7 @@ def eval_cmd(
     metric: Annotated[str, typer.Option("--metric", help="For --responses: rouge_l (free answers) or exact_match (labels such as intents).")] = "rouge_l",
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="For a --responses CSV: the prompt column.")] = None,
     response_column: Annotated[str | None, typer.Option("--response-column", help="For a --responses CSV: the response column.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results JSON instead of the table.")] = False,
     backend: BackendOpt = "torch",
 ) -> None:
     """Measure a model: perplexity and bits per byte, task accuracy, answers against references, KL from a teacher, speed and memory."""
@@ -88,6 +93,9 @@ def eval_cmd(
         context_length=context_length, stride=stride, out=out, responses=responses, response_metric=metric,
         response_read={k: v for k, v in {"prompt_column": prompt_column, "response_column": response_column}.items() if v},
     )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
     out_console().print(_table([result], f"slmkit eval: {model.name}"))
     typer.echo(f"results: {out or archived}")
 
@@ -96,6 +104,8 @@ def eval_cmd(
 def compare(
     items: Annotated[list[str], typer.Argument(help="Results JSON files, or model names (their latest eval).")],
     html: Annotated[Path | None, typer.Option("--html", help="Where to write the HTML report.")] = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="A compared model: every value also shown as its change from that model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the compared rows as JSON (one object per model) instead of the table.")] = False,
 ) -> None:
     """Put eval results side by side: a table here, and an HTML report with quality-vs-size/speed plots."""
     paths = []
@@ -110,8 +120,12 @@ def compare(
                               f"Run: slmkit eval {item} --ppl wikitext2 --speed (or give a results .json path).")
         paths.append(found)
     results = [load_result(p) for p in paths]
-    out_console().print(_table(results, "slmkit compare"))
+    baseline_row(rows_of(results), baseline)  # an unknown baseline fails before anything is written
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = html or settings().reports_dir / f"compare-{stamp}.html"
-    write_html(results, target, [str(p) for p in paths])
+    write_html(results, target, [str(p) for p in paths], baseline)
+    if as_json:
+        typer.echo(json.dumps({"rows": rows_of(results), "report": str(target)}, indent=2))
+        return
+    out_console().print(_table(results, "slmkit compare", baseline))
     typer.echo(f"report: {target}")

@@ -84,3 +84,40 @@ def serve(
     route_log.setLevel(logging.INFO)
     route_log.propagate = False
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(shutdown_timeout) + 1)
+
+
+@handle_errors
+def ps(
+    url: Annotated[str, typer.Option("--url", help="The running server.")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="SLMKIT_API_KEY", help="The server's API key, if it has one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")] = False,
+) -> None:
+    """The models a running `slmkit serve` has loaded, with what it offers."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from rich.table import Table
+
+    from slmkit.card import human_bytes
+    from slmkit.cli.common import out_console
+
+    def get(path: str) -> dict:
+        req = urllib.request.Request(url.rstrip("/") + path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise SlmkitError(f"no slmkit server answers at {url}: {exc}", "Start one with slmkit serve, or give its address with --url.") from exc
+
+    loaded, health = get("/api/ps"), get("/health")
+    if as_json:
+        typer.echo(json.dumps({"offered": health.get("models", []), "loaded": loaded["models"]}, indent=2))
+        return
+    table = Table(title=f"{url}: {len(loaded['models'])} of {len(health.get('models', []))} offered models loaded")
+    for col in ("NAME", "PARAMS", "FORMAT", "SIZE"):
+        table.add_column(col)
+    for m in loaded["models"]:
+        d = m.get("details") or {}
+        table.add_row(m["model"].removesuffix(":latest"), d.get("parameter_size", ""), d.get("format", ""), human_bytes(m.get("size") or 0))
+    out_console().print(table)

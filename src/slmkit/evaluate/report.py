@@ -109,6 +109,53 @@ def fmt(col: Column, value: Any) -> str:
     return "-" if value is None else col.fmt.format(value)
 
 
+def stderr_of(col: Column, row: dict[str, Any]) -> float | None:
+    return row.get(col.key + "_stderr")
+
+
+def cell(col: Column, row: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    """A value with its standard error where it has one (task accuracies), and its change from the baseline row."""
+    value = row.get(col.key)
+    text = fmt(col, value)
+    se = stderr_of(col, row)
+    if value is not None and se:
+        text += f" ± {se:.3f}"
+    if base is not None and base is not row and value is not None and base.get(col.key):
+        text += f" ({(value - base[col.key]) / abs(base[col.key]):+.1%})"
+    return text
+
+
+def titled(col: Column, rows: list[dict[str, Any]]) -> str:
+    """A column's title, with the number of items behind an accuracy (n) when every row has the same."""
+    ns = {row.get(col.key.rsplit(".", 1)[0] + ".n") for row in rows if row.get(col.key) is not None}
+    return f"{col.title} (n={ns.pop()})" if len(ns) == 1 and None not in ns and "." in col.key else col.title
+
+
+def noise_notes(rows: list[dict[str, Any]], cols: list[Column], base: dict[str, Any] | None = None) -> list[str]:
+    """Accuracies whose differences (from the baseline, or between the models) are inside two standard errors."""
+    notes = []
+    for col in cols:
+        have = [r for r in rows if r.get(col.key) is not None and stderr_of(col, r)]
+        if len(have) < 2:
+            continue
+        ref = base if base is not None and base in have else None
+        pairs = [(ref, r) for r in have if r is not ref] if ref else [(a, b) for i, a in enumerate(have) for b in have[i + 1:]]
+        if all(abs(a[col.key] - b[col.key]) < 2 * (stderr_of(col, a) ** 2 + stderr_of(col, b) ** 2) ** 0.5 for a, b in pairs):
+            notes.append(f"{col.title}: every difference is within two standard errors (noise at this n)")
+    return notes
+
+
+def baseline_row(rows: list[dict[str, Any]], name: str | None) -> dict[str, Any] | None:
+    if name is None:
+        return None
+    for row in rows:
+        if row["model"] == name or row["model"].split(" (")[0] == name:
+            return row
+    from slmkit.errors import SlmkitError
+
+    raise SlmkitError(f"--baseline {name!r} is not among the compared models", f"Models: {', '.join(r['model'] for r in rows)}")
+
+
 def quality_axes(columns: list[Column]) -> list[Column]:
     """The quality metrics worth plotting against size and speed."""
     keys = ["bits_per_byte", "mean_kl"] + [c.key for c in columns if c.key.endswith((".acc_norm", ".rouge_l", ".exact_match"))
@@ -236,14 +283,17 @@ def loss_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes | None:
     return buf.getvalue()
 
 
-def write_html(results: list[dict[str, Any]], path: Path, sources: list[str]) -> Path:
+def write_html(results: list[dict[str, Any]], path: Path, sources: list[str], baseline: str | None = None) -> Path:
     rows = rows_of(results)
     cols = columns_of(rows)
-    head = "".join(f"<th>{html.escape(c.title)}</th>" for c in cols)
+    base = baseline_row(rows, baseline)
+    head = "".join(f"<th>{html.escape(titled(c, rows))}</th>" for c in cols)
     body = "".join(
-        "<tr><td>" + html.escape(row["model"]) + "</td>" + "".join(f"<td>{fmt(c, row.get(c.key))}</td>" for c in cols) + "</tr>"
+        "<tr><td>" + html.escape(row["model"]) + (" (baseline)" if row is base else "") + "</td>"
+        + "".join(f"<td>{html.escape(cell(c, row, base))}</td>" for c in cols) + "</tr>"
         for row in rows
     )
+    warnings = "".join(f"<p class=\"noise\">{html.escape(n)}</p>" for n in noise_notes(rows, cols, base))
     cost_cols = [c for c in cols if c.key in ("size_mb", "decode_tps")]
     images = []
     for q in quality_axes(cols):
@@ -268,9 +318,12 @@ table {{ border-collapse: collapse; font-size: 0.9rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 0.5rem; }}
+.noise {{ color: #a60; }}
 </style></head><body>
 <h1>slmkit comparison</h1>
 <table><thead><tr><th>model</th>{head}</tr></thead><tbody>{body}</tbody></table>
+<p>± one standard error; n: items behind an accuracy{"; in brackets: the change from the baseline" if base else ""}.</p>
+{warnings}
 <h2>Quality against size and speed</h2>
 <p>Red: the Pareto front (no other model is better on both axes).</p>
 {''.join(images) or '<p>Not enough measurements to plot: run slmkit eval with --ppl or --task, and --speed.</p>'}
