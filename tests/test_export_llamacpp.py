@@ -222,3 +222,66 @@ def test_structured_output_on_llamacpp(store):
         assert isinstance(data["ok"], bool) and data["k"] in ("a", "b", "c")
     # greedy: the same constrained answer from llama.cpp and from PyTorch on the same weights
     assert cpp.chat(msgs, max_tokens=30, temperature=0, response_format=fmt) == pt.chat(msgs, max_tokens=30, temperature=0, response_format=fmt)
+
+
+SMOL_STYLE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+              "{{ '<|im_start|>system\\nYou are a helpful assistant named Tiny.<|im_end|>\\n' }}{% endif %}"
+              "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _ollama_render(modelfile: str, messages: list[dict]) -> str:
+    """What Ollama builds from this Modelfile: the SYSTEM default joins .Messages when the request has no system
+    message; the template (checked to be the ChatML one) ranges over .Messages, then opens the assistant turn."""
+    import re
+
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+    assert template == ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
+    system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S)
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system.group(1)}, *messages]
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+def test_modelfile_renders_what_the_chat_template_renders(with_system):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from slmkit.export.gguf import modelfile_text
+
+    modelfile = modelfile_text("m.gguf", SMOL_STYLE, 0.2, context=2048)
+    assert 'SYSTEM """You are a helpful assistant named Tiny."""' in modelfile and "PARAMETER num_ctx 2048" in modelfile
+    msgs = ([{"role": "system", "content": "Be terse."}] if with_system else []) + [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?"}]
+    jinja = ImmutableSandboxedEnvironment().from_string(SMOL_STYLE).render(messages=msgs, add_generation_prompt=True)
+    assert _ollama_render(modelfile, msgs) == jinja  # the system prompt once, the default one only when none is given
+
+
+def test_gguf_metadata_carries_the_lineage(store, tmp_path):
+    import gguf
+
+    from slmkit.compress.prune_stage import prune_stage
+    from slmkit.export.store_export import export_model
+
+    def fields(path):
+        r = gguf.GGUFReader(str(path))
+        return {k: f.contents() for k, f in r.fields.items() if k.startswith("general.") or k.startswith("quantize.")}
+
+    res = export_model("tiny", "F32", out_dir=tmp_path / "a")
+    f = fields(res["gguf"])
+    assert f["general.license"] == "other" and "license is unknown" in res["note"] and f["general.name"].startswith("tiny")
+    assert f["general.size_label"] == "29K" and "slmkit" in f["general.tags"] and "general.quantized_by" not in f
+    # the root's facts (as a GGUF import records them) reach a child's export, with the stages that made it
+    card_path = Store().path("tiny") / "card.json"
+    card = json.loads(card_path.read_text())
+    card["settings"]["general"] = {"name": "Tiny One", "organization": "TinyOrg", "license": "apache-2.0", "basename": "tiny",
+                                   "languages": ["en"], "tags": ["text-generation"]}
+    card_path.write_text(json.dumps(card))
+    prune_stage("tiny", method="magnitude", sparsity=0.5, name="tiny-sparse", calib=None)
+    res = export_model("tiny-sparse", "Q8_0", out_dir=tmp_path / "b")
+    f = fields(res["gguf"])
+    assert f["general.license"] == "apache-2.0" and f["general.organization"] == "TinyOrg" and f["general.languages"] == ["en"]
+    assert f["general.basename"] == "tiny" and f["general.finetune"] == "prune" and f["general.quantized_by"] == "slmkit"
+    assert f["general.base_model.count"] == 1 and f["general.base_model.0.name"] == "Tiny One"
+    assert f["general.base_model.0.organization"] == "TinyOrg" and {"text-generation", "slmkit", "prune"} <= set(f["general.tags"])
+    assert "tiny -> prune (tiny-sparse)" == f["general.description"] and not res["note"]

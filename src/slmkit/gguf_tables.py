@@ -78,9 +78,10 @@ GGUF_TYPES: dict[str, str] = {
 
 # chat template family (recognised by a marker in the Jinja template) -> Ollama Modelfile TEMPLATE and stops
 OLLAMA_TEMPLATES: dict[str, tuple[str, str, list[str]]] = {
+    # Ollama puts the system message (the request's, or the Modelfile's SYSTEM) into .Messages itself: ranging over
+    # .Messages alone renders it once, as Ollama's own chatml template does
     "chatml": (
         "<|im_start|>",
-        '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
         '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
         ["<|im_end|>", "<|im_start|>"],
     ),

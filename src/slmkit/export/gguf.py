@@ -13,6 +13,7 @@ import numpy as np
 from slmkit import progress
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import read_config
+from slmkit.export.metadata import write_metadata
 from slmkit.gguf_tables import ARCHITECTURES, GGUF_TYPES, OLLAMA_TEMPLATES, pre_name_of
 
 
@@ -83,7 +84,7 @@ def _tokenizer_fields(folder: Path) -> dict[str, Any]:
             "pad": special_id("pad_token"), "add_bos": bool(tcfg.get("add_bos_token", False))}
 
 
-def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> str | None:
+def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, meta: dict[str, Any] | None = None) -> str | None:
     """Convert a Llama-architecture safetensors folder to one GGUF file (2-D weights F16 when f16).
 
     Returns the chat template written into the file (the Modelfile is made from it)."""
@@ -102,6 +103,8 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False) -> 
 
     w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
     w.add_name(name)
+    if meta:
+        write_metadata(w, meta)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32))
     w.add_context_length(config.get("max_position_embeddings", 2048))
     w.add_embedding_length(hidden)
@@ -176,21 +179,47 @@ def quantize_gguf(
         raise SlmkitError(f"llama.cpp's quantizer failed ({rc}) making {gguf_type}", "Try another --type.")
 
 
-def modelfile_text(gguf_name: str, template: str | None, temperature: float) -> str:
-    """An Ollama Modelfile: FROM the file beside it, the chat TEMPLATE in Go syntax, and stop tokens."""
+def default_system(template: str | None) -> str | None:
+    """The system message a ChatML chat template adds by itself when a conversation has none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM..."), found by rendering it for one user message; None if it adds none."""
+    if not template or "<|im_start|>" not in template:
+        return None
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        text = ImmutableSandboxedEnvironment().from_string(template).render(
+            messages=[{"role": "user", "content": "\ue000"}], add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception:  # a template this sandbox cannot render: leave the system prompt to Ollama
+        return None
+    head = "<|im_start|>system\n"
+    start = text.find(head)
+    if start < 0 or start > text.find("\ue000"):
+        return None
+    return text[start + len(head): text.find("<|im_end|>", start)]
+
+
+def modelfile_text(gguf_name: str, template: str | None, temperature: float, context: int | None = None) -> str:
+    """An Ollama Modelfile: FROM the file beside it, the chat TEMPLATE in Go syntax (rendering what the GGUF's own
+    template renders), the default SYSTEM prompt the template adds when a conversation has none, the stop tokens,
+    the context length."""
     lines = [f"FROM ./{gguf_name}"]
     for marker, go_template, stops in OLLAMA_TEMPLATES.values():
         if template and marker in template:
             lines.append(f'TEMPLATE """{go_template}"""')
+            system = default_system(template)
+            if system:
+                lines.append(f'SYSTEM """{system}"""')
             lines += [f'PARAMETER stop "{s}"' for s in stops]
             break
     lines.append(f"PARAMETER temperature {temperature}")
+    if context:
+        lines.append(f"PARAMETER num_ctx {context}")
     return "\n".join(lines) + "\n"
 
 
 def export_gguf(
     folder: Path, out_dir: Path, *, name: str, gguf_type: str, threads: int | None = None,
-    imatrix: dict[str, np.ndarray] | None = None,
+    imatrix: dict[str, np.ndarray] | None = None, meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write `out_dir/NAME.gguf` and `out_dir/Modelfile`; each file appears only when complete."""
     from slmkit.engine.sampling import SamplingParams
@@ -204,7 +233,7 @@ def export_gguf(
     try:
         with progress.step(f"Writing GGUF ({'F16' if gguf_type == 'F16' else 'F32'})"):
             template = write_gguf_f32(
-                folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16"
+                folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16", meta=meta
             )
         if gguf_type not in ("F32", "F16"):
             how = " and an importance matrix" if imatrix else ""
@@ -216,6 +245,7 @@ def export_gguf(
             t.unlink(missing_ok=True)
     modelfile = out_dir / "Modelfile"
     tmp_mf = out_dir / f".Modelfile.tmp-{os.getpid()}"
-    tmp_mf.write_text(modelfile_text(final.name, template, SamplingParams().temperature))
+    context = int(read_config(folder).get("max_position_embeddings") or 0) or None
+    tmp_mf.write_text(modelfile_text(final.name, template, SamplingParams().temperature, context))
     os.replace(tmp_mf, modelfile)
     return final

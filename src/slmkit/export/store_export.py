@@ -16,6 +16,7 @@ from slmkit.export.gguf import check_exportable, check_type, export_gguf
 from slmkit.compress.quantize import is_quantized
 from slmkit.errors import SlmkitError
 from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
+from slmkit.export.metadata import gguf_metadata
 from slmkit.layers.walk import count_params
 from slmkit.sources.hf_dir import read_config
 from slmkit.store import Store, validate_name
@@ -63,8 +64,11 @@ def export_model(
         imat, imat_info = None, None
         if imatrix is not None:
             imat, imat_info = _importance(imatrix, source, out_dir)
+        meta = gguf_metadata(store, model, gguf_type, imat_info)
         path = export_gguf(source, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads,
-                           imatrix=imat.means() if imat else None)
+                           imatrix=imat.means() if imat else None, meta=meta)
+        if not meta["license_known"]:
+            note = ((note + "; ") if note else "") + f"the license is unknown (no source in its lineage says): written as {meta['license']!r}"
         parent_card = store.card(model)
         result: dict[str, Any] = {
             "model": model, "type": gguf_type, "gguf": str(path), "modelfile": str(out_dir / "Modelfile"),

@@ -50,7 +50,12 @@ def check_gguf(path: Path) -> dict[str, Any]:
         "model_name": field("general.name"),
         "file_type": file_type_name,
         "tensors": len(reader.tensors),
+        # what the file says about the model (license, organization, ...): carried into exports of its children
+        "general": {k: v for k in GENERAL_KEYS if (v := field(f"general.{k}")) is not None},
     }
+
+
+GENERAL_KEYS = ("name", "organization", "finetune", "basename", "size_label", "license", "languages", "tags", "author", "version")
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def import_gguf(path: Path, name: str, *, store: Store, overwrite: bool = False,
         src = {"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path)}
     src.update(source or {})
     settings = {"source_quantization": meta["file_type"], "dtype": "float32", "gguf_architecture": meta["architecture"],
-                "pre_tokenizer": meta["pre_tokenizer"]}
+                "pre_tokenizer": meta["pre_tokenizer"], "general": meta["general"]}
     return _save(store, name, model, tokenizer, overwrite=overwrite, gguf=path, stage="import", source=src, settings=settings)
 
 
