@@ -285,3 +285,17 @@ def test_gguf_metadata_carries_the_lineage(store, tmp_path):
     assert f["general.base_model.count"] == 1 and f["general.base_model.0.name"] == "Tiny One"
     assert f["general.base_model.0.organization"] == "TinyOrg" and {"text-generation", "slmkit", "prune"} <= set(f["general.tags"])
     assert "tiny -> prune (tiny-sparse)" == f["general.description"] and not res["note"]
+
+
+def test_export_is_quiet_and_reports_fallback_quantization(store, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "slmkit", "export", "tiny", "--type", "Q4_K_M", "--no-ppl", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "llama_model_quantize" not in r.stderr and "llama_model_loader" not in r.stderr  # llama.cpp's log went to a file
+    log = (tmp_path / "tiny-q4_k_m.quantize.log").read_text()
+    assert "fallback" in log
+    note = " ".join(r.stdout.split())
+    assert "tensors fell back from Q4_K_M: rows of 32 do not fit 256-wide blocks" in note, r.stdout

@@ -5,6 +5,10 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +157,47 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
     return tok["template"]
 
 
+@contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Send what native code writes to standard error (llama.cpp's log) to a file while the block runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+_FALLBACK = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+# "ncols 576 not divisible by 256 (required for type q4_K) -> falling back to q5_0" (older llama.cpp words it otherwise)
+_FALLBACK_TYPE = re.compile(r"(?:ncols|tensor cols)\s+(\d+)(?: x \d+)? (?:are )?not divisible by (\d+).*?(?:falling back to|fallback quantization)\s+(\w+)")
+
+
+def fallback_note(log: str, gguf_type: str) -> str | None:
+    """One line for llama.cpp's fallback quantization (K-quants need rows that are a multiple of 256 wide)."""
+    m = _FALLBACK.search(log)
+    if not m:
+        return None
+    t = _FALLBACK_TYPE.search(log)
+    why = f": rows of {t.group(1)} do not fit {t.group(2)}-wide blocks, so they were written as {t.group(3).upper()}" if t else ""
+    return (f"{m.group(1)} of {m.group(2)} tensors fell back from {gguf_type}{why}; for this model Q4_0 or Q4_1 "
+            "may be smaller at a similar quality (compare with slmkit eval)")
+
+
 def quantize_gguf(
-    src: Path, dst: Path, gguf_type: str, *, threads: int | None = None, imatrix: dict[str, np.ndarray] | None = None
-) -> None:
+    src: Path, dst: Path, gguf_type: str, *, threads: int | None = None, imatrix: dict[str, np.ndarray] | None = None,
+    log: Path | None = None,
+) -> str | None:
     """llama.cpp's own quantizer, through llama-cpp-python's API; `imatrix` (GGUF name -> mean x^2 per input
-    channel) weighs each column's rounding error, as `llama-quantize --imatrix` does."""
+    channel) weighs each column's rounding error, as `llama-quantize --imatrix` does. Its log goes to `log` (default:
+    beside `dst`), shown on failure; returns a note on fallback quantization, if any."""
     import llama_cpp
+
+    log = log or dst.with_name(dst.name + ".log")
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, GGUF_TYPES[gguf_type])
@@ -174,9 +213,13 @@ def quantize_gguf(
             entries[i].size = arr.size
         keep.append(entries)
         params.imatrix = entries
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with native_stderr_to(log):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    text = log.read_text(errors="replace")
     if rc != 0:
-        raise SlmkitError(f"llama.cpp's quantizer failed ({rc}) making {gguf_type}", "Try another --type.")
+        tail = "\n".join(text.splitlines()[-15:])
+        raise SlmkitError(f"llama.cpp's quantizer failed ({rc}) making {gguf_type}; its log ({log}) ends:\n{tail}", "Try another --type.")
+    return fallback_note(text, gguf_type)
 
 
 def default_system(template: str | None) -> str | None:
@@ -219,7 +262,7 @@ def modelfile_text(gguf_name: str, template: str | None, temperature: float, con
 
 def export_gguf(
     folder: Path, out_dir: Path, *, name: str, gguf_type: str, threads: int | None = None,
-    imatrix: dict[str, np.ndarray] | None = None, meta: dict[str, Any] | None = None,
+    imatrix: dict[str, np.ndarray] | None = None, meta: dict[str, Any] | None = None, notes: list[str] | None = None,
 ) -> Path:
     """Write `out_dir/NAME.gguf` and `out_dir/Modelfile`; each file appears only when complete."""
     from slmkit.engine.sampling import SamplingParams
@@ -238,7 +281,10 @@ def export_gguf(
         if gguf_type not in ("F32", "F16"):
             how = " and an importance matrix" if imatrix else ""
             with progress.step(f"Quantizing to {gguf_type} with llama.cpp{how}"):
-                quantize_gguf(tmp_f32, tmp_out, gguf_type, threads=threads, imatrix=imatrix)
+                note = quantize_gguf(tmp_f32, tmp_out, gguf_type, threads=threads, imatrix=imatrix,
+                                     log=out_dir / f"{name}.quantize.log")  # llama.cpp's log, kept beside the file
+            if note and notes is not None:
+                notes.append(note)
         os.replace(tmp_out, final)
     finally:
         for t in (tmp_f32, tmp_out):

@@ -65,10 +65,12 @@ def export_model(
         if imatrix is not None:
             imat, imat_info = _importance(imatrix, source, out_dir)
         meta = gguf_metadata(store, model, gguf_type, imat_info)
+        notes = [note] if note else []
         path = export_gguf(source, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads,
-                           imatrix=imat.means() if imat else None, meta=meta)
+                           imatrix=imat.means() if imat else None, meta=meta, notes=notes)
         if not meta["license_known"]:
-            note = ((note + "; ") if note else "") + f"the license is unknown (no source in its lineage says): written as {meta['license']!r}"
+            notes.append(f"the license is unknown (no source in its lineage says): written as {meta['license']!r}")
+        note = "; ".join(notes) or None
         parent_card = store.card(model)
         result: dict[str, Any] = {
             "model": model, "type": gguf_type, "gguf": str(path), "modelfile": str(out_dir / "Modelfile"),
