@@ -185,6 +185,7 @@ def calibrate_stage(
         prompts, small_q, conf = measure_choice(small_m, task, limit, data_dir)
         _, large_q, _ = measure_choice(large_t, task, limit, data_dir)
         signal_used, quality_name, dev = "choice_probability", "accuracy (acc_norm)", {"task": task, "limit": limit}
+        others = {}
     else:
         assert data is not None
         items = read_qa(data, prompt_column=prompt_column, answer_column=answer_column, limit=limit)
@@ -193,8 +194,9 @@ def calibrate_stage(
         l_text, _ = answer_all(large_t, items, max_tokens, f"{large_label} answers")
         small_q = [quality(metric, a, it.reference) for a, it in zip(s_text, items)]
         large_q = [quality(metric, a, it.reference) for a, it in zip(l_text, items)]
-        conf = [s.get(signal) for s in s_sig]
-        conf = [c if math.isfinite(c) else -1e9 for c in conf]
+        finite = lambda xs: [c if math.isfinite(c) else -1e9 for c in xs]  # noqa: E731
+        conf = finite([s.get(signal) for s in s_sig])
+        others = {sig: finite([s.get(sig) for s in s_sig]) for sig in SIGNALS if sig != signal}
         signal_used, quality_name = signal, ("exact match" if metric == "exact" else "ROUGE-L F1")
         dev = {"file": str(data), "sha256": sha256_file(Path(data)), "metric": metric, "limit": limit}
     with progress.step("Training the router on the small model's embeddings"):
@@ -209,7 +211,9 @@ def calibrate_stage(
         l2, router_scores = best_l2(x, y)
         classifier = fit_classifier(x, y, l2=l2)
     curves = {f"confidence ({signal_used})": rc.curve(small_q, large_q, conf), "trained router": rc.curve(small_q, large_q, router_scores)}
-    served_key = next(k for k in curves if k.startswith(policy.replace("router", "trained router")))
+    served_key = f"confidence ({signal_used})" if policy == "confidence" else "trained router"
+    for sig, scores in others.items():  # the other confidence signals, for comparison (--signal serves another)
+        curves[f"confidence ({sig})"] = rc.curve(small_q, large_q, scores)
     served_scores = conf if policy == "confidence" else router_scores
     large_quality = sum(large_q) / len(large_q)
     if threshold is not None:
