@@ -299,3 +299,28 @@ def test_export_is_quiet_and_reports_fallback_quantization(store, tmp_path):
     assert "fallback" in log
     note = " ".join(r.stdout.split())
     assert "tensors fell back from Q4_K_M: rows of 32 do not fit 256-wide blocks" in note, r.stdout
+
+
+def test_export_hf_folder_loads_in_transformers_with_a_model_card(store, tmp_path):
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    r = runner.invoke(app, ["export", "tiny", "--format", "hf", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "license is unknown" in r.stdout
+    readme = (out / "README.md").read_text()
+    header = yaml.safe_load(readme.split("---")[1])
+    assert header["license"] == "other" and header["pipeline_tag"] == "text-generation" and "slmkit" in header["tags"]
+    plain = AutoModelForCausalLM.from_pretrained(str(out))
+    ours = slmkit.load("tiny").backend.model
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+    before = snapshot(tmp_path)
+    r = runner.invoke(app, ["export", "tiny", "--format", "hf", "--out", str(out)])  # not over a folder that holds something
+    assert r.exit_code == 1 and "not empty" in r.output and snapshot(tmp_path) == before
+    quantize_stage("tiny", "int8")
+    r = runner.invoke(app, ["export", "tiny-int8-rtn", "--format", "hf", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 1 and "no plain float weights" in r.output and not (tmp_path / "q").exists()

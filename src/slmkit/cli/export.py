@@ -16,7 +16,7 @@ from slmkit.gguf_tables import GGUF_TYPES
 @handle_errors
 def export(
     model: ModelOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="Output format.")] = "gguf",
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama) or hf (a plain Hugging Face folder with a README model card).")] = "gguf",
     gguf_type: Annotated[str, typer.Option("--type", help=f"GGUF type: {', '.join(GGUF_TYPES)}.")] = "Q8_0",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: $SLMKIT_HOME/exports/MODEL-TYPE).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Also install the GGUF in the store under this name.")] = None,
@@ -30,11 +30,21 @@ def export(
     """Export to GGUF (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0) and write an Ollama Modelfile beside it."""
     from slmkit.export.store_export import export_model
 
-    if fmt != "gguf":
-        raise SlmkitError(f"unknown export format {fmt!r}", "Formats: gguf")
+    if fmt not in ("gguf", "hf"):
+        raise SlmkitError(f"unknown export format {fmt!r}", "Formats: gguf, hf (a Hugging Face folder)")
     from slmkit.sources.importer import ensure_default
 
     model = model or ensure_default()
+    if fmt == "hf":
+        from slmkit.config import settings
+        from slmkit.export.hf import export_hf
+
+        res = export_hf(model, out or settings().home / "exports" / f"{model}-hf")
+        typer.echo(f"wrote {res['out']}  (huggingface-cli upload REPO {res['out']})")
+        for note in (res["note"], None if res["license_known"] else "the license is unknown: README says license 'other'"):
+            if note:
+                typer.echo(f"note: {note}")
+        return
     if lora_adapter and name:
         raise SlmkitError("--name installs one GGUF in the store; an adapter kept apart is two files", "Drop --name, or --lora-adapter.")
     res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix, lora_adapter=lora_adapter)
