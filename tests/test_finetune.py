@@ -84,7 +84,7 @@ def test_full_finetuning_and_bad_input(wide, chats, tmp_path):
     assert card.stage == "finetune" and card.settings["trainable_share"] == 1.0
     assert not (slmkit.Store().path("wide-ft") / "adapter_config.json").exists()
     for kwargs, message in [
-        ({"method": "qlora"}, "unknown method"),
+        ({"method": "prompt"}, "unknown method"),
         ({"target_modules": ["attn_c"]}, "Target modules: down_proj"),
         ({"r": 0}, "--r must be"),
     ]:

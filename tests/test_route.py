@@ -214,7 +214,7 @@ def _qa_dev(tmp_path, n=24):
     for i in range(n):
         q = f"question number {i}: {'why' if i % 3 else 'how'} is the sky blue?"
         m = [{"role": "user", "content": q}]
-        ref = (small if i % 2 == 0 else large).chat(m, max_tokens=64, temperature=0.0)
+        ref = (small if i % 2 == 0 else large).chat(m, max_tokens=64, temperature=0.0, repetition_penalty=1.0)
         rows.append({"prompt": q, "answer": ref or "x"})
     path = tmp_path / "dev.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

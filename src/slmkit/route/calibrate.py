@@ -75,16 +75,17 @@ def measure_choice(model: Any, task: str, limit: int | None, data_dir: Path | No
 
 
 def answer_all(target: Any, items: list[QAItem], max_tokens: int, what: str, *, steps: bool = False) -> tuple[list[str], list[Any]]:
+    """Every item answered greedily, as the OpenAI routes answer (no repetition penalty), local model or endpoint."""
     texts, signals = [], []
+    greedy = {"max_tokens": max_tokens, "temperature": 0.0, "repetition_penalty": 1.0}
     with progress.bar(what, len(items)) as advance:
         for it in items:
             if steps:
-                gen = target.stream_chat([{"role": "user", "content": it.prompt}], max_tokens=max_tokens, temperature=0.0,
-                                         top_logprobs=TOP_FOR_ENTROPY)
+                gen = target.stream_chat([{"role": "user", "content": it.prompt}], **greedy, top_logprobs=TOP_FOR_ENTROPY)
                 texts.append(gen.read())
                 signals.append(signals_of(gen.steps))
             else:
-                texts.append("".join(target.stream_chat([{"role": "user", "content": it.prompt}], max_tokens=max_tokens, temperature=0.0)))
+                texts.append("".join(target.stream_chat([{"role": "user", "content": it.prompt}], **greedy)))
             advance(1)
     return texts, signals
 
