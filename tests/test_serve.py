@@ -298,7 +298,6 @@ def test_openai_api_details_content_parts_usage_chunk_models_cors_and_refusals(s
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3})
         assert bad.status_code == 422
         refused = [
-            {"response_format": {"type": "json_object"}},
             {"logit_bias": {"1": 5}},
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
             {"functions": [{"name": "f", "parameters": {}}]},  # the legacy form of tools
