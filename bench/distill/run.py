@@ -122,8 +122,10 @@ def main() -> None:
                              "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
                              "--lr", str(args.lr), "--synthetic", str(args.synthetic if alpha != "0" else 0), "--name", name], env)
                 took = time.perf_counter() - t
-            else:
-                took = None
+            else:  # made by an earlier run: its card kept the training time
+                card = json.loads(subprocess.run(SLMKIT + ["models", "show", name, "--json"], env=env, capture_output=True,
+                                                 text=True, check=True).stdout)
+                took = card["settings"].get("seconds")
             rows.append({"label": f"{suffix}: {kind}", "seconds": took, **measure(name, env, out, heldout, args.data, args.windows, args.arc)})
             print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "distill", "teacher": BASE, "steps": args.steps, "seq_len": args.seq_len,
@@ -149,6 +151,10 @@ def main() -> None:
                   f"distilled {by['distilled']['heldout_ppl']:.2f} vs plain training {by['trained']['heldout_ppl']:.2f} "
                   f"({'beats' if by['distilled']['heldout_ppl'] < by['trained']['heldout_ppl'] else 'does NOT beat'} it); "
                   f"ARC-Easy {by['distilled']['arc_easy_acc_norm'] / t['arc_easy_acc_norm']:.0%} of the teacher's")
+    md += ["", "Training wall time per run (seconds, from the cards): " + ", ".join(
+        f"{r['label']} {r['seconds']:.0f}" for r in rows if r.get("seconds")) + ". The runs shared the 2 cores with other "
+        "work, so these and the training tokens/s in the cards are slower than an idle machine's; decode tok/s were "
+        "measured again on the idle machine."]
     (RESULTS / "distill.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
