@@ -2,7 +2,7 @@
 int8 and an int4 base, and full fine-tuning, all on one fixed budget of steps and tokens.
 
 QLoRA runs over int8 and int4 children made first by `slmkit quantize` (rtn). Training rows: the customer's message -> the agent's response, and "Which intent is this? ..." -> the intent label.
-Held out (never trained on): 40 response rows (ROUGE-L F1 and response perplexity) and 40 intent rows (exact-match
+Held out (never trained on, --heldout each, default 40): response rows (ROUGE-L F1 and response perplexity) and intent rows (exact-match
 accuracy). Each run's peak memory is its process's maximum resident set; trainable parameters, wall time and
 tokens/s come from the run's card. Also checks that the LoRA adapter kept apart as GGUF beside its base gives
 llama.cpp the same greedy answers as the merged model.
@@ -52,17 +52,17 @@ def chat(prompt: str, answer: str) -> str:
     return json.dumps({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}) + "\n"
 
 
-def make_data(data: Path, out: Path, rows: int) -> tuple[Path, Path, Path]:
+def make_data(data: Path, out: Path, rows: int, heldout: int = 40) -> tuple[Path, Path, Path]:
     with (data / "customer_support" / "bitext_customer_support_4514_responses.csv").open(encoding="utf-8") as fh:
         table = list(csv.DictReader(fh))
-    held = table[::25][:80]  # every 25th row, never trained on
+    held = table[::25][: 2 * heldout]  # every 25th row, never trained on
     held_ids = {id(r) for r in held}
     train = [r for r in table if id(r) not in held_ids][:rows]
     out.mkdir(parents=True, exist_ok=True)
     t, resp, intents = out / "train.jsonl", out / "heldout-responses.jsonl", out / "heldout-intents.jsonl"
     t.write_text("".join(chat(r["instruction"], r["response"]) + chat(INTENT_PROMPT + r["instruction"], r["intent"]) for r in train))
-    resp.write_text("".join(chat(r["instruction"], r["response"]) for r in held[:40]))
-    intents.write_text("".join(chat(INTENT_PROMPT + r["instruction"], r["intent"]) for r in held[40:80]))
+    resp.write_text("".join(chat(r["instruction"], r["response"]) for r in held[:heldout]))
+    intents.write_text("".join(chat(INTENT_PROMPT + r["instruction"], r["intent"]) for r in held[heldout:]))
     return t, resp, intents
 
 
@@ -83,12 +83,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1200, help="training rows of the customer-support set")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--heldout", type=int, default=40, help="held-out rows for each of the two evaluations")
     ap.add_argument("--home", default="/tmp/slmkit-bench-home")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     args = ap.parse_args()
     env = dict(os.environ, SLMKIT_HOME=args.home)
     out = Path(args.home) / "bench-finetune"
-    train, resp, intents = make_data(args.data, out, args.rows)
+    out = out / f"h{args.heldout}"
+    train, resp, intents = make_data(args.data, out, args.rows, args.heldout)
     rows = [{"label": "base", "model": BASE, **measure(BASE, env, out, resp, intents)}]
     print(json.dumps(rows[-1]), flush=True)
     for name, scheme in ((INT8, "int8"), (INT4, "int4")):
@@ -115,8 +117,8 @@ def main() -> None:
     base = rows[0]
     md = [f"# finetune ({BASE}, customer-support set)", "",
           f"{args.steps} steps x {args.batch_size} windows x {args.seq_len} tokens per run on {2 * args.rows} training rows "
-          "(responses and intent labels, loss on the answers only); held out: 40 responses (ROUGE-L F1, response perplexity) "
-          "and 40 intent labels (exact match). Peak memory: the process's maximum resident set.", "",
+          f"(responses and intent labels, loss on the answers only); held out: {args.heldout} responses (ROUGE-L F1, response "
+          f"perplexity) and {args.heldout} intent labels (exact match). Peak memory: the process's maximum resident set.", "",
           "| method | trainable | share | peak RSS MB | s | tokens/s | ROUGE-L | response ppl | intent acc |", "|---|---|---|---|---|---|---|---|---|",
           f"| base (no training) | - | - | - | - | - | {base['rouge_l']:.3f} | {base['response_ppl']:.2f} | {base['intent_acc']:.3f} |"]
     for r in rows[1:]:
