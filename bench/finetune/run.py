@@ -1,11 +1,12 @@
 """Fine-tuning benchmark on the customer-support set: the default model adapted by LoRA r=8 and r=16, QLoRA over an
 int8 and an int4 base, and full fine-tuning, all on one fixed budget of steps and tokens.
 
-QLoRA runs over int8 and int4 children made first by `slmkit quantize` (rtn). Training rows: the customer's message -> the agent's response, and "Which intent is this? ..." -> the intent label.
+QLoRA runs over int8 and int4 children made first by `slmkit quantize` (rtn). Training rows: the customer's message
+-> the agent's response, and "Which intent is this? ..." -> the intent label.
 Held out (never trained on, --heldout each, default 40): response rows (ROUGE-L F1 and response perplexity) and intent rows (exact-match
 accuracy). Each run's peak memory is its process's maximum resident set; trainable parameters, wall time and
-tokens/s come from the run's card. Also checks that the LoRA adapter kept apart as GGUF beside its base gives
-llama.cpp the same greedy answers as the merged model.
+tokens/s come from the run's card. (That base + GGUF LoRA adapter in llama.cpp answers as the merged model and slmkit
+do is checked in tests/test_finetune.py.)
 
     .venv/bin/python bench/finetune/run.py [--steps 60] [--rows 1200] [--data ../shared/data]
 
