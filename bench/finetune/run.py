@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--heldout", type=int, default=40, help="held-out rows for each of the two evaluations")
+    ap.add_argument("--methods", nargs="+", default=[r[0] for r in RUNS], choices=[r[0] for r in RUNS])
     ap.add_argument("--home", default="/tmp/slmkit-bench-home")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     args = ap.parse_args()
@@ -94,10 +95,11 @@ def main() -> None:
     train, resp, intents = make_data(args.data, out, args.rows, args.heldout)
     rows = [{"label": "base", "model": BASE, **measure(BASE, env, out, resp, intents)}]
     print(json.dumps(rows[-1]), flush=True)
+    runs = [r for r in RUNS if r[0] in args.methods]
     for name, scheme in ((INT8, "int8"), (INT4, "int4")):
-        if not exists(name, env):
+        if any(model == name for _, model, _ in runs) and not exists(name, env):
             slmkit(["quantize", BASE, "--scheme", scheme, "--name", name, "--no-ppl"], env)
-    for label, model, extra in RUNS:
+    for label, model, extra in runs:
         name = f"{BASE}-cs-{label}-{args.steps}"
         peak = None
         if not exists(name, env):
@@ -126,7 +128,7 @@ def main() -> None:
         md.append(f"| {r['label']} | {r['trainable'] / 1e6:.2f}M | {r['trainable_share']:.2%} | {r['peak_rss_mb'] or 0:.0f} | {r['seconds']:.0f} | "
                   f"{r['tokens_per_s']:.0f} | {r['rouge_l']:.3f} | {r['response_ppl']:.2f} | {r['intent_acc']:.3f} |")
     by = {r["label"]: r for r in rows}
-    if {"lora-r8", "full"} <= set(by):
+    if {"lora-r8", "full", "qlora-int8", "qlora-int4"} <= set(by):
         gain = lambda r: base["response_ppl"] - r["response_ppl"]  # noqa: E731
         md += ["", "## Targets", "",
                f"- LoRA r=8 reaches {gain(by['lora-r8']) / gain(by['full']):.0%} of full fine-tuning's response-perplexity gain "
