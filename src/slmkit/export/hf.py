@@ -17,8 +17,6 @@ from slmkit.errors import SlmkitError
 from slmkit.export.metadata import gguf_metadata, lineage
 from slmkit.store import Store
 
-FILES = ("model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-         "chat_template.jinja")
 
 
 def hub_id(card: Any) -> str | None:
@@ -49,7 +47,7 @@ def readme(store: Store, model: str, meta: dict[str, Any]) -> str:
 
 
 def export_hf(model: str, out_dir: Path, *, store: Store | None = None) -> dict[str, Any]:
-    from slmkit.export.store_export import _dense_source
+    from slmkit.export.store_export import COPIED, _dense_source
 
     store = store or Store()
     folder = store.require(model)
@@ -71,7 +69,7 @@ def export_hf(model: str, out_dir: Path, *, store: Store | None = None) -> dict[
             if "rope_theta" in rope:  # transformers 4 reads rope_theta at the top level
                 config.setdefault("rope_theta", rope["rope_theta"])
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            for name in FILES:
+            for name in ("model.safetensors", *(n for n in COPIED if n != "config.json")):  # config written above
                 src = source / name if (source / name).is_file() else folder / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)

@@ -18,7 +18,6 @@ from slmkit.route.cache import ResponseCache
 from slmkit.route.cascade import Outcome, RoutedModel
 from slmkit.route.drift import DriftWatch, Reference
 from slmkit.route.policies import Chain, policy_from_dict
-from slmkit.route.targets import Endpoint, Local
 from slmkit.serve.metrics import Metrics
 
 LOG = logging.getLogger("slmkit.route")
@@ -47,19 +46,11 @@ def drift_of(router: dict[str, Any]) -> DriftWatch:
     return DriftWatch(refs, escalation_rate=d.get("escalation_rate"))
 
 
-def build_route(name: str, router: dict[str, Any], small: Any, large_local: Callable[[str], Any], metrics: Metrics,
-                log: DecisionLog, *, small_only: bool = False, large_key: str | None = None) -> RoutedModel:
-    """A RoutedModel from a stored router: its policies, its large target (checked now, unless small-only), and
-    the hooks that count every outcome, log it and feed the drift watch."""
+def build_route(name: str, router: dict[str, Any], small: Any, large: Any, metrics: Metrics, log: DecisionLog, *,
+                small_only: bool = False) -> RoutedModel:
+    """A RoutedModel from a stored router, its small model and its large target (route.targets: Local or an Endpoint
+    the registry checked at start), with the hooks that count every outcome, log it and feed the drift watch."""
     chain = Chain(tuple(policy_from_dict(p) for p in router["policies"]))
-    spec = router["large"]
-    large: Any
-    if "url" in spec:
-        large = Endpoint(spec["url"], spec.get("model"), large_key)
-        if not small_only:
-            large.check()
-    else:
-        large = Local(large_local(spec["store"]))
     watch = drift_of(router)
     signal = (router.get("drift") or {}).get("confidence_signal")
     warned: set[str] = set()
@@ -78,11 +69,12 @@ def build_route(name: str, router: dict[str, Any], small: Any, large_local: Call
         if signal and o.signals is not None:
             watch.observe("confidence", o.signals.get(signal))
         watch.observe_escalation(bool(o.decision and o.decision.escalate))
-        for s, v in watch.drifted().items():
+        drifted = watch.drifted()
+        for s, v in drifted.items():
             if s not in warned:  # once per signal until it settles
-                warned.add(s)
                 LOG.warning(json.dumps({"route": name, "drift": s, "psi": round(v, 3), "warn_at": watch.warn_at}))
-        warned.intersection_update(watch.drifted())
+        warned.clear()
+        warned.update(drifted)
         log.write(o.as_record())
 
     return RoutedModel(name, small, large, chain, small_only=small_only, on_outcome=[record])

@@ -36,9 +36,8 @@ def ollama_routes(server: Server) -> APIRouter:
     registry, metrics = server.registry, server.metrics
     router = APIRouter(dependencies=[Depends(auth_of(server))])
 
-    def card_of(name: str) -> Any:
-        model = getattr(registry, "store", None)
-        return model.card(name) if model is not None and model.exists(name) else None
+    def card_of(name: str) -> Any:  # A/B splits have no card
+        return registry.store.card(name) if registry.store.exists(name) else None
 
     @router.get("/api/version")
     async def version() -> dict[str, str]:

@@ -22,7 +22,7 @@ from slmkit.model import Model
 from slmkit.route.ab import Split
 from slmkit.route.cache import ResponseCache
 from slmkit.route.calibrate import is_router, read_router
-from slmkit.route.targets import Endpoint
+from slmkit.route.targets import Endpoint, Local
 from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
 from slmkit.serve.metrics import Metrics
 from slmkit.store import Store
@@ -35,6 +35,7 @@ class ModelRegistry:
                  large_key: str | None = None, decision_log: Path | None = None) -> None:
         self.store = store or Store()
         self.routers: dict[str, dict[str, Any]] = {}
+        self.endpoints: dict[str, Endpoint] = {}  # routers' large targets that are OpenAI endpoints
         self.splits = {s.name: s for s in splits}
         models: list[str] = []
         for name in names:  # fail at start-up: unknown names, unreachable endpoints
@@ -45,8 +46,10 @@ class ModelRegistry:
                 large = router["large"]
                 if "store" in large:
                     models.append(large["store"])
-                elif not small_only:
-                    Endpoint(large["url"], large.get("model"), large_key).check()
+                else:  # one client per router, checked now (unless small-only): an unreachable endpoint fails at start
+                    endpoint = self.endpoints[name] = Endpoint(large["url"], large.get("model"), large_key)
+                    if not small_only:
+                        endpoint.check()
             else:
                 models.append(name)
         for split in splits:
@@ -61,7 +64,7 @@ class ModelRegistry:
         self.max_batch, self.max_queue, self.prefix_cache_tokens = max_batch, max_queue, prefix_cache_tokens
         self.context = context
         self.cache, self.cache_sampled = cache, cache_sampled
-        self.small_only, self.large_key = small_only, large_key
+        self.small_only = small_only
         self.decisions = DecisionLog(decision_log)
         self._models: dict[str, Model] = {}
         self._served: dict[str, Any] = {}
@@ -81,8 +84,10 @@ class ModelRegistry:
             if name not in self._served:
                 served: Any
                 if name in self.routers:
-                    served = build_route(name, self.routers[name], self.model(self.routers[name]["small"]), self.model, self.metrics,
-                                         self.decisions, small_only=self.small_only, large_key=self.large_key)
+                    router = self.routers[name]
+                    large = self.endpoints.get(name) or Local(self.model(router["large"]["store"]))
+                    served = build_route(name, router, self.model(router["small"]), large, self.metrics, self.decisions,
+                                         small_only=self.small_only)
                 else:
                     served = self.model(name)
                 self._served[name] = CachedModel(name, served, self.cache(), self.metrics, cache_sampled=self.cache_sampled) if self.cache else served
