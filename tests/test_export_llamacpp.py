@@ -326,6 +326,43 @@ def test_export_hf_folder_loads_in_transformers_with_a_model_card(store, tmp_pat
     before = snapshot(tmp_path)
     r = runner.invoke(app, ["export", "tiny", "--format", "hf", "--out", str(out)])  # not over a folder that holds something
     assert r.exit_code == 1 and "not empty" in r.output and snapshot(tmp_path) == before
-    quantize_stage("tiny", "int8")
+    quantize_stage("tiny", "int8")  # an integer child goes as it is stored: compressed-tensors, which transformers reads
     r = runner.invoke(app, ["export", "tiny-int8-rtn", "--format", "hf", "--out", str(tmp_path / "q")])
-    assert r.exit_code == 1 and "no plain float weights" in r.output and not (tmp_path / "q").exists()
+    assert r.exit_code == 0, r.output
+    assert "compressed-tensors" in (tmp_path / "q" / "README.md").read_text().split("---")[1]
+    int8 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    assert int8.config.quantization_config.quantization_config.format == "pack-quantized"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    quantize_stage("tiny", "int4", method="awq", calib=calib)  # AWQ's smoothing has no standard form: refused
+    r = runner.invoke(app, ["export", "tiny-int4-g32-awq", "--format", "hf", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "AWQ" in r.output and not (tmp_path / "a").exists()
+
+
+def test_export_type_auto_picks_the_smallest_type_within_the_budget(store, tmp_path):
+    """Every candidate type is made and measured in llama.cpp; the chosen one is the smallest file whose
+    perplexity is within the budget of the F32 file's."""
+    import subprocess
+    import sys
+
+    import_path(build_tiny_llama(tmp_path / "long", context=1024), "long")  # the sample's 512-token windows fit
+    r = subprocess.run([sys.executable, "-m", "slmkit", "export", "long", "--type", "auto", "--ppl-budget", "0.02", "--no-ppl",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "llama_model_quantize" not in r.stderr  # the trials are as quiet as one export
+    table = [line.split() for line in r.stdout.splitlines() if line[:1].isupper() and "MB" in line]
+    types = [row[0] for row in table]
+    assert sorted(types) == sorted(["F32", "Q4_0", "Q4_1", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_M", "Q6_K", "Q8_0"])
+    sizes = [float(row[1]) for row in table]
+    assert sizes == sorted(sizes)  # smallest first
+    chosen = [row for row in table if "<-" in row]
+    assert len(chosen) == 1
+    increase = {row[0]: float(row[4].rstrip("%")) for row in table}
+    smaller = types[:types.index(chosen[0][0])]
+    assert increase[chosen[0][0]] <= 2.0 and all(increase[t] > 2.0 for t in smaller)
+    assert (tmp_path / "out" / f"long-{chosen[0][0].lower()}.gguf").is_file()
+    before = snapshot(tmp_path)
+    for extra in (["--ppl-budget", "0"], ["--imatrix", str(tmp_path / "none.txt")]):
+        r = runner.invoke(app, ["export", "long", "--type", "auto", "--no-ppl", "--out", str(tmp_path / "bad"), *extra])
+        assert r.exit_code == 1 and ("--ppl-budget" in r.output or "--imatrix" in r.output), r.output
+    assert snapshot(tmp_path) == before

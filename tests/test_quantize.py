@@ -74,6 +74,10 @@ def test_quantize_stage_saves_a_loadable_smaller_model(store):
     a, b = fp.score(text), q.score(text)
     assert abs(a.mean - b.mean) < 0.05 * abs(a.mean)  # int8 barely moves the log-likelihood
     assert q.generate("The", temperature=0, max_tokens=4) is not None
+    import yaml
+
+    front = yaml.safe_load((Store().require(card.name) / "card.md").read_text().split("---\n")[1])
+    assert front["base_model"] == "tiny" and front["tags"] == ["slmkit", "quantize", "int8", "rtn"]
 
 
 def test_int4_gptq_stage_with_calibration(store, tmp_path):
@@ -119,3 +123,72 @@ def test_quantize_cli(store):
     assert "made tiny-int4-g32-rtn" in r.stdout and "smaller" in r.stdout
     r = runner.invoke(app, ["quantize", "tiny-int4-g32-rtn", "--no-ppl"])
     assert r.exit_code == 1 and "already quantized" in r.stderr
+
+
+@pytest.mark.parametrize("scheme, method", [("int8", "rtn"), ("int4", "gptq")])
+def test_children_load_in_transformers_in_compressed_tensors_layout(store, calib, scheme, method):
+    """Other tools read a quantized child right: transformers (through compressed-tensors) computes what slmkit's
+    integer layers hold, and the config block is valid for compressed-tensors' own classes (what vLLM parses)."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.compress.quantize import is_standard, load_quantized, to_float
+    from slmkit.sources.hf_dir import read_config
+
+    card = quantize_stage("tiny", scheme, method=method, calib=calib if method == "gptq" else None)
+    folder = Store().require(card.name)
+    assert is_standard(folder)
+    block = read_config(folder)["quantization_config"]
+    parsed = QuantizationConfig.model_validate(block)
+    args = parsed.config_groups["group_0"].weights
+    assert block["quant_method"] == "compressed-tensors" and parsed.format == "pack-quantized"
+    assert (args.num_bits, args.strategy) == ((8, "channel") if scheme == "int8" else (4, "group"))
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 13, 40, 7]])
+    with torch.no_grad():
+        exact = to_float(load_quantized(folder))(input_ids=ids).logits  # slmkit's integers, dequantized
+        served = slmkit.load(card.name).backend.model(input_ids=ids).logits.float()  # slmkit's bf16 kernels
+        got = theirs(input_ids=ids).logits
+    assert torch.allclose(got, exact, atol=1e-4), float((got - exact).abs().max())
+    assert float((got - served).abs().max()) < 0.05 * float(got.abs().max())
+    q_proj = theirs.model.layers[0].self_attn.q_proj.weight  # the weights transformers decompressed, on the grid
+    assert torch.allclose(q_proj, to_float(load_quantized(folder)).model.layers[0].self_attn.q_proj.weight, atol=1e-6)
+
+
+def test_layouts_without_a_standard_form_make_other_loaders_fail_loudly(store, calib):
+    """AWQ-smoothed and low-rank children load in slmkit but stop transformers instead of loading garbage."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.compress.lowrank_stage import lowrank_stage
+    from slmkit.compress.quantize import is_standard
+
+    for card in (quantize_stage("tiny", "int4", method="awq", calib=calib), lowrank_stage("tiny", ratio=0.6, calib=calib)):
+        folder = Store().require(card.name)
+        assert isinstance(slmkit.load(card.name).generate("The quick", max_tokens=3, temperature=0), str)
+        with pytest.raises(ValueError, match="does not recognize this architecture"):
+            AutoModelForCausalLM.from_pretrained(str(folder))
+    assert not is_standard(Store().require("tiny-int4-g32-awq"))
+
+
+def test_children_saved_by_earlier_versions_still_load(store):
+    """slmkit <= 0.5 saved the integer layers' own buffers (no quantization_config): still read."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from slmkit.compress.quantize import CONFIG_KEY, is_standard, load_quantized, quantize_model
+    from slmkit.sources.hf_dir import load_float
+
+    card = quantize_stage("tiny", "int4")
+    folder = Store().require(card.name)
+    net, _ = load_float(Store().require("tiny"), dtype=torch.float32)
+    quantize_model(net, "int4")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert CONFIG_KEY in config and not is_standard(folder)
+    old = load_quantized(folder)
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        assert torch.allclose(old(input_ids=ids).logits.float(), net(input_ids=ids).logits.float(), atol=0.05)

@@ -51,7 +51,12 @@ def test_import_hf_dir_writes_card_with_lineage(home, tiny_dir):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
     assert card.parameters == sum(p.numel() for p in model.parameters())
-    assert (folder / "card.md").read_text().startswith("# t1")
+    import yaml
+
+    _, header, body = (folder / "card.md").read_text().split("---\n", 2)
+    assert body.lstrip().startswith("# t1")
+    front = yaml.safe_load(header)  # the Hugging Face model-card header
+    assert front["pipeline_tag"] == "text-generation" and front["tags"] == ["slmkit", "import"] and "base_model" not in front
 
 
 def test_failed_import_leaves_nothing(home, tiny_dir, monkeypatch):

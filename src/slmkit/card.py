@@ -50,9 +50,28 @@ class ModelCard:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
+    def front_matter(self) -> dict[str, Any]:
+        """The Hugging Face model-card YAML header this card can fill: base model, license where its settings know it,
+        the data files that shaped it, tags (slmkit, the stage, the scheme)."""
+        general = self.settings.get("general") or {}
+        data = self.settings.get("data") if isinstance(self.settings.get("data"), dict) else {}
+        calib = self.settings.get("calibration") if isinstance(self.settings.get("calibration"), dict) else {}
+        datasets = [Path(str(f)).name for f in (data.get("files") or [])] + ([Path(str(calib["file"])).name] if calib.get("file") else [])
+        tags = ["slmkit", self.stage] + [str(self.settings[k]) for k in ("scheme", "method") if isinstance(self.settings.get(k), str)]
+        header = {"base_model": self.parent or general.get("basename"), "license": general.get("license"),
+                  "library_name": "gguf" if "safetensors" not in self.weights_bytes and "gguf" in self.weights_bytes else "transformers",
+                  "pipeline_tag": "text-generation", "datasets": sorted(set(datasets)) or None, "tags": list(dict.fromkeys(tags))}
+        return {k: v for k, v in header.items() if v}
+
     def to_markdown(self) -> str:
+        import yaml
+
         src = ", ".join(f"{k}: `{v}`" for k, v in self.source.items())
         lines = [
+            "---",
+            yaml.safe_dump(self.front_matter(), sort_keys=False).rstrip(),
+            "---",
+            "",
             f"# {self.name}",
             "",
             "| | |",

@@ -73,8 +73,14 @@ GGUF_TYPES: dict[str, str] = {
     "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
     "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
     "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
+AUTO_TYPE = "AUTO"  # `export --type auto`: the smallest quantized type within a perplexity budget (export/auto_type.py)
+AUTO_CANDIDATES = ("Q4_0", "Q4_1", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_M", "Q6_K", "Q8_0")
+DEFAULT_PPL_BUDGET = 0.05  # at most 5% above the float model's perplexity
 
 # chat template family (recognised by a marker in the Jinja template) -> Ollama Modelfile TEMPLATE and stops
 OLLAMA_TEMPLATES: dict[str, tuple[str, str, list[str]]] = {

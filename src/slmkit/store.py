@@ -122,8 +122,11 @@ class Store:
             return removed
         for p in exports.rglob(".*.tmp-*"):
             m = re.search(r"\.tmp-(\d+)$", p.name)
-            if m and p.is_file() and not pid_alive(int(m.group(1))):
-                p.unlink(missing_ok=True)
+            if m and not pid_alive(int(m.group(1))):
+                if p.is_dir():  # `export --type auto`'s trial folder
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 removed.append(p)
         return removed
 

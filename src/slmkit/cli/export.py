@@ -10,14 +10,15 @@ import typer
 from slmkit.card import human_bytes
 from slmkit.cli.common import ModelOpt, handle_errors
 from slmkit.errors import SlmkitError
-from slmkit.gguf_tables import GGUF_TYPES
+from slmkit.gguf_tables import DEFAULT_PPL_BUDGET, GGUF_TYPES
 
 
 @handle_errors
 def export(
     model: ModelOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama) or hf (a plain Hugging Face folder with a README model card).")] = "gguf",
-    gguf_type: Annotated[str, typer.Option("--type", help=f"GGUF type: {', '.join(GGUF_TYPES)}.")] = "Q8_0",
+    gguf_type: Annotated[str, typer.Option("--type", help=f"GGUF type: {', '.join(GGUF_TYPES)}, or auto (the smallest within --ppl-budget, measured).")] = "Q8_0",
+    ppl_budget: Annotated[float, typer.Option("--ppl-budget", help="For --type auto: the perplexity increase over F32 allowed, as a share.")] = DEFAULT_PPL_BUDGET,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: $SLMKIT_HOME/exports/MODEL-TYPE).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Also install the GGUF in the store under this name.")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
@@ -27,7 +28,7 @@ def export(
     lora_adapter: Annotated[bool, typer.Option("--lora-adapter", help="For a LoRA adapter: keep it apart (its base as GGUF + a GGUF LoRA "
                                                "file + the Modelfile's ADAPTER line) instead of merging it.")] = False,
 ) -> None:
-    """Export to GGUF (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0) and write an Ollama Modelfile beside it."""
+    """Export to GGUF (F32, F16, Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, Q4_K_M, Q4_1, Q4_0, or auto) and write an Ollama Modelfile beside it."""
     from slmkit.export.store_export import export_model
 
     if fmt not in ("gguf", "hf"):
@@ -47,7 +48,11 @@ def export(
         return
     if lora_adapter and name:
         raise SlmkitError("--name installs one GGUF in the store; an adapter kept apart is two files", "Drop --name, or --lora-adapter.")
-    res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix, lora_adapter=lora_adapter)
+    res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix, lora_adapter=lora_adapter, ppl_budget=ppl_budget)
+    if res.get("auto"):
+        from slmkit.export.auto_type import describe
+
+        typer.echo(describe(res["auto"]["tried"], res["type"], ppl_budget))
     typer.echo(f"wrote {res['gguf']} ({human_bytes(res['size_after'])}, was {human_bytes(res['size_before'])} "
                f"as safetensors: {res['size_before'] / res['size_after']:.2f}x smaller)")
     typer.echo(f"wrote {res['modelfile']}  (ollama create NAME -f {res['modelfile']})")

@@ -16,7 +16,7 @@ from slmkit.compress.calibrate import collect_stats
 from slmkit.errors import SlmkitError
 from slmkit.layers.lowrank import LowRankLinear
 from slmkit.layers.walk import block_linears, count_params, empty_skeleton, set_module
-from slmkit.sources.hf_dir import read_config
+from slmkit.sources.hf_dir import model_config, read_config
 
 CONFIG_KEY = "slmkit_lowrank"
 
@@ -71,9 +71,7 @@ def is_lowrank(folder: Path) -> bool:
 def load_lowrank(folder: Path) -> nn.Module:
     """Rebuild the architecture from config.json with LowRankLinear shells where the ranks say, load the weights."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    config = model_config(folder)
     ranks = getattr(config, CONFIG_KEY)["ranks"]
     model = empty_skeleton(config, torch.float32)
     for name, r in ranks.items():

@@ -11,7 +11,7 @@ from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_f
 from slmkit.compress.lowrank import factorize
 from slmkit.compress.parents import float_parent
 from slmkit.errors import SlmkitError
-from slmkit.sources.hf_dir import float_writer, load_float
+from slmkit.sources.hf_dir import float_writer, guard_config, load_float
 from slmkit.store import Store, validate_name
 
 
@@ -37,4 +37,9 @@ def lowrank_stage(
                 "calibration": calib_info, **info,
                 "storage": "each factorized layer as two thin linears (NAME.down, NAME.up); slmkit loads it; GGUF export multiplies them back"}
 
-    return store.derive(name, float_writer(net, tokenizer, name), stage="lowrank", parent=model, settings=settings, parameters=info["params_after"])
+    def write(staging: Path) -> None:
+        float_writer(net, tokenizer, name)(staging)
+        guard_config(staging, "lowrank", "factorized layers (NAME.down, NAME.up) have no standard form; slmkit loads "
+                     "them, `slmkit export` multiplies them back into GGUF")
+
+    return store.derive(name, write, stage="lowrank", parent=model, settings=settings, parameters=info["params_after"])

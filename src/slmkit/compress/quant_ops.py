@@ -1,7 +1,8 @@
 """Pure tensor math for weight-only quantization: no modules, no models, no I/O.
 
 Conventions: a weight is (N, K) = (out_features, in_features). int8 is symmetric per output channel;
-int4 is asymmetric per group of `group` input columns, w ~= q * scale + minimum with q in [0, 15].
+int4 is per group of `group` input columns, w ~= q * scale + minimum with q in [0, 15]; the quantizer picks the
+symmetric grid (minimum = -8 * scale), the other functions take any minimum.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, minimum) of an (N, K) weight.  # (N, K/group) each"""
+    """Per-group (scale, minimum) of an (N, K) weight, symmetric: w ~= (q - 8) * scale with q in [0, 15], so the
+    minimum is -8 * scale and scale = max|w| / 7.5 (as GPTQ's symmetric grid). The symmetric form is the one
+    compressed-tensors' W4A16 children store and transformers and vLLM's kernels read.  # (N, K/group) each"""
     n, k = w.shape
-    g = w.reshape(n, k // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    return ((hi - lo) / INT4_MAX).clamp(min=1e-10), lo
+    scale = (w.reshape(n, k // group, group).abs().amax(-1) / 7.5).clamp(min=1e-10)
+    return scale, -8 * scale
 
 
 def quantize_int4(

@@ -18,7 +18,7 @@ from slmkit.compress.calibrate import collect_stats
 from slmkit.layers.integer import COMPUTE, Int4Linear, Int8Linear, dense_linear
 from slmkit.layers.walk import empty_skeleton, linear_layers, set_module
 from slmkit.errors import SlmkitError
-from slmkit.sources.hf_dir import read_config
+from slmkit.sources.hf_dir import GUARD_KEY, guard_config, model_config, read_config
 
 SCHEMES = ("int8", "int4")
 METHODS = ("rtn", "gptq", "awq")
@@ -68,6 +68,14 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, absmean: torch.Tensor, scheme: 
     return best
 
 
+def _stored_grid(scale: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 grid with its scale rounded to the dtype it is stored in, the minimum still a whole number of steps:
+    the weights are rounded on the grid that is saved, so every reader dequantizes exactly what was chosen."""
+    zero_point = torch.round(-lo / scale)
+    s = scale.to(COMPUTE).float()
+    return s, -zero_point * s
+
+
 def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, stat: dict[str, torch.Tensor] | None) -> nn.Module:
     """A quantized replacement for `lin`."""
     w = lin.weight.detach().float()  # (N, K)
@@ -77,7 +85,7 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
         w = w * smooth
     if scheme == "int8":
         new = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
-        scales = qo.int8_scales(w)
+        scales = qo.int8_scales(w).to(COMPUTE).float()  # rounded on the grid that is saved
         if method == "gptq":
             w = qo.gptq(w, stat["H"], lambda col, _i: torch.round(col / scales).clamp(-128, 127) * scales)
         q, _ = qo.quantize_int8(w, scales)
@@ -91,7 +99,7 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
             scale_cols, lo_cols = torch.zeros(n, k // group), torch.zeros(n, k // group)
 
             def refresh(cols: torch.Tensor) -> None:
-                params["scale"], params["lo"] = qo.int4_params(cols, group)
+                params["scale"], params["lo"] = _stored_grid(*qo.int4_params(cols, group))
 
             def qd(col: torch.Tensor, i: int) -> torch.Tensor:
                 s, lo = params["scale"][:, 0], params["lo"][:, 0]
@@ -101,7 +109,7 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
             w = qo.gptq(w, stat["H"], qd, group=group, refresh=refresh)
             q, scale, lo = qo.quantize_int4(w, group, (scale_cols, lo_cols))
         else:
-            q, scale, lo = qo.quantize_int4(w, group)
+            q, scale, lo = qo.quantize_int4(w, group, _stored_grid(*qo.int4_params(w, group)))
         new.qweight.copy_(qo.pack_nibbles(q))
         new.scales.copy_(scale.to(COMPUTE))
         new.mins.copy_(lo.to(COMPUTE))
@@ -139,33 +147,64 @@ def quantize_model(
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
+# Saved in compressed-tensors' pack-quantized layout (ct_layout.py), so transformers and vLLM read the integer weights
+# correctly; a child with AWQ's per-channel smoothing has no standard form and is saved guarded (hf_dir.guard_config).
 def save_quantized(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     from safetensors.torch import save_file
 
+    from slmkit.compress import ct_layout
+
+    info = getattr(model.config, CONFIG_KEY)
     model.config.save_pretrained(str(folder))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    state: dict[str, torch.Tensor] = {}
+    integer = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    for name, m in integer.items():
+        state |= {f"{name}.{k}": v for k, v in ct_layout.layer_tensors(m, info["scheme"]).items()}
+        if m.smooth is not None:
+            state[f"{name}.smooth"] = m.smooth
     # float tensors that were not quantized (embeddings, norms) are stored as bf16: half the bytes
-    state = {k: (v.to(COMPUTE) if v.is_floating_point() and v.dtype == torch.float32 else v).contiguous()
-             for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "slmkit": "quantized"})
+    for k, v in model.state_dict().items():
+        if k.rpartition(".")[0] not in integer:
+            state[k] = v.to(COMPUTE) if v.is_floating_point() and v.dtype == torch.float32 else v
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt", "slmkit": "quantized"})
+    ignore = sorted(set(linear_layers(model)) - set(integer))
+    ct_layout.write_config_block(folder, ct_layout.quantization_config(info["scheme"], info["group_size"], ignore))
+    if info.get("smooth"):
+        guard_config(folder, "awq", "AWQ's per-input-channel smoothing (x / s before the integer weights) has no "
+                     "compressed-tensors form; slmkit loads it, `slmkit export` writes GGUF")
 
 
 def is_quantized(folder: Path) -> bool:
     return (folder / "config.json").is_file() and CONFIG_KEY in read_config(folder)
 
 
-def load_quantized(folder: Path) -> nn.Module:
-    """Rebuild the architecture from config.json, swap in quantized shells, load the saved integers."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
+def is_standard(folder: Path) -> bool:
+    """Whether a quantized child is saved in compressed-tensors' layout that other tools read (not AWQ-smoothed,
+    not from slmkit <= 0.5)."""
+    config = read_config(folder)
+    return "quantization_config" in config and GUARD_KEY not in config
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+
+def load_quantized(folder: Path) -> nn.Module:
+    """Rebuild the architecture from config.json, swap in quantized shells, fill them from the saved integers."""
+    from safetensors import safe_open
+
+    from slmkit.compress import ct_layout
+
+    config = model_config(folder)
     info = getattr(config, CONFIG_KEY)
+    standard = getattr(config, "quantization_config", None) is not None  # else the layout of slmkit <= 0.5
+    if standard:
+        del config.quantization_config  # the skeleton is float; the integer layers are ours
     # the float skeleton is built without memory, then the saved tensors are assigned in place: no full-size
     # float copy ever exists
     model = empty_skeleton(config, torch.float32)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
     for name in info["modules"]:
         lin = model.get_submodule(name)
         if info["scheme"] == "int8":
@@ -174,9 +213,17 @@ def load_quantized(folder: Path) -> nn.Module:
             shell = Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, info["group_size"])
         if info.get("smooth"):
             shell.smooth = torch.ones(lin.in_features, dtype=COMPUTE)
+        if standard:
+            local = {k[len(name) + 1:]: state.pop(k) for k in [k for k in state if k.startswith(name + ".")]}
+            if "weight_packed" not in local:
+                raise SlmkitError(f"the quantized file in {folder} lacks {name}", "Quantize the model again.")
+            ct_layout.fill_layer(shell, local, info["scheme"])
+            if info.get("smooth"):
+                shell.smooth = local["smooth"].to(COMPUTE)
         set_module(model, name, shell)
-    state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if standard:
+        missing = [k for k in missing if k.rpartition(".")[0] not in info["modules"]]
     if missing or unexpected:
         raise SlmkitError(f"the quantized weights in {folder} do not match the model: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}", "Quantize the model again.")

@@ -39,21 +39,19 @@ class TorchBackend:
     @classmethod
     def from_folder(cls, folder: Path, *, threads: int | None = None) -> "TorchBackend":
         """Load safetensors weights and tokenizer from a store folder (no pickle, no remote code)."""
-        from transformers import AutoTokenizer
-
         from slmkit.compress.lowrank import is_lowrank, load_lowrank
         from slmkit.compress.quantize import is_quantized, load_quantized
         from slmkit.sources.adapters import is_adapter, load_merged
-        from slmkit.sources.hf_dir import load_float
+        from slmkit.sources.hf_dir import load_float, load_tokenizer
 
         if threads:
             torch.set_num_threads(threads)
         if is_quantized(Path(folder)):  # integer weights saved by `slmkit quantize`
-            return cls(load_quantized(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
+            return cls(load_quantized(Path(folder)), load_tokenizer(Path(folder)))
         if is_adapter(Path(folder)):  # a LoRA adapter from `slmkit finetune`: merged into its base at load
             return cls(*load_merged(Path(folder)))
         if is_lowrank(Path(folder)):  # factorized layers saved by `slmkit lowrank`
-            return cls(load_lowrank(Path(folder)), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False))
+            return cls(load_lowrank(Path(folder)), load_tokenizer(Path(folder)))
         ggufs = sorted(Path(folder).glob("*.gguf"))
         if not list(Path(folder).glob("*.safetensors")) and ggufs:  # a GGUF-only model (from export)
             from slmkit.sources.gguf import check_gguf, load_gguf

@@ -185,7 +185,7 @@ def fallback_note(log: str, gguf_type: str) -> str | None:
     t = _FALLBACK_TYPE.search(log)
     why = f": rows of {t.group(1)} do not fit {t.group(2)}-wide blocks, so they were written as {t.group(3).upper()}" if t else ""
     return (f"{m.group(1)} of {m.group(2)} tensors fell back from {gguf_type}{why}; for this model Q4_0 or Q4_1 "
-            "may be smaller at a similar quality (compare with slmkit eval)")
+            "may be smaller at a similar quality (--type auto measures each)")
 
 
 def quantize_gguf(

@@ -1,7 +1,8 @@
 """`slmkit export --format hf`: a plain Hugging Face folder to hand to someone else or push with
 `huggingface-cli upload`: config, safetensors weights, tokenizer, generation config, and a README model card whose
 YAML header carries base_model, license, tags, pipeline_tag and the lineage. Low-rank models are multiplied back and
-adapters merged (GGUF export does the same); integer children have no standard form here yet and are refused."""
+adapters merged (GGUF export does the same); integer children go as they are stored (compressed-tensors'
+pack-quantized layout, which transformers and vLLM read); AWQ-smoothed ones have no standard form and are refused."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import progress
-from slmkit.compress.quantize import is_quantized
+from slmkit.compress.quantize import is_quantized, is_standard
 from slmkit.errors import SlmkitError
 from slmkit.export.metadata import gguf_metadata, lineage
 from slmkit.store import Store
@@ -33,14 +34,19 @@ def readme(store: Store, model: str, meta: dict[str, Any]) -> str:
     chain = lineage(store, model)
     root = chain[-1]
     base = hub_id(root) or (chain[1].name if len(chain) > 1 else None)
+    scheme = ((chain[0].settings or {}).get("scheme") if chain[0].stage == "quantize" else None)
+    tags = meta["tags"] + (["compressed-tensors", scheme] if scheme else [])
     header = {"license": meta["license"], "library_name": "transformers", "pipeline_tag": "text-generation",
-              "tags": meta["tags"], **({"base_model": base} if base else {}), **({"language": meta["languages"]} if meta.get("languages") else {})}
+              "tags": tags, **({"base_model": base} if base else {}), **({"language": meta["languages"]} if meta.get("languages") else {})}
     lines = ["---"] + [f"{k}: {json.dumps(v)}" for k, v in header.items()] + ["---", "", f"# {model}", ""]
     lines.append(f"Made with slmkit from {base or root.name}" + (f": {meta['description']}." if meta.get("description") else "."))
     lines += ["", "| stage | model | settings |", "|---|---|---|"]
     for c in reversed(chain):
         shown = {k: v for k, v in (c.settings or {}).items() if k in ("method", "scheme", "sparsity", "ratio", "loss", "steps", "tokens", "teacher", "lora")}
         lines.append(f"| {c.stage} | {c.name} | {json.dumps(shown) if shown else ''} |")
+    if scheme:
+        lines += ["", f"The linear layers hold {scheme} weights in compressed-tensors' pack-quantized layout (weight-only, "
+                  "activations in float): transformers loads it with `pip install compressed-tensors`, vLLM serves it."]
     if not meta["license_known"]:
         lines += ["", "The license of the model this came from is not recorded; check it before you share this."]
     return "\n".join(lines) + "\n"
@@ -51,10 +57,12 @@ def export_hf(model: str, out_dir: Path, *, store: Store | None = None) -> dict[
 
     store = store or Store()
     folder = store.require(model)
-    if (folder / "router.json").is_file() or is_quantized(folder) or not list(folder.glob("*.safetensors")):
+    if (folder / "router.json").is_file() or not list(folder.glob("*.safetensors")) or (is_quantized(folder) and not is_standard(folder)):
         parent = store.card(model).parent
-        raise SlmkitError(f"{model} has no plain float weights to write as a Hugging Face folder (a router, integer weights or a GGUF)",
-                          f"Export its float parent ({parent or 'PARENT'}) with --format hf, or this model as GGUF (--format gguf).")
+        raise SlmkitError(f"{model} has no weights in a form a Hugging Face folder holds (a router, a GGUF, or integer "
+                          "weights with AWQ smoothing or from slmkit <= 0.5)",
+                          f"Export its float parent ({parent or 'PARENT'}) with --format hf, or quantize it again with "
+                          "--method rtn or gptq, or export it as GGUF.")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SlmkitError(f"{out_dir} exists and is not empty", "Give another --out, or remove it first.")
     meta = gguf_metadata(store, model, "F32")

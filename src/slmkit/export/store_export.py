@@ -12,7 +12,9 @@ from typing import Any
 
 from slmkit import progress
 from slmkit.config import settings
+from slmkit.export.auto_type import choose_type
 from slmkit.export.gguf import check_exportable, check_type, export_gguf
+from slmkit.gguf_tables import AUTO_TYPE, DEFAULT_PPL_BUDGET
 from slmkit.compress.quantize import is_quantized
 from slmkit.errors import SlmkitError
 from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
@@ -27,7 +29,7 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 
 def export_model(
     model: str, gguf_type: str, *, out_dir: Path | None = None, store_as: str | None = None, store: Store | None = None,
-    imatrix: Path | None = None, lora_adapter: bool = False,
+    imatrix: Path | None = None, lora_adapter: bool = False, ppl_budget: float = DEFAULT_PPL_BUDGET,
 ) -> dict[str, Any]:
     """Write MODEL as GGUF of `gguf_type`; with `store_as`, also install it as a new store model (stage export).
 
@@ -38,7 +40,11 @@ def export_model(
     imatrix.gguf) or an imatrix GGUF; llama.cpp's quantizer then weighs rounding error by activation size."""
     store = store or Store()
     store.sweep_exports()  # what a killed export left behind
-    gguf_type = check_type(gguf_type)
+    auto = gguf_type.upper() == AUTO_TYPE
+    if auto and (imatrix is not None or lora_adapter):
+        raise SlmkitError("--type auto does not combine with --imatrix or --lora-adapter yet",
+                          "Run --type auto first, then export the type it chose with --imatrix / --lora-adapter.")
+    gguf_type = AUTO_TYPE if auto else check_type(gguf_type)
     folder = store.require(model)
     if lora_adapter:
         return _export_with_adapter(store, model, folder, gguf_type, out_dir, imatrix)
@@ -52,6 +58,10 @@ def export_model(
             f"Export its float parent instead: slmkit export {parent or 'PARENT'} --type {gguf_type}"
             + ("" if parent else "; or run the GGUF as it is with --backend llamacpp."),
         )
+    trials = None
+    if auto:  # measured on this model: each type's size and perplexity in llama.cpp
+        with _dense_source(folder) as (source, _):
+            gguf_type, trials = choose_type(source, ppl_budget, settings().home / "exports", threads=settings().threads)
     if imatrix is not None and gguf_type in ("F32", "F16"):
         raise SlmkitError(f"--imatrix guides quantization; {gguf_type} is not quantized",
                           "Drop --imatrix, or pick a quantized --type such as Q4_K_M.")
@@ -76,6 +86,7 @@ def export_model(
             "model": model, "type": gguf_type, "gguf": str(path), "modelfile": str(out_dir / "Modelfile"),
             "size_before": parent_card.weights_bytes.get("safetensors") or parent_card.size_bytes,
             "size_after": path.stat().st_size, "store_name": None, "imatrix": imat_info, "note": note,
+            "auto": {"ppl_budget": ppl_budget, "tried": trials} if trials else None,
         }
         if store_as is not None:
             _install_export(store, store_as, model, path, source, gguf_type, imat_info)

@@ -39,15 +39,13 @@ def load_merged(folder: Path, *, dtype: Any = "auto") -> tuple[Any, Any]:
     """(model with the adapter merged in, tokenizer): the base loaded, the adapter applied and folded into its weights."""
     from peft import PeftModel
 
-    from slmkit.sources.hf_dir import load_float
+    from slmkit.sources.hf_dir import load_float, load_tokenizer
 
     from slmkit.compress.quantize import is_quantized, load_quantized, to_float
 
     _, base_folder = base_of(folder)
     if is_quantized(base_folder):  # a QLoRA adapter over an integer child: merged into its dequantized weights
-        from transformers import AutoTokenizer
-
-        net, tokenizer = to_float(load_quantized(base_folder)), AutoTokenizer.from_pretrained(str(base_folder))
+        net, tokenizer = to_float(load_quantized(base_folder)), load_tokenizer(base_folder)
     else:
         net, tokenizer = load_float(base_folder, dtype=dtype)
     merged = PeftModel.from_pretrained(net, str(folder)).merge_and_unload()

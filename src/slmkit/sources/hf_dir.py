@@ -55,7 +55,43 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ImportFailed(f"{path} is not valid JSON: {exc}", "Fix or regenerate config.json.") from exc
     if not isinstance(data, dict):
         raise ImportFailed(f"{path} is not a JSON object", "Fix or regenerate config.json.")
+    layout = data.get(GUARD_KEY)
+    if isinstance(layout, dict):  # slmkit's own layout: its true architecture, as slmkit reads it
+        data["model_type"], data["architectures"] = layout["model_type"], layout["architectures"]
     return data
+
+
+# A model slmkit saves in a layout of its own (layers no standard format holds: low-rank factors, AWQ's per-channel
+# smoothing) must not load as garbage elsewhere: its config.json names a model type no other library knows, so
+# transformers, vLLM or lm-eval stop with "does not recognize this architecture"; the true one is kept under this key.
+GUARD_KEY = "slmkit_layout"
+
+
+def guard_config(folder: Path, kind: str, why: str) -> None:
+    """Rewrite folder/config.json (a staging folder) so loaders other than slmkit refuse it; read_config and
+    model_config still see the true architecture."""
+    path = Path(folder) / "config.json"
+    data = json.loads(path.read_text())
+    data[GUARD_KEY] = {"kind": kind, "model_type": data["model_type"], "architectures": data.get("architectures"), "why": why}
+    data["model_type"] = f"slmkit-{kind}"
+    data["architectures"] = [f"Slmkit{kind.title().replace('-', '')}Model"]
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved beside a model (the model's config given, so a guarded layout reads quietly)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), config=model_config(folder), trust_remote_code=False)
+
+
+def model_config(folder: Path) -> Any:
+    """The transformers config of a store folder, whatever slmkit layout it is saved in (no remote code)."""
+    from transformers import AutoConfig
+
+    data = read_config(folder)
+    data.pop(GUARD_KEY, None)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 def float_writer(model: Any, tokenizer: Any, name: str) -> Callable[[Path], None]:
@@ -75,13 +111,13 @@ def load_float(folder: Path, *, dtype: Any = "auto", what: str | None = None) ->
     for editing by a stage (dtype torch.float32); `what` shows as a progress step. Never pickle, never remote code."""
     from contextlib import nullcontext
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from slmkit import progress
 
     try:
         with progress.step(what) if what else nullcontext():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            tokenizer = load_tokenizer(folder)
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ImportFailed(

@@ -21,7 +21,7 @@ from slmkit.compress.parents import float_parent
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
 from slmkit.layers.walk import count_params
-from slmkit.sources.hf_dir import float_writer, load_float
+from slmkit.sources.hf_dir import float_writer, load_float, load_tokenizer
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
 from slmkit.train import teacher as tc
@@ -71,9 +71,7 @@ def distill_stage(
         s_folder, _ = float_parent(store, student)
         net, tokenizer = load_float(s_folder, dtype=torch.float32, what=f"Loading the student {student}")
     if alpha > 0 and not fresh:
-        from transformers import AutoTokenizer
-
-        if not same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(str(t_folder), trust_remote_code=False)):
+        if not same_tokenizer(tokenizer, load_tokenizer(t_folder)):
             raise SlmkitError(f"{teacher} and {student} have different tokenizers: their token-level distributions cannot be compared",
                               "Pick a student made from the teacher (slmkit prune, lowrank), or one with the same tokenizer.")
     run_dir = settings().home / "runs" / name

@@ -21,7 +21,7 @@ from slmkit.errors import SlmkitError
 from slmkit.compress.quantize import CONFIG_KEY, for_training, is_quantized, load_quantized, quantize_model
 from slmkit.layers.integer import Int4Linear, Int8Linear
 from slmkit.layers.walk import count_params, decoder_blocks
-from slmkit.sources.hf_dir import float_writer, load_float, read_config
+from slmkit.sources.hf_dir import GUARD_KEY, float_writer, load_float, load_tokenizer, read_config
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
 from slmkit.sources.adapters import ADAPTER_CONFIG
@@ -70,11 +70,9 @@ def finetune_stage(
     store.check_free(name)
     base_quantized = None
     if method == "qlora" and is_quantized(store.require(model)):
-        from transformers import AutoTokenizer
-
         folder, base_card = store.require(model), store.card(model)
         with progress.step(f"Loading {model} (integer weights)"):
-            net, tokenizer = for_training(load_quantized(folder)), AutoTokenizer.from_pretrained(str(folder))
+            net, tokenizer = for_training(load_quantized(folder)), load_tokenizer(folder)
         base_quantized = read_config(folder)[CONFIG_KEY]["scheme"]
     else:
         folder, base_card = float_parent(store, model)
@@ -132,7 +130,8 @@ def finetune_stage(
             (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
             tokenizer.save_pretrained(str(staging))
             base_config = read_config(folder)
-            base_config.pop(CONFIG_KEY, None)  # the adapter applies to the base's computation, float or integer
+            for key in (CONFIG_KEY, "quantization_config", GUARD_KEY):  # the adapter applies to the base's computation,
+                base_config.pop(key, None)  # float or integer: its folder is a float model's config
             (staging / "config.json").write_text(json.dumps(base_config, indent=2))
 
     run["base_files"] = base_card.files
