@@ -52,14 +52,14 @@ def test_greedy_tokens_match_the_transformers_loop(store):
     assert list(fast.stream_tokens(ids, params, 20)) == list(slow.stream_tokens(ids, params, 20))
 
 
-@pytest.mark.parametrize("scheme,name", [("int8", "tiny-int8-rtn"), ("int4", "tiny-int4-g32-rtn")])
+@pytest.mark.parametrize("scheme,name", [("int8", "tiny-int8-rtn"), ("int4", "tiny-int4-g32-rtn"), ("w8a8", "tiny-w8a8-rtn")])
 def test_quantized_models_run_on_the_lean_forward(store, scheme, name):
     quantize_stage("tiny", scheme)
     fast = slmkit.load(name).backend
     slow = slmkit.load(name).backend
     slow.fast = None
     assert fast.fast is not None
-    assert (fast.fast.qkv[0] is not None) == (scheme == "int8")  # int8 q/k/v fused into one kernel call
+    assert (fast.fast.qkv[0] is not None) == (scheme != "int4")  # int8 q/k/v fused into one kernel call
     ids = fast.encode("The quick brown fox")
     with torch.inference_mode():
         got = fast.fast.forward(fast.fast.new_cache(1), torch.tensor([ids]))[0].float()
@@ -92,3 +92,37 @@ def test_other_architectures_are_not_claimed():
     assert not supports(Net())
     with pytest.raises(ValueError):
         FastLlama(Net())
+
+
+def test_w8a8_kernels_agree_and_the_choice_is_kept_per_machine(store, home):
+    """Both W8A8 kernels compute the same int32 products; which one runs for a shape and row count is timed once
+    and kept in SLMKIT_HOME/cache for the next load."""
+    import json
+
+    from slmkit.layers import integer
+    from slmkit.layers.integer import W8A8Linear
+
+    quantize_stage("tiny", "w8a8")
+    backend = slmkit.load("tiny-w8a8-rtn").backend
+    cache_file = home / "cache" / "w8a8-kernels.json"
+    saved = json.loads(cache_file.read_text())[integer.machine_key()]
+    layer = backend.fast.qkv[0]
+    assert f"{layer.out_features}x{layer.in_features}" in saved
+    x = torch.randn(20, layer.in_features)
+    outs = []
+    for kernel in ("int_mm", "onednn") if integer._has_onednn() else ("int_mm",):
+        forced = W8A8Linear(layer.in_features, layer.out_features, False)
+        forced.weight, forced.scales = layer.weight, layer.scales
+        forced.prepare()
+        forced._kernels = (kernel,) * 3
+        if kernel == "onednn" and forced._packed is None:
+            forced._packed = torch.ops.onednn.qlinear_prepack(forced.weight.contiguous(), None)
+            forced._zeros = torch.zeros(forced.out_features, dtype=torch.int64)
+        with torch.inference_mode():
+            outs.append(torch.cat([forced(x[:1]), forced(x[:8]), forced(x)]))
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # and equal to the int8 grid computed in float
+        q, s = integer.quantize_rows(x)
+        want = (q.float() * s) @ layer.dequantized().T
+    torch.testing.assert_close(outs[0][-20:], want, atol=1e-4, rtol=1e-4)

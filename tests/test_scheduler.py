@@ -65,6 +65,30 @@ def test_batched_greedy_equals_single(tiny_pair):
     assert results == expected
 
 
+def test_chunked_prefill_steps_running_rows_and_keeps_their_tokens(store):
+    """New prompts go in 2-token pieces with decode steps of the running rows between them; rows that finish
+    meanwhile leave, and every request still gets exactly the tokens it gets alone."""
+    plain = slmkit.load("tiny")
+    batched = BatchedBackend(slmkit.load("tiny").backend, max_batch=4, max_queue=16, prefill_chunk=2)
+    try:
+        lengths = {p: 2 + 2 * i for i, p in enumerate(PROMPTS)}  # short answers: rows leave during prefills
+        expected = {p: list(plain.backend.stream_tokens(plain.backend.encode(p), GREEDY, lengths[p])) for p in PROMPTS}
+        results: dict[str, list[int]] = {}
+
+        def run(p: str) -> None:
+            results[p] = list(batched.stream_tokens(batched.encode(p), GREEDY, lengths[p]))
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == expected
+        assert batched.scheduler.prefill_steps > 0  # the running rows advanced while prompts were prefilled
+    finally:
+        batched.scheduler.stop()
+
+
 def test_seeded_sampling_is_the_same_batched_or_not(tiny_pair):
     plain, batched = tiny_pair
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=5)

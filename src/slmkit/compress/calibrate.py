@@ -20,6 +20,7 @@ from slmkit.errors import SlmkitError
 CALIB_WINDOW = 512
 CALIB_SAMPLES = 32
 MIN_SAMPLES = 4
+SAMPLE_ROWS, SAMPLE_PER_BATCH = 1024, 64  # activation rows kept per layer for AWQ's and SmoothQuant's searches
 
 
 def calibration_batches(
@@ -52,7 +53,7 @@ def calibration_for(tokenizer: Any, net: nn.Module, calib: Path | None, samples:
 
 
 def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Per layer: mean |x| (AWQ) and mean x^2 (llama.cpp's imatrix, Wanda's norm) per input channel and, when asked,
+    """Per layer: mean |x| (AWQ), max |x| (SmoothQuant) and mean x^2 (llama.cpp's imatrix, Wanda's norm) per input channel and, when asked,
     H = 2/n X^T X (GPTQ, SparseGPT), from calibration inputs run through the whole model."""
 
     def run() -> None:
@@ -67,7 +68,8 @@ def collect_stats(model: nn.Module, layers: dict[str, nn.Linear], batches: list[
 def watch_inputs(layers: dict[str, nn.Module], run: Callable[[], None], *, hessian: bool) -> dict[str, dict[str, torch.Tensor]]:
     """The statistics of collect_stats, gathered with forward hooks on `layers` while `run()` runs forward passes."""
     stats: dict[str, dict[str, Any]] = {
-        n: {"n": 0, "absmean": torch.zeros(m.in_features), "sqmean": torch.zeros(m.in_features, dtype=torch.float64)}
+        n: {"n": 0, "absmean": torch.zeros(m.in_features), "absmax": torch.zeros(m.in_features),
+            "sqmean": torch.zeros(m.in_features, dtype=torch.float64)}
         for n, m in layers.items()
     }
     if hessian:
@@ -80,12 +82,16 @@ def watch_inputs(layers: dict[str, nn.Module], run: Callable[[], None], *, hessi
             s = stats[name]
             total = s["n"] + x.shape[0]
             s["absmean"] = s["absmean"] * (s["n"] / total) + x.abs().sum(0) / total
+            s["absmax"] = torch.maximum(s["absmax"], x.abs().amax(0))  # SmoothQuant's per-channel range
             s["sqmean"] = s["sqmean"] * (s["n"] / total) + x.double().square().sum(0) / total
             if hessian:
                 s["H"] = s["H"] * (s["n"] / total) + (2.0 / total) * (x.T @ x)
             s["n"] = total
-            if "sample" not in s:
-                s["sample"] = x[:256].clone()  # a few rows to score AWQ scales against
+            # rows to score AWQ and SmoothQuant scales against: spread over every batch (each one's first rows,
+            # where attention sinks make the largest activations, and evenly spaced ones after)
+            rows = x[torch.linspace(0, x.shape[0] - 1, min(SAMPLE_PER_BATCH, x.shape[0])).long()]
+            if s.get("sample") is None or s["sample"].shape[0] < SAMPLE_ROWS:
+                s["sample"] = rows.clone() if s.get("sample") is None else torch.cat([s["sample"], rows])[:SAMPLE_ROWS]
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]

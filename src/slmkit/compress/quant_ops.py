@@ -1,8 +1,8 @@
 """Pure tensor math for weight-only quantization: no modules, no models, no I/O.
 
 Conventions: a weight is (N, K) = (out_features, in_features). int8 is symmetric per output channel;
-int4 is per group of `group` input columns, w ~= q * scale + minimum with q in [0, 15]; the quantizer picks the
-symmetric grid (minimum = -8 * scale), the other functions take any minimum.
+int4 is asymmetric per group of `group` input columns, w ~= q * scale + minimum with q in [0, 15]; the quantizer
+keeps the minimum a whole number of steps below zero (an integer zero point), the other functions take any minimum.
 """
 
 from __future__ import annotations
@@ -30,13 +30,27 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]
 
 
-def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, minimum) of an (N, K) weight, symmetric: w ~= (q - 8) * scale with q in [0, 15], so the
-    minimum is -8 * scale and scale = max|w| / 7.5 (as GPTQ's symmetric grid). The symmetric form is the one
-    compressed-tensors' W4A16 children store and transformers and vLLM's kernels read.  # (N, K/group) each"""
+def int4_params(w: torch.Tensor, group: int, *, integer_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, minimum) of an (N, K) weight, asymmetric.  # (N, K/group) each
+
+    integer_zero: the range [min(w, 0), max(w, 0)] in 15 steps with the minimum a whole number of steps below zero
+    (minimum = -zero_point * scale, zero_point in [0, 15]): the form GPTQ, AWQ and compressed-tensors' W4A16_ASYM
+    store. Otherwise the group's own [min, max] with a free minimum (llama.cpp's Q4_1 grid)."""
     n, k = w.shape
-    scale = (w.reshape(n, k // group, group).abs().amax(-1) / 7.5).clamp(min=1e-10)
-    return scale, -8 * scale
+    g = w.reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    if not integer_zero:
+        return ((hi - lo) / INT4_MAX).clamp(min=1e-10), lo
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = ((hi - lo) / INT4_MAX).clamp(min=1e-10)
+    zero_point = torch.round(-lo / scale).clamp(0, INT4_MAX)
+    return scale, -zero_point * scale
+
+
+def int4_error(w: torch.Tensor, group: int, *, integer_zero: bool) -> float:
+    """Squared error of round-to-nearest on one of the two int4 grids."""
+    q, scale, lo = quantize_int4(w, group, int4_params(w, group, integer_zero=integer_zero))
+    return float((dequantize_int4(q, scale, lo) - w).pow(2).sum())
 
 
 def quantize_int4(

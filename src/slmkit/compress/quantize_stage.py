@@ -8,7 +8,7 @@ import torch
 
 from slmkit import progress
 from slmkit.card import ModelCard, sha256_file
-from slmkit.compress.calibrate import CALIB_WINDOW, calibration_batches
+from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_batches, calibration_for
 from slmkit.compress.lowrank import is_lowrank
 from slmkit.sources.adapters import is_adapter
 from slmkit.compress.quantize import DEFAULT_GROUP, METHODS, SCHEMES, is_quantized, quantize_model, save_quantized
@@ -37,7 +37,7 @@ def quantize_stage(
             f"{model} is already quantized ({parent.stage}: {parent.settings.get('scheme') or parent.settings.get('type')})",
             f"Quantizing rounded weights again compounds the error; quantize its float parent instead: {parent.parent or model}.",
         )
-    if method in ("gptq", "awq") and calib is None:
+    if method in ("gptq", "awq") and calib is None:  # smoothquant falls back to the calibration sample slmkit ships
         raise SlmkitError(f"--method {method} needs calibration text", "Pass --calib FILE: plain text like what the model will see, a few hundred KB.")
     if method == "rtn" and calib is not None:
         raise SlmkitError("--calib is used by gptq and awq only", "Drop --calib, or pick --method gptq or awq.")
@@ -47,8 +47,12 @@ def quantize_stage(
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
     window = min(CALIB_WINDOW, net.config.max_position_embeddings or CALIB_WINDOW)
     batches = calibration_batches(tokenizer, calib, window=window) if calib is not None else None
+    if method == "smoothquant" and calib is None:
+        batches, _ = calibration_for(tokenizer, net, None, CALIB_SAMPLES, window)
     info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches)
-    settings = {k: info[k] for k in ("scheme", "method", "group_size", "compute")}
+    settings = {k: info[k] for k in ("scheme", "method", "group_size", "zero_point", "smoothquant", "compute") if k in info}
+    settings["format"] = ("slmkit's own (other loaders refuse it)" if info.get("smooth") or info.get("zero_point") == "float"
+                          else "compressed-tensors (transformers, vLLM)")
     if calib is not None:
         settings["calibration"] = {"file": str(calib), "sha256": sha256_file(calib), "windows": len(batches or []), "window": window}
     def write(staging: Path) -> None:

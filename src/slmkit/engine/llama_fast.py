@@ -33,10 +33,11 @@ def fuse_linears(parts: list[Any]) -> Any | None:
     """One int8 layer computing `parts` (same input) side by side, their weights becoming views of its own;
     None otherwise. Float layers stay apart: fusing them saves no time here, and copying weights that were
     memory-mapped from safetensors would keep both copies resident (+270 MB RSS on the default model)."""
-    from slmkit.layers.integer import Int8Linear
+    from slmkit.layers.integer import Int8Linear, W8A8Linear
 
-    if all(type(p) is Int8Linear and p.smooth is None for p in parts) and len({p.bias is None for p in parts}) == 1:
-        return Int8Linear.concat(parts)
+    for cls in (Int8Linear, W8A8Linear):  # w8a8: the activations are also quantized once for all the parts
+        if all(type(p) is cls and p.smooth is None for p in parts) and len({p.bias is None for p in parts}) == 1:
+            return cls.concat(parts)
     return None
 
 
@@ -137,6 +138,9 @@ class FastLlama:
         # int8 q/k/v and gate/up each as one kernel call (fewer, larger calls: ~11% faster decode)
         self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        for m in [*(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers), model.lm_head]:
+            if hasattr(m, "prepare") and getattr(m, "_kernels", False) is None:
+                m.prepare()  # w8a8: kernels and prepacked weights ready before the first request
         self.q_width = self.heads * self.head_dim
         self.kv_width = self.kv_heads * self.head_dim
         self.mlp_width = cfg.intermediate_size

@@ -1,7 +1,8 @@
 """Continuous batching for the PyTorch backend: requests join and leave the running batch at every step.
 
 One worker thread owns the model. A new request is prefilled alone (reusing a cached prompt prefix when one
-matches), then its KV rows join the running batch; each decode step runs one forward pass for all running
+matches; on the slot cache in pieces of PREFILL_CHUNK tokens with a decode step of the running rows between two
+pieces, so a burst of long prompts does not stall the streams already running), then its KV rows join the running batch; each decode step runs one forward pass for all running
 sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
 The batch's KV lives in the backend's batch store (`Backend.batch_store`): on llama.cpp, one sequence per slot
 of a multi-sequence context (`llamacpp_batch.LlamaCppSlots`); on PyTorch, Llama-layout models in a preallocated
@@ -48,6 +49,7 @@ class _Request:
 
 
 MAX_BATCH = 16  # sequences decoded together
+PREFILL_CHUNK = 128  # prompt tokens prefilled between two decode steps of the running rows (chunked prefill)
 MAX_QUEUE = 64  # requests waiting; beyond, QueueFull
 PREFIX_CACHE_TOKENS = 4096  # prompt tokens of KV kept for reuse
 
@@ -57,10 +59,12 @@ class BatchScheduler:
 
     def __init__(self, backend: "Engine", *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
                  prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
-                 context: int | None = None) -> None:
+                 context: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.backend = backend
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.prefill_steps = 0  # decode steps run between prefill pieces (chunked prefill), for tests and metrics
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []
@@ -158,7 +162,11 @@ class BatchScheduler:
         """Prefill one request and hand out its first token; True when it joins the running batch."""
         ids = req.prompt
         reused, kv = self.prefix_cache.lookup(ids) if self.prefix_cache else (0, None)
-        logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None)
+        if self.running and self.prefill_chunk and getattr(self.store, "chunked", False):
+            logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None,
+                                                between=self._step_between, chunk=self.prefill_chunk)
+        else:
+            logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None)
         if self.prefix_cache and row_kv is not None:
             self.prefix_cache.store(ids, row_kv)
         token = sample_next(logits, req.params, req.history, req.generator)
@@ -166,6 +174,12 @@ class BatchScheduler:
             return False
         self.store.join()
         return True
+
+    def _step_between(self) -> None:
+        """A decode step for the running rows between two pieces of a prompt being prefilled."""
+        if self.running:
+            self._step()
+            self.prefill_steps += 1
 
     def _emit(self, req: _Request, step: Step) -> bool:
         """Hand a token to the consumer; False when the request is finished."""

@@ -7,6 +7,8 @@ as llama.cpp's (`llamacpp_batch.LlamaCppSlots`): prefill, join, step, keep, clea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,20 +24,34 @@ class SlotKV:
     """The running batch in a preallocated slot cache, stepped by the lean Llama forward (rows 0..n-1 run)."""
 
     context: int | None = None  # no per-slot limit beyond the model's context
+    chunked = True  # prefill takes `between` and `chunk` (chunked prefill)
 
     def __init__(self, fast: FastLlama, slots: int) -> None:
         self.fast = fast
         self.cache = fast.new_cache(slots)
         self.rows = 0
+        self._pending = 0  # the slot being prefilled
 
-    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool) -> tuple[torch.Tensor, KV | None]:
-        """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked."""
-        slot = self.rows
+    def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool,
+                between: Callable[[], None] | None = None, chunk: int = 0) -> tuple[torch.Tensor, KV | None]:
+        """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked.
+
+        Chunked prefill: with `chunk`, the prompt goes in pieces of that many tokens and `between()` runs after
+        each piece but the last (the scheduler steps the running rows there, so a long prompt does not stall them;
+        rows that finish meanwhile may move, so the new row is moved to its place at join)."""
+        slot = self._pending = self.rows
         self.cache.load(slot, cut(kv, reused) if kv else [])
-        logits = self.fast.forward(self.cache, torch.tensor([ids[reused:]]), first=slot)[0]
+        rest = ids[reused:]
+        pieces = [rest[i:i + chunk] for i in range(0, len(rest), chunk)] if chunk and between else [rest]
+        for i, piece in enumerate(pieces):
+            logits = self.fast.forward(self.cache, torch.tensor([piece]), first=slot)[0]
+            if i < len(pieces) - 1:
+                between()
         return logits, self.cache.export(slot) if export else None
 
     def join(self) -> None:
+        if self._pending != self.rows:  # running rows left while this one was prefilled in pieces
+            self.cache.move(self._pending, self.rows)
         self.rows += 1
 
     def step(self, last: list[int]) -> torch.Tensor:

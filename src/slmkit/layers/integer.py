@@ -128,7 +128,200 @@ class Int4Linear(nn.Module):
         return _weight_only_forward(self, x, lambda x2: _INT4_MM(x2, self._packed, self.group_size, self._scales_zeros))
 
 
-def dense_linear(layer: "Int8Linear | Int4Linear") -> nn.Linear:
+# W8A8 kernels, chosen per weight shape and number of rows by timing them once per process on this machine:
+#   int_mm: torch._int_mm (oneDNN's int8 GEMM on the (N, K) weight read transposed; no extra copy)
+#   onednn: oneDNN's quantized linear on a weight prepacked at load (one more int8 copy; faster for many rows on CPUs
+#           where it blocks the weight for VNNI)
+ROW_BUCKETS = ((1, 3), (4, 31), (32, None))  # decode at batch 1, batched decode, prefill
+PROBE_ROWS = (1, 16, 64)  # one per bucket
+PROBE_BYTES = 64 << 20  # the timed weights cycle through more bytes than a CPU caches, as a real step streams them
+_KERNELS: dict[tuple[int, int], tuple[str, ...]] = {}  # (N, K) -> kernel per bucket
+KERNEL_TIMES: dict[str, dict[str, list[float]]] = {}  # "NxK" -> kernel -> µs per call per probe, for reports
+
+
+def _has_onednn() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()
+
+
+def _onednn_mm(xq_u8: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(x_q @ w_q^T) * w_scales in float32, for uint8 activations with zero point 128 (int8 + 128)."""
+    return torch.ops.onednn.qlinear_pointwise(xq_u8, 1.0, 128, packed, w_scales, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def bucket_of(rows: int) -> int:
+    return 0 if rows <= ROW_BUCKETS[0][1] else 1 if rows <= ROW_BUCKETS[1][1] else 2
+
+
+def pick_kernels(n: int, k: int) -> tuple[str, ...]:
+    """The fastest kernel per row bucket for an (N, K) int8 weight, timed once per shape with weights that do not
+    fit in cache (as in a real step, where every layer's weight comes from memory)."""
+    import time
+
+    if (n, k) in _KERNELS:
+        return _KERNELS[(n, k)]
+    copies = max(2, min(256, PROBE_BYTES // (n * k)))
+    weights = [torch.randint(-127, 127, (n, k), dtype=torch.int8) for _ in range(copies)]
+    candidates: dict[str, Callable[[torch.Tensor], None]] = {
+        "int_mm": lambda xq: [torch._int_mm(xq, w.t()) for w in weights]}
+    if _has_onednn():
+        packed = [torch.ops.onednn.qlinear_prepack(w, None) for w in weights]
+        ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+        candidates["onednn"] = lambda xq: [_onednn_mm((xq.to(torch.int16) + 128).to(torch.uint8), p, ones, zeros) for p in packed]
+    times: dict[str, list[float]] = {}
+    for name, run in candidates.items():
+        times[name] = []
+        for m in PROBE_ROWS:
+            xq = torch.randint(-127, 127, (m, k), dtype=torch.int8)
+            run(xq)  # warm up (oneDNN builds its primitive for the shape)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                run(xq)
+            times[name].append((time.perf_counter() - t0) / (3 * copies) * 1e6)
+    KERNEL_TIMES[f"{n}x{k}"] = times
+    _KERNELS[(n, k)] = tuple(min(times, key=lambda c: times[c][b]) for b in range(len(PROBE_ROWS)))
+    _write_kernel_choices()
+    return _KERNELS[(n, k)]
+
+
+def machine_key() -> str:
+    """What the kernel timings depend on: the torch build, the threads, the CPU (model and flags)."""
+    import hashlib
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("flags")), "")
+        cpu = f"{model} {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+    except OSError:
+        import platform
+
+        cpu = platform.processor()
+    return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu}"
+
+
+_KERNEL_CACHE: list[Any] = []  # the JSON file kernel choices are read from and written to, when one is set
+
+
+def use_kernel_cache(path: Any) -> None:
+    """Read the kernel choices timed on this machine before (a JSON file keyed by machine_key), and keep the ones
+    timed from now on there too."""
+    import json
+
+    _KERNEL_CACHE[:] = [path]
+    try:
+        saved = json.loads(open(path).read()).get(machine_key(), {})
+    except (OSError, ValueError):
+        saved = {}
+    for shape, kernels in saved.items():
+        n, k = map(int, shape.split("x"))
+        _KERNELS.setdefault((n, k), tuple(kernels))
+    if any(f"{n}x{k}" not in saved for n, k in _KERNELS):  # timed in this process before the file was named
+        _write_kernel_choices()
+
+
+def _write_kernel_choices() -> None:
+    """Written to a temporary file, then renamed: two processes never leave a half-written file."""
+    import json
+    import os
+
+    if not _KERNEL_CACHE:
+        return
+    path = _KERNEL_CACHE[0]
+    try:
+        data = json.loads(open(path).read())
+    except (OSError, ValueError):
+        data = {}
+    data[machine_key()] = {f"{n}x{k}": list(v) for (n, k), v in sorted(_KERNELS.items())}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the choices are timed again next time
+        pass
+
+
+def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (per-row) symmetric int8 activations: (q (M, K), scale float32 (M, 1)); the grid is
+    compressed-tensors' dynamic per-token one (scale = max|x| / 127.5, q in [-128, 127]), so other readers of a
+    w8a8 child compute what slmkit computes. offset 128 gives q + 128 as uint8 (oneDNN's activation type)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.5).clamp_(min=1e-10)
+    q = torch.round(xf / scale).clamp_(-128, 127)
+    if offset:
+        return q.add_(offset).to(torch.uint8), scale
+    return q.to(torch.int8), scale
+
+
+class W8A8Linear(nn.Module):
+    """y = (q_x @ q_w^T) * s_x * s_w + b: int8 weights per output channel, activations quantized per token at run
+    time, int32 accumulation on the CPU's integer units (torch._int_mm: oneDNN, VNNI where the CPU has it).
+    Optional per-input-channel `smooth` (SmoothQuant: x / s before quantizing, w * s folded into the weight)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE) if bias else None)
+        self.register_buffer("smooth", None)
+        self._kernels: tuple[str, ...] | None = None  # per row bucket, picked by timing (prepare)
+        self._packed: torch.Tensor | None = None
+
+    def prepare(self) -> None:
+        """Pick the kernels for this shape on this machine (timed once per shape) and build what they need."""
+        self._kernels = pick_kernels(self.out_features, self.in_features)
+        self._packed = None
+        if "onednn" in self._kernels:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.weight.contiguous(), None)
+            self._zeros = torch.zeros(self.out_features, dtype=torch.int64)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]  # (N, K)
+
+    @classmethod
+    def concat(cls, parts: list["W8A8Linear"]) -> "W8A8Linear":
+        """One layer for several with the same input (q/k/v, gate/up): the activations are quantized once."""
+        bias = parts[0].bias is not None
+        fused = cls(parts[0].in_features, sum(p.out_features for p in parts), bias)
+        fused.weight = torch.cat([p.weight for p in parts])
+        fused.scales = torch.cat([p.scales for p in parts])
+        fused.bias = torch.cat([p.bias for p in parts]) if bias else None
+        start = 0
+        for p in parts:  # share storage: no second copy of the weights
+            end = start + p.out_features
+            p.weight, p.scales = fused.weight[start:end], fused.scales[start:end]
+            p.bias = fused.bias[start:end] if bias else None
+            p._kernels, p._packed = None, None  # prepared again if used alone
+            start = end
+        fused.prepare()
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.smooth is not None:
+            x2 = x2 / self.smooth.to(x2.dtype)
+        if x2.requires_grad and torch.is_grad_enabled():  # training through frozen weights: no integer path
+            y = _Recomputed.apply(x2.float(), self)
+        else:
+            if self._kernels is None:
+                self.prepare()
+            if self._kernels[bucket_of(x2.shape[0])] == "onednn":
+                q, s = quantize_rows(x2, offset=128)
+                y = _onednn_mm(q, self._packed, self.scales, self._zeros).mul_(s)  # the weight scales applied inside
+            else:
+                q, s = quantize_rows(x2)
+                y = torch._int_mm(q, self.weight.t()).float().mul_(s).mul_(self.scales)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear") -> nn.Linear:
     """A float32 nn.Linear computing what the integer layer computes (the smoothing folded into the weight)."""
     w = layer.dequantized()  # (N, K)
     if layer.smooth is not None:
