@@ -256,18 +256,14 @@ def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch
     return q.to(torch.int8), scale
 
 
-class W8A8Linear(nn.Module):
-    """y = (q_x @ q_w^T) * s_x * s_w + b: int8 weights per output channel, activations quantized per token at run
-    time, int32 accumulation on the CPU's integer units (torch._int_mm: oneDNN, VNNI where the CPU has it).
-    Optional per-input-channel `smooth` (SmoothQuant: x / s before quantizing, w * s folded into the weight)."""
+class W8A8Linear(Int8Linear):
+    """y = (q_x @ q_w^T) * s_x * s_w + b: int8 weights per output channel (float32 scales), activations quantized per
+    token at run time, int32 accumulation on the CPU's integer units (torch._int_mm or oneDNN's quantized linear,
+    VNNI where the CPU has it). The weights and their fusing (concat) are Int8Linear's; the forward is not."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE) if bias else None)
-        self.register_buffer("smooth", None)
+        super().__init__(in_features, out_features, bias)
+        self.scales = torch.ones(out_features, dtype=torch.float32)
         self._kernels: tuple[str, ...] | None = None  # per row bucket, picked by timing (prepare)
         self._packed: torch.Tensor | None = None
 
@@ -279,24 +275,12 @@ class W8A8Linear(nn.Module):
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight.contiguous(), None)
             self._zeros = torch.zeros(self.out_features, dtype=torch.int64)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]  # (N, K)
-
     @classmethod
-    def concat(cls, parts: list["W8A8Linear"]) -> "W8A8Linear":
+    def concat(cls, parts: list["Int8Linear"]) -> "W8A8Linear":
         """One layer for several with the same input (q/k/v, gate/up): the activations are quantized once."""
-        bias = parts[0].bias is not None
-        fused = cls(parts[0].in_features, sum(p.out_features for p in parts), bias)
-        fused.weight = torch.cat([p.weight for p in parts])
-        fused.scales = torch.cat([p.scales for p in parts])
-        fused.bias = torch.cat([p.bias for p in parts]) if bias else None
-        start = 0
-        for p in parts:  # share storage: no second copy of the weights
-            end = start + p.out_features
-            p.weight, p.scales = fused.weight[start:end], fused.scales[start:end]
-            p.bias = fused.bias[start:end] if bias else None
+        fused = super().concat(parts)
+        for p in parts:
             p._kernels, p._packed = None, None  # prepared again if used alone
-            start = end
         fused.prepare()
         return fused
 
