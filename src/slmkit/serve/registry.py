@@ -97,9 +97,11 @@ class ModelRegistry:
         """A model of the store behind its scheduler, loaded once (served names and routers' models share it)."""
         with self._lock:
             if name not in self._models:
-                backend = open_backend(self.store.require(name), self.backends[name], serving=True)
-                batched = BatchedBackend(backend, max_batch=self.max_batch, max_queue=self.max_queue,
-                                         prefix_cache_tokens=self.prefix_cache_tokens, context=self.context)
+                folder, kind = self.store.require(name), self.backends[name]
+                # opened on the scheduler's own thread: the thread that runs the model also loads it
+                batched = BatchedBackend(lambda: open_backend(folder, kind, serving=True), max_batch=self.max_batch,
+                                         max_queue=self.max_queue, prefix_cache_tokens=self.prefix_cache_tokens,
+                                         context=self.context)
                 sched = batched.scheduler
                 self.metrics.watch(name, lambda: sched.queue_depth, lambda: sched.batch_size,
                                    lambda: sched.prefix_cache.hit_rate if sched.prefix_cache else 0.0)
