@@ -334,3 +334,28 @@ def test_hidden_state_alignment(pair, text_file):
     with pytest.raises(SlmkitError, match="hidden size"):
         distill_stage(teacher, "new:layers=1,hidden=16,heads=2,kv_heads=1,intermediate=16", [text_file], seq_len=32,
                       config=TrainConfig(steps=1), name="kd-bad", hidden_weight=1.0)
+
+
+def test_chunked_cross_entropy_equals_the_full_one_with_its_gradients(tiny_dir):
+    """The fine-tuning loss without (B, T, V) logits: same value and same gradients as the plain loss, through a
+    peft-wrapped model, with a chunk that does not divide the positions."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.train.losses import chunked_next_token_loss, next_token_loss
+
+    torch.manual_seed(0)
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids, mask = torch.randint(5, 300, (3, 20)), torch.rand(3, 20) > 0.3
+    full = next_token_loss(net(input_ids=ids[:, :-1]).logits, ids[:, 1:], mask[:, 1:])
+    full.backward()
+    want = [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    net.zero_grad()
+    out = net(input_ids=ids[:, :-1], output_hidden_states=True, logits_to_keep=1)
+    assert out.logits.shape[1] == 1  # the full logits were never made
+    chunked = chunked_next_token_loss(out.hidden_states[-1], net.get_output_embeddings(), ids[:, 1:], mask[:, 1:], chunk=7)
+    chunked.backward()
+    got = [p.grad for p in net.parameters() if p.requires_grad]
+    assert abs(float(chunked) - float(full)) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))

@@ -26,7 +26,7 @@ from slmkit.store import Store, validate_name
 from slmkit.train import data as td
 from slmkit.sources.adapters import ADAPTER_CONFIG
 from slmkit.train.loop import TrainConfig, fit, with_loss_curve
-from slmkit.train.losses import next_token_loss
+from slmkit.train.losses import chunked_next_token_loss
 
 METHODS = ("lora", "qlora", "full")
 QLORA_SCHEMES = ("int4", "int8")
@@ -105,8 +105,11 @@ def finetune_stage(
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
 
     def loss_fn(m: nn.Module, ids: torch.Tensor, mask: torch.Tensor, _idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = m(input_ids=ids[:, :-1], use_cache=False).logits
-        loss = next_token_loss(logits, ids[:, 1:], mask[:, 1:])
+        # the decoder's hidden states, then the head and the loss a chunk of positions at a time: the (B, T, V)
+        # logits, which set the peak memory of a small model's step, never exist whole
+        out = m(input_ids=ids[:, :-1], use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        head = getattr(m, "module", m).get_output_embeddings()  # through DDP's wrapper when distributed
+        loss = chunked_next_token_loss(out.hidden_states[-1], head, ids[:, 1:], mask[:, 1:])
         return loss, {"loss": float(loss.detach())}
 
     result = fit(net, train, valid, cfg, settings().home / "runs" / name, loss_fn, resume=resume)

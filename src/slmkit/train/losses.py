@@ -53,6 +53,32 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     return _masked_mean(per.reshape(targets.shape), mask)
 
 
+CE_CHUNK = 512  # positions whose logits exist at once in chunked_next_token_loss
+
+
+def chunked_next_token_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, mask: torch.Tensor,
+                            chunk: int = CE_CHUNK) -> torch.Tensor:
+    """next_token_loss(head(hidden), targets, mask) without ever holding the (B, T, V) logits: the output head and
+    the cross-entropy run on `chunk` positions at a time, each piece recomputed in backward (activation
+    checkpointing), so only one chunk's logits (chunk x V floats) exist at once, in forward and in backward. With a
+    49k vocabulary at 4 x 256 positions that is 100 MB instead of ~1 GB (logits, their log-softmax and gradients).
+    hidden (B, T, E), targets and mask (B, T)."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, E)
+    t, m = targets.reshape(-1), mask.reshape(-1).float()  # (N,)
+    keep = m > 0  # positions that do not count need no logits at all
+    h, t, m = h[keep], t[keep], m[keep]
+
+    def piece(hh: torch.Tensor, tt: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
+        return (F.cross_entropy(head(hh).float(), tt, reduction="none") * mm).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        total = total + checkpoint(piece, h[i:i + chunk], t[i:i + chunk], m[i:i + chunk], use_reentrant=False)
+    return total / mask.float().sum().clamp(min=1)
+
+
 def hidden_alignment(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Minitron's hidden-state loss: mean squared error between the student's and the teacher's final hidden
     states (B, T, H) at the learned positions, relative to the teacher's mean square (scale-free)."""
