@@ -109,6 +109,7 @@ def test_quantize_errors_leave_the_store_unchanged(store, tmp_path):
         (dict(model="tiny", scheme="int4", group_size=64), "does not divide"),
         (dict(model="tiny", scheme="int8", calib=empty), "gptq and awq only"),
         (dict(model="tiny", scheme="int8", name="../x"), "invalid model name"),
+        (dict(model="tiny", scheme="int4", method="smoothquant"), "balances int8 activations"),
     ]
     for kwargs, message in cases:
         model = kwargs.pop("model")

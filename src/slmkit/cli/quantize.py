@@ -14,14 +14,15 @@ from slmkit.cli.common import ModelOpt, handle_errors
 @handle_errors
 def quantize(
     model: ModelOpt = None,
-    scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel) or int4 (per group).")] = "int8",
+    scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel), int4 (per group), or w8a8 (int8 weights and activations: the integer units).")] = "int8",
     group_size: Annotated[int | None, typer.Option("--group-size", help="int4 group size: 32, 64 or 128. [default: 32]")] = None,
-    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib).")] = "rtn",
-    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq.")] = None,
+    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib), smoothquant (w8a8; --calib optional).")] = "rtn",
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq/smoothquant.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-SCHEME[-gG]-METHOD).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
 ) -> None:
-    """Quantize a model's weights to int8 or int4 (real integer weights: smaller and faster), as a new store model."""
+    """Quantize a model to int8, int4 or w8a8 (real integer weights: smaller and faster), as a new store model in
+    compressed-tensors' format (transformers and vLLM read it)."""
     from slmkit.compress.quantize_stage import quantize_stage
     from slmkit.evaluate.quick import describe_delta, quick_perplexity
     from slmkit.loading import load

@@ -36,7 +36,8 @@ COMPUTE_NOTES = {
 }
 
 
-def check_settings(scheme: str, method: str, group_size: int | None, layers: dict[str, nn.Linear]) -> int | None:
+def check_method(scheme: str, method: str) -> None:
+    """The scheme and method exist and go together (before any model is loaded)."""
     if scheme not in SCHEMES:
         raise SlmkitError(f"unknown scheme {scheme!r}", f"Schemes: {', '.join(SCHEMES)}")
     if method not in METHODS:
@@ -44,6 +45,10 @@ def check_settings(scheme: str, method: str, group_size: int | None, layers: dic
     if method == "smoothquant" and scheme != "w8a8":
         raise SlmkitError(f"--method smoothquant balances int8 activations; {scheme} keeps activations in float",
                           "Use --scheme w8a8 with it, or --method rtn, gptq or awq.")
+
+
+def check_settings(scheme: str, method: str, group_size: int | None, layers: dict[str, nn.Linear]) -> int | None:
+    check_method(scheme, method)
     if scheme in ("int8", "w8a8"):
         return None  # per output channel; a group size does not apply
     group = group_size or DEFAULT_GROUP

@@ -11,7 +11,7 @@ from slmkit.card import ModelCard, sha256_file
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_batches, calibration_for
 from slmkit.compress.lowrank import is_lowrank
 from slmkit.sources.adapters import is_adapter
-from slmkit.compress.quantize import DEFAULT_GROUP, METHODS, SCHEMES, is_quantized, quantize_model, save_quantized
+from slmkit.compress.quantize import DEFAULT_GROUP, check_method, is_quantized, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import load_float
 from slmkit.store import Store, validate_name
@@ -25,8 +25,7 @@ def quantize_stage(
     store = store or Store()
     folder = store.require(model)
     parent = store.card(model)
-    if scheme not in SCHEMES or method not in METHODS:
-        raise SlmkitError(f"unknown scheme/method {scheme!r}/{method!r}", f"Schemes: {', '.join(SCHEMES)}; methods: {', '.join(METHODS)}")
+    check_method(scheme, method)
     if is_adapter(folder):
         raise SlmkitError(f"{model} is a LoRA adapter, not a whole model", f"Merge it first (slmkit merge {model}), then quantize the merged model.")
     if is_lowrank(folder):
