@@ -208,3 +208,19 @@ def test_children_saved_by_earlier_versions_still_load(store):
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():
         assert torch.allclose(old(input_ids=ids).logits.float(), net(input_ids=ids).logits.float(), atol=0.05)
+
+
+def test_smoothquant_child_folds_its_scales_and_stays_standard(store):
+    """--method smoothquant without --calib: the packaged sample calibrates it (recorded in the card), the scales go
+    into the norms (no smoothing vector in the child), and it is saved in the standard layout."""
+    from slmkit.compress.quantize import is_standard
+
+    card = quantize_stage("tiny", "w8a8", method="smoothquant")
+    assert card.settings["calibration"]["file"].startswith("packaged") and card.settings["smoothquant"]["modules"] > 0
+    assert card.settings["format"].startswith("compressed-tensors") and is_standard(Store().require(card.name))
+    q, f = slmkit.load(card.name), slmkit.load("tiny")
+    assert all(getattr(m, "smooth", None) is None for m in q.backend.model.modules())
+    ids = torch.tensor([[1, 5, 9, 13, 40, 7]])
+    with torch.no_grad():
+        got, want = q.backend.model(input_ids=ids).logits.float(), f.backend.model(input_ids=ids).logits.float()
+    assert float((got - want).norm() / want.norm()) < 0.1

@@ -31,12 +31,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT / "bench" / "serve"))
 sys.path.insert(0, str(ROOT / "src"))
-from run import PROMPT, free_port, level, slmkit_cmd, start  # noqa: E402  (bench/serve/run.py)
+
+
+def _serve_bench() -> Any:
+    """bench/serve/run.py's helpers (servers, streams, levels), loaded by path: both scripts are named run.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "bench" / "serve" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_sb = _serve_bench()
+PROMPT, free_port, level, slmkit_cmd, start = _sb.PROMPT, _sb.free_port, _sb.level, _sb.slmkit_cmd, _sb.start
 
 BASE = "smollm2-135m-instruct"
 SQ, RTN, INT8 = f"{BASE}-w8a8-smoothquant", f"{BASE}-w8a8-rtn", f"{BASE}-int8-rtn"
@@ -163,9 +176,9 @@ def main() -> None:
     print("llama-bench", result["llama_bench"], flush=True)
     result["lean_forward"] = {name: lean_forward(name) for name in (SQ, INT8)}
     print("lean forward", result["lean_forward"], flush=True)
-    from slmkit.layers import integer
+    from slmkit.layers.integer import kernel_choices
 
-    result["kernels"] = {f"{n}x{k}": list(v) for (n, k), v in integer._KERNELS.items()}
+    result["kernels"] = kernel_choices()
     result["serve"] = serve(args.llama_cpp_bin / "llama-server", q41, threads, args.levels)
     result["perplexity"] = {name: perplexity(name, args.data, args.windows) for name in (BASE, RTN, SQ)}
     print("perplexity", result["perplexity"], flush=True)

@@ -1,5 +1,5 @@
 """The compressed-tensors layout of slmkit's integer layers: what `slmkit quantize` writes so that transformers, vLLM
-and llm-compressor read the child correctly (llm-compressor's "pack-quantized" format), and what slmkit reads back.
+and llm-compressor read the child correctly (llm-compressor's formats), and what slmkit reads back.
 
 Conversions only: tensors of one layer <-> the format's tensors, and the config block. The packing is the library's
 own (compressed_tensors.compressors.pack_quantized.helpers), so files are what its decompressor expects.
@@ -34,10 +34,8 @@ def weight_args(scheme: str, group: int | None) -> Any:
 
 def quantization_config(scheme: str, group: int | None, ignore: list[str]) -> Any:
     """The config block (compressed_tensors' QuantizationConfig) for a model whose every Linear but `ignore` holds
-    `scheme` weights; activations stay float (weight-only)."""
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
-
-    from compressed_tensors.quantization import QuantizationArgs
+    `scheme` weights; activations stay float except for w8a8 (int8 per token, quantized at run time)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) if scheme == "w8a8" else None
     scheme_ = QuantizationScheme(targets=["Linear"], weights=weight_args(scheme, group), input_activations=acts)
@@ -58,31 +56,31 @@ def zero_points(layer: Any) -> torch.Tensor:
 
 
 def layer_tensors(layer: Any, scheme: str) -> dict[str, torch.Tensor]:
-    """An Int8Linear / Int4Linear's tensors under the format's local names (weight_packed, weight_scale, ...)."""
+    """An integer layer's tensors under the format's local names (weight_packed / weight, weight_scale, ...)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from slmkit.compress.quant_ops import unpack_nibbles
 
     if scheme == "w8a8":  # int-quantized: the int8 weight as it is
         out = {"weight": layer.weight.contiguous(), "weight_scale": layer.scales[:, None].contiguous()}
-        return out | ({"bias": layer.bias} if layer.bias is not None else {})
-    if scheme == "int8":
-        q, scale = layer.weight, layer.scales[:, None]  # (N, K) int8, (N, 1)
-    else:
-        q = (unpack_nibbles(layer.qweight).to(torch.int16) - 8).to(torch.int8)  # (N, K) in [-8, 7]
-        scale = layer.scales  # (N, G)
-    out = {"weight_packed": pack_to_int32(q.contiguous(), BITS[scheme]), "weight_scale": scale.contiguous(),
-           "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64)}
-    if scheme == "int4":
-        zero = (zero_points(layer).to(torch.int16) - 8).to(torch.int8)  # (N, G) in [-8, 7]
-        out["weight_zero_point"] = pack_to_int32(zero.contiguous(), 4, packed_dim=0)
+    else:  # pack-quantized
+        if scheme == "int8":
+            q, scale = layer.weight, layer.scales[:, None]  # (N, K) int8, (N, 1)
+        else:
+            q = (unpack_nibbles(layer.qweight).to(torch.int16) - 8).to(torch.int8)  # (N, K) in [-8, 7]
+            scale = layer.scales  # (N, G)
+        out = {"weight_packed": pack_to_int32(q.contiguous(), BITS[scheme]), "weight_scale": scale.contiguous(),
+               "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64)}
+        if scheme == "int4":
+            zero = (zero_points(layer).to(torch.int16) - 8).to(torch.int8)  # (N, G) in [-8, 7]
+            out["weight_zero_point"] = pack_to_int32(zero.contiguous(), 4, packed_dim=0)
     if layer.bias is not None:
         out["bias"] = layer.bias
     return out
 
 
 def fill_layer(layer: Any, tensors: dict[str, torch.Tensor], scheme: str) -> None:
-    """The inverse of layer_tensors: set an empty Int8Linear / Int4Linear's buffers from the format's tensors."""
+    """The inverse of layer_tensors: set an empty integer layer's buffers from the format's tensors."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from slmkit.compress.quant_ops import pack_nibbles
@@ -90,19 +88,18 @@ def fill_layer(layer: Any, tensors: dict[str, torch.Tensor], scheme: str) -> Non
 
     if scheme == "w8a8":
         layer.weight, layer.scales = tensors["weight"], tensors["weight_scale"][:, 0].float().contiguous()
-        if "bias" in tensors:
-            layer.bias = tensors["bias"].to(COMPUTE)
-        return
-    shape = torch.Size(tensors["weight_shape"].tolist())
-    q = unpack_from_int32(tensors["weight_packed"], BITS[scheme], shape)  # (N, K) int8
-    scale = tensors["weight_scale"].to(COMPUTE)
-    if scheme == "int8":
-        layer.weight, layer.scales = q, scale[:, 0].contiguous()
     else:
-        zero = unpack_from_int32(tensors["weight_zero_point"], 4, scale.shape, packed_dim=0).to(torch.int16) + 8  # (N, G)
-        layer.qweight = pack_nibbles((q.to(torch.int16) + 8).to(torch.uint8))
-        layer.scales, layer.mins = scale, (-zero.float() * scale.float()).to(COMPUTE)
-        if "mins" in tensors:  # a guarded child with free minimums (quantize.choose_int4_grid)
-            layer.mins = tensors["mins"].to(COMPUTE)
+        shape = torch.Size(tensors["weight_shape"].tolist())
+        q = unpack_from_int32(tensors["weight_packed"], BITS[scheme], shape)  # (N, K) int8
+        scale = tensors["weight_scale"].to(COMPUTE)
+        if scheme == "int8":
+            layer.weight, layer.scales = q, scale[:, 0].contiguous()
+        else:
+            layer.qweight, layer.scales = pack_nibbles((q.to(torch.int16) + 8).to(torch.uint8)), scale
+            if "mins" in tensors:  # a guarded child with free minimums (quantize.choose_int4_grid)
+                layer.mins = tensors["mins"].to(COMPUTE)
+            else:
+                zero = unpack_from_int32(tensors["weight_zero_point"], 4, scale.shape, packed_dim=0).to(torch.int16) + 8  # (N, G)
+                layer.mins = (-zero.float() * scale.float()).to(COMPUTE)
     if "bias" in tensors:
         layer.bias = tensors["bias"].to(COMPUTE)

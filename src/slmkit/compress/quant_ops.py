@@ -1,4 +1,4 @@
-"""Pure tensor math for weight-only quantization: no modules, no models, no I/O.
+"""Pure tensor math for quantization (weights, and w8a8's activation rows): no modules, no models, no I/O.
 
 Conventions: a weight is (N, K) = (out_features, in_features). int8 is symmetric per output channel;
 int4 is asymmetric per group of `group` input columns, w ~= q * scale + minimum with q in [0, 15]; the quantizer
@@ -28,6 +28,18 @@ def quantize_int8(w: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]
+
+
+def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (per-row) symmetric int8 activations: (q (M, K), scale float32 (M, 1)); the grid is
+    compressed-tensors' dynamic per-token one (scale = max|x| / 127.5, q in [-128, 127]), so other readers of a
+    w8a8 child compute what slmkit computes. offset 128 gives q + 128 as uint8 (oneDNN's activation type)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.5).clamp_(min=1e-10)
+    q = torch.round(xf / scale).clamp_(-128, 127)
+    if offset:
+        return q.add_(offset).to(torch.uint8), scale
+    return q.to(torch.int8), scale
 
 
 def int4_params(w: torch.Tensor, group: int, *, integer_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,11 +28,13 @@ DEFAULT_GROUP = 32  # int4 weights per scale and minimum
 CONFIG_KEY = "slmkit_quantization"
 AWQ_GRID = 11  # alphas 0, 0.1, ..., 1
 INTEGER_LAYERS = (Int8Linear, Int4Linear, W8A8Linear)
+_WEIGHT_ONLY = ("integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; other weights "
+                "and activations bf16")
 COMPUTE_NOTES = {
-    "int8": "integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; other weights and activations bf16",
-    "int4": "integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; other weights and activations bf16",
-    "w8a8": "activations quantized to int8 per token at run time, int8 x int8 -> int32 on the integer units (torch._int_mm, "
-            "the weight layout timed at load); other weights and activations bf16",
+    "int8": _WEIGHT_ONLY,
+    "int4": _WEIGHT_ONLY,
+    "w8a8": "activations quantized to int8 per token at run time, int8 x int8 -> int32 on the integer units (torch._int_mm "
+            "or oneDNN's quantized linear, timed per shape on the machine); other weights and activations float32",
 }
 
 
@@ -258,12 +260,20 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: Path) -> None:
               metadata={"format": "pt", "slmkit": "quantized"})
     ignore = sorted(set(linear_layers(model)) - set(integer))
     ct_layout.write_config_block(folder, ct_layout.quantization_config(info["scheme"], info["group_size"], ignore))
+    guard = own_layout(info)
+    if guard:
+        guard_config(folder, *guard)
+
+
+def own_layout(info: dict[str, Any]) -> tuple[str, str] | None:
+    """(kind, why) when a quantization has no compressed-tensors form and is saved in slmkit's own layout (guarded:
+    other loaders refuse it); None when the child is in the standard layout."""
     if info.get("smooth"):
-        guard_config(folder, "awq", "AWQ's per-input-channel smoothing (x / s before the integer weights) has no "
-                     "compressed-tensors form; slmkit loads it")
-    elif info.get("zero_point") == "float":
-        guard_config(folder, "int4-free-minimum", "int4 groups with free (non-integer) minimums, as llama.cpp's Q4_1, "
-                     "have no compressed-tensors form; slmkit loads it")
+        return "awq", "AWQ's per-input-channel smoothing (x / s before the integer weights) has no compressed-tensors form; slmkit loads it"
+    if info.get("zero_point") == "float":
+        return "int4-free-minimum", ("int4 groups with free (non-integer) minimums, as llama.cpp's Q4_1, have no "
+                                     "compressed-tensors form; slmkit loads it")
+    return None
 
 
 def is_quantized(folder: Path) -> bool:

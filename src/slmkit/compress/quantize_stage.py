@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from slmkit import progress
-from slmkit.card import ModelCard, sha256_file
-from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_batches, calibration_for
+from slmkit.card import ModelCard
+from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_for
 from slmkit.compress.lowrank import is_lowrank
 from slmkit.sources.adapters import is_adapter
-from slmkit.compress.quantize import DEFAULT_GROUP, check_method, is_quantized, quantize_model, save_quantized
+from slmkit.compress.quantize import DEFAULT_GROUP, check_method, is_quantized, own_layout, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import load_float
 from slmkit.store import Store, validate_name
@@ -44,16 +44,14 @@ def quantize_stage(
     name = validate_name(name or f"{model}-{scheme}{suffix}-{method}")
     store.check_free(name)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
-    window = min(CALIB_WINDOW, net.config.max_position_embeddings or CALIB_WINDOW)
-    batches = calibration_batches(tokenizer, calib, window=window) if calib is not None else None
-    if method == "smoothquant" and calib is None:
-        batches, _ = calibration_for(tokenizer, net, None, CALIB_SAMPLES, window)
+    batches, calib_info = None, None
+    if method != "rtn":  # gptq/awq need --calib (checked above); smoothquant falls back to the sample slmkit ships
+        batches, calib_info = calibration_for(tokenizer, net, calib, CALIB_SAMPLES, CALIB_WINDOW)
     info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches)
     settings = {k: info[k] for k in ("scheme", "method", "group_size", "zero_point", "smoothquant", "compute") if k in info}
-    settings["format"] = ("slmkit's own (other loaders refuse it)" if info.get("smooth") or info.get("zero_point") == "float"
-                          else "compressed-tensors (transformers, vLLM)")
-    if calib is not None:
-        settings["calibration"] = {"file": str(calib), "sha256": sha256_file(calib), "windows": len(batches or []), "window": window}
+    settings["format"] = "slmkit's own (other loaders refuse it)" if own_layout(info) else "compressed-tensors (transformers, vLLM)"
+    if calib_info is not None:
+        settings["calibration"] = calib_info
     def write(staging: Path) -> None:
         with progress.step(f"Writing {name}"):
             save_quantized(net, tokenizer, staging)

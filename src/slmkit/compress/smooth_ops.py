@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from slmkit.compress import quant_ops as qo
+
 ALPHAS = tuple(i / 20 for i in range(2, 20))  # 0.1, 0.15, .., 0.95
-
-
-def quant_dequant_rows(x: torch.Tensor) -> torch.Tensor:
-    """Per-row symmetric int8 (compressed-tensors' grid: max|x| / 127.5, q in [-128, 127]), back to float."""
-    scale = (x.abs().amax(-1, keepdim=True) / 127.5).clamp(min=1e-10)
-    return torch.round(x / scale).clamp(-128, 127) * scale
 
 
 def scales_for(absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -27,10 +23,12 @@ def scales_for(absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Ten
 
 
 def w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> float:
-    """||x w^T - Q(x / s) Q(w s)^T||^2 with per-row int8 on both sides (w quantized per output channel)."""
+    """||x w^T - Q(x / s) Q(w s)^T||^2 on the grids a w8a8 child uses: activations per token, weights per output
+    channel."""
     ref = x @ w.T
     xs, ws = (x, w) if s is None else (x / s, w * s)
-    return float((quant_dequant_rows(xs) @ quant_dequant_rows(ws).T - ref).pow(2).sum())
+    q, scale = qo.quantize_rows(xs)
+    return float(((q.float() * scale) @ qo.dequantize_int8(*qo.quantize_int8(ws)).T - ref).pow(2).sum())
 
 
 def search_scales(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:

@@ -138,9 +138,11 @@ class FastLlama:
         # int8 q/k/v and gate/up each as one kernel call (fewer, larger calls: ~11% faster decode)
         self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        from slmkit.layers.integer import W8A8Linear
+
         for m in [*(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers), model.lm_head]:
-            if hasattr(m, "prepare") and getattr(m, "_kernels", False) is None:
-                m.prepare()  # w8a8: kernels and prepacked weights ready before the first request
+            if isinstance(m, W8A8Linear) and m._kernels is None:
+                m.prepare()  # kernels and prepacked weights ready before the first request
         self.q_width = self.heads * self.head_dim
         self.kv_width = self.kv_heads * self.head_dim
         self.mlp_width = cfg.intermediate_size

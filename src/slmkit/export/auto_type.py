@@ -25,12 +25,16 @@ def gguf_perplexity(path: Path, threads: int | None) -> float:
     return quick_perplexity(Model(path.stem, LlamaCppBackend(path, threads=threads)))
 
 
+def check_budget(budget: float) -> None:
+    if not 0 < budget < 10:
+        raise SlmkitError(f"--ppl-budget {budget} is outside (0, 10)", "Give the allowed perplexity increase as a share, e.g. 0.05 for 5%.")
+
+
 def choose_type(source: Path, budget: float, workdir: Path, *, threads: int | None = None,
                 candidates: tuple[str, ...] = AUTO_CANDIDATES) -> tuple[str, list[dict[str, Any]]]:
     """(the chosen type, one row per type tried: type, bytes, perplexity, increase over F32, within budget).
     The trial files live in `workdir`/.auto-type.tmp-PID, removed after (or by the next export if killed)."""
-    if not 0 < budget < 10:
-        raise SlmkitError(f"--ppl-budget {budget} is outside (0, 10)", "Give the allowed perplexity increase as a share, e.g. 0.05 for 5%.")
+    check_budget(budget)
     rows: list[dict[str, Any]] = []
     tmp = workdir / f".auto-type.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

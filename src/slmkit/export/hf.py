@@ -1,8 +1,8 @@
 """`slmkit export --format hf`: a plain Hugging Face folder to hand to someone else or push with
 `huggingface-cli upload`: config, safetensors weights, tokenizer, generation config, and a README model card whose
 YAML header carries base_model, license, tags, pipeline_tag and the lineage. Low-rank models are multiplied back and
-adapters merged (GGUF export does the same); integer children go as they are stored (compressed-tensors'
-pack-quantized layout, which transformers and vLLM read); AWQ-smoothed ones have no standard form and are refused."""
+adapters merged (GGUF export does the same); integer children go as they are stored (compressed-tensors' layout,
+which transformers and vLLM read); those in a layout only slmkit reads (AWQ, int4 with free minimums) are refused."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import progress
+from slmkit.compress.ct_layout import FORMATS
 from slmkit.compress.quantize import is_quantized, is_standard
 from slmkit.errors import SlmkitError
 from slmkit.export.metadata import gguf_metadata, lineage
@@ -45,8 +46,9 @@ def readme(store: Store, model: str, meta: dict[str, Any]) -> str:
         shown = {k: v for k, v in (c.settings or {}).items() if k in ("method", "scheme", "sparsity", "ratio", "loss", "steps", "tokens", "teacher", "lora")}
         lines.append(f"| {c.stage} | {c.name} | {json.dumps(shown) if shown else ''} |")
     if scheme:
-        lines += ["", f"The linear layers hold {scheme} weights in compressed-tensors' pack-quantized layout (weight-only, "
-                  "activations in float): transformers loads it with `pip install compressed-tensors`, vLLM serves it."]
+        acts = "int8 activations per token, quantized at run time" if scheme == "w8a8" else "weight-only, activations in float"
+        lines += ["", f"The linear layers hold {scheme} weights in compressed-tensors' {FORMATS[scheme]} layout ({acts}): "
+                  "transformers loads it with `pip install compressed-tensors`, vLLM serves it."]
     if not meta["license_known"]:
         lines += ["", "The license of the model this came from is not recorded; check it before you share this."]
     return "\n".join(lines) + "\n"
@@ -60,7 +62,7 @@ def export_hf(model: str, out_dir: Path, *, store: Store | None = None) -> dict[
     if (folder / "router.json").is_file() or not list(folder.glob("*.safetensors")) or (is_quantized(folder) and not is_standard(folder)):
         parent = store.card(model).parent
         raise SlmkitError(f"{model} has no weights in a form a Hugging Face folder holds (a router, a GGUF, or integer "
-                          "weights with AWQ smoothing or from slmkit <= 0.5)",
+                          "weights in a layout only slmkit reads: AWQ smoothing, int4 with free minimums, or slmkit <= 0.5's)",
                           f"Export its float parent ({parent or 'PARENT'}) with --format hf, or quantize it again with "
                           "--method rtn or gptq, or export it as GGUF.")
     if out_dir.exists() and any(out_dir.iterdir()):

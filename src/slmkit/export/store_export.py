@@ -12,7 +12,7 @@ from typing import Any
 
 from slmkit import progress
 from slmkit.config import settings
-from slmkit.export.auto_type import choose_type
+from slmkit.export.auto_type import check_budget, choose_type
 from slmkit.export.gguf import check_exportable, check_type, export_gguf
 from slmkit.gguf_tables import AUTO_TYPE, DEFAULT_PPL_BUDGET
 from slmkit.compress.quantize import is_quantized
@@ -58,19 +58,20 @@ def export_model(
             f"Export its float parent instead: slmkit export {parent or 'PARENT'} --type {gguf_type}"
             + ("" if parent else "; or run the GGUF as it is with --backend llamacpp."),
         )
-    trials = None
-    if auto:  # measured on this model: each type's size and perplexity in llama.cpp
-        with _dense_source(folder) as (source, _):
-            gguf_type, trials = choose_type(source, ppl_budget, settings().home / "exports", threads=settings().threads)
     if imatrix is not None and gguf_type in ("F32", "F16"):
         raise SlmkitError(f"--imatrix guides quantization; {gguf_type} is not quantized",
                           "Drop --imatrix, or pick a quantized --type such as Q4_K_M.")
-    if store_as is not None:
+    if store_as is not None:  # checked before the slow work (--type auto's trials take minutes)
         validate_name(store_as)
         store.check_free(store_as)
-    base = f"{model}-{gguf_type.lower()}" + ("-imat" if imatrix is not None else "")
-    out_dir = out_dir or settings().home / "exports" / base
+    if auto:
+        check_budget(ppl_budget)
     with _dense_source(folder) as (source, note):
+        trials = None
+        if auto:  # measured on this model: each type's size and perplexity in llama.cpp
+            gguf_type, trials = choose_type(source, ppl_budget, settings().home / "exports", threads=settings().threads)
+        base = f"{model}-{gguf_type.lower()}" + ("-imat" if imatrix is not None else "")
+        out_dir = out_dir or settings().home / "exports" / base
         imat, imat_info = None, None
         if imatrix is not None:
             imat, imat_info = _importance(imatrix, source, out_dir)

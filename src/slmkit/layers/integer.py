@@ -9,13 +9,14 @@ load time, so files do not depend on a torch build's internal layout.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from slmkit.compress.quant_ops import unpack_nibbles
+from slmkit.compress.quant_ops import quantize_rows, unpack_nibbles
 
 COMPUTE = torch.bfloat16
 KERNEL_MAX_ROWS = 16  # up to this many rows the integer kernel wins; above, dequantize + float32 matmul
@@ -132,11 +133,11 @@ class Int4Linear(nn.Module):
 #   int_mm: torch._int_mm (oneDNN's int8 GEMM on the (N, K) weight read transposed; no extra copy)
 #   onednn: oneDNN's quantized linear on a weight prepacked at load (one more int8 copy; faster for many rows on CPUs
 #           where it blocks the weight for VNNI)
-ROW_BUCKETS = ((1, 3), (4, 31), (32, None))  # decode at batch 1, batched decode, prefill
-PROBE_ROWS = (1, 16, 64)  # one per bucket
+BUCKET_LIMITS = (3, 31)  # rows: 1-3 (decode at batch 1), 4-31 (batched decode), 32+ (prefill)
+PROBE_ROWS = (1, 16, 64)  # the rows timed, one per bucket
 PROBE_BYTES = 64 << 20  # the timed weights cycle through more bytes than a CPU caches, as a real step streams them
 _KERNELS: dict[tuple[int, int], tuple[str, ...]] = {}  # (N, K) -> kernel per bucket
-KERNEL_TIMES: dict[str, dict[str, list[float]]] = {}  # "NxK" -> kernel -> µs per call per probe, for reports
+_kernel_file: Any = None  # the JSON file the choices are kept in (use_kernel_cache), if any
 
 
 def _has_onednn() -> bool:
@@ -149,7 +150,12 @@ def _onednn_mm(xq_u8: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor
 
 
 def bucket_of(rows: int) -> int:
-    return 0 if rows <= ROW_BUCKETS[0][1] else 1 if rows <= ROW_BUCKETS[1][1] else 2
+    return sum(rows > limit for limit in BUCKET_LIMITS)
+
+
+def kernel_choices() -> dict[str, list[str]]:
+    """The kernels picked so far in this process, per "NxK" shape and row bucket (for reports)."""
+    return {f"{n}x{k}": list(v) for (n, k), v in sorted(_KERNELS.items())}
 
 
 def pick_kernels(n: int, k: int) -> tuple[str, ...]:
@@ -177,7 +183,6 @@ def pick_kernels(n: int, k: int) -> tuple[str, ...]:
             for _ in range(3):
                 run(xq)
             times[name].append((time.perf_counter() - t0) / (3 * copies) * 1e6)
-    KERNEL_TIMES[f"{n}x{k}"] = times
     _KERNELS[(n, k)] = tuple(min(times, key=lambda c: times[c][b]) for b in range(len(PROBE_ROWS)))
     _write_kernel_choices()
     return _KERNELS[(n, k)]
@@ -185,23 +190,23 @@ def pick_kernels(n: int, k: int) -> tuple[str, ...]:
 
 def machine_key() -> str:
     """What the kernel timings depend on: the torch build, the threads, the CPU (model and flags)."""
+    return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {_cpu()}"
+
+
+@functools.cache
+def _cpu() -> str:
     import hashlib
 
-    cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
         model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
         flags = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("flags")), "")
-        cpu = f"{model} {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+        return f"{model} {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
     except OSError:
         import platform
 
-        cpu = platform.processor()
-    return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu}"
-
-
-_KERNEL_CACHE: list[Any] = []  # the JSON file kernel choices are read from and written to, when one is set
+        return platform.processor()
 
 
 def use_kernel_cache(path: Any) -> None:
@@ -209,7 +214,8 @@ def use_kernel_cache(path: Any) -> None:
     timed from now on there too."""
     import json
 
-    _KERNEL_CACHE[:] = [path]
+    global _kernel_file
+    _kernel_file = path
     try:
         saved = json.loads(open(path).read()).get(machine_key(), {})
     except (OSError, ValueError):
@@ -226,14 +232,14 @@ def _write_kernel_choices() -> None:
     import json
     import os
 
-    if not _KERNEL_CACHE:
+    path = _kernel_file
+    if path is None:
         return
-    path = _KERNEL_CACHE[0]
     try:
         data = json.loads(open(path).read())
     except (OSError, ValueError):
         data = {}
-    data[machine_key()] = {f"{n}x{k}": list(v) for (n, k), v in sorted(_KERNELS.items())}
+    data[machine_key()] = kernel_choices()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -242,18 +248,6 @@ def _write_kernel_choices() -> None:
         os.replace(tmp, path)
     except OSError:  # a read-only home: the choices are timed again next time
         pass
-
-
-def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (per-row) symmetric int8 activations: (q (M, K), scale float32 (M, 1)); the grid is
-    compressed-tensors' dynamic per-token one (scale = max|x| / 127.5, q in [-128, 127]), so other readers of a
-    w8a8 child compute what slmkit computes. offset 128 gives q + 128 as uint8 (oneDNN's activation type)."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.5).clamp_(min=1e-10)
-    q = torch.round(xf / scale).clamp_(-128, 127)
-    if offset:
-        return q.add_(offset).to(torch.uint8), scale
-    return q.to(torch.int8), scale
 
 
 class W8A8Linear(Int8Linear):
