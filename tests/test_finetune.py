@@ -84,7 +84,8 @@ def test_full_finetuning_and_bad_input(wide, chats, tmp_path):
     assert card.stage == "finetune" and card.settings["trainable_share"] == 1.0
     assert not (slmkit.Store().path("wide-ft") / "adapter_config.json").exists()
     for kwargs, message in [
-        ({"method": "prompt"}, "unknown method"),
+        ({"method": "prefix"}, "unknown method"),
+        ({"method": "prompt", "virtual_tokens": 0}, "--virtual-tokens must be"),
         ({"target_modules": ["attn_c"]}, "Target modules: down_proj"),
         ({"r": 0}, "--r must be"),
     ]:
@@ -172,6 +173,47 @@ def test_qlora_over_integer_weights(wide, chats):
     assert merge_stage("wide-int4-qlora").settings["base"] == child
     with pytest.raises(SlmkitError, match="QLoRA base form"):
         finetune_stage(wide, [chats], method="qlora", qlora_scheme="int2", seq_len=32, config=CFG, name="x")
+
+
+def test_prompt_tuning_is_peft_format_and_runs_as_virtual_tokens(wide, chats, tmp_path):
+    from peft import PeftModel
+
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.engine.scheduler import BatchedBackend
+    from slmkit.export.store_export import export_model
+
+    card = finetune_stage(wide, [chats], method="prompt", virtual_tokens=5, seq_len=32,
+                          config=TrainConfig(steps=12, batch_size=4, lr=3e-2, eval_every=6), name="wide-prompt")
+    s, folder = card.settings, slmkit.Store().path("wide-prompt")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 5 and cfg["base_model_name_or_path"] == wide
+    base = slmkit.load(wide).backend
+    assert s["trainable_parameters"] == 5 * base.model.config.hidden_size and s["prompt_tuning"]["virtual_tokens"] == 5
+    assert s["validation_perplexity"]["after"] < s["validation_perplexity"]["before"]
+    # slmkit runs the learned prefix as virtual token ids: the same log-probabilities as peft's own model
+    ours = slmkit.load("wide-prompt").backend
+    assert ours.prefix == list(range(base.vocab_size, base.vocab_size + 5))
+    assert ours.context_length == base.context_length - 5
+    peft_model = PeftModel.from_pretrained(base.model, str(folder)).eval()
+    ids = ours.encode("What is the capital of France?")
+    with torch.no_grad():
+        theirs = torch.log_softmax(peft_model(input_ids=torch.tensor([ids])).logits[0, 5:-1].float(), -1)
+    assert torch.allclose(ours.logprob_rows(ids), theirs, atol=1e-4)
+    assert not torch.allclose(slmkit.load(wide).backend.logprob_rows(ids), theirs, atol=1e-3)  # the prefix matters
+    greedy, tokens = SamplingParams(temperature=0, repetition_penalty=1.0), list(ids)
+    with torch.no_grad():
+        for _ in range(6):  # peft's model, no cache: the reference greedy answer
+            tokens.append(int(peft_model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    assert list(ours.stream_tokens(ids, greedy, 6)) == tokens[len(ids):]  # the lean forward with its cache
+    batched = BatchedBackend(ours, max_batch=2)
+    try:  # the scheduler puts the prefix before every prompt (and caches it with the prompt)
+        assert list(batched.stream_tokens(ids, greedy, 6)) == tokens[len(ids):]
+        assert list(batched.stream_tokens(ids, greedy, 6)) == tokens[len(ids):]
+    finally:
+        batched.scheduler.stop()
+    for refused in (lambda: merge_stage("wide-prompt"), lambda: export_model("wide-prompt", "F32", out_dir=tmp_path / "o")):
+        with pytest.raises(SlmkitError, match="prompt-tuning adapter"):
+            refused()
 
 
 def test_eval_responses_before_and_after(wide, chats, tmp_path):

@@ -17,8 +17,8 @@ def float_parent(store: Store, model: str) -> tuple[Path, ModelCard]:
     folder = store.require(model)
     card = store.card(model)
     if is_adapter(folder):
-        raise SlmkitError(f"{model} is a LoRA adapter, not a whole model",
-                          f"Merge it into its base first: slmkit merge {model}, then use the merged model.")
+        raise SlmkitError(f"{model} is an adapter, not a whole model",
+                          f"Merge it into its base first (slmkit merge {model}; LoRA adapters), then use the merged model.")
     if is_quantized(folder) or is_lowrank(folder) or not list(folder.glob("*.safetensors")) or card.stage == "export":
         raise SlmkitError(f"{model} holds no plain float weights to change ({card.stage})",
                           f"Start from its float parent ({card.parent or 'the model it came from'}), then quantize or export the child.")

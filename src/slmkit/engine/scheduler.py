@@ -80,6 +80,7 @@ class BatchScheduler:
             try:
                 self.backend = backend() if callable(backend) and not hasattr(backend, "batch_store") else backend
                 self.store = self.backend.batch_store(max_batch, context)
+                self.prefix = list(getattr(self.backend, "prefix", ()))
             except BaseException as exc:  # the caller raises it
                 opened.put(exc)
                 return
@@ -177,7 +178,7 @@ class BatchScheduler:
     @torch.inference_mode()
     def _prefill(self, req: _Request) -> bool:
         """Prefill one request and hand out its first token; True when it joins the running batch."""
-        ids = req.prompt
+        ids = self.prefix + req.prompt  # a prompt-tuned model's virtual tokens first (cached with the prompt)
         reused, kv = self.prefix_cache.lookup(ids) if self.prefix_cache else (0, None)
         if self.running and self.prefill_chunk and getattr(self.store, "chunked", False):
             logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None,

@@ -21,8 +21,11 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, prefix: Sequence[int] = ()) -> None:
         self.model = model.eval()
+        # token ids the model reads before every prompt: a prompt-tuned model's virtual tokens (layers/prompt.py);
+        # callers never see them (not in prompts, histories or counts), only the context they take
+        self.prefix = list(prefix)
         self.tokenizer = tokenizer
         eos = set()
         for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
@@ -41,13 +44,15 @@ class TorchBackend:
         """Load safetensors weights and tokenizer from a store folder (no pickle, no remote code)."""
         from slmkit.compress.lowrank import is_lowrank, load_lowrank
         from slmkit.compress.quantize import is_quantized, load_quantized
-        from slmkit.sources.adapters import is_adapter, load_merged
+        from slmkit.sources.adapters import is_adapter, is_prompt_tuning, load_merged, load_prompt_tuned
         from slmkit.sources.hf_dir import load_float, load_tokenizer
 
         if threads:
             torch.set_num_threads(threads)
         if is_quantized(Path(folder)):  # integer weights saved by `slmkit quantize`
             return cls(load_quantized(Path(folder)), load_tokenizer(Path(folder)))
+        if is_prompt_tuning(Path(folder)):  # a learned prefix over its base (virtual tokens before every prompt)
+            return cls(*load_prompt_tuned(Path(folder)))
         if is_adapter(Path(folder)):  # a LoRA adapter from `slmkit finetune`: merged into its base at load
             return cls(*load_merged(Path(folder)))
         if is_lowrank(Path(folder)):  # factorized layers saved by `slmkit lowrank`
@@ -63,7 +68,7 @@ class TorchBackend:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048) - len(self.prefix)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -99,10 +104,10 @@ class TorchBackend:
     def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
         """Prefill the prompt in one pass, then engine/decode.py's loop one token per forward with the cache: the
         lean Llama forward over a cache sized for prompt + answer up front, else transformers' with a DynamicCache."""
-        prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)  # (1, T)
+        prompt = torch.tensor([self.prefix + list(prompt_ids)], dtype=torch.long)  # (1, T)
         if self.fast is not None:
             fast = self.fast
-            cache = fast.new_cache(1, capacity=len(prompt_ids) + max_new_tokens)
+            cache = fast.new_cache(1, capacity=prompt.shape[1] + max_new_tokens)
             first = fast.forward(cache, prompt)[0]  # (V,)
             forward = lambda token: fast.forward(cache, torch.tensor([[token]], dtype=torch.long))[0]  # noqa: E731
         else:
@@ -130,12 +135,13 @@ class TorchBackend:
         """
         from transformers import DynamicCache
 
-        n, width = len(prompts), max(len(p) for p in prompts)
+        n, width = len(prompts), len(self.prefix) + max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((n, width), pad, dtype=torch.long)  # (B, T), left-padded
         mask = torch.zeros((n, width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            p = self.prefix + list(prompt)
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         cache = DynamicCache(config=self.model.config)
@@ -156,8 +162,8 @@ class TorchBackend:
         """Mean-pooled last hidden states, L2-normalised (one vector per text)."""
         out = []
         for text in texts:
-            ids = torch.tensor([self.encode(text, add_special_tokens=True)], dtype=torch.long)
-            hidden = self.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1][0]  # (T, H)
+            ids = torch.tensor([self.prefix + self.encode(text, add_special_tokens=True)], dtype=torch.long)
+            hidden = self.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1][0, len(self.prefix):]  # (T, H)
             vec = hidden.float().mean(0)
             out.append((vec / vec.norm().clamp(min=1e-12)).tolist())
         return out
@@ -179,6 +185,8 @@ class TorchBackend:
         for ids, start in requests:
             if not 1 <= start <= len(ids):
                 raise ValueError(f"start must be in [1, len(ids)]: got {start} for {len(ids)} ids")
+        n = len(self.prefix)
+        requests = [(self.prefix + list(ids), start + n) for ids, start in requests]
         width = max(len(ids) for ids, _ in requests)
         batch = torch.zeros((len(requests), width), dtype=torch.long)  # (B, T), right-padded
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -196,6 +204,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
-        logits = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), use_cache=False).logits[0, :-1]
+        n = len(self.prefix)
+        logits = self.model(input_ids=torch.tensor([self.prefix + list(ids)], dtype=torch.long), use_cache=False).logits[0, n:-1]
         return torch.log_softmax(logits.float(), dim=-1)  # (T-1, V)
 

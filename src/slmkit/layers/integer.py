@@ -24,18 +24,43 @@ _INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # resolved once: per-call
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
+DEQUANT_ROWS = 4096  # weight rows dequantized at a time while training (a (4096, K) float32 block, not (N, K))
+
+
+def _dequantized_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """x (M, K) float32 @ W^T with W dequantized DEQUANT_ROWS rows at a time -> (M, N)."""
+    n = layer.out_features
+    if n <= DEQUANT_ROWS:
+        return torch.nn.functional.linear(x, layer.dequantized())
+    y = x.new_empty((x.shape[0], n))
+    for r in range(0, n, DEQUANT_ROWS):
+        rows = slice(r, min(r + DEQUANT_ROWS, n))
+        y[:, rows] = torch.nn.functional.linear(x, layer.dequantized(rows))
+    return y
+
+
 class _Recomputed(torch.autograd.Function):
-    """y = x W^T with W dequantized again in backward rather than kept from forward: training through integer
-    layers (QLoRA: gradients flow to adapters before them) never holds a float copy of the frozen weights."""
+    """y = x W^T with W dequantized again in backward rather than kept from forward, a block of rows at a time:
+    training through integer layers (QLoRA: gradients flow to adapters before them) never holds a float copy of
+    the frozen weights, not even of one whole layer (the untied output head's would be 113 MB on the default model)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:  # x (M, K) float32 -> (M, N)
         ctx.layer = layer
-        return torch.nn.functional.linear(x, layer.dequantized())
+        return _dequantized_linear(x, layer)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # grad (M, N) -> (M, K)
-        return grad @ ctx.layer.dequantized(), None
+        layer = ctx.layer
+        n = layer.out_features
+        if n <= DEQUANT_ROWS:
+            return grad @ layer.dequantized(), None
+        out = None
+        for r in range(0, n, DEQUANT_ROWS):
+            rows = slice(r, min(r + DEQUANT_ROWS, n))
+            part = grad[:, rows] @ layer.dequantized(rows)
+            out = part if out is None else out.add_(part)
+        return out, None
 
 
 def _weight_only_forward(layer: "Int8Linear | Int4Linear", x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -52,7 +77,7 @@ def _weight_only_forward(layer: "Int8Linear | Int4Linear", x: torch.Tensor, kern
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
     else:
-        y = torch.nn.functional.linear(x2.float(), layer.dequantized()).to(x.dtype)
+        y = _dequantized_linear(x2.float(), layer).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*shape[:-1], layer.out_features)
@@ -69,8 +94,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE) if bias else None)
         self.register_buffer("smooth", None)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]  # (N, K)
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.weight[rows].float() * self.scales[rows].float()[:, None]  # (N, K), or those rows
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
@@ -117,16 +142,19 @@ class Int4Linear(nn.Module):
         zeros = self.mins.float() + 8 * self.scales.float()
         self._scales_zeros = torch.stack([self.scales.float().T, zeros.T], dim=-1).contiguous().to(COMPUTE)  # (K/g, N, 2)
 
-    def dequantized(self) -> torch.Tensor:
-        q = unpack_nibbles(self.qweight).float()  # (N, K)
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        q = unpack_nibbles(self.qweight[rows]).float()  # (N, K), or those rows
         n, k = q.shape
         g = q.reshape(n, k // self.group_size, self.group_size)
-        return (g * self.scales.float()[..., None] + self.mins.float()[..., None]).reshape(n, k)
+        return (g * self.scales[rows].float()[..., None] + self.mins[rows].float()[..., None]).reshape(n, k)
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:  # built when first needed: training never needs it (nor its memory)
+            self.prepare()
+        return _INT4_MM(x2, self._packed, self.group_size, self._scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            self.prepare()
-        return _weight_only_forward(self, x, lambda x2: _INT4_MM(x2, self._packed, self.group_size, self._scales_zeros))
+        return _weight_only_forward(self, x, self._kernel)
 
 
 # W8A8 kernels, chosen per weight shape and number of rows by timing them once per process on this machine:

@@ -13,10 +13,23 @@ from slmkit.card import read_card
 from slmkit.errors import SlmkitError
 
 ADAPTER_CONFIG = "adapter_config.json"
+PROMPT_TUNING = "PROMPT_TUNING"  # peft's type of a learned prefix (the rest are LoRA)
 
 
 def is_adapter(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def is_prompt_tuning(folder: Path) -> bool:
+    """A peft prompt-tuning adapter: a learned prefix of virtual tokens, not a change to any weight."""
+    return is_adapter(folder) and json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("peft_type") == PROMPT_TUNING
+
+
+def not_prompt_tuning(folder: Path, what: str) -> None:
+    if is_prompt_tuning(folder):
+        raise SlmkitError(f"{Path(folder).name} is a prompt-tuning adapter (a learned prefix), which {what}",
+                          "Run, chat, eval or serve it as it is (on the torch backend), or train a LoRA adapter "
+                          "(slmkit finetune --method lora) where weights are needed.")
 
 
 def base_of(folder: Path) -> tuple[str, Path]:
@@ -43,6 +56,7 @@ def load_merged(folder: Path, *, dtype: Any = "auto") -> tuple[Any, Any]:
 
     from slmkit.compress.quantize import is_quantized, load_quantized, to_float
 
+    not_prompt_tuning(folder, "cannot be merged into the weights")
     _, base_folder = base_of(folder)
     if is_quantized(base_folder):  # a QLoRA adapter over an integer child: merged into its dequantized weights
         net, tokenizer = to_float(load_quantized(base_folder)), load_tokenizer(base_folder)
@@ -50,3 +64,24 @@ def load_merged(folder: Path, *, dtype: Any = "auto") -> tuple[Any, Any]:
         net, tokenizer = load_float(base_folder, dtype=dtype)
     merged = PeftModel.from_pretrained(net, str(folder)).merge_and_unload()
     return merged.eval(), tokenizer
+
+
+def load_prompt_tuned(folder: Path) -> tuple[Any, Any, list[int]]:
+    """(base model with the virtual tokens attached, tokenizer, the virtual tokens' ids to put before every prompt)."""
+    from safetensors.torch import load_file
+
+    from slmkit.compress.quantize import is_quantized, load_quantized
+    from slmkit.layers.prompt import attach_prompt
+    from slmkit.sources.hf_dir import load_float, load_tokenizer
+
+    _, base_folder = base_of(folder)
+    if is_quantized(base_folder):
+        net, tokenizer = load_quantized(base_folder), load_tokenizer(base_folder)
+    else:
+        net, tokenizer = load_float(base_folder)
+    tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    prompt = tensors.get("prompt_embeddings")
+    if prompt is None or prompt.ndim != 2 or prompt.shape[1] != net.config.hidden_size:
+        raise SlmkitError(f"the prompt-tuning adapter {Path(folder).name} has no prompt_embeddings of width "
+                          f"{net.config.hidden_size}", "Train it again with slmkit finetune --method prompt.")
+    return net.eval(), tokenizer, attach_prompt(net, prompt)

@@ -29,6 +29,7 @@ from slmkit.train.data import Windows
 from slmkit.train.losses import next_token_loss
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+TokenLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, ids, mask) -> mean CE
 CHECKPOINT = "checkpoint"
 
 
@@ -142,7 +143,13 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -
     return state
 
 
-def validation_loss(model: nn.Module, valid: Windows, batch: int) -> float | None:
+def plain_token_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `ids` (B, T+1) at the positions `mask` marks."""
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # (B, T, V)
+    return next_token_loss(logits, ids[:, 1:], mask[:, 1:])
+
+
+def validation_loss(model: nn.Module, valid: Windows, batch: int, token_loss: TokenLoss = plain_token_loss) -> float | None:
     """Mean next-token loss over the validation windows' learned positions (None without validation data)."""
     if len(valid) == 0:
         return None
@@ -150,16 +157,17 @@ def validation_loss(model: nn.Module, valid: Windows, batch: int) -> float | Non
     with torch.inference_mode():
         for i in range(0, len(valid), batch):
             ids, mask = valid.ids[i: i + batch], valid.mask[i: i + batch]
-            logits = model(input_ids=ids[:, :-1], use_cache=False).logits
             n = float(mask[:, 1:].sum())
-            total += float(next_token_loss(logits, ids[:, 1:], mask[:, 1:])) * n
+            total += float(token_loss(model, ids, mask)) * n
             count += n
     return total / max(count, 1)
 
 
 def fit(model: nn.Module, train: Windows, valid: Windows, cfg: TrainConfig, run_dir: Path, loss_fn: LossFn, *,
-        resume: bool = False, after_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train `model` in place on `train`; checkpoints in `run_dir`. Returns the run's history and totals."""
+        resume: bool = False, after_checkpoint: Callable[[int], None] | None = None,
+        token_loss: TokenLoss = plain_token_loss) -> dict[str, Any]:
+    """Train `model` in place on `train`; checkpoints in `run_dir`. Returns the run's history and totals.
+    Validation measures `token_loss` (plain next-token cross-entropy unless the stage's model needs another)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -181,7 +189,7 @@ def fit(model: nn.Module, train: Windows, valid: Windows, cfg: TrainConfig, run_
             raise SlmkitError("the checkpoint was made with other settings or data", "Resume with the same options, or start afresh under another --name.")
         start, history, tokens = state["step"], state["history"], state["tokens"]
     model, opt = accelerator.prepare(model, opt)
-    val_before = validation_loss(accelerator.unwrap_model(model), valid, cfg.batch_size) if start == 0 else (history[0].get("val_before") if history else None)
+    val_before = validation_loss(accelerator.unwrap_model(model), valid, cfg.batch_size, token_loss) if start == 0 else (history[0].get("val_before") if history else None)
     t0 = time.perf_counter()
     run_tokens = 0
     with progress.bar("training", total=total - start) as advance:
@@ -207,7 +215,7 @@ def fit(model: nn.Module, train: Windows, valid: Windows, cfg: TrainConfig, run_
             record = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **parts_sum}
             last = step + 1 == total
             if (step + 1) % cfg.eval_every == 0 or last:
-                val = validation_loss(accelerator.unwrap_model(model), valid, cfg.batch_size)
+                val = validation_loss(accelerator.unwrap_model(model), valid, cfg.batch_size, token_loss)
                 model.train()
                 record["val_loss"] = val
                 elapsed = time.perf_counter() - t0
