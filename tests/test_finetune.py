@@ -216,6 +216,54 @@ def test_prompt_tuning_is_peft_format_and_runs_as_virtual_tokens(wide, chats, tm
             refused()
 
 
+def test_several_adapters_over_one_base_share_the_batch(wide, chats, tmp_path):
+    """Two LoRA adapters and their base served at once: one loaded base, one scheduler, rows of different adapters in
+    the same steps; each name answers as its merged model does; over a real socket with the openai client."""
+    import openai
+    from test_serve import Running
+
+    from slmkit.engine.sampling import SamplingParams
+
+    swapped = tmp_path / "swapped.jsonl"  # the other adapter learns other answers
+    swapped.write_text("".join(json.dumps({"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": q}]}) + "\n"
+                               for q, a in QA))
+    cfg = TrainConfig(steps=10, batch_size=4, lr=5e-3)
+    finetune_stage(wide, [chats], seq_len=32, config=cfg, name="wide-a", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    finetune_stage(wide, [swapped], seq_len=32, config=cfg, name="wide-b", r=8)
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    question = "What is the capital of France?"
+    want = {}
+    for n in (wide, "wide-a", "wide-b"):  # each alone, merged: 8 greedy tokens (no EOS, so all rows keep running)
+        alone = slmkit.load(n, backend="torch").backend
+        alone._eos = frozenset()
+        prompt = alone.encode(question)
+        want[n] = list(alone.stream_tokens(prompt, greedy, 8))
+    assert want["wide-a"] != want[wide] and want["wide-b"] != want[wide]
+    texts = {n: slmkit.load(n, backend="torch").generate(question, max_tokens=6, temperature=0, repetition_penalty=1.0)
+             for n in ("wide-a", "wide-b")}  # the server's defaults: no repetition penalty
+
+    s = Running([wide, "wide-a", "wide-b"])  # no GGUF: all three run on PyTorch
+    try:
+        reg = s.registry
+        assert reg.groups == {n: (wide, ["wide-a", "wide-b"]) for n in (wide, "wide-a", "wide-b")}
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x")
+        for n in ("wide-a", "wide-b"):  # over the socket: each name answers as its merged model
+            r = client.completions.create(model=n, prompt=question, max_tokens=6, temperature=0)
+            assert r.choices[0].text == texts[n], n
+        models = {n: reg.model(n) for n in (wide, "wide-a", "wide-b")}
+        sched = models[wide].backend.scheduler
+        assert all(m.backend.scheduler is sched for m in models.values())  # one base, one batch
+        assert len(reg._shared) == 1
+        sched.backend._eos = frozenset()
+        rows, step = [], sched.store.step
+        sched.store.step = lambda last: rows.append(len(last)) or step(last)  # rows per decode step
+        streams = {n: m.backend.stream_tokens(prompt, greedy, 8) for n, m in models.items()}
+        got = {n: list(st) for n, st in streams.items()}
+        assert got == want and max(rows) == 3  # the three names' rows ran in the same steps
+    finally:
+        s.stop()
+
+
 def test_eval_responses_before_and_after(wide, chats, tmp_path):
     finetune_stage(wide, [chats], seq_len=32, config=TrainConfig(steps=30, batch_size=4, lr=5e-3), name="wide-lora-eval")
     outs = {}

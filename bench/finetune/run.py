@@ -1,5 +1,5 @@
 """Fine-tuning benchmark on the customer-support set: the default model adapted by LoRA r=8 and r=16, QLoRA over an
-int8 and an int4 base, and full fine-tuning, all on one fixed budget of steps and tokens.
+int8 and an int4 base, prompt tuning (20 virtual tokens) and full fine-tuning, all on one fixed budget of steps and tokens.
 
 QLoRA runs over int8 and int4 children made first by `slmkit quantize` (rtn). Training rows: the customer's message
 -> the agent's response, and "Which intent is this? ..." -> the intent label.
@@ -32,6 +32,7 @@ RUNS = [("lora-r8", BASE, ["--method", "lora", "--r", "8", "--alpha", "16"]),
         ("lora-r16", BASE, ["--method", "lora", "--r", "16", "--alpha", "32"]),
         ("qlora-int8", INT8, ["--method", "qlora"]),
         ("qlora-int4", INT4, ["--method", "qlora"]),
+        ("prompt", BASE, ["--method", "prompt", "--virtual-tokens", "20"]),
         ("full", BASE, ["--method", "full"])]
 PEAK = ("import resource, sys\nfrom slmkit.cli import main\nsys.argv = ['slmkit'] + sys.argv[1:]\ntry:\n    main()\n"
         "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
@@ -113,7 +114,11 @@ def main() -> None:
                      "peak_rss_mb": peak, "seconds": s["seconds"], "tokens": s["tokens"], "tokens_per_s": s["tokens"] / s["seconds"],
                      **measure(name, env, out, resp, intents)})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"benchmark": "finetune", "base": BASE, "steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags")), [])
+    cpu = f"{model_name}; {os.cpu_count()} cores; " + " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
+    result = {"benchmark": "finetune", "base": BASE, "cpu": cpu, "steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "training_rows": 2 * args.rows, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -121,7 +126,8 @@ def main() -> None:
     md = [f"# finetune ({BASE}, customer-support set)", "",
           f"{args.steps} steps x {args.batch_size} windows x {args.seq_len} tokens per run on {2 * args.rows} training rows "
           f"(responses and intent labels, loss on the answers only); held out: {args.heldout} responses (ROUGE-L F1, response "
-          f"perplexity) and {args.heldout} intent labels (exact match). Peak memory: the process's maximum resident set.", "",
+          f"perplexity) and {args.heldout} intent labels (exact match). Peak memory: the process's maximum resident set. "
+          f"CPU: {cpu}. Gradient checkpointing on (the default).", "",
           "| method | trainable | share | peak RSS MB | s | tokens/s | ROUGE-L | response ppl | intent acc |", "|---|---|---|---|---|---|---|---|---|",
           f"| base (no training) | - | - | - | - | - | {base['rouge_l']:.3f} | {base['response_ppl']:.2f} | {base['intent_acc']:.3f} |"]
     for r in rows[1:]:

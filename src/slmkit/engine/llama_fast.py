@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slmkit.layers.multi_lora import LoraBank
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
@@ -78,6 +80,7 @@ class SlotCache:
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.lens = [0] * slots
+        self.adapter = [0] * slots  # the LoRA adapter each slot's sequence runs with (0: none; see multi_lora.py)
 
     @property
     def capacity(self) -> int:
@@ -117,6 +120,7 @@ class SlotCache:
         self.k[:, dst, :, :t] = self.k[:, src, :, :t]
         self.v[:, dst, :, :t] = self.v[:, src, :, :t]
         self.lens[dst] = t
+        self.adapter[dst] = self.adapter[src]
 
 
 class FastLlama:
@@ -148,6 +152,13 @@ class FastLlama:
         self.mlp_width = cfg.intermediate_size
         dtype = self.inner.embed_tokens.weight.dtype
         self.dtype = dtype if dtype.is_floating_point else torch.float32  # activations and cache
+        self.bank: LoraBank | None = None  # LoRA adapters served over this base, applied per row
+
+    def add_adapter(self, factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Hold one more LoRA adapter (sources/adapters.lora_factors); returns the id a slot runs it by."""
+        if self.bank is None:
+            self.bank = LoraBank()
+        return self.bank.add(factors)
 
     def new_cache(self, slots: int, capacity: int = 256) -> SlotCache:
         return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.dtype, capacity)
@@ -176,6 +187,8 @@ class FastLlama:
             mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, float("-inf"))
         rows = slice(first, first + b)
         row_idx = torch.tensor(slot_list)
+        adapters = cache.adapter[first: first + b]
+        bank = self.bank if self.bank is not None and any(adapters) else None
 
         h = self.inner.embed_tokens(ids)  # (B, T, E)
         cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, D)
@@ -184,8 +197,11 @@ class FastLlama:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = _rms_norm(h, layer.input_layernorm.weight, self.eps)
-            if self.qkv[i] is not None:
-                y = _linear(self.qkv[i], x)  # (B, T, (H + 2 Hkv) D)
+            if self.qkv[i] is not None or bank is not None:
+                y = (_linear(self.qkv[i], x) if self.qkv[i] is not None else  # (B, T, (H + 2 Hkv) D)
+                     torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)], dim=-1))
+                if bank is not None:
+                    y = bank.apply(("qkv", i), x, y, adapters)
                 qk, v = y[..., : self.q_width + self.kv_width], y[..., self.q_width + self.kv_width :]
             else:
                 qk = torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x)], dim=-1)
@@ -207,14 +223,21 @@ class FastLlama:
             qg = q.reshape(b, self.kv_heads, self.group * t, self.head_dim)  # heads sharing a KV head, stacked
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
             o = o.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
-            h = h + _linear(attn.o_proj, o)
+            out = _linear(attn.o_proj, o)
+            h = h + (bank.apply(("o", i), o, out, adapters) if bank is not None else out)
             x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
-            if self.gate_up[i] is not None:
-                gate, up = _linear(self.gate_up[i], x).split([self.mlp_width, self.mlp_width], dim=-1)
+            if self.gate_up[i] is not None or bank is not None:
+                y = (_linear(self.gate_up[i], x) if self.gate_up[i] is not None else
+                     torch.cat([_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)], dim=-1))
+                if bank is not None:
+                    y = bank.apply(("gate_up", i), x, y, adapters)
+                gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)
             else:
                 gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
-            h = h + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
+            act = mlp.act_fn(gate) * up
+            out = _linear(mlp.down_proj, act)
+            h = h + (bank.apply(("down", i), act, out, adapters) if bank is not None else out)
         for s in slot_list:
             cache.lens[s] += t
         last = _rms_norm(h[:, -1], self.inner.norm.weight, self.eps)  # (B, E)

@@ -46,6 +46,7 @@ class _Request:
     generator: torch.Generator | None = None
     history: list[int] = field(default_factory=list)
     produced: int = 0
+    adapter: int = 0  # the LoRA adapter the request runs with over the shared base (0: none)
 
 
 MAX_BATCH = 16  # sequences decoded together
@@ -69,6 +70,7 @@ class BatchScheduler:
         self.prefill_chunk = prefill_chunk
         self.prefill_steps = 0  # decode steps run between prefill pieces (chunked prefill), for tests and metrics
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self._adapter_caches: dict[int, PrefixCache] = {}
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []
         self._cv = threading.Condition()
@@ -94,7 +96,7 @@ class BatchScheduler:
             raise failed
 
     # ---- public -----------------------------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], params: SamplingParams, max_new: int) -> _Request:
+    def submit(self, prompt: Sequence[int], params: SamplingParams, max_new: int, adapter: int = 0) -> _Request:
         with self._cv:
             if self._stopping:
                 raise SlmkitError("the server is shutting down", "Retry against a running server.")
@@ -102,7 +104,8 @@ class BatchScheduler:
             in_flight = len(self.waiting) + len(self.running) + self._admitted
             if in_flight >= self.max_batch + self.max_queue:
                 raise QueueFull(f"the request queue is full ({len(self.waiting)} waiting, {len(self.running)} running)", "Retry in a moment.")
-            req = _Request(list(prompt), params, max_new, generator=make_generator(params.seed), history=list(prompt))
+            req = _Request(list(prompt), params, max_new, generator=make_generator(params.seed), history=list(prompt),
+                           adapter=adapter)
             self.waiting.append(req)
             self._cv.notify()
         return req
@@ -179,19 +182,25 @@ class BatchScheduler:
     def _prefill(self, req: _Request) -> bool:
         """Prefill one request and hand out its first token; True when it joins the running batch."""
         ids = self.prefix + req.prompt  # a prompt-tuned model's virtual tokens first (cached with the prompt)
-        reused, kv = self.prefix_cache.lookup(ids) if self.prefix_cache else (0, None)
+        cache = self._prefix_cache(req.adapter)
+        reused, kv = cache.lookup(ids) if cache else (0, None)
+        kw: dict[str, Any] = {"adapter": req.adapter} if req.adapter else {}  # only the slot cache runs adapters
         if self.running and self.prefill_chunk and getattr(self.store, "chunked", False):
-            logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None,
-                                                between=self._step_between, chunk=self.prefill_chunk)
-        else:
-            logits, row_kv = self.store.prefill(ids, reused, kv, export=self.prefix_cache is not None)
-        if self.prefix_cache and row_kv is not None:
-            self.prefix_cache.store(ids, row_kv)
+            kw.update(between=self._step_between, chunk=self.prefill_chunk)
+        logits, row_kv = self.store.prefill(ids, reused, kv, export=cache is not None, **kw)
+        if cache and row_kv is not None:
+            cache.store(ids, row_kv)
         token = sample_next(logits, req.params, req.history, req.generator)
         if not self._emit(req, steps_of(logits[None], [token], [req.params.top_logprobs])[0]):
             return False
         self.store.join()
         return True
+
+    def _prefix_cache(self, adapter: int) -> PrefixCache | None:
+        """The prompt-prefix KV cache of an adapter's requests (keys and values differ per adapter)."""
+        if adapter == 0 or self.prefix_cache is None:
+            return self.prefix_cache
+        return self._adapter_caches.setdefault(adapter, PrefixCache(self.prefix_cache.max_tokens))
 
     def _step_between(self) -> None:
         """A decode step for the running rows between two pieces of a prompt being prefilled."""
@@ -253,6 +262,40 @@ class BatchedBackend:
 
     def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
         req = self.scheduler.submit(prompt_ids, params, max_new_tokens)  # raises QueueFull before iteration
+        return self.scheduler.steps(req)
+
+    def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
+        return tokens_of(self.stream_steps(prompt_ids, params, max_new_tokens))
+
+
+class AdapterView:
+    """One LoRA adapter served over a shared base: generation goes through the base's scheduler with the adapter's
+    id (rows of different adapters share its batch); everything else is the base's (tokenizer, template, context).
+    Embeddings and scoring run the base alone."""
+
+    def __init__(self, batched: BatchedBackend, adapter: int) -> None:
+        self.batched = batched
+        self.adapter = adapter
+        self.scheduler = batched.scheduler
+        self.name = batched.name
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.batched, item)
+
+    @property
+    def context_length(self) -> int:
+        return self.batched.context_length
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.batched.eos_token_ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.batched.has_chat_template
+
+    def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
+        req = self.scheduler.submit(prompt_ids, params, max_new_tokens, adapter=self.adapter)
         return self.scheduler.steps(req)
 
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:

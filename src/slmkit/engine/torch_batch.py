@@ -33,14 +33,16 @@ class SlotKV:
         self._pending = 0  # the slot being prefilled
 
     def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool,
-                between: Callable[[], None] | None = None, chunk: int = 0) -> tuple[torch.Tensor, KV | None]:
+                between: Callable[[], None] | None = None, chunk: int = 0, adapter: int = 0) -> tuple[torch.Tensor, KV | None]:
         """Prefill `ids` (the first `reused` already in `kv`) into the next free slot; its KV copied out if asked.
 
         Chunked prefill: with `chunk`, the prompt goes in pieces of that many tokens and `between()` runs after
         each piece but the last (the scheduler steps the running rows there, so a long prompt does not stall them;
-        rows that finish meanwhile may move, so the new row is moved to its place at join)."""
+        rows that finish meanwhile may move, so the new row is moved to its place at join). `adapter`: the LoRA
+        adapter the row runs with (FastLlama.add_adapter; 0: the base alone)."""
         slot = self._pending = self.rows
         self.cache.load(slot, cut(kv, reused) if kv else [])
+        self.cache.adapter[slot] = adapter
         rest = ids[reused:]
         pieces = [rest[i:i + chunk] for i in range(0, len(rest), chunk)] if chunk and between else [rest]
         for i, piece in enumerate(pieces):

@@ -2,6 +2,10 @@
 routers (a calibrated router from the store, served as one name: slmkit.route), and A/B splits over those;
 optionally each behind a response cache.
 
+LoRA adapters of one base, with the base itself where it runs on PyTorch, are served over one loaded base behind
+one scheduler when two or more of them are served: each adapter is its own model name, and requests for different
+adapters share the batch (layers/multi_lora.py). A lone adapter is served merged into its base (no per-step cost).
+
 Each model runs on llama.cpp (its GGUF file) or on PyTorch (its safetensors weights), opened through
 slmkit.loading (`pick_backend`: `auto` takes llama.cpp where the store folder has a GGUF, always the model's own
 weights: an imported GGUF such as the default model's, or an export installed with --name; at batch 1 it decodes
@@ -15,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from slmkit.engine.scheduler import BatchedBackend
+from slmkit.engine.scheduler import AdapterView, BatchedBackend
 from slmkit.errors import ModelNotFound, SlmkitError
 from slmkit.loading import open_backend, pick_backend
 from slmkit.model import Model
@@ -59,6 +63,8 @@ class ModelRegistry:
                 if arm not in names:
                     raise SlmkitError(f"A/B split {split.name!r}: arm {arm!r} is not served", f"Serve it too: slmkit serve {' '.join(names)} {arm} ...")
         self.backends = {m: pick_backend(self.store.require(m), backend) for m in dict.fromkeys(models)}
+        self.groups = self._adapter_groups(list(self.backends))  # served name -> (base, adapter names in id order)
+        self._shared: dict[str, BatchedBackend] = {}  # base name -> the scheduler its group shares
         self.names = list(dict.fromkeys([*names, *self.splits]))
         self.metrics = metrics
         self.max_batch, self.max_queue, self.prefix_cache_tokens = max_batch, max_queue, prefix_cache_tokens
@@ -93,9 +99,53 @@ class ModelRegistry:
                 self._served[name] = CachedModel(name, served, self.cache(), self.metrics, cache_sampled=self.cache_sampled) if self.cache else served
             return self._served[name]
 
+    def _adapter_groups(self, models: list[str]) -> dict[str, tuple[str, list[str]]]:
+        """Which served names share one loaded base: the LoRA adapters of a Llama-layout base (checked against the
+        base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it."""
+        from slmkit.engine.llama_fast import SUPPORTED_MODEL_TYPES
+        from slmkit.sources.adapters import base_of, is_adapter, is_prompt_tuning
+        from slmkit.sources.hf_dir import read_config
+
+        by_base: dict[str, list[str]] = {}
+        for m in models:
+            folder = self.store.require(m)
+            if self.backends[m] == "torch" and is_adapter(folder) and not is_prompt_tuning(folder):
+                base, base_folder = base_of(folder)
+                if read_config(base_folder).get("model_type") in SUPPORTED_MODEL_TYPES:
+                    by_base.setdefault(base, []).append(m)
+        groups = {}
+        for base, adapters in by_base.items():
+            members = adapters + ([base] if self.backends.get(base) == "torch" else [])
+            if len(members) >= 2:
+                groups.update({m: (base, adapters) for m in members})
+        return groups
+
+    def _shared_backend(self, base: str, adapters: list[str]) -> BatchedBackend:
+        """The one scheduler over `base` with `adapters` loaded as ids 1..n (opened on the scheduler's thread)."""
+        if base not in self._shared:
+            from slmkit.sources.adapters import lora_factors
+
+            def open_group() -> Any:
+                b = open_backend(self.store.require(base), "torch", serving=True)
+                for a in adapters:
+                    b.fast.add_adapter(lora_factors(self.store.require(a), b.fast.layers, b.fast.dtype))
+                return b
+
+            self._shared[base] = BatchedBackend(open_group, max_batch=self.max_batch, max_queue=self.max_queue,
+                                                prefix_cache_tokens=self.prefix_cache_tokens, context=self.context)
+        return self._shared[base]
+
     def model(self, name: str) -> Model:
         """A model of the store behind its scheduler, loaded once (served names and routers' models share it)."""
         with self._lock:
+            if name in self.groups and name not in self._models:
+                base, adapters = self.groups[name]
+                shared = self._shared_backend(base, adapters)
+                served = AdapterView(shared, adapters.index(name) + 1) if name in adapters else shared
+                sched = shared.scheduler
+                self.metrics.watch(name, lambda: sched.queue_depth, lambda: sched.batch_size,
+                                   lambda: sched.prefix_cache.hit_rate if sched.prefix_cache else 0.0)
+                self._models[name] = Model(name, served, self.store.card(name))
             if name not in self._models:
                 folder, kind = self.store.require(name), self.backends[name]
                 # opened on the scheduler's own thread: the thread that runs the model also loads it
@@ -109,8 +159,8 @@ class ModelRegistry:
             return self._models[name]
 
     def stop(self, timeout: float = 10.0) -> None:
-        for m in self._models.values():
-            m.backend.scheduler.stop(timeout)
+        for sched in {id(m.backend.scheduler): m.backend.scheduler for m in self._models.values()}.values():
+            sched.stop(timeout)
 
     def loaded(self) -> list[str]:
         return list(self._models)

@@ -85,3 +85,40 @@ def load_prompt_tuned(folder: Path) -> tuple[Any, Any, list[int]]:
         raise SlmkitError(f"the prompt-tuning adapter {Path(folder).name} has no prompt_embeddings of width "
                           f"{net.config.hidden_size}", "Train it again with slmkit finetune --method prompt.")
     return net.eval(), tokenizer, attach_prompt(net, prompt)
+
+
+def lora_factors(folder: Path, layers: list[Any], dtype: Any) -> dict[tuple[str, int], tuple[Any, Any]]:
+    """A LoRA adapter's factors for the engine's fused groups (layers/multi_lora.py), per block of `layers` (the
+    base's decoder blocks): what serving several adapters over one loaded base needs. Refuses what a per-row
+    update cannot express (DoRA, extra trained modules, layers outside the blocks)."""
+    from safetensors.torch import load_file
+
+    from slmkit.layers.multi_lora import GROUPS, fused_pair
+
+    cfg = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    name = Path(folder).name
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save"):
+        raise SlmkitError(f"{name} is not a plain LoRA adapter (DoRA, prompt tuning or trained extra modules)",
+                          "Serve it on its own (merged), e.g. in another slmkit serve.")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers."
+    unknown = [k for k in tensors if not k.startswith(prefix)]
+    if unknown:
+        raise SlmkitError(f"{name} adapts layers outside the decoder blocks ({unknown[0]})", "Serve it on its own (merged).")
+    out: dict[tuple[str, int], tuple[Any, Any]] = {}
+    for i, block in enumerate(layers):
+        for group, parts in GROUPS.items():
+            found = []
+            for part in parts:
+                key = f"{prefix}{i}.{part}"
+                a, b = tensors.pop(f"{key}.lora_A.weight", None), tensors.pop(f"{key}.lora_B.weight", None)
+                found.append((a, b, scale) if a is not None and b is not None else None)
+            mods = [block.get_submodule(p) for p in parts]
+            pair = fused_pair(found, [m.out_features for m in mods], mods[0].in_features, dtype)
+            if pair is not None:
+                out[(group, i)] = pair
+    if tensors:
+        raise SlmkitError(f"{name} has factors this engine does not apply ({next(iter(tensors))})", "Serve it on its own (merged).")
+    return out
