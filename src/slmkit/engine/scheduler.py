@@ -238,6 +238,8 @@ class BatchScheduler:
 class BatchedBackend:
     """A backend whose generation goes through a BatchScheduler; everything else is delegated."""
 
+    adapter = 0  # the LoRA adapter its requests run with (AdapterView: one of several over the same base)
+
     def __init__(self, backend: "Engine | Callable[[], Engine]", **scheduler_kw: Any) -> None:
         """`backend`: an open backend, or a function opening one on the scheduler's thread (see BatchScheduler)."""
         self.scheduler = BatchScheduler(backend, **scheduler_kw)
@@ -261,42 +263,18 @@ class BatchedBackend:
         return self.inner.has_chat_template
 
     def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
-        req = self.scheduler.submit(prompt_ids, params, max_new_tokens)  # raises QueueFull before iteration
+        req = self.scheduler.submit(prompt_ids, params, max_new_tokens, self.adapter)  # QueueFull before iteration
         return self.scheduler.steps(req)
 
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
         return tokens_of(self.stream_steps(prompt_ids, params, max_new_tokens))
 
 
-class AdapterView:
+class AdapterView(BatchedBackend):
     """One LoRA adapter served over a shared base: generation goes through the base's scheduler with the adapter's
     id (rows of different adapters share its batch); everything else is the base's (tokenizer, template, context).
     Embeddings and scoring run the base alone."""
 
-    def __init__(self, batched: BatchedBackend, adapter: int) -> None:
-        self.batched = batched
+    def __init__(self, batched: BatchedBackend, adapter: int) -> None:  # shares the base's scheduler: no new one
+        self.scheduler, self.inner, self.name = batched.scheduler, batched.inner, batched.name
         self.adapter = adapter
-        self.scheduler = batched.scheduler
-        self.name = batched.name
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self.batched, item)
-
-    @property
-    def context_length(self) -> int:
-        return self.batched.context_length
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self.batched.eos_token_ids
-
-    @property
-    def has_chat_template(self) -> bool:
-        return self.batched.has_chat_template
-
-    def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
-        req = self.scheduler.submit(prompt_ids, params, max_new_tokens, adapter=self.adapter)
-        return self.scheduler.steps(req)
-
-    def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
-        return tokens_of(self.stream_steps(prompt_ids, params, max_new_tokens))
