@@ -131,6 +131,22 @@ def test_finetune_and_merge_cli(wide, chats):
     assert r.exit_code == 1 and "no training data" in r.stderr
 
 
+def test_gradient_checkpointing_default_follows_method_and_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    import psutil
+
+    from slmkit.train.finetune import activation_bytes, checkpoint_by_default
+
+    small = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
+    assert 2.5e9 < activation_bytes(small, 4, 256) < 3.5e9  # the default model at 4 x 256 (measured ~2.4 GB)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=20 * 2**30))
+    assert checkpoint_by_default("qlora", small, 4, 256)  # QLoRA: always
+    assert not checkpoint_by_default("lora", small, 4, 256)  # 3 GB of 20 free: faster without
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=8 * 2**30))
+    assert checkpoint_by_default("lora", small, 4, 256) and checkpoint_by_default("full", small, 4, 256)
+
+
 def test_integer_layers_backpropagate_without_keeping_float_weights():
     from slmkit.compress.quantize import quantize_layer
     from slmkit.layers.integer import Int4Linear, Int8Linear

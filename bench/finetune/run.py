@@ -105,7 +105,7 @@ def main() -> None:
         peak = None
         if not exists(name, env):
             log = slmkit(["finetune", model, "--data", str(train), *extra, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-                          "--batch-size", str(args.batch_size), "--eval-every", str(args.steps), "--name", name], env)
+                          "--batch-size", str(args.batch_size), "--eval-every", str(args.steps), "--grad-checkpoint", "--name", name], env)
             peak = int(log.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 1024
         card = json.loads(subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env,
                                          capture_output=True, text=True, check=True).stdout)
@@ -127,7 +127,7 @@ def main() -> None:
           f"{args.steps} steps x {args.batch_size} windows x {args.seq_len} tokens per run on {2 * args.rows} training rows "
           f"(responses and intent labels, loss on the answers only); held out: {args.heldout} responses (ROUGE-L F1, response "
           f"perplexity) and {args.heldout} intent labels (exact match). Peak memory: the process's maximum resident set. "
-          f"CPU: {cpu}. Gradient checkpointing on (the default).", "",
+          f"CPU: {cpu}. Gradient checkpointing on for every run (`--grad-checkpoint`), so the memory compares like with like.", "",
           "| method | trainable | share | peak RSS MB | s | tokens/s | ROUGE-L | response ppl | intent acc |", "|---|---|---|---|---|---|---|---|---|",
           f"| base (no training) | - | - | - | - | - | {base['rouge_l']:.3f} | {base['response_ppl']:.2f} | {base['intent_acc']:.3f} |"]
     for r in rows[1:]:

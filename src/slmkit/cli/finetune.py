@@ -42,7 +42,7 @@ def finetune(
     response_column: Annotated[str | None, typer.Option("--response-column")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name of the result (default MODEL-lora or MODEL-ft).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this --name from its last checkpoint.")] = False,
-    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint/--no-grad-checkpoint", help="Recompute each block in backward instead of keeping its activations: far less memory, ~30% slower.")] = True,
+    grad_checkpoint: Annotated[bool | None, typer.Option("--grad-checkpoint/--no-grad-checkpoint", help="Recompute each block in backward instead of keeping its activations: far less memory, ~35-55% slower. [default: on for qlora, else on when the activations would take over a quarter of the free memory]", show_default=False)] = None,
 ) -> None:
     """Adapt a model to your data: a LoRA adapter (through peft) or full fine-tuning; loss on the responses."""
     from slmkit.errors import SlmkitError

@@ -101,15 +101,16 @@ class ModelRegistry:
 
     def _adapter_groups(self, models: list[str]) -> dict[str, tuple[str, list[str]]]:
         """Which served names share one loaded base: the LoRA adapters of a Llama-layout base (checked against the
-        base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it."""
+        base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it.
+        Adapters a per-row update cannot express (DoRA, extra trained modules) are served merged, on their own."""
         from slmkit.engine.llama_fast import SUPPORTED_MODEL_TYPES
-        from slmkit.sources.adapters import base_of, is_adapter, is_prompt_tuning
+        from slmkit.sources.adapters import base_of, is_adapter, per_row_problem
         from slmkit.sources.hf_dir import read_config
 
         by_base: dict[str, list[str]] = {}
         for m in models:
             folder = self.store.require(m)
-            if self.backends[m] == "torch" and is_adapter(folder) and not is_prompt_tuning(folder):
+            if self.backends[m] == "torch" and is_adapter(folder) and per_row_problem(folder) is None:
                 base, base_folder = base_of(folder)
                 if read_config(base_folder).get("model_type") in SUPPORTED_MODEL_TYPES:
                     by_base.setdefault(base, []).append(m)

@@ -87,32 +87,43 @@ def load_prompt_tuned(folder: Path) -> tuple[Any, Any, list[int]]:
     return net.eval(), tokenizer, attach_prompt(net, prompt)
 
 
+LAYER_PREFIX = "base_model.model.model.layers."  # peft's names of the decoder blocks' factors
+
+
+def per_row_problem(folder: Path) -> str | None:
+    """Why a LoRA adapter cannot be applied per row over a shared base (None: it can): DoRA, prompt tuning, trained
+    extra modules or factors outside the decoder blocks need the adapter merged (served on its own)."""
+    from safetensors import safe_open
+
+    cfg = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save"):
+        return "not a plain LoRA adapter (DoRA, prompt tuning or trained extra modules)"
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="pt") as f:
+        outside = [k for k in f.keys() if not k.startswith(LAYER_PREFIX)]
+    return f"it adapts layers outside the decoder blocks ({outside[0]})" if outside else None
+
+
 def lora_factors(folder: Path, layers: list[Any], dtype: Any) -> dict[tuple[str, int], tuple[Any, Any]]:
     """A LoRA adapter's factors for the engine's fused groups (layers/multi_lora.py), per block of `layers` (the
-    base's decoder blocks): what serving several adapters over one loaded base needs. Refuses what a per-row
-    update cannot express (DoRA, extra trained modules, layers outside the blocks)."""
+    base's decoder blocks): what serving several adapters over one loaded base needs."""
     from safetensors.torch import load_file
 
     from slmkit.layers.multi_lora import GROUPS, fused_pair
 
-    cfg = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
     name = Path(folder).name
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save"):
-        raise SlmkitError(f"{name} is not a plain LoRA adapter (DoRA, prompt tuning or trained extra modules)",
-                          "Serve it on its own (merged), e.g. in another slmkit serve.")
+    problem = per_row_problem(folder)
+    if problem:
+        raise SlmkitError(f"{name} cannot share a base in the batch: {problem}", "Serve it on its own (merged).")
+    cfg = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
     tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
-    prefix = "base_model.model.model.layers."
-    unknown = [k for k in tensors if not k.startswith(prefix)]
-    if unknown:
-        raise SlmkitError(f"{name} adapts layers outside the decoder blocks ({unknown[0]})", "Serve it on its own (merged).")
     out: dict[tuple[str, int], tuple[Any, Any]] = {}
     for i, block in enumerate(layers):
         for group, parts in GROUPS.items():
             found = []
             for part in parts:
-                key = f"{prefix}{i}.{part}"
+                key = f"{LAYER_PREFIX}{i}.{part}"
                 a, b = tensors.pop(f"{key}.lora_A.weight", None), tensors.pop(f"{key}.lora_B.weight", None)
                 found.append((a, b, scale) if a is not None and b is not None else None)
             mods = [block.get_submodule(p) for p in parts]

@@ -40,6 +40,28 @@ LR = {"lora": 2e-4, "qlora": 2e-4, "prompt": 3e-2, "full": 2e-5}  # the usual ra
 # largest steps (peft's examples use 3e-2), adapters faster than whole weights
 
 
+ACTIVATION_SHARE = 0.25  # checkpoint by default when a step's activations would take more of the free memory
+
+
+def activation_bytes(config: Any, batch: int, seq: int) -> int:
+    """A generous estimate of a training step's saved activations without checkpointing (float32): per token and
+    block ~16 hidden-wide, ~6 MLP-wide and 3 attention-row tensors (measured on the default model at 1024 tokens:
+    ~2.4 GB; this gives 3.1 GB)."""
+    per = 16 * config.hidden_size + 6 * config.intermediate_size + 3 * config.num_attention_heads * seq
+    return 4 * config.num_hidden_layers * batch * seq * per
+
+
+def checkpoint_by_default(method: str, config: Any, batch: int, seq: int) -> bool:
+    """Gradient checkpointing unless asked: always for qlora (its point is memory), otherwise only when the step's
+    activations would take more than a quarter of the memory available now (a small model on a roomy machine
+    trains faster without it)."""
+    import psutil
+
+    if method == "qlora":
+        return True
+    return activation_bytes(config, batch, seq) > ACTIVATION_SHARE * psutil.virtual_memory().available
+
+
 def block_linear_names(model: nn.Module) -> list[str]:
     """The short names of the decoder blocks' linear layers (q_proj, ..., down_proj): LoRA's default targets."""
     _, blocks = decoder_blocks(model)
@@ -51,7 +73,7 @@ def finetune_stage(
     dropout: float = LORA_DROPOUT, target_modules: list[str] | None = None, seq_len: int = SEQ_LEN,
     valid_fraction: float = 0.05, config: TrainConfig | None = None, name: str | None = None, resume: bool = False,
     store: Store | None = None, read: dict[str, Any] | None = None, qlora_scheme: str = "int4",
-    grad_checkpoint: bool = True, virtual_tokens: int = VIRTUAL_TOKENS, prompt_init_text: str | None = None,
+    grad_checkpoint: bool | None = None, virtual_tokens: int = VIRTUAL_TOKENS, prompt_init_text: str | None = None,
 ) -> ModelCard:
     """Fine-tune store model `model` on `data` into `name` (default MODEL-lora / MODEL-qlora / MODEL-ft).
 
@@ -66,8 +88,8 @@ def finetune_stage(
 
     grad_checkpoint: keep only each block's input for backward and run the block again there (transformers'
     gradient checkpointing): a small model's step is dominated by its activations, not its weights (measured on the
-    default model at 4 x 256 tokens: 2.0 GB of activations without, 0.4 GB with), so this is what lets QLoRA's
-    smaller weights show; it costs one more forward per step (~30% slower)."""
+    default model at 4 x 256 tokens: peak 5.3 GB without, 1.5 GB with), but it costs one more forward per step
+    (~35-55% slower). None: `checkpoint_by_default` decides (always for qlora, whose point is memory)."""
     store = store or Store()
     if method not in METHODS:
         raise SlmkitError(f"unknown method {method!r}", f"Methods: {', '.join(METHODS)}")
@@ -129,6 +151,8 @@ def finetune_stage(
         prompt = {"virtual_tokens": virtual_tokens, "init": "text" if prompt_init_text else "sampled vocabulary",
                   "init_text": prompt_init_text}
     skip = virtual_tokens if method == "prompt" else 0  # the virtual tokens' hidden states come first
+    if grad_checkpoint is None:
+        grad_checkpoint = checkpoint_by_default(method, net.config, cfg.batch_size, seq_len + skip)
     if grad_checkpoint:
         if hasattr(net, "activation_checkpointing_enable"):  # transformers' name for it since 5.x
             net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
