@@ -102,11 +102,12 @@ def main() -> None:
             slmkit(["quantize", BASE, "--scheme", scheme, "--name", name, "--no-ppl"], env)
     for label, model, extra in runs:
         name = f"{BASE}-cs-{label}-{args.steps}"
-        peak = None
+        peak_file = out / f"{name}-peak.json"  # kept beside the evaluations: a rerun reuses finished runs
         if not exists(name, env):
             log = slmkit(["finetune", model, "--data", str(train), *extra, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                           "--batch-size", str(args.batch_size), "--eval-every", str(args.steps), "--grad-checkpoint", "--name", name], env)
-            peak = int(log.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 1024
+            peak_file.write_text(json.dumps({"peak_rss_mb": int(log.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 1024}))
+        peak = json.loads(peak_file.read_text())["peak_rss_mb"] if peak_file.is_file() else None
         card = json.loads(subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env,
                                          capture_output=True, text=True, check=True).stdout)
         s = card["settings"]
@@ -139,7 +140,8 @@ def main() -> None:
         md += ["", "## Targets", "",
                f"- LoRA r=8 reaches {gain(by['lora-r8']) / gain(by['full']):.0%} of full fine-tuning's response-perplexity gain "
                f"with {by['lora-r8']['trainable_share']:.2%} of the parameters trainable; peak memory {by['lora-r8']['peak_rss_mb'] or 0:.0f} MB vs "
-               f"{by['full']['peak_rss_mb'] or 0:.0f} MB.",
+               f"{by['full']['peak_rss_mb'] or 0:.0f} MB."
+               + (f" LoRA r=16: {gain(by['lora-r16']) / gain(by['full']):.0%} with {by['lora-r16']['trainable_share']:.2%}." if "lora-r16" in by else ""),
                f"- QLoRA peak memory: int8 base {by['qlora-int8']['peak_rss_mb'] or 0:.0f} MB, int4 base {by['qlora-int4']['peak_rss_mb'] or 0:.0f} MB, "
                f"against LoRA's {by['lora-r8']['peak_rss_mb'] or 0:.0f} MB (QLoRA over children made by slmkit quantize, loaded without a float copy)."]
     (RESULTS / "finetune.md").write_text("\n".join(md) + "\n")
