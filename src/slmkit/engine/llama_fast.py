@@ -58,6 +58,11 @@ def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _side_by_side(fused: Any | None, parts: tuple[Any, ...], x: torch.Tensor) -> torch.Tensor:
+    """The outputs of `parts` (same input) side by side: one call of their fused layer where there is one."""
+    return _linear(fused, x) if fused is not None else torch.cat([_linear(p, x) for p in parts], dim=-1)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as transformers' LlamaRMSNorm does."""
     h = x.float()
@@ -189,6 +194,7 @@ class FastLlama:
         row_idx = torch.tensor(slot_list)
         adapters = cache.adapter[first: first + b]
         bank = self.bank if self.bank is not None and any(adapters) else None
+        groups = LoraBank.row_groups(adapters) if bank is not None else []
 
         h = self.inner.embed_tokens(ids)  # (B, T, E)
         cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, D)
@@ -198,10 +204,9 @@ class FastLlama:
             attn = layer.self_attn
             x = _rms_norm(h, layer.input_layernorm.weight, self.eps)
             if self.qkv[i] is not None or bank is not None:
-                y = (_linear(self.qkv[i], x) if self.qkv[i] is not None else  # (B, T, (H + 2 Hkv) D)
-                     torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)], dim=-1))
+                y = _side_by_side(self.qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), x)  # (B, T, (H + 2 Hkv) D)
                 if bank is not None:
-                    y = bank.apply(("qkv", i), x, y, adapters)
+                    y = bank.apply(("qkv", i), x, y, groups)
                 qk, v = y[..., : self.q_width + self.kv_width], y[..., self.q_width + self.kv_width :]
             else:
                 qk = torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x)], dim=-1)
@@ -224,20 +229,19 @@ class FastLlama:
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
             o = o.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
             out = _linear(attn.o_proj, o)
-            h = h + (bank.apply(("o", i), o, out, adapters) if bank is not None else out)
+            h = h + (bank.apply(("o", i), o, out, groups) if bank is not None else out)
             x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             if self.gate_up[i] is not None or bank is not None:
-                y = (_linear(self.gate_up[i], x) if self.gate_up[i] is not None else
-                     torch.cat([_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)], dim=-1))
+                y = _side_by_side(self.gate_up[i], (mlp.gate_proj, mlp.up_proj), x)
                 if bank is not None:
-                    y = bank.apply(("gate_up", i), x, y, adapters)
+                    y = bank.apply(("gate_up", i), x, y, groups)
                 gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)
             else:
                 gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
             act = mlp.act_fn(gate) * up
             out = _linear(mlp.down_proj, act)
-            h = h + (bank.apply(("down", i), act, out, adapters) if bank is not None else out)
+            h = h + (bank.apply(("down", i), act, out, groups) if bank is not None else out)
         for s in slot_list:
             cache.lens[s] += t
         last = _rms_norm(h[:, -1], self.inner.norm.weight, self.eps)  # (B, E)

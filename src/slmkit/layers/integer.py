@@ -27,14 +27,19 @@ _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 DEQUANT_ROWS = 4096  # weight rows dequantized at a time while training (a (4096, K) float32 block, not (N, K))
 
 
-def _dequantized_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """x (M, K) float32 @ W^T with W dequantized DEQUANT_ROWS rows at a time -> (M, N)."""
+def _row_blocks(layer: nn.Module) -> list[slice]:
+    """The weight rows dequantized together: all at once up to DEQUANT_ROWS, else blocks of that many."""
     n = layer.out_features
-    if n <= DEQUANT_ROWS:
+    return [slice(None)] if n <= DEQUANT_ROWS else [slice(r, min(r + DEQUANT_ROWS, n)) for r in range(0, n, DEQUANT_ROWS)]
+
+
+def _dequantized_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """x (M, K) float32 @ W^T with W dequantized a block of rows at a time -> (M, N)."""
+    blocks = _row_blocks(layer)
+    if len(blocks) == 1:
         return torch.nn.functional.linear(x, layer.dequantized())
-    y = x.new_empty((x.shape[0], n))
-    for r in range(0, n, DEQUANT_ROWS):
-        rows = slice(r, min(r + DEQUANT_ROWS, n))
+    y = x.new_empty((x.shape[0], layer.out_features))
+    for rows in blocks:
         y[:, rows] = torch.nn.functional.linear(x, layer.dequantized(rows))
     return y
 
@@ -52,12 +57,8 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # grad (M, N) -> (M, K)
         layer = ctx.layer
-        n = layer.out_features
-        if n <= DEQUANT_ROWS:
-            return grad @ layer.dequantized(), None
         out = None
-        for r in range(0, n, DEQUANT_ROWS):
-            rows = slice(r, min(r + DEQUANT_ROWS, n))
+        for rows in _row_blocks(layer):
             part = grad[:, rows] @ layer.dequantized(rows)
             out = part if out is None else out.add_(part)
         return out, None

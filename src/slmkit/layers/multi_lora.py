@@ -51,21 +51,29 @@ class LoraBank:
             self.pairs.setdefault(key, {})[self.count] = pair
         return self.count
 
-    def apply(self, key: tuple[str, int], x: torch.Tensor, y: torch.Tensor, adapters: list[int]) -> torch.Tensor:
-        """y (B, T, N) += each row's adapter update of x (B, T, K); rows of adapter 0 (or one without this layer)
-        stay as they are."""
+    @staticmethod
+    def row_groups(adapters: list[int]) -> list[tuple[int, list[int] | None]]:
+        """Once per forward: (adapter, its rows, or None for all rows) for each adapter present but 0."""
+        present = set(adapters) - {0}
+        if len(present) == 1 and 0 not in adapters:
+            return [(present.pop(), None)]
+        return [(a, [i for i, r in enumerate(adapters) if r == a]) for a in sorted(present)]
+
+    def apply(self, key: tuple[str, int], x: torch.Tensor, y: torch.Tensor,
+              groups: list[tuple[int, list[int] | None]]) -> torch.Tensor:
+        """y (B, T, N) += each row's adapter update of x (B, T, K) (`groups` from row_groups); rows of adapter 0,
+        or of one without this layer, stay as they are."""
         held = self.pairs.get(key)
         if not held:
             return y
-        for a in set(adapters):
+        for a, rows in groups:
             pair = held.get(a)
             if pair is None:
                 continue
-            rows = [i for i, r in enumerate(adapters) if r == a]
-            xa = x if len(rows) == len(adapters) else x[rows]
-            delta = (xa.to(pair[0].dtype) @ pair[0].T) @ pair[1].T  # (b, T, r) -> (b, T, N)
-            if len(rows) == len(adapters):
-                y = y + delta.to(y.dtype)
+            xa = x if rows is None else x[rows]
+            delta = ((xa.to(pair[0].dtype) @ pair[0].T) @ pair[1].T).to(y.dtype)  # (b, T, r) -> (b, T, N)
+            if rows is None:
+                y = y + delta
             else:
-                y[rows] += delta.to(y.dtype)
+                y[rows] += delta
         return y

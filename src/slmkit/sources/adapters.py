@@ -70,15 +70,11 @@ def load_prompt_tuned(folder: Path) -> tuple[Any, Any, list[int]]:
     """(base model with the virtual tokens attached, tokenizer, the virtual tokens' ids to put before every prompt)."""
     from safetensors.torch import load_file
 
-    from slmkit.compress.quantize import is_quantized, load_quantized
     from slmkit.layers.prompt import attach_prompt
-    from slmkit.sources.hf_dir import load_float, load_tokenizer
+    from slmkit.sources.hf_dir import load_float
 
     _, base_folder = base_of(folder)
-    if is_quantized(base_folder):
-        net, tokenizer = load_quantized(base_folder), load_tokenizer(base_folder)
-    else:
-        net, tokenizer = load_float(base_folder)
+    net, tokenizer = load_float(base_folder)  # prompt tuning starts from float models only (compress/parents.py)
     tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
     prompt = tensors.get("prompt_embeddings")
     if prompt is None or prompt.ndim != 2 or prompt.shape[1] != net.config.hidden_size:

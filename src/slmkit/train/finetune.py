@@ -36,8 +36,9 @@ LORA_R = 8
 LORA_ALPHA = 16
 LORA_DROPOUT = 0.05
 VIRTUAL_TOKENS = 20
-LR = {"lora": 2e-4, "qlora": 2e-4, "prompt": 3e-2, "full": 2e-5}  # the usual rates: a prompt's few vectors take the
-# largest steps (peft's examples use 3e-2), adapters faster than whole weights
+# the usual rates: a prompt's few vectors take the largest steps (peft's examples use 3e-2), adapters faster than
+# whole weights
+LR = {"lora": 2e-4, "qlora": 2e-4, "prompt": 3e-2, "full": 2e-5}
 
 
 ACTIVATION_SHARE = 0.25  # checkpoint by default when a step's activations would take more of the free memory
