@@ -83,6 +83,11 @@ def serve(
     route_log.addHandler(handler)
     route_log.setLevel(logging.INFO)
     route_log.propagate = False
+    import sys
+
+    from slmkit.serve.streaming import GIL_SWITCH_INTERVAL_S
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the scheduler's thread gets the GIL back sooner (see there)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(shutdown_timeout) + 1)
 
 
