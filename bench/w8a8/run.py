@@ -105,6 +105,67 @@ def lean_forward(name: str) -> dict:
     return res
 
 
+def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int = 150) -> dict:
+    """Where a decode step's time goes, by ablation (medians of 5 x 16 steps at `context` cached tokens per row):
+    the whole step; without attention (torch's SDPA returns its query); with the integer matmuls alone (each W8A8
+    layer runs its chosen kernel on a ready int8 input, int32 results made float: no activation quantization, no
+    scaling); without the W8A8
+    layers at all. attention = full - no attention; quantize + scale = full - matmuls alone; matmuls = matmuls alone -
+    no linears; the rest (embedding, norms, rotary, cache writes, masks, Python) = no linears - attention."""
+    import torch
+    import torch.nn.functional as F
+
+    import slmkit
+    from slmkit.engine.llama_fast import FastLlama
+    from slmkit.layers import integer
+
+    m = slmkit.load(name)
+    fast = FastLlama(m.backend.model)
+    prompt = torch.tensor([m.backend.encode(PROMPT)])
+    real_forward, real_sdpa = integer.W8A8Linear.forward, F.scaled_dot_product_attention
+
+    def matmul_only(layer: Any, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, layer.in_features).shape[0]
+        if layer._kernels[integer.bucket_of(rows)] == "onednn":
+            y = integer._onednn_mm(torch.full((rows, layer.in_features), 128, dtype=torch.uint8), layer._packed, layer.scales, layer._zeros)
+        else:
+            y = torch._int_mm(torch.zeros((rows, layer.in_features), dtype=torch.int8), layer.weight.t()).float()
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    zeros: dict = {}
+
+    def no_linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape[:-1]), layer.out_features)
+        return zeros.setdefault(key, torch.zeros(*key[0], layer.out_features))
+
+    variants = {"full": (real_forward, real_sdpa), "no attention": (real_forward, lambda q, k, v, **kw: q),
+                "matmuls alone": (matmul_only, real_sdpa), "no linears": (no_linear, real_sdpa)}
+    out = {}
+    for rows in rows_list:
+        cache = fast.new_cache(rows, 512)
+        for r in range(rows):
+            fast.forward(cache, prompt, first=r)
+        tok = torch.full((rows, 1), 42)
+        ms: dict[str, float] = {}
+        for label, (forward, sdpa) in variants.items():
+            integer.W8A8Linear.forward, F.scaled_dot_product_attention = forward, sdpa
+            try:
+                times = []
+                for _ in range(6):
+                    cache.lens[:rows] = [context] * rows
+                    t0 = time.perf_counter()
+                    for _ in range(16):
+                        fast.forward(cache, tok)
+                    times.append((time.perf_counter() - t0) / 16 * 1e3)
+                ms[label] = sorted(times[1:])[2]  # the first round warms up
+            finally:
+                integer.W8A8Linear.forward, F.scaled_dot_product_attention = real_forward, real_sdpa
+        out[str(rows)] = {"step_ms": ms["full"], "attention_ms": ms["full"] - ms["no attention"],
+                          "matmuls_ms": ms["matmuls alone"] - ms["no linears"], "quantize_scale_ms": ms["full"] - ms["matmuls alone"],
+                          "rest_ms": ms["no linears"] - (ms["full"] - ms["no attention"]), "raw_ms": ms}
+    return out
+
+
 def perplexity(name: str, data: Path, windows: int) -> float:
     out = Path(f"/tmp/w8a8-ppl-{name}.json")
     subprocess.run([*SLMKIT, "eval", name, "--ppl", "wikitext2", "--limit", str(windows), "--context-length", "512",
@@ -179,6 +240,8 @@ def main() -> None:
     from slmkit.layers.integer import kernel_choices
 
     result["kernels"] = kernel_choices()
+    result["step_breakdown"] = step_breakdown(SQ)
+    print("step breakdown", result["step_breakdown"], flush=True)
     result["serve"] = serve(args.llama_cpp_bin / "llama-server", q41, threads, args.levels)
     result["perplexity"] = {name: perplexity(name, args.data, args.windows) for name in (BASE, RTN, SQ)}
     print("perplexity", result["perplexity"], flush=True)
@@ -210,6 +273,12 @@ def report(r: dict) -> str:
             md.append(f"| {run['label']} | {x['streams']} | {x['requests']} | {x['errors']} | {x['tokens_per_s']:.1f} | "
                       f"{x['ttft_p50']:.2f} | {1000 * x['itl_p50']:.1f} |")
     at = lambda i, n: next((x for x in r["serve"][i]["levels"] if x["streams"] == n), None)  # noqa: E731
+    if "step_breakdown" in r:
+        md += ["", "## Where a w8a8 decode step's time goes (ablation, 150 cached tokens per row)", "",
+               "| rows | step ms | integer matmuls | activation quantize + scale | attention | the rest (norms, rotary, cache writes, Python) |",
+               "|---|---|---|---|---|---|"]
+        for rows, b in r["step_breakdown"].items():
+            md.append(f"| {rows} | {b['step_ms']:.1f} | {b['matmuls_ms']:.1f} | {b['quantize_scale_ms']:.1f} | {b['attention_ms']:.1f} | {b['rest_ms']:.1f} |")
     md += ["", "## WikiText-2 perplexity (same windows)", "", "| model | perplexity | vs float |", "|---|---|---|"]
     for name, v in ppl.items():
         md.append(f"| {name} | {v:.3f} | {100 * (v / ppl[BASE] - 1):+.2f}% |")
