@@ -107,7 +107,7 @@ def lean_forward(name: str) -> dict:
 
 def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int = 150) -> dict:
     """Where a decode step's time goes, by ablation (medians of 5 x 16 steps at `context` cached tokens per row):
-    the whole step; without attention (torch's SDPA returns its query); with the integer matmuls alone (each W8A8
+    the whole step; without attention (torch's SDPA and slmkit's decode-attention kernel return their query); with the integer matmuls alone (each W8A8
     layer runs its chosen kernel on a ready int8 input, int32 results made float: no activation quantization, no
     scaling); without the W8A8
     layers at all. attention = full - no attention; quantize + scale = full - matmuls alone; matmuls = matmuls alone -
@@ -138,8 +138,14 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
         key = (tuple(x.shape[:-1]), layer.out_features)
         return zeros.setdefault(key, torch.zeros(*key[0], layer.out_features))
 
-    variants = {"full": (real_forward, real_sdpa), "no attention": (real_forward, lambda q, k, v, **kw: q),
-                "matmuls alone": (matmul_only, real_sdpa), "no linears": (no_linear, real_sdpa)}
+    real_attention = fast.attention  # slmkit's decode-attention kernel (slmkit/native), when built
+
+    def no_attention(q: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        return q
+
+    variants = {"full": (real_forward, real_sdpa, real_attention),
+                "no attention": (real_forward, no_attention, no_attention if real_attention else None),
+                "matmuls alone": (matmul_only, real_sdpa, real_attention), "no linears": (no_linear, real_sdpa, real_attention)}
     out = {}
     for rows in rows_list:
         cache = fast.new_cache(rows, 512)
@@ -147,8 +153,8 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
             fast.forward(cache, prompt, first=r)
         tok = torch.full((rows, 1), 42)
         ms: dict[str, float] = {}
-        for label, (forward, sdpa) in variants.items():
-            integer.W8A8Linear.forward, F.scaled_dot_product_attention = forward, sdpa
+        for label, (forward, sdpa, attention) in variants.items():
+            integer.W8A8Linear.forward, F.scaled_dot_product_attention, fast.attention = forward, sdpa, attention
             try:
                 times = []
                 for _ in range(6):

@@ -1,0 +1,95 @@
+"""slmkit's own CPU kernels, where torch has no fused one for the shapes the lean forward runs: decode attention over
+the slot cache (one query token per row, each row's own length, the query heads of a KV head together) and the
+per-token int8 quantizer of W8A8 activations (one pass instead of nine ops).
+
+Built from the C++ next to this file on first use with torch's extension builder (a C++ compiler and ninja are
+needed; `-march=native`, so each machine gets code for its own CPU), kept where torch keeps built extensions
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) in slmkit/NAME_KEY, KEY a digest of the source, flags,
+torch version and CPU, and loaded as torch ops. Without a compiler, or with SLMKIT_NATIVE=0, `ops()` is None and callers use
+torch's own operations (same results, slower); `unavailable()` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# one library per source: attention wants vectorized expf (-ffast-math), the quantizer exact division (bit-identical
+# to quant_ops.quantize_rows)
+SOURCES = {"slmkit_attention": ("attention.cpp", ["-ffast-math"]), "slmkit_quantize": ("quantize.cpp", [])}
+_why_not = ""
+
+
+@functools.cache
+def cpu_id() -> str:
+    """This CPU: its model name and a digest of its feature flags (what timings and -march=native code depend on)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("flags")), "")
+        return f"{model} {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+    except OSError:
+        import platform
+
+        return platform.processor()
+
+
+def unavailable() -> str:
+    """Why the kernels are not in use ('' when they are, or before the first ops() call)."""
+    return _why_not
+
+
+@functools.cache
+def ops() -> SimpleNamespace | None:
+    """The kernels as torch ops (decode_attention, quantize_rows), built once per machine; None when they cannot be."""
+    global _why_not
+    _why_not = ""
+    if os.environ.get("SLMKIT_NATIVE", "1") == "0":
+        _why_not = "SLMKIT_NATIVE=0"
+        return None
+    from slmkit import progress
+
+    # the ninja that pip installed with slmkit sits beside this Python, which need not be on PATH (no activated venv)
+    here = str(Path(sys.executable).parent)
+    if here not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
+    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+        _why_not = "no C++ compiler (c++ or $CXX) or ninja on PATH: install g++ (and pip's ninja) to build them"
+    else:
+        try:
+            for name, (source, flags) in SOURCES.items():
+                _build(name, HERE / source, flags)
+        except Exception as exc:  # a failed build is not fatal: torch's own operations compute the same
+            _why_not = f"building them failed: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
+    if _why_not:
+        progress.note(f"[yellow]note:[/] slmkit's CPU kernels are not in use ({_why_not}); torch's operations compute the same, slower")
+        return None
+    return SimpleNamespace(decode_attention=torch.ops.slmkit_attention.decode_attention,
+                           quantize_rows=torch.ops.slmkit_quantize.quantize_rows)
+
+
+def _build(name: str, source: Path, flags: list[str]) -> None:
+    """Compile (or find already compiled) and load one library; torch's builder locks its folder, so two processes
+    never build it at once."""
+    from torch.utils import cpp_extension
+
+    from slmkit import progress
+
+    cflags = ["-O3", "-march=native", "-fopenmp", *flags]
+    key = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode() + f"{torch.__version__} {cpu_id()}".encode()).hexdigest()[:12]
+    module = f"{name}_{key}"
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / "slmkit" / module
+    folder.mkdir(parents=True, exist_ok=True)
+    built = (folder / f"{module}.so").exists()
+    with contextlib.nullcontext() if built else progress.step(f"Compiling slmkit's CPU kernels ({source.name}; once per machine, ~10 s)"):
+        cpp_extension.load(name=module, sources=[str(source)], extra_cflags=cflags, build_directory=str(folder),
+                           is_python_module=False, verbose=False)

@@ -1,0 +1,77 @@
+"""slmkit's CPU kernels (slmkit/native): built on this machine, they compute what torch's own operations compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmkit import native
+from slmkit.compress.quant_ops import quantize_rows
+
+ops = native.ops()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"slmkit's CPU kernels are not built here: {native.unavailable()}")
+
+
+@pytest.mark.parametrize("kv_heads,group", [(3, 3), (2, 1), (1, 4)])
+def test_decode_attention_equals_sdpa_over_each_rows_own_length(kv_heads, group):
+    torch.manual_seed(0)
+    slots, capacity, d = 6, 40, 16
+    k, v = torch.randn(slots, kv_heads, capacity, d), torch.randn(slots, kv_heads, capacity, d)
+    q = torch.randn(4, kv_heads, group, d)
+    lens = torch.tensor([1, 17, 40, 9])  # a row of one position, a full row, ragged ones
+    out = ops.decode_attention(q, k, v, lens, 2, 0.25)  # rows are slots 2..5
+    for r in range(4):
+        L = int(lens[r])
+        want = F.scaled_dot_product_attention(q[r:r + 1], k[2 + r:3 + r, :, :L], v[2 + r:3 + r, :, :L], scale=0.25)
+        torch.testing.assert_close(out[r:r + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_refuses_rows_or_lengths_outside_the_cache():
+    k = v = torch.zeros(2, 1, 8, 4)
+    q = torch.zeros(2, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="capacity"):
+        ops.decode_attention(q, k, v, torch.tensor([3, 9]), 0, 1.0)
+    with pytest.raises(RuntimeError, match="slots"):
+        ops.decode_attention(q, k, v, torch.tensor([3, 3]), 1, 1.0)
+
+
+@pytest.mark.parametrize("offset", [0, 128])
+def test_quantizer_is_bit_identical_to_quant_ops(offset):
+    torch.manual_seed(1)
+    x = torch.randn(37, 96) * torch.logspace(-3, 2, 37)[:, None]
+    x[3] = 0  # an all-zero row: the scale's floor
+    x[5, :4] = torch.tensor([127.5, -127.5, 0.5, -0.5]) * (x[5].abs().max() / 127.5)  # ties round to even
+    q, s = ops.quantize_rows(x, offset)
+    want_q, want_s = quantize_rows(x, offset=offset)
+    assert q.dtype == want_q.dtype and torch.equal(q, want_q) and torch.equal(s, want_s)
+
+
+def test_the_lean_forward_and_w8a8_layers_use_them(tmp_path):
+    from conftest import build_tiny_llama
+
+    from slmkit.engine.torch_backend import TorchBackend
+    from slmkit.layers import integer
+
+    fast = TorchBackend.from_folder(build_tiny_llama(tmp_path / "m")).fast
+    assert fast.attention is ops.decode_attention
+    calls = []
+    real = ops.quantize_rows
+    try:
+        ops.quantize_rows = lambda x, o: calls.append(x.shape) or real(x, o)
+        layer = integer.W8A8Linear(8, 4, bias=False)
+        layer(torch.randn(3, 8))
+    finally:
+        ops.quantize_rows = real
+    assert calls == [(3, 8)]
+
+
+def test_without_them_torch_computes_the_same(monkeypatch):
+    monkeypatch.setenv("SLMKIT_NATIVE", "0")
+    native.ops.cache_clear()
+    try:
+        assert native.ops() is None and native.unavailable() == "SLMKIT_NATIVE=0"
+    finally:
+        monkeypatch.delenv("SLMKIT_NATIVE")
+        native.ops.cache_clear()
+        assert native.ops() is not None
