@@ -27,6 +27,18 @@ def test_decode_attention_equals_sdpa_over_each_rows_own_length(kv_heads, group)
         torch.testing.assert_close(out[r:r + 1], want, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_attention_writes_the_new_key_and_value_first():
+    torch.manual_seed(2)
+    k, v = torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    want_k, want_v = k.clone(), v.clone()
+    q, k_new, v_new = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    lens = torch.tensor([4, 10])
+    want_k[1, :, 3], want_v[1, :, 3], want_k[2, :, 9], want_v[2, :, 9] = k_new[0], v_new[0], k_new[1], v_new[1]
+    got = ops.decode_attention(q, k, v, lens, 1, 0.5, k_new, v_new)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)  # nothing else in the cache moved
+    torch.testing.assert_close(got, ops.decode_attention(q, want_k, want_v, lens, 1, 0.5), atol=0, rtol=0)
+
+
 def test_decode_attention_refuses_rows_or_lengths_outside_the_cache():
     k = v = torch.zeros(2, 1, 8, 4)
     q = torch.zeros(2, 1, 1, 4)
@@ -45,6 +57,15 @@ def test_quantizer_is_bit_identical_to_quant_ops(offset):
     q, s = ops.quantize_rows(x, offset)
     want_q, want_s = quantize_rows(x, offset=offset)
     assert q.dtype == want_q.dtype and torch.equal(q, want_q) and torch.equal(s, want_s)
+
+
+def test_dequantizer_is_bit_identical_to_torchs_three_ops():
+    torch.manual_seed(3)
+    y = torch.randint(-2**20, 2**20, (5, 33), dtype=torch.int32)
+    s, scales = torch.rand(5, 1) / 100, torch.rand(33) / 7
+    assert torch.equal(ops.dequantize_rows(y, s, scales), y.float().mul_(s).mul_(scales))
+    bias = torch.randn(33)
+    assert torch.equal(ops.dequantize_rows(y, s, scales, bias), y.float().mul_(s).mul_(scales) + bias)
 
 
 def test_the_lean_forward_and_w8a8_layers_use_them(tmp_path):

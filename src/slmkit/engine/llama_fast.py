@@ -219,18 +219,18 @@ class FastLlama:
             k = qk[:, :, self.heads :]  # (B, T, Hkv, D)
             v = v.reshape(b, t, self.kv_heads, self.head_dim)
             kc, vc = cache.k[i], cache.v[i]
-            if b == 1:
-                kc[first, :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
-                vc[first, :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
-            else:  # each row writes at its own length
-                pos = positions.T.reshape(-1)  # (T*B,) position-major
-                ridx = row_idx.repeat(t)
-                kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
-                vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
             qg = q.reshape(b, self.kv_heads, self.group * t, self.head_dim)  # heads sharing a KV head, stacked
-            if t == 1 and self.attention is not None:  # each row over its own length of its slot, in one call
-                o = self.attention(qg, kc, vc, lens, first, self.scale)
+            if t == 1 and self.attention is not None:  # one call: each row's new key/value written, its length attended
+                o = self.attention(qg, kc, vc, lens, first, self.scale, k[:, 0], v[:, 0])
             else:
+                if b == 1:
+                    kc[first, :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
+                    vc[first, :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
+                else:  # each row writes at its own length
+                    pos = positions.T.reshape(-1)  # (T*B,) position-major
+                    ridx = row_idx.repeat(t)
+                    kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
+                    vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
                 keys, values = kc[rows, :, :end], vc[rows, :, :end]  # (B, Hkv, end, D)
                 o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
             o = o.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)

@@ -272,6 +272,14 @@ def _quantize_rows(x2: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, tor
     return quantize_rows(x2, offset=offset)
 
 
+def _dequantize_rows(y: torch.Tensor, s: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int32 products (M, N) -> float32 y * s (M, 1) * scales (N,): one pass by slmkit's kernel where it is built."""
+    native = native_ops()
+    if native is not None:
+        return native.dequantize_rows(y, s, scales)
+    return y.float().mul_(s).mul_(scales)
+
+
 class W8A8Linear(Int8Linear):
     """y = (q_x @ q_w^T) * s_x * s_w + b: int8 weights per output channel (float32 scales), activations quantized per
     token at run time, int32 accumulation on the CPU's integer units (torch._int_mm or oneDNN's quantized linear,
@@ -315,7 +323,7 @@ class W8A8Linear(Int8Linear):
                 y = _onednn_mm(q, self._packed, self.scales, self._zeros).mul_(s)  # the weight scales applied inside
             else:
                 q, s = _quantize_rows(x2)
-                y = torch._int_mm(q, self.weight.t()).float().mul_(s).mul_(self.scales)  # (M, N)
+                y = _dequantize_rows(torch._int_mm(q, self.weight.t()), s, self.scales)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -1,6 +1,7 @@
 """slmkit's own CPU kernels, where torch has no fused one for the shapes the lean forward runs: decode attention over
-the slot cache (one query token per row, each row's own length, the query heads of a KV head together) and the
-per-token int8 quantizer of W8A8 activations (one pass instead of nine ops).
+the slot cache (one query token per row, each row's own length, the query heads of a KV head together, the new key
+and value written on the way) and the per-token int8 quantizer of W8A8 activations and its way back from int32 (one
+pass each instead of nine and three ops).
 
 Built from the C++ next to this file on first use with torch's extension builder (a C++ compiler and ninja are
 needed; `-march=native`, so each machine gets code for its own CPU), kept where torch keeps built extensions
@@ -25,7 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 # one library per source: attention wants vectorized expf (-ffast-math), the quantizer exact division (bit-identical
 # to quant_ops.quantize_rows)
-SOURCES = {"slmkit_attention": ("attention.cpp", ["-ffast-math"]), "slmkit_quantize": ("quantize.cpp", [])}
+SOURCES = {"slmkit_attention": ("attention.cpp", ["-ffast-math"]), "slmkit_quantize": ("quantize.cpp", ["-ffp-contract=off"])}
 _why_not = ""
 
 
@@ -50,7 +51,8 @@ def unavailable() -> str:
 
 @functools.cache
 def ops() -> SimpleNamespace | None:
-    """The kernels as torch ops (decode_attention, quantize_rows), built once per machine; None when they cannot be."""
+    """The kernels as torch ops (decode_attention, quantize_rows, dequantize_rows), built once per machine; None when
+    they cannot be."""
     global _why_not
     _why_not = ""
     if os.environ.get("SLMKIT_NATIVE", "1") == "0":
@@ -74,7 +76,8 @@ def ops() -> SimpleNamespace | None:
         progress.note(f"[yellow]note:[/] slmkit's CPU kernels are not in use ({_why_not}); torch's operations compute the same, slower")
         return None
     return SimpleNamespace(decode_attention=torch.ops.slmkit_attention.decode_attention,
-                           quantize_rows=torch.ops.slmkit_quantize.quantize_rows)
+                           quantize_rows=torch.ops.slmkit_quantize.quantize_rows,
+                           dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows)
 
 
 def _build(name: str, source: Path, flags: list[str]) -> None:

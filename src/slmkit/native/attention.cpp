@@ -10,9 +10,11 @@
 
 // Decode attention over a slot cache: one new query token per row.
 // q: (B, Hkv, G, D) f32; k, v: (S, Hkv, C, D) f32 (one layer's cache); lens: (B,) int64 valid positions of
-// rows first..first+B-1 (the new token included). Returns (B, Hkv, G, D).
+// rows first..first+B-1 (the new token included). k_new, v_new (optional, B x Hkv x D): the new token's key and
+// value, written at position lens - 1 of each row first. Returns (B, Hkv, G, D).
 static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
-                            int64_t first, double scale) {
+                                   int64_t first, double scale, const c10::optional<at::Tensor>& k_new,
+                                   const c10::optional<at::Tensor>& v_new) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat);
   auto qc = q.contiguous();
   const int64_t B = qc.size(0), H = qc.size(1), G = qc.size(2), D = qc.size(3);
@@ -20,12 +22,22 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D, "k, v: rows of D contiguous");
   TORCH_CHECK(lens.scalar_type() == at::kLong && lens.numel() == B && lens.is_contiguous(), "lens: (B,) int64");
   TORCH_CHECK(first >= 0 && first + B <= k.size(0), "rows first..first+B-1 must be slots of the cache");
-  TORCH_CHECK(lens.min().item<int64_t>() >= 1 && lens.max().item<int64_t>() <= k.size(2), "lens must be in 1..capacity");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= k.size(2), "lens must be in 1..capacity");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "give both k_new and v_new, or neither");
+  at::Tensor kn, vn;
+  if (k_new.has_value()) {
+    kn = k_new->contiguous();
+    vn = v_new->contiguous();
+    TORCH_CHECK(kn.scalar_type() == at::kFloat && vn.scalar_type() == at::kFloat && kn.numel() == B * H * D &&
+                vn.numel() == B * H * D, "k_new, v_new: (B, Hkv, D) float32");
+  }
   auto out = at::empty_like(qc);
   const float* qp = qc.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  const float* knp = kn.defined() ? kn.data_ptr<float>() : nullptr;
+  const float* vnp = vn.defined() ? vn.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   const float sc = static_cast<float>(scale);
@@ -33,8 +45,12 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
     std::vector<float> s;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, L = lp[b];
-      const float* kb = kp + (first + b) * ks0 + h * ks1;
-      const float* vb = vp + (first + b) * vs0 + h * vs1;
+      float* kb = kp + (first + b) * ks0 + h * ks1;
+      float* vb = vp + (first + b) * vs0 + h * vs1;
+      if (knp != nullptr) {
+        std::copy(knp + (b * H + h) * D, knp + (b * H + h + 1) * D, kb + (L - 1) * D);
+        std::copy(vnp + (b * H + h) * D, vnp + (b * H + h + 1) * D, vb + (L - 1) * D);
+      }
       const float* qb = qp + (b * H + h) * G * D;
       float* ob = op + (b * H + h) * G * D;
       s.assign(G * L, 0.f);
@@ -76,5 +92,6 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
 }
 
 TORCH_LIBRARY(slmkit_attention, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, int first, float scale) -> Tensor", decode_attention);
+  m.def("decode_attention(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, float scale, Tensor? k_new=None, "
+        "Tensor? v_new=None) -> Tensor", decode_attention);
 }

@@ -1,5 +1,5 @@
 // slmkit's per-token int8 activation quantizer in one pass (built on first use by slmkit/engine/native/__init__.py;
-// compiled without fast-math: bit-identical to compress/quant_ops.quantize_rows).
+// compiled without fast-math and without FMA contraction: bit-identical to torch's ops it replaces).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,6 +37,42 @@ static std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int
   return {q, s};
 }
 
+// The int32 products of quantized rows back to float: out = (float(y) * row_scale[m]) * col_scale[n] (+ bias[n]),
+// in one pass and in the order torch's `y.float().mul_(s).mul_(scales)` computes it (bit-identical).
+static at::Tensor dequantize_rows(const at::Tensor& y, const at::Tensor& row_scale, const at::Tensor& col_scale,
+                                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(y.scalar_type() == at::kInt && y.dim() == 2 && row_scale.scalar_type() == at::kFloat &&
+              col_scale.scalar_type() == at::kFloat, "y int32 (M, N), scales float32");
+  const int64_t M = y.size(0), N = y.size(1);
+  TORCH_CHECK(row_scale.numel() == M && col_scale.numel() == N, "row_scale (M,), col_scale (N,)");
+  auto yc = y.contiguous(), rs = row_scale.contiguous(), cs = col_scale.contiguous();
+  at::Tensor bc;
+  if (bias.has_value()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "bias: (N,) float32");
+  }
+  auto out = at::empty({M, N}, y.options().dtype(at::kFloat));
+  const int32_t* yp = yc.data_ptr<int32_t>();
+  const float* rp = rs.data_ptr<float>();
+  const float* cp = cs.data_ptr<float>();
+  const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* yr = yp + m * N;
+      float* orow = op + m * N;
+      const float r = rp[m];
+      if (bp != nullptr) {
+        for (int64_t n = 0; n < N; ++n) orow[n] = static_cast<float>(yr[n]) * r * cp[n] + bp[n];
+      } else {
+        for (int64_t n = 0; n < N; ++n) orow[n] = static_cast<float>(yr[n]) * r * cp[n];
+      }
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(slmkit_quantize, m) {
+  m.def("dequantize_rows(Tensor y, Tensor row_scale, Tensor col_scale, Tensor? bias=None) -> Tensor", dequantize_rows);
   m.def("quantize_rows(Tensor x, int offset) -> (Tensor, Tensor)", quantize_rows);
 }
