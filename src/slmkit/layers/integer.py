@@ -164,6 +164,7 @@ class Int4Linear(nn.Module):
 #           where it blocks the weight for VNNI)
 BUCKET_LIMITS = (3, 31)  # rows: 1-3 (decode at batch 1), 4-31 (batched decode), 32+ (prefill)
 PROBE_ROWS = (1, 16, 64)  # the rows timed, one per bucket
+PROBE_VERSION = 2  # 2: each kernel timed with its activation quantization and scaling (choices timed before are stale)
 PROBE_BYTES = 64 << 20  # the timed weights cycle through more bytes than a CPU caches, as a real step streams them
 _KERNELS: dict[tuple[int, int], tuple[str, ...]] = {}  # (N, K) -> kernel per bucket
 _kernel_file: Any = None  # the JSON file the choices are kept in (use_kernel_cache), if any
@@ -189,28 +190,41 @@ def kernel_choices() -> dict[str, list[str]]:
 
 def pick_kernels(n: int, k: int) -> tuple[str, ...]:
     """The fastest kernel per row bucket for an (N, K) int8 weight, timed once per shape with weights that do not
-    fit in cache (as in a real step, where every layer's weight comes from memory)."""
+    fit in cache (as in a real step, where every layer's weight comes from memory), each as the layer runs it: from
+    float activations to float outputs (its quantization, kernel and scaling)."""
     import time
 
     if (n, k) in _KERNELS:
         return _KERNELS[(n, k)]
     copies = max(2, min(256, PROBE_BYTES // (n * k)))
     weights = [torch.randint(-127, 127, (n, k), dtype=torch.int8) for _ in range(copies)]
-    candidates: dict[str, Callable[[torch.Tensor], None]] = {
-        "int_mm": lambda xq: [torch._int_mm(xq, w.t()) for w in weights]}
+    ones = torch.ones(n)
+
+    def int_mm(x: torch.Tensor) -> None:
+        for w in weights:
+            q, s = _quantize_rows(x)
+            _dequantize_rows(torch._int_mm(q, w.t()), s, ones)
+
+    candidates: dict[str, Callable[[torch.Tensor], None]] = {"int_mm": int_mm}
     if _has_onednn():
         packed = [torch.ops.onednn.qlinear_prepack(w, None) for w in weights]
-        ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
-        candidates["onednn"] = lambda xq: [_onednn_mm((xq.to(torch.int16) + 128).to(torch.uint8), p, ones, zeros) for p in packed]
+        zeros = torch.zeros(n, dtype=torch.int64)
+
+        def onednn(x: torch.Tensor) -> None:
+            for p in packed:
+                q, s = _quantize_rows(x, offset=128)
+                _onednn_mm(q, p, ones, zeros).mul_(s)
+
+        candidates["onednn"] = onednn
     times: dict[str, list[float]] = {}
     for name, run in candidates.items():
         times[name] = []
         for m in PROBE_ROWS:
-            xq = torch.randint(-127, 127, (m, k), dtype=torch.int8)
-            run(xq)  # warm up (oneDNN builds its primitive for the shape)
+            x = torch.randn(m, k)
+            run(x)  # warm up (oneDNN builds its primitive for the shape)
             t0 = time.perf_counter()
             for _ in range(3):
-                run(xq)
+                run(x)
             times[name].append((time.perf_counter() - t0) / (3 * copies) * 1e6)
     _KERNELS[(n, k)] = tuple(min(times, key=lambda c: times[c][b]) for b in range(len(PROBE_ROWS)))
     _write_kernel_choices()
@@ -219,7 +233,7 @@ def pick_kernels(n: int, k: int) -> tuple[str, ...]:
 
 def machine_key() -> str:
     """What the kernel timings depend on: the torch build, the threads, the CPU (model and flags)."""
-    return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu_id()}"
+    return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu_id()}; probe {PROBE_VERSION}"
 
 
 def use_kernel_cache(path: Any) -> None:
