@@ -169,7 +169,9 @@ def sample_rows(
             by_k.setdefault(p.top_k, []).append(r)
     for k, rows in by_k.items():
         temps = torch.tensor([params[r].temperature for r in rows], dtype=logits.dtype)
-        values, ids = top_candidates(logits[rows] / temps[:, None], k)  # (R, k), (R, k)
+        # top-k before temperature (same candidates, as T > 0 keeps the order): k values divided, not the vocabulary
+        values, ids = top_candidates(logits if len(rows) == len(params) else logits[rows], k)  # (R, k), (R, k)
+        values = values / temps[:, None]
         for i, r in enumerate(rows):
             keep = nucleus_size(values[i], params[r].top_p)
             probs = torch.softmax(values[i, :keep], dim=-1)
