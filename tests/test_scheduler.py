@@ -89,6 +89,28 @@ def test_chunked_prefill_steps_running_rows_and_keeps_their_tokens(store):
         batched.scheduler.stop()
 
 
+def test_a_burst_sharing_a_cached_prompt_is_prefilled_in_one_forward(store):
+    """Requests admitted together whose prompts extend a cached one by the same number of tokens are prefilled in
+    one forward over their slots; each still gets the tokens it gets alone, one that ends at its first token never
+    joins, and the rows after it take their places."""
+    plain = slmkit.load("tiny")
+    batched = BatchedBackend(slmkit.load("tiny").backend, max_batch=4, max_queue=16)
+    sch = batched.scheduler
+    try:
+        base = plain.backend.encode("The quick brown fox jumps over")
+        list(batched.stream_tokens(base, GREEDY, 2))  # its KV goes to the prefix cache
+        prompts = [base + [t] for t in (5, 9, 13, 21)]
+        lengths = [1, 6, 3, 5]
+        expected = [list(plain.backend.stream_tokens(p, GREEDY, n)) for p, n in zip(prompts, lengths)]
+        with sch._cv:  # all four wait in the queue, so the worker admits them in one round
+            reqs = [sch.submit(p, GREEDY, n) for p, n in zip(prompts, lengths)]
+        got = [[step.token for step in sch.steps(r)] for r in reqs]
+        assert got == expected
+        assert sch.burst_prefills == 1 and sch.prefix_cache.hits >= 4
+    finally:
+        sch.stop()
+
+
 def test_seeded_sampling_is_the_same_batched_or_not(tiny_pair):
     plain, batched = tiny_pair
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=5)

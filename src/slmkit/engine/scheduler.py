@@ -2,8 +2,10 @@
 
 One worker thread owns the model. A new request is prefilled alone (reusing a cached prompt prefix when one
 matches; on the slot cache in pieces of PREFILL_CHUNK tokens with a decode step of the running rows between two
-pieces, so a burst of long prompts does not stall the streams already running), then its KV rows join the running batch; each decode step runs one forward pass for all running
-sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
+pieces, so a burst of long prompts does not stall the streams already running), or, on the slot cache, together
+with the requests admitted after it when their uncached prompt parts are short and equally long (a burst sharing
+a system prompt or a chat history: one forward instead of one each); then its KV rows join the running batch;
+each decode step runs one forward pass for all running sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
 The batch's KV lives in the backend's batch store (`Backend.batch_store`): on llama.cpp, one sequence per slot
 of a multi-sequence context (`llamacpp_batch.LlamaCppSlots`); on PyTorch, Llama-layout models in a preallocated
 slot cache and other models in a left-padded transformers cache (`torch_batch.SlotKV`, `torch_batch.DynamicKV`).
@@ -53,6 +55,7 @@ MAX_BATCH = 16  # sequences decoded together
 PREFILL_CHUNK = 128  # prompt tokens prefilled between two decode steps of the running rows (chunked prefill)
 MAX_QUEUE = 64  # requests waiting; beyond, QueueFull
 PREFIX_CACHE_TOKENS = 4096  # prompt tokens of KV kept for reuse
+BURST_TOKENS = 16  # requests admitted together whose uncached prompt parts are this short and equally long: one forward
 
 
 class BatchScheduler:
@@ -69,6 +72,7 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prefill_steps = 0  # decode steps run between prefill pieces (chunked prefill), for tests and metrics
+        self.burst_prefills = 0  # forwards that prefilled several admitted requests at once
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._adapter_caches: dict[int, PrefixCache] = {}
         self.waiting: collections.deque[_Request] = collections.deque()
@@ -163,12 +167,15 @@ class BatchScheduler:
                     admit.append(self.waiting.popleft())
                 self._admitted = len(admit)
             try:
-                for req in admit:
-                    joined = not req.cancelled.is_set() and self._prefill(req)
+                i = 0
+                while i < len(admit):
+                    group = self._prefill_group(admit[i:])  # one request, or a burst prefilled together
                     with self._cv:  # one step for admission: never counted twice, never missed
-                        self._admitted -= 1
-                        if joined:
-                            self.running.append(req)
+                        for req, joined in group:
+                            self._admitted -= 1
+                            if joined:
+                                self.running.append(req)
+                    i += len(group)
                 if self.running:
                     self._step()
             except BaseException as exc:  # a failure ends the affected requests, not the server
@@ -179,19 +186,68 @@ class BatchScheduler:
                 self.store.clear()
 
     @torch.inference_mode()
-    def _prefill(self, req: _Request) -> bool:
-        """Prefill one request and hand out its first token; True when it joins the running batch."""
-        ids = self.prefix + req.prompt  # a prompt-tuned model's virtual tokens first (cached with the prompt)
+    def _prefill_group(self, reqs: list[_Request]) -> list[tuple[_Request, bool]]:
+        """Prefill reqs[0], or reqs[0] and the requests after it whose uncached prompt parts are as short and as long
+        (a burst sharing a cached prefix: one forward for all); hand out each one's first token. Returns
+        (request, joins the running batch) for the requests taken."""
+        first = reqs[0]
+        if first.cancelled.is_set():
+            return [(first, False)]
+        looked = [self._lookup(first)]
+        rest = len(looked[0][0]) - looked[0][2]
+        if rest <= BURST_TOKENS and hasattr(self.store, "prefill_many"):
+            for req in reqs[1:]:
+                if req.cancelled.is_set() or len(looked) == self.max_batch - len(self.running):
+                    break
+                item = self._lookup(req)
+                if len(item[0]) - item[2] != rest:
+                    self._unlook(item)
+                    break
+                looked.append(item)
+        if len(looked) == 1:
+            return [(first, self._prefill(first, looked[0]))]
+        taken = reqs[: len(looked)]
+        outs = self.store.prefill_many([(ids, reused, kv, r.adapter) for r, (ids, _, reused, kv) in zip(taken, looked)],
+                                       export=self.prefix_cache is not None)
+        self.burst_prefills += 1
+        return [(r, self._first_token(r, item, logits, row_kv)) for r, item, (logits, row_kv) in zip(taken, looked, outs)]
+
+    def _lookup(self, req: _Request) -> tuple[list[int], PrefixCache | None, int, Any]:
+        """The ids to prefill (a prompt-tuned model's virtual tokens first) and the longest cached prefix of them."""
+        ids = self.prefix + req.prompt
         cache = self._prefix_cache(req.adapter)
         reused, kv = cache.lookup(ids) if cache else (0, None)
+        return ids, cache, reused, kv
+
+    def _unlook(self, item: tuple[list[int], PrefixCache | None, int, Any]) -> None:
+        """Take back a lookup's count (the request is prefilled in a later round and looked up again)."""
+        ids, cache, reused, _ = item
+        if cache is not None:
+            cache.lookups -= 1
+            cache.prompt_tokens -= len(ids)
+            if reused:
+                cache.hits -= 1
+                cache.reused_tokens -= reused
+
+    def _prefill(self, req: _Request, item: tuple[list[int], PrefixCache | None, int, Any]) -> bool:
+        """Prefill one request alone and hand out its first token; True when it joins the running batch."""
+        ids, cache, reused, kv = item
         kw: dict[str, Any] = {"adapter": req.adapter} if req.adapter else {}  # only the slot cache runs adapters
         if self.running and self.prefill_chunk and getattr(self.store, "chunked", False):
             kw.update(between=self._step_between, chunk=self.prefill_chunk)
         logits, row_kv = self.store.prefill(ids, reused, kv, export=cache is not None, **kw)
+        return self._first_token(req, item, logits, row_kv)
+
+    def _first_token(self, req: _Request, item: tuple[list[int], PrefixCache | None, int, Any], logits: torch.Tensor,
+                     row_kv: Any) -> bool:
+        """After a prefill: keep its KV in the prefix cache, sample and hand out the first token, join or drop."""
+        ids, cache, _, _ = item
         if cache and row_kv is not None:
             cache.store(ids, row_kv)
         token = sample_next(logits, req.params, req.history, req.generator)
         if not self._emit(req, steps_of(logits[None], [token], [req.params.top_logprobs])[0]):
+            if hasattr(self.store, "drop"):
+                self.store.drop()
             return False
         self.store.join()
         return True

@@ -30,7 +30,7 @@ class SlotKV:
         self.fast = fast
         self.cache = fast.new_cache(slots)
         self.rows = 0
-        self._pending = 0  # the slot being prefilled
+        self._pending: list[int] = []  # the slots prefilled and not yet joined, in order
 
     def prefill(self, ids: list[int], reused: int, kv: KV | None, *, export: bool,
                 between: Callable[[], None] | None = None, chunk: int = 0, adapter: int = 0) -> tuple[torch.Tensor, KV | None]:
@@ -40,7 +40,8 @@ class SlotKV:
         each piece but the last (the scheduler steps the running rows there, so a long prompt does not stall them;
         rows that finish meanwhile may move, so the new row is moved to its place at join). `adapter`: the LoRA
         adapter the row runs with (FastLlama.add_adapter; 0: the base alone)."""
-        slot = self._pending = self.rows
+        slot = self.rows
+        self._pending = [slot]
         self.cache.load(slot, cut(kv, reused) if kv else [])
         self.cache.adapter[slot] = adapter
         rest = ids[reused:]
@@ -51,10 +52,28 @@ class SlotKV:
                 between()
         return logits, self.cache.export(slot) if export else None
 
+    def prefill_many(self, items: list[tuple[list[int], int, KV | None, int]], *, export: bool) -> list[tuple[torch.Tensor, KV | None]]:
+        """Prefill several prompts (ids, reused, kv, adapter) whose uncached parts have the same length into the next
+        free slots with one forward (a burst of requests sharing a cached prefix: one step instead of one each).
+        Returns each prompt's (last logits, its KV if asked); join() or drop() each, in order."""
+        first = self.rows
+        for j, (_, reused, kv, adapter) in enumerate(items):
+            self.cache.load(first + j, cut(kv, reused) if kv else [])
+            self.cache.adapter[first + j] = adapter
+        rest = torch.tensor([ids[reused:] for ids, reused, _, _ in items])  # (n, T)
+        logits = self.fast.forward(self.cache, rest, first=first)  # (n, V)
+        self._pending = list(range(first, first + len(items)))
+        return [(logits[j], self.cache.export(first + j) if export else None) for j in range(len(items))]
+
     def join(self) -> None:
-        if self._pending != self.rows:  # running rows left while this one was prefilled in pieces
-            self.cache.move(self._pending, self.rows)
+        slot = self._pending.pop(0)
+        if slot != self.rows:  # running rows left while it was prefilled in pieces, or one prefilled before it dropped
+            self.cache.move(slot, self.rows)
         self.rows += 1
+
+    def drop(self) -> None:
+        """The next prefilled prompt does not join (it finished at its first token, or was cancelled)."""
+        self._pending.pop(0)
 
     def step(self, last: list[int]) -> torch.Tensor:
         return self.fast.forward(self.cache, torch.tensor(last, dtype=torch.long)[:, None])
@@ -73,6 +92,7 @@ class SlotKV:
 
     def clear(self) -> None:
         self.rows = 0
+        self._pending = []
 
     def close(self) -> None:
         """Nothing to free: the cache is ordinary tensors."""
