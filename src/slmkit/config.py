@@ -19,6 +19,9 @@ class Settings:
     threads: int
     data_dir: Path | None  # SLMKIT_DATA: a folder of evaluation data the user keeps (slmkit.data.catalog's layout)
     hub_offline: bool  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: never try the Hugging Face Hub for data
+    native: bool = True  # SLMKIT_NATIVE (0 turns off slmkit's own CPU kernels, slmkit/native)
+    cxx: str = "c++"  # CXX: the compiler that builds them
+    kernel_dir: Path = Path.home() / ".cache" / "torch_extensions" / "slmkit"  # TORCH_EXTENSIONS_DIR/slmkit: where built
 
     @property
     def evals_dir(self) -> Path:
@@ -40,7 +43,8 @@ class Settings:
 
 def settings() -> Settings:
     """Read the environment: SLMKIT_HOME (store root), SLMKIT_THREADS (CPU threads for inference), SLMKIT_DATA
-    (a data folder; slmkit never looks for one on its own), and the Hugging Face offline switches."""
+    (a data folder; slmkit never looks for one on its own), the Hugging Face offline switches, and what slmkit's CPU
+    kernels are built with (SLMKIT_NATIVE, CXX, TORCH_EXTENSIONS_DIR: torch's own setting for built extensions)."""
     home = Path(os.environ.get("SLMKIT_HOME") or Path.home() / ".cache" / "slmkit").expanduser()
     if home.exists() and not home.is_dir():
         raise SlmkitError(f"SLMKIT_HOME={home} is a file, not a folder", "Point SLMKIT_HOME at a folder (it is created if missing).")
@@ -48,4 +52,7 @@ def settings() -> Settings:
     threads = int(raw_threads) if raw_threads.isdigit() and int(raw_threads) > 0 else (os.cpu_count() or 1)
     data = os.environ.get("SLMKIT_DATA")
     offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return Settings(home=home, threads=threads, data_dir=Path(data).expanduser() if data else None, hub_offline=offline)
+    extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions").expanduser()
+    return Settings(home=home, threads=threads, data_dir=Path(data).expanduser() if data else None, hub_offline=offline,
+                    native=os.environ.get("SLMKIT_NATIVE", "1") != "0", cxx=os.environ.get("CXX") or "c++",
+                    kernel_dir=extensions / "slmkit")

@@ -54,22 +54,25 @@ def ops() -> SimpleNamespace | None:
     """The kernels as torch ops (decode_attention, quantize_rows, dequantize_rows), built once per machine; None when
     they cannot be."""
     global _why_not
+    from slmkit import progress
+    from slmkit.config import settings
+
     _why_not = ""
-    if os.environ.get("SLMKIT_NATIVE", "1") == "0":
+    config = settings()
+    if not config.native:
         _why_not = "SLMKIT_NATIVE=0"
         return None
-    from slmkit import progress
-
-    # the ninja that pip installed with slmkit sits beside this Python, which need not be on PATH (no activated venv)
+    # the ninja that pip installed with slmkit sits beside this Python, which need not be on PATH (no activated venv):
+    # torch's builder runs it by name
     here = str(Path(sys.executable).parent)
     if here not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
-    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+    if shutil.which(config.cxx) is None or shutil.which("ninja") is None:
         _why_not = "no C++ compiler (c++ or $CXX) or ninja on PATH: install g++ (and pip's ninja) to build them"
     else:
         try:
             for name, (source, flags) in SOURCES.items():
-                _build(name, HERE / source, flags)
+                _build(name, HERE / source, flags, config.kernel_dir)
         except Exception as exc:  # a failed build is not fatal: torch's own operations compute the same
             _why_not = f"building them failed: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
     if _why_not:
@@ -80,7 +83,7 @@ def ops() -> SimpleNamespace | None:
                            dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows)
 
 
-def _build(name: str, source: Path, flags: list[str]) -> None:
+def _build(name: str, source: Path, flags: list[str], root: Path) -> None:
     """Compile (or find already compiled) and load one library; torch's builder locks its folder, so two processes
     never build it at once."""
     from torch.utils import cpp_extension
@@ -90,7 +93,7 @@ def _build(name: str, source: Path, flags: list[str]) -> None:
     cflags = ["-O3", "-march=native", "-fopenmp", *flags]
     key = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode() + f"{torch.__version__} {cpu_id()}".encode()).hexdigest()[:12]
     module = f"{name}_{key}"
-    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / "slmkit" / module
+    folder = root / module
     folder.mkdir(parents=True, exist_ok=True)
     built = (folder / f"{module}.so").exists()
     with contextlib.nullcontext() if built else progress.step(f"Compiling slmkit's CPU kernels ({source.name}; once per machine, ~10 s)"):
