@@ -19,9 +19,9 @@ class Settings:
     threads: int
     data_dir: Path | None  # SLMKIT_DATA: a folder of evaluation data the user keeps (slmkit.data.catalog's layout)
     hub_offline: bool  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: never try the Hugging Face Hub for data
-    native: bool = True  # SLMKIT_NATIVE (0 turns off slmkit's own CPU kernels, slmkit/native)
-    cxx: str = "c++"  # CXX: the compiler that builds them
-    kernel_dir: Path = Path.home() / ".cache" / "torch_extensions" / "slmkit"  # TORCH_EXTENSIONS_DIR/slmkit: where built
+    native: bool  # SLMKIT_NATIVE (0 turns off slmkit's own CPU kernels, slmkit/native)
+    cxx: str  # CXX: the compiler that builds them
+    kernel_dir: Path  # TORCH_EXTENSIONS_DIR/slmkit: where they are built
 
     @property
     def evals_dir(self) -> Path:

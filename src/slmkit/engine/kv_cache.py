@@ -70,11 +70,8 @@ class PrefixCache:
         self.prompt_tokens = 0
         self.reused_tokens = 0
 
-    def lookup(self, ids: list[int]) -> tuple[int, Any]:
-        """Longest cached prefix of ids (at most len(ids) - 1, so one token is always computed) and the entry
-        holding it (which may be longer)."""
-        self.lookups += 1
-        self.prompt_tokens += len(ids)
+    def _longest(self, ids: list[int]) -> tuple[int, int]:
+        """(length, entry index) of the longest cached prefix of ids, at most len(ids) - 1; (0, -1) if none."""
         best, best_i = 0, -1
         for i, (cached, _) in enumerate(self.entries):
             n = 0
@@ -83,6 +80,18 @@ class PrefixCache:
                 n += 1
             if n > best:
                 best, best_i = n, i
+        return best, best_i
+
+    def peek(self, ids: list[int]) -> int:
+        """How many tokens of ids a lookup would reuse, without counting it or touching the entries' order."""
+        return self._longest(ids)[0]
+
+    def lookup(self, ids: list[int]) -> tuple[int, Any]:
+        """Longest cached prefix of ids (at most len(ids) - 1, so one token is always computed) and the entry
+        holding it (which may be longer)."""
+        self.lookups += 1
+        self.prompt_tokens += len(ids)
+        best, best_i = self._longest(ids)
         if best_i < 0:
             return 0, None
         self.hits += 1

@@ -163,7 +163,8 @@ class FastLlama:
         self.dtype = dtype if dtype.is_floating_point else torch.float32  # activations and cache
         self.bank: LoraBank | None = None  # LoRA adapters served over this base, applied per row
         # decode steps' attention by slmkit's CPU kernel where it is built (2.4x torch's SDPA at 16 rows: native/)
-        self.attention = native_ops().decode_attention if self.dtype == torch.float32 and native_ops() is not None else None
+        native = native_ops() if self.dtype == torch.float32 else None
+        self.attention = native.decode_attention if native is not None else None
 
     def add_adapter(self, factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Hold one more LoRA adapter (sources/adapters.lora_factors); returns the id a slot runs it by."""

@@ -5,7 +5,8 @@ matches; on the slot cache in pieces of PREFILL_CHUNK tokens with a decode step 
 pieces, so a burst of long prompts does not stall the streams already running), or, on the slot cache, together
 with the requests admitted after it when their uncached prompt parts are short and equally long (a burst sharing
 a system prompt or a chat history: one forward instead of one each); then its KV rows join the running batch;
-each decode step runs one forward pass for all running sequences. Finished or cancelled sequences leave at once. Consumers read token ids from a per-request queue.
+each decode step runs one forward pass for all running sequences. Finished or cancelled sequences leave at once.
+Consumers read token ids from a per-request queue.
 The batch's KV lives in the backend's batch store (`Backend.batch_store`): on llama.cpp, one sequence per slot
 of a multi-sequence context (`llamacpp_batch.LlamaCppSlots`); on PyTorch, Llama-layout models in a preallocated
 slot cache and other models in a left-padded transformers cache (`torch_batch.SlotKV`, `torch_batch.DynamicKV`).
@@ -56,6 +57,10 @@ PREFILL_CHUNK = 128  # prompt tokens prefilled between two decode steps of the r
 MAX_QUEUE = 64  # requests waiting; beyond, QueueFull
 PREFIX_CACHE_TOKENS = 4096  # prompt tokens of KV kept for reuse
 BURST_TOKENS = 16  # requests admitted together whose uncached prompt parts are this short and equally long: one forward
+
+
+# a request's prefill input: its ids, its prefix cache, how many of the ids the cache holds, and that cached KV
+_Lookup = tuple[list[int], PrefixCache | None, int, Any]
 
 
 class BatchScheduler:
@@ -197,13 +202,9 @@ class BatchScheduler:
         rest = len(looked[0][0]) - looked[0][2]
         if rest <= BURST_TOKENS and hasattr(self.store, "prefill_many"):
             for req in reqs[1:]:
-                if req.cancelled.is_set() or len(looked) == self.max_batch - len(self.running):
+                if req.cancelled.is_set() or len(looked) == self.max_batch - len(self.running) or self._uncached(req) != rest:
                     break
-                item = self._lookup(req)
-                if len(item[0]) - item[2] != rest:
-                    self._unlook(item)
-                    break
-                looked.append(item)
+                looked.append(self._lookup(req))
         if len(looked) == 1:
             return [(first, self._prefill(first, looked[0]))]
         taken = reqs[: len(looked)]
@@ -212,24 +213,20 @@ class BatchScheduler:
         self.burst_prefills += 1
         return [(r, self._first_token(r, item, logits, row_kv)) for r, item, (logits, row_kv) in zip(taken, looked, outs)]
 
-    def _lookup(self, req: _Request) -> tuple[list[int], PrefixCache | None, int, Any]:
+    def _lookup(self, req: _Request) -> _Lookup:
         """The ids to prefill (a prompt-tuned model's virtual tokens first) and the longest cached prefix of them."""
         ids = self.prefix + req.prompt
         cache = self._prefix_cache(req.adapter)
         reused, kv = cache.lookup(ids) if cache else (0, None)
         return ids, cache, reused, kv
 
-    def _unlook(self, item: tuple[list[int], PrefixCache | None, int, Any]) -> None:
-        """Take back a lookup's count (the request is prefilled in a later round and looked up again)."""
-        ids, cache, reused, _ = item
-        if cache is not None:
-            cache.lookups -= 1
-            cache.prompt_tokens -= len(ids)
-            if reused:
-                cache.hits -= 1
-                cache.reused_tokens -= reused
+    def _uncached(self, req: _Request) -> int:
+        """How many of a request's prompt tokens a prefill would compute (its cache looked at, not counted)."""
+        ids = self.prefix + req.prompt
+        cache = self._prefix_cache(req.adapter)
+        return len(ids) - (cache.peek(ids) if cache else 0)
 
-    def _prefill(self, req: _Request, item: tuple[list[int], PrefixCache | None, int, Any]) -> bool:
+    def _prefill(self, req: _Request, item: _Lookup) -> bool:
         """Prefill one request alone and hand out its first token; True when it joins the running batch."""
         ids, cache, reused, kv = item
         kw: dict[str, Any] = {"adapter": req.adapter} if req.adapter else {}  # only the slot cache runs adapters
@@ -238,8 +235,7 @@ class BatchScheduler:
         logits, row_kv = self.store.prefill(ids, reused, kv, export=cache is not None, **kw)
         return self._first_token(req, item, logits, row_kv)
 
-    def _first_token(self, req: _Request, item: tuple[list[int], PrefixCache | None, int, Any], logits: torch.Tensor,
-                     row_kv: Any) -> bool:
+    def _first_token(self, req: _Request, item: _Lookup, logits: torch.Tensor, row_kv: Any) -> bool:
         """After a prefill: keep its KV in the prefix cache, sample and hand out the first token, join or drop."""
         ids, cache, _, _ = item
         if cache and row_kv is not None:

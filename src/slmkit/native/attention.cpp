@@ -1,4 +1,4 @@
-// slmkit's CPU decode attention (built on first use by slmkit/engine/native/__init__.py; compiled with -ffast-math
+// slmkit's CPU decode attention (built on first use by slmkit/native/__init__.py; compiled with -ffast-math
 // for vectorized expf: results within ~1e-6 of torch's scaled_dot_product_attention).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

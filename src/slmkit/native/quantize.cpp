@@ -1,4 +1,4 @@
-// slmkit's per-token int8 activation quantizer in one pass (built on first use by slmkit/engine/native/__init__.py;
+// slmkit's per-token int8 activation quantizer in one pass (built on first use by slmkit/native/__init__.py;
 // compiled without fast-math and without FMA contraction: bit-identical to torch's ops it replaces).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
