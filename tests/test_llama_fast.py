@@ -7,6 +7,7 @@ import torch
 from conftest import build_tiny_llama
 
 import slmkit
+from slmkit import native
 from slmkit.compress.quantize_stage import quantize_stage
 from slmkit.engine.llama_fast import FastLlama, SlotCache, supports
 from slmkit.engine.sampling import SamplingParams
@@ -95,7 +96,7 @@ def test_other_architectures_are_not_claimed():
 
 
 def test_w8a8_kernels_agree_and_the_choice_is_kept_per_machine(store, home):
-    """Both W8A8 kernels compute the same int32 products; which one runs for a shape and row count is timed once
+    """The W8A8 kernels compute the same int32 products; which one runs for a shape and row count is timed once
     and kept in SLMKIT_HOME/cache for the next load."""
     import json
 
@@ -110,16 +111,15 @@ def test_w8a8_kernels_agree_and_the_choice_is_kept_per_machine(store, home):
     assert f"{layer.out_features}x{layer.in_features}" in saved
     x = torch.randn(20, layer.in_features)
     outs = []
-    for kernel in ("int_mm", "onednn") if integer._has_onednn() else ("int_mm",):
+    kernels = ["int_mm"] + ["onednn"] * integer._has_onednn() + ["native"] * (native.ops() is not None)
+    for kernel in kernels:
         forced = W8A8Linear(layer.in_features, layer.out_features, False)
         forced.weight, forced.scales = layer.weight, layer.scales
-        forced.prepare()
-        forced._kernels = (kernel,) * 3
-        if kernel == "onednn" and forced._packed is None:
-            forced._packed = torch.ops.onednn.qlinear_prepack(forced.weight.contiguous(), None)
-            forced._zeros = torch.zeros(forced.out_features, dtype=torch.int64)
+        forced.prepare((kernel,) * 3)
         with torch.inference_mode():
             outs.append(torch.cat([forced(x[:1]), forced(x[:8]), forced(x)]))
+    if "native" in kernels:  # slmkit's kernel: the same int32 sums and the same float scaling, bit for bit
+        assert torch.equal(outs[-1], outs[0])
     for other in outs[1:]:
         torch.testing.assert_close(other, outs[0], atol=1e-5, rtol=1e-5)
     with torch.inference_mode():  # and equal to the int8 grid computed in float

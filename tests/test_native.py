@@ -77,15 +77,46 @@ def test_the_lean_forward_and_w8a8_layers_use_them(tmp_path):
     fast = TorchBackend.from_folder(build_tiny_llama(tmp_path / "m")).fast
     assert fast.attention is ops.decode_attention
     calls = []
-    real = ops.quantize_rows
+    real_quantize, real_linear = ops.quantize_rows, ops.int8_linear
     layer = integer.W8A8Linear(8, 4, bias=False)
-    layer.prepare()  # its kernels timed first (the timing quantizes too)
+    x = torch.randn(3, 8)
     try:
-        ops.quantize_rows = lambda x, o: calls.append(tuple(x.shape)) or real(x, o)
-        layer(torch.randn(3, 8))
+        ops.quantize_rows = lambda x, o: calls.append(("quantize_rows", tuple(x.shape))) or real_quantize(x, o)
+        ops.int8_linear = lambda x, *rest: calls.append(("int8_linear", tuple(x.shape))) or real_linear(x, *rest)
+        layer.prepare(("int_mm",) * 3)
+        layer(x)
+        layer.prepare(("native",) * 3)
+        layer(x)
     finally:
-        ops.quantize_rows = real
-    assert calls == [(3, 8)]
+        ops.quantize_rows, ops.int8_linear = real_quantize, real_linear
+    assert calls == [("quantize_rows", (3, 8)), ("int8_linear", (3, 8))]
+
+
+@pytest.mark.parametrize("n, k", [(64, 32), (50, 37), (130, 8), (200, 96)])
+def test_int8_linear_is_bit_identical_to_quantize_int_mm_and_scale(n, k):
+    """Odd sizes (N not a multiple of the 64-column tile, K not of 4), rows in and around the 6-row passes,
+    smoothing and bias: the same floats as the three-op path it replaces."""
+    torch.manual_seed(n + k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    packed, comp = ops.pack_int8(w)
+    scales, bias, smooth = torch.rand(n) + 0.1, torch.randn(n), torch.rand(k) + 0.5
+    for m in (1, 2, 5, 6, 7, 16, 33):
+        x = torch.randn(m, k) * 3
+        x[0, :3] = 0 if m > 1 else x[0, :3]  # a row with zeros among others
+        for b in (None, bias):
+            for sm in (None, smooth):
+                q, s = quantize_rows(x if sm is None else x / sm)
+                want = (q.int() @ w.int().T).float().mul_(s).mul_(scales)
+                want = want if b is None else want + b
+                assert torch.equal(ops.int8_linear(x, packed, comp, n, scales, b, sm), want), (m, b is None, sm is None)
+    zero = torch.zeros(2, k)  # an all-zero row: scale 1e-10, products 0
+    assert torch.equal(ops.int8_linear(zero, packed, comp, n, scales), torch.zeros(2, n))
+
+
+def test_int8_linear_refuses_a_weight_it_was_not_packed_for():
+    packed, comp = ops.pack_int8(torch.ones(64, 32, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="does not match the packed weight"):
+        ops.int8_linear(torch.randn(2, 40), packed, comp, 64, torch.ones(64))
 
 
 def test_without_them_torch_computes_the_same(monkeypatch):

@@ -162,9 +162,11 @@ class Int4Linear(nn.Module):
 #   int_mm: torch._int_mm (oneDNN's int8 GEMM on the (N, K) weight read transposed; no extra copy)
 #   onednn: oneDNN's quantized linear on a weight prepacked at load (one more int8 copy; faster for many rows on CPUs
 #           where it blocks the weight for VNNI)
+#   native: slmkit's own kernel (slmkit/native, where built) on a weight packed at load in 64-column tiles: quantizes
+#           the rows, multiplies (AVX-512 VNNI where the CPU has it) and scales back in one op
 BUCKET_LIMITS = (3, 31)  # rows: 1-3 (decode at batch 1), 4-31 (batched decode), 32+ (prefill)
 PROBE_ROWS = (1, 16, 64)  # the rows timed, one per bucket
-PROBE_VERSION = 2  # 2: each kernel timed with its activation quantization and scaling (choices timed before are stale)
+PROBE_VERSION = 3  # 2: each kernel timed with its activation quantization and scaling; 3: slmkit's native kernel too
 PROBE_BYTES = 64 << 20  # the timed weights cycle through more bytes than a CPU caches, as a real step streams them
 _KERNELS: dict[tuple[int, int], tuple[str, ...]] = {}  # (N, K) -> kernel per bucket
 _kernel_file: Any = None  # the JSON file the choices are kept in (use_kernel_cache), if any
@@ -216,6 +218,15 @@ def pick_kernels(n: int, k: int) -> tuple[str, ...]:
                 _onednn_mm(q, p, ones, zeros).mul_(s)
 
         candidates["onednn"] = onednn
+    native = native_ops()
+    if native is not None:
+        tiles = [native.pack_int8(w) for w in weights]
+
+        def native_kernel(x: torch.Tensor) -> None:
+            for p, comp in tiles:
+                native.int8_linear(x, p, comp, n, ones)
+
+        candidates["native"] = native_kernel
     times: dict[str, list[float]] = {}
     for name, run in candidates.items():
         times[name] = []
@@ -304,40 +315,50 @@ class W8A8Linear(Int8Linear):
         self.scales = torch.ones(out_features, dtype=torch.float32)
         self._kernels: tuple[str, ...] | None = None  # per row bucket, picked by timing (prepare)
         self._packed: torch.Tensor | None = None
+        self._tiles: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def prepare(self) -> None:
-        """Pick the kernels for this shape on this machine (timed once per shape) and build what they need."""
-        self._kernels = pick_kernels(self.out_features, self.in_features)
-        self._packed = None
+    def prepare(self, kernels: tuple[str, ...] | None = None) -> None:
+        """Pick the kernels for this shape on this machine (timed once per shape; or the kernel per row bucket
+        given) and build what they need."""
+        self._kernels = kernels or pick_kernels(self.out_features, self.in_features)
+        self._packed, self._tiles = None, None
         if "onednn" in self._kernels:
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight.contiguous(), None)
             self._zeros = torch.zeros(self.out_features, dtype=torch.int64)
+        if "native" in self._kernels and native_ops() is not None:  # (chosen in a process that had the kernels)
+            self._tiles = native_ops().pack_int8(self.weight)  # (packed tiles, 128 * row sums)
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "W8A8Linear":
         """One layer for several with the same input (q/k/v, gate/up): the activations are quantized once."""
         fused = super().concat(parts)
         for p in parts:
-            p._kernels, p._packed = None, None  # prepared again if used alone
+            p._kernels, p._packed, p._tiles = None, None, None  # prepared again if used alone
         fused.prepare()
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        training = x2.requires_grad and torch.is_grad_enabled()  # training through frozen weights: no integer path
+        if not training and self._kernels is None:
+            self.prepare()
+        kernel = None if training else self._kernels[bucket_of(x2.shape[0])]
+        if kernel == "native" and self._tiles is not None and x2.dtype == torch.float32:
+            bias = None if self.bias is None else self.bias.float()
+            smooth = None if self.smooth is None else self.smooth.float()
+            y = native_ops().int8_linear(x2, *self._tiles, self.out_features, self.scales, bias, smooth)  # (M, N)
+            return y.reshape(*shape[:-1], self.out_features)
         if self.smooth is not None:
             x2 = x2 / self.smooth.to(x2.dtype)
-        if x2.requires_grad and torch.is_grad_enabled():  # training through frozen weights: no integer path
+        if training:
             y = _Recomputed.apply(x2.float(), self)
+        elif kernel == "onednn":
+            q, s = _quantize_rows(x2, offset=128)
+            y = _onednn_mm(q, self._packed, self.scales, self._zeros).mul_(s)  # the weight scales applied inside
         else:
-            if self._kernels is None:
-                self.prepare()
-            if self._kernels[bucket_of(x2.shape[0])] == "onednn":
-                q, s = _quantize_rows(x2, offset=128)
-                y = _onednn_mm(q, self._packed, self.scales, self._zeros).mul_(s)  # the weight scales applied inside
-            else:
-                q, s = _quantize_rows(x2)
-                y = _dequantize_rows(torch._int_mm(q, self.weight.t()), s, self.scales)  # (M, N)
+            q, s = _quantize_rows(x2)  # int_mm (or native without its kernels in this process)
+            y = _dequantize_rows(torch._int_mm(q, self.weight.t()), s, self.scales)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

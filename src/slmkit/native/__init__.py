@@ -51,8 +51,8 @@ def unavailable() -> str:
 
 @functools.cache
 def ops() -> SimpleNamespace | None:
-    """The kernels as torch ops (decode_attention, quantize_rows, dequantize_rows), built once per machine; None when
-    they cannot be."""
+    """The kernels as torch ops (decode_attention, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni),
+    built once per machine; None when they cannot be."""
     global _why_not
     from slmkit import progress
     from slmkit.config import settings
@@ -80,7 +80,9 @@ def ops() -> SimpleNamespace | None:
         return None
     return SimpleNamespace(decode_attention=torch.ops.slmkit_attention.decode_attention,
                            quantize_rows=torch.ops.slmkit_quantize.quantize_rows,
-                           dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows)
+                           dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows,
+                           pack_int8=torch.ops.slmkit_quantize.pack_int8, int8_linear=torch.ops.slmkit_quantize.int8_linear,
+                           int8_vnni=torch.ops.slmkit_quantize.int8_vnni)
 
 
 def _build(name: str, source: Path, flags: list[str], root: Path) -> None:
