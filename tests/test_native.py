@@ -13,39 +13,61 @@ ops = native.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"slmkit's CPU kernels are not built here: {native.unavailable()}")
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # transformers' rotate-half
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 @pytest.mark.parametrize("kv_heads,group", [(3, 3), (2, 1), (1, 4)])
-def test_decode_attention_equals_sdpa_over_each_rows_own_length(kv_heads, group):
+def test_rope_decode_attention_equals_rotary_then_sdpa_over_each_rows_own_length(kv_heads, group):
+    """From the fused projection's output: queries and key rotated, the key and value written at each row's last
+    position (nothing else in the cache moves), each row attending over its own length."""
     torch.manual_seed(0)
-    slots, capacity, d = 6, 40, 16
+    slots, capacity, d, heads = 6, 40, 16, kv_heads * group
     k, v = torch.randn(slots, kv_heads, capacity, d), torch.randn(slots, kv_heads, capacity, d)
-    q = torch.randn(4, kv_heads, group, d)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * d)
+    angle = torch.rand(4, d // 2) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (4, D) as Llama's rotary makes them
     lens = torch.tensor([1, 17, 40, 9])  # a row of one position, a full row, ragged ones
-    out = ops.decode_attention(q, k, v, lens, 2, 0.25)  # rows are slots 2..5
+    want_k, want_v = k.clone(), v.clone()
+    out = ops.rope_decode_attention(qkv, cos, sin, k, v, lens, 2, 0.25, heads)  # rows are slots 2..5
+    q = _rotate(qkv[:, : heads * d].reshape(4, heads, d), cos[:, None], sin[:, None])
+    k_new = _rotate(qkv[:, heads * d: (heads + kv_heads) * d].reshape(4, kv_heads, d), cos[:, None], sin[:, None])
+    v_new = qkv[:, (heads + kv_heads) * d:].reshape(4, kv_heads, d)
     for r in range(4):
         L = int(lens[r])
-        want = F.scaled_dot_product_attention(q[r:r + 1], k[2 + r:3 + r, :, :L], v[2 + r:3 + r, :, :L], scale=0.25)
-        torch.testing.assert_close(out[r:r + 1], want, atol=1e-5, rtol=1e-5)
+        want_k[2 + r, :, L - 1], want_v[2 + r, :, L - 1] = k_new[r], v_new[r]
+    torch.testing.assert_close(k, want_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v, want_v)
+    for r in range(4):
+        L = int(lens[r])
+        qg = q[r].reshape(1, kv_heads, group, d)
+        want = F.scaled_dot_product_attention(qg, want_k[2 + r:3 + r, :, :L], want_v[2 + r:3 + r, :, :L], scale=0.25)
+        torch.testing.assert_close(out[r], want.reshape(-1), atol=1e-5, rtol=1e-5)
 
 
-def test_decode_attention_writes_the_new_key_and_value_first():
-    torch.manual_seed(2)
-    k, v = torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
-    want_k, want_v = k.clone(), v.clone()
-    q, k_new, v_new = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
-    lens = torch.tensor([4, 10])
-    want_k[1, :, 3], want_v[1, :, 3], want_k[2, :, 9], want_v[2, :, 9] = k_new[0], v_new[0], k_new[1], v_new[1]
-    got = ops.decode_attention(q, k, v, lens, 1, 0.5, k_new, v_new)
-    assert torch.equal(k, want_k) and torch.equal(v, want_v)  # nothing else in the cache moved
-    torch.testing.assert_close(got, ops.decode_attention(q, want_k, want_v, lens, 1, 0.5), atol=0, rtol=0)
-
-
-def test_decode_attention_refuses_rows_or_lengths_outside_the_cache():
+def test_rope_decode_attention_refuses_rows_or_lengths_outside_the_cache():
     k = v = torch.zeros(2, 1, 8, 4)
-    q = torch.zeros(2, 1, 1, 4)
+    qkv, cos = torch.zeros(2, 3 * 4), torch.ones(2, 4)
     with pytest.raises(RuntimeError, match="capacity"):
-        ops.decode_attention(q, k, v, torch.tensor([3, 9]), 0, 1.0)
+        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 9]), 0, 1.0, 1)
     with pytest.raises(RuntimeError, match="slots"):
-        ops.decode_attention(q, k, v, torch.tensor([3, 3]), 1, 1.0)
+        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 3]), 1, 1.0, 1)
+    with pytest.raises(RuntimeError, match="heads"):
+        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 3]), 0, 1.0, 2)
+
+
+def test_add_rms_norm_and_silu_gate_compute_what_torch_does():
+    torch.manual_seed(4)
+    h, delta, w = torch.randn(5, 1, 48), torch.randn(5, 1, 48), torch.rand(48) + 0.5
+    want_h = h + delta
+    want = F.rms_norm(want_h, (48,), w, 1e-5)
+    got = ops.add_rms_norm(h, delta, w, 1e-5)
+    torch.testing.assert_close(h, want_h, atol=0, rtol=0)  # the residual added in place
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.add_rms_norm(h, None, w, 1e-5), want, atol=1e-5, rtol=1e-5)
+    y = torch.randn(3, 2 * 40) * 4
+    torch.testing.assert_close(ops.silu_mul(y), F.silu(y[:, :40]) * y[:, 40:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("offset", [0, 128])
@@ -75,7 +97,7 @@ def test_the_lean_forward_and_w8a8_layers_use_them(tmp_path):
     from slmkit.layers import integer
 
     fast = TorchBackend.from_folder(build_tiny_llama(tmp_path / "m")).fast
-    assert fast.attention is ops.decode_attention
+    assert fast.kernels is ops
     calls = []
     real_quantize, real_linear = ops.quantize_rows, ops.int8_linear
     layer = integer.W8A8Linear(8, 4, bias=False)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,9 +108,9 @@ def lean_forward(name: str) -> dict:
 
 def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int = 150) -> dict:
     """Where a decode step's time goes, by ablation (medians of 5 x 16 steps at `context` cached tokens per row):
-    the whole step; without attention (torch's SDPA and slmkit's decode-attention kernel return their query); with the integer matmuls alone (each W8A8
+    the whole step; without attention (torch's SDPA and slmkit's rotary + attention kernel return their queries); with the integer matmuls alone (each W8A8
     layer runs its chosen kernel on a ready int8 input, int32 results made float: no activation quantization, no
-    scaling); without the W8A8
+    scaling; slmkit's native kernel, which does both inside, on zeros); without the W8A8
     layers at all. attention = full - no attention; quantize + scale = full - matmuls alone; matmuls = matmuls alone -
     no linears; the rest (embedding, norms, rotary, cache writes, masks, Python) = no linears - attention."""
     import torch
@@ -126,7 +127,10 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
 
     def matmul_only(layer: Any, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, layer.in_features).shape[0]
-        if layer._kernels[integer.bucket_of(rows)] == "onednn":
+        kernel = layer._kernels[integer.bucket_of(rows)]
+        if kernel == "native":  # slmkit's kernel quantizes and scales inside: only its input is made ready (zeros)
+            y = integer.native_ops().int8_linear(torch.zeros(rows, layer.in_features), *layer._tiles, layer.out_features, layer.scales)
+        elif kernel == "onednn":
             y = integer._onednn_mm(torch.full((rows, layer.in_features), 128, dtype=torch.uint8), layer._packed, layer.scales, layer._zeros)
         else:
             y = torch._int_mm(torch.zeros((rows, layer.in_features), dtype=torch.int8), layer.weight.t()).float()
@@ -138,14 +142,19 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
         key = (tuple(x.shape[:-1]), layer.out_features)
         return zeros.setdefault(key, torch.zeros(*key[0], layer.out_features))
 
-    real_attention = fast.attention  # slmkit's decode-attention kernel (slmkit/native), when built
+    real_kernels = fast.kernels  # slmkit's decode-step kernels (slmkit/native), when built
+    width = fast.heads * fast.head_dim
 
     def no_attention(q: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
         return q
 
-    variants = {"full": (real_forward, real_sdpa, real_attention),
-                "no attention": (real_forward, no_attention, no_attention if real_attention else None),
-                "matmuls alone": (matmul_only, real_sdpa, real_attention), "no linears": (no_linear, real_sdpa, real_attention)}
+    def no_rope_attention(qkv: torch.Tensor, *args: Any) -> torch.Tensor:  # the queries, as they came
+        return qkv[:, :width]
+
+    kernels_without_attention = None if real_kernels is None else SimpleNamespace(**{**vars(real_kernels), "rope_decode_attention": no_rope_attention})
+    variants = {"full": (real_forward, real_sdpa, real_kernels),
+                "no attention": (real_forward, no_attention, kernels_without_attention),
+                "matmuls alone": (matmul_only, real_sdpa, real_kernels), "no linears": (no_linear, real_sdpa, real_kernels)}
     out = {}
     for rows in rows_list:
         cache = fast.new_cache(rows, 512)
@@ -153,8 +162,8 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
             fast.forward(cache, prompt, first=r)
         tok = torch.full((rows, 1), 42)
         ms: dict[str, float] = {}
-        for label, (forward, sdpa, attention) in variants.items():
-            integer.W8A8Linear.forward, F.scaled_dot_product_attention, fast.attention = forward, sdpa, attention
+        for label, (forward, sdpa, kernels) in variants.items():
+            integer.W8A8Linear.forward, F.scaled_dot_product_attention, fast.kernels = forward, sdpa, kernels
             try:
                 times = []
                 for _ in range(6):
@@ -165,7 +174,7 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
                     times.append((time.perf_counter() - t0) / 16 * 1e3)
                 ms[label] = sorted(times[1:])[2]  # the first round warms up
             finally:
-                integer.W8A8Linear.forward, F.scaled_dot_product_attention = real_forward, real_sdpa
+                integer.W8A8Linear.forward, F.scaled_dot_product_attention, fast.kernels = real_forward, real_sdpa, real_kernels
         out[str(rows)] = {"step_ms": ms["full"], "attention_ms": ms["full"] - ms["no attention"],
                           "matmuls_ms": ms["matmuls alone"] - ms["no linears"], "quantize_scale_ms": ms["full"] - ms["matmuls alone"],
                           "rest_ms": ms["no linears"] - (ms["full"] - ms["no attention"]), "raw_ms": ms}
@@ -281,6 +290,8 @@ def report(r: dict) -> str:
     at = lambda i, n: next((x for x in r["serve"][i]["levels"] if x["streams"] == n), None)  # noqa: E731
     if "step_breakdown" in r:
         md += ["", "## Where a w8a8 decode step's time goes (ablation, 150 cached tokens per row)", "",
+               "Where slmkit's native int8 kernel runs a layer, its activation quantization and scaling are inside the "
+               "kernel and counted with the matmuls (the quantize + scale column is then only noise).", "",
                "| rows | step ms | integer matmuls | activation quantize + scale | attention | the rest (norms, rotary, cache writes, Python) |",
                "|---|---|---|---|---|---|"]
         for rows, b in r["step_breakdown"].items():

@@ -1,7 +1,10 @@
-"""slmkit's own CPU kernels, where torch has no fused one for the shapes the lean forward runs: decode attention over
-the slot cache (one query token per row, each row's own length, the query heads of a KV head together, the new key
-and value written on the way) and the per-token int8 quantizer of W8A8 activations and its way back from int32 (one
-pass each instead of nine and three ops).
+"""slmkit's own CPU kernels, where torch has no fused one for the shapes the lean forward runs:
+- decode.cpp: a decode step's attention over the slot cache (one query token per row, each row's own length, the
+  query heads of a KV head together; the rotary embedding and the new key and value written on the way), RMSNorm
+  with its residual add, the MLP's SiLU gate: one call each where torch's take 5-15 small ops;
+- quantize.cpp: W8A8's int8 linear (per-token activation quantization, int8 x int8 on the integer units with AVX-512
+  VNNI, scaling back; on weights packed once in 64-column tiles), and the per-token quantizer and its way back from
+  int32 for torch's int8 kernels; bit-identical to torch's ops they replace.
 
 Built from the C++ next to this file on first use with torch's extension builder (a C++ compiler and ninja are
 needed; `-march=native`, so each machine gets code for its own CPU), kept where torch keeps built extensions
@@ -24,9 +27,9 @@ from types import SimpleNamespace
 import torch
 
 HERE = Path(__file__).resolve().parent
-# one library per source: attention wants vectorized expf (-ffast-math), the quantizer exact division (bit-identical
-# to quant_ops.quantize_rows)
-SOURCES = {"slmkit_attention": ("attention.cpp", ["-ffast-math"]), "slmkit_quantize": ("quantize.cpp", ["-ffp-contract=off"])}
+# one library per source: the decode step's kernels want vectorized expf and sums (-ffast-math), the W8A8 ones exact
+# float arithmetic (bit-identical to quant_ops.quantize_rows and torch's scaling)
+SOURCES = {"slmkit_decode": ("decode.cpp", ["-ffast-math"]), "slmkit_quantize": ("quantize.cpp", ["-ffp-contract=off"])}
 _why_not = ""
 
 
@@ -51,7 +54,7 @@ def unavailable() -> str:
 
 @functools.cache
 def ops() -> SimpleNamespace | None:
-    """The kernels as torch ops (decode_attention, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni),
+    """The kernels as torch ops (rope_decode_attention, add_rms_norm, silu_mul, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni),
     built once per machine; None when they cannot be."""
     global _why_not
     from slmkit import progress
@@ -78,7 +81,9 @@ def ops() -> SimpleNamespace | None:
     if _why_not:
         progress.note(f"[yellow]note:[/] slmkit's CPU kernels are not in use ({_why_not}); torch's operations compute the same, slower")
         return None
-    return SimpleNamespace(decode_attention=torch.ops.slmkit_attention.decode_attention,
+    decode = torch.ops.slmkit_decode
+    return SimpleNamespace(rope_decode_attention=decode.rope_decode_attention,
+                           add_rms_norm=decode.add_rms_norm, silu_mul=decode.silu_mul,
                            quantize_rows=torch.ops.slmkit_quantize.quantize_rows,
                            dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows,
                            pack_int8=torch.ops.slmkit_quantize.pack_int8, int8_linear=torch.ops.slmkit_quantize.int8_linear,

@@ -1,0 +1,172 @@
+// slmkit's CPU kernels for the lean forward's decode step (built on first use by slmkit/native/__init__.py;
+// compiled with -ffast-math for vectorized expf and sums: results within ~1e-6 of torch's operations): attention over
+// the slot cache (with the rotary embedding and the cache write of the new token on the way), RMSNorm with the
+// residual add before it, and the SiLU gate of the MLP.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <vector>
+
+// One KV head of one row: the G queries sharing it against its L cached keys and values.
+// q: (G, D); kb, vb: (>= L, D) rows of the cache; s: scratch for G * L scores; out: (G, D)
+static void attend(const float* q, const float* kb, const float* vb, int64_t L, int64_t G, int64_t D, float sc,
+                   std::vector<float>& s, float* out) {
+  s.assign(G * L, 0.f);
+  for (int64_t t = 0; t < L; ++t) {
+    const float* kr = kb + t * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = q + g * D;
+      float acc = 0.f;
+      #pragma omp simd reduction(+:acc)
+      for (int64_t d = 0; d < D; ++d) acc += qr[d] * kr[d];
+      s[g * L + t] = acc * sc;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s.data() + g * L;
+    float m = -FLT_MAX;
+    #pragma omp simd reduction(max:m)
+    for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
+    float z = 0.f;
+    #pragma omp simd reduction(+:z)
+    for (int64_t t = 0; t < L; ++t) { sg[t] = expf(sg[t] - m); z += sg[t]; }
+    const float inv = 1.f / z;
+    for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
+    float* o = out + g * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const float* vr = vb + t * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = s[g * L + t];
+      float* o = out + g * D;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+    }
+  }
+}
+
+// k, v: one layer's slot cache (S, Hkv, C, D) f32, rows of D contiguous; lens (B,) int64 in 1..C for slots first..
+static void check_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first, int64_t B) {
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "k, v: float32");
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v: (slots, Hkv, capacity, D)");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3), "k, v: rows of D contiguous");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.numel() == B && lens.is_contiguous(), "lens: (B,) int64");
+  TORCH_CHECK(first >= 0 && first + B <= k.size(0), "rows first..first+B-1 must be slots of the cache");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= k.size(2), "lens must be in 1..capacity");
+}
+
+// Rotary embedding, rotate-half layout (as transformers' Llama): out = x * cos + (-x[half:], x[:half]) * sin
+static inline void rotate(const float* x, const float* c, const float* sn, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = x[d] * c[d] - x[d + half] * sn[d];
+  for (int64_t d = half; d < D; ++d) out[d] = x[d] * c[d] + x[d - half] * sn[d];
+}
+
+// A decode step's attention from the fused q/k/v projection's output: qkv (B, (H + 2 Hkv) D) f32 (queries, keys,
+// values of each row's new token side by side); cos, sin (B, D) at each row's position. Rotates the queries and the
+// key, writes the key and value at position lens - 1 of each row's slot, attends over that row's lens positions.
+// Returns (B, H D): the heads' outputs side by side (head h = kv head h / G).
+static at::Tensor rope_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first,
+                                        double scale, int64_t heads) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2, "qkv: (B, (H + 2 Hkv) D) float32");
+  const int64_t B = qkv.size(0);
+  check_cache(k, v, lens, first, B);
+  const int64_t Hkv = k.size(1), D = k.size(3);
+  TORCH_CHECK(heads % Hkv == 0 && qkv.size(1) == (heads + 2 * Hkv) * D && D % 2 == 0, "qkv: (B, (heads + 2 Hkv) D) for this cache");
+  auto qc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  TORCH_CHECK(cc.scalar_type() == at::kFloat && sc.scalar_type() == at::kFloat && cc.numel() == B * D && sc.numel() == B * D,
+              "cos, sin: (B, D) float32");
+  const int64_t G = heads / Hkv, W = (heads + 2 * Hkv) * D;
+  auto out = at::empty({B, heads * D}, qc.options());
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const float* qp = qc.data_ptr<float>();
+  const float* cp = cc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s, q(G * D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv, L = lp[b];
+      const float* row = qp + b * W;
+      const float *c = cp + b * D, *sn = sp + b * D;
+      float* kb = kp + (first + b) * ks0 + h * ks1;
+      float* vb = vp + (first + b) * vs0 + h * vs1;
+      for (int64_t g = 0; g < G; ++g) rotate(row + (h * G + g) * D, c, sn, D, q.data() + g * D);
+      rotate(row + (heads + h) * D, c, sn, D, kb + (L - 1) * D);
+      std::copy(row + (heads + Hkv + h) * D, row + (heads + Hkv + h + 1) * D, vb + (L - 1) * D);
+      attend(q.data(), kb, vb, L, G, D, static_cast<float>(scale), s, op + b * heads * D + h * G * D);
+    }
+  });
+  return out;
+}
+
+// h += delta (in place, when given), then RMSNorm: h * rsqrt(mean(h^2) + eps) * weight. h, delta: (M, E); weight (E,)
+static at::Tensor add_rms_norm(const at::Tensor& h, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous(), "h: contiguous float32");
+  const int64_t E = h.size(-1), M = h.numel() / E;
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == E, "weight: (E,) float32");
+  at::Tensor dc;
+  if (delta.has_value()) {
+    dc = delta->contiguous();
+    TORCH_CHECK(dc.scalar_type() == at::kFloat && dc.numel() == h.numel(), "delta: h's shape, float32");
+  }
+  auto wc = weight.contiguous();
+  auto out = at::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  const float* dp = dc.defined() ? dc.data_ptr<float>() : nullptr;
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / E), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      float* x = hp + m * E;
+      if (dp != nullptr) {
+        #pragma omp simd
+        for (int64_t i = 0; i < E; ++i) x[i] += dp[m * E + i];
+      }
+      float ss = 0.f;
+      #pragma omp simd reduction(+:ss)
+      for (int64_t i = 0; i < E; ++i) ss += x[i] * x[i];
+      const float r = 1.f / std::sqrt(ss / static_cast<float>(E) + static_cast<float>(eps));
+      float* o = op + m * E;
+      #pragma omp simd
+      for (int64_t i = 0; i < E; ++i) o[i] = wp[i] * (x[i] * r);
+    }
+  });
+  return out;
+}
+
+// The MLP's gate: y (M, 2F) = [gate, up] -> silu(gate) * up (M, F)
+static at::Tensor silu_mul(const at::Tensor& y) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) % 2 == 0, "y: (M, 2F) float32");
+  auto yc = y.contiguous();
+  const int64_t M = yc.size(0), F = yc.size(1) / 2;
+  auto out = at::empty({M, F}, yc.options());
+  const float* yp = yc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / F), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* g = yp + m * 2 * F;
+      const float* u = g + F;
+      float* o = op + m * F;
+      #pragma omp simd
+      for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(slmkit_decode, m) {
+  m.def("rope_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
+        "float scale, int heads) -> Tensor", rope_decode_attention);
+  m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
+  m.def("silu_mul(Tensor y) -> Tensor", silu_mul);
+}
