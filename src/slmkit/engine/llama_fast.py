@@ -162,8 +162,8 @@ class FastLlama:
         dtype = self.inner.embed_tokens.weight.dtype
         self.dtype = dtype if dtype.is_floating_point else torch.float32  # activations and cache
         self.bank: LoraBank | None = None  # LoRA adapters served over this base, applied per row
-        # decode steps by slmkit's CPU kernels where they are built (native/decode.cpp): rotary + cache write +
-        # attention in one call (2.4x torch's SDPA at 16 rows), RMSNorm with its residual add, the SiLU gate
+        # slmkit's CPU kernels where they are built (native/decode.cpp): RMSNorm with its residual add and the SiLU gate
+        # of every step; a decode step's rotary + cache write + attention in one call (2.4x torch's SDPA at 16 rows)
         silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.kernels = native_ops() if self.dtype == torch.float32 and silu else None
 
@@ -197,9 +197,10 @@ class FastLlama:
         start_t = torch.tensor(starts, dtype=torch.long)
         positions = start_t[:, None] + torch.arange(t)  # (B, T)
         lens = start_t + t  # (B,) each row's length after this step
-        kernels = self.kernels if t == 1 else None  # a decode step: slmkit's kernels where built
+        kernels = self.kernels  # slmkit's kernels where built: norms and the SiLU gate of every step
+        decode = kernels if t == 1 else None  # and a decode step's rotary + attention
         mask = None  # one new token of one row sees every cached position (and slmkit's kernel reads each row's own)
-        if not (t == 1 and (b == 1 or kernels is not None)):
+        if not (t == 1 and (b == 1 or decode is not None)):
             keep = torch.arange(end)[None, None, :] <= positions[:, :, None]  # (B, T, end): causal, per row's own length
             keep = keep[:, None].expand(b, self.group, t, end).reshape(b, 1, self.group * t, end)
             # additive form, built once per step rather than converted by every layer's attention
@@ -212,7 +213,7 @@ class FastLlama:
 
         h = self.inner.embed_tokens(ids)  # (B, T, E): the residual stream, added to in place
         cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, D)
-        if kernels is not None:
+        if decode is not None:
             cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
         else:
             cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D): broadcast over heads
@@ -221,13 +222,13 @@ class FastLlama:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = self._add_norm(h, out, layer.input_layernorm.weight, kernels)
-            if self.qkv[i] is not None or bank is not None or kernels is not None:
+            if self.qkv[i] is not None or bank is not None or decode is not None:
                 y = _side_by_side(self.qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), x)  # (B, T, (H + 2 Hkv) D)
                 if bank is not None:
                     y = bank.apply(("qkv", i), x, y, groups)
             kc, vc = cache.k[i], cache.v[i]
-            if kernels is not None:  # one call: rotary, each row's new key/value written, its own length attended
-                o = kernels.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, first, self.scale, self.heads)
+            if decode is not None:  # one call: rotary, each row's new key/value written, its own length attended
+                o = decode.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, first, self.scale, self.heads)
                 o = o.reshape(b, 1, self.heads * self.head_dim)
             else:
                 if self.qkv[i] is not None or bank is not None:
@@ -260,7 +261,7 @@ class FastLlama:
                 if bank is not None:
                     y = bank.apply(("gate_up", i), x, y, groups)
             if kernels is not None:
-                act = kernels.silu_mul(y.reshape(b, -1)).reshape(b, 1, self.mlp_width)
+                act = kernels.silu_mul(y.reshape(b * t, -1)).reshape(b, t, self.mlp_width)
             else:
                 if self.gate_up[i] is not None or bank is not None:
                     gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)

@@ -182,7 +182,7 @@ def _onednn_mm(xq_u8: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor
 
 
 def bucket_of(rows: int) -> int:
-    return sum(rows > limit for limit in BUCKET_LIMITS)
+    return 0 if rows <= BUCKET_LIMITS[0] else 1 if rows <= BUCKET_LIMITS[1] else 2  # (called by every layer of a step)
 
 
 def kernel_choices() -> dict[str, list[str]]:
@@ -316,6 +316,8 @@ class W8A8Linear(Int8Linear):
         self._kernels: tuple[str, ...] | None = None  # per row bucket, picked by timing (prepare)
         self._packed: torch.Tensor | None = None
         self._tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._native: Any = None  # slmkit's int8 linear op, with its arguments after x: the weight as packed, scales..
+        self._native_args: tuple = ()
 
     def prepare(self, kernels: tuple[str, ...] | None = None) -> None:
         """Pick the kernels for this shape on this machine (timed once per shape; or the kernel per row bucket
@@ -325,30 +327,30 @@ class W8A8Linear(Int8Linear):
         if "onednn" in self._kernels:
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight.contiguous(), None)
             self._zeros = torch.zeros(self.out_features, dtype=torch.int64)
+        self._native = None
         if "native" in self._kernels and native_ops() is not None:  # (chosen in a process that had the kernels)
             self._tiles = native_ops().pack_int8(self.weight)  # (packed tiles, 128 * row sums)
+            bias = None if self.bias is None else self.bias.float()
+            smooth = None if self.smooth is None else self.smooth.float()
+            self._native, self._native_args = native_ops().int8_linear, (*self._tiles, self.out_features, self.scales, bias, smooth)
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "W8A8Linear":
         """One layer for several with the same input (q/k/v, gate/up): the activations are quantized once."""
         fused = super().concat(parts)
         for p in parts:
-            p._kernels, p._packed, p._tiles = None, None, None  # prepared again if used alone
+            p._kernels, p._packed, p._tiles, p._native = None, None, None, None  # prepared again if used alone
         fused.prepare()
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         training = x2.requires_grad and torch.is_grad_enabled()  # training through frozen weights: no integer path
         if not training and self._kernels is None:
             self.prepare()
         kernel = None if training else self._kernels[bucket_of(x2.shape[0])]
-        if kernel == "native" and self._tiles is not None and x2.dtype == torch.float32:
-            bias = None if self.bias is None else self.bias.float()
-            smooth = None if self.smooth is None else self.smooth.float()
-            y = native_ops().int8_linear(x2, *self._tiles, self.out_features, self.scales, bias, smooth)  # (M, N)
-            return y.reshape(*shape[:-1], self.out_features)
+        if kernel == "native" and self._native is not None and x2.dtype == torch.float32:  # (the step's common case: lean)
+            return self._native(x2, *self._native_args).reshape(*x.shape[:-1], self.out_features)
         if self.smooth is not None:
             x2 = x2 / self.smooth.to(x2.dtype)
         if training:
@@ -361,7 +363,7 @@ class W8A8Linear(Int8Linear):
             y = _dequantize_rows(torch._int_mm(q, self.weight.t()), s, self.scales)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear") -> nn.Linear:
