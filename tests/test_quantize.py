@@ -224,3 +224,32 @@ def test_smoothquant_child_folds_its_scales_and_stays_standard(store):
     with torch.no_grad():
         got, want = q.backend.model(input_ids=ids).logits.float(), f.backend.model(input_ids=ids).logits.float()
     assert float((got - want).norm() / want.norm()) < 0.1
+
+
+def test_smoothing_through_the_values_keeps_the_float_model_with_grouped_query_attention(tmp_path):
+    """SmoothQuant's v -> o mapping under GQA (4 query heads on 2 KV heads): dividing value channel j by s_j and
+    multiplying o's input channel of every query head reading it by s_j computes the same model; and the search
+    through smooth_model, on calibration statistics, keeps it the same too."""
+    from conftest import build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.compress import smooth_ops as so
+    from slmkit.compress.calibrate import collect_stats
+    from slmkit.compress.quantize import smooth_model
+    from slmkit.layers.walk import linear_layers
+
+    net = AutoModelForCausalLM.from_pretrained(build_tiny_llama(tmp_path / "m")).float().eval()
+    ids = torch.randint(0, net.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = net(input_ids=ids).logits
+        attn = net.model.layers[0].self_attn
+        s = torch.rand(attn.v_proj.out_features) * 3 + 0.2
+        attn.v_proj.weight.div_(s[:, None])
+        attn.o_proj.weight.mul_(so.spread_heads(s, 4, 2))
+        torch.testing.assert_close(net(input_ids=ids).logits, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(so.group_heads(so.spread_heads(s, 4, 2), 4, 2), s)
+    stats = collect_stats(net, linear_layers(net), [ids[:1], ids[1:]], hessian=False)
+    chosen = smooth_model(net, stats)
+    assert chosen  # something was smoothed
+    with torch.no_grad():
+        torch.testing.assert_close(net(input_ids=ids).logits, want, atol=1e-4, rtol=1e-3)

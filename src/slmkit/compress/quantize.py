@@ -33,8 +33,9 @@ _WEIGHT_ONLY = ("integer kernels with bf16 activations for <= 16 rows, dequantiz
 COMPUTE_NOTES = {
     "int8": _WEIGHT_ONLY,
     "int4": _WEIGHT_ONLY,
-    "w8a8": "activations quantized to int8 per token at run time, int8 x int8 -> int32 on the integer units (torch._int_mm "
-            "or oneDNN's quantized linear, timed per shape on the machine); other weights and activations float32",
+    "w8a8": "activations quantized to int8 per token at run time, int8 x int8 -> int32 on the integer units (slmkit's "
+            "VNNI kernel, torch._int_mm or oneDNN's quantized linear, timed per shape on the machine); other weights and "
+            "activations float32",
 }
 
 
@@ -89,6 +90,8 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, absmean: torch.Tensor, scheme: 
 # SmoothQuant, folded: inside each decoder block (Llama layout, llm-compressor's default mappings), the module whose
 # output the linears read, so x / s goes into that module's weight and the child computes no extra operation
 SMOOTH_MAPPINGS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                   ("self_attn.v_proj", ("self_attn.o_proj",)),  # o reads the attention-weighted values: v's row j
+                   # scales channel j of every query head reading that KV head
                    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
                    ("mlp.up_proj", ("mlp.down_proj",)))  # down reads act(gate) * up: up's output row j scales channel j
 
@@ -107,13 +110,20 @@ def smooth_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]]) ->
                 continue
             stat = stats[f"{prefix}.{i}.{readers[0]}"]  # the readers share their input
             w = torch.cat([lin.weight.detach().float() for lin in lins])  # (sum N, K)
-            s, alpha = so.search_scales(stat["sample"], w, stat["absmax"])
+            heads = None  # v -> o with grouped-query attention: fewer value channels than o's inputs
+            if isinstance(prev, nn.Linear) and prev.out_features != w.shape[1]:
+                config = model.config
+                heads = (config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+                if prev.out_features * heads[0] != w.shape[1] * heads[1]:
+                    continue
+            s, alpha = so.search_scales(stat["sample"], w, stat["absmax"], heads)
             if s is None:
                 continue
             with torch.no_grad():
                 for lin in lins:
                     lin.weight.mul_(s)
                 if isinstance(prev, nn.Linear):
+                    s = s if heads is None else so.group_heads(s, *heads)  # one scale per value channel
                     prev.weight.div_(s[:, None])
                     if prev.bias is not None:
                         prev.bias.div_(s)
