@@ -69,6 +69,45 @@ def test_quantized_models_run_on_the_lean_forward(store, scheme, name):
     assert int(got.argmax()) == int(want.argmax())
 
 
+@pytest.mark.skipif(native.ops() is None, reason="slmkit's CPU kernels are not built here")
+def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store):
+    """native.decode_step runs every block of a w8a8 decode step in one call: the logits and the keys and values
+    it writes equal the Python blocks' (ragged rows, a cache that grows); prefill and LoRA rows keep the blocks."""
+    from slmkit.layers.integer import W8A8Linear
+
+    quantize_stage("tiny", "w8a8")
+    fast = slmkit.load("tiny-w8a8-rtn").backend.fast
+    for m in {id(m): m for m in [*fast.qkv, *fast.gate_up, *fast.model.modules()] if isinstance(m, W8A8Linear)}.values():
+        m.prepare(("native",) * 3)  # the timed choice may be torch's kernels for shapes this small
+    fast.step_weights, fast.step_buckets = fast._whole_step_weights()
+    assert fast.step_weights is not None and fast.step_buckets == {0, 1, 2} and len(fast.step_weights) == 18 * len(fast.layers)
+    calls = []
+    real = fast.kernels.decode_step
+    caches = [fast.new_cache(3, capacity=4), fast.new_cache(3, capacity=4)]
+    prompts = [[1, 5, 9], [2, 4], [7, 8, 9, 10, 11]]
+    with torch.inference_mode():
+        for cache in caches:
+            for slot, ids in enumerate(prompts):
+                fast.forward(cache, torch.tensor([ids]), first=slot)
+        nxt = torch.tensor([[3], [6], [12]])
+        for _ in range(4):
+            fast.kernels.decode_step = lambda *a: calls.append(1) or real(*a)
+            try:
+                whole = fast.forward(caches[0], nxt)
+            finally:
+                fast.kernels.decode_step = real
+            saved, fast.step_weights = fast.step_weights, None
+            try:
+                blocks = fast.forward(caches[1], nxt)
+            finally:
+                fast.step_weights = saved
+            torch.testing.assert_close(whole, blocks, atol=1e-4, rtol=1e-4)
+            nxt = blocks.argmax(-1, keepdim=True)
+    assert len(calls) == 4 and caches[0].lens == caches[1].lens
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[0].v, caches[1].v, atol=1e-5, rtol=1e-5)
+
+
 def test_slot_cache_keeps_rows_compact_when_rows_leave():
     cache = SlotCache(layers=1, slots=4, kv_heads=1, head_dim=2, dtype=torch.float32, capacity=2)
     for slot in range(4):

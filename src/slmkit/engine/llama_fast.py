@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.layers.multi_lora import LoraBank
+from slmkit.layers.integer import bucket_of
 from slmkit.native import ops as native_ops
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -166,6 +167,31 @@ class FastLlama:
         # of every step; a decode step's rotary + cache write + attention in one call (2.4x torch's SDPA at 16 rows)
         silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.kernels = native_ops() if self.dtype == torch.float32 and silu else None
+        self.step_weights, self.step_buckets = self._whole_step_weights()
+
+    def _whole_step_weights(self) -> tuple[list[torch.Tensor] | None, set[int]]:
+        """A w8a8 model whose every block linear runs slmkit's int8 kernel decodes a step in one call of
+        native.decode_step: its weights in the kernel's order (per block: norm, q/k/v, o, norm, gate/up, down; each
+        linear as its packed tiles, row sums, scales, bias or an empty tensor), and the row buckets where every
+        layer's kernel is slmkit's. (None, empty) for any other model (the Python blocks then run)."""
+        from slmkit.layers.integer import W8A8Linear
+
+        if self.kernels is None:
+            return None, set()
+        weights, buckets = [], {0, 1, 2}
+        empty = torch.empty(0)
+        for i, layer in enumerate(self.layers):
+            lins = (self.qkv[i], layer.self_attn.o_proj, self.gate_up[i], layer.mlp.down_proj)
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(type(m) is not W8A8Linear or m._native is None or m.smooth is not None for m in lins) or any(
+                    n.dtype != torch.float32 for n in norms):
+                return None, set()
+            buckets &= {b for b in range(3) if all(m._kernels[b] == "native" for m in lins)}
+            for j, m in enumerate(lins):
+                if j in (0, 2):
+                    weights.append(norms[j // 2].detach())
+                weights += [*m._tiles, m.scales, empty if m.bias is None else m.bias.float()]
+        return weights, buckets
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, kernels: Any) -> torch.Tensor:
         """h += delta (in place, when given), then the RMSNorm of h: one call of slmkit's kernel in a decode step."""
@@ -217,60 +243,65 @@ class FastLlama:
             cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
         else:
             cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D): broadcast over heads
-        qk_heads = self.heads + self.kv_heads
-        out = None  # the last block's output, not yet added to h (a decode step adds it in the next norm's call)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = self._add_norm(h, out, layer.input_layernorm.weight, kernels)
-            if self.qkv[i] is not None or bank is not None or decode is not None:
-                y = _side_by_side(self.qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), x)  # (B, T, (H + 2 Hkv) D)
-                if bank is not None:
-                    y = bank.apply(("qkv", i), x, y, groups)
-            kc, vc = cache.k[i], cache.v[i]
-            if decode is not None:  # one call: rotary, each row's new key/value written, its own length attended
-                o = decode.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, first, self.scale, self.heads)
-                o = o.reshape(b, 1, self.heads * self.head_dim)
-            else:
-                if self.qkv[i] is not None or bank is not None:
-                    qk, v = y[..., : self.q_width + self.kv_width], y[..., self.q_width + self.kv_width :]
+        if decode is not None and bank is None and self.step_weights is not None and bucket_of(b) in self.step_buckets:
+            # every block of this decode step in one call of slmkit's kernel (no Python between its ~240 operations)
+            h = decode.decode_step(h.reshape(b, -1), self.step_weights, cos, sin, cache.k, cache.v, lens, first,
+                                   self.scale, self.heads, self.eps).reshape(b, 1, -1)
+        else:
+            qk_heads = self.heads + self.kv_heads
+            out = None  # the last block's output, not yet added to h (a decode step adds it in the next norm's call)
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                x = self._add_norm(h, out, layer.input_layernorm.weight, kernels)
+                if self.qkv[i] is not None or bank is not None or decode is not None:
+                    y = _side_by_side(self.qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), x)  # (B, T, (H + 2 Hkv) D)
+                    if bank is not None:
+                        y = bank.apply(("qkv", i), x, y, groups)
+                kc, vc = cache.k[i], cache.v[i]
+                if decode is not None:  # one call: rotary, each row's new key/value written, its own length attended
+                    o = decode.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, first, self.scale, self.heads)
+                    o = o.reshape(b, 1, self.heads * self.head_dim)
                 else:
-                    qk = torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x)], dim=-1)
-                    v = _linear(attn.v_proj, x)
-                qk = _rotate(qk.reshape(b, t, qk_heads, self.head_dim), cos, sin)  # queries and keys rotated together
-                q = qk[:, :, : self.heads].transpose(1, 2)  # (B, H, T, D)
-                k = qk[:, :, self.heads :]  # (B, T, Hkv, D)
-                v = v.reshape(b, t, self.kv_heads, self.head_dim)
-                if b == 1:
-                    kc[first, :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
-                    vc[first, :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
-                else:  # each row writes at its own length
-                    pos = positions.T.reshape(-1)  # (T*B,) position-major
-                    ridx = row_idx.repeat(t)
-                    kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
-                    vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
-                keys, values = kc[rows, :, :end], vc[rows, :, :end]  # (B, Hkv, end, D)
-                qg = q.reshape(b, self.kv_heads, self.group * t, self.head_dim)  # heads sharing a KV head, stacked
-                o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
-                o = o.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
-            out = _linear(attn.o_proj, o)
-            out = bank.apply(("o", i), o, out, groups) if bank is not None else out
-            x = self._add_norm(h, out, layer.post_attention_layernorm.weight, kernels)
-            mlp = layer.mlp
-            if self.gate_up[i] is not None or bank is not None or kernels is not None:
-                y = _side_by_side(self.gate_up[i], (mlp.gate_proj, mlp.up_proj), x)
-                if bank is not None:
-                    y = bank.apply(("gate_up", i), x, y, groups)
-            if kernels is not None:
-                act = kernels.silu_mul(y.reshape(b * t, -1)).reshape(b, t, self.mlp_width)
-            else:
-                if self.gate_up[i] is not None or bank is not None:
-                    gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)
+                    if self.qkv[i] is not None or bank is not None:
+                        qk, v = y[..., : self.q_width + self.kv_width], y[..., self.q_width + self.kv_width :]
+                    else:
+                        qk = torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x)], dim=-1)
+                        v = _linear(attn.v_proj, x)
+                    qk = _rotate(qk.reshape(b, t, qk_heads, self.head_dim), cos, sin)  # queries and keys rotated together
+                    q = qk[:, :, : self.heads].transpose(1, 2)  # (B, H, T, D)
+                    k = qk[:, :, self.heads :]  # (B, T, Hkv, D)
+                    v = v.reshape(b, t, self.kv_heads, self.head_dim)
+                    if b == 1:
+                        kc[first, :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
+                        vc[first, :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
+                    else:  # each row writes at its own length
+                        pos = positions.T.reshape(-1)  # (T*B,) position-major
+                        ridx = row_idx.repeat(t)
+                        kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
+                        vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
+                    keys, values = kc[rows, :, :end], vc[rows, :, :end]  # (B, Hkv, end, D)
+                    qg = q.reshape(b, self.kv_heads, self.group * t, self.head_dim)  # heads sharing a KV head, stacked
+                    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
+                    o = o.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+                out = _linear(attn.o_proj, o)
+                out = bank.apply(("o", i), o, out, groups) if bank is not None else out
+                x = self._add_norm(h, out, layer.post_attention_layernorm.weight, kernels)
+                mlp = layer.mlp
+                if self.gate_up[i] is not None or bank is not None or kernels is not None:
+                    y = _side_by_side(self.gate_up[i], (mlp.gate_proj, mlp.up_proj), x)
+                    if bank is not None:
+                        y = bank.apply(("gate_up", i), x, y, groups)
+                if kernels is not None:
+                    act = kernels.silu_mul(y.reshape(b * t, -1)).reshape(b, t, self.mlp_width)
                 else:
-                    gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
-                act = mlp.act_fn(gate) * up
-            out = _linear(mlp.down_proj, act)
-            out = bank.apply(("down", i), act, out, groups) if bank is not None else out
-        h += out
+                    if self.gate_up[i] is not None or bank is not None:
+                        gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)
+                    else:
+                        gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
+                    act = mlp.act_fn(gate) * up
+                out = _linear(mlp.down_proj, act)
+                out = bank.apply(("down", i), act, out, groups) if bank is not None else out
+            h += out
         for s in slot_list:
             cache.lens[s] += t
         last = _rms_norm(h[:, -1], self.inner.norm.weight, self.eps)  # (B, E)

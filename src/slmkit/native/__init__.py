@@ -83,7 +83,7 @@ def ops() -> SimpleNamespace | None:
         return None
     decode = torch.ops.slmkit_decode
     return SimpleNamespace(rope_decode_attention=decode.rope_decode_attention,
-                           add_rms_norm=decode.add_rms_norm, silu_mul=decode.silu_mul,
+                           add_rms_norm=decode.add_rms_norm, silu_mul=decode.silu_mul, decode_step=decode.decode_step,
                            quantize_rows=torch.ops.slmkit_quantize.quantize_rows,
                            dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows,
                            pack_int8=torch.ops.slmkit_quantize.pack_int8, int8_linear=torch.ops.slmkit_quantize.int8_linear,

@@ -4,6 +4,7 @@
 // residual add before it, and the SiLU gate of the MLP.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 #include <algorithm>
 #include <cfloat>
@@ -164,9 +165,49 @@ static at::Tensor silu_mul(const at::Tensor& y) {
   return out;
 }
 
+// ---- A whole decode step of a Llama-layout w8a8 model in one call ----
+// slmkit's int8 linear lives in the slmkit_quantize library (built without fast-math: bit-identical to torch's
+// ops); it is called through torch's dispatcher (~0.3 us, against ~3 us per op from Python).
+using Int8Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
+
+static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor* w) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("slmkit_quantize::int8_linear", "").typed<Int8Linear>();
+  // w: packed tiles, 128 * row sums, scales (N,), bias (N,) or empty
+  const c10::optional<at::Tensor> bias = w[3].numel() ? c10::optional<at::Tensor>(w[3]) : c10::nullopt;
+  return op.call(x, w[0], w[1], w[2].numel(), w[2], bias, c10::nullopt);
+}
+
+constexpr int64_t PER_LAYER = 18;  // norm1, qkv (4), o (4), norm2, gate_up (4), down (4)
+
+// h (B, E): the new tokens' embeddings. weights: PER_LAYER tensors per block (int8 linears as pack_int8 made them,
+// with their scales and bias (or an empty tensor)). k, v: the slot cache (layers, S, Hkv, C, D). lens (B,): each
+// row's length after this token; cos, sin (B, D) at its position. Returns h after every block (the final norm and
+// the output head are the caller's), the new keys and values written.
+static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first,
+                              double scale, int64_t heads, double eps) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2, "h: (B, E) float32");
+  TORCH_CHECK(weights.size() % PER_LAYER == 0 && static_cast<int64_t>(weights.size() / PER_LAYER) == k.size(0) &&
+              k.dim() == 5 && v.sizes() == k.sizes(), "weights: 18 per block; k, v: (layers, slots, Hkv, capacity, D)");
+  auto x = h.contiguous().clone();
+  at::Tensor out;
+  for (int64_t i = 0; i < k.size(0); ++i) {
+    const at::Tensor* w = weights.data() + i * PER_LAYER;
+    at::Tensor n = add_rms_norm(x, out.defined() ? c10::optional<at::Tensor>(out) : c10::nullopt, w[0], eps);
+    at::Tensor o = rope_decode_attention(int8_linear(n, w + 1), cos, sin, k[i], v[i], lens, first, scale, heads);
+    n = add_rms_norm(x, int8_linear(o, w + 5), w[9], eps);
+    out = int8_linear(silu_mul(int8_linear(n, w + 10)), w + 14);
+  }
+  if (out.defined()) x.add_(out);
+  return x;
+}
+
 TORCH_LIBRARY(slmkit_decode, m) {
   m.def("rope_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
         "float scale, int heads) -> Tensor", rope_decode_attention);
   m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
   m.def("silu_mul(Tensor y) -> Tensor", silu_mul);
+  m.def("decode_step(Tensor h, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
+        "float scale, int heads, float eps) -> Tensor", decode_step);
 }
