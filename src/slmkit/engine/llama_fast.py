@@ -25,6 +25,7 @@ from slmkit.layers.integer import bucket_of
 from slmkit.native import ops as native_ops
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # rotary angles that depend on the position alone
 
 
 def supports(model: Any) -> bool:
@@ -168,6 +169,7 @@ class FastLlama:
         silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.kernels = native_ops() if self.dtype == torch.float32 and silu else None
         self.step_weights, self.step_buckets = self._whole_step_weights()
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (n, D) by position (_rotary)
 
     def _whole_step_weights(self) -> tuple[list[torch.Tensor] | None, set[int]]:
         """A w8a8 model whose every block linear runs slmkit's int8 kernel decodes a step in one call of
@@ -192,6 +194,19 @@ class FastLlama:
                     weights.append(norms[j // 2].detach())
                 weights += [*m._tiles, m.scales, empty if m.bias is None else m.bias.float()]
         return weights, buckets
+
+    def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, D) at `positions`, as the model's rotary embedding makes them: rows of a table it made
+        once for positions 0..n-1 (grown by doubling), for the rope types whose angles depend on the position alone."""
+        rope = self.inner.rotary_emb
+        if getattr(rope, "rope_type", "default") not in STATIC_ROPE_TYPES:  # dynamic ones rescale with the length
+            return rope(h, positions)
+        end = int(positions.max()) + 1
+        if self._rope_table is None or self._rope_table[0].shape[0] < end or self._rope_table[0].dtype != h.dtype:
+            n = max(end, 256, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]))
+            cos, sin = rope(h[:1, :1], torch.arange(n)[None])  # (1, n, D)
+            self._rope_table = (cos[0], sin[0])
+        return self._rope_table[0][positions], self._rope_table[1][positions]
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, kernels: Any) -> torch.Tensor:
         """h += delta (in place, when given), then the RMSNorm of h: one call of slmkit's kernel in a decode step."""
@@ -238,7 +253,7 @@ class FastLlama:
         groups = LoraBank.row_groups(adapters) if bank is not None else []
 
         h = self.inner.embed_tokens(ids)  # (B, T, E): the residual stream, added to in place
-        cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, D)
+        cos, sin = self._rotary(h, positions)  # (B, T, D)
         if decode is not None:
             cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
         else:

@@ -150,7 +150,9 @@ def sample_rows(
     not depend on the other rows, so a sequence samples the same tokens batched or alone.
     Top-k runs first so that top-p sorts k candidates rather than the whole vocabulary.
     """
-    logits = logits.float().clone()  # (B, V); changed in place below
+    logits = logits.float()  # (B, V)
+    if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty or p.constraint is not None for p in params):
+        logits = logits.clone()  # changed in place below (the caller's logits stay as they are)
     windows = [h[-p.repeat_last_n :] if p.repeat_last_n > 0 else h for h, p in zip(histories, params)]
     apply_repetition_penalty(logits, windows, [p.repetition_penalty for p in params])
     apply_additive_penalties(logits, windows, params)
