@@ -41,6 +41,27 @@ def test_logits_match_transformers_for_prefill_and_ragged_batched_steps(tmp_path
     assert cache.lens == [len(s) for s in seqs]
 
 
+def test_a_long_prefill_attends_in_pieces_and_matches_transformers(tmp_path):
+    """A prompt longer than two attention pieces (fresh, and after a cached prefix) gives transformers' logits, and
+    the cache it leaves decodes on as transformers does."""
+    from slmkit.engine import llama_fast
+
+    backend = TorchBackend.from_folder(build_tiny_llama(tmp_path / "m", context=1024))
+    net, fast = backend.model, backend.fast
+    ids = torch.randint(0, net.config.vocab_size, (1, 2 * llama_fast.ATTENTION_PIECE + 77))
+    with torch.inference_mode():
+        want = net(input_ids=ids).logits[0]
+        cache = fast.new_cache(2, capacity=8)
+        torch.testing.assert_close(fast.forward(cache, ids, first=0)[0], want[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.forward(cache, ids[:, :40], first=1)[0], want[39], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.forward(cache, ids[:, 40:], first=1)[0], want[-1], atol=1e-4, rtol=1e-4)
+        nxt = torch.tensor([[5], [5]])
+        after = net(input_ids=torch.cat([ids, nxt[:1]], dim=1)).logits[0, -1]
+        out = fast.forward(cache, nxt)
+        torch.testing.assert_close(out[0], after, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[1], after, atol=1e-4, rtol=1e-4)
+
+
 def test_greedy_tokens_match_the_transformers_loop(store):
     fast = slmkit.load("tiny").backend
     slow = slmkit.load("tiny").backend
