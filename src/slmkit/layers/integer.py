@@ -162,8 +162,8 @@ class Int4Linear(nn.Module):
 #   int_mm: torch._int_mm (oneDNN's int8 GEMM on the (N, K) weight read transposed; no extra copy)
 #   onednn: oneDNN's quantized linear on a weight prepacked at load (one more int8 copy; faster for many rows on CPUs
 #           where it blocks the weight for VNNI)
-#   native: slmkit's own kernel (slmkit/native, where built) on a weight packed at load in 64-column tiles: quantizes
-#           the rows, multiplies (AVX-512 VNNI where the CPU has it) and scales back in one op
+#   native: slmkit's own kernel (slmkit/native, where built and the CPU has AVX-512 VNNI) on a weight packed at load
+#           in 64-column tiles: quantizes the rows, multiplies and scales back in one op
 BUCKET_LIMITS = (3, 31)  # rows: 1-3 (decode at batch 1), 4-31 (batched decode), 32+ (prefill)
 PROBE_ROWS = (1, 16, 64)  # the rows timed, one per bucket
 PROBE_VERSION = 3  # 2: each kernel timed with its activation quantization and scaling; 3: slmkit's native kernel too
@@ -219,7 +219,7 @@ def pick_kernels(n: int, k: int) -> tuple[str, ...]:
 
         candidates["onednn"] = onednn
     native = native_ops()
-    if native is not None:
+    if native is not None and native.int8_vnni():  # without VNNI it is a plain C++ loop: not worth timing
         tiles = [native.pack_int8(w) for w in weights]
 
         def native_kernel(x: torch.Tensor) -> None:
