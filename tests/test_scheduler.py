@@ -173,3 +173,33 @@ def test_prefix_cache_lookup_and_bound():
     pc.store([7, 8, 9, 10, 11, 12], kv)
     assert [e[0][0] for e in pc.entries] == [7]  # over 10 tokens: the least recently used went
     assert 0 < pc.hit_rate < 1
+
+
+def test_the_models_other_work_runs_on_the_scheduler_thread_between_steps(store):
+    """Embeddings, scoring and static batches of a served model run on the scheduler's thread (one OpenMP pool
+    per process), between the steps of a running request, with the same results; their errors reach the caller."""
+    import torch
+
+    inner = slmkit.load("tiny").backend
+    inner._eos = frozenset()
+    want = inner.embed(["hello world"])
+    b = BatchedBackend(inner, max_batch=2, max_queue=4)
+    seen = []
+    real_embed = inner.embed
+    inner.embed = lambda texts: seen.append(threading.current_thread().name) or real_embed(texts)
+    try:
+        running = b.stream_tokens(b.encode("The"), SamplingParams(temperature=1.0, seed=0), 10_000)
+        next(running)
+        assert b.embed(["hello world"]) == want
+        assert seen == ["slmkit-scheduler"]
+        ids = b.encode("Paris is the capital")
+        got, ref = b.score_batch([(ids, 2)]), inner.score_batch([(ids, 2)])
+        assert got == ref and [s.greedy for s in got] == [s.greedy for s in ref]
+        torch.testing.assert_close(b.logprob_rows(ids), inner.logprob_rows(ids))
+        inner.embed = lambda texts: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            b.embed(["x"])
+        next(running)  # the running request went on
+        running.close()
+    finally:
+        b.scheduler.stop()
