@@ -243,8 +243,11 @@ def pick_kernels(n: int, k: int) -> tuple[str, ...]:
 
 
 def machine_key() -> str:
-    """What the kernel timings depend on: the torch build, the threads, the CPU (model and flags)."""
-    return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu_id()}; probe {PROBE_VERSION}"
+    """What the kernel timings depend on: the torch build, the threads, the CPU (model and flags), whether slmkit's
+    int8 kernel is a candidate (SLMKIT_NATIVE=0 or no compiler: choices timed without it)."""
+    native = native_ops()
+    own = "; slmkit int8" if native is not None and native.int8_vnni() else ""
+    return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu_id()}; probe {PROBE_VERSION}{own}"
 
 
 def use_kernel_cache(path: Any) -> None:
