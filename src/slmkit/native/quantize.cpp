@@ -89,7 +89,6 @@ static at::Tensor dequantize_rows(const at::Tensor& y, const at::Tensor& row_sca
 #endif
 
 constexpr int64_t TILE_N = 64;  // output columns per tile: 4 vectors of 16 int32
-constexpr int64_t MR = 6;  // rows per pass over a tile: 6 x 4 accumulators + 4 weight vectors + 1 broadcast <= 32 registers
 
 static bool int8_vnni() { return SLMKIT_VNNI; }
 
@@ -238,7 +237,7 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, con
         default: break;
       }
 #else
-      for (int64_t r = m; r < std::min(M, m + MR); ++r) {
+      for (int64_t r = 0; r < M; ++r) {
         const int8_t* a = reinterpret_cast<const int8_t*>(ap + r * Kp);
         for (int64_t c = 0; c < TILE_N && n0 + c < N; ++c) {
           int32_t acc = 0;
