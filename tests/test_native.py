@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +137,35 @@ def test_int8_linear_is_bit_identical_to_quantize_int_mm_and_scale(n, k):
                 assert torch.equal(ops.int8_linear(x, packed, comp, n, scales, b, sm), want), (m, b is None, sm is None)
     zero = torch.zeros(2, k)  # an all-zero row: scale 1e-10, products 0
     assert torch.equal(ops.int8_linear(zero, packed, comp, n, scales), torch.zeros(2, n))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds with an x86 flag")
+def test_int8_linear_without_vnni_builds_and_computes_the_same(tmp_path):
+    """The plain C++ path (CPUs without AVX-512 VNNI) built here with VNNI turned off, in a process of its own (its
+    ops would clash with the loaded library's): it compiles, and gives the torch path's floats bit for bit."""
+    source, flags = native.SOURCES["slmkit_quantize"]
+    script = f"""
+import torch
+from torch.utils import cpp_extension
+from slmkit.compress.quant_ops import quantize_rows
+cpp_extension.load(name="slmkit_quantize_novnni", sources=[{str(native.HERE / source)!r}], build_directory={str(tmp_path)!r},
+                   extra_cflags={[*native.BASE_FLAGS, *flags, "-mno-avx512vnni"]!r}, is_python_module=False)
+ops = torch.ops.slmkit_quantize
+assert not ops.int8_vnni()
+torch.manual_seed(0)
+for n, k in [(50, 37), (130, 8)]:
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    packed, comp = ops.pack_int8(w)
+    scales, bias, smooth = torch.rand(n) + 0.1, torch.randn(n), torch.rand(k) + 0.5
+    for m in (1, 5, 17):
+        x = torch.randn(m, k) * 3
+        q, s = quantize_rows(x / smooth)
+        want = (q.int() @ w.int().T).float().mul_(s).mul_(scales) + bias
+        assert torch.equal(ops.int8_linear(x, packed, comp, n, scales, bias, smooth), want), (n, k, m)
+print("same")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "same" in out.stdout, out.stderr[-3000:]
 
 
 def test_int8_linear_refuses_a_weight_it_was_not_packed_for():

@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 # one library per source: the decode step's kernels want vectorized expf and sums (-ffast-math), the W8A8 ones exact
 # float arithmetic (bit-identical to quant_ops.quantize_rows and torch's scaling)
 SOURCES = {"slmkit_decode": ("decode.cpp", ["-ffast-math"]), "slmkit_quantize": ("quantize.cpp", ["-ffp-contract=off"])}
+BASE_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # every library's: code for this machine's CPU, OpenMP threads
 _why_not = ""
 
 
@@ -97,7 +98,7 @@ def _build(name: str, source: Path, flags: list[str], root: Path) -> None:
 
     from slmkit import progress
 
-    cflags = ["-O3", "-march=native", "-fopenmp", *flags]
+    cflags = [*BASE_FLAGS, *flags]
     key = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode() + f"{torch.__version__} {cpu_id()}".encode()).hexdigest()[:12]
     module = f"{name}_{key}"
     folder = root / module
