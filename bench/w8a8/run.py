@@ -134,7 +134,7 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
         rows = x.reshape(-1, layer.in_features).shape[0]
         kernel = layer._kernels[integer.bucket_of(rows)]
         if kernel == "native":  # slmkit's kernel quantizes and scales inside: only its input is made ready (zeros)
-            y = integer.native_ops().int8_linear(torch.zeros(rows, layer.in_features), *layer._tiles, layer.out_features, layer.scales)
+            y = layer._native(torch.zeros(rows, layer.in_features), *layer._native_args)
         elif kernel == "onednn":
             y = integer._onednn_mm(torch.full((rows, layer.in_features), 128, dtype=torch.uint8), layer._packed, layer.scales, layer._zeros)
         else:

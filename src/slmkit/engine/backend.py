@@ -40,6 +40,10 @@ class BatchStore(Protocol):
         """The slot just prefilled joins the running rows."""
         ...
 
+    def drop(self) -> None:
+        """The slot just prefilled does not join (its request ended at its first token, or was cancelled)."""
+        ...
+
     def step(self, last: list[int]) -> "torch.Tensor":
         """One decode step for every running row (its last token): logits (B, V)."""
         ...

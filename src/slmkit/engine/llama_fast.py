@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.layers.multi_lora import LoraBank
-from slmkit.layers.integer import bucket_of
+from slmkit.layers.integer import Int8Linear, W8A8Linear, bucket_of
 from slmkit.native import ops as native_ops
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -41,8 +41,6 @@ def fuse_linears(parts: list[Any]) -> Any | None:
     """One int8 layer computing `parts` (same input) side by side, their weights becoming views of its own;
     None otherwise. Float layers stay apart: fusing them saves no time here, and copying weights that were
     memory-mapped from safetensors would keep both copies resident (+270 MB RSS on the default model)."""
-    from slmkit.layers.integer import Int8Linear, W8A8Linear
-
     for cls in (Int8Linear, W8A8Linear):  # w8a8: the activations are also quantized once for all the parts
         if all(type(p) is cls and p.smooth is None for p in parts) and len({p.bias is None for p in parts}) == 1:
             return cls.concat(parts)
@@ -156,8 +154,6 @@ class FastLlama:
         # int8 q/k/v and gate/up each as one kernel call (fewer, larger calls: ~11% faster decode)
         self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
-        from slmkit.layers.integer import W8A8Linear
-
         for m in [*(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers), model.lm_head]:
             if isinstance(m, W8A8Linear) and m._kernels is None:
                 m.prepare()  # kernels and prepacked weights ready before the first request
@@ -179,8 +175,6 @@ class FastLlama:
         native.decode_step: its weights in the kernel's order (per block: norm, q/k/v, o, norm, gate/up, down; each
         linear as its packed tiles, row sums, scales, bias or an empty tensor), and the row buckets where every
         layer's kernel is slmkit's. (None, empty) for any other model (the Python blocks then run)."""
-        from slmkit.layers.integer import W8A8Linear
-
         if self.kernels is None:
             return None, set()
         weights, buckets = [], {0, 1, 2}
@@ -195,7 +189,8 @@ class FastLlama:
             for j, m in enumerate(lins):
                 if j in (0, 2):
                     weights.append(norms[j // 2].detach())
-                weights += [*m._tiles, m.scales, empty if m.bias is None else m.bias.float()]
+                tiles, sums, _, scales, bias, _ = m._native_args
+                weights += [tiles, sums, scales, empty if bias is None else bias]
         return weights, buckets
 
     def _mask(self, positions: torch.Tensor, end: int) -> torch.Tensor:

@@ -94,6 +94,9 @@ class LlamaCppSlots:
     def join(self) -> None:
         self.rows += 1
 
+    def drop(self) -> None:
+        """Nothing to undo: the next prefill clears the slot."""
+
     def step(self, last: list[int]) -> torch.Tensor:
         """One token for every running row, all in one llama_decode call; logits (B, V)."""
         for slot, token in enumerate(last):

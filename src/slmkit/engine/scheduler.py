@@ -239,17 +239,19 @@ class BatchScheduler:
         self.burst_prefills += 1
         return [(r, self._first_token(r, item, logits, row_kv)) for r, item, (logits, row_kv) in zip(taken, looked, outs)]
 
+    def _source(self, req: _Request) -> tuple[list[int], PrefixCache | None]:
+        """The ids to prefill (a prompt-tuned model's virtual tokens first) and the prefix cache they may reuse."""
+        return self.prefix + req.prompt, self._prefix_cache(req.adapter)
+
     def _lookup(self, req: _Request) -> _Lookup:
-        """The ids to prefill (a prompt-tuned model's virtual tokens first) and the longest cached prefix of them."""
-        ids = self.prefix + req.prompt
-        cache = self._prefix_cache(req.adapter)
+        """A request's ids to prefill and the longest cached prefix of them."""
+        ids, cache = self._source(req)
         reused, kv = cache.lookup(ids) if cache else (0, None)
         return ids, cache, reused, kv
 
     def _uncached(self, req: _Request) -> int:
         """How many of a request's prompt tokens a prefill would compute (its cache looked at, not counted)."""
-        ids = self.prefix + req.prompt
-        cache = self._prefix_cache(req.adapter)
+        ids, cache = self._source(req)
         return len(ids) - (cache.peek(ids) if cache else 0)
 
     def _prefill(self, req: _Request, item: _Lookup) -> bool:
@@ -268,8 +270,7 @@ class BatchScheduler:
             cache.store(ids, row_kv)
         token = sample_next(logits, req.params, req.history, req.generator)
         if not self._emit(req, steps_of(logits[None], [token], [req.params.top_logprobs])[0]):
-            if hasattr(self.store, "drop"):
-                self.store.drop()
+            self.store.drop()
             return False
         self.store.join()
         return True

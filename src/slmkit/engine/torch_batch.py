@@ -138,6 +138,10 @@ class DynamicKV:
             self.cache, self.mask, self.positions = cache, mask, torch.tensor([length])
         self.pending = None
 
+    def drop(self) -> None:
+        """The prefilled row does not join: forget it."""
+        self.pending = None
+
     def step(self, last: list[int]) -> torch.Tensor:
         rows = len(last)
         self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)  # (B, T+1)

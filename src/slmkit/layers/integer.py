@@ -318,31 +318,32 @@ class W8A8Linear(Int8Linear):
         self.scales = torch.ones(out_features, dtype=torch.float32)
         self._kernels: tuple[str, ...] | None = None  # per row bucket, picked by timing (prepare)
         self._packed: torch.Tensor | None = None
-        self._tiles: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._native: Any = None  # slmkit's int8 linear op, with its arguments after x: the weight as packed, scales..
+        # slmkit's int8 linear op (None where another kernel runs every bucket), and its arguments after x: the weight's
+        # packed tiles, 128 x its row sums, N, the scales, bias, smoothing
+        self._native: Any = None
         self._native_args: tuple = ()
 
     def prepare(self, kernels: tuple[str, ...] | None = None) -> None:
         """Pick the kernels for this shape on this machine (timed once per shape; or the kernel per row bucket
         given) and build what they need."""
         self._kernels = kernels or pick_kernels(self.out_features, self.in_features)
-        self._packed, self._tiles = None, None
+        self._packed = None
         if "onednn" in self._kernels:
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight.contiguous(), None)
             self._zeros = torch.zeros(self.out_features, dtype=torch.int64)
         self._native = None
         if "native" in self._kernels and native_ops() is not None:  # (chosen in a process that had the kernels)
-            self._tiles = native_ops().pack_int8(self.weight)  # (packed tiles, 128 * row sums)
+            tiles, sums = native_ops().pack_int8(self.weight)
             bias = None if self.bias is None else self.bias.float()
             smooth = None if self.smooth is None else self.smooth.float()
-            self._native, self._native_args = native_ops().int8_linear, (*self._tiles, self.out_features, self.scales, bias, smooth)
+            self._native, self._native_args = native_ops().int8_linear, (tiles, sums, self.out_features, self.scales, bias, smooth)
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "W8A8Linear":
         """One layer for several with the same input (q/k/v, gate/up): the activations are quantized once."""
         fused = super().concat(parts)
         for p in parts:
-            p._kernels, p._packed, p._tiles, p._native = None, None, None, None  # prepared again if used alone
+            p._kernels, p._packed, p._native = None, None, None  # prepared again if used alone
         fused.prepare()
         return fused
 

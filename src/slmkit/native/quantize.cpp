@@ -1,5 +1,6 @@
-// slmkit's per-token int8 activation quantizer in one pass (built on first use by slmkit/native/__init__.py;
-// compiled without fast-math and without FMA contraction: bit-identical to torch's ops it replaces).
+// slmkit's W8A8 kernels: the per-token int8 activation quantizer and its way back from int32 (for torch's int8
+// kernels), and the int8 linear that does both around its own multiply (built on first use by
+// slmkit/native/__init__.py; compiled without fast-math and without FMA contraction: bit-identical to torch's ops).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -10,6 +11,26 @@
 #include <vector>
 
 // Per-row symmetric int8: scale = max|x| / 127.5 (>= 1e-10), q = clamp(round_half_even(x / scale), -128, 127).
+// One row of x (divided by smooth where given) into K_pad bytes: q as int8, or as uint8 q + 128 when `offset`
+// (oneDNN's zero point, VNNI's unsigned operand); the bytes past K are 0. Returns the row's scale.
+static float quantize_row(const float* r, const float* smooth, int64_t K, int64_t Kp, bool offset, uint8_t* out) {
+  float mx = 0.f;
+  if (smooth != nullptr) {
+    for (int64_t i = 0; i < K; ++i) mx = std::max(mx, std::fabs(r[i] / smooth[i]));
+  } else {
+    #pragma omp simd reduction(max:mx)
+    for (int64_t i = 0; i < K; ++i) mx = std::max(mx, std::fabs(r[i]));
+  }
+  const float scale = std::max(mx / 127.5f, 1e-10f);
+  for (int64_t i = 0; i < K; ++i) {
+    const float v = smooth != nullptr ? r[i] / smooth[i] : r[i];
+    const float q = std::min(127.f, std::max(-128.f, std::nearbyint(v / scale)));
+    out[i] = offset ? static_cast<uint8_t>(q + 128.f) : static_cast<uint8_t>(static_cast<int8_t>(q));
+  }
+  for (int64_t i = K; i < Kp; ++i) out[i] = 0;
+  return scale;
+}
+
 // x: (M, K) f32 -> (q int8 (M, K) [+ offset as uint8 when offset = 128], scale f32 (M, 1))
 static std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t offset) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2);
@@ -19,22 +40,9 @@ static std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int
   auto s = at::empty({M, 1}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* sp = s.data_ptr<float>();
+  uint8_t* qp = static_cast<uint8_t*>(q.data_ptr());
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* r = xp + m * K;
-      float mx = 0.f;
-      #pragma omp simd reduction(max:mx)
-      for (int64_t i = 0; i < K; ++i) mx = std::max(mx, std::fabs(r[i]));
-      const float scale = std::max(mx / 127.5f, 1e-10f);
-      sp[m] = scale;
-      if (offset) {
-        uint8_t* o = q.data_ptr<uint8_t>() + m * K;
-        for (int64_t i = 0; i < K; ++i) o[i] = static_cast<uint8_t>(std::min(127.f, std::max(-128.f, std::nearbyint(r[i] / scale))) + 128.f);
-      } else {
-        int8_t* o = q.data_ptr<int8_t>() + m * K;
-        for (int64_t i = 0; i < K; ++i) o[i] = static_cast<int8_t>(std::min(127.f, std::max(-128.f, std::nearbyint(r[i] / scale))));
-      }
-    }
+    for (int64_t m = begin; m < end; ++m) sp[m] = quantize_row(xp + m * K, nullptr, K, K, offset != 0, qp + m * K);
   });
   return {q, s};
 }
@@ -115,27 +123,6 @@ static std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& w) {
     }
   });
   return {packed, comp};
-}
-
-// One row of x (divided by smooth where given) quantized as quantize_rows does, written as int8 (or as u8 = q + 128
-// for VNNI) into a row of K_pad bytes; returns the row's scale.
-static float quantize_row(const float* r, const float* smooth, int64_t K, int64_t Kp, uint8_t* out) {
-  float mx = 0.f;
-  if (smooth != nullptr) {
-    for (int64_t i = 0; i < K; ++i) mx = std::max(mx, std::fabs(r[i] / smooth[i]));
-  } else {
-    #pragma omp simd reduction(max:mx)
-    for (int64_t i = 0; i < K; ++i) mx = std::max(mx, std::fabs(r[i]));
-  }
-  const float scale = std::max(mx / 127.5f, 1e-10f);
-  const float shift = SLMKIT_VNNI ? 128.f : 0.f;
-  for (int64_t i = 0; i < K; ++i) {
-    const float v = smooth != nullptr ? r[i] / smooth[i] : r[i];
-    const float q = std::min(127.f, std::max(-128.f, std::nearbyint(v / scale)));
-    out[i] = SLMKIT_VNNI ? static_cast<uint8_t>(q + shift) : static_cast<uint8_t>(static_cast<int8_t>(q));
-  }
-  for (int64_t i = K; i < Kp; ++i) out[i] = 0;
-  return scale;
 }
 
 #if SLMKIT_VNNI
@@ -221,7 +208,7 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, con
   #pragma omp parallel num_threads(threads)
   {
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) rs[m] = quantize_row(xp + m * K, sp, K, Kp, ap + m * Kp);
+    for (int64_t m = 0; m < M; ++m) rs[m] = quantize_row(xp + m * K, sp, K, Kp, SLMKIT_VNNI, ap + m * Kp);
     // each thread takes whole column tiles (its weights read once) and walks all rows over them
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
