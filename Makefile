@@ -5,13 +5,19 @@ PIP := $(BIN)/pip install -c constraints.txt
 
 EVAL_SAMPLE := --ppl wikitext2 --suite arc --speed --limit 16 --context-length 512 --stride 256
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test llama-cpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# llama.cpp (llama-cpp-python) built for this CPU's instruction sets, without ggml's AMX path unless
+# SLMKIT_LLAMA_AMX=1: checked on every install (a second when nothing changed); a wheel is kept per CPU and flags
+# under ~/.cache/slmkit-machine/wheels and pip's cache is never used for it.
+llama-cpp: $(BIN)/python
+	$(BIN)/python src/slmkit/cpu_build.py ensure --python $(BIN)/python --constraints constraints.txt
+
 # Re-install only when the project's metadata or pins change.
-$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt | llama-cpp
 	$(PIP) -e .
 	touch $@
 
@@ -19,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: llama-cpp $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 

@@ -9,13 +9,11 @@ Measured in the same run:
   Q4_1) and on `slmkit serve` over the w8a8 child (PyTorch backend): aggregate tokens/s, TTFT, errors;
 - WikiText-2 perplexity of float, w8a8 round-to-nearest and w8a8 SmoothQuant (`slmkit eval`, same windows).
 
-llama.cpp's tools are built from the sources llama-cpp-python vendors, outside the package:
+llama.cpp's tools are built from the sources llama-cpp-python vendors, outside the package, with the CPU flags
+slmkit's install uses (bench/llama_tools.py; `--native` for llama.cpp's -march=native, which dies on some AMX CPUs):
 
-    pip download llama-cpp-python==$(pip show llama-cpp-python | sed -n 's/Version: //p') --no-deps --no-binary :all:
-    tar xzf llama_cpp_python-*.tar.gz && cd llama_cpp_python-*/vendor/llama.cpp
-    cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build -j --target llama-server llama-bench
-
-    .venv/bin/python bench/w8a8/run.py --llama-cpp-bin PATH/build/bin [--home /tmp/slmkit-bench-home] [--data ../shared/data]
+    BIN=$(.venv/bin/python bench/llama_tools.py --targets llama-server llama-bench)
+    .venv/bin/python bench/w8a8/run.py --llama-cpp-bin $BIN [--home /tmp/slmkit-bench-home] [--data ../shared/data]
 
 Writes bench/results/w8a8.{json,md} with `lscpu`'s model and flags.
 """

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.cpu_build import machine_cache
 from slmkit.errors import SlmkitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -22,6 +23,8 @@ class Settings:
     native: bool  # SLMKIT_NATIVE (0 turns off slmkit's own CPU kernels, slmkit/native)
     cxx: str  # CXX: the compiler that builds them
     kernel_dir: Path  # TORCH_EXTENSIONS_DIR/slmkit: where they are built
+    machine_cache: Path  # SLMKIT_MACHINE_CACHE: this machine's llama.cpp wheels and the llama.cpp guard's verdicts
+    llamacpp_guard: bool  # SLMKIT_LLAMACPP_GUARD (0: trust the llama.cpp build without a child-process check)
 
     @property
     def evals_dir(self) -> Path:
@@ -44,7 +47,8 @@ class Settings:
 def settings() -> Settings:
     """Read the environment: SLMKIT_HOME (store root), SLMKIT_THREADS (CPU threads for inference), SLMKIT_DATA
     (a data folder; slmkit never looks for one on its own), the Hugging Face offline switches, and what slmkit's CPU
-    kernels are built with (SLMKIT_NATIVE, CXX, TORCH_EXTENSIONS_DIR: torch's own setting for built extensions)."""
+    kernels are built with (SLMKIT_NATIVE, CXX, TORCH_EXTENSIONS_DIR: torch's own setting for built extensions), and
+    what belongs to the machine rather than a store (SLMKIT_MACHINE_CACHE, SLMKIT_LLAMACPP_GUARD)."""
     home = Path(os.environ.get("SLMKIT_HOME") or Path.home() / ".cache" / "slmkit").expanduser()
     if home.exists() and not home.is_dir():
         raise SlmkitError(f"SLMKIT_HOME={home} is a file, not a folder", "Point SLMKIT_HOME at a folder (it is created if missing).")
@@ -55,4 +59,5 @@ def settings() -> Settings:
     extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions").expanduser()
     return Settings(home=home, threads=threads, data_dir=Path(data).expanduser() if data else None, hub_offline=offline,
                     native=os.environ.get("SLMKIT_NATIVE", "1") != "0", cxx=os.environ.get("CXX") or "c++",
-                    kernel_dir=extensions / "slmkit")
+                    kernel_dir=extensions / "slmkit", machine_cache=machine_cache(os.environ),
+                    llamacpp_guard=os.environ.get("SLMKIT_LLAMACPP_GUARD", "1") != "0")

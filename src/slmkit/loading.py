@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slmkit import progress
 from slmkit.config import settings
+from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import Backend
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
@@ -42,13 +43,21 @@ def _not_a_router(folder: Path) -> None:
 
 def pick_backend(folder: Path, backend: str) -> str:
     """The engine a model runs on: `backend`, or for `auto` llama.cpp when the folder has a GGUF (at batch 1 it
-    decodes several times faster than PyTorch on a CPU), else PyTorch. llama.cpp without a GGUF is refused here,
-    with how to make one."""
+    decodes several times faster than PyTorch on a CPU) and the installed llama.cpp runs on this CPU (the guard's
+    verdict: else PyTorch, with a warning saying how to rebuild it), else PyTorch. llama.cpp without a GGUF is
+    refused here, with how to make one."""
     if backend not in CHOICES:
         raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
     _not_a_router(folder)
     if backend == "auto":
-        return "llamacpp" if any(folder.glob("*.gguf")) else "torch"
+        if not any(folder.glob("*.gguf")):
+            return "torch"
+        verdict = llamacpp_guard.check()
+        if not verdict.ok:
+            progress.warn(f"llama.cpp does not run on this CPU ({verdict.detail}); using the PyTorch engine. "
+                          + llamacpp_guard.rebuild_hint())
+            return "torch"
+        return "llamacpp"
     if backend == "llamacpp":
         from slmkit.engine.llamacpp_backend import gguf_of
 

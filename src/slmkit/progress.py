@@ -38,6 +38,17 @@ def note(message: str) -> None:
         _console.print(message, soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """Something the user must know although the work goes on: shown with the steps in the CLI, a warning in
+    library use."""
+    if _console is not None:
+        _console.print(f"[yellow]warning:[/] {message}", soft_wrap=True, highlight=False)
+    else:
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 @contextmanager
 def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A progress bar with ETA for work counted in items; yields advance(n). Silent in library use."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import data, distill, evaluate, export, finetune, generate, lowrank, models, prune, quantize, route, serve
+from slmkit.cli import data, distill, doctor, evaluate, export, finetune, generate, lowrank, models, prune, quantize, route, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command("finetune")(finetune.finetune)
 app.command("merge")(finetune.merge)
 app.command("serve")(serve.serve)
 app.command("ps")(serve.ps)
+app.command("doctor")(doctor.doctor)
 
 
 def _version(value: bool) -> None:

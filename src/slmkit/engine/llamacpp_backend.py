@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import TokenScores
 from slmkit.engine.decode import Step, decode_loop, tokens_of
 from slmkit.engine.sampling import SamplingParams, decode_static_batch
@@ -42,6 +43,7 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, gguf_path: Path, *, threads: int | None = None, n_ctx: int = 0, flash_attn: bool = False) -> None:
+        llamacpp_guard.require()  # a build that dies on this CPU must not take the caller's process with it
         self.path = Path(gguf_path)
         self.threads = threads
         self.llm = self._open(n_ctx=n_ctx, logits_all=False, flash_attn=flash_attn)

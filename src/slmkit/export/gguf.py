@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from slmkit import progress
+from slmkit.engine import llamacpp_guard
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import read_config
 from slmkit.export.metadata import write_metadata
@@ -197,6 +198,7 @@ def quantize_gguf(
     beside `dst`), shown on failure; returns a note on fallback quantization, if any."""
     import llama_cpp
 
+    llamacpp_guard.require()  # its quantizer runs the same build's vector code
     log = log or dst.with_name(dst.name + ".log")
 
     params = llama_cpp.llama_model_quantize_default_params()

@@ -26,6 +26,8 @@ from types import SimpleNamespace
 
 import torch
 
+from slmkit import cpu_build
+
 HERE = Path(__file__).resolve().parent
 # one library per source: the decode step's kernels want vectorized expf and sums (-ffast-math), the W8A8 ones exact
 # float arithmetic (bit-identical to quant_ops.quantize_rows and torch's scaling)
@@ -37,15 +39,7 @@ _why_not = ""
 @functools.cache
 def cpu_id() -> str:
     """This CPU: its model name and a digest of its feature flags (what timings and -march=native code depend on)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-        flags = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("flags")), "")
-        return f"{model} {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
-    except OSError:
-        import platform
-
-        return platform.processor()
+    return cpu_build.cpu_id()
 
 
 def unavailable() -> str:
