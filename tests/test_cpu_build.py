@@ -4,7 +4,10 @@ crashing build from killing the user's process, and `slmkit doctor`."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,11 +101,15 @@ def test_machine_cache_setting(tmp_path):
     assert cpu_build.machine_cache({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "slmkit-machine"
 
 
-def test_amx_state_answers_on_this_machine():
-    state = cpu_build.amx_state()
-    assert set(state) == {"supported", "permitted"}
-    if not cpu_build.read_cpu().has_amx:
-        assert state["permitted"] in (False, None)
+def test_os_state_agrees_with_the_flags_linux_lists():
+    state, cpu = cpu_build.os_state(), cpu_build.read_cpu()
+    assert set(state) == {"xfeatures", "avx", "avx512", "amx", "amx_permitted"}
+    if state["xfeatures"] is None:
+        pytest.skip("not x86-64 Linux")
+    # Linux lists AVX / AVX-512 only where it saves their registers
+    assert state["avx"] == ("avx" in cpu.flags) and state["avx512"] == ("avx512f" in cpu.flags)
+    if not cpu.has_amx:
+        assert state["amx_permitted"] is False
 
 
 # --- the guard ---------------------------------------------------------------------------------------------------
@@ -197,6 +204,25 @@ def test_the_real_build_decodes_a_multi_token_prompt(guard_cache):
     backend.close()
 
 
+QEMU = shutil.which("qemu-x86_64")
+
+
+@pytest.mark.skipif(QEMU is None or cpu_build.read_cpu().arch != "x86_64",
+                    reason="needs Debian's qemu-user on x86-64 (apt-get install qemu-user; .ci/run installs it)")
+def test_guard_catches_a_real_illegal_instruction_on_an_emulated_cpu():
+    """qemu-user's Haswell runs AVX2 but no AVX-512, while /proc/cpuinfo under it still lists the host's flags: only
+    running the code tells. The installed build (made for this machine) dies there exactly when it uses AVX-512."""
+    from slmkit.sources.packaged import default_gguf
+
+    info = subprocess.run([sys.executable, "-c", doctor.SYSTEM_INFO], capture_output=True, text=True, check=True).stdout
+    avx512 = any(on for name, on in doctor.llama_features(info).items() if name.startswith("AVX512") or name == "AMX_INT8")
+    ok, detail = llamacpp_guard.probe(default_gguf()[0], 2, launcher=(QEMU, "-cpu", "Haswell"))
+    if avx512:
+        assert not ok and "SIGILL" in detail, detail
+    else:
+        assert ok, detail
+
+
 # --- doctor ------------------------------------------------------------------------------------------------------
 def features(**on: int) -> dict[str, bool]:
     base = dict.fromkeys(doctor.LLAMA_FEATURES, False)
@@ -228,6 +254,7 @@ def test_doctor_reports_this_machine_and_a_broken_store_folder(store, guard_cach
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["cpu"]["model"] and report["cpu"]["arch"] and report["cpu"]["cores"] >= 1
+    assert report["cpu"]["os"]["avx"] in (True, None)
     assert set(report["cpu"]["features"]) <= set(doctor.RELEVANT)
     llama = report["llama_cpp"]
     assert llama["installed"] and llama["version"] and llama["guard"]["ok"] is True

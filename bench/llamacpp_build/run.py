@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,10 +97,54 @@ def wheel_times() -> dict:
     return res
 
 
+# recorded on an AVX2-only machine (Haswell): what the emulated check builds for
+HASWELL_CPUINFO = ("processor\t: 0\nmodel name\t: Intel Core Processor (Haswell)\nflags\t\t: fpu vme de pse tsc msr pae mce "
+                   "cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx pdpe1gb rdtscp lm "
+                   "constant_tsc rep_good nopl xtopology cpuid pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe "
+                   "popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm fsgsbase bmi1 avx2 smep bmi2 erms invpcid "
+                   "xsaveopt arat\n")
+
+
+def emulated(gguf: Path) -> dict:
+    """An AVX2-only CPU under qemu-user (`-cpu Haswell`: AVX2, no AVX-512): the installed build (made for this
+    machine) and a build made for the recorded Haswell flags, each through the guard's probe. qemu-user shows the
+    host's /proc/cpuinfo, so only running the code tells."""
+    from slmkit.engine import llamacpp_guard
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        return {"skipped": "qemu-x86_64 not found (apt-get install qemu-user)"}
+    launcher = (qemu, "-cpu", "Haswell")
+    res: dict = {}
+    start = time.monotonic()
+    ok, detail = llamacpp_guard.probe(gguf, 2, launcher=launcher)
+    res["installed build"] = {"runs": ok, "detail": detail, "seconds": time.monotonic() - start}
+    with tempfile.TemporaryDirectory() as tmp:
+        info = Path(tmp) / "cpuinfo"
+        info.write_text(HASWELL_CPUINFO)
+        args = cpu_build.cmake_args(cpu_build.read_cpu(info))
+        venv = Path(tmp) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        py = str(venv / "bin" / "python")
+        start = time.monotonic()
+        subprocess.run([py, "-m", "pip", "install", "-q", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+                        f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}"], check=True, capture_output=True,
+                       env={**os.environ, "CMAKE_ARGS": " ".join(args), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)})
+        built = time.monotonic() - start
+        start = time.monotonic()
+        child = subprocess.run([*launcher, py, "-c", llamacpp_guard.PROBE, str(gguf), "2"], capture_output=True, text=True)
+        res["AVX2 build (recorded Haswell flags)"] = {
+            "runs": child.returncode == 0 and child.stdout.strip().endswith("ok"), "cmake_args": args, "build_s": built,
+            "detail": "ok" if child.returncode == 0 else describe_exit(child.returncode, child.stdout, child.stderr),
+            "seconds": time.monotonic() - start}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", type=Path, default=Path("/tmp/slmkit-bench-home"))
     ap.add_argument("--wheel-times", action="store_true")
+    ap.add_argument("--emulate", action="store_true", help="also check an AVX2 build on qemu-user's Haswell")
     ap.add_argument("--native-anyway", action="store_true", help="build and run -march=native even where the CPU lists AMX")
     ns = ap.parse_args()
     os.environ["SLMKIT_HOME"] = str(ns.home)
@@ -121,6 +166,9 @@ def main() -> None:
     r["slmkit_eval_speed"] = slmkit_speed(ns.home)
     print("slmkit eval --backend llamacpp --speed", r["slmkit_eval_speed"], flush=True)
     r["guard"] = guard_times()
+    if ns.emulate:
+        r["emulated_haswell"] = emulated(gguf)
+        print("emulated Haswell", r["emulated_haswell"], flush=True)
     if ns.wheel_times:
         r["wheel"] = wheel_times()
     RESULTS.mkdir(exist_ok=True)
@@ -151,6 +199,11 @@ def report(r: dict) -> str:
     builds = {k: v for k, v in r["tool_build_s"].items() if v}
     if builds:
         md += ["", "llama-bench build times (cmake, all cores): " + "; ".join(f"{k} {v:.0f} s" for k, v in builds.items())]
+    if "emulated_haswell" in r and "skipped" not in r["emulated_haswell"]:
+        md += ["", "## An AVX2-only CPU, emulated (qemu-user `-cpu Haswell`; its /proc/cpuinfo still shows the host's flags)", "",
+               "| build | runs the guard's probe | what happened | seconds under emulation |", "|---|---|---|---|"]
+        for label, v in r["emulated_haswell"].items():
+            md.append(f"| {label} | {'yes' if v['runs'] else 'no'} | {v['detail']} | {v['seconds']:.1f} |")
     if "wheel" in r:
         md += ["", "## What `make install` pays for llama.cpp", "", "| step | seconds | wheel MB |", "|---|---|---|"]
         for label, v in r["wheel"].items():

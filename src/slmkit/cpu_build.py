@@ -147,31 +147,37 @@ def library_id(package_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-# --- AMX permission (Linux): the tile state is granted per process on request ------------------------------------
+# --- what the OS enables (Linux, x86-64): the register state it saves, and AMX's tile data granted on request ---
 ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
 XFEATURE_XTILEDATA = 18
 SYS_ARCH_PRCTL = 158  # x86-64
+# XSAVE state components (Intel SDM vol. 1, 13.1) -> the instruction sets that need the OS to save them
+XSTATE = {"avx": (2,), "avx512": (5, 6, 7), "amx": (17, 18)}
 
 
-def amx_state() -> dict[str, bool | None]:
-    """Whether the kernel supports AMX tile data (ARCH_GET_XCOMP_SUPP) and whether this process may use it
-    (ARCH_GET_XCOMP_PERM, after asking with ARCH_REQ_XCOMP_PERM). None where it cannot be asked (not x86-64 Linux)."""
+def os_state() -> dict[str, object]:
+    """The XSAVE features the kernel supports for user space (ARCH_GET_XCOMP_SUPP) read as AVX / AVX-512 / AMX state
+    enabled, and whether this process may use AMX tile data (asked with ARCH_REQ_XCOMP_PERM, then
+    ARCH_GET_XCOMP_PERM). Values are None where this cannot be asked (not x86-64 Linux, an old kernel)."""
+    unknown: dict[str, object] = {"xfeatures": None, **dict.fromkeys(XSTATE), "amx_permitted": None}
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return {"supported": None, "permitted": None}
+        return unknown
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         mask = ctypes.c_uint64(0)
         if libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_SUPP, ctypes.byref(mask)) != 0:
-            return {"supported": False, "permitted": False}
-        supported = bool(mask.value >> XFEATURE_XTILEDATA & 1)
-        if not supported:
-            return {"supported": False, "permitted": False}
-        libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-        perm = ctypes.c_uint64(0)
-        libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(perm))
-        return {"supported": True, "permitted": bool(perm.value >> XFEATURE_XTILEDATA & 1)}
+            return unknown
+        state: dict[str, object] = {"xfeatures": hex(mask.value)}
+        state |= {name: all(mask.value >> b & 1 for b in bits) for name, bits in XSTATE.items()}
+        permitted = False
+        if state["amx"]:
+            libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+            perm = ctypes.c_uint64(0)
+            libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(perm))
+            permitted = bool(perm.value >> XFEATURE_XTILEDATA & 1)
+        return state | {"amx_permitted": permitted}
     except (OSError, AttributeError):
-        return {"supported": None, "permitted": None}
+        return unknown
 
 
 # --- building and installing (the Makefile's step; also what `slmkit doctor` tells a user to run) ----------------
@@ -264,18 +270,20 @@ def pinned_version(constraints: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpu_build.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("cmake-args", help="print llama-cpp-python's CMAKE_ARGS for this CPU")
-    sub.add_parser("cpu", help="print this CPU's model, flags and AMX state as JSON")
+    c = sub.add_parser("cmake-args", help="print llama-cpp-python's CMAKE_ARGS for this CPU (or another one's)")
+    c.add_argument("--cpuinfo", type=Path, default=Path("/proc/cpuinfo"),
+                   help="a /proc/cpuinfo recorded on the machine the build is for (default: this one)")
+    sub.add_parser("cpu", help="print this CPU's model, flags and what the OS enables, as JSON")
     e = sub.add_parser("ensure", help="install llama-cpp-python built for this CPU into a Python environment")
     e.add_argument("--python", default=sys.executable, help="the environment's python (default: this one)")
     e.add_argument("--version", help="llama-cpp-python version (default: the one --constraints pins)")
     e.add_argument("--constraints", type=Path, default=Path("constraints.txt"))
     ns = parser.parse_args(argv)
     if ns.command == "cmake-args":
-        print(" ".join(cmake_args(read_cpu(), amx=amx_requested(), extra=os.environ.get("CMAKE_ARGS", ""))))
+        print(" ".join(cmake_args(read_cpu(ns.cpuinfo), amx=amx_requested(), extra=os.environ.get("CMAKE_ARGS", ""))))
     elif ns.command == "cpu":
         cpu = read_cpu()
-        print(json.dumps({"model": cpu.model, "arch": cpu.arch, "flags": sorted(cpu.flags), "amx": amx_state()}, indent=1))
+        print(json.dumps({"model": cpu.model, "arch": cpu.arch, "flags": sorted(cpu.flags), "os": os_state()}, indent=1))
     else:
         version = ns.version or (pinned_version(ns.constraints) if ns.constraints.exists() else None)
         if not version:

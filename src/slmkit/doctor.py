@@ -79,9 +79,10 @@ def compare_build(features: dict[str, bool], flags: frozenset[str], *, amx_opt_i
 
 def _cpu(report: Report) -> frozenset[str]:
     cpu = cpu_build.read_cpu()
+    state = cpu_build.os_state()
     report.cpu = {"model": cpu.model, "arch": cpu.arch, "cores": _cores(), "features": [f for f in RELEVANT if f in cpu.flags],
-                  "amx": cpu_build.amx_state() if cpu.has_amx else {"supported": False, "permitted": False}}
-    if cpu.has_amx and report.cpu["amx"].get("permitted") is False:
+                  "os": state}
+    if cpu.has_amx and state.get("amx_permitted") is False:
         report.cpu["amx_note"] = "the CPU lists AMX but the kernel does not grant its tile state to this process"
     return cpu.flags
 

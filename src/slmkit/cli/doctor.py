@@ -32,12 +32,13 @@ def doctor(
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
     cpu, llama, native, torch, store = report.cpu, report.llama_cpp, report.native, report.torch, report.store
-    amx = cpu["amx"]
+    state = cpu["os"]
     table.add_row("CPU", f"{cpu['model']} ({cpu['arch']}, {cpu['cores']} cores)")
     table.add_row("  features", " ".join(cpu["features"]) or "-")
-    if amx.get("supported") is not None and "amx_tile" in cpu["features"]:
-        table.add_row("  AMX", f"kernel support {'yes' if amx['supported'] else 'no'}, granted to this process "
-                               f"{'yes' if amx['permitted'] else 'no'}")
+    if state.get("xfeatures"):
+        saved = [name.upper().replace("AVX512", "AVX-512") for name in ("avx", "avx512", "amx") if state.get(name)]
+        grant = "" if not state.get("amx") else f"; AMX tile data granted to this process: {'yes' if state['amx_permitted'] else 'no'}"
+        table.add_row("  OS enables", f"{' '.join(saved) or 'no vector'} register state (XSAVE {state['xfeatures']}){grant}")
     if not llama.get("installed"):
         table.add_row("llama.cpp", "not installed")
     else:

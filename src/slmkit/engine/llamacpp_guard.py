@@ -90,10 +90,11 @@ def describe_exit(rc: int, out: str, err: str) -> str:
     return f"exited with code {rc}" + (f": {last[:300]}" if last else "")
 
 
-def probe(gguf: Path, threads: int, script: str | None = None) -> tuple[bool, str]:
-    """Run `script` (default PROBE) in a child Python with the GGUF and thread count; (it printed ok, what happened)."""
+def probe(gguf: Path, threads: int, script: str | None = None, launcher: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """Run `script` (default PROBE) in a child Python with the GGUF and thread count, under `launcher` if given (an
+    emulator: `qemu-x86_64 -cpu Haswell`); (it printed ok, what happened)."""
     try:
-        done = subprocess.run([sys.executable, "-c", script or PROBE, str(gguf), str(threads)], capture_output=True, text=True,
+        done = subprocess.run([*launcher, sys.executable, "-c", script or PROBE, str(gguf), str(threads)], capture_output=True, text=True,
                               timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return False, f"did not finish a short prompt in {TIMEOUT_S} s"
