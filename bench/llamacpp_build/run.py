@@ -60,7 +60,7 @@ def slmkit_speed(home: Path) -> dict:
         out = Path(tmp) / "speed.json"
         subprocess.run([*SLMKIT, "eval", "--backend", "llamacpp", "--speed", "--out", str(out)], check=True,
                        env={**os.environ, "SLMKIT_HOME": str(home)}, capture_output=True)
-        speed = json.loads(out.read_text())["speed"]
+        speed = json.loads(out.read_text())["results"]["speed"]
     return {"tg": speed["decode_tokens_per_s"], "pp": speed["prefill_tokens_per_s"]}
 
 
@@ -195,7 +195,9 @@ def report(r: dict) -> str:
     g = r["guard"]
     md += ["", f"The guard's first check on this build and CPU (a child process loads the GGUF, prefills a multi-token "
                f"prompt, decodes 4 tokens): {g['first_check_s']:.2f} s, verdict {'runs' if g['ok'] else 'dies'}; "
-               f"with the verdict kept: {g['kept_verdict_s']:.2f} s (both include importing slmkit's engine)."]
+               f"with the verdict kept: {g['kept_verdict_s']:.2f} s (both include importing slmkit's engine, torch included). "
+               f"slmkit's `eval --speed` decode goes through Python and slmkit's sampler for every token (llama-bench "
+               f"samples nothing), after a 256-token prompt."]
     builds = {k: v for k, v in r["tool_build_s"].items() if v}
     if builds:
         md += ["", "llama-bench build times (cmake, all cores): " + "; ".join(f"{k} {v:.0f} s" for k, v in builds.items())]
@@ -207,7 +209,7 @@ def report(r: dict) -> str:
     if "wheel" in r:
         md += ["", "## What `make install` pays for llama.cpp", "", "| step | seconds | wheel MB |", "|---|---|---|"]
         for label, v in r["wheel"].items():
-            md.append(f"| {label} | {v['build_s']:.0f} | {v.get('wheel_mb', 0) or '-'} |")
+            md.append(f"| {label} | {v['build_s']:.0f} | {v['wheel_mb']:.1f} |" if "wheel_mb" in v else f"| {label} | {v['build_s']:.0f} | - |")
     return "\n".join(md) + "\n"
 
 

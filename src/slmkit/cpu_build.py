@@ -231,11 +231,16 @@ def ensure(python: str, version: str, *, cache: Path | None = None, environ: dic
     if wheel is None:
         print(f"Building {PACKAGE} {version} for this CPU (a few minutes, once per machine and flags):\n"
               f"  CMAKE_ARGS=\"{' '.join(args)}\"", flush=True)
-        with tempfile.TemporaryDirectory(dir=cache.mkdir(parents=True, exist_ok=True) or cache) as tmp:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # beside the kept wheels: the move below is a rename
             env = {**environ, "CMAKE_ARGS": " ".join(args)}
             env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
-            subprocess.run([python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE,
-                            "-w", tmp, *pip_args, f"{PACKAGE}=={version}"], check=True, env=env)
+            done = subprocess.run([python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE,
+                                   "-w", tmp, *pip_args, f"{PACKAGE}=={version}"], env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"error: building {PACKAGE} {version} failed (its output is above). It needs a C/C++ "
+                                 "compiler and cmake: apt-get install build-essential cmake (or pip install cmake), "
+                                 "then run this again.")
             built = next(Path(tmp).glob("*.whl"))
             wheels.mkdir(parents=True, exist_ok=True)
             shutil.move(str(built), wheels / built.name)  # same file system: the kept wheel appears whole
