@@ -109,3 +109,24 @@ def test_frequency_and_presence_penalties_and_min_p():
         SamplingParams(min_p=1.5)
     with pytest.raises(SlmkitError):
         SamplingParams(frequency_penalty=3)
+
+
+def test_extreme_settings_stay_finite_or_are_refused():
+    """A temperature too small for float32 samples greedily; penalties and windows outside their bounds are refused."""
+    import torch
+
+    from slmkit.engine.sampling import RowsFailed, sample_rows
+
+    logits = torch.randn(2, 50) * 30
+    tiny = SamplingParams(temperature=1e-300, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=3)
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    assert sample_rows(logits, [tiny, greedy], [[], []], [None, None]) == torch.argmax(logits, dim=-1).tolist()
+    for bad in ({"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300}, {"repeat_last_n": 10**12},
+                {"temperature": float("inf")}):
+        with pytest.raises(SlmkitError, match="bad sampling settings"):
+            SamplingParams(**bad)
+    nan = logits.clone()
+    nan[1] = float("nan")
+    with pytest.raises(RowsFailed) as err:
+        sample_rows(nan, [greedy, SamplingParams(temperature=0.8, seed=1)], [[], []], [None, torch.Generator().manual_seed(1)])
+    assert set(err.value.failed) == {1} and err.value.tokens[0] == int(torch.argmax(logits[0]))

@@ -203,3 +203,49 @@ def test_the_models_other_work_runs_on_the_scheduler_thread_between_steps(store)
         running.close()
     finally:
         b.scheduler.stop()
+
+
+class _Poison:
+    """A constraint whose mask turns a row's scores into NaN after `after` tokens: a row gone non-finite."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.seen = after, 0
+
+    def mask(self, row) -> None:
+        if self.seen >= self.after:
+            row.fill_(float("nan"))
+
+    def advance(self, token: int) -> None:
+        self.seen += 1
+
+
+@pytest.mark.parametrize("after", [0, 3], ids=["at-its-first-token", "mid-stream"])
+def test_a_poisoned_row_fails_alone_and_the_batch_keeps_its_tokens(tiny_pair, after):
+    """A request whose scores go non-finite (at prefill or mid-stream) ends with a clear error; the requests running
+    beside it get exactly the tokens they get alone."""
+    from dataclasses import replace
+
+    from slmkit.engine.sampling import RowsFailed
+
+    plain, batched = tiny_pair
+    live = PROMPTS[:3]
+    expected = {p: list(plain.backend.stream_tokens(plain.backend.encode(p), GREEDY, 12)) for p in live}
+    results: dict[str, object] = {}
+
+    def run(p: str, params: SamplingParams) -> None:
+        try:
+            results[p] = list(batched.stream_tokens(batched.encode(p), params, 12))
+        except RowsFailed as exc:
+            results[p] = exc
+
+    poisoned = replace(SamplingParams(temperature=0.7, seed=1), constraint=_Poison(after))
+    threads = [threading.Thread(target=run, args=(p, GREEDY)) for p in live]
+    threads.insert(1, threading.Thread(target=run, args=(PROMPTS[4], poisoned)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(results[PROMPTS[4]], RowsFailed) and "not finite" in results[PROMPTS[4]].message
+    assert {p: results[p] for p in live} == expected
+    # the scheduler is still healthy
+    assert list(batched.stream_tokens(batched.encode(live[0]), GREEDY, 12)) == expected[live[0]]

@@ -11,6 +11,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from slmkit.errors import BrokenModel
 from slmkit.sources.hf_dir import read_config
 from slmkit.version import __version__
 
@@ -203,4 +204,11 @@ def write_card(folder: Path, card: ModelCard) -> None:
 
 
 def read_card(folder: Path) -> ModelCard:
-    return ModelCard.from_json((folder / CARD_JSON).read_text())
+    """The card of a store folder, or BrokenModel saying why it cannot be read (never a parser's traceback)."""
+    try:
+        return ModelCard.from_json((folder / CARD_JSON).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        why = {"JSONDecodeError": "not valid JSON", "TypeError": "fields missing or of the wrong type",
+               "AttributeError": "not a JSON object"}.get(type(exc).__name__, f"{type(exc).__name__}: {str(exc)[:120]}")
+        raise BrokenModel(f"the card of {folder.name} ({folder / CARD_JSON}) cannot be read: {why}",
+                          f"Remove the model (`slmkit models rm {folder.name}`) and make it again, or restore its card.json.") from None

@@ -29,3 +29,7 @@ class ImportFailed(SlmkitError):
 
 class PromptTooLong(SlmkitError):
     pass
+
+
+class BrokenModel(SlmkitError):
+    """A store folder whose card cannot be read, or whose files are damaged."""

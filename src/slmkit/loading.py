@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slmkit import progress
+from slmkit.card import read_card
 from slmkit.config import settings
 from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import Backend
@@ -14,6 +15,7 @@ from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
 from slmkit.route.calibrate import is_router
+from slmkit.sources import integrity
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
@@ -66,7 +68,9 @@ def pick_backend(folder: Path, backend: str) -> str:
 
 
 def open_backend(folder: Path, backend: str, *, serving: bool = False) -> Backend:
-    """Open the store folder on `backend` (already picked: torch or llamacpp) with the configured threads."""
+    """Open the store folder on `backend` (already picked: torch or llamacpp) with the configured threads, once its
+    files are checked whole (a truncated file is named, never a reader's traceback)."""
+    integrity.require_whole(folder, read_card(folder))
     return BACKENDS[backend](folder, settings().threads, serving)
 
 

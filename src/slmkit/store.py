@@ -20,7 +20,7 @@ from typing import Any
 from slmkit import progress
 from slmkit.card import CARD_JSON, ModelCard, build_card, read_card, write_card
 from slmkit.config import settings
-from slmkit.errors import InvalidName, ModelNotFound, SlmkitError
+from slmkit.errors import BrokenModel, InvalidName, ModelNotFound, SlmkitError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STAGING_PREFIX = ".staging-"
@@ -72,8 +72,19 @@ class Store:
             return []
         return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and (p / CARD_JSON).is_file())
 
+    def scan(self) -> tuple[list[ModelCard], dict[str, str]]:
+        """Every model's card, and the folders whose card cannot be read (name -> why): one broken folder never hides
+        the others."""
+        cards, broken = [], {}
+        for n in self.names():
+            try:
+                cards.append(read_card(self.root / n))
+            except BrokenModel as exc:
+                broken[n] = exc.message
+        return cards, broken
+
     def cards(self) -> list[ModelCard]:
-        return [read_card(self.root / n) for n in self.names()]
+        return self.scan()[0]
 
     def card(self, name: str) -> ModelCard:
         self.require(name)

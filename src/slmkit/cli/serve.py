@@ -22,7 +22,7 @@ def serve(
     models: Annotated[list[str] | None, typer.Argument(help="Models to serve (default: the embedded default). Loaded on first use.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="SLMKIT_API_KEY", help="Require Authorization: Bearer KEY on /v1 routes.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="SLMKIT_API_KEY", help="Require Authorization: Bearer KEY on /v1, /api and /metrics (checked before a body is read).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most sequences decoded together per model.")] = MAX_BATCH,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Most requests waiting per model; beyond, 429.")] = MAX_QUEUE,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for (and the default).")] = MAX_TOKENS_LIMIT,
@@ -39,6 +39,8 @@ def serve(
     small_only: Annotated[bool, typer.Option("--small-only", help="Routers answer with the small model only (decisions are still logged).")] = False,
     large_key: Annotated[str | None, typer.Option("--large-key", envvar="SLMKIT_LARGE_API_KEY", help="API key for routers' large endpoints.")] = None,
     cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Let browser pages from this origin call the API (for example http://localhost:3000, or * for any). Repeatable.")] = None,
+    docs: Annotated[bool, typer.Option("--docs", help="Serve the API's description at /docs and /openapi.json (off: it tells anyone what the server takes).")] = False,
+    open_metrics: Annotated[bool, typer.Option("--open-metrics", help="Serve /metrics without the API key (with --api-key it needs the key).")] = False,
     decision_log: Annotated[Path | None, typer.Option("--decision-log", help="Routers' decisions as JSON lines. [default: SLMKIT_HOME/logs/route-decisions.jsonl]")] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a chat page at /."""
@@ -63,7 +65,7 @@ def serve(
                              small_only=small_only, large_key=large_key,
                              decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl")
     app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout,
-                     cors_origins=list(cors_origin or []))
+                     cors_origins=list(cors_origin or []), docs=docs, open_metrics=open_metrics)
     where = f"http://{host}:{port}"
     engines = ", ".join(f"{n} ({registry.backends[n]})" if n in registry.backends else
                         f"{n} (router: {registry.routers[n]['small']} -> {registry.routers[n]['large'].get('store') or registry.routers[n]['large'].get('url')})"

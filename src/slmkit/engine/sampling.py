@@ -14,6 +14,23 @@ from slmkit.errors import SlmkitError
 
 
 MAX_SEED = 2**62  # seeds are offset per row and per choice; this leaves room and fits torch's 64-bit generator
+# Bounds that keep the arithmetic finite: logits divided by a temperature below GREEDY_BELOW overflow float32 (such a
+# temperature samples greedily, as its limit does); a repetition penalty outside PENALTY_RANGE turns logits into
+# infinities or zeros.
+GREEDY_BELOW = 1e-4
+PENALTY_RANGE = (0.01, 100.0)
+MAX_REPEAT_LAST_N = 1 << 20
+
+
+class RowsFailed(SlmkitError):
+    """Some rows of a batch could not be sampled (their scores were not finite numbers); the others were. `failed`:
+    row -> why; `tokens`: every row's token (0 for the failed ones)."""
+
+    def __init__(self, failed: dict[int, str], tokens: list[int]) -> None:
+        first = next(iter(failed.values()))
+        super().__init__(f"could not sample the next token: {first}",
+                         "Use less extreme sampling settings (temperature, penalties), or report the model and prompt.")
+        self.failed, self.tokens = failed, tokens
 
 
 @dataclass(frozen=True)
@@ -57,8 +74,10 @@ class SamplingParams:
             problems.append("top_p must be in (0, 1]")
         if self.top_k < 0:
             problems.append("top_k must be >= 0 (0 turns it off)")
-        if self.repetition_penalty <= 0:
-            problems.append("repetition_penalty must be > 0 (1 turns it off)")
+        if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
+            problems.append(f"repetition_penalty must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]:g}] (1 turns it off)")
+        if not -1 <= self.repeat_last_n <= MAX_REPEAT_LAST_N:
+            problems.append(f"repeat_last_n must be in [-1, {MAX_REPEAT_LAST_N}] (0 or -1: the whole text so far)")
         if self.max_tokens < 1:
             problems.append("max_tokens must be >= 1")
         if not 0 <= self.top_logprobs <= 20:
@@ -138,6 +157,10 @@ def nucleus_size(sorted_logits: torch.Tensor, p: float) -> int:
     return max(int((before < p).sum()), 1)
 
 
+def _not_finite(value: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(value))
+
+
 def sample_rows(
     logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator | None],
@@ -148,7 +171,9 @@ def sample_rows(
     temperature, top-k, top-p, min-p, then sample. The
     work over the whole vocabulary (penalty, temperature, top-k) runs once for the batch; a row's result does
     not depend on the other rows, so a sequence samples the same tokens batched or alone.
-    Top-k runs first so that top-p sorts k candidates rather than the whole vocabulary.
+    Top-k runs first so that top-p sorts k candidates rather than the whole vocabulary. A temperature below
+    GREEDY_BELOW samples greedily. A row whose scores are not finite numbers fails alone: RowsFailed carries the
+    other rows' tokens (their constraints advanced), so a batch goes on without it.
     """
     logits = logits.float()  # (B, V)
     if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty or p.constraint is not None for p in params):
@@ -160,14 +185,18 @@ def sample_rows(
         if p.constraint is not None:
             p.constraint.mask(logits[r])
     out: list[int] = [0] * len(params)
-    greedy = [r for r, p in enumerate(params) if p.temperature == 0]
+    failed: dict[int, str] = {}
+    greedy = [r for r, p in enumerate(params) if p.temperature < GREEDY_BELOW]
     if greedy:
-        best = torch.argmax(logits[greedy], dim=-1).tolist()
-        for r, token in zip(greedy, best):
+        best_values, best = torch.max(logits[greedy], dim=-1)
+        for r, token, value in zip(greedy, best.tolist(), best_values):
+            if _not_finite(value):  # NaN scores, or a constraint that allows no token (-inf everywhere)
+                failed[r] = "the model's scores for this sequence are not finite numbers" if value.isnan() or value > 0 \
+                    else "no token is allowed here (the constraint and the vocabulary have nothing in common)"
             out[r] = int(token)
     by_k: dict[int, list[int]] = {}
     for r, p in enumerate(params):
-        if p.temperature != 0:
+        if p.temperature >= GREEDY_BELOW:
             by_k.setdefault(p.top_k, []).append(r)
     for k, rows in by_k.items():
         temps = torch.tensor([params[r].temperature for r in rows], dtype=logits.dtype)
@@ -175,14 +204,19 @@ def sample_rows(
         values, ids = top_candidates(logits if len(rows) == len(params) else logits[rows], k)  # (R, k), (R, k)
         values = values / temps[:, None]
         for i, r in enumerate(rows):
+            if _not_finite(values[i, 0]):  # the largest: +inf or NaN (topk puts NaN first) would poison the softmax
+                failed[r] = "the scores for this sequence are not finite numbers after its sampling settings"
+                continue
             keep = nucleus_size(values[i], params[r].top_p)
             probs = torch.softmax(values[i, :keep], dim=-1)
             if params[r].min_p > 0:  # drop what is less likely than min_p x the likeliest (multinomial renormalizes)
                 probs = torch.where(probs >= params[r].min_p * probs[0], probs, torch.zeros_like(probs))
             out[r] = int(ids[i, torch.multinomial(probs, 1, generator=generators[r])])
     for r, p in enumerate(params):
-        if p.constraint is not None:
+        if p.constraint is not None and r not in failed:
             p.constraint.advance(out[r])
+    if failed:
+        raise RowsFailed(failed, out)
     return out
 
 

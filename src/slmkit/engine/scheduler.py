@@ -27,7 +27,7 @@ import torch
 
 from slmkit.engine.decode import Step, steps_of, tokens_of
 from slmkit.engine.kv_cache import PrefixCache
-from slmkit.engine.sampling import SamplingParams, make_generator, sample_next, sample_rows
+from slmkit.engine.sampling import RowsFailed, SamplingParams, make_generator, sample_next, sample_rows
 from slmkit.errors import SlmkitError
 
 if TYPE_CHECKING:
@@ -268,7 +268,12 @@ class BatchScheduler:
         ids, cache, _, _ = item
         if cache and row_kv is not None:
             cache.store(ids, row_kv)
-        token = sample_next(logits, req.params, req.history, req.generator)
+        try:
+            token = sample_next(logits, req.params, req.history, req.generator)
+        except RowsFailed as exc:  # this request alone
+            req.out.put(exc)
+            self.store.drop()
+            return False
         if not self._emit(req, steps_of(logits[None], [token], [req.params.top_logprobs])[0]):
             self.store.drop()
             return False
@@ -301,10 +306,18 @@ class BatchScheduler:
     def _step(self) -> None:
         run = self.running
         logits = self.store.step([r.history[-1] for r in run])  # (B, V)
-        tokens = sample_rows(logits, [r.params for r in run], [r.history for r in run], [r.generator for r in run])
+        failed: dict[int, str] = {}
+        try:
+            tokens = sample_rows(logits, [r.params for r in run], [r.history for r in run], [r.generator for r in run])
+        except RowsFailed as exc:  # those rows' requests end with the error; the rest of the batch goes on
+            tokens, failed = exc.tokens, exc.failed
+            for i, why in failed.items():
+                run[i].out.put(RowsFailed({0: why}, [0]))
         steps = steps_of(logits, tokens, [r.params.top_logprobs for r in run])
         keep = []
         for i, (req, step) in enumerate(zip(run, steps)):
+            if i in failed:
+                continue
             if req.cancelled.is_set():
                 req.out.put(_DONE)
                 continue

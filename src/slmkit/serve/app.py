@@ -7,6 +7,7 @@ the event loop only moves pieces to the client.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,56 +33,113 @@ from slmkit.serve.routes import Server, openai_routes
 WEB = Path(__file__).parent / "web"
 
 
-class BodyLimit:
-    """ASGI middleware: a request whose body exceeds `max_bytes` (by Content-Length, or counted as it arrives) gets a
-    413 in OpenAI's error format before any handler reads it whole."""
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where a parsed JSON body holds text that is not Unicode (a lone surrogate such as \\ud800, which no encoder
+    takes): the field's path, or None. Keys are checked too."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            where = f"{path}.{k}" if path else str(k)
+            if (found := lone_surrogate(k, where)) or (found := lone_surrogate(v, where)):
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if found := lone_surrogate(v, f"{path}[{i}]"):
+                return found
+    return None
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+
+class Boundary:
+    """ASGI middleware, the one gate every request passes before a handler sees it:
+    - the API key (with --api-key) on /v1, /api and /metrics (unless opened), checked before the body is read: an
+      unauthenticated caller learns nothing about parsing;
+    - the body size: over `max_bytes` (by Content-Length, or counted as it arrives) is a 413;
+    - text: a JSON body with a lone surrogate in any string (or key) is a 400 naming the field, so no encoder
+      downstream ever sees one;
+    - Ollama's clients (and its curl examples) send JSON without a JSON content type: /api bodies are read as JSON.
+    Errors come in the shape of the route's API: OpenAI's for /v1 and the rest, Ollama's {"error": ...} for /api."""
+
+    def __init__(self, app: Any, max_bytes: int, api_key: str | None = None, open_metrics: bool = False) -> None:
+        self.app, self.max_bytes, self.api_key, self.open_metrics = app, max_bytes, api_key, open_metrics
+
+    def _keyed(self, path: str) -> bool:
+        return path.startswith(("/v1/", "/api/")) or (path == "/metrics" and not self.open_metrics)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        path, headers = scope.get("path", ""), dict(scope.get("headers") or [])
+        if self.api_key and self._keyed(path) and scope.get("method") != "OPTIONS":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                await self._refuse(send, path, 401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                   code="invalid_api_key", type_="authentication_error")
+                return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(send, path, 413, f"the request body is over this server's limit of {self.max_bytes} bytes",
+                               code="request_too_large")
             return
-        seen = 0
-
-        async def counted() -> dict:
-            nonlocal seen
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._refuse(send, path, 413, f"the request body is over this server's limit of {self.max_bytes} bytes",
+                                   code="request_too_large")
+                return
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
+            parsed = json.loads(body) if body.strip() else None
+        except (ValueError, RecursionError):
+            parsed = None  # not JSON: the handler's own validation says so
+        if (where := lone_surrogate(parsed)) is not None:
+            await self._refuse(send, path, 400, f"invalid request: {where}: contains a lone surrogate: not valid Unicode text",
+                               param=where)
+            return
+        if path.startswith("/api/") and parsed is not None:  # JSON whatever the declared content type
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
+        sent = False
 
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps(oa.error_body(f"the request body is over this server's limit of {self.max_bytes} bytes",
-                                        code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
+        await self.app(scope, replay, send)
 
-class _TooLarge(Exception):
-    pass
+    async def _refuse(self, send: Any, path: str, status: int, message: str, **kw: Any) -> None:
+        payload = {"error": message} if path.startswith("/api/") else oa.error_body(message, **kw)
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
 
 
 def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-               shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES, cors_origins: list[str] | None = None) -> FastAPI:
+               shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES, cors_origins: list[str] | None = None,
+               docs: bool = False, open_metrics: bool = False) -> FastAPI:
+    """The server. `docs` serves /docs and /openapi.json (off by default: they describe the API to anyone who asks);
+    `open_metrics` serves /metrics without the API key when there is one."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(registry.stop, shutdown_timeout)  # finish running requests, then cancel
 
-    app = FastAPI(title="slmkit", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    hidden: dict[str, Any] = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="slmkit", lifespan=lifespan, **hidden)
+    app.add_middleware(Boundary, max_bytes=max_body_bytes, api_key=api_key, open_metrics=open_metrics)
     if cors_origins:  # browsers on those origins may call the API (preflight OPTIONS answered)
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -96,11 +154,13 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(req: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = str(first.get("msg", "bad value"))
         status = 400 if "lone surrogate" in msg else 422  # well-formed JSON, but text that is not Unicode: a bad request
+        if req.url.path.startswith("/api/"):  # Ollama answers a bad request with 400 and {"error": "..."}
+            return JSONResponse({"error": f"invalid request: {where or 'body'}: {msg}"}, status_code=400)
         return JSONResponse(oa.error_body(f"invalid request: {where or 'body'}: {msg}", param=where or None), status_code=status)
 
     @app.get("/health")

@@ -4,3 +4,5 @@ MAX_TOKENS_LIMIT = 2048  # the most a request may ask for, and what it gets when
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused with 413 before it is read whole
 MAX_EMBEDDING_INPUTS = 64  # texts per /v1/embeddings request
 MAX_EMBEDDING_TOKENS = 16384  # their tokens together
+MAX_CHOICES = 16  # prompts x n per /v1/completions request: one request never fills the queue alone
+MAX_STOP = 16  # stop strings per request (OpenAI takes 4)

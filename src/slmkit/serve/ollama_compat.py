@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slmkit.card import human_count
+from slmkit.engine.sampling import MAX_REPEAT_LAST_N
+from slmkit.serve.limits import MAX_STOP
 from slmkit.serve.openai_compat import Unsupported, valid_text
 
 TAG = ":latest"
@@ -29,12 +31,33 @@ class OllamaMessage(BaseModel):
     _text = field_validator("content")(valid_text)
 
 
+class Options(BaseModel):
+    """Ollama's `options`, typed as Ollama types them (a wrong type is a 400 in Ollama's shape, never a 500); the
+    ones about memory and threads are accepted and ignored, any other is refused (sampling())."""
+
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0, strict=True)
+    seed: int | None = Field(default=None, strict=True)
+    num_predict: int | None = Field(default=None, ge=-2, strict=True)
+    stop: str | list[str] | None = Field(default=None)
+    repeat_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=MAX_REPEAT_LAST_N, strict=True)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
+
+    _text = field_validator("stop")(valid_text)
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
     stream: bool = True
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Options = Field(default_factory=Options)
     format: Any = None
     keep_alive: Any = None
 
@@ -75,11 +98,14 @@ def model_name(name: str) -> str:
 def sampling(req: _Base) -> dict[str, Any]:
     """slmkit sampling keyword arguments from Ollama's options; options that change what is computed and are not
     served are refused, the ones about memory and threads are ignored (the server's own settings decide)."""
-    unknown = sorted(set(req.options) - set(OPTIONS) - IGNORED_OPTIONS)
+    given = req.options.model_dump(exclude_none=True)
+    unknown = sorted(set(given) - set(OPTIONS) - IGNORED_OPTIONS)
     if unknown:
         raise Unsupported(f"options not supported by this server: {', '.join(unknown)}",
                           f"Supported: {', '.join(OPTIONS)} (and {', '.join(sorted(IGNORED_OPTIONS))}, ignored).")
-    out = {OPTIONS[k]: v for k, v in req.options.items() if k in OPTIONS and v is not None}
+    out = {OPTIONS[k]: v for k, v in given.items() if k in OPTIONS}
+    if len(out.get("stop") or ()) > MAX_STOP and not isinstance(out.get("stop"), str):
+        raise Unsupported(f"{len(out['stop'])} stop strings: this server takes at most {MAX_STOP}", "Send fewer.")
     if isinstance(out.get("stop"), str):
         out["stop"] = (out["stop"],)
     elif "stop" in out:

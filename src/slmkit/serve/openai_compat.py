@@ -6,9 +6,10 @@ import time
 import uuid
 from typing import Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmkit.errors import SlmkitError
+from slmkit.serve.limits import MAX_CHOICES, MAX_STOP
 
 
 def valid_text(value: Any) -> Any:
@@ -106,6 +107,13 @@ class _Sampling(BaseModel):
 
     _text = field_validator("stop")(valid_text)
 
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"{len(value)} stop strings: this server takes at most {MAX_STOP}")
+        return value
+
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
@@ -116,6 +124,14 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)  # the legacy endpoint's logprobs is a count
 
     _prompt_text = field_validator("prompt")(valid_text)
+
+    @model_validator(mode="after")
+    def _choices(self) -> "CompletionRequest":
+        prompts = 1 if isinstance(self.prompt, str) else len(self.prompt)
+        if prompts * self.n > MAX_CHOICES:
+            raise ValueError(f"{prompts} prompts x n={self.n} = {prompts * self.n} completions: this server makes at most "
+                             f"{MAX_CHOICES} per request (send the prompts in several requests)")
+        return self
 
 
 class EmbeddingRequest(BaseModel):

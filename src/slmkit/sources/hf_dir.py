@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,26 @@ from typing import Any
 from slmkit.errors import ImportFailed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+MAX_HEADER = 100 << 20  # safetensors' own limit on its JSON header
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (header unreadable, data shorter or longer than the header says), or None.
+    Reads only the header: 8 bytes of length, then the JSON with every tensor's data offsets."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(MAX_HEADER, size - 8):
+                return f"its header claims {n:,} bytes but the file has {size:,}"
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        return f"its header is not readable ({type(exc).__name__})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"it has {size:,} bytes where its header says {expected:,} ({'truncated' if size < expected else 'extra bytes'})"
+    return None
 
 
 def check_hf_dir(path: Path) -> dict[str, Any]:
@@ -115,6 +136,10 @@ def load_float(folder: Path, *, dtype: Any = "auto", what: str | None = None) ->
 
     from slmkit import progress
 
+    for weights in sorted(Path(folder).glob("*.safetensors")):  # a damaged file is named before transformers reads it
+        if why := safetensors_problem(weights):
+            raise ImportFailed(f"{weights} is damaged: {why}",
+                               "A store model: remove it (slmkit models rm NAME) and make it again; a folder: save it again.")
     try:
         with progress.step(what) if what else nullcontext():
             tokenizer = load_tokenizer(folder)
