@@ -25,6 +25,7 @@ class Settings:
     kernel_dir: Path  # TORCH_EXTENSIONS_DIR/slmkit: where they are built
     machine_cache: Path  # SLMKIT_MACHINE_CACHE: this machine's llama.cpp wheels and the llama.cpp guard's verdicts
     llamacpp_guard: bool  # SLMKIT_LLAMACPP_GUARD (0: trust the llama.cpp build without a child-process check)
+    kill_at: str  # SLMKIT_KILL_AT: a test hook, the phase at which the process kills itself (slmkit.faults)
 
     @property
     def evals_dir(self) -> Path:
@@ -60,4 +61,5 @@ def settings() -> Settings:
     return Settings(home=home, threads=threads, data_dir=Path(data).expanduser() if data else None, hub_offline=offline,
                     native=os.environ.get("SLMKIT_NATIVE", "1") != "0", cxx=os.environ.get("CXX") or "c++",
                     kernel_dir=extensions / "slmkit", machine_cache=machine_cache(os.environ),
-                    llamacpp_guard=os.environ.get("SLMKIT_LLAMACPP_GUARD", "1") != "0")
+                    llamacpp_guard=os.environ.get("SLMKIT_LLAMACPP_GUARD", "1") != "0",
+                    kill_at=os.environ.get("SLMKIT_KILL_AT", ""))

@@ -17,7 +17,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from slmkit import progress
+from slmkit import faults, progress
 from slmkit.card import CARD_JSON, ModelCard, build_card, read_card, write_card
 from slmkit.config import settings
 from slmkit.errors import BrokenModel, InvalidName, ModelNotFound, SlmkitError
@@ -157,8 +157,10 @@ class Store:
         """Install model `name` made by `stage`: `write(staging)` puts its files in a staging folder, then its card
         (lineage: parent, stage, settings; file hashes, size, parameters) is written and the folder renamed into
         place. Every stage and import ends here; a failure anywhere leaves nothing under `name`."""
+        faults.point("computing")
         with self.install(name, overwrite=overwrite) as staging:
             write(staging)
+            faults.point("writing")
             with progress.step("Hashing files and writing the model card"):
                 card = build_card(staging, name=name, stage=stage, parent=parent,
                                   source=source if source is not None else {"kind": "stage", "parent": parent},
@@ -182,6 +184,7 @@ class Store:
             yield staging
             if not (staging / CARD_JSON).is_file():
                 raise SlmkitError(f"internal error: install of {name!r} wrote no {CARD_JSON}")
+            faults.point("renaming")
             if overwrite and target.exists():
                 trash = self.root / f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
                 os.rename(target, trash)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from slmkit import progress
+from slmkit import faults, progress
 from slmkit.engine import llamacpp_guard
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import read_config
@@ -275,11 +275,13 @@ def export_gguf(
     final = out_dir / f"{name}.gguf"
     tmp_f32 = out_dir / f".{name}.f32.tmp-{os.getpid()}"
     tmp_out = out_dir / f".{name}.gguf.tmp-{os.getpid()}"
+    faults.point("loading")
     try:
         with progress.step(f"Writing GGUF ({'F16' if gguf_type == 'F16' else 'F32'})"):
             template = write_gguf_f32(
                 folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16", meta=meta
             )
+        faults.point("writing")  # a temporary file is on disk: the next command sweeps it
         if gguf_type not in ("F32", "F16"):
             how = " and an importance matrix" if imatrix else ""
             with progress.step(f"Quantizing to {gguf_type} with llama.cpp{how}"):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from slmkit import faults
 from slmkit.errors import ImportFailed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -136,6 +137,7 @@ def load_float(folder: Path, *, dtype: Any = "auto", what: str | None = None) ->
 
     from slmkit import progress
 
+    faults.point("loading")
     for weights in sorted(Path(folder).glob("*.safetensors")):  # a damaged file is named before transformers reads it
         if why := safetensors_problem(weights):
             raise ImportFailed(f"{weights} is damaged: {why}",

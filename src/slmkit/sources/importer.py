@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from slmkit import progress
+from slmkit import faults, progress
 from slmkit.card import ModelCard, sha256_file
 from slmkit.config import DEFAULT_MODEL
 from slmkit.errors import ImportFailed
@@ -56,6 +56,7 @@ def import_hf_dir(path: Path, name: str, *, store: Store, overwrite: bool = Fals
 def import_path(path: str | Path, name: str | None = None, *, store: Store | None = None, overwrite: bool = False) -> ModelCard:
     """Import a .gguf file or a Hugging Face folder as `name` (default: derived from the path)."""
     store = store or Store()
+    faults.point("loading")
     path = Path(path).expanduser()
     name = validate_name(name) if name is not None else name_from_path(path)
     if not path.exists():

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmkit import progress
+from slmkit import faults, progress
 from slmkit.errors import SlmkitError
 from slmkit.store import pid_alive
 from slmkit.train.data import Windows
@@ -88,6 +88,7 @@ def _save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
     tmp.mkdir(parents=True)
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        faults.point("writing")
         osd = opt.state_dict()
         tensors = {f"{i}.{k}": v.contiguous() for i, s in osd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
         if tensors:
@@ -97,6 +98,7 @@ def _save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
         old = run_dir / f".{CHECKPOINT}-old-{uuid.uuid4().hex[:8]}"
         if final.exists():
             os.rename(final, old)
+            faults.point("renaming")  # between the two renames: resume finds the old one whole
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -212,6 +214,7 @@ def fit(model: nn.Module, train: Windows, valid: Windows, cfg: TrainConfig, run_
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.clip)) if cfg.clip > 0 else 0.0
             opt.step()
             opt.zero_grad(set_to_none=True)
+            faults.point("computing")
             record = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **parts_sum}
             last = step + 1 == total
             if (step + 1) % cfg.eval_every == 0 or last:
