@@ -168,3 +168,34 @@ def test_the_key_comes_before_the_body_and_covers_metrics(store):
         assert httpx.get(s.url + "/metrics").status_code == 200 and httpx.get(s.url + "/openapi.json").status_code == 200
     finally:
         s.stop()
+
+
+def test_no_request_the_schema_allows_makes_a_5xx(store):
+    """A property-based fuzzer over the app's own OpenAPI schema (schemathesis; from app.openapi() in this process, so
+    /openapi.json can stay off), every operation, against a real server over sockets: no answer is a 5xx. Bounded:
+    a fixed number of examples per operation, derandomized (the same requests every run)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    s = Running(["tiny"], max_tokens_limit=8)
+    try:
+        from fastapi import FastAPI
+
+        app = next(getattr(r, "app") for r in [s.server.config] if isinstance(getattr(r, "app"), FastAPI))
+        schema = schemathesis.openapi.from_dict(app.openapi())
+        checked = []
+        for result in schema.get_all_operations():
+            operation = result.ok()
+
+            @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy())
+            def no_5xx(case) -> None:
+                r = case.call(base_url=s.url, timeout=60)
+                assert r.status_code < 500, (case.method, case.path, case.body, r.status_code, r.text[:300])
+
+            no_5xx()
+            checked.append(operation.label)
+        assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /api/generate", "POST /api/chat"} <= set(checked)
+    finally:
+        s.stop()

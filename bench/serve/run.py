@@ -60,10 +60,12 @@ def start(cmd: list[str], url: str, env: dict[str, str], model: str) -> subproce
     raise RuntimeError("server did not start")
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, seed: int) -> dict:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.7, "seed": seed, "stream": True}
+async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, seed: int,
+                     temperature: float = 0.7) -> dict:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stream": True}
     t0 = time.perf_counter()
     times: list[float] = []
+    text: list[str] = []
     try:
         async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
             if r.status_code != 200:
@@ -74,11 +76,13 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, max_tokens
                 ev = json.loads(line[6:])
                 if ev.get("choices") and ev["choices"][0].get("text"):
                     times.append(time.perf_counter())
+                    text.append(ev["choices"][0]["text"])
     except httpx.HTTPError as exc:
         return {"error": type(exc).__name__}
     if not times:
         return {"error": "no tokens"}
-    return {"ttft": times[0] - t0, "itl": [b - a for a, b in zip(times, times[1:])], "tokens": len(times), "end": times[-1]}
+    return {"ttft": times[0] - t0, "itl": [b - a for a, b in zip(times, times[1:])], "tokens": len(times), "end": times[-1],
+            "text": "".join(text)}
 
 
 async def level(url: str, model: str, streams: int, max_tokens: int) -> dict:

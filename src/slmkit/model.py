@@ -146,6 +146,8 @@ class Model:
 
     def _checked_ids(self, ids: list[int], params: SamplingParams) -> list[int]:
         ctx = self.backend.context_length
+        if not ids:  # nothing to continue from (this model adds no start token of its own)
+            raise SlmkitError("the prompt is empty: it encodes to no tokens", "Give some text for the model to continue.")
         if len(ids) >= ctx:
             raise PromptTooLong(
                 f"the prompt is {len(ids)} tokens, but {self.name}'s context window is {ctx} tokens",
