@@ -140,8 +140,8 @@ def test_one_request_cannot_fill_the_queue(srv):
     """D6: prompts x n and stop lists are capped, with the limit in the error."""
     r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": ["hi"] * 1000, "max_tokens": 1}, timeout=30)
     assert r.status_code == 422 and "at most 16" in r.json()["error"]["message"]
-    r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 8, "max_tokens": 1}, timeout=30)
-    assert r.status_code == 200 and len(r.json()["choices"]) == 16
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 4, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8  # within both caps (this server's client share is 8)
     r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": MSG, "stop": ["x"] * 17}, timeout=30)
     assert r.status_code == 422 and "at most 16" in r.json()["error"]["message"]
 
@@ -197,5 +197,29 @@ def test_no_request_the_schema_allows_makes_a_5xx(store):
             no_5xx()
             checked.append(operation.label)
         assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /api/generate", "POST /api/chat"} <= set(checked)
+    finally:
+        s.stop()
+
+
+def test_the_server_knows_each_client_share(store, monkeypatch):
+    """Over sockets: each request's client (its address) reaches the scheduler that enforces the shares, on both APIs
+    and in the reader threads that generate (test_scheduler tests the shares themselves)."""
+    from slmkit.engine import scheduler
+
+    seen: list[str] = []
+    submit = scheduler.BatchScheduler.submit
+
+    def recording(self, *args, **kwargs):
+        seen.append(scheduler.CLIENT.get())
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler.BatchScheduler, "submit", recording)
+    s = Running(["tiny"], max_tokens_limit=8)
+    try:
+        assert httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 3}, timeout=60).status_code == 200
+        assert httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": MSG, "stream": True}, timeout=60).status_code == 200
+        r = httpx.post(s.url + "/api/generate", json={"model": "tiny", "prompt": "The", "stream": False, "options": {"num_predict": 2}}, timeout=60)
+        assert r.status_code == 200
+        assert seen and set(seen) == {"127.0.0.1"}, seen
     finally:
         s.stop()

@@ -249,3 +249,45 @@ def test_a_poisoned_row_fails_alone_and_the_batch_keeps_its_tokens(tiny_pair, af
     assert {p: results[p] for p in live} == expected
     # the scheduler is still healthy
     assert list(batched.stream_tokens(batched.encode(live[0]), GREEDY, 12)) == expected[live[0]]
+
+
+def test_one_client_cannot_starve_the_rest(store):
+    """A client holds at most its share of the queue (429 for it alone), and the next free batch slot goes to the
+    client with the fewest running requests, not to whoever queued most."""
+    import contextvars
+    import time
+
+    from slmkit.engine.scheduler import CLIENT
+
+    inner = slmkit.load("tiny").backend
+    inner._eos = frozenset()  # nothing ends by itself
+    b = BatchedBackend(inner, max_batch=1, max_queue=4)  # a share of 2 waiting per client
+    first_token: dict[str, float] = {}
+
+    def as_client(who: str, fn, *args):
+        ctx = contextvars.copy_context()
+        ctx.run(CLIENT.set, who)
+        return ctx.run(fn, *args)
+
+    def consume(name: str, stream) -> None:
+        for _ in stream:
+            first_token.setdefault(name, time.perf_counter())
+
+    try:
+        long = SamplingParams(temperature=0, repetition_penalty=1.0)
+        a1 = as_client("A", b.stream_tokens, b.encode("The"), long, 10_000)
+        next(a1)  # A's first request runs
+        a_waiting = [as_client("A", b.stream_tokens, b.encode("The"), long, 3) for _ in range(2)]
+        with pytest.raises(QueueFull, match="this client already has 2 requests waiting"):
+            as_client("A", b.stream_tokens, b.encode("The"), long, 3)
+        b1 = as_client("B", b.stream_tokens, b.encode("The"), long, 3)  # B still gets in
+        threads = [threading.Thread(target=consume, args=(n, s)) for n, s in (("A2", a_waiting[0]), ("A3", a_waiting[1]), ("B1", b1))]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        a1.close()  # the one batch slot frees: B, with nothing running, goes before A's older requests
+        for t in threads:
+            t.join(60)
+        assert first_token["B1"] < first_token["A2"] < first_token["A3"], first_token
+    finally:
+        b.scheduler.stop()

@@ -25,6 +25,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="SLMKIT_API_KEY", help="Require Authorization: Bearer KEY on /v1, /api and /metrics (checked before a body is read).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most sequences decoded together per model.")] = MAX_BATCH,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Most requests waiting per model; beyond, 429.")] = MAX_QUEUE,
+    max_queue_per_client: Annotated[int | None, typer.Option("--max-queue-per-client", help="Most requests one client (address) may have waiting; beyond, 429 for that client only. [default: half of --max-queue]")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for (and the default).")] = MAX_TOKENS_LIMIT,
     prefix_cache_tokens: Annotated[int, typer.Option("--prefix-cache-tokens", help="Prompt tokens of KV kept for reuse; 0 turns it off.")] = PREFIX_CACHE_TOKENS,
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto (llama.cpp where the model has a GGUF, else PyTorch), llamacpp or torch.")] = "auto",
@@ -62,7 +63,7 @@ def serve(
     metrics = Metrics()
     registry = ModelRegistry(names, metrics, max_batch=max_batch, max_queue=max_queue, prefix_cache_tokens=prefix_cache_tokens,
                              backend=backend, context=context, splits=splits, cache=make_cache, cache_sampled=cache_sampled,
-                             small_only=small_only, large_key=large_key,
+                             small_only=small_only, large_key=large_key, max_queue_per_client=max_queue_per_client,
                              decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl")
     app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout,
                      cors_origins=list(cors_origin or []), docs=docs, open_metrics=open_metrics)

@@ -15,6 +15,7 @@ slot cache and other models in a left-padded transformers cache (`torch_batch.Sl
 from __future__ import annotations
 
 import collections
+import contextvars
 import queue
 import threading
 import time
@@ -51,11 +52,16 @@ class _Request:
     history: list[int] = field(default_factory=list)
     produced: int = 0
     adapter: int = 0  # the LoRA adapter the request runs with over the shared base (0: none)
+    client: str = ""  # who sent it (the server's CLIENT: an address); "" in library use
 
 
 MAX_BATCH = 16  # sequences decoded together
 PREFILL_CHUNK = 128  # prompt tokens prefilled between two decode steps of the running rows (chunked prefill)
 MAX_QUEUE = 64  # requests waiting; beyond, QueueFull
+# Who is asking: the server sets it per request (its address), submit() reads it. A client may hold at most
+# `max_queue_per_client` waiting requests (default half the queue), and the next free batch slot goes to the waiting
+# client with the fewest running requests, not to whoever queued most: one client cannot starve the rest.
+CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("slmkit_client", default="")
 PREFIX_CACHE_TOKENS = 4096  # prompt tokens of KV kept for reuse
 BURST_TOKENS = 16  # requests admitted together whose uncached prompt parts are this short and equally long: one forward
 
@@ -69,13 +75,15 @@ class BatchScheduler:
 
     def __init__(self, backend: "Engine | Callable[[], Engine]", *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
                  prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
-                 context: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 context: int | None = None, prefill_chunk: int = PREFILL_CHUNK, max_queue_per_client: int | None = None) -> None:
         """`backend`: an open backend, or a function that opens one: then the worker thread opens it itself, so one
         thread loads and runs the model. On CPU that matters: OpenMP keeps a thread pool per thread that runs
         parallel work, and with two pools on the same cores libgomp stops spinning between parallel regions; a
         decode step of the default model measured 1.7x slower in a thread other than the one that loaded it."""
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_queue_per_client = max_queue_per_client or max(1, max_queue // 2)
+        self._last_client = ""
         self.prefill_chunk = prefill_chunk
         self.prefill_steps = 0  # decode steps run between prefill pieces (chunked prefill), for tests and metrics
         self.burst_prefills = 0  # forwards that prefilled several admitted requests at once
@@ -115,8 +123,12 @@ class BatchScheduler:
             in_flight = len(self.waiting) + len(self.running) + self._admitted
             if in_flight >= self.max_batch + self.max_queue:
                 raise QueueFull(f"the request queue is full ({len(self.waiting)} waiting, {len(self.running)} running)", "Retry in a moment.")
+            client = CLIENT.get()
+            if client and sum(r.client == client for r in self.waiting) >= self.max_queue_per_client:
+                raise QueueFull(f"this client already has {self.max_queue_per_client} requests waiting (its share of the "
+                                f"queue of {self.max_queue})", "Wait for your running requests, then retry.")
             req = _Request(list(prompt), params, max_new, generator=make_generator(params.seed), history=list(prompt),
-                           adapter=adapter)
+                           adapter=adapter, client=client)
             self.waiting.append(req)
             self._cv.notify()
         return req
@@ -195,7 +207,7 @@ class BatchScheduler:
                     return
                 admit = []
                 while self.waiting and len(self.running) + len(admit) < self.max_batch:
-                    admit.append(self.waiting.popleft())
+                    admit.append(self._next_fair(admit))
                 self._admitted = len(admit)
             try:
                 i = 0
@@ -215,6 +227,17 @@ class BatchScheduler:
                 self.running = []
                 self._admitted = 0
                 self.store.clear()
+
+    def _next_fair(self, admitting: list[_Request]) -> _Request:
+        """Take the waiting request whose client has the fewest requests running (or being admitted), a client other
+        than the one admitted last on a tie, then the oldest: arrival order among equals."""
+        busy = collections.Counter(r.client for r in self.running + admitting)
+        best = min(range(len(self.waiting)),
+                   key=lambda i: (busy[self.waiting[i].client], self.waiting[i].client == self._last_client, i))
+        req = self.waiting[best]
+        del self.waiting[best]
+        self._last_client = req.client
+        return req
 
     @torch.inference_mode()
     def _prefill_group(self, reqs: list[_Request]) -> list[tuple[_Request, bool]]:

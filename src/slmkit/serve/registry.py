@@ -36,7 +36,7 @@ class ModelRegistry:
     def __init__(self, names: list[str], metrics: Metrics, *, max_batch: int, max_queue: int, prefix_cache_tokens: int,
                  store: Store | None = None, backend: str = "auto", context: int | None = None, splits: Sequence[Split] = (),
                  cache: Callable[[], ResponseCache] | None = None, cache_sampled: bool = False, small_only: bool = False,
-                 large_key: str | None = None, decision_log: Path | None = None) -> None:
+                 large_key: str | None = None, decision_log: Path | None = None, max_queue_per_client: int | None = None) -> None:
         self.store = store or Store()
         self.routers: dict[str, dict[str, Any]] = {}
         self.endpoints: dict[str, Endpoint] = {}  # routers' large targets that are OpenAI endpoints
@@ -68,6 +68,7 @@ class ModelRegistry:
         self.names = list(dict.fromkeys([*names, *self.splits]))
         self.metrics = metrics
         self.max_batch, self.max_queue, self.prefix_cache_tokens = max_batch, max_queue, prefix_cache_tokens
+        self.max_queue_per_client = max_queue_per_client
         self.context = context
         self.cache, self.cache_sampled = cache, cache_sampled
         self.small_only = small_only
@@ -133,7 +134,8 @@ class ModelRegistry:
                 return b
 
             self._shared[base] = BatchedBackend(open_group, max_batch=self.max_batch, max_queue=self.max_queue,
-                                                prefix_cache_tokens=self.prefix_cache_tokens, context=self.context)
+                                                prefix_cache_tokens=self.prefix_cache_tokens, context=self.context,
+                                                max_queue_per_client=self.max_queue_per_client)
         return self._shared[base]
 
     def model(self, name: str) -> Model:
@@ -152,7 +154,7 @@ class ModelRegistry:
                 # opened on the scheduler's own thread: the thread that runs the model also loads it
                 batched = BatchedBackend(lambda: open_backend(folder, kind, serving=True), max_batch=self.max_batch,
                                          max_queue=self.max_queue, prefix_cache_tokens=self.prefix_cache_tokens,
-                                         context=self.context)
+                                         context=self.context, max_queue_per_client=self.max_queue_per_client)
                 sched = batched.scheduler
                 self.metrics.watch(name, lambda: sched.queue_depth, lambda: sched.batch_size,
                                    lambda: sched.prefix_cache.hit_rate if sched.prefix_cache else 0.0)

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from slmkit.engine.scheduler import CLIENT
 from slmkit.errors import ModelNotFound, PromptTooLong
 from slmkit.model import Generation, Model
 from slmkit.serve import openai_compat as oa
@@ -96,9 +97,15 @@ def auth_of(server: Server) -> Callable[[Request], None]:
     return auth
 
 
+async def identify(request: Request) -> None:
+    """Who sent the request (its address), for the scheduler's per-client share of the queue and of the batch. An
+    async dependency: it runs in the request's own context, which the handler and its reader threads inherit."""
+    CLIENT.set(request.client.host if request.client else "")
+
+
 def openai_routes(server: Server) -> APIRouter:
     registry, metrics = server.registry, server.metrics
-    router = APIRouter(dependencies=[Depends(auth_of(server))])
+    router = APIRouter(dependencies=[Depends(auth_of(server)), Depends(identify)])
 
     @asynccontextmanager
     async def counted(endpoint: str, model: str) -> AsyncIterator[str]:

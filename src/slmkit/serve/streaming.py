@@ -8,6 +8,7 @@ request in the scheduler and frees the batch slot.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -38,7 +39,8 @@ class Choice:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.stop = threading.Event()
         self._loop = loop
-        self.thread = threading.Thread(target=self._read, daemon=True)
+        # the reader runs in this request's context: the scheduler reads who sent it (scheduler.CLIENT)
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._read,), daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
