@@ -135,3 +135,26 @@ def wide(store, tmp_path_factory) -> str:
 
     import_path(build_tiny_llama(tmp_path_factory.mktemp("wide") / "wide", layers=4, intermediate=64), "wide")
     return "wide"
+
+
+# --- leaving the test process ---------------------------------------------------------------------------------
+# Once every test has run and pytest has written its report, the process ends with pytest's own exit status and
+# without the interpreter's final teardown: with the servers' daemon threads and llama.cpp, torch and OpenMP runtimes
+# loaded, that teardown (C++ static destructors, under ggml's terminate handler) once aborted a run whose tests had
+# all passed ("terminate called without an active exception" in Py_FinalizeEx). Nothing a test checks runs there.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    import os
+    import sys
+
+    if _EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
