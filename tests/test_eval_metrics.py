@@ -73,3 +73,19 @@ def test_short_labels_drop_the_shared_words():
     assert short_labels(["m-7b", "m-8b"]) == ("m", ["…-7b", "…-8b"])
     assert short_labels(["tiny", "smollm2-135m"]) == ("", ["tiny", "smollm2-135m"])  # nothing shared
     assert short_labels(["only-one"]) == ("", ["only-one"])
+
+
+def test_classification_report_matches_its_definitions():
+    from slmkit.evaluate.metrics import classification_report
+
+    gold = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", "a", "b", "b", "c", "c"]
+    r = classification_report(pred, gold)
+    assert r["labels"] == ["a", "b", "c"] and r["accuracy"] == pytest.approx(4 / 6)
+    pc = r["per_class"]
+    assert pc["a"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8), "support": 3}
+    assert pc["b"]["precision"] == 0.5 and pc["b"]["recall"] == 0.5 and pc["c"]["precision"] == 0.5 and pc["c"]["recall"] == 1.0
+    assert r["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert r["confusion"]["a"] == {"a": 2, "b": 1, "c": 0} and sum(map(sum, (row.values() for row in r["confusion"].values()))) == 6
+    never = classification_report(["a", "a"], ["a", "b"], labels=["a", "b", "z"])  # a label never predicted or seen
+    assert never["per_class"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}

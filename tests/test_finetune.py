@@ -333,3 +333,38 @@ def test_lora_adapter_as_gguf_beside_its_base(wide, chats, tmp_path):
     assert base_only != want  # and the adapter is what makes the difference
     with pytest.raises(SlmkitError, match="not a LoRA adapter"):
         export_model(wide, "F32", out_dir=tmp_path / "x", lora_adapter=True)
+
+
+def test_label_accuracy_picks_the_likeliest_label(wide, tmp_path):
+    """--metric accuracy: each answer is the label whose tokens (and the end of the turn) the model finds likeliest
+    after the prompt, so always one of the labels; accuracy, macro-F1 and the confusion matrix follow from those
+    answers. (That fine-tuning on label rows raises it on the real model: bench/finetune.)"""
+    from slmkit.evaluate.metrics import classification_report
+    from slmkit.evaluate.responses import classify, response_items
+    from slmkit.model import encode_chat
+
+    rows = [("The quick brown fox jumps", "animal"), ("Paris is the capital of France", "place"),
+            ("def add(a, b): return a + b", "code"), ("Berlin is the capital of Germany", "place")]
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in rows))
+    labels = ["animal", "place", "code", "other"]
+    model = slmkit.load(wide)
+    b = model.backend
+    expected = []
+    for prompt, _ in response_items(data):
+        ids = encode_chat(b, prompt)
+        by_hand = {lab: sum(b.score_batch([(ids + b.encode(lab, add_special_tokens=False) + sorted(b.eos_token_ids)[:1], len(ids))])[0])
+                   for lab in labels}
+        label, scores = classify(model, prompt, labels)
+        assert label == max(by_hand, key=by_hand.get) and scores == pytest.approx([by_hand[x] for x in labels], abs=1e-4)
+        expected.append(label)
+    f = tmp_path / "acc.json"
+    r = runner.invoke(app, ["eval", wide, "--responses", str(data), "--metric", "accuracy", "--labels", ",".join(labels), "--out", str(f)])
+    assert r.exit_code == 0 and "responses.accuracy" in r.output and "responses.macro_f1" in r.output, r.output
+    res = json.loads(f.read_text())["results"]["responses"]
+    report = classification_report(expected, [a for _, a in rows], labels)
+    assert res["labels"] == labels and res["n"] == 4
+    assert (res["accuracy"], res["macro_f1"], res["confusion"]) == (report["accuracy"], report["macro_f1"], report["confusion"])
+    r = runner.invoke(app, ["eval", wide, "--responses", str(data), "--metric", "accuracy", "--labels", "animal,place"])
+    assert r.exit_code == 1 and "references outside --labels: code" in r.output

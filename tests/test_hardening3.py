@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+import httpx
 import pytest
+from test_hardening import MSG, srv  # noqa: F401  (srv: a fixture, a server of the tiny model, max_tokens 40)
+from test_serve import Running
 from typer.testing import CliRunner
 
 import slmkit
@@ -73,9 +76,6 @@ def test_a_truncated_gguf_in_the_store_is_named(store, tmp_path):
 
 
 # --- the server -----------------------------------------------------------------------------------------------
-import httpx  # noqa: E402
-from test_hardening import MSG, srv  # noqa: E402,F401  (srv: a server of the tiny model, max_tokens 40)
-from test_serve import Running  # noqa: E402
 
 
 def test_extreme_sampling_values_never_end_other_streams(srv):

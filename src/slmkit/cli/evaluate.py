@@ -56,6 +56,18 @@ def _table(results: list[dict[str, Any]], title: str, baseline: str | None = Non
     return table
 
 
+def read_labels(given: str | None) -> list[str] | None:
+    """--labels: a file with one label a line, or a comma-separated list."""
+    if not given:
+        return None
+    path = Path(given)
+    items = path.read_text(encoding="utf-8").splitlines() if path.is_file() else given.split(",")
+    labels = list(dict.fromkeys(x.strip() for x in items if x.strip()))
+    if len(labels) < 2:
+        raise SlmkitError(f"--labels gives {len(labels)} label(s)", "Give at least two: a,b,c or a file with one label a line.")
+    return labels
+
+
 @handle_errors
 def eval_cmd(
     model_name: ModelOpt = None,
@@ -72,9 +84,10 @@ def eval_cmd(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="A folder of evaluation data to look in first (default: SLMKIT_DATA; see `slmkit data list`).")] = None,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the built-in tasks and suites, with their data's source and size, and exit.")] = False,
     responses: Annotated[Path | None, typer.Option("--responses", help="Held-out prompts with reference responses (chat JSON lines, Alpaca, CSV): answer quality and response perplexity.")] = None,
-    metric: Annotated[str, typer.Option("--metric", help="For --responses: rouge_l (free answers) or exact_match (labels such as intents).")] = "rouge_l",
+    metric: Annotated[str, typer.Option("--metric", help="For --responses: rouge_l (free answers), exact_match (a generated label), or accuracy (labels: the likeliest of the file's labels, so always a valid one; with macro-F1 and per-class precision and recall).")] = "rouge_l",
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="For a --responses CSV: the prompt column.")] = None,
     response_column: Annotated[str | None, typer.Option("--response-column", help="For a --responses CSV: the response column.")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="For --metric accuracy: the label set, comma-separated or a file with one label a line (default: the labels the file's references use).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results JSON instead of the table.")] = False,
     backend: BackendOpt = "torch",
 ) -> None:
@@ -91,6 +104,7 @@ def eval_cmd(
     result, archived = evaluate(
         model, ppl=ppl, tasks=list(task or []), suites=list(suite or []), speed=speed, data_dir=data_dir, kl=reference, kl_text=kl_text, limit=limit,
         context_length=context_length, stride=stride, out=out, responses=responses, response_metric=metric,
+        response_labels=read_labels(labels),
         response_read={k: v for k, v in {"prompt_column": prompt_column, "response_column": response_column}.items() if v},
     )
     if as_json:

@@ -99,3 +99,27 @@ def rouge_l(answer: str, reference: str) -> float:
     from rouge_score import rouge_scorer
 
     return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, answer)["rougeL"].fmeasure)
+
+
+def classification_report(predicted: Sequence[str], gold: Sequence[str], labels: Sequence[str] | None = None) -> dict:
+    """Accuracy, macro-F1 (the mean of per-class F1 over `labels`, default every label seen in either list), and per
+    class precision, recall, F1 and support; `confusion[gold][predicted]` counts. A class never predicted has
+    precision 0 (scikit-learn's zero_division=0)."""
+    labels = list(labels) if labels is not None else sorted(set(gold) | set(predicted))
+    confusion = {g: {p: 0 for p in labels} for g in labels}
+    for p, g in zip(predicted, gold, strict=True):
+        confusion.setdefault(g, {q: 0 for q in labels})
+        confusion[g][p] = confusion[g].get(p, 0) + 1
+    per_class = {}
+    for c in labels:
+        tp = confusion.get(c, {}).get(c, 0)
+        predicted_c = sum(row.get(c, 0) for row in confusion.values())
+        support = sum(confusion.get(c, {}).values())
+        precision = tp / predicted_c if predicted_c else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[c] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    correct = [float(p == g) for p, g in zip(predicted, gold)]
+    return {"accuracy": sum(correct) / len(correct) if correct else float("nan"), "accuracy_stderr": mean_stderr(correct),
+            "macro_f1": sum(v["f1"] for v in per_class.values()) / len(per_class) if per_class else float("nan"),
+            "per_class": per_class, "confusion": confusion, "labels": labels}

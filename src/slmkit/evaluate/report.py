@@ -82,7 +82,8 @@ def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         resp = r.get("responses")
         if resp:
             row[f"responses.{resp['metric']}"] = resp[resp["metric"]]
-            row["responses.ppl"] = resp["response_perplexity"]
+            row["responses.ppl"] = resp.get("response_perplexity")
+            row["responses.macro_f1"] = resp.get("macro_f1")  # label rows (--metric accuracy)
         for name, suite in (r.get("suites") or {}).items():
             row[f"suite:{name}"] = suite["average"]
         rows.append(row)
@@ -99,7 +100,7 @@ def columns_of(rows: list[dict[str, Any]]) -> list[Column]:
         Column("peak_rss_mb", "peak RSS MB", True, "{:.0f}"), Column("sparsity", "sparsity", False, "{:.1%}"),
     ]
     suite_keys = sorted({k for row in rows for k in row if k.startswith("suite:")})
-    task_keys = sorted({k for row in rows for k in row if k.endswith((".acc", ".acc_norm", ".ppl", ".rouge_l", ".exact_match"))})
+    task_keys = sorted({k for row in rows for k in row if k.endswith((".acc", ".acc_norm", ".ppl", ".rouge_l", ".exact_match", ".accuracy", ".macro_f1"))})
     cols = (fixed + [Column(k, f"{k[len('suite:'):]} suite (avg)", False, "{:.4f}") for k in suite_keys]
             + [Column(k, k, k.endswith(".ppl"), "{:.3f}" if k.endswith(".ppl") else "{:.4f}") for k in task_keys])
     return [c for c in cols if any(row.get(c.key) is not None for row in rows)]
@@ -158,7 +159,7 @@ def baseline_row(rows: list[dict[str, Any]], name: str | None) -> dict[str, Any]
 
 def quality_axes(columns: list[Column]) -> list[Column]:
     """The quality metrics worth plotting against size and speed."""
-    keys = ["bits_per_byte", "mean_kl"] + [c.key for c in columns if c.key.endswith((".acc_norm", ".rouge_l", ".exact_match"))
+    keys = ["bits_per_byte", "mean_kl"] + [c.key for c in columns if c.key.endswith((".acc_norm", ".rouge_l", ".exact_match", ".accuracy"))
                                            or c.key.startswith("suite:")]
     return [c for c in columns if c.key in keys]
 

@@ -36,6 +36,7 @@ def evaluate(
     responses: Path | None = None,
     response_metric: str = "rouge_l",
     response_read: dict[str, Any] | None = None,
+    response_labels: list[str] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run the requested measurements on `model`; save the result JSON (to `out` and the store's evals folder).
 
@@ -73,7 +74,8 @@ def evaluate(
     if kl is not None and kl_path is not None:
         r["kl"] = {"file": str(kl_path), **divergence(model, kl, kl_path.read_text(encoding="utf-8"), limit=limit)}
     if responses is not None:
-        r["responses"] = evaluate_responses(model, responses, metric=response_metric, limit=limit, read=response_read)
+        r["responses"] = evaluate_responses(model, responses, metric=response_metric, limit=limit, read=response_read,
+                                            labels=response_labels)
     if speed:
         r["speed"] = measure_speed(model)
     if model.backend.name == "torch":  # the real share of zero weights, where pruning left any
