@@ -89,3 +89,4 @@ def test_classification_report_matches_its_definitions():
     assert r["confusion"]["a"] == {"a": 2, "b": 1, "c": 0} and sum(map(sum, (row.values() for row in r["confusion"].values()))) == 6
     never = classification_report(["a", "a"], ["a", "b"], labels=["a", "b", "z"])  # a label never predicted or seen
     assert never["per_class"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert never["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)  # over the classes that occur (a, b), as scikit-learn

@@ -102,9 +102,9 @@ def rouge_l(answer: str, reference: str) -> float:
 
 
 def classification_report(predicted: Sequence[str], gold: Sequence[str], labels: Sequence[str] | None = None) -> dict:
-    """Accuracy, macro-F1 (the mean of per-class F1 over `labels`, default every label seen in either list), and per
-    class precision, recall, F1 and support; `confusion[gold][predicted]` counts. A class never predicted has
-    precision 0 (scikit-learn's zero_division=0)."""
+    """Accuracy, macro-F1 (the mean of per-class F1 over the classes that occur as gold or predicted, as
+    scikit-learn's default does), and per class of `labels` (default: those classes) precision, recall, F1 and
+    support; `confusion[gold][predicted]` counts. A class never predicted has precision 0 (zero_division=0)."""
     labels = list(labels) if labels is not None else sorted(set(gold) | set(predicted))
     confusion = {g: {p: 0 for p in labels} for g in labels}
     for p, g in zip(predicted, gold, strict=True):
@@ -120,6 +120,7 @@ def classification_report(predicted: Sequence[str], gold: Sequence[str], labels:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[c] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     correct = [float(p == g) for p, g in zip(predicted, gold)]
+    occurring = [c for c in labels if c in set(gold) | set(predicted)]
     return {"accuracy": sum(correct) / len(correct) if correct else float("nan"), "accuracy_stderr": mean_stderr(correct),
-            "macro_f1": sum(v["f1"] for v in per_class.values()) / len(per_class) if per_class else float("nan"),
+            "macro_f1": sum(per_class[c]["f1"] for c in occurring) / len(occurring) if occurring else float("nan"),
             "per_class": per_class, "confusion": confusion, "labels": labels}
