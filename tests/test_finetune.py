@@ -366,5 +366,8 @@ def test_label_accuracy_picks_the_likeliest_label(wide, tmp_path):
     report = classification_report(expected, [a for _, a in rows], labels)
     assert res["labels"] == labels and res["n"] == 4
     assert (res["accuracy"], res["macro_f1"], res["confusion"]) == (report["accuracy"], report["macro_f1"], report["confusion"])
+    r = runner.invoke(app, ["compare", str(f), "--html", str(tmp_path / "c.html")])
+    page = (tmp_path / "c.html").read_text()
+    assert r.exit_code == 0 and "<h2>Labels</h2>" in page and f'alt="{wide} confusion matrix" src="data:image/png;base64,' in page
     r = runner.invoke(app, ["eval", wide, "--responses", str(data), "--metric", "accuracy", "--labels", "animal,place"])
     assert r.exit_code == 1 and "references outside --labels: code" in r.output

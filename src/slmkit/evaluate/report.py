@@ -204,6 +204,54 @@ def _plot(rows: list[dict[str, Any]], quality: Column, cost: Column) -> str | No
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def confusion_png(model: str, resp: dict[str, Any]) -> str:
+    """A label evaluation's confusion matrix (rows: the reference label, columns: the answer), counts in the cells,
+    only the labels that occur; PNG as base64."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = resp["confusion"]
+    seen = [c for c in resp["labels"] if sum(confusion.get(c, {}).values()) or any(row.get(c) for row in confusion.values())]
+    counts = [[confusion.get(g, {}).get(p, 0) for p in seen] for g in seen]
+    size = max(3.5, 0.35 * len(seen) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size), layout="constrained")
+    image = ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(seen)), seen, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(seen)), seen, fontsize=7)
+    for i, row in enumerate(counts):
+        for j, n in enumerate(row):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > max(map(max, counts)) / 2 else "black")
+    ax.set_xlabel("answer")
+    ax.set_ylabel("reference")
+    ax.set_title(f"{model}\naccuracy {resp['accuracy']:.3f}, macro-F1 {resp['macro_f1']:.3f} (n = {resp['n']})", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def labels_html(results: list[dict[str, Any]]) -> str:
+    """For every label evaluation (`eval --responses --metric accuracy`): per-class precision, recall, F1 and support,
+    and the confusion matrix."""
+    parts = []
+    for res in results:
+        resp = (res.get("results") or {}).get("responses") or {}
+        if resp.get("metric") != "accuracy":
+            continue
+        name = html.escape(res["model"]["name"])
+        rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td><td>{v['f1']:.3f}</td>"
+                       f"<td>{v['support']}</td></tr>" for c, v in resp["per_class"].items() if v["support"] or v["precision"])
+        parts.append(f"<h3>{name}</h3><table><thead><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th>"
+                     f"</tr></thead><tbody>{rows}</tbody></table>"
+                     f'<figure><img alt="{name} confusion matrix" src="data:image/png;base64,{confusion_png(res["model"]["name"], resp)}"></figure>')
+    return ("<h2>Labels</h2><p>Each answer is the likeliest of the labels. Labels with no reference and no answer are left "
+            "out.</p>" + "".join(parts)) if parts else ""
+
+
 def write_scan_html(scan: dict[str, Any], path: Path) -> Path:
     """`slmkit prune --scan`: per-block influence and the perplexity cost of removing each block, plotted and tabled."""
     import matplotlib
@@ -329,6 +377,7 @@ figure {{ display: inline-block; margin: 0.5rem; }}
 <p>Red: the Pareto front (no other model is better on both axes).</p>
 {''.join(images) or '<p>Not enough measurements to plot: run slmkit eval with --ppl or --task, and --speed.</p>'}
 {training}
+{labels_html(results)}
 <h2>Settings</h2><ul>{settings}</ul>
 <h2>Results files</h2><ul>{notes}</ul>
 </body></html>
