@@ -359,3 +359,34 @@ def test_chunked_cross_entropy_equals_the_full_one_with_its_gradients(tiny_dir):
     got = [p.grad for p in net.parameters() if p.requires_grad]
     assert abs(float(chunked) - float(full)) < 1e-5
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+
+
+def test_stratified_split_is_deterministic_balanced_and_leak_free(tmp_path):
+    """slmkit data split: every label on both sides in its proportion, the same split for the same seed, no held-out
+    text in training (a duplicate row is dropped from training), TSV read with a text and a label column."""
+    import csv as csv_module
+
+    from slmkit.train.data import label_of, prompt_of, read_examples, stratified_split
+
+    tsv = tmp_path / "rows.tsv"
+    with tsv.open("w", newline="", encoding="utf-8") as f:
+        w = csv_module.writer(f, delimiter="\t")
+        w.writerow(["text", "label"])
+        for i in range(40):
+            w.writerow([f"message {i} about {'refunds' if i % 4 else 'orders'}", "refund" if i % 4 else "order"])
+        w.writerow(["message 1 about refunds", "refund"])  # the same text twice
+    examples = read_examples(tsv, prompt_column="text", response_column="label")
+    assert len(examples) == 41 and label_of(examples[0]) == "order"
+    train, held, dropped = stratified_split(examples, 0.2, seed=0)
+    counts = lambda rows: {lab: sum(label_of(e) == lab for e in rows) for lab in ("order", "refund")}  # noqa: E731
+    assert counts(held) == {"order": 2, "refund": 6}  # round(0.2 x 10), round(0.2 x 31)
+    assert not {prompt_of(e) for e in train} & {prompt_of(e) for e in held}
+    assert len(train) + len(held) + dropped == 41
+    assert stratified_split(examples, 0.2, seed=0)[1] == held and stratified_split(examples, 0.2, seed=1)[1] != held
+    r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "split"), "--text-column", "text", "--label-column", "label"])
+    assert r.exit_code == 0 and "held out, 2 labels" in r.stdout, r.output
+    assert read_examples(tmp_path / "split" / "heldout.jsonl") == held and read_examples(tmp_path / "split" / "train.jsonl") == train
+    r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "x"), "--text-column", "text"])
+    assert r.exit_code == 1 and "both --text-column and --label-column" in r.stderr
+    r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "x"), "--held-out", "1.5", "--text-column", "text", "--label-column", "label"])
+    assert r.exit_code == 1 and "between 0 and 1" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from slmkit.cli.common import handle_errors, out_console
 from slmkit.config import settings
 from slmkit.data.catalog import DATASETS
 from slmkit.data.locate import fetch, where
+from slmkit.train.data import DataError, label_of, read_examples, stratified_split, to_jsonl
 
 app = typer.Typer(help="Evaluation data: list the known datasets and where each comes from; fetch them into the cache.",
                   no_args_is_help=True)
@@ -48,3 +50,29 @@ def fetch_data(
     for name in chosen:
         for path in fetch(name, source=source, force=force):
             typer.echo(f"{name}: {path}")
+
+
+@app.command("split")
+@handle_errors
+def split_data(
+    path: Annotated[Path, typer.Argument(help="Rows to split: chat / Alpaca JSON lines, or CSV / TSV with a text and a label (or response) column.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.jsonl and heldout.jsonl.")],
+    held_out: Annotated[float, typer.Option("--held-out", help="Share of each label's rows held out.")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="The same file and seed give the same split.")] = 0,
+    text_column: Annotated[str | None, typer.Option("--text-column", help="CSV/TSV: the text (prompt) column.")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", help="CSV/TSV: the label (or response) column.")] = None,
+) -> None:
+    """A deterministic train / held-out split, stratified by label (a row's last answer), with no held-out text in
+    training: `slmkit finetune --data OUT/train.jsonl`, then `slmkit eval --responses OUT/heldout.jsonl --metric accuracy`."""
+    if (text_column is None) != (label_column is None):
+        raise DataError("give both --text-column and --label-column (or neither, for JSON lines)", "For example: --text-column text --label-column label")
+    examples = read_examples(path, prompt_column=text_column, response_column=label_column)
+    train, held, dropped = stratified_split(examples, held_out, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(to_jsonl(rows), encoding="utf-8")
+        os.replace(tmp, out / name)
+    labels = sorted({label_of(ex) for ex in examples})
+    typer.echo(f"{len(train)} training rows, {len(held)} held out, {len(labels)} labels"
+               + (f"; {dropped} training rows dropped (their text is also held out)" if dropped else "") + f": {out}")

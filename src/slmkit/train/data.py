@@ -4,7 +4,8 @@ Readers (by extension, or `fmt`):
 - `.txt`: plain text; documents are separated by blank lines ... or the whole file is one document;
 - `.jsonl` / `.json`: rows of `{text}`, chat `{messages: [{role, content}]}`, or Alpaca's `{instruction, input, output}`
   (a JSON array too);
-- `.csv`: one column of text (`text_column`), or a prompt and a response column (as chat turns).
+- `.csv` / `.tsv`: one column of text (`text_column`), or a prompt and a response column (as chat turns; a text and
+  a label column for classification).
 Chat rows go through the model's chat template and only the assistant's tokens carry loss. Everything is
 deterministic: the split and the order follow `seed`.
 """
@@ -61,7 +62,7 @@ def _format_of(path: Path, fmt: str | None) -> str:
         return fmt
     ext = path.suffix.lower()
     return {".txt": "text", ".md": "text", ".raw": "text", ".tokens": "text", ".jsonl": "jsonl", ".json": "jsonl",
-            ".csv": "csv"}.get(ext, "text")
+            ".csv": "csv", ".tsv": "csv"}.get(ext, "text")
 
 
 def _row_example(row: Any, where: str) -> Example:
@@ -111,7 +112,7 @@ def read_examples(path: Path, *, fmt: str | None = None, text_column: str | None
         else:
             out = [_row_example(row, where) for where, row in json_objects(raw.splitlines(), path, DataError)]
     else:
-        reader = csv.DictReader(raw.splitlines())
+        reader = csv.DictReader(raw.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         cols = reader.fieldnames or []
         wanted = [c for c in (text_column, prompt_column, response_column) if c]
         if not wanted:
@@ -128,6 +129,46 @@ def read_examples(path: Path, *, fmt: str | None = None, text_column: str | None
     if not out:
         raise DataError(f"{path} has no usable rows", "Give a file with text (blank lines separate documents in .txt).")
     return out
+
+
+def label_of(ex: Example) -> str:
+    """What a row is labelled with: its last assistant turn (a classification row's answer), '' for plain text."""
+    return next((c for r, c in reversed(ex.messages) if r == "assistant"), "")
+
+
+def prompt_of(ex: Example) -> str:
+    """The text a row asks about (everything but its answer), for the leak check."""
+    return ex.text if ex.text is not None else "\n".join(c for r, c in ex.messages if r != "assistant")
+
+
+def stratified_split(examples: list[Example], held_out: float, seed: int = 0) -> tuple[list[Example], list[Example], int]:
+    """(train, held out, rows dropped from train): within each label (label_of), a shuffle seeded by `seed` and the
+    label, and round(held_out x rows) held out (at least one when the label has two or more rows), so every label is
+    on both sides in its proportion; a training row whose prompt text is also a held-out prompt is dropped (no
+    held-out text is ever trained on). Deterministic: the same file and seed give the same split."""
+    if not 0 < held_out < 1:
+        raise DataError(f"the held-out share must be between 0 and 1, not {held_out}", "For example 0.2 holds out 20%.")
+    by_label: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(label_of(ex), []).append(ex)
+    train, held = [], []
+    for label in sorted(by_label):
+        rows = list(by_label[label])
+        random.Random(f"{seed}:{label}").shuffle(rows)
+        k = round(held_out * len(rows))
+        k = max(k, 1) if len(rows) >= 2 else 0
+        held += rows[:k]
+        train += rows[k:]
+    seen = {prompt_of(ex) for ex in held}
+    kept = [ex for ex in train if prompt_of(ex) not in seen]
+    return kept, held, len(train) - len(kept)
+
+
+def to_jsonl(examples: list[Example]) -> str:
+    """Rows in the chat / text JSON lines read_examples reads back."""
+    return "".join(json.dumps({"text": ex.text} if ex.text is not None else
+                              {"messages": [{"role": r, "content": c} for r, c in ex.messages]}, ensure_ascii=False) + "\n"
+                   for ex in examples)
 
 
 def encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
