@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import re
 import subprocess
 import sys
 import tarfile
@@ -37,6 +38,14 @@ def sources(work: Path = WORK) -> Path:
         with tarfile.open(next(work.glob(f"llama_cpp_python-{version}.tar.gz"))) as tar:
             tar.extractall(work, filter="data")
     return folder / "vendor" / "llama.cpp"
+
+
+def lscpu() -> dict:
+    """The CPU as benchmark results record it: model, CPU count, the vector-ISA flags."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    field = lambda k: next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(k)), "")  # noqa: E731
+    return {"model": field("Model name"), "cpus": field("CPU(s)"),
+            "flags": [f for f in field("Flags").split() if re.match(r"avx|amx|fma|f16c|vnni|bmi2", f)]}
 
 
 def tool_args(native: bool = False) -> list[str]:

@@ -19,7 +19,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,13 +37,6 @@ from slmkit import cpu_build  # noqa: E402
 from slmkit.engine.llamacpp_guard import describe_exit  # noqa: E402
 
 SLMKIT = [sys.executable, "-m", "slmkit"]
-
-
-def lscpu() -> dict:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    field = lambda k: next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(k)), "")  # noqa: E731
-    return {"model": field("Model name"), "cpus": field("CPU(s)"),
-            "flags": [f for f in field("Flags").split() if re.match(r"avx|amx|fma|f16c|vnni|bmi2", f)]}
 
 
 def llama_bench(binary: Path, gguf: Path, threads: int) -> dict:
@@ -84,10 +76,8 @@ def wheel_times() -> dict:
                             ("slmkit flags, multimodal library built too", [a for a in cpu_build.cmake_args(cpu) if a not in cpu_build.BUILD_CUTS])):
             out = Path(tmp) / label.replace(" ", "_").replace(",", "")
             start = time.monotonic()
-            subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-                            "-w", str(out), f"llama-cpp-python=={version}"], check=True, capture_output=True,
-                           env={**os.environ, "CMAKE_ARGS": " ".join(args), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)})
-            res[label] = {"build_s": time.monotonic() - start, "wheel_mb": next(out.glob("*.whl")).stat().st_size / 1e6}
+            wheel = cpu_build.build_wheel(sys.executable, version, args, out, quiet=True)
+            res[label] = {"build_s": time.monotonic() - start, "wheel_mb": wheel.stat().st_size / 1e6}
         venv = Path(tmp) / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         wheel = next((Path(tmp) / "slmkit_flags").glob("*.whl"))
@@ -127,16 +117,13 @@ def emulated(gguf: Path) -> dict:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         py = str(venv / "bin" / "python")
         start = time.monotonic()
-        subprocess.run([py, "-m", "pip", "install", "-q", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-                        f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}"], check=True, capture_output=True,
-                       env={**os.environ, "CMAKE_ARGS": " ".join(args), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)})
+        wheel = cpu_build.build_wheel(py, importlib.metadata.version("llama-cpp-python"), args, Path(tmp) / "wheel", quiet=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True)  # with its deps
         built = time.monotonic() - start
         start = time.monotonic()
-        child = subprocess.run([*launcher, py, "-c", llamacpp_guard.PROBE, str(gguf), "2"], capture_output=True, text=True)
-        res["AVX2 build (recorded Haswell flags)"] = {
-            "runs": child.returncode == 0 and child.stdout.strip().endswith("ok"), "cmake_args": args, "build_s": built,
-            "detail": "ok" if child.returncode == 0 else describe_exit(child.returncode, child.stdout, child.stderr),
-            "seconds": time.monotonic() - start}
+        ok, detail = llamacpp_guard.probe(gguf, 2, launcher=launcher, python=py)
+        res["AVX2 build (recorded Haswell flags)"] = {"runs": ok, "cmake_args": args, "build_s": built, "detail": detail,
+                                                      "seconds": time.monotonic() - start}
     return res
 
 
@@ -153,7 +140,7 @@ def main() -> None:
     gguf = default_gguf()[0]
     threads = os.cpu_count() or 2
     cpu = cpu_build.read_cpu()
-    r: dict = {"benchmark": "llamacpp_build", "cpu": lscpu(), "threads": threads, "gguf": gguf.name,
+    r: dict = {"benchmark": "llamacpp_build", "cpu": llama_tools.lscpu(), "threads": threads, "gguf": gguf.name,
                "slmkit_cmake_args": llama_tools.tool_args(), "llama_cpp_python": importlib.metadata.version("llama-cpp-python")}
     subprocess.run([*SLMKIT, "models", "list"], check=True, capture_output=True)  # imports the default model once
     builds = {"slmkit flags": False} | ({"native": True} if not cpu.has_amx or ns.native_anyway else {})

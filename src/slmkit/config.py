@@ -36,6 +36,11 @@ class Settings:
         return self.home / "reports"
 
     @property
+    def kernel_choices_file(self) -> Path:
+        """The W8A8 kernel choices timed on this machine (layers.integer.use_kernel_cache)."""
+        return self.home / "cache" / "w8a8-kernels.json"
+
+    @property
     def models_dir(self) -> Path:
         return self.home / "models"
 

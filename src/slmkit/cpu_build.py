@@ -198,18 +198,39 @@ def builds_record(cache: Path) -> Path:
     return cache / "llama-cpp-builds.json"
 
 
-def read_builds(cache: Path) -> dict[str, dict]:
+def read_json(path: Path) -> dict:
+    """A machine-cache record ({} when missing or unreadable: it is rebuilt)."""
     try:
-        return json.loads(builds_record(cache).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """Written to a temporary file, then renamed: a reader never sees half a record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def read_builds(cache: Path) -> dict[str, dict]:
+    return read_json(builds_record(cache))
+
+
+def build_wheel(python: str, version: str, args: list[str], out_dir: Path, *,
+                environ: dict[str, str] | os._Environ = os.environ, pip_args: tuple[str, ...] = (), quiet: bool = False) -> Path:
+    """Build llama-cpp-python `version` into `out_dir` with these CMake arguments (pip wheel, never pip's cache: a
+    cached wheel may have been built with other flags); the wheel's path, or an error saying what the build needs."""
+    env = {**environ, "CMAKE_ARGS": " ".join(args)}
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+    done = subprocess.run([python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE,
+                           "-w", str(out_dir), *pip_args, f"{PACKAGE}=={version}"], env=env, capture_output=quiet, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: building {PACKAGE} {version} failed ({'its output is above' if not quiet else done.stderr[-1500:]}). "
+                         "It needs a C/C++ compiler and cmake: apt-get install build-essential cmake (or pip install "
+                         "cmake), then run this again.")
+    return next(Path(out_dir).glob("*.whl"))
 
 
 def ensure(python: str, version: str, *, cache: Path | None = None, environ: dict[str, str] | os._Environ = os.environ,
@@ -233,15 +254,7 @@ def ensure(python: str, version: str, *, cache: Path | None = None, environ: dic
               f"  CMAKE_ARGS=\"{' '.join(args)}\"", flush=True)
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # beside the kept wheels: the move below is a rename
-            env = {**environ, "CMAKE_ARGS": " ".join(args)}
-            env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
-            done = subprocess.run([python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE,
-                                   "-w", tmp, *pip_args, f"{PACKAGE}=={version}"], env=env)
-            if done.returncode != 0:
-                raise SystemExit(f"error: building {PACKAGE} {version} failed (its output is above). It needs a C/C++ "
-                                 "compiler and cmake: apt-get install build-essential cmake (or pip install cmake), "
-                                 "then run this again.")
-            built = next(Path(tmp).glob("*.whl"))
+            built = build_wheel(python, version, args, Path(tmp), environ=environ, pip_args=pip_args)
             wheels.mkdir(parents=True, exist_ok=True)
             shutil.move(str(built), wheels / built.name)  # same file system: the kept wheel appears whole
             wheel = wheels / built.name
@@ -252,7 +265,7 @@ def ensure(python: str, version: str, *, cache: Path | None = None, environ: dic
     if installed is None:
         raise SystemExit(f"{PACKAGE} did not install into {python}")
     builds[library_id(installed)] = {"key": key, "version": version, "cmake_args": args, "cpu": cpu.model}
-    _write_json(builds_record(cache), builds)
+    write_json(builds_record(cache), builds)
     return f"{did} {PACKAGE} {version} for this CPU (build {key})"
 
 

@@ -9,6 +9,7 @@ threads and the W8A8 kernel choices timed here; the store and the evaluation dat
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import cpu_build
-from slmkit.card import read_card
 from slmkit.config import settings
 from slmkit.engine import llamacpp_guard
 from slmkit.store import Store
@@ -26,11 +26,11 @@ from slmkit.store import Store
 # CPU features that decide which kernels can run (the rest of the flags list is noise here)
 RELEVANT = ("sse4_2", "avx", "f16c", "fma", "bmi2", "avx2", "avx_vnni", "avx512f", "avx512cd", "avx512vl", "avx512dq",
             "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
-# llama.cpp's system_info names -> the CPU flags each needs
-LLAMA_FEATURES = {"SSE3": ("pni",), "SSSE3": ("ssse3",), "AVX": ("avx",), "AVX_VNNI": ("avx_vnni",), "AVX2": ("avx2",),
-                  "F16C": ("f16c",), "FMA": ("fma",), "BMI2": ("bmi2",),
-                  "AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"), "AVX512_VBMI": ("avx512vbmi",),
-                  "AVX512_VNNI": ("avx512_vnni",), "AVX512_BF16": ("avx512_bf16",), "AMX_INT8": ("amx_int8",)}
+# llama.cpp's system_info names -> the CPU flags each needs (for its GGML_* options: cpu_build's table)
+PRINTED = ("AVX", "AVX_VNNI", "AVX2", "F16C", "FMA", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8")
+LLAMA_FEATURES = {"SSE3": ("pni",), "SSSE3": ("ssse3",),
+                  **{option.removeprefix("GGML_"): needs for option, needs, _ in cpu_build.X86_OPTIONS + cpu_build.AMX_OPTIONS
+                     if option.removeprefix("GGML_") in PRINTED}}
 LOW_DISK = 2 << 30
 SYSTEM_INFO = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
@@ -88,8 +88,6 @@ def _cpu(report: Report) -> frozenset[str]:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -138,7 +136,7 @@ def _torch(report: Report) -> None:
 
     from slmkit.layers import integer
 
-    path = settings().home / "cache" / "w8a8-kernels.json"
+    path = settings().kernel_choices_file
     try:
         choices = json.loads(path.read_text()).get(integer.machine_key())
     except (OSError, ValueError):
@@ -151,14 +149,9 @@ def _torch(report: Report) -> None:
 def _store(report: Report) -> None:
     store = Store()
     root = store.root
-    models, broken = [], []
-    if root.is_dir():
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            try:
-                read_card(folder)
-                models.append(folder.name)
-            except Exception as exc:  # any reason a card cannot be read is what the user needs to see
-                broken.append({"name": folder.name, "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    cards, unreadable = store.scan()
+    models = [c.name for c in cards]
+    broken = [{"name": n, "reason": why} for n, why in unreadable.items()]
     usage = shutil.disk_usage(root if root.exists() else _existing_parent(root))
     report.store = {"path": str(root), "models": models, "broken": broken, "free_bytes": usage.free}
     for b in broken:

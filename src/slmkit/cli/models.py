@@ -88,8 +88,8 @@ def verify(
             report[name] = {"card.json": broken[name]}
             continue
         report[name] = integrity.verify(store.path(name), store.card(name))
-    bad = {n: {f: v for f, v in r.items() if v not in ("ok", "not in the card")} for n, r in report.items()}
-    bad = {n: r for n, r in bad.items() if r}
+    wrong = lambda files: {f: v for f, v in files.items() if v not in ("ok", "not in the card")}  # noqa: E731
+    bad = {n: wrong(files) for n, files in report.items() if wrong(files)}
     if as_json:
         import json
 

@@ -342,7 +342,7 @@ def load_quantized(folder: Path) -> nn.Module:
         from slmkit.config import settings
         from slmkit.layers import integer
 
-        integer.use_kernel_cache(settings().home / "cache" / "w8a8-kernels.json")
+        integer.use_kernel_cache(settings().kernel_choices_file)
     for m in model.modules():
         if isinstance(m, Int4Linear):
             m.prepare()  # the kernel's own layout (w8a8 layers prepare on first use or when the lean forward fuses them)

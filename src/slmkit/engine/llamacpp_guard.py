@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -90,11 +88,12 @@ def describe_exit(rc: int, out: str, err: str) -> str:
     return f"exited with code {rc}" + (f": {last[:300]}" if last else "")
 
 
-def probe(gguf: Path, threads: int, script: str | None = None, launcher: tuple[str, ...] = ()) -> tuple[bool, str]:
-    """Run `script` (default PROBE) in a child Python with the GGUF and thread count, under `launcher` if given (an
-    emulator: `qemu-x86_64 -cpu Haswell`); (it printed ok, what happened)."""
+def probe(gguf: Path, threads: int, script: str | None = None, launcher: tuple[str, ...] = (),
+          python: str = sys.executable) -> tuple[bool, str]:
+    """Run `script` (default PROBE) in a child `python` (default this one) with the GGUF and thread count, under
+    `launcher` if given (an emulator: `qemu-x86_64 -cpu Haswell`); (it printed ok, what happened)."""
     try:
-        done = subprocess.run([*launcher, sys.executable, "-c", script or PROBE, str(gguf), str(threads)], capture_output=True, text=True,
+        done = subprocess.run([*launcher, python, "-c", script or PROBE, str(gguf), str(threads)], capture_output=True, text=True,
                               timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return False, f"did not finish a short prompt in {TIMEOUT_S} s"
@@ -103,20 +102,13 @@ def probe(gguf: Path, threads: int, script: str | None = None, launcher: tuple[s
     return False, describe_exit(done.returncode, done.stdout, done.stderr)
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def cached(build: str | None = None) -> Verdict | None:
     """The kept verdict for the installed build on this CPU (None when it was never checked)."""
     directory = package_dir()
     if directory is None:
         return None
     build = build or cpu_build.library_id(directory)
-    entry = _read(settings().machine_cache / GUARD_FILE).get(f"{build}|{cpu_build.cpu_id()}")
+    entry = cpu_build.read_json(settings().machine_cache / GUARD_FILE).get(f"{build}|{cpu_build.cpu_id()}")
     return Verdict(**entry) if entry else None
 
 
@@ -139,12 +131,7 @@ def check() -> Verdict:
     ok, detail = probe(gguf, config.threads)
     verdict = Verdict(ok, detail, build, cpu, version(), time.time(), round(time.monotonic() - start, 2))
     path = config.machine_cache / GUARD_FILE
-    record = _read(path)
-    record[f"{build}|{cpu}"] = asdict(verdict)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    cpu_build.write_json(path, {**cpu_build.read_json(path), f"{build}|{cpu}": asdict(verdict)})
     return verdict
 
 

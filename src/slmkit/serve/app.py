@@ -158,10 +158,9 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = str(first.get("msg", "bad value"))
-        status = 400 if "lone surrogate" in msg else 422  # well-formed JSON, but text that is not Unicode: a bad request
         if req.url.path.startswith("/api/"):  # Ollama answers a bad request with 400 and {"error": "..."}
             return JSONResponse({"error": f"invalid request: {where or 'body'}: {msg}"}, status_code=400)
-        return JSONResponse(oa.error_body(f"invalid request: {where or 'body'}: {msg}", param=where or None), status_code=status)
+        return JSONResponse(oa.error_body(f"invalid request: {where or 'body'}: {msg}", param=where or None), status_code=422)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -177,7 +176,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
 
     app.mount("/vendor", StaticFiles(directory=WEB / "vendor"), name="vendor")  # the page's Markdown libraries
 
-    server = Server(registry, metrics, api_key, max_tokens_limit)
+    server = Server(registry, metrics, max_tokens_limit)
     app.include_router(openai_routes(server))
     app.include_router(ollama_routes(server))  # Ollama's native API beside it
     return app

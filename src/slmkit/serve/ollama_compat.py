@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from slmkit.card import human_count
 from slmkit.engine.sampling import MAX_REPEAT_LAST_N
 from slmkit.serve.limits import MAX_STOP
-from slmkit.serve.openai_compat import Unsupported, valid_text
+from slmkit.serve.openai_compat import Unsupported
 
 TAG = ":latest"
 # Ollama's options -> slmkit's sampling keyword arguments
@@ -28,7 +28,6 @@ class OllamaMessage(BaseModel):
     content: str = ""
     images: list[Any] | None = None
 
-    _text = field_validator("content")(valid_text)
 
 
 class Options(BaseModel):
@@ -49,7 +48,6 @@ class Options(BaseModel):
     frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
     presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
 
-    _text = field_validator("stop")(valid_text)
 
 
 class _Base(BaseModel):
@@ -73,14 +71,12 @@ class GenerateRequest(_Base):
     raw: bool = False
     images: list[Any] | None = None
 
-    _text = field_validator("prompt")(valid_text)
 
 
 class EmbedRequest(BaseModel):
     model: str
     input: str | list[str]
 
-    _text = field_validator("input")(valid_text)
 
 
 class ShowRequest(BaseModel):

@@ -12,24 +12,12 @@ from slmkit.errors import SlmkitError
 from slmkit.serve.limits import MAX_CHOICES, MAX_STOP
 
 
-def valid_text(value: Any) -> Any:
-    """Refuse strings that are not valid Unicode text (a lone surrogate such as \\ud800 cannot be encoded)."""
-    for s in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
-        if isinstance(s, str):
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"contains a lone surrogate ({s[exc.start]!r} at {exc.start}): not valid Unicode text") from None
-    return value
-
-
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
 
-    _text = field_validator("text")(valid_text)
 
 
 class Message(BaseModel):
@@ -38,7 +26,6 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
-    _text = field_validator("content")(valid_text)
 
 
 class Unsupported(SlmkitError):
@@ -105,7 +92,6 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # vLLM's and llama.cpp's servers take it
 
-    _text = field_validator("stop")(valid_text)
 
     @field_validator("stop")
     @classmethod
@@ -123,7 +109,6 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)  # the legacy endpoint's logprobs is a count
 
-    _prompt_text = field_validator("prompt")(valid_text)
 
     @model_validator(mode="after")
     def _choices(self) -> "CompletionRequest":
@@ -138,7 +123,6 @@ class EmbeddingRequest(BaseModel):
     model: str | None = None
     input: str | list[str]
 
-    _text = field_validator("input")(valid_text)
 
 
 # ---- responses: typed shapes of what goes on the wire ---------------------------------------------------------

@@ -8,7 +8,6 @@ objects are built by the pure conversions in openai_compat.py; failures become O
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -25,7 +24,7 @@ from slmkit.errors import ModelNotFound, PromptTooLong
 from slmkit.model import Generation, Model
 from slmkit.serve import openai_compat as oa
 from slmkit.serve import tools as tl
-from slmkit.serve.errors import HTTPError, to_http
+from slmkit.serve.errors import to_http
 from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import BadRequest, ModelRegistry
@@ -38,7 +37,6 @@ class Server:
 
     registry: ModelRegistry
     metrics: Metrics
-    api_key: str | None
     max_tokens_limit: int
     started: int = field(default_factory=lambda: int(time.time()))  # `created` of the served models
 
@@ -85,18 +83,6 @@ def with_route(response: Any, choices: list[Choice]) -> Any:
     return response
 
 
-def auth_of(server: Server) -> Callable[[Request], None]:
-    """The API-key check every API route depends on (a no-op without --api-key)."""
-
-    def auth(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if server.api_key and not hmac.compare_digest(given, f"Bearer {server.api_key}".encode()):  # constant time
-            raise HTTPError(401, oa.error_body("missing or wrong API key: send Authorization: Bearer KEY",
-                                               type_="authentication_error", code="invalid_api_key"))
-
-    return auth
-
-
 async def identify(request: Request) -> None:
     """Who sent the request (its address), for the scheduler's per-client share of the queue and of the batch. An
     async dependency: it runs in the request's own context, which the handler and its reader threads inherit."""
@@ -105,7 +91,7 @@ async def identify(request: Request) -> None:
 
 def openai_routes(server: Server) -> APIRouter:
     registry, metrics = server.registry, server.metrics
-    router = APIRouter(dependencies=[Depends(auth_of(server)), Depends(identify)])
+    router = APIRouter(dependencies=[Depends(identify)])  # the API key: app.Boundary, before the body is read
 
     @asynccontextmanager
     async def counted(endpoint: str, model: str) -> AsyncIterator[str]:

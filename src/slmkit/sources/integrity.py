@@ -1,36 +1,37 @@
-"""Is a stored model whole? Cheap checks on every load (files the card lists are present; each safetensors and GGUF
-file is as long as its own header says), and `slmkit models verify`'s full check (every file's SHA-256 against the
-card). A damaged folder gets a clear error naming the file, never a reader's traceback halfway through loading."""
+"""Is a stored model whole? Cheap checks on every load (the files the card lists are there; each safetensors file is
+as long as its own header says; each weight format's files add up to the bytes the card recorded), and `slmkit models
+verify`'s full check (every file's SHA-256 against the card). A damaged folder gets a clear error naming the file,
+never a reader's traceback halfway through loading."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from slmkit.card import CARD_JSON, CARD_MD, ModelCard, sha256_file
-from slmkit.errors import BrokenModel, ImportFailed
-from slmkit.sources.gguf import check_gguf
+from slmkit.errors import BrokenModel
 from slmkit.sources.hf_dir import safetensors_problem
-
-def gguf_problem(path: Path) -> str | None:
-    try:
-        check_gguf(path)
-    except ImportFailed as exc:
-        return exc.message.replace(str(path), "it")
-    return None
-
-
-CHECKS = {".safetensors": safetensors_problem, ".gguf": gguf_problem}
 
 
 def problems(folder: Path, card: ModelCard) -> list[str]:
-    """What is wrong with a stored model's files, cheaply (no hashing): listed files missing, weights truncated."""
-    out = []
+    """What is wrong with a stored model's files, cheaply (stat calls and safetensors headers; no hashing, and no
+    GGUF reader: gguf-py parses a 49k-token vocabulary in seconds): listed files missing, weights truncated or grown."""
+    out, named = [], set()
     for name in card.files:
         path = folder / name
         if not path.is_file():
             out.append(f"{name} is missing")
-        elif (check := CHECKS.get(path.suffix)) and (why := check(path)):
+            named.add(name)
+        elif path.suffix == ".safetensors" and (why := safetensors_problem(path)):
             out.append(f"{name}: {why}")
+            named.add(name)
+    for fmt, expected in card.weights_bytes.items():  # the card's bytes per weight format (build_card)
+        files = [n for n in card.files if n.endswith(f".{fmt}")]
+        if not files or named & set(files):  # a file of this format is already named above
+            continue
+        actual = sum((folder / n).stat().st_size for n in files)
+        if actual != expected:
+            how = f"it is truncated: {actual:,} bytes" if actual < expected else f"it has {actual:,} bytes"
+            out.append(f"{', '.join(files)}: {how} where the card says {expected:,}")
     return out
 
 
