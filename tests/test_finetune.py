@@ -340,7 +340,7 @@ def test_label_accuracy_picks_the_likeliest_label(wide, tmp_path):
     after the prompt, so always one of the labels; accuracy, macro-F1 and the confusion matrix follow from those
     answers. (That fine-tuning on label rows raises it on the real model: bench/finetune.)"""
     from slmkit.evaluate.metrics import classification_report
-    from slmkit.evaluate.responses import classify, response_items
+    from slmkit.evaluate.responses import response_items
     from slmkit.model import encode_chat
 
     rows = [("The quick brown fox jumps", "animal"), ("Paris is the capital of France", "place"),
@@ -356,9 +356,10 @@ def test_label_accuracy_picks_the_likeliest_label(wide, tmp_path):
         ids = encode_chat(b, prompt)
         by_hand = {lab: sum(b.score_batch([(ids + b.encode(lab, add_special_tokens=False) + sorted(b.eos_token_ids)[:1], len(ids))])[0])
                    for lab in labels}
-        label, scores = classify(model, prompt, labels)
-        assert label == max(by_hand, key=by_hand.get) and scores == pytest.approx([by_hand[x] for x in labels], abs=1e-4)
-        expected.append(label)
+        got = model.classify(prompt, labels)
+        assert got.label == max(by_hand, key=by_hand.get) and got.scores == pytest.approx(by_hand, abs=1e-4)
+        assert sum(got.probabilities.values()) == pytest.approx(1.0) and max(got.probabilities, key=got.probabilities.get) == got.label
+        expected.append(got.label)
     f = tmp_path / "acc.json"
     r = runner.invoke(app, ["eval", wide, "--responses", str(data), "--metric", "accuracy", "--labels", ",".join(labels), "--out", str(f)])
     assert r.exit_code == 0 and "responses.accuracy" in r.output and "responses.macro_f1" in r.output, r.output
@@ -370,4 +371,4 @@ def test_label_accuracy_picks_the_likeliest_label(wide, tmp_path):
     page = (tmp_path / "c.html").read_text()
     assert r.exit_code == 0 and "<h2>Labels</h2>" in page and f'alt="{wide} confusion matrix" src="data:image/png;base64,' in page
     r = runner.invoke(app, ["eval", wide, "--responses", str(data), "--metric", "accuracy", "--labels", "animal,place"])
-    assert r.exit_code == 1 and "references outside --labels: code" in r.output
+    assert r.exit_code == 1 and "references outside the label set: code" in r.output

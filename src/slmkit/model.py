@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slmkit.card import ModelCard
+from slmkit.data.classify import check_format, check_labels, plain_answer, plain_prompt, task_of
 from slmkit.engine.backend import Backend
 from slmkit.engine.constrained import constraint_for
 from slmkit.engine.decode import Step
@@ -106,6 +107,17 @@ class Score:
         return math.exp(-self.mean) if self.logprobs else float("nan")
 
 
+@dataclass
+class Classification:
+    """A classification: the likeliest label, every label's log-likelihood score and its probability among the
+    labels (a softmax over the scores), and the prompt's length in tokens."""
+
+    label: str
+    scores: dict[str, float]
+    probabilities: dict[str, float]
+    prompt_tokens: int
+
+
 class Model:
     """A model from the store, bound to an inference backend."""
 
@@ -191,6 +203,40 @@ class Model:
         finally:
             stream.close()
             stats.total_s = time.perf_counter() - start
+
+    # ---- classification ---------------------------------------------------------------------------
+    def classify(self, prompt: str | Sequence[Message], labels: Sequence[str] | None = None,
+                 prompt_format: str | None = None) -> Classification:
+        """The label the model finds likeliest as the answer to `prompt` (a text, or the messages before the answer):
+        each label's score is the sum of its tokens' log-probabilities and the end of the answer after it (so a label
+        that begins a longer one is not favoured), the prompt computed once for all labels. Always one of the labels.
+
+        `labels` and `prompt_format` default to what the model was fine-tuned with (its card's classify task), else
+        the model's chat template ("chat") or, without one, "plain" (data/classify.py)."""
+        task = task_of(self.card.settings if self.card else None) or {}
+        labels = check_labels(list(labels if labels is not None else task.get("labels") or []))
+        fmt = check_format(prompt_format or task.get("prompt_format") or ("chat" if self.backend.has_chat_template else "plain"))
+        b = self.backend
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        _check_messages(messages)
+        if fmt == "chat":
+            if not b.has_chat_template:
+                raise SlmkitError(f"{self.name} has no chat template", "Use prompt_format 'plain' (a base model).")
+            prefix, answers = encode_chat(b, messages), list(labels)
+        else:
+            text = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+            prefix, answers = b.encode(plain_prompt(text), add_special_tokens=True), [plain_answer(x) for x in labels]
+        end = sorted(b.eos_token_ids)[:1]  # the answer ends after the label
+        continuations = [b.encode(a, add_special_tokens=False) + end for a in answers]
+        if len(prefix) + max(map(len, continuations)) > b.context_length:
+            raise PromptTooLong(f"the prompt is {len(prefix)} tokens, too long for {self.name}'s context of {b.context_length}",
+                                "Shorten the text.")
+        scores = [sum(lps) for lps in b.score_continuations(prefix, continuations)]
+        top = max(scores)
+        weights = [math.exp(x - top) for x in scores]
+        probs = [w / sum(weights) for w in weights]
+        best = max(range(len(labels)), key=scores.__getitem__)
+        return Classification(labels[best], dict(zip(labels, scores)), dict(zip(labels, probs)), len(prefix))
 
     # ---- scoring ----------------------------------------------------------------------------------
     def score(self, text: str, context: str = "") -> Score:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from slmkit.cli.common import BackendOpt, ModelOpt, handle_errors, out_console
 from slmkit.config import settings
+from slmkit.data.classify import task_of
 from slmkit.errors import SlmkitError
 from slmkit.evaluate.perplexity import CONTEXT_LENGTH, STRIDE
 from slmkit.evaluate.report import baseline_row, cell, columns_of, noise_notes, rows_of, short_labels, titled, write_html
@@ -84,10 +85,13 @@ def eval_cmd(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="A folder of evaluation data to look in first (default: SLMKIT_DATA; see `slmkit data list`).")] = None,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="List the built-in tasks and suites, with their data's source and size, and exit.")] = False,
     responses: Annotated[Path | None, typer.Option("--responses", help="Held-out prompts with reference responses (chat JSON lines, Alpaca, CSV): answer quality and response perplexity.")] = None,
-    metric: Annotated[str, typer.Option("--metric", help="For --responses: rouge_l (free answers), exact_match (a generated label), or accuracy (labels: the likeliest of the file's labels, so always a valid one; with macro-F1 and per-class precision and recall).")] = "rouge_l",
+    metric: Annotated[str | None, typer.Option("--metric", help="For --responses: rouge_l (free answers), exact_match (a generated label), or accuracy (labels: the likeliest of the labels, so always a valid one; with macro-F1 and per-class precision and recall). [default: accuracy for a classifier from finetune --task classify, else rouge_l]", show_default=False)] = None,
     prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="For a --responses CSV: the prompt column.")] = None,
     response_column: Annotated[str | None, typer.Option("--response-column", help="For a --responses CSV: the response column.")] = None,
-    labels: Annotated[str | None, typer.Option("--labels", help="For --metric accuracy: the label set, comma-separated or a file with one label a line (default: the labels the file's references use).")] = None,
+    text_column: Annotated[str | None, typer.Option("--text-column", help="For --responses rows of a text and a label (CSV/TSV, JSON lines, a saved Hugging Face dataset): the text column (default 'text').")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", help="For --responses: the label column of such rows.")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="For --metric accuracy: the label set, comma-separated or a file with one label a line (default: the classifier's own labels, else the labels the file's references use).")] = None,
+    prompt_format: Annotated[str | None, typer.Option("--prompt-format", help="For --metric accuracy: chat or plain ('TEXT\\nLabel:') [default: the classifier's own, else chat where the model has a chat template]", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results JSON instead of the table.")] = False,
     backend: BackendOpt = "torch",
 ) -> None:
@@ -101,11 +105,14 @@ def eval_cmd(
         raise SlmkitError("--limit must be at least 1", "Leave it out to use everything.")
     model = load(model_name, backend=backend)
     reference = load(kl, backend=backend) if kl else None
+    if metric is None:
+        metric = "accuracy" if task_of(model.card.settings if model.card else None) else "rouge_l"
     result, archived = evaluate(
         model, ppl=ppl, tasks=list(task or []), suites=list(suite or []), speed=speed, data_dir=data_dir, kl=reference, kl_text=kl_text, limit=limit,
         context_length=context_length, stride=stride, out=out, responses=responses, response_metric=metric,
-        response_labels=read_labels(labels),
-        response_read={k: v for k, v in {"prompt_column": prompt_column, "response_column": response_column}.items() if v},
+        response_labels=read_labels(labels), response_prompt_format=prompt_format,
+        response_read={k: v for k, v in {"prompt_column": prompt_column, "response_column": response_column,
+                                         "text_column": text_column, "label_column": label_column}.items() if v},
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -1,4 +1,5 @@
-"""`slmkit finetune` (LoRA or full fine-tuning on chat, instruction, CSV or text data) and `slmkit merge`."""
+"""`slmkit finetune` (LoRA, QLoRA, prompt tuning or full fine-tuning on chat, instruction, CSV or text data; or a
+classifier from a text and a label column) and `slmkit merge`."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def finetune(
     text_column: Annotated[str | None, typer.Option("--text-column")] = None,
     prompt_column: Annotated[str | None, typer.Option("--prompt-column")] = None,
     response_column: Annotated[str | None, typer.Option("--response-column")] = None,
+    task: Annotated[str, typer.Option("--task", help="generate (learn the responses) or classify (a text and a label per row: the loss on the label alone; the model answers with one of the labels).")] = "generate",
+    label_column: Annotated[str | None, typer.Option("--label-column", help="classify: the label column (CSV/TSV, JSON lines or a saved Hugging Face dataset; the text is --text-column, default 'text').")] = None,
+    prompt_format: Annotated[str, typer.Option("--prompt-format", help="classify: chat (the model's chat template) or plain ('TEXT\\nLabel: LABEL', for base models).")] = "chat",
     name: Annotated[str | None, typer.Option("--name", help="Name of the result (default MODEL-lora or MODEL-ft).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this --name from its last checkpoint.")] = False,
     grad_checkpoint: Annotated[bool | None, typer.Option("--grad-checkpoint/--no-grad-checkpoint", help="Recompute each block in backward instead of keeping its activations: far less memory, ~35-55% slower. [default: on for qlora, else on when the activations would take over a quarter of the free memory]", show_default=False)] = None,
@@ -54,15 +58,21 @@ def finetune(
     model = model or ensure_default()
     cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr or LR.get(method, _D.lr),
                       seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, bf16=bf16)
-    read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column}.items() if v}
+    read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column,
+                              "label_column": label_column}.items() if v}
     card = finetune_stage(model, data, method=method, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                           seq_len=seq_len, config=cfg, name=name, resume=resume, read=read, qlora_scheme=qlora_base,
-                          grad_checkpoint=grad_checkpoint, virtual_tokens=virtual_tokens, prompt_init_text=prompt_init_text)
+                          grad_checkpoint=grad_checkpoint, virtual_tokens=virtual_tokens, prompt_init_text=prompt_init_text,
+                          task=task, prompt_format=prompt_format)
     s = card.settings
     v = s["validation_perplexity"]
     typer.echo(f"made {card.name} ({'full model' if method == 'full' else 'adapter over ' + model}): "
                f"{human_count(s['trainable_parameters'])} trainable parameters ({s['trainable_share']:.2%}), {s['steps']} steps"
                + (f"; validation perplexity {v['before']:.3f} -> {v['after']:.3f}" if v["before"] and v["after"] else ""))
+    if task == "classify":
+        labels = s["classify"]["labels"]
+        typer.echo(f"a classifier over {len(labels)} labels ({', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}): "
+                   f"slmkit eval {card.name} --responses HELD_OUT --metric accuracy")
 
 
 @handle_errors

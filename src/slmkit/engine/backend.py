@@ -108,6 +108,11 @@ class Backend(Protocol):
         """
         ...
 
+    def score_continuations(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Log-probabilities of each continuation's tokens after the shared `prefix` (each continuation non-empty):
+        the prefix is computed once, where the backend can (a label set scored after one prompt)."""
+        ...
+
     def logprob_rows(self, ids: Sequence[int]) -> "torch.Tensor":
         """Log-softmax next-token distributions after each of ids[:-1]: shape (len(ids) - 1, vocab_size)."""
         ...

@@ -210,6 +210,10 @@ class LlamaCppBackend:
             out.append(TokenScores(picked.tolist(), bool((rows.argmax(-1) == targets).all())))
         return out
 
+    def score_continuations(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+        # one evaluation per continuation (llama.cpp's scorer keeps no prefix between calls)
+        return [list(s) for s in self.score_batch([(list(prefix) + list(c), len(prefix)) for c in continuations])]
+
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
         with self._aux_lock:
             if self._scorer is None:

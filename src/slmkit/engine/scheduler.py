@@ -384,6 +384,9 @@ class BatchedBackend:
     def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> "list[TokenScores]":
         return self.scheduler.call(lambda: self.inner.score_batch(requests))
 
+    def score_continuations(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+        return self.scheduler.call(lambda: self.inner.score_continuations(prefix, continuations))
+
     def logprob_rows(self, ids: Sequence[int]) -> "torch.Tensor":
         return self.scheduler.call(lambda: self.inner.logprob_rows(ids))
 

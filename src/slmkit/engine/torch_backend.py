@@ -203,6 +203,32 @@ class TorchBackend:
         return out
 
     @torch.inference_mode()
+    def score_continuations(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+        if not prefix or any(not c for c in continuations):
+            raise ValueError("score_continuations needs a prefix and non-empty continuations")
+        from transformers import DynamicCache
+
+        ids = self.prefix + list(prefix)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), **{self.cache_arg: cache}, use_cache=True,
+                         logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): every continuation's first token
+        scores = [[float(first[c[0]])] for c in continuations]
+        width = max(len(c) for c in continuations) - 1
+        if width == 0:
+            return scores
+        cache.batch_repeat_interleave(len(continuations))  # the prefix's KV, once per continuation
+        batch = torch.zeros((len(continuations), width), dtype=torch.long)  # (L, W): each continuation but its last
+        for row, c in enumerate(continuations):  # token, right-padded (causal: padding after a token never reaches it)
+            batch[row, : len(c) - 1] = torch.tensor(list(c[:-1]), dtype=torch.long)
+        logits = self.model(input_ids=batch, **{self.cache_arg: cache}, use_cache=True).logits  # (L, W, V)
+        for row, c in enumerate(continuations):
+            if len(c) > 1:
+                rows = torch.log_softmax(logits[row, : len(c) - 1].float(), dim=-1)  # predictions for c[1:]
+                scores[row] += rows.gather(-1, torch.tensor(list(c[1:])).unsqueeze(-1)).squeeze(-1).tolist()
+        return scores
+
+    @torch.inference_mode()
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
         n = len(self.prefix)
         logits = self.model(input_ids=torch.tensor([self.prefix + list(ids)], dtype=torch.long), use_cache=False).logits[0, n:-1]

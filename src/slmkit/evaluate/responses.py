@@ -9,10 +9,12 @@ responses given their prompts (the quantity fine-tuning lowers)."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from slmkit import progress
+from slmkit.data.classify import task_of
 from slmkit.errors import SlmkitError
 from slmkit.evaluate.metrics import classification_report, exact_match, mean_stderr, rouge_l
 from slmkit.model import Model, encode_chat
@@ -36,41 +38,38 @@ def response_items(path: Path, read: dict[str, Any] | None = None) -> list[tuple
     return items
 
 
-def classify(model: Model, prompt: list[dict[str, str]], labels: list[str]) -> tuple[str, list[float]]:
-    """The label the model finds likeliest as the answer to `prompt` (the sum of its tokens' log-probabilities, and
-    the end of the turn after it, so a label that is the start of a longer one is not favoured), and every label's
-    score. Always one of `labels`."""
-    b = model.backend
-    ids = encode_chat(b, prompt)
-    end = sorted(b.eos_token_ids)[:1]  # the chat turn ends after the label
-    rows = [(ids + b.encode(label, add_special_tokens=False) + end, len(ids)) for label in labels]
-    scores = [sum(lps) for lps in b.score_batch(rows)]
-    return labels[max(range(len(labels)), key=scores.__getitem__)], scores
-
-
-def evaluate_labels(model: Model, items: list[tuple[list[dict[str, str]], str]], labels: list[str] | None = None) -> dict[str, Any]:
-    """Classification: each row's answer is the likeliest label (of `labels`, default every reference in the file);
-    accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
-    labels = labels or sorted({ref for _, ref in items})
+def evaluate_labels(model: Model, items: list[tuple[list[dict[str, str]], str]], labels: list[str] | None = None,
+                    prompt_format: str | None = None) -> dict[str, Any]:
+    """Classification: each row's answer is the likeliest label (Model.classify) of `labels` (default: the labels the
+    model was fine-tuned on, else every reference in the file); accuracy, macro-F1, per-class precision/recall/F1,
+    the confusion matrix, and classifications per second."""
+    task = task_of(model.card.settings if model.card else None) or {}
+    labels = labels or task.get("labels") or sorted({ref for _, ref in items})
+    unknown = sorted({ref for _, ref in items} - set(labels))
+    if unknown:
+        raise SlmkitError(f"references outside the label set: {', '.join(unknown[:5])}",
+                          "Give --labels with every label, or a file whose references are the model's labels.")
     predicted = []
+    start = time.perf_counter()
     with progress.bar(f"labels on {model.name}", len(items)) as advance:
         for prompt, _ in items:
-            predicted.append(classify(model, prompt, labels)[0])
+            predicted.append(model.classify(prompt, labels, prompt_format).label)
             advance(1)
-    return {"n": len(items), "metric": LABEL_METRIC, **classification_report(predicted, [ref for _, ref in items], labels)}
+    seconds = time.perf_counter() - start
+    fmt = prompt_format or task.get("prompt_format") or ("chat" if model.backend.has_chat_template else "plain")
+    return {"n": len(items), "metric": LABEL_METRIC, "prompt_format": fmt, "seconds": seconds,
+            "classifications_per_s": len(items) / seconds if seconds > 0 else None,
+            **classification_report(predicted, [ref for _, ref in items], labels)}
 
 
 def evaluate_responses(model: Model, path: Path, *, metric: str = "rouge_l", limit: int | None = None,
                        max_tokens: int = MAX_TOKENS, read: dict[str, Any] | None = None,
-                       labels: list[str] | None = None) -> dict[str, Any]:
+                       labels: list[str] | None = None, prompt_format: str | None = None) -> dict[str, Any]:
     if metric not in (*METRICS, LABEL_METRIC):
         raise SlmkitError(f"unknown response metric {metric!r}", f"Metrics: {', '.join((*METRICS, LABEL_METRIC))}")
     items = response_items(path, read)[: limit or None]
     if metric == LABEL_METRIC:
-        unknown = sorted({ref for _, ref in items} - set(labels or []))
-        if labels and unknown:
-            raise SlmkitError(f"references outside --labels: {', '.join(unknown[:5])}", "Add them to --labels, or leave --labels out.")
-        return {"file": str(path), **evaluate_labels(model, items, labels)}
+        return {"file": str(path), **evaluate_labels(model, items, labels, prompt_format)}
     b = model.backend
     scores, nll, n_tokens = [], 0.0, 0
     with progress.bar(f"responses on {model.name}", len(items)) as advance:

@@ -37,6 +37,7 @@ def evaluate(
     response_metric: str = "rouge_l",
     response_read: dict[str, Any] | None = None,
     response_labels: list[str] | None = None,
+    response_prompt_format: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run the requested measurements on `model`; save the result JSON (to `out` and the store's evals folder).
 
@@ -75,7 +76,7 @@ def evaluate(
         r["kl"] = {"file": str(kl_path), **divergence(model, kl, kl_path.read_text(encoding="utf-8"), limit=limit)}
     if responses is not None:
         r["responses"] = evaluate_responses(model, responses, metric=response_metric, limit=limit, read=response_read,
-                                            labels=response_labels)
+                                            labels=response_labels, prompt_format=response_prompt_format)
     if speed:
         r["speed"] = measure_speed(model)
     if model.backend.name == "torch":  # the real share of zero weights, where pruning left any

@@ -5,7 +5,11 @@ Readers (by extension, or `fmt`):
 - `.jsonl` / `.json`: rows of `{text}`, chat `{messages: [{role, content}]}`, or Alpaca's `{instruction, input, output}`
   (a JSON array too);
 - `.csv` / `.tsv`: one column of text (`text_column`), or a prompt and a response column (as chat turns; a text and
-  a label column for classification).
+  a label column for classification);
+- a folder written by Hugging Face `datasets` (`save_to_disk`): a text and a label column (class ids become their
+  names).
+Classification rows (`label_column`) are a user turn (the text) and an assistant turn (the label); for training they
+are one row per window (`pad_rows`), never packed, so each label is learned from its own text alone.
 Chat rows go through the model's chat template and only the assistant's tokens carry loss. Everything is
 deterministic: the split and the order follow `seed`.
 """
@@ -22,6 +26,7 @@ from typing import Any
 
 import torch
 
+from slmkit.data.classify import check_format, check_labels, plain_answer, plain_prompt
 from slmkit.data.jsonl import json_objects
 from slmkit.errors import SlmkitError
 
@@ -86,10 +91,48 @@ def _row_example(row: Any, where: str) -> Example:
                     "Give rows as {\"text\": ...}, {\"messages\": [...]} or Alpaca's {instruction, input, output}.")
 
 
+def labelled(text: Any, label: Any, where: str) -> Example:
+    """A classification row: the text as the user's turn, the label as the answer."""
+    if not isinstance(text, str) or not text.strip() or label is None or not str(label).strip():
+        raise DataError(f"{where}: a classification row needs a text and a label, got {str(text)[:60]!r} / {label!r}",
+                        "Fix or drop the row.")
+    return Example(messages=(("user", text), ("assistant", str(label).strip())))
+
+
+def read_hf_dataset(path: Path, text_column: str, label_column: str) -> list[Example]:
+    """Rows of a dataset saved with Hugging Face `datasets` (`save_to_disk`); a ClassLabel column gives names."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise DataError(f"{path} holds several splits ({', '.join(splits)})", f"Give one of them: {path / (splits or ['train'])[0]}")
+    ds = datasets.load_from_disk(str(path))
+    missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{path} has no column {missing[0]!r}", f"Columns: {', '.join(ds.column_names)}; pass --text-column / --label-column.")
+    feature = ds.features[label_column]
+    names = getattr(feature, "names", None)
+    return [labelled(row[text_column], names[row[label_column]] if names and isinstance(row[label_column], int) else row[label_column],
+                     f"{path}[{i}]") for i, row in enumerate(ds)]
+
+
 def read_examples(path: Path, *, fmt: str | None = None, text_column: str | None = None,
-                  prompt_column: str | None = None, response_column: str | None = None) -> list[Example]:
-    """Every usable example of one file; a bad row fails with its place and what to do."""
+                  prompt_column: str | None = None, response_column: str | None = None,
+                  label_column: str | None = None) -> list[Example]:
+    """Every usable example of one file; a bad row fails with its place and what to do. With `label_column`, rows
+    are classification rows: the text (`text_column`, default "text") and its label."""
     path = Path(path).expanduser()
+    if label_column:
+        text_column = text_column or prompt_column or "text"
+        if path.is_dir():
+            if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
+                raise DataError(f"{path} is a folder but not a saved Hugging Face dataset", "Give a file, or a folder from datasets' save_to_disk.")
+            out = read_hf_dataset(path, text_column, label_column)
+            if not out:
+                raise DataError(f"{path} has no rows", "Give a dataset with rows.")
+            return out
+        if _format_of(path, fmt) == "csv":
+            prompt_column, response_column, text_column = text_column, label_column, None
     if not path.is_file():
         raise DataError(f"data file {path} not found", "Give existing text, JSON lines or CSV files.")
     kind = _format_of(path, fmt)
@@ -109,6 +152,9 @@ def read_examples(path: Path, *, fmt: str | None = None, text_column: str | None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", "Fix the file.") from exc
             out = [_row_example(r, f"{path}[{i}]") for i, r in enumerate(rows)]
+        elif label_column:
+            out = [labelled(row.get(text_column), row.get(label_column), where) if isinstance(row, dict) else _row_example(row, where)
+                   for where, row in json_objects(raw.splitlines(), path, DataError)]
         else:
             out = [_row_example(row, where) for where, row in json_objects(raw.splitlines(), path, DataError)]
     else:
@@ -171,10 +217,15 @@ def to_jsonl(examples: list[Example]) -> str:
                    for ex in examples)
 
 
-def encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
+def encode_example(tokenizer: Any, ex: Example, prompt_format: str = "chat") -> tuple[list[int], list[int]]:
     """(ids, loss mask) of one example: every token of a text; only the assistant turns of a conversation (rendered
-    with the tokenizer's chat template), each turn's template tokens included so the model learns where turns end."""
+    with the tokenizer's chat template), each turn's template tokens included so the model learns where turns end.
+    prompt_format "plain" (data/classify.py): the prompt as "TEXT\nLabel:" and the answer after it, then EOS."""
     eos = tokenizer.eos_token_id
+    if prompt_format == "plain" and ex.text is None:
+        prompt = tokenizer.encode(plain_prompt(prompt_of(ex)), add_special_tokens=True)
+        answer = tokenizer.encode(plain_answer(label_of(ex)), add_special_tokens=False) + ([eos] if eos is not None else [])
+        return prompt + answer, [0] * len(prompt) + [1] * len(answer)
     if ex.text is not None:
         ids = tokenizer.encode(ex.text, add_special_tokens=False) + ([eos] if eos is not None else [])
         return ids, [1] * len(ids)
@@ -211,31 +262,63 @@ def pack(sequences: list[tuple[list[int], list[int]]], seq_len: int) -> Windows:
     return Windows(windows, masks)
 
 
+def pad_rows(sequences: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Windows:
+    """One sequence per window, right-padded with `pad_id` (mask 0) to the longest (at most seq_len + 1 tokens; a
+    longer one keeps its last seq_len + 1, where its answer is). Causal attention never lets padding reach a real
+    token, and the loss trims the columns no row learns."""
+    width = min(seq_len + 1, max(len(ids) for ids, _ in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (N, T + 1)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (seq, m) in enumerate(sequences):
+        seq, m = seq[-width:], m[-width:]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(m)] = torch.tensor(m)
+    return Windows(ids, mask)
+
+
 def hash_files(paths: list[Path], settings: dict[str, Any]) -> str:
     """What identifies a training set: the files' bytes and how they were read."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for p in paths:
-        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+        for f in sorted(Path(p).rglob("*")) if Path(p).is_dir() else [Path(p)]:  # a saved dataset: its files
+            if f.is_file():
+                h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
 
 def build(tokenizer: Any, paths: list[Path], *, seq_len: int, valid_fraction: float = 0.05, seed: int = 0,
-          **read_kw: Any) -> tuple[Windows, Windows, dict[str, Any]]:
-    """Read, tokenize, shuffle (by seed), split by example into training and validation, pack each."""
+          prompt_format: str | None = None, **read_kw: Any) -> tuple[Windows, Windows, dict[str, Any]]:
+    """Read, tokenize, shuffle (by seed), split by example into training and validation, pack each. With a
+    `label_column` (classification), each row is its own window and info["labels"] is the label set."""
     examples: list[Example] = []
     for p in paths:
         examples += read_examples(p, **read_kw)
+    classify = bool(read_kw.get("label_column"))
+    fmt = prompt_format or "chat"
+    if classify:
+        check_format(fmt)
+        check_labels([label_of(e) for e in examples])
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_valid = max(1, int(len(examples) * valid_fraction)) if valid_fraction > 0 and len(examples) > 1 else 0
     valid_ex = [examples[i] for i in order[:n_valid]]
     train_ex = [examples[i] for i in order[n_valid:]]
-    train = pack([encode_example(tokenizer, e) for e in train_ex], seq_len)
-    try:
-        valid = pack([encode_example(tokenizer, e) for e in valid_ex], seq_len)
-    except DataError:  # too little held-out text for one window: no validation
-        valid = Windows(torch.zeros(0, seq_len + 1, dtype=torch.long), torch.zeros(0, seq_len + 1, dtype=torch.long))
+    if classify:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train = pad_rows([encode_example(tokenizer, e, fmt) for e in train_ex], seq_len, pad)
+        valid = pad_rows([encode_example(tokenizer, e, fmt) for e in valid_ex], seq_len, pad) if valid_ex else Windows(
+            torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long))
+    else:
+        train = pack([encode_example(tokenizer, e) for e in train_ex], seq_len)
+        try:
+            valid = pack([encode_example(tokenizer, e) for e in valid_ex], seq_len)
+        except DataError:  # too little held-out text for one window: no validation
+            valid = Windows(torch.zeros(0, seq_len + 1, dtype=torch.long), torch.zeros(0, seq_len + 1, dtype=torch.long))
     info = {"files": [str(p) for p in paths], "examples": len(examples), "valid_examples": n_valid,
             "train_windows": len(train), "valid_windows": len(valid), "train_tokens": train.tokens, "seq_len": seq_len,
-            "seed": seed, "sha256": hash_files(paths, {"seq_len": seq_len, "valid_fraction": valid_fraction, "seed": seed, **read_kw})}
+            "seed": seed, "sha256": hash_files(paths, {"seq_len": seq_len, "valid_fraction": valid_fraction, "seed": seed,
+                                                     **({"prompt_format": fmt} if classify else {}), **read_kw})}
+    if classify:
+        info["labels"] = check_labels(sorted(label_of(e) for e in examples))
+        info["prompt_format"] = fmt
     return train, valid, info
