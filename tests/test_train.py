@@ -366,7 +366,7 @@ def test_stratified_split_is_deterministic_balanced_and_leak_free(tmp_path):
     text in training (a duplicate row is dropped from training), TSV read with a text and a label column."""
     import csv as csv_module
 
-    from slmkit.train.data import label_of, prompt_of, read_examples, stratified_split
+    from slmkit.train.data import label_of, prompt_of, read_examples, stratified_folds, stratified_split
 
     tsv = tmp_path / "rows.tsv"
     with tsv.open("w", newline="", encoding="utf-8") as f:
@@ -384,9 +384,17 @@ def test_stratified_split_is_deterministic_balanced_and_leak_free(tmp_path):
     assert len(train) + len(held) + dropped == 41
     assert stratified_split(examples, 0.2, seed=0)[1] == held and stratified_split(examples, 0.2, seed=1)[1] != held
     r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "split"), "--text-column", "text", "--label-column", "label"])
-    assert r.exit_code == 0 and "held out, 2 labels" in r.stdout, r.output
-    assert read_examples(tmp_path / "split" / "heldout.jsonl") == held and read_examples(tmp_path / "split" / "train.jsonl") == train
+    assert r.exit_code == 0 and "8 held out" in r.stdout and "2 labels" in r.stdout, r.output
+    back = lambda f: read_examples(f, label_column="label")  # noqa: E731  (rows written as {text, label})
+    assert back(tmp_path / "split" / "heldout.jsonl") == held and back(tmp_path / "split" / "train.jsonl") == train
     r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "x"), "--text-column", "text"])
-    assert r.exit_code == 1 and "both --text-column and --label-column" in r.stderr
+    assert r.exit_code == 1 and "--text-column needs --label-column" in r.stderr
+    folds = stratified_folds(examples, 5, seed=0)  # cross-validation: every row held out once, labels balanced
+    assert sorted(len(h) for _, h, _ in folds) == [8, 8, 8, 8, 9]
+    assert sorted(id(e) for _, h, _ in folds for e in h) == sorted(id(e) for e in examples)
+    assert all(counts(h)["order"] == 2 for _, h, _ in folds)
+    assert all(not {prompt_of(e) for e in t} & {prompt_of(e) for e in h} for t, h, _ in folds)
+    r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "cv"), "--folds", "5", "--text-column", "text", "--label-column", "label"])
+    assert r.exit_code == 0 and back(tmp_path / "cv" / "fold-3" / "heldout.jsonl") == folds[2][1], r.output
     r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "x"), "--held-out", "1.5", "--text-column", "text", "--label-column", "label"])
     assert r.exit_code == 1 and "between 0 and 1" in r.stderr

@@ -14,7 +14,7 @@ from slmkit.cli.common import handle_errors, out_console
 from slmkit.config import settings
 from slmkit.data.catalog import DATASETS
 from slmkit.data.locate import fetch, where
-from slmkit.train.data import DataError, label_of, read_examples, stratified_split, to_jsonl
+from slmkit.train.data import DataError, label_of, read_examples, stratified_folds, stratified_split, to_jsonl
 
 app = typer.Typer(help="Evaluation data: list the known datasets and where each comes from; fetch them into the cache.",
                   no_args_is_help=True)
@@ -60,19 +60,23 @@ def split_data(
     held_out: Annotated[float, typer.Option("--held-out", help="Share of each label's rows held out.")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="The same file and seed give the same split.")] = 0,
     text_column: Annotated[str | None, typer.Option("--text-column", help="CSV/TSV: the text (prompt) column.")] = None,
-    label_column: Annotated[str | None, typer.Option("--label-column", help="CSV/TSV: the label (or response) column.")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", help="The label column (CSV/TSV, JSON lines {text, label}, a saved Hugging Face dataset); the rows written are {text, label}.")] = None,
+    folds: Annotated[int | None, typer.Option("--folds", help="k-fold cross-validation instead: OUT/fold-1 ... OUT/fold-K, each with train.jsonl and heldout.jsonl; every row held out once.")] = None,
 ) -> None:
     """A deterministic train / held-out split, stratified by label (a row's last answer), with no held-out text in
-    training: `slmkit finetune --data OUT/train.jsonl`, then `slmkit eval --responses OUT/heldout.jsonl --metric accuracy`."""
-    if (text_column is None) != (label_column is None):
-        raise DataError("give both --text-column and --label-column (or neither, for JSON lines)", "For example: --text-column text --label-column label")
-    examples = read_examples(path, prompt_column=text_column, response_column=label_column)
-    train, held, dropped = stratified_split(examples, held_out, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(to_jsonl(rows), encoding="utf-8")
-        os.replace(tmp, out / name)
-    labels = sorted({label_of(ex) for ex in examples})
-    typer.echo(f"{len(train)} training rows, {len(held)} held out, {len(labels)} labels"
-               + (f"; {dropped} training rows dropped (their text is also held out)" if dropped else "") + f": {out}")
+    training: `slmkit finetune --data OUT/train.jsonl --task classify --label-column label`, then `slmkit eval MODEL
+    --responses OUT/heldout.jsonl --label-column label`."""
+    if text_column and not label_column:
+        raise DataError("--text-column needs --label-column", "For example: --text-column text --label-column label")
+    examples = read_examples(path, text_column=text_column, label_column=label_column)
+    splits = stratified_folds(examples, folds, seed) if folds else [stratified_split(examples, held_out, seed)]
+    for i, (train, held, dropped) in enumerate(splits, 1):
+        where = out / f"fold-{i}" if folds else out
+        where.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+            tmp = where / f".{name}.tmp-{os.getpid()}"
+            tmp.write_text(to_jsonl(rows, labelled_rows=bool(label_column)), encoding="utf-8")
+            os.replace(tmp, where / name)
+        typer.echo(f"{len(train)} training rows, {len(held)} held out"
+                   + (f"; {dropped} training rows dropped (their text is also held out)" if dropped else "") + f": {where}")
+    typer.echo(f"{len({label_of(ex) for ex in examples})} labels")

@@ -59,7 +59,8 @@ def evaluate_labels(model: Model, items: list[tuple[list[dict[str, str]], str]],
     fmt = prompt_format or task.get("prompt_format") or ("chat" if model.backend.has_chat_template else "plain")
     return {"n": len(items), "metric": LABEL_METRIC, "prompt_format": fmt, "seconds": seconds,
             "classifications_per_s": len(items) / seconds if seconds > 0 else None,
-            **classification_report(predicted, [ref for _, ref in items], labels)}
+            **classification_report(predicted, [ref for _, ref in items], labels),
+            "predicted": predicted, "gold": [ref for _, ref in items]}  # per row, in the file's order
 
 
 def evaluate_responses(model: Model, path: Path, *, metric: str = "rouge_l", limit: int | None = None,

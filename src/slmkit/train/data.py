@@ -210,11 +210,43 @@ def stratified_split(examples: list[Example], held_out: float, seed: int = 0) ->
     return kept, held, len(train) - len(kept)
 
 
-def to_jsonl(examples: list[Example]) -> str:
-    """Rows in the chat / text JSON lines read_examples reads back."""
-    return "".join(json.dumps({"text": ex.text} if ex.text is not None else
-                              {"messages": [{"role": r, "content": c} for r, c in ex.messages]}, ensure_ascii=False) + "\n"
-                   for ex in examples)
+def stratified_folds(examples: list[Example], k: int, seed: int = 0) -> list[tuple[list[Example], list[Example], int]]:
+    """k-fold cross-validation: (train, held out, rows dropped from train) per fold; within each label a shuffle
+    seeded by `seed` and the label, dealt round-robin into the folds (from a fold that differs per label, so the
+    folds' sizes differ by at most one), every row held out exactly once; training rows whose text is held out are
+    dropped, as in stratified_split."""
+    if not 2 <= k <= len(examples):
+        raise DataError(f"--folds must be between 2 and the number of rows ({len(examples)}), not {k}", "Five folds is usual.")
+    by_label: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(label_of(ex), []).append(ex)
+    folds: list[list[Example]] = [[] for _ in range(k)]
+    offset = 0
+    for label in sorted(by_label):
+        rows = list(by_label[label])
+        random.Random(f"{seed}:{label}").shuffle(rows)
+        for i, ex in enumerate(rows):
+            folds[(offset + i) % k].append(ex)
+        offset += len(rows)
+    out = []
+    for i, held in enumerate(folds):
+        train = [ex for j, f in enumerate(folds) if j != i for ex in f]
+        seen = {prompt_of(ex) for ex in held}
+        kept = [ex for ex in train if prompt_of(ex) not in seen]
+        out.append((kept, held, len(train) - len(kept)))
+    return out
+
+
+def to_jsonl(examples: list[Example], labelled_rows: bool = False) -> str:
+    """Rows in the chat / text JSON lines read_examples reads back; `labelled_rows`: classification rows as
+    {"text", "label"} (read back with label_column="label")."""
+    def row(ex: Example) -> dict[str, Any]:
+        if ex.text is not None:
+            return {"text": ex.text}
+        if labelled_rows:
+            return {"text": prompt_of(ex), "label": label_of(ex)}
+        return {"messages": [{"role": r, "content": c} for r, c in ex.messages]}
+    return "".join(json.dumps(row(ex), ensure_ascii=False) + "\n" for ex in examples)
 
 
 def encode_example(tokenizer: Any, ex: Example, prompt_format: str = "chat") -> tuple[list[int], list[int]]:
