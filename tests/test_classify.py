@@ -129,3 +129,44 @@ def test_classify_cli_plain_format_on_a_base_model_then_eval_defaults_to_its_lab
     held.write_text(json.dumps({"text": "a rose", "label": "flower"}) + "\n")
     r = runner.invoke(app, ["eval", "base-cls", "--responses", str(held), "--label-column", "label"])
     assert r.exit_code == 1 and "outside the label set: flower" in r.output
+
+
+def test_a_classifier_is_served_with_its_labels(wide, tmp_path):
+    """/v1/classify answers with the classifier's labels (the library's answer and probabilities), any model with the
+    labels a request names; /v1/models lists a classifier's labels and a response_format that holds a chat answer
+    to them (json_schema enum)."""
+    import httpx
+    from openai import OpenAI
+
+    from test_serve import Running
+
+    finetune_stage(wide, [_csv(tmp_path / "train.csv")], method="full", task="classify",
+                   read={"text_column": "sentence", "label_column": "category"},
+                   config=TrainConfig(steps=60, batch_size=8, lr=1e-2, seed=0), name="wide-cls")
+    want = slmkit.load("wide-cls")
+    s = Running(["wide-cls", wide], max_tokens_limit=20)
+    try:
+        c = OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        entry = c.models.retrieve("wide-cls").model_extra
+        assert entry["labels"] == ["colour", "fruit", "tree"] and entry["prompt_format"] == "chat"
+        assert "labels" not in c.models.retrieve(wide).model_extra
+        texts = [t for t, _ in ROWS[::4]]
+        r = httpx.post(s.url + "/v1/classify", json={"model": "wide-cls", "input": texts})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert [d["label"] for d in data] == [lab for _, lab in ROWS[::4]] == [want.classify(t).label for t in texts]
+        assert all(d["probabilities"] == pytest.approx(want.classify(t).probabilities, abs=1e-4) for d, t in zip(data, texts))
+        assert r.json()["usage"]["prompt_tokens"] == sum(want.classify(t).prompt_tokens for t in texts)
+        answer = c.chat.completions.create(model="wide-cls", messages=[{"role": "user", "content": "oak again"}], max_tokens=10,
+                                           temperature=1.0, response_format=entry["response_format"]).choices[0].message.content
+        assert json.loads(answer) in entry["labels"]  # sampled, and still one of the labels
+        r = httpx.post(s.url + "/v1/classify", json={"model": wide, "input": "apple"})
+        assert r.status_code == 400 and "not a classifier" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/classify", json={"model": wide, "input": "apple", "labels": ["fruit", "tree"]})
+        assert r.status_code == 200 and r.json()["data"][0]["label"] in ("fruit", "tree")
+        for bad in ({"input": []}, {"input": ["ok", " "]}, {"input": ["x"] * 65}, {"input": "x", "labels": ["only"]}):
+            r = httpx.post(s.url + "/v1/classify", json={"model": "wide-cls", **bad})
+            assert r.status_code == 400, (bad, r.text)
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()

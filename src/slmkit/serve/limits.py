@@ -6,3 +6,5 @@ MAX_EMBEDDING_INPUTS = 64  # texts per /v1/embeddings request
 MAX_EMBEDDING_TOKENS = 16384  # their tokens together
 MAX_CHOICES = 16  # prompts x n per /v1/completions request: one request never fills the queue alone
 MAX_STOP = 16  # stop strings per request (OpenAI takes 4)
+MAX_CLASSIFY_INPUTS = 64  # texts per /v1/classify request
+MAX_LABELS = 256  # labels a /v1/classify request may name

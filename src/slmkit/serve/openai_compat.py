@@ -9,7 +9,7 @@ from typing import Any, Literal, TypedDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slmkit.errors import SlmkitError
-from slmkit.serve.limits import MAX_CHOICES, MAX_STOP
+from slmkit.serve.limits import MAX_CHOICES, MAX_LABELS, MAX_STOP
 
 
 class ContentPart(BaseModel):
@@ -122,6 +122,19 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(BaseModel):
     model: str | None = None
     input: str | list[str]
+
+
+class ClassifyRequest(BaseModel):
+    """slmkit's /v1/classify (not OpenAI's): texts, each answered with the likeliest of the labels (default: the
+    labels the model was fine-tuned on, `slmkit finetune --task classify`)."""
+
+    model: str | None = None
+    input: str | list[str]
+    labels: list[str] | None = Field(default=None, max_length=MAX_LABELS)
+
+
+def classification(index: int, label: str, probabilities: dict[str, float]) -> dict[str, Any]:
+    return {"object": "classification", "index": index, "label": label, "probabilities": probabilities}
 
 
 

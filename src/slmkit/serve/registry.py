@@ -104,6 +104,7 @@ class ModelRegistry:
         """Which served names share one loaded base: the LoRA adapters of a Llama-layout base (checked against the
         base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it.
         Adapters a per-row update cannot express (DoRA, extra trained modules) are served merged, on their own."""
+        from slmkit.data.classify import task_of
         from slmkit.engine.llama_fast import SUPPORTED_MODEL_TYPES
         from slmkit.sources.adapters import base_of, is_adapter, per_row_problem
         from slmkit.sources.hf_dir import read_config
@@ -111,7 +112,9 @@ class ModelRegistry:
         by_base: dict[str, list[str]] = {}
         for m in models:
             folder = self.store.require(m)
-            if self.backends[m] == "torch" and is_adapter(folder) and per_row_problem(folder) is None:
+            # a classifier's labels are scored, and scoring runs a shared base alone: a classifier is served merged
+            if (self.backends[m] == "torch" and is_adapter(folder) and per_row_problem(folder) is None
+                    and not task_of(self.store.card(m).settings)):
                 base, base_folder = base_of(folder)
                 if read_config(base_folder).get("model_type") in SUPPORTED_MODEL_TYPES:
                     by_base.setdefault(base, []).append(m)

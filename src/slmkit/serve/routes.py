@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes (/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings).
+"""The OpenAI-compatible routes (/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings), and slmkit's
+/v1/classify (a classifier's labels, or any labels a request names, scored by the model).
 
 Chat and completions share one skeleton (`_generate`): pick the model, start a reader thread per choice, wait
 for the first pieces (so refusals are HTTP errors), then stream server-sent events or collect the texts. Wire
@@ -20,12 +21,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from slmkit.engine.scheduler import CLIENT
+from slmkit.data.classify import label_schema, task_of
 from slmkit.errors import ModelNotFound, PromptTooLong
 from slmkit.model import Generation, Model
 from slmkit.serve import openai_compat as oa
 from slmkit.serve import tools as tl
 from slmkit.serve.errors import to_http
-from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
+from slmkit.serve.limits import MAX_CLASSIFY_INPUTS, MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import BadRequest, ModelRegistry
 from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse, sse_events
@@ -159,7 +161,11 @@ def openai_routes(server: Server) -> APIRouter:
         return respond(rid, name, model, choices, texts)
 
     def model_entry(n: str) -> dict[str, Any]:
-        return {"id": n, "object": "model", "created": server.started, "owned_by": "slmkit"}
+        task = task_of(registry.store.card(n).settings) if registry.store.exists(n) else None
+        return {"id": n, "object": "model", "created": server.started, "owned_by": "slmkit",
+                **({"labels": task["labels"], "prompt_format": task["prompt_format"],  # and a chat answer held to them:
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "label", "schema": label_schema(task["labels"])}}}
+                   if task else {})}
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -256,6 +262,27 @@ def openai_routes(server: Server) -> APIRouter:
             vectors = await asyncio.to_thread(model.backend.embed, texts)
         tokens = sum(counts)
         return {"object": "list", "model": name, "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @router.post("/v1/classify")
+    async def classify(body: oa.ClassifyRequest) -> Any:
+        name = body.model or registry.names[0]
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        async with counted("classify", name):
+            model = await asyncio.to_thread(registry.get, body.model)
+            if not isinstance(model, Model):
+                raise BadRequest(f"{name} is a routed or cached name, not one model", "Classify with a served model's name.")
+            if not texts or any(not t.strip() for t in texts):
+                raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to classify.")
+            if len(texts) > MAX_CLASSIFY_INPUTS:
+                raise BadRequest(f"{len(texts)} inputs are over this server's limit of {MAX_CLASSIFY_INPUTS} per request",
+                                 "Send them in several requests.")
+            if body.labels is None and not task_of(model.card.settings if model.card else None):
+                raise BadRequest(f"{name} is not a classifier (slmkit finetune --task classify) and the request names no labels",
+                                 'Pass "labels": ["a", "b", ...], or serve a classifier.')
+            got = await asyncio.to_thread(lambda: [model.classify(t, body.labels) for t in texts])
+        tokens = sum(g.prompt_tokens for g in got)
+        return {"object": "list", "model": name, "data": [oa.classification(i, g.label, g.probabilities) for i, g in enumerate(got)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return router
