@@ -241,17 +241,19 @@ def openai_routes(server: Server) -> APIRouter:
 
         return await _generate("completions", body, request, begin, chunk, respond)
 
+    def check_inputs(texts: list[str], most: int, verb: str) -> None:
+        if not texts or any(not t for t in texts):
+            raise BadRequest("input must be a non-empty string or list of non-empty strings", f"Send text to {verb}.")
+        if len(texts) > most:
+            raise BadRequest(f"{len(texts)} inputs are over this server's limit of {most} per request", "Send them in several requests.")
+
     @router.post("/v1/embeddings")
     async def embeddings(body: oa.EmbeddingRequest) -> Any:
         name = body.model or registry.names[0]
         texts = [body.input] if isinstance(body.input, str) else body.input
         async with counted("embeddings", name):
             model = await asyncio.to_thread(registry.get, body.model)
-            if not texts or any(not t for t in texts):
-                raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to embed.")
-            if len(texts) > MAX_EMBEDDING_INPUTS:
-                raise BadRequest(f"{len(texts)} inputs are over this server's limit of {MAX_EMBEDDING_INPUTS} per request",
-                                 "Send them in several requests.")
+            check_inputs(texts, MAX_EMBEDDING_INPUTS, "embed")
             counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
             for n in counts:
                 if n > model.backend.context_length:
@@ -272,11 +274,7 @@ def openai_routes(server: Server) -> APIRouter:
             model = await asyncio.to_thread(registry.get, body.model)
             if not isinstance(model, Model):
                 raise BadRequest(f"{name} is a routed or cached name, not one model", "Classify with a served model's name.")
-            if not texts or any(not t.strip() for t in texts):
-                raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to classify.")
-            if len(texts) > MAX_CLASSIFY_INPUTS:
-                raise BadRequest(f"{len(texts)} inputs are over this server's limit of {MAX_CLASSIFY_INPUTS} per request",
-                                 "Send them in several requests.")
+            check_inputs([t.strip() for t in texts], MAX_CLASSIFY_INPUTS, "classify")
             if body.labels is None and not task_of(model.card.settings if model.card else None):
                 raise BadRequest(f"{name} is not a classifier (slmkit finetune --task classify) and the request names no labels",
                                  'Pass "labels": ["a", "b", ...], or serve a classifier.')
