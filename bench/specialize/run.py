@@ -7,9 +7,9 @@ same splits:
 
 - tfidf-lr: TF-IDF (word 1-2 grams, sublinear tf) + logistic regression (scikit-learn), C chosen by 3-fold
   cross-validation on the training rows: the baseline a practitioner tries first;
-- zero-shot / few-shot: the base model, asked in its chat template to pick one of the labels (listed in the prompt;
-  few-shot: one example per label for up to `--shots` labels as earlier turns), answered by `Model.classify`
-  (the likeliest label);
+- zero-shot / few-shot: the base model, asked in its chat template to pick one of the labels (the question and the
+  labels in the system message; few-shot: one answered example per label for up to `--shots` labels as earlier
+  turns), answered by `Model.classify` (the likeliest label);
 - full / lora: `slmkit finetune --task classify` (plain prompt format, the loss on the label alone), evaluated by
   `slmkit eval --responses HELDOUT --label-column label` (the classifier's own labels).
 
@@ -19,6 +19,7 @@ training wall time and peak memory (the training process's maximum resident set)
 
     .venv/bin/python bench/specialize/run.py --data ../shared/data [--rows tfidf-lr,zero-shot,few-shot,full,lora]
         [--sets customer_support,banking77,sst2] [--folds-run 5] [--epochs 1]
+    .venv/bin/python bench/specialize/run.py --rows served --sets banking77   # the full classifiers, served
 
 Writes bench/results/specialize.{json,md}.
 """
@@ -121,14 +122,14 @@ def prompted(split: Path, set_name: str, shots: int) -> Path:
     """The held-out rows as chat prompts that name the labels (and, few-shot, answered examples as earlier turns)."""
     train, held = read_rows(split / "train.jsonl"), read_rows(split / "heldout.jsonl")
     labels = sorted({r["label"] for r in train})
-    ask = f"{ASK[set_name]} Answer with one label from: {', '.join(labels)}.\n\n"
-    examples, seen = [], set()
+    examples = [{"role": "system", "content": f"{ASK[set_name]} Answer with one label from: {', '.join(labels)}."}]
+    seen: set[str] = set()
     for r in train:  # the first training row of each label, up to `shots` labels
-        if shots and r["label"] not in seen and len(examples) < shots:
+        if r["label"] not in seen and len(seen) < shots:
             seen.add(r["label"])
-            examples += [{"role": "user", "content": ask + r["text"]}, {"role": "assistant", "content": r["label"]}]
+            examples += [{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["label"]}]
     path = split / f"prompted-{shots}.jsonl"
-    path.write_text("".join(json.dumps({"messages": examples + [{"role": "user", "content": ask + r["text"]},
+    path.write_text("".join(json.dumps({"messages": examples + [{"role": "user", "content": r["text"]},
                                                                 {"role": "assistant", "content": r["label"]}]}) + "\n" for r in held))
     (split / "labels.txt").write_text("\n".join(labels) + "\n")
     return path
@@ -156,6 +157,36 @@ def finetuned(method: str, set_name: str, split: Path, env: dict[str, str], epoc
     trained = json.loads(card_file.read_text())
     got = evaluate(name, split / "heldout.jsonl", split, env, ["--label-column", "label"], method)
     return {**got, "train_s": trained["seconds"], "peak_mb": trained["peak_mb"]}
+
+
+def served(set_name: str, split: Path, env: dict[str, str], method: str = "full", clients: int = 4) -> dict:
+    """Classifications per second through `slmkit serve` (POST /v1/classify, one text per request, `clients` at once)
+    for the held-out rows, and that every answer is the one `eval` gave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "bench" / "serve"))
+    from run import free_port, start  # bench/serve/run.py: the server start (warmed up)
+
+    name = f"{set_name}-{split.name}-{method}".replace("_", "-")
+    texts = [r["text"] for r in read_rows(split / "heldout.jsonl")]
+    want = json.loads((split / f"eval-{method}.json").read_text())["results"]["responses"]["predicted"]
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = start([sys.executable, "-m", "slmkit", "serve", name, "--port", url.rsplit(":", 1)[1]], url, env, name)
+    try:
+        with httpx.Client(timeout=600) as c:
+            ask = lambda t: c.post(url + "/v1/classify", json={"model": name, "input": t}).json()["data"][0]["label"]  # noqa: E731
+            ask(texts[0])
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                got = list(pool.map(ask, texts))
+            seconds = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"set": set_name, "model": name, "n": len(texts), "clients": clients, "per_s": len(texts) / seconds,
+            "same_as_eval": sum(a == b for a, b in zip(got, want)) / len(texts)}
 
 
 def run_row(row: str, set_name: str, splits: list[Path], env: dict[str, str], epochs: float, shots: int) -> dict:
@@ -205,6 +236,9 @@ def write(results: list[dict], meta: dict) -> None:
             se = math.sqrt(best["accuracy_stderr"] ** 2 + base["accuracy_stderr"] ** 2)
             lines.append(f"- {s}: best fine-tuned ({best['row']}) {best['accuracy']:.3f} vs TF-IDF + LR {base['accuracy']:.3f}: "
                          f"{gap * 100:+.1f} points ({gap / se:+.1f} standard errors)")
+    for r in meta.get("served", []):
+        lines.append(f"- served ({r['model']}): {r['per_s']:.1f} classifications/s through POST /v1/classify, {r['clients']} "
+                     f"clients, one text per request ({r['n']} held-out texts; {r['same_as_eval']:.1%} the same label as eval)")
     lines += ["", *meta.get("notes", [])]
     (RESULTS / "specialize.md").write_text("\n".join(lines) + "\n")
 
@@ -227,6 +261,12 @@ def main() -> None:
     meta = {"cpu": lscpu(), "epochs": a.epochs, "shots": a.shots, "folds_run": a.folds_run, "notes": a.note}
     done = RESULTS / "specialize.json"
     results = [r for r in json.loads(done.read_text())["rows"]] if done.is_file() else []
+    if a.rows == "served":
+        meta = {**json.loads(done.read_text())["meta"], **{k: v for k, v in meta.items() if k == "cpu"}}
+        meta["served"] = [served(s, splits[s][0], env) for s in a.sets.split(",")]
+        write(results, meta)
+        return
+    meta["served"] = json.loads(done.read_text())["meta"].get("served", []) if done.is_file() else []
     for row in a.rows.split(","):
         for s in a.sets.split(","):
             use = splits[s] if row == "tfidf-lr" or s != "sst2" else splits[s][: a.folds_run]
