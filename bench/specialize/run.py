@@ -11,7 +11,8 @@ same splits:
   labels in the system message; few-shot: one answered example per label for up to `--shots` labels as earlier
   turns), answered by `Model.classify` (the likeliest label);
 - full / lora: `slmkit finetune --task classify` (plain prompt format, the loss on the label alone), evaluated by
-  `slmkit eval --responses HELDOUT --label-column label` (the classifier's own labels).
+  `slmkit eval --responses HELDOUT --label-column label` (the classifier's own labels);
+- student-full: the same full fine-tuning on a half-size student (`slmkit prune --structured width --ratio 0.5`).
 
 Reported: accuracy with its standard error (binomial, over every held-out row: SST-2 pools its five folds), macro-F1,
 training wall time and peak memory (the training process's maximum resident set), and classifications per second
@@ -48,6 +49,8 @@ SETS = {  # name: (file in the data folder, text column, label column, how it is
 ASK = {"customer_support": "Which intent is this customer message?", "banking77": "Which intent is this banking customer message?",
        "sst2": "Is the sentiment of this movie review positive or negative?"}
 TRAIN = {"full": ["--method", "full", "--lr", "5e-5"], "lora": ["--method", "lora", "--r", "16", "--alpha", "32", "--lr", "1e-3"]}
+TRAIN["student-full"] = TRAIN["full"]
+STUDENT = f"{BASE}-half"  # width-pruned to half the parameters (no distillation: see the notes)
 PEAK = ("import resource, sys\nfrom slmkit.cli import main\nsys.argv = ['slmkit'] + sys.argv[1:]\ntry:\n    main()\n"
         "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
@@ -143,11 +146,19 @@ def evaluate(model: str, held: Path, split: Path, env: dict[str, str], extra: li
     return {"predicted": r["predicted"], "gold": r["gold"], "per_s": r["classifications_per_s"]}
 
 
+def student(env: dict[str, str]) -> str:
+    """The half-size student: the default model pruned in width (KV groups and MLP channels) to half its parameters."""
+    if subprocess.run([sys.executable, "-m", "slmkit", "models", "show", STUDENT, "--json"], env=env, capture_output=True).returncode:
+        slmkit(["prune", BASE, "--structured", "width", "--ratio", "0.5", "--name", STUDENT], env)
+    return STUDENT
+
+
 def finetuned(method: str, set_name: str, split: Path, env: dict[str, str], epochs: float) -> dict:
     name = f"{set_name}-{split.name}-{method}".replace("_", "-")
     card_file = split / f"train-{method}.json"
+    base = student(env) if method.startswith("student-") else BASE
     if not card_file.is_file():
-        _, peak = slmkit(["finetune", BASE, "--data", str(split / "train.jsonl"), "--task", "classify", "--label-column", "label",
+        _, peak = slmkit(["finetune", base, "--data", str(split / "train.jsonl"), "--task", "classify", "--label-column", "label",
                           "--prompt-format", "plain", "--epochs", str(epochs), "--batch-size", "16", "--bf16",
                           "--no-grad-checkpoint", "--eval-every", "100000", "--checkpoint-every", "100000", "--name", name,
                           *TRAIN[method]], env)
@@ -236,6 +247,10 @@ def write(results: list[dict], meta: dict) -> None:
             se = math.sqrt(best["accuracy_stderr"] ** 2 + base["accuracy_stderr"] ** 2)
             lines.append(f"- {s}: best fine-tuned ({best['row']}) {best['accuracy']:.3f} vs TF-IDF + LR {base['accuracy']:.3f}: "
                          f"{gap * 100:+.1f} points ({gap / se:+.1f} standard errors)")
+        if (s, "student-full") in by and (s, "full") in by:
+            st, full = by[(s, "student-full")], by[(s, "full")]
+            lines.append(f"- {s}: the half-size student {st['accuracy']:.3f} vs the default model {full['accuracy']:.3f} "
+                         f"({(st['accuracy'] - full['accuracy']) * 100:+.1f} points; target: within 2)")
     for r in meta.get("served", []):
         lines.append(f"- served ({r['model']}): {r['per_s']:.1f} classifications/s through POST /v1/classify, {r['clients']} "
                      f"clients, one text per request ({r['n']} held-out texts; {r['same_as_eval']:.1%} the same label as eval)")
