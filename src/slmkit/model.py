@@ -205,6 +205,13 @@ class Model:
             stats.total_s = time.perf_counter() - start
 
     # ---- classification ---------------------------------------------------------------------------
+    def label_task(self, labels: Sequence[str] | None = None, prompt_format: str | None = None) -> tuple[list[str], str]:
+        """The labels and prompt format a classification uses: those given, else the model's own (its card's
+        classify task), else (format) "chat" where the model has a chat template and "plain" where it has none."""
+        task = task_of(self.card.settings if self.card else None) or {}
+        chosen = check_labels(list(labels if labels is not None else task.get("labels") or []))
+        return chosen, check_format(prompt_format or task.get("prompt_format") or ("chat" if self.backend.has_chat_template else "plain"))
+
     def classify(self, prompt: str | Sequence[Message], labels: Sequence[str] | None = None,
                  prompt_format: str | None = None) -> Classification:
         """The label the model finds likeliest as the answer to `prompt` (a text, or the messages before the answer):
@@ -213,9 +220,7 @@ class Model:
 
         `labels` and `prompt_format` default to what the model was fine-tuned with (its card's classify task), else
         the model's chat template ("chat") or, without one, "plain" (data/classify.py)."""
-        task = task_of(self.card.settings if self.card else None) or {}
-        labels = check_labels(list(labels if labels is not None else task.get("labels") or []))
-        fmt = check_format(prompt_format or task.get("prompt_format") or ("chat" if self.backend.has_chat_template else "plain"))
+        labels, fmt = self.label_task(labels, prompt_format)
         b = self.backend
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         _check_messages(messages)

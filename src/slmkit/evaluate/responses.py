@@ -43,9 +43,10 @@ def evaluate_labels(model: Model, items: list[tuple[list[dict[str, str]], str]],
     """Classification: each row's answer is the likeliest label (Model.classify) of `labels` (default: the labels the
     model was fine-tuned on, else every reference in the file); accuracy, macro-F1, per-class precision/recall/F1,
     the confusion matrix, and classifications per second."""
-    task = task_of(model.card.settings if model.card else None) or {}
-    labels = labels or task.get("labels") or sorted({ref for _, ref in items})
-    unknown = sorted({ref for _, ref in items} - set(labels))
+    references = {ref for _, ref in items}
+    is_classifier = task_of(model.card.settings if model.card else None) is not None
+    labels, fmt = model.label_task(labels or (None if is_classifier else sorted(references)), prompt_format)
+    unknown = sorted(references - set(labels))
     if unknown:
         raise SlmkitError(f"references outside the label set: {', '.join(unknown[:5])}",
                           "Give --labels with every label, or a file whose references are the model's labels.")
@@ -53,10 +54,9 @@ def evaluate_labels(model: Model, items: list[tuple[list[dict[str, str]], str]],
     start = time.perf_counter()
     with progress.bar(f"labels on {model.name}", len(items)) as advance:
         for prompt, _ in items:
-            predicted.append(model.classify(prompt, labels, prompt_format).label)
+            predicted.append(model.classify(prompt, labels, fmt).label)
             advance(1)
     seconds = time.perf_counter() - start
-    fmt = prompt_format or task.get("prompt_format") or ("chat" if model.backend.has_chat_template else "plain")
     return {"n": len(items), "metric": LABEL_METRIC, "prompt_format": fmt, "seconds": seconds,
             "classifications_per_s": len(items) / seconds if seconds > 0 else None,
             **classification_report(predicted, [ref for _, ref in items], labels),
