@@ -23,9 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
-BASE = "smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import BASE, RESULTS, ROOT, cpu_line, exists, slmkit  # noqa: E402  (bench/common.py)
+
 INTENT_PROMPT = "Which intent is this customer message? Answer with the label only.\n\n"
 INTENT_NOTE = ("Intent accuracy here is the exact match of a generated answer after a budget that sees each intent row once at most: 0.000 for every method. Why: the label rows are ~3% of the learned tokens, mixed with long responses, over ~20% of an epoch of a file sorted by intent (the first 2,400 rows cover 15 of its 27 intents, the held-out rows others). Classification is measured as such in specialize.md: `finetune --task classify` (the loss on the label alone, one row per window) on a stratified split, answered with the likeliest label.")
 INT8, INT4 = f"{BASE}-int8-rtn", f"{BASE}-int4-rtn"  # made by slmkit quantize: QLoRA loads them without a float copy
@@ -35,20 +35,6 @@ RUNS = [("lora-r8", BASE, ["--method", "lora", "--r", "8", "--alpha", "16"]),
         ("qlora-int4", INT4, ["--method", "qlora"]),
         ("prompt", BASE, ["--method", "prompt", "--virtual-tokens", "20"]),
         ("full", BASE, ["--method", "full"])]
-PEAK = ("import resource, sys\nfrom slmkit.cli import main\nsys.argv = ['slmkit'] + sys.argv[1:]\ntry:\n    main()\n"
-        "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
-
-
-def slmkit(args: list[str], env: dict[str, str]) -> str:
-    r = subprocess.run([sys.executable, "-c", PEAK, *args], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"slmkit {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout
-
-
-def exists(name: str, env: dict[str, str]) -> bool:
-    return subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env, capture_output=True).returncode == 0
 
 
 def chat(prompt: str, answer: str) -> str:
@@ -105,9 +91,9 @@ def main() -> None:
         name = f"{BASE}-cs-{label}-{args.steps}"
         peak_file = out / f"{name}-peak.json"  # kept beside the evaluations: a rerun reuses finished runs
         if not exists(name, env):
-            log = slmkit(["finetune", model, "--data", str(train), *extra, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+            _, peak = slmkit(["finetune", model, "--data", str(train), *extra, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                           "--batch-size", str(args.batch_size), "--eval-every", str(args.steps), "--grad-checkpoint", "--name", name], env)
-            peak_file.write_text(json.dumps({"peak_rss_mb": int(log.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 1024}))
+            peak_file.write_text(json.dumps({"peak_rss_mb": peak}))
         peak = json.loads(peak_file.read_text())["peak_rss_mb"] if peak_file.is_file() else None
         card = json.loads(subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env,
                                          capture_output=True, text=True, check=True).stdout)
@@ -116,10 +102,7 @@ def main() -> None:
                      "peak_rss_mb": peak, "seconds": s["seconds"], "tokens": s["tokens"], "tokens_per_s": s["tokens"] / s["seconds"],
                      **measure(name, env, out, resp, intents)})
         print(json.dumps(rows[-1]), flush=True)
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in lscpu.splitlines() if ln.startswith("Flags")), [])
-    cpu = f"{model_name}; {os.cpu_count()} cores; " + " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
+    cpu = cpu_line()
     result = {"benchmark": "finetune", "base": BASE, "cpu": cpu, "steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "training_rows": 2 * args.rows, "rows": rows}
     RESULTS.mkdir(exist_ok=True)

@@ -37,9 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
-BASE = "smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import BASE, RESULTS, ROOT, cpu_line, exists, slmkit  # noqa: E402  (bench/common.py)
+
 SST2_NAMES = {"0": "negative", "1": "positive"}
 SETS = {  # name: (file in the data folder, text column, label column, how it is split)
     "customer_support": ("customer_support/bitext_customer_support_4514_responses.csv", "instruction", "intent", "80/20"),
@@ -51,20 +51,6 @@ ASK = {"customer_support": "Which intent is this customer message?", "banking77"
 TRAIN = {"full": ["--method", "full", "--lr", "5e-5"], "lora": ["--method", "lora", "--r", "16", "--alpha", "32", "--lr", "1e-3"]}
 TRAIN["student-full"] = TRAIN["full"]
 STUDENT = f"{BASE}-half"  # width-pruned to half the parameters (no distillation: see the notes)
-PEAK = ("import resource, sys\nfrom slmkit.cli import main\nsys.argv = ['slmkit'] + sys.argv[1:]\ntry:\n    main()\n"
-        "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
-
-
-def slmkit(args: list[str], env: dict[str, str]) -> tuple[str, int]:
-    """Run the CLI; its stdout and its peak resident set in MB."""
-    r = subprocess.run([sys.executable, "-c", PEAK, *args], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"slmkit {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    peak = next(int(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("PEAK_RSS_KB"))
-    return r.stdout, peak // 1024
-
-
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
@@ -148,7 +134,7 @@ def evaluate(model: str, held: Path, split: Path, env: dict[str, str], extra: li
 
 def student(env: dict[str, str]) -> str:
     """The half-size student: the default model pruned in width (KV groups and MLP channels) to half its parameters."""
-    if subprocess.run([sys.executable, "-m", "slmkit", "models", "show", STUDENT, "--json"], env=env, capture_output=True).returncode:
+    if not exists(STUDENT, env):
         slmkit(["prune", BASE, "--structured", "width", "--ratio", "0.5", "--name", STUDENT], env)
     return STUDENT
 
@@ -219,13 +205,6 @@ def run_row(row: str, set_name: str, splits: list[Path], env: dict[str, str], ep
     return out
 
 
-def lscpu() -> str:
-    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0]
-    model = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return f"{model}; {os.cpu_count()} cores; " + " ".join(f for f in wanted if f" {f}" in flags)
-
-
 def write(results: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "specialize.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
@@ -273,7 +252,7 @@ def main() -> None:
     env = {**os.environ, "SLMKIT_HOME": str(a.home or a.work / "home"), "PYTHONUNBUFFERED": "1"}
     a.work.mkdir(parents=True, exist_ok=True)
     splits = prepare(a.data, a.work, env)
-    meta = {"cpu": lscpu(), "epochs": a.epochs, "shots": a.shots, "folds_run": a.folds_run, "notes": a.note}
+    meta = {"cpu": cpu_line(), "epochs": a.epochs, "shots": a.shots, "folds_run": a.folds_run, "notes": a.note}
     done = RESULTS / "specialize.json"
     results = [r for r in json.loads(done.read_text())["rows"]] if done.is_file() else []
     if a.rows == "served":

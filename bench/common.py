@@ -1,0 +1,40 @@
+"""What the benchmarks share: where results go, the default model's store name, the slmkit CLI run with its peak
+memory, whether a model is in a store, and the CPU line results record. (Imported by bench scripts that put bench/
+on sys.path; the older scripts keep their own copies until they are next rerun.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BASE = "smollm2-135m-instruct"
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+_PEAK = ("import resource, sys\nfrom slmkit.cli import main\nsys.argv = ['slmkit'] + sys.argv[1:]\ntry:\n    main()\n"
+         "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
+
+
+def slmkit(args: list[str], env: dict[str, str]) -> tuple[str, int]:
+    """Run the slmkit CLI in a fresh process: its stdout and its peak resident set in MB (a failure raises with the
+    ends of its output)."""
+    r = subprocess.run([sys.executable, "-c", _PEAK, *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"slmkit {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    kb = next(int(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("PEAK_RSS_KB"))
+    return r.stdout, kb // 1024
+
+
+def exists(name: str, env: dict[str, str]) -> bool:
+    return subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env, capture_output=True).returncode == 0
+
+
+def cpu_line() -> str:
+    """'MODEL; N cores; the vector flags it has' from lscpu."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    field = lambda k: next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith(k)), "")  # noqa: E731
+    flags = field("Flags").split()
+    return f"{field('Model name') or '?'}; {os.cpu_count()} cores; " + " ".join(f for f in CPU_FLAGS if f in flags)
