@@ -170,3 +170,17 @@ def test_a_classifier_is_served_with_its_labels(wide, tmp_path):
         assert httpx.get(s.url + "/health").status_code == 200
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("method", ["qlora", "prompt"])
+def test_every_method_trains_a_classifier(wide, tmp_path, method):
+    """QLoRA and prompt tuning train on the padded label rows too (prompt tuning's virtual tokens come first in
+    every window); the result answers with its labels, and the loss on them fell."""
+    card = finetune_stage(wide, [_csv(tmp_path / "train.csv")], method=method, task="classify", virtual_tokens=4,
+                          read={"text_column": "sentence", "label_column": "category"},
+                          config=TrainConfig(steps=20, batch_size=8, lr=3e-2, seed=0), name=f"wide-cls-{method}")
+    assert card.settings["classify"]["labels"] == ["colour", "fruit", "tree"]
+    curve = [p["loss"] for p in card.settings["loss_curve"]]
+    assert curve[-1] < curve[0]
+    model = slmkit.load(card.name)
+    assert all(model.classify(t).label in ("colour", "fruit", "tree") for t, _ in ROWS[:4])
