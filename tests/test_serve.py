@@ -351,6 +351,16 @@ def test_ollama_native_api_with_the_official_client(store):
         with pytest.raises(ollama.ResponseError) as e:
             c.chat(model="tiny", messages=msgs, options={"num_predict": 400})
         assert e.value.status_code == 400 and "limit" in e.value.error
+        # Ollama's unload and preload calls: an empty prompt (or no messages) answers at once, without generating
+        gone = c.generate(model="tiny", prompt="", keep_alive=0)
+        assert gone.done and gone.done_reason == "unload" and gone.response == "" and c.ps().models == []
+        back = c.generate(model="tiny", prompt="")
+        assert back.done_reason == "load" and [m.model for m in c.ps().models] == ["tiny:latest"]
+        assert c.chat(model="tiny", messages=[], keep_alive="0s").done_reason == "unload" and c.ps().models == []
+        assert c.chat(model="tiny", messages=msgs, options=opts, stream=False).message.content == want  # loaded again
+        with pytest.raises(ollama.ResponseError) as e:
+            c.generate(model="nope", prompt="", keep_alive=0)
+        assert e.value.status_code == 404
     finally:
         s.stop()
 

@@ -86,6 +86,13 @@ class ShowRequest(BaseModel):
     name: str | None = None  # older clients
 
 
+def unloads(keep_alive: Any) -> bool:
+    """Whether a keep_alive asks to free the model now: 0, or a duration of zero ("0", "0s", "0m")."""
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return keep_alive == 0
+    return isinstance(keep_alive, str) and keep_alive.strip().rstrip("smh") in ("0", "0.0")
+
+
 def model_name(name: str) -> str:
     """Ollama clients name models NAME:TAG; slmkit's names have no tag (":latest" is dropped)."""
     return name[: -len(TAG)] if name.endswith(TAG) else name

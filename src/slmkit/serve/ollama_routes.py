@@ -1,6 +1,7 @@
 """Ollama's native API beside the OpenAI one, so clients that speak it (Open WebUI's Ollama connection, Continue's
 ollama provider, the `ollama` Python and JS packages, editor plugins) connect unmodified: /api/tags, /api/ps,
-/api/show, /api/version, /api/chat, /api/generate and /api/embed, streamed as JSON lines as Ollama does.
+/api/show, /api/version, /api/chat, /api/generate and /api/embed, streamed as JSON lines as Ollama does; an empty
+prompt (or no messages) loads a model, and with keep_alive 0 frees it, as Ollama's clients ask.
 
 The same models, schedulers, metrics and limits as the OpenAI routes; conversions live in ollama_compat.py."""
 
@@ -19,7 +20,7 @@ from slmkit.errors import PromptTooLong
 from slmkit.serve import ollama_compat as ol
 from slmkit.serve.errors import to_http
 from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
-from slmkit.serve.registry import BadRequest
+from slmkit.serve.registry import BadRequest, check_inputs
 from slmkit.serve.routes import Server, identify
 from slmkit.serve.streaming import DONE, Choice, account, collect, first_items, stop_all
 from slmkit.version import __version__
@@ -62,6 +63,20 @@ def ollama_routes(server: Server) -> APIRouter:
                 f"{card.model_type}.context_length": card.context_length} if card else {}
         return {"license": "", "modelfile": f"FROM {name}\n", "parameters": "", "template": "", "details": ol.details(card),
                 "model_info": info, "capabilities": ["completion"], "modified_at": (card.created if card else "") or ol.now()}
+
+    async def load_or_unload(body: ol._Base, piece: dict[str, Any]) -> Any:
+        """Ollama's calls with nothing to answer (an empty prompt, no messages): load the model, or with keep_alive
+        0 free it; answered at once with done_reason "load" / "unload"."""
+        name = ol.model_name(body.model)
+        try:
+            unload = ol.unloads(body.keep_alive)
+            if not unload or name not in registry.names:
+                await asyncio.to_thread(registry.get, name)  # loads it (or answers that no such model is served)
+            if unload:
+                await asyncio.to_thread(registry.unload, name)
+        except Exception as exc:
+            return ollama_error(exc)
+        return {"model": name + ol.TAG, "created_at": ol.now(), **piece, "done": True, "done_reason": "unload" if unload else "load"}
 
     async def generate(endpoint: str, body: ol._Base, request: Request, make: Callable[[Any, dict[str, Any]], Any],
                        piece: Callable[[str, str], dict[str, Any]]) -> Any:
@@ -114,6 +129,9 @@ def ollama_routes(server: Server) -> APIRouter:
 
     @router.post("/api/chat")
     async def chat(body: ol.ChatRequest, request: Request) -> Any:
+        if not body.messages:
+            return await load_or_unload(body, {"message": {"role": "assistant", "content": ""}})
+
         def make(model: Any, kw: dict[str, Any]) -> Any:
             return model.stream_chat(ol.chat_messages(body), **kw)
 
@@ -121,6 +139,9 @@ def ollama_routes(server: Server) -> APIRouter:
 
     @router.post("/api/generate")
     async def generate_route(body: ol.GenerateRequest, request: Request) -> Any:
+        if not body.prompt and not body.images:
+            return await load_or_unload(body, {"response": ""})
+
         def make(model: Any, kw: dict[str, Any]) -> Any:
             if body.images:
                 raise ol.Unsupported("images: the models served here read text only", "Send text only.")
@@ -138,10 +159,7 @@ def ollama_routes(server: Server) -> APIRouter:
         t0 = time.perf_counter()
         try:
             model = await asyncio.to_thread(registry.get, name)
-            if not texts or any(not t for t in texts):
-                raise BadRequest("input must be a non-empty string or list of non-empty strings", "Send text to embed.")
-            if len(texts) > MAX_EMBEDDING_INPUTS:
-                raise BadRequest(f"{len(texts)} inputs are over this server's limit of {MAX_EMBEDDING_INPUTS} per request", "Send them in several requests.")
+            check_inputs(texts, MAX_EMBEDDING_INPUTS, "embed")
             counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
             if max(counts) > model.backend.context_length:
                 raise PromptTooLong(f"an input is {max(counts)} tokens, over the context of {model.backend.context_length}", "Embed shorter texts.")

@@ -164,6 +164,19 @@ class ModelRegistry:
                 self._models[name] = Model(name, batched, self.store.card(name))
             return self._models[name]
 
+    def unload(self, name: str, timeout: float = 60.0) -> bool:
+        """Free a loaded model (Ollama's keep_alive 0): its requests finish (for up to `timeout` s), its scheduler
+        stops and its weights go; the next request loads it again. A model that shares its base with adapters or
+        serves inside a router stays (False)."""
+        with self._lock:
+            in_router = {m for r in self.routers.values() for m in (r["small"], r["large"].get("store"))}
+            if name not in self._models or name in self.groups or name in in_router:
+                return False
+            model = self._models.pop(name)
+            self._served.pop(name, None)
+        model.backend.scheduler.stop(timeout)
+        return True
+
     def stop(self, timeout: float = 10.0) -> None:
         for sched in {id(m.backend.scheduler): m.backend.scheduler for m in self._models.values()}.values():
             sched.stop(timeout)
@@ -174,3 +187,11 @@ class ModelRegistry:
 
 class BadRequest(SlmkitError):
     """A request the server refuses with 400 (limits, context window)."""
+
+
+def check_inputs(texts: list[str], most: int, verb: str) -> None:
+    """A batch of input texts (embeddings, classification): non-empty, and at most `most` of them."""
+    if not texts or any(not t for t in texts):
+        raise BadRequest("input must be a non-empty string or list of non-empty strings", f"Send text to {verb}.")
+    if len(texts) > most:
+        raise BadRequest(f"{len(texts)} inputs are over this server's limit of {most} per request", "Send them in several requests.")

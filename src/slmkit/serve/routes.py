@@ -29,7 +29,7 @@ from slmkit.serve import tools as tl
 from slmkit.serve.errors import to_http
 from slmkit.serve.limits import MAX_CLASSIFY_INPUTS, MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
 from slmkit.serve.metrics import Metrics
-from slmkit.serve.registry import BadRequest, ModelRegistry
+from slmkit.serve.registry import BadRequest, ModelRegistry, check_inputs
 from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse, sse_events
 
 
@@ -240,12 +240,6 @@ def openai_routes(server: Server) -> APIRouter:
             return with_route(oa.completion_response(rid, name, out, request_usage(choices, "completions", body.n)), choices)
 
         return await _generate("completions", body, request, begin, chunk, respond)
-
-    def check_inputs(texts: list[str], most: int, verb: str) -> None:
-        if not texts or any(not t for t in texts):
-            raise BadRequest("input must be a non-empty string or list of non-empty strings", f"Send text to {verb}.")
-        if len(texts) > most:
-            raise BadRequest(f"{len(texts)} inputs are over this server's limit of {most} per request", "Send them in several requests.")
 
     @router.post("/v1/embeddings")
     async def embeddings(body: oa.EmbeddingRequest) -> Any:
