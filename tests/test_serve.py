@@ -12,6 +12,7 @@ import pytest
 
 from conftest import snapshot
 
+from slmkit import load as slmkit_load
 from slmkit.engine.sampling import SamplingParams
 from slmkit.serve.app import create_app
 from slmkit.serve.metrics import Metrics
@@ -149,6 +150,35 @@ def test_api_key(store):
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client(s, "sekret").models.list().data[0].id == "tiny"
         assert httpx.get(s.url + "/health").status_code == 200 and httpx.get(s.url + "/").status_code == 200
+        assert httpx.post(s.url + "/tokenize", json={"content": "hi"}).status_code == 401
+        assert httpx.post(s.url + "/detokenize", json={"tokens": [1]}).status_code == 401
+    finally:
+        s.stop()
+
+
+def test_token_ids_tokenize_and_detokenize(store):
+    """llama-server's /tokenize and /detokenize; token-id prompts in /v1/completions (one list or several) answer as
+    the same text does; ids outside the vocabulary are refused."""
+    s = Running(["tiny"], max_tokens_limit=20)
+    try:
+        c = client(s)
+        ids = httpx.post(s.url + "/tokenize", json={"content": "Once upon a time"}).json()["tokens"]
+        b = slmkit_load("tiny").backend
+        assert ids == b.encode("Once upon a time", add_special_tokens=False)
+        pieces = httpx.post(s.url + "/tokenize", json={"content": "Once upon", "with_pieces": True}).json()["tokens"]
+        assert "".join(p["piece"] for p in pieces) == "Once upon" and [p["id"] for p in pieces] == b.encode("Once upon", add_special_tokens=False)
+        assert httpx.post(s.url + "/detokenize", json={"tokens": ids}).json() == {"content": "Once upon a time"}
+        full = b.encode("Once upon a time", add_special_tokens=True)
+        by_text = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0).choices[0].text
+        assert c.completions.create(model="tiny", prompt=full, max_tokens=6, temperature=0).choices[0].text == by_text
+        two = c.completions.create(model="tiny", prompt=[full, full[:2]], max_tokens=6, temperature=0)
+        assert len(two.choices) == 2 and two.choices[0].text == by_text
+        for bad in ({"prompt": [10 ** 6]}, {"prompt": [[1, -1]]}):
+            r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "max_tokens": 4, **bad})
+            assert r.status_code == 400 and "outside" in r.json()["error"]["message"], r.text
+        r = httpx.post(s.url + "/detokenize", json={"tokens": [10 ** 6]})
+        assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+        assert httpx.post(s.url + "/tokenize", json={"model": "nope", "content": "x"}).status_code == 404
     finally:
         s.stop()
 

@@ -136,10 +136,20 @@ class Model:
         constraint = constraint_for(self.backend, response_format) if response_format else None
         return SamplingParams.from_kwargs(**sampling, constraint=constraint)
 
-    def stream(self, prompt: str, **sampling: Any) -> Generation:
-        """Plain completion (no chat template), streamed as text pieces."""
+    def stream(self, prompt: str | Sequence[int], **sampling: Any) -> Generation:
+        """Plain completion (no chat template), streamed as text pieces; the prompt is text, or token ids as they are."""
         params = self._params(sampling)
-        return Generation(self, self._checked_ids(self.backend.encode(prompt, add_special_tokens=True), params), params)
+        ids = self.backend.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else self.checked_token_ids(prompt)
+        return Generation(self, self._checked_ids(ids, params), params)
+
+    def checked_token_ids(self, ids: Sequence[int]) -> list[int]:
+        """Token ids given by a caller, each in this model's vocabulary."""
+        vocab = self.backend.vocab_size
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab]
+        if bad:
+            raise SlmkitError(f"token id {bad[0]!r} is outside {self.name}'s vocabulary of {vocab} tokens",
+                              "Send ids from this model's tokenizer (POST /tokenize), or text.")
+        return list(ids)
 
     def generate(self, prompt: str, **sampling: Any) -> str:
         return self.stream(prompt, **sampling).read()

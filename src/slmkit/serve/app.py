@@ -55,7 +55,7 @@ def lone_surrogate(value: Any, path: str = "") -> str | None:
 
 class Boundary:
     """ASGI middleware, the one gate every request passes before a handler sees it:
-    - the API key (with --api-key) on /v1, /api and /metrics (unless opened), checked before the body is read: an
+    - the API key (with --api-key) on /v1, /api, /tokenize, /detokenize and /metrics (unless opened), checked before the body is read: an
       unauthenticated caller learns nothing about parsing;
     - the body size: over `max_bytes` (by Content-Length, or counted as it arrives) is a 413;
     - text: a JSON body with a lone surrogate in any string (or key) is a 400 naming the field, so no encoder
@@ -67,7 +67,8 @@ class Boundary:
         self.app, self.max_bytes, self.api_key, self.open_metrics = app, max_bytes, api_key, open_metrics
 
     def _keyed(self, path: str) -> bool:
-        return path.startswith(("/v1/", "/api/")) or (path == "/metrics" and not self.open_metrics)
+        return (path.startswith(("/v1/", "/api/")) or path in ("/tokenize", "/detokenize")
+                or (path == "/metrics" and not self.open_metrics))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

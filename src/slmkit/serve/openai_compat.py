@@ -106,17 +106,38 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids, lists of token ids (OpenAI's forms)
     logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)  # the legacy endpoint's logprobs is a count
 
 
     @model_validator(mode="after")
     def _choices(self) -> "CompletionRequest":
-        prompts = 1 if isinstance(self.prompt, str) else len(self.prompt)
+        prompts = len(prompt_list(self.prompt))
         if prompts * self.n > MAX_CHOICES:
             raise ValueError(f"{prompts} prompts x n={self.n} = {prompts * self.n} completions: this server makes at most "
                              f"{MAX_CHOICES} per request (send the prompts in several requests)")
         return self
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completion request's prompts: one text, several, one list of token ids, or several."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(BaseModel):
+    """llama-server's /tokenize (with a model name where several are served)."""
+
+    model: str | None = None
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 class EmbeddingRequest(BaseModel):

@@ -218,11 +218,13 @@ def openai_routes(server: Server) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = oa.prompt_list(body.prompt)
 
         def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
-            if not prompts:
-                raise BadRequest("prompt is empty", "Send a prompt string.")
+            if not prompts or any(not p for p in prompts):
+                raise BadRequest("prompt is empty", "Send a prompt string (or token ids).")
+            if not isinstance(model, Model) and any(not isinstance(p, str) for p in prompts):
+                raise BadRequest("token-id prompts need one served model, not a routed or cached name", "Send text.")
             choices: list[Choice] = []
             for p in prompts:
                 for c in start(model, body, lambda kw, p=p: model.stream(p, **kw), loop):
@@ -240,6 +242,27 @@ def openai_routes(server: Server) -> APIRouter:
             return with_route(oa.completion_response(rid, name, out, request_usage(choices, "completions", body.n)), choices)
 
         return await _generate("completions", body, request, begin, chunk, respond)
+
+    async def plain_model(name: str | None) -> Model:
+        model = await asyncio.to_thread(registry.get, name)
+        if not isinstance(model, Model):
+            raise BadRequest(f"{name} is a routed or cached name, not one model", "Use a served model's name.")
+        return model
+
+    @router.post("/tokenize")
+    async def tokenize(body: oa.TokenizeRequest) -> Any:  # llama-server's
+        async with counted("tokenize", body.model or registry.names[0]):
+            model = await plain_model(body.model)
+            b = model.backend
+            ids = await asyncio.to_thread(b.encode, body.content, add_special_tokens=body.add_special)
+        return {"tokens": [{"id": i, "piece": b.decode([i])} for i in ids] if body.with_pieces else ids}
+
+    @router.post("/detokenize")
+    async def detokenize(body: oa.DetokenizeRequest) -> Any:
+        async with counted("detokenize", body.model or registry.names[0]):
+            model = await plain_model(body.model)
+            content = await asyncio.to_thread(model.backend.decode, model.checked_token_ids(body.tokens))
+        return {"content": content}
 
     @router.post("/v1/embeddings")
     async def embeddings(body: oa.EmbeddingRequest) -> Any:
@@ -265,9 +288,7 @@ def openai_routes(server: Server) -> APIRouter:
         name = body.model or registry.names[0]
         texts = [body.input] if isinstance(body.input, str) else body.input
         async with counted("classify", name):
-            model = await asyncio.to_thread(registry.get, body.model)
-            if not isinstance(model, Model):
-                raise BadRequest(f"{name} is a routed or cached name, not one model", "Classify with a served model's name.")
+            model = await plain_model(body.model)
             check_inputs([t.strip() for t in texts], MAX_CLASSIFY_INPUTS, "classify")
             if body.labels is None and not task_of(model.card.settings if model.card else None):
                 raise BadRequest(f"{name} is not a classifier (slmkit finetune --task classify) and the request names no labels",
