@@ -155,8 +155,9 @@ def test_version_json_list_and_wide_pipes(store, tiny_dir):
 
     from slmkit.version import __version__
 
-    r = runner.invoke(app, ["--version"])
-    assert r.exit_code == 0 and r.output.strip() == f"slmkit {__version__}"
+    for flag in ("--version", "-V"):
+        r = runner.invoke(app, [flag])
+        assert r.exit_code == 0 and r.output.strip() == f"slmkit {__version__}"
     r = runner.invoke(app, ["models", "list", "--json"])
     cards = json.loads(r.output)
     assert r.exit_code == 0 and {c["name"] for c in cards} >= {"tiny"} and all("parameters" in c for c in cards)
@@ -165,3 +166,21 @@ def test_version_json_list_and_wide_pipes(store, tiny_dir):
     assert runner.invoke(app, ["models", "import", str(tiny_dir), "--name", long]).exit_code == 0
     out = subprocess.run([sys.executable, "-m", "slmkit", "models", "list"], capture_output=True, text=True, check=True).stdout
     assert any(long in line and "tiny" not in line.split(long)[0] for line in out.splitlines()), out
+
+
+def test_stage_commands_print_their_result_as_json(store, tmp_path):
+    """--json on the commands that make something: the new model's card (what an export wrote), parseable, with the
+    summary lines left out."""
+    rows = tmp_path / "rows.txt"
+    rows.write_text("\n\n".join(f"the quick brown fox jumps over the lazy dog {i}" for i in range(40)))
+    runs = [(["quantize", "tiny", "--scheme", "int8", "--no-ppl", "--name", "q"], "q"),
+            (["prune", "tiny", "--method", "magnitude", "--sparsity", "0.5", "--no-ppl", "--name", "p"], "p"),
+            (["finetune", "tiny", "--data", str(rows), "--method", "full", "--steps", "2", "--seq-len", "16", "--name", "f"], "f")]
+    for args, name in runs:
+        r = runner.invoke(app, [*args, "--json"])
+        assert r.exit_code == 0, r.output
+        card = json.loads(r.stdout)
+        assert card["name"] == name and card["parent"] == "tiny" and "made " not in r.stdout
+    r = runner.invoke(app, ["export", "tiny", "--type", "F16", "--no-ppl", "--out", str(tmp_path / "x"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["gguf"].endswith(".gguf")

@@ -17,6 +17,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 _D = SamplingParams()
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (a new model's card; what an export wrote) instead of the summary.")]
+
+
+def print_json(obj: Any) -> None:
+    """A command's result on stdout as JSON (progress goes to stderr, so the output parses)."""
+    import json
+    from dataclasses import asdict, is_dataclass
+
+    typer.echo(json.dumps(asdict(obj) if is_dataclass(obj) else obj, indent=2, default=str))
+
+
 def err_console() -> Console:
     return Console(stderr=True, highlight=False)
 

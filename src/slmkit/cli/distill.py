@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from slmkit.cli.common import handle_errors
+from slmkit.cli.common import JsonOpt, handle_errors, print_json
 from slmkit.train.distill import ALPHA, SEQ_LEN, TAU
 from slmkit.train.loop import TrainConfig
 from slmkit.train.teacher import TOP_K
@@ -45,6 +45,7 @@ def distill(
     synthetic_max_tokens: Annotated[int, typer.Option("--synthetic-max-tokens", help="Tokens per teacher-written sample.")] = 128,
     name: Annotated[str | None, typer.Option("--name", help="Name of the trained student (default STUDENT-distilled).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this --name from its last checkpoint.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Distill a teacher into a student: KL against the teacher's cached top-k log-probabilities, mixed with the
     next-token loss; checkpoints, --resume, validation perplexity; the student goes into the store."""
@@ -56,6 +57,9 @@ def distill(
     card = distill_stage(teacher, student, data, loss=loss, tau=temperature, alpha=alpha, top_k=top_k, seq_len=seq_len,
                          config=cfg, name=name, resume=resume, read=read, synthetic=synthetic,
                          synthetic_max_tokens=synthetic_max_tokens, hidden_weight=hidden_weight)
+    if as_json:
+        print_json(card)
+        return
     s = card.settings
     v = s["validation_perplexity"]
     typer.echo(f"made {card.name}: {s['steps']} steps, {s['tokens']:,} tokens"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_bytes
-from slmkit.cli.common import ModelOpt, handle_errors
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
 from slmkit.errors import SlmkitError
 from slmkit.gguf_tables import DEFAULT_PPL_BUDGET, GGUF_TYPES
 
@@ -27,6 +27,7 @@ def export(
                           "or an imatrix .gguf (ours or llama-imatrix's). Improves K-quants and Q4_0.")] = None,
     lora_adapter: Annotated[bool, typer.Option("--lora-adapter", help="For a LoRA adapter: keep it apart (its base as GGUF + a GGUF LoRA "
                                                "file + the Modelfile's ADAPTER line) instead of merging it.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export to GGUF (F32, F16, Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, Q4_K_M, Q4_1, Q4_0, or auto) and write an Ollama Modelfile beside it."""
     from slmkit.export.store_export import export_model
@@ -41,6 +42,9 @@ def export(
         from slmkit.export.hf import export_hf
 
         res = export_hf(model, out or settings().home / "exports" / f"{model}-hf")
+        if as_json:
+            print_json(res)
+            return
         typer.echo(f"wrote {res['out']}  (huggingface-cli upload REPO {res['out']})")
         for note in (res["note"], None if res["license_known"] else "the license is unknown: README says license 'other'"):
             if note:
@@ -49,6 +53,9 @@ def export(
     if lora_adapter and name:
         raise SlmkitError("--name installs one GGUF in the store; an adapter kept apart is two files", "Drop --name, or --lora-adapter.")
     res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix, lora_adapter=lora_adapter, ppl_budget=ppl_budget)
+    if as_json:
+        print_json(res)
+        return
     if res.get("auto"):
         from slmkit.export.auto_type import describe
 

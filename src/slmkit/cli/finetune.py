@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_count
-from slmkit.cli.common import ModelOpt, handle_errors
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
 from slmkit.train.finetune import LORA_ALPHA, LORA_DROPOUT, LORA_R, LR, SEQ_LEN, VIRTUAL_TOKENS
 from slmkit.train.loop import TrainConfig
 
@@ -47,6 +47,7 @@ def finetune(
     name: Annotated[str | None, typer.Option("--name", help="Name of the result (default MODEL-lora or MODEL-ft).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this --name from its last checkpoint.")] = False,
     grad_checkpoint: Annotated[bool | None, typer.Option("--grad-checkpoint/--no-grad-checkpoint", help="Recompute each block in backward instead of keeping its activations: far less memory, ~35-55% slower. [default: on for qlora, else on when the activations would take over a quarter of the free memory]", show_default=False)] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Adapt a model to your data: a LoRA adapter (through peft) or full fine-tuning; loss on the responses."""
     from slmkit.errors import SlmkitError
@@ -64,6 +65,9 @@ def finetune(
                           seq_len=seq_len, config=cfg, name=name, resume=resume, read=read, qlora_scheme=qlora_base,
                           grad_checkpoint=grad_checkpoint, virtual_tokens=virtual_tokens, prompt_init_text=prompt_init_text,
                           task=task, prompt_format=prompt_format)
+    if as_json:
+        print_json(card)
+        return
     s = card.settings
     v = s["validation_perplexity"]
     typer.echo(f"made {card.name} ({'full model' if method == 'full' else 'adapter over ' + model}): "
@@ -79,9 +83,13 @@ def finetune(
 def merge(
     adapter: Annotated[str, typer.Argument(help="A LoRA adapter in the store (from slmkit finetune).")],
     name: Annotated[str | None, typer.Option("--name", help="Name of the merged model (default ADAPTER-merged).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fold a LoRA adapter into its base: a plain dense model in the store."""
     from slmkit.train.finetune import merge_stage
 
     card = merge_stage(adapter, name=name)
+    if as_json:
+        print_json(card)
+        return
     typer.echo(f"made {card.name}: {human_count(card.parameters)} parameters, the adapter merged into {card.settings['base']}")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_bytes, human_count
-from slmkit.cli.common import ModelOpt, handle_errors
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW
 
 
@@ -22,6 +22,7 @@ def lowrank(
     window: Annotated[int, typer.Option("--window", help="Tokens per calibration window.")] = CALIB_WINDOW,
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-lowrank-60pct or -95e).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Factorize a model's linear layers (activation-aware SVD) into a smaller model in the store."""
     from slmkit.compress.lowrank_stage import lowrank_stage
@@ -30,6 +31,9 @@ def lowrank(
 
     model = model or ensure_default()
     card = lowrank_stage(model, ratio=ratio, energy=energy, calib=calib, samples=samples, window=window, name=name)
+    if as_json:
+        print_json(card)
+        return
     parent = Store().card(model)
     size = lambda c: c.weights_bytes.get("safetensors") or c.size_bytes  # noqa: E731
     s = card.settings

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from slmkit.card import human_bytes, human_count
-from slmkit.cli.common import ModelOpt, handle_errors, out_console
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, out_console, print_json
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW
 from slmkit.compress.prune_stage import SCAN_SAMPLES, SCAN_WINDOW
 from slmkit.errors import SlmkitError
@@ -34,6 +34,7 @@ def prune(
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-METHOD-... or MODEL-depth-70m).")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="--scan: where to write the HTML report with its plot.")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Prune a model into a new store model: sparsity inside the weights, or a smaller model with fewer blocks,
     heads and channels."""
@@ -55,6 +56,9 @@ def prune(
                                ratio=ratio, blocks=blocks, rank=rank, name=name, **given)
     else:
         card = ps.prune_stage(model, method=method or "wanda", sparsity=sparsity, pattern=pattern, name=name, **given)
+    if as_json:
+        print_json(card)
+        return
     parent = Store().card(model)
     size = lambda c: c.weights_bytes.get("safetensors") or c.size_bytes  # noqa: E731
     typer.echo(f"made {card.name}: {human_count(card.parameters)} parameters (was {human_count(parent.parameters)}), "

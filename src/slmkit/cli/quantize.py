@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_bytes
-from slmkit.cli.common import ModelOpt, handle_errors
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
 
 
 @handle_errors
@@ -20,6 +20,7 @@ def quantize(
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq/smoothquant.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-SCHEME[-gG]-METHOD).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Quantize a model to int8, int4 or w8a8 (real integer weights: smaller and faster), as a new store model in
     compressed-tensors' format (transformers and vLLM read it)."""
@@ -32,6 +33,9 @@ def quantize(
 
     model = model or ensure_default()
     card = quantize_stage(model, scheme, method=method, group_size=group_size, calib=calib, name=name)
+    if as_json:
+        print_json(card)
+        return
     before = Store().card(model).weights_bytes.get("safetensors") or Store().card(model).size_bytes
     after = card.weights_bytes.get("safetensors") or card.size_bytes
     typer.echo(f"made {card.name}: {human_bytes(after)} (was {human_bytes(before)}: {before / after:.2f}x smaller)")
