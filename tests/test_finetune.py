@@ -38,7 +38,8 @@ def test_lora_adapter_is_peft_format_loads_merged_and_merges(wide, chats):
     card = finetune_stage(wide, [chats], seq_len=32, config=CFG, name="wide-lora")
     folder = slmkit.Store().path("wide-lora")
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == wide and cfg["r"] == 8 and (folder / "adapter_model.safetensors").is_file()
+    assert cfg["base_model_name_or_path"] == str(slmkit.Store().path(wide).resolve()) and cfg["r"] == 8
+    assert (folder / "adapter_model.safetensors").is_file()
     s = card.settings
     assert card.parent == wide and card.stage == "finetune" and s["base_files"] == slmkit.Store().card(wide).files
     assert s["lora"]["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -59,6 +60,10 @@ def test_lora_adapter_is_peft_format_loads_merged_and_merges(wide, chats):
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, la, atol=1e-4)
     assert merged.parent == "wide-lora" and merged.settings["base"] == wide
+    from peft import AutoPeftModelForCausalLM  # peft finds the base by itself and answers as slmkit's merged model
+
+    with torch.no_grad():
+        assert torch.allclose(AutoPeftModelForCausalLM.from_pretrained(str(folder))(input_ids=ids).logits, la, atol=1e-4)
 
 
 def test_an_adapter_refuses_a_changed_base(wide, chats):
@@ -175,7 +180,7 @@ def test_qlora_over_integer_weights(wide, chats):
     assert s["lora"]["base_quantized"] == "int8 in memory" and s["trainable_parameters"] == lora.settings["trainable_parameters"]
     assert s["validation_perplexity"]["after"] < s["validation_perplexity"]["before"]
     cfg = json.loads((slmkit.Store().path("wide-qlora8") / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == wide and "slmkit_quantization" not in json.loads((slmkit.Store().path("wide-qlora8") / "config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]).name == wide and "slmkit_quantization" not in json.loads((slmkit.Store().path("wide-qlora8") / "config.json").read_text())
     # over a model that slmkit quantize made: the base stays the integer child; merged into its dequantized weights
     child = quantize_stage(wide, "int4", name="wide-int4").name
     q4 = finetune_stage(child, [chats], method="qlora", seq_len=32, config=CFG, name="wide-int4-qlora")
@@ -202,7 +207,7 @@ def test_prompt_tuning_is_peft_format_and_runs_as_virtual_tokens(wide, chats, tm
                           config=TrainConfig(steps=12, batch_size=4, lr=3e-2, eval_every=6), name="wide-prompt")
     s, folder = card.settings, slmkit.Store().path("wide-prompt")
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 5 and cfg["base_model_name_or_path"] == wide
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 5 and Path(cfg["base_model_name_or_path"]).name == wide
     base = slmkit.load(wide).backend
     assert s["trainable_parameters"] == 5 * base.model.config.hidden_size and s["prompt_tuning"]["virtual_tokens"] == 5
     assert s["validation_perplexity"]["after"] < s["validation_perplexity"]["before"]

@@ -33,10 +33,12 @@ def not_prompt_tuning(folder: Path, what: str) -> None:
 
 
 def base_of(folder: Path) -> tuple[str, Path]:
-    """(base model name, its store folder), checked against the hashes the adapter recorded."""
+    """(base model name, its store folder), checked against the hashes the adapter recorded. The base is the
+    adapter's parent in its lineage (its card); peft's base_model_name_or_path holds the base's folder, so that peft
+    and transformers load the adapter too (an older adapter held the store name there)."""
     folder = Path(folder)
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    base = str(cfg.get("base_model_name_or_path") or "")
+    base = read_card(folder).parent or Path(str(cfg.get("base_model_name_or_path") or "")).name
     base_folder = folder.parent / base
     if not base or not (base_folder / "card.json").is_file():
         raise SlmkitError(f"the adapter {folder.name} needs its base model {base!r}, which is not in the store",

@@ -208,7 +208,8 @@ def finetune_stage(
         with progress.step(f"Writing the adapter {name}"):
             net.save_pretrained(str(staging), safe_serialization=True)
             adapter_cfg = json.loads((staging / ADAPTER_CONFIG).read_text())
-            adapter_cfg["base_model_name_or_path"] = model  # the base is the sibling store model of this name
+            # the base's folder, where peft and transformers find it (slmkit reads the base from the card's lineage)
+            adapter_cfg["base_model_name_or_path"] = str(store.require(model).resolve())
             (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
             tokenizer.save_pretrained(str(staging))
             base_config = read_config(folder)
