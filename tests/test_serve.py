@@ -369,6 +369,7 @@ def test_ollama_native_api_with_the_official_client(store):
         assert raw.response == client(s).completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
         emb = c.embed(model="tiny", input=["a", "bb"])
         assert len(emb.embeddings) == 2 and len(emb.embeddings[0]) == 32
+        assert c.embeddings(model="tiny", prompt="bb").embedding == pytest.approx(emb.embeddings[1], abs=1e-5)  # the older route
         shown = c.show("tiny")
         assert shown.details.family == "llama"
         assert [m.model for m in c.ps().models] == ["tiny:latest"]

@@ -79,6 +79,13 @@ class EmbedRequest(BaseModel):
 
 
 
+class LegacyEmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str
+
+
 class ShowRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -1,6 +1,6 @@
 """Ollama's native API beside the OpenAI one, so clients that speak it (Open WebUI's Ollama connection, Continue's
 ollama provider, the `ollama` Python and JS packages, editor plugins) connect unmodified: /api/tags, /api/ps,
-/api/show, /api/version, /api/chat, /api/generate and /api/embed, streamed as JSON lines as Ollama does; an empty
+/api/show, /api/version, /api/chat, /api/generate, /api/embed and the older /api/embeddings, streamed as JSON lines as Ollama does; an empty
 prompt (or no messages) loads a model, and with keep_alive 0 frees it, as Ollama's clients ask.
 
 The same models, schedulers, metrics and limits as the OpenAI routes; conversions live in ollama_compat.py."""
@@ -16,12 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from slmkit.errors import PromptTooLong
 from slmkit.serve import ollama_compat as ol
 from slmkit.serve.errors import to_http
-from slmkit.serve.limits import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS
-from slmkit.serve.registry import BadRequest, check_inputs
-from slmkit.serve.routes import Server, identify
+from slmkit.serve.registry import BadRequest
+from slmkit.serve.routes import Server, embed_checked, identify
 from slmkit.serve.streaming import DONE, Choice, account, collect, first_items, stop_all
 from slmkit.version import __version__
 
@@ -159,16 +157,20 @@ def ollama_routes(server: Server) -> APIRouter:
         t0 = time.perf_counter()
         try:
             model = await asyncio.to_thread(registry.get, name)
-            check_inputs(texts, MAX_EMBEDDING_INPUTS, "embed")
-            counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
-            if max(counts) > model.backend.context_length:
-                raise PromptTooLong(f"an input is {max(counts)} tokens, over the context of {model.backend.context_length}", "Embed shorter texts.")
-            if sum(counts) > MAX_EMBEDDING_TOKENS:
-                raise BadRequest(f"the inputs hold {sum(counts)} tokens, over this server's limit of {MAX_EMBEDDING_TOKENS}", "Send them in several requests.")
-            vectors = await asyncio.to_thread(model.backend.embed, texts)
+            vectors, tokens = await embed_checked(model, name, texts)
         except Exception as exc:
             return ollama_error(exc)
         return {"model": name + ol.TAG, "embeddings": vectors, "total_duration": int((time.perf_counter() - t0) * 1e9),
-                "load_duration": 0, "prompt_eval_count": sum(counts)}
+                "load_duration": 0, "prompt_eval_count": tokens}
+
+    @router.post("/api/embeddings")
+    async def embeddings_legacy(body: ol.LegacyEmbedRequest) -> Any:  # Ollama's older route: one prompt, one vector
+        name = ol.model_name(body.model)
+        try:
+            model = await asyncio.to_thread(registry.get, name)
+            vectors, _ = await embed_checked(model, name, [body.prompt])
+        except Exception as exc:
+            return ollama_error(exc)
+        return {"embedding": vectors[0]}
 
     return router

@@ -33,6 +33,20 @@ from slmkit.serve.registry import BadRequest, ModelRegistry, check_inputs
 from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse, sse_events
 
 
+async def embed_checked(model: Model, name: str, texts: list[str]) -> tuple[list[list[float]], int]:
+    """Embeddings of a request's texts within the server's limits (count, each text's length, all tokens): the
+    vectors and the tokens they took. For the OpenAI and Ollama embedding routes alike."""
+    check_inputs(texts, MAX_EMBEDDING_INPUTS, "embed")
+    counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
+    if max(counts) > model.backend.context_length:
+        raise PromptTooLong(f"an input is {max(counts)} tokens, but {name}'s context window is {model.backend.context_length} tokens",
+                            "Embed shorter texts.")
+    if sum(counts) > MAX_EMBEDDING_TOKENS:
+        raise BadRequest(f"the inputs hold {sum(counts)} tokens, over this server's limit of {MAX_EMBEDDING_TOKENS} per request",
+                         "Send them in several requests.")
+    return await asyncio.to_thread(model.backend.embed, texts), sum(counts)
+
+
 @dataclass(frozen=True)
 class Server:
     """What the routes share: the models, the metrics and the limits of one server."""
@@ -270,16 +284,7 @@ def openai_routes(server: Server) -> APIRouter:
         texts = [body.input] if isinstance(body.input, str) else body.input
         async with counted("embeddings", name):
             model = await asyncio.to_thread(registry.get, body.model)
-            check_inputs(texts, MAX_EMBEDDING_INPUTS, "embed")
-            counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
-            for n in counts:
-                if n > model.backend.context_length:
-                    raise PromptTooLong(f"input is {n} tokens, but {name}'s context window is {model.backend.context_length} tokens", "Embed shorter texts.")
-            if sum(counts) > MAX_EMBEDDING_TOKENS:
-                raise BadRequest(f"the inputs hold {sum(counts)} tokens, over this server's limit of {MAX_EMBEDDING_TOKENS} per request",
-                                 "Send them in several requests.")
-            vectors = await asyncio.to_thread(model.backend.embed, texts)
-        tokens = sum(counts)
+            vectors, tokens = await embed_checked(model, name, texts)
         return {"object": "list", "model": name, "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
