@@ -156,6 +156,25 @@ def test_api_key(store):
         s.stop()
 
 
+def test_ollama_tags_report_the_weights_that_run(store, tmp_path):
+    """/api/tags and /api/show describe what the engine runs: a GGUF's quantization type and that file's size on
+    llama.cpp, a float model's safetensors on PyTorch."""
+    from slmkit.export.store_export import export_model
+
+    export_model("tiny", "Q8_0", out_dir=tmp_path / "q8", store_as="tiny-q8")
+    s = Running(["tiny", "tiny-q8"], max_tokens_limit=8)
+    try:
+        tags = {m["name"]: m for m in httpx.get(s.url + "/api/tags").json()["models"]}
+        q8 = tags["tiny-q8:latest"]
+        assert s.registry.backends["tiny-q8"] == "llamacpp"
+        assert (q8["details"]["format"], q8["details"]["quantization_level"], q8["size"]) == ("gguf", "Q8_0", store.card("tiny-q8").weights_bytes["gguf"])
+        t = tags["tiny:latest"]
+        assert (t["details"]["format"], t["details"]["quantization_level"], t["size"]) == ("safetensors", "FLOAT32", store.card("tiny").weights_bytes["safetensors"])
+        assert httpx.post(s.url + "/api/show", json={"model": "tiny-q8"}).json()["details"]["quantization_level"] == "Q8_0"
+    finally:
+        s.stop()
+
+
 def test_token_ids_tokenize_and_detokenize(store):
     """llama-server's /tokenize and /detokenize; token-id prompts in /v1/completions (one list or several) answer as
     the same text does; ids outside the vocabulary are refused."""

@@ -158,19 +158,30 @@ def final_fields(stats: Any, total_ns: int) -> dict[str, Any]:
             "eval_duration": max(0, int(stats.total_s * 1e9) - first)}
 
 
-def details(card: Any) -> dict[str, Any]:
-    """Ollama's `details` of a model from its card."""
+def details(card: Any, engine: str | None = None) -> dict[str, Any]:
+    """Ollama's `details` of a model from its card, for the weights the engine that serves it runs: the GGUF (its
+    quantization type) on llama.cpp, the safetensors (dtype or integer scheme) on PyTorch."""
     if card is None:
         return {"format": "", "family": "", "families": [], "parameter_size": "", "quantization_level": ""}
-    quant = (card.settings or {}).get("scheme") or (card.settings or {}).get("type") or card.dtype
-    fmt = "gguf" if card.weights_bytes.get("gguf") and not card.weights_bytes.get("safetensors") else "safetensors"
-    return {"format": fmt, "family": card.model_type, "families": [card.model_type], "parent_model": card.parent or "",
-            "parameter_size": human_count(card.parameters) if card.parameters else "", "quantization_level": str(quant).upper()}
+    settings = card.settings or {}
+    gguf = engine == "llamacpp" or (engine is None and card.weights_bytes.get("gguf") and not card.weights_bytes.get("safetensors"))
+    quant = (settings.get("source_quantization") or settings.get("type") or "") if gguf else (settings.get("scheme") or card.dtype)
+    return {"format": "gguf" if gguf else "safetensors", "family": card.model_type, "families": [card.model_type],
+            "parent_model": card.parent or "", "parameter_size": human_count(card.parameters) if card.parameters else "",
+            "quantization_level": str(quant).upper()}
 
 
-def tag_entry(name: str, card: Any) -> dict[str, Any]:
+def served_size(card: Any, engine: str | None) -> int:
+    """The bytes of the weights that run (the GGUF on llama.cpp, the safetensors on PyTorch), else the folder's."""
+    if card is None:
+        return 0
+    kind = "gguf" if engine == "llamacpp" else "safetensors" if engine == "torch" else None
+    return (card.weights_bytes.get(kind) if kind else None) or card.size_bytes
+
+
+def tag_entry(name: str, card: Any, engine: str | None = None) -> dict[str, Any]:
     digest = ""
     if card is not None and card.files:
         digest = sorted(card.files.values())[0]
     return {"name": name + TAG, "model": name + TAG, "modified_at": (card.created if card else "") or now(),
-            "size": card.size_bytes if card else 0, "digest": digest, "details": details(card)}
+            "size": served_size(card, engine), "digest": digest, "details": details(card, engine)}

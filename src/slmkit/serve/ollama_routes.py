@@ -44,12 +44,12 @@ def ollama_routes(server: Server) -> APIRouter:
 
     @router.get("/api/tags")
     async def tags() -> dict[str, Any]:
-        return {"models": [ol.tag_entry(n, card_of(n)) for n in registry.names]}
+        return {"models": [ol.tag_entry(n, card_of(n), registry.backends.get(n)) for n in registry.names]}
 
     @router.get("/api/ps")
     async def ps() -> dict[str, Any]:
         # loaded models stay until the server stops: no expiry
-        return {"models": [{**ol.tag_entry(n, card_of(n)), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0} for n in registry.loaded()]}
+        return {"models": [{**ol.tag_entry(n, card_of(n), registry.backends.get(n)), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0} for n in registry.loaded()]}
 
     @router.post("/api/show")
     async def show(body: ol.ShowRequest) -> Any:
@@ -59,7 +59,7 @@ def ollama_routes(server: Server) -> APIRouter:
         card = card_of(name)
         info = {"general.architecture": card.model_type, "general.parameter_count": card.parameters,
                 f"{card.model_type}.context_length": card.context_length} if card else {}
-        return {"license": "", "modelfile": f"FROM {name}\n", "parameters": "", "template": "", "details": ol.details(card),
+        return {"license": "", "modelfile": f"FROM {name}\n", "parameters": "", "template": "", "details": ol.details(card, registry.backends.get(name)),
                 "model_info": info, "capabilities": ["completion"], "modified_at": (card.created if card else "") or ol.now()}
 
     async def load_or_unload(body: ol._Base, piece: dict[str, Any]) -> Any:
