@@ -490,6 +490,46 @@ def test_tool_calling_with_the_official_client(store, tmp_path):
         s.stop()
 
 
+def test_ollama_chat_with_tools(store, tmp_path):
+    """/api/chat with tools, through the official ollama client: an answer that is a call comes back as Ollama's
+    tool_calls (arguments as an object; here the answer is held to a call's shape by `format`, since Ollama has no
+    tool_choice), streamed too; the call and its result go back into the conversation; bad tools are a 400."""
+    import ollama
+
+    from conftest import build_tiny_llama
+    from slmkit.sources.importer import import_path
+
+    import_path(build_tiny_llama(tmp_path / "long", context=2048), "tinylong")
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}
+    shape = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": weather["function"]["parameters"]},
+             "required": ["name", "arguments"], "additionalProperties": False}
+    s = Running(["tinylong"], max_tokens_limit=60)
+    try:
+        c = ollama.Client(host=s.url)
+        msgs = [{"role": "user", "content": "Weather in Paris?"}]
+        r = c.chat(model="tinylong", messages=msgs, tools=[weather], format=shape, options={"temperature": 0, "num_predict": 50})
+        call = r.message.tool_calls[0]
+        assert r.done and call.function.name == "get_weather" and dict(call.function.arguments) in ({"city": "Paris"}, {"city": "Rome"})
+        parts = list(c.chat(model="tinylong", messages=msgs, tools=[weather], format=shape, stream=True,
+                            options={"temperature": 0, "num_predict": 50}))
+        assert parts[0].message.tool_calls[0].function.name == "get_weather" and parts[-1].done
+        follow = msgs + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                         {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}]
+        text = c.chat(model="tinylong", messages=follow, tools=[weather], options={"temperature": 0, "num_predict": 6})
+        assert text.done and text.prompt_eval_count > r.prompt_eval_count  # the call and its result were read
+        from slmkit.serve import ollama_compat as ol
+
+        seen = ol.chat_messages(ol.ChatRequest(model="tinylong", messages=follow))
+        assert seen[1:] == [{"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                            {"role": "user", "content": "Result of get_weather: sunny, 21 C"}]
+        with pytest.raises(ollama.ResponseError) as e:
+            c.chat(model="tinylong", messages=msgs, tools=[{"type": "function"}])
+        assert e.value.status_code == 400 and "function tool" in e.value.error
+    finally:
+        s.stop()
+
+
 def test_ps_lists_what_a_running_server_loaded(store):
     from typer.testing import CliRunner
 

@@ -3,6 +3,7 @@ to slmkit's sampling settings and back (no I/O, no models). Durations are nanose
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -12,6 +13,7 @@ from slmkit.card import human_count
 from slmkit.engine.sampling import MAX_REPEAT_LAST_N
 from slmkit.serve.limits import MAX_STOP
 from slmkit.serve.openai_compat import Unsupported
+from slmkit.serve.tools import call_text, result_text
 
 TAG = ":latest"
 # Ollama's options -> slmkit's sampling keyword arguments
@@ -133,16 +135,30 @@ def sampling(req: _Base) -> dict[str, Any]:
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
-    if req.tools:
-        raise Unsupported("tools are not supported by this server yet", "Leave out tools.")
+    """The conversation as the chat template takes it: earlier tool calls and tool results in serve/tools.py's text
+    protocol (Ollama's calls carry their arguments as an object; a result may name its tool in `tool_name`)."""
     out = []
+    called = "the tool"
     for i, m in enumerate(req.messages):
         if m.images:
             raise Unsupported(f"messages[{i}] has images: the models served here read text only", "Send text only.")
-        if m.role not in ("system", "user", "assistant"):
-            raise Unsupported(f"messages[{i}]: role {m.role!r} is not supported here", "Use system, user or assistant.")
-        out.append({"role": m.role, "content": m.content})
+        if m.role not in ("system", "user", "assistant", "tool"):
+            raise Unsupported(f"messages[{i}]: role {m.role!r} is not supported here", "Use system, user, assistant or tool.")
+        calls = (m.model_extra or {}).get("tool_calls") or [] if m.role == "assistant" else []
+        if calls:
+            called = str(((calls[-1] or {}).get("function") or {}).get("name") or called)
+            out.append({"role": "assistant", "content": "\n".join(call_text(c) for c in calls)})
+        elif m.role == "tool":
+            out.append({"role": "user", "content": result_text(str((m.model_extra or {}).get("tool_name") or called), m.content)})
+        else:
+            out.append({"role": m.role, "content": m.content})
     return out
+
+
+def tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped tool call (serve/tools.py's parse_call) in Ollama's shape: the arguments as an object."""
+    fn = call["function"]
+    return {"function": {"name": fn["name"], "arguments": json.loads(fn["arguments"])}}
 
 
 def now() -> str:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from slmkit.serve import ollama_compat as ol
+from slmkit.serve import tools as tl
 from slmkit.serve.errors import to_http
 from slmkit.serve.registry import BadRequest
 from slmkit.serve.routes import Server, embed_checked, identify
@@ -129,11 +130,32 @@ def ollama_routes(server: Server) -> APIRouter:
     async def chat(body: ol.ChatRequest, request: Request) -> Any:
         if not body.messages:
             return await load_or_unload(body, {"message": {"role": "assistant", "content": ""}})
+        try:
+            tools = tl.check_tools(body.tools)
+        except Exception as exc:
+            return ollama_error(exc)
+        message = lambda text, _: {"message": {"role": "assistant", "content": text}}  # noqa: E731
 
         def make(model: Any, kw: dict[str, Any]) -> Any:
-            return model.stream_chat(ol.chat_messages(body), **kw)
+            return model.stream_chat(tl.with_tools(ol.chat_messages(body), tools, "auto" if tools else None), **kw)
 
-        return await generate("ollama_chat", body, request, make, lambda text, _: {"message": {"role": "assistant", "content": text}})
+        if not tools:
+            return await generate("ollama_chat", body, request, make, message)
+        # with tools, an answer is a call or text only once it is whole (as on /v1): generate, then send what it is
+        whole = await generate("ollama_chat", body.model_copy(update={"stream": False}), request, make, message)
+        if not isinstance(whole, dict):
+            return whole  # an error
+        call = tl.parse_call(whole["message"]["content"], tools)
+        if call:
+            whole["message"] = {"role": "assistant", "content": "", "tool_calls": [ol.tool_call(call)]}
+        if not body.stream:
+            return whole
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield (json.dumps({"model": whole["model"], "created_at": whole["created_at"], "message": whole["message"], "done": False}) + "\n").encode()
+            yield (json.dumps({**whole, "message": {"role": "assistant", "content": ""}}) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     @router.post("/api/generate")
     async def generate_route(body: ol.GenerateRequest, request: Request) -> Any:

@@ -35,7 +35,7 @@ class Unsupported(SlmkitError):
 def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
     """Messages as the chat template takes them: text content parts joined, `developer` as `system` (OpenAI's newer
     name for it), earlier tool calls and tool results in serve/tools.py's text protocol; images and audio refused."""
-    from slmkit.serve.tools import call_text
+    from slmkit.serve.tools import call_text, result_text
 
     out = []
     names: dict[str, str] = {}  # tool_call_id -> function name, for the results
@@ -49,7 +49,7 @@ def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
         if m.role == "tool":
             name = names.get(str(getattr(m, "tool_call_id", "")), "the tool")
             text = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])
-            out.append({"role": "user", "content": f"Result of {name}: {text}"})
+            out.append({"role": "user", "content": result_text(name, text)})
             continue
         if isinstance(m.content, list):
             kinds = sorted({p.type for p in m.content if p.type != "text"})

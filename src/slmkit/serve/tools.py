@@ -87,6 +87,11 @@ def call_text(call: dict[str, Any]) -> str:
     return json.dumps({"name": fn.get("name"), "arguments": parsed})
 
 
+def result_text(name: str, content: str) -> str:
+    """A tool's result as the user turn that carries it back to the model."""
+    return f"Result of {name}: {content}"
+
+
 def parse_call(text: str, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
     """An answer that is a call to one of the tools, as OpenAI's tool_calls entry; else None."""
     body = text.strip()
