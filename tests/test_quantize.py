@@ -253,3 +253,25 @@ def test_smoothing_through_the_values_keeps_the_float_model_with_grouped_query_a
     assert chosen  # something was smoothed
     with torch.no_grad():
         torch.testing.assert_close(net(input_ids=ids).logits, want, atol=1e-4, rtol=1e-3)
+
+
+def test_a_child_only_slmkit_reads_says_so_and_portable_keeps_to_the_standard(store, monkeypatch):
+    """Where int4's free minimums fit far better (a model from a Q4_1 GGUF, as the default; forced here), the child is
+    in slmkit's own layout and quantize says so, with the flag that makes a portable one; --portable gives a
+    compressed-tensors child; AWQ with --portable is refused."""
+    from typer.testing import CliRunner
+
+    import slmkit.compress.quantize as q
+    from slmkit.cli import app
+    from slmkit.compress.quantize import is_standard
+
+    monkeypatch.setattr(q, "choose_int4_grid", lambda layers, group: "float")
+    runner = CliRunner()
+    r = runner.invoke(app, ["quantize", "tiny", "--scheme", "int4", "--no-ppl", "--name", "own"])
+    assert r.exit_code == 0 and "note: saved in slmkit's own" in r.output and "--portable" in r.output, r.output
+    assert not is_standard(Store().require("own")) and "--portable" in Store().card("own").settings["format"]
+    r = runner.invoke(app, ["quantize", "tiny", "--scheme", "int4", "--no-ppl", "--portable", "--name", "std"])
+    assert r.exit_code == 0 and "note:" not in r.output, r.output
+    assert is_standard(Store().require("std")) and Store().card("std").settings["format"].startswith("compressed-tensors")
+    r = runner.invoke(app, ["quantize", "tiny", "--scheme", "int4", "--method", "awq", "--calib", __file__, "--portable"])
+    assert r.exit_code == 1 and "no compressed-tensors form" in r.output

@@ -20,10 +20,13 @@ def quantize(
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq/smoothquant.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-SCHEME[-gG]-METHOD).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+    portable: Annotated[bool, typer.Option("--portable", help="Only forms compressed-tensors holds, so transformers and vLLM read the child (int4: integer zero points even where free minimums fit far better, as on a model from a Q4_1 GGUF; AWQ refused).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a model to int8, int4 or w8a8 (real integer weights: smaller and faster), as a new store model in
-    compressed-tensors' format (transformers and vLLM read it)."""
+    compressed-tensors' format (transformers and vLLM read it), except AWQ and int4 with free minimums (chosen where
+    they fit far better, as on the default model), which only slmkit reads: says so when it happens; --portable
+    keeps to the standard forms."""
     from slmkit.compress.quantize_stage import quantize_stage
     from slmkit.evaluate.quick import describe_delta, quick_perplexity
     from slmkit.loading import load
@@ -32,12 +35,14 @@ def quantize(
     from slmkit.sources.importer import ensure_default
 
     model = model or ensure_default()
-    card = quantize_stage(model, scheme, method=method, group_size=group_size, calib=calib, name=name)
+    card = quantize_stage(model, scheme, method=method, group_size=group_size, calib=calib, name=name, portable=portable)
     if as_json:
         print_json(card)
         return
     before = Store().card(model).weights_bytes.get("safetensors") or Store().card(model).size_bytes
     after = card.weights_bytes.get("safetensors") or card.size_bytes
     typer.echo(f"made {card.name}: {human_bytes(after)} (was {human_bytes(before)}: {before / after:.2f}x smaller)")
+    if card.settings["format"].startswith("slmkit's own"):
+        typer.echo(f"note: saved in {card.settings['format']}")
     if ppl:
         typer.echo(describe_delta(quick_perplexity(load(model)), quick_perplexity(load(card.name))))

@@ -211,12 +211,16 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
 
 def quantize_model(
     model: nn.Module, scheme: str, *, method: str = "rtn", group_size: int | None = None,
-    calibration: list[torch.Tensor] | None = None,
+    calibration: list[torch.Tensor] | None = None, portable: bool = False,
 ) -> dict[str, Any]:
     """Replace every nn.Linear by its quantized form, in place; the rest of the model stays float32 in memory
-    (and is saved as bfloat16)."""
+    (and is saved as bfloat16). `portable`: only forms that compressed-tensors holds (int4's integer zero points,
+    never AWQ's smoothing), so that transformers and vLLM read the child."""
     layers = linear_layers(model)
     group = check_settings(scheme, method, group_size, layers)
+    if portable and method == "awq":
+        raise SlmkitError("AWQ's smoothing has no compressed-tensors form: its children are read by slmkit only",
+                          "Use --method gptq or rtn for a portable child, or drop --portable.")
     stats = None
     smoothed = None
     if method in ("gptq", "awq", "smoothquant"):
@@ -227,7 +231,7 @@ def quantize_model(
             smoothed = smooth_model(model, stats)
             stats = None  # the layers are then rounded to nearest
     method_for_layers = "rtn" if method == "smoothquant" else method
-    grid = choose_int4_grid(layers, group) if scheme == "int4" else None
+    grid = ("integer" if portable else choose_int4_grid(layers, group)) if scheme == "int4" else None
     with torch.no_grad(), progress.bar(f"quantizing ({scheme}, {method})", total=len(layers)) as advance:
         for name, lin in layers.items():
             set_module(model, name, quantize_layer(lin, scheme, group, method_for_layers, stats[name] if stats else None, grid or "integer"))

@@ -19,9 +19,12 @@ from slmkit.store import Store, validate_name
 
 def quantize_stage(
     model: str, scheme: str, *, method: str = "rtn", group_size: int | None = None, calib: Path | None = None,
-    name: str | None = None, store: Store | None = None,
+    name: str | None = None, store: Store | None = None, portable: bool = False,
 ) -> ModelCard:
-    """Quantize store model `model` into a new store model (default name MODEL-SCHEME[-gG][-METHOD])."""
+    """Quantize store model `model` into a new store model (default name MODEL-SCHEME[-gG][-METHOD]). The child is in
+    compressed-tensors' layout (transformers, vLLM) unless a form it cannot hold fits far better (int4 on a model
+    dequantized from a Q4_1 GGUF) or was asked for (AWQ); `portable` forbids those forms. The card's settings
+    say which ("format")."""
     store = store or Store()
     folder = store.require(model)
     parent = store.card(model)
@@ -47,9 +50,11 @@ def quantize_stage(
     batches, calib_info = None, None
     if method != "rtn":  # gptq/awq need --calib (checked above); smoothquant falls back to the sample slmkit ships
         batches, calib_info = calibration_for(tokenizer, net, calib, CALIB_SAMPLES, CALIB_WINDOW)
-    info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches)
+    info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches, portable=portable)
     settings = {k: info[k] for k in ("scheme", "method", "group_size", "zero_point", "smoothquant", "compute") if k in info}
-    settings["format"] = "slmkit's own (other loaders refuse it)" if own_layout(info) else "compressed-tensors (transformers, vLLM)"
+    own = own_layout(info)
+    settings["format"] = (f"slmkit's own (other loaders refuse it): {own[1]}; `slmkit quantize --portable` makes a "
+                          "compressed-tensors child" if own else "compressed-tensors (transformers, vLLM)")
     if calib_info is not None:
         settings["calibration"] = calib_info
     def write(staging: Path) -> None:

@@ -64,7 +64,7 @@ def export_hf(model: str, out_dir: Path, *, store: Store | None = None) -> dict[
         raise SlmkitError(f"{model} has no weights in a form a Hugging Face folder holds (a router, a GGUF, or integer "
                           "weights in a layout only slmkit reads: AWQ smoothing, int4 with free minimums, or slmkit <= 0.5's)",
                           f"Export its float parent ({parent or 'PARENT'}) with --format hf, or quantize it again with "
-                          "--method rtn or gptq, or export it as GGUF.")
+                          "--portable (slmkit quantize ... --portable), or export it as GGUF.")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SlmkitError(f"{out_dir} exists and is not empty", "Give another --out, or remove it first.")
     meta = gguf_metadata(store, model, "F32")
