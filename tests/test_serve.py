@@ -545,3 +545,58 @@ def test_ps_lists_what_a_running_server_loaded(store):
         assert r.exit_code == 0 and "1 of 2 offered models loaded" in " ".join(r.stdout.split()) and "│ tiny" in r.stdout
     finally:
         s.stop()
+
+
+def test_responses_api_with_the_official_client(store, tmp_path):
+    """/v1/responses through openai's client: text (the same answer chat completions gives), instructions, streamed
+    events (deltas that add up to the text), previous_response_id, retrieval, function tools with their outputs,
+    json_schema output, max_output_tokens (incomplete), and errors."""
+    from conftest import build_tiny_llama
+    from slmkit.sources.importer import import_path
+
+    import_path(build_tiny_llama(tmp_path / "long", context=2048), "tinylong")
+    s = Running(["tinylong"], max_tokens_limit=60)
+    try:
+        c = client(s)
+        chat = c.chat.completions.create(model="tinylong", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                                         max_tokens=8, temperature=0).choices[0].message.content
+        r = c.responses.create(model="tinylong", input="hi", instructions="Be brief.", max_output_tokens=8, temperature=0)
+        assert r.object == "response" and r.output_text == chat and r.usage.output_tokens <= 8 and r.usage.input_tokens > 0
+        assert r.status in ("completed", "incomplete") and r.instructions == "Be brief."
+        events = list(c.responses.create(model="tinylong", input="hi", instructions="Be brief.", max_output_tokens=8,
+                                         temperature=0, stream=True))
+        kinds = [e.type for e in events]
+        assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed", "response.incomplete")
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == chat == events[-1].response.output_text
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        nxt = c.responses.create(model="tinylong", input="and then?", previous_response_id=r.id, max_output_tokens=4, temperature=0)
+        assert nxt.previous_response_id == r.id and nxt.usage.input_tokens > r.usage.input_tokens  # the earlier turns came along
+        assert c.responses.retrieve(r.id).output_text == r.output_text
+        weather = {"type": "function", "name": "get_weather", "description": "Weather in a city.", "parameters": {
+            "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}
+        called = c.responses.create(model="tinylong", input="Weather in Paris?", tools=[weather], tool_choice="required",
+                                    max_output_tokens=50, temperature=0)
+        call = called.output[0]
+        assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
+        answered = c.responses.create(model="tinylong", previous_response_id=called.id, tools=[weather], max_output_tokens=6, temperature=0,
+                                      input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
+        assert answered.output[0].type in ("message", "function_call") and answered.usage.input_tokens > called.usage.input_tokens
+        streamed_call = [e for e in c.responses.create(model="tinylong", input="Weather?", tools=[weather], tool_choice="required",
+                                                       max_output_tokens=50, temperature=0, stream=True)]
+        assert streamed_call[-1].response.output[0].name == "get_weather"
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+        structured = c.responses.create(model="tinylong", input="ok?", max_output_tokens=20, temperature=1.0,
+                                        text={"format": {"type": "json_schema", "name": "x", "schema": schema}})
+        assert isinstance(json.loads(structured.output_text)["ok"], bool)
+        short = c.responses.create(model="tinylong", input="Once upon a time", max_output_tokens=1, temperature=0)
+        assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+        r = httpx.post(s.url + "/v1/responses", json={"model": "tinylong", "input": "x", "previous_response_id": "resp_nope"})
+        assert r.status_code == 400 and "not found" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/responses", json={"model": "tinylong", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]})
+        assert r.status_code == 400 and "text only" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/responses", json={"model": "tinylong", "input": "x", "tools": [{"type": "web_search"}]})
+        assert r.status_code == 400 and "web_search" in r.json()["error"]["message"]
+        assert httpx.get(s.url + "/v1/responses/resp_nope").status_code == 404
+        assert httpx.post(s.url + "/v1/responses", json={"model": "nope", "input": "x"}).status_code == 404
+    finally:
+        s.stop()

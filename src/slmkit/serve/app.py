@@ -27,6 +27,7 @@ from slmkit.serve.errors import HTTPError
 from slmkit.serve.limits import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import ModelRegistry
+from slmkit.serve.responses_routes import chat_handler, responses_routes
 from slmkit.serve.ollama_routes import ollama_routes
 from slmkit.serve.routes import Server, openai_routes
 
@@ -178,6 +179,8 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     app.mount("/vendor", StaticFiles(directory=WEB / "vendor"), name="vendor")  # the page's Markdown libraries
 
     server = Server(registry, metrics, max_tokens_limit)
-    app.include_router(openai_routes(server))
+    openai = openai_routes(server)
+    app.include_router(openai)
+    app.include_router(responses_routes(server, chat_handler(openai)))  # OpenAI's Responses API over the chat route
     app.include_router(ollama_routes(server))  # Ollama's native API beside it
     return app

@@ -8,3 +8,4 @@ MAX_CHOICES = 16  # prompts x n per /v1/completions request: one request never f
 MAX_STOP = 16  # stop strings per request (OpenAI takes 4)
 MAX_CLASSIFY_INPUTS = 64  # texts per /v1/classify request
 MAX_LABELS = 256  # labels a /v1/classify request may name
+MAX_KEPT_RESPONSES = 256  # /v1/responses kept in memory for previous_response_id and retrieval
