@@ -195,6 +195,10 @@ def test_token_ids_tokenize_and_detokenize(store):
         for bad in ({"prompt": [10 ** 6]}, {"prompt": [[1, -1]]}):
             r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "max_tokens": 4, **bad})
             assert r.status_code == 400 and "outside" in r.json()["error"]["message"], r.text
+        by_ids = c.embeddings.create(model="tiny", input=[full, ids]).data  # embeddings of token ids, as of the text
+        assert by_ids[0].embedding == pytest.approx(c.embeddings.create(model="tiny", input="Once upon a time").data[0].embedding, abs=1e-5)
+        r = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": [1, 10 ** 6]})
+        assert r.status_code == 400 and "outside" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/detokenize", json={"tokens": [10 ** 6]})
         assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
         assert httpx.post(s.url + "/tokenize", json={"model": "nope", "content": "x"}).status_code == 404

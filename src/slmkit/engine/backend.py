@@ -123,7 +123,7 @@ class Backend(Protocol):
         """A static batch decoded together (row r samples with seed params.seed + r)."""
         ...
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    def embed(self, texts: Sequence[str | Sequence[int]]) -> list[list[float]]:
         """Mean-pooled last hidden states after the final norm, L2-normalised: one vector per text."""
         ...
 

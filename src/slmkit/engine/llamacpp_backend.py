@@ -226,10 +226,13 @@ class LlamaCppBackend:
             logits = torch.from_numpy(np.array(self._scorer.scores[: len(ids) - 1], dtype=np.float32))  # (T-1, V)
         return torch.log_softmax(logits, dim=-1)
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Mean-pooled last hidden states (after the final norm, as the PyTorch backend), L2-normalised."""
+    def embed(self, texts: Sequence[str | Sequence[int]]) -> list[list[float]]:
+        """Mean-pooled last hidden states (after the final norm, as the PyTorch backend), L2-normalised; text only."""
         import llama_cpp
 
+        if any(not isinstance(t, str) for t in texts):
+            raise SlmkitError("token-id inputs to embeddings are served on the PyTorch engine only",
+                              "Send text, or serve the model with --backend torch.")
         with self._aux_lock:
             if self._embedder is None:
                 n = min(SCORING_CONTEXT, self._train_ctx)

@@ -378,7 +378,7 @@ class BatchedBackend:
         return self.inner.has_chat_template
 
     # the model's other work runs on the scheduler's thread too (BatchScheduler.call says why)
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    def embed(self, texts: Sequence[str | Sequence[int]]) -> list[list[float]]:
         return self.scheduler.call(lambda: self.inner.embed(texts))
 
     def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> "list[TokenScores]":

@@ -158,11 +158,12 @@ class TorchBackend:
         return decode_static_batch(logits, step, prompts, params, max_new_tokens, self._eos, stop_at_eos=stop_at_eos)
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Mean-pooled last hidden states, L2-normalised (one vector per text)."""
+    def embed(self, texts: Sequence[str | Sequence[int]]) -> list[list[float]]:
+        """Mean-pooled last hidden states, L2-normalised (one vector per text, or per list of token ids)."""
         out = []
         for text in texts:
-            ids = torch.tensor([self.prefix + self.encode(text, add_special_tokens=True)], dtype=torch.long)
+            tokens = self.encode(text, add_special_tokens=True) if isinstance(text, str) else list(text)
+            ids = torch.tensor([self.prefix + tokens], dtype=torch.long)
             hidden = self.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1][0, len(self.prefix):]  # (T, H)
             vec = hidden.float().mean(0)
             out.append((vec / vec.norm().clamp(min=1e-12)).tolist())

@@ -120,7 +120,8 @@ class CompletionRequest(_Sampling):
 
 
 def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """A completion request's prompts: one text, several, one list of token ids, or several."""
+    """A completion request's prompts (or an embedding request's inputs): one text, several, one list of token ids,
+    or several."""
     if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
         return [prompt]  # type: ignore[list-item]
     return list(prompt)  # type: ignore[arg-type]
@@ -142,7 +143,7 @@ class DetokenizeRequest(BaseModel):
 
 class EmbeddingRequest(BaseModel):
     model: str | None = None
-    input: str | list[str]
+    input: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids, lists of token ids (OpenAI's forms)
 
 
 class ClassifyRequest(BaseModel):

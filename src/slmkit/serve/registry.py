@@ -189,8 +189,8 @@ class BadRequest(SlmkitError):
     """A request the server refuses with 400 (limits, context window)."""
 
 
-def check_inputs(texts: list[str], most: int, verb: str) -> None:
-    """A batch of input texts (embeddings, classification): non-empty, and at most `most` of them."""
+def check_inputs(texts: Sequence[str | Sequence[int]], most: int, verb: str) -> None:
+    """A batch of inputs (texts, or lists of token ids, to embed or classify): non-empty, and at most `most`."""
     if not texts or any(not t for t in texts):
         raise BadRequest("input must be a non-empty string or list of non-empty strings", f"Send text to {verb}.")
     if len(texts) > most:

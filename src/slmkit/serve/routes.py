@@ -33,11 +33,13 @@ from slmkit.serve.registry import BadRequest, ModelRegistry, check_inputs
 from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse, sse_events
 
 
-async def embed_checked(model: Model, name: str, texts: list[str]) -> tuple[list[list[float]], int]:
-    """Embeddings of a request's texts within the server's limits (count, each text's length, all tokens): the
-    vectors and the tokens they took. For the OpenAI and Ollama embedding routes alike."""
+async def embed_checked(model: Model, name: str, texts: list[str | list[int]]) -> tuple[list[list[float]], int]:
+    """Embeddings of a request's texts (or lists of token ids, each in the vocabulary) within the server's limits
+    (count, each input's length, all tokens): the vectors and the tokens they took. For the OpenAI and Ollama
+    embedding routes alike."""
     check_inputs(texts, MAX_EMBEDDING_INPUTS, "embed")
-    counts = await asyncio.to_thread(lambda: [model.count_tokens(t) for t in texts])
+    counts = await asyncio.to_thread(lambda: [model.count_tokens(t) if isinstance(t, str) else len(model.checked_token_ids(t))
+                                              for t in texts])
     if max(counts) > model.backend.context_length:
         raise PromptTooLong(f"an input is {max(counts)} tokens, but {name}'s context window is {model.backend.context_length} tokens",
                             "Embed shorter texts.")
@@ -281,7 +283,7 @@ def openai_routes(server: Server) -> APIRouter:
     @router.post("/v1/embeddings")
     async def embeddings(body: oa.EmbeddingRequest) -> Any:
         name = body.model or registry.names[0]
-        texts = [body.input] if isinstance(body.input, str) else body.input
+        texts = oa.prompt_list(body.input)
         async with counted("embeddings", name):
             model = await asyncio.to_thread(registry.get, body.model)
             vectors, tokens = await embed_checked(model, name, texts)
