@@ -483,6 +483,14 @@ def test_tool_calling_with_the_official_client(store, tmp_path):
             "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}, {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
         again = c.chat.completions.create(model="tinylong", messages=follow, tools=[weather], tool_choice="none", max_tokens=8, temperature=0)
         assert again.choices[0].message.content is not None and again.choices[0].finish_reason in ("stop", "length")
+        # after a tool's result, auto answers in text: even a call-shaped answer (forced here by a schema) is not a call
+        shape = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": weather["function"]["parameters"]},
+                 "required": ["name", "arguments"], "additionalProperties": False}
+        after = c.chat.completions.create(model="tinylong", messages=follow, tools=[weather], max_tokens=60, temperature=0,
+                                          response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": shape}})
+        assert after.choices[0].message.tool_calls is None and json.loads(after.choices[0].message.content)["name"] == "get_weather"
+        again = c.chat.completions.create(model="tinylong", messages=follow, tools=[weather], tool_choice="required", max_tokens=60, temperature=0)
+        assert again.choices[0].message.tool_calls[0].function.name == "get_weather"  # unless a call is asked for
         auto = c.chat.completions.create(model="tinylong", messages=msgs, tools=[weather], max_tokens=8, temperature=0)
         assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")  # a tiny random model answers in text
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "tinylong", "messages": msgs, "tools": [{"type": "function"}]})
@@ -521,7 +529,9 @@ def test_ollama_chat_with_tools(store, tmp_path):
         follow = msgs + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
                          {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}]
         text = c.chat(model="tinylong", messages=follow, tools=[weather], options={"temperature": 0, "num_predict": 6})
-        assert text.done and text.prompt_eval_count > r.prompt_eval_count  # the call and its result were read
+        plain = c.chat(model="tinylong", messages=msgs, options={"temperature": 0, "num_predict": 6})
+        assert text.done and text.prompt_eval_count > plain.prompt_eval_count  # the call and its result were read
+        assert text.message.tool_calls is None  # after a result the model answers in text (auto becomes none)
         from slmkit.serve import ollama_compat as ol
 
         seen = ol.chat_messages(ol.ChatRequest(model="tinylong", messages=follow))
@@ -584,7 +594,8 @@ def test_responses_api_with_the_official_client(store, tmp_path):
         assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
         answered = c.responses.create(model="tinylong", previous_response_id=called.id, tools=[weather], max_output_tokens=6, temperature=0,
                                       input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
-        assert answered.output[0].type in ("message", "function_call") and answered.usage.input_tokens > called.usage.input_tokens
+        fresh = c.responses.create(model="tinylong", input="Weather in Paris?", max_output_tokens=6, temperature=0)
+        assert answered.output[0].type == "message" and answered.usage.input_tokens > fresh.usage.input_tokens  # the call and result came along
         streamed_call = [e for e in c.responses.create(model="tinylong", input="Weather?", tools=[weather], tool_choice="required",
                                                        max_output_tokens=50, temperature=0, stream=True)]
         assert streamed_call[-1].response.output[0].name == "get_weather"

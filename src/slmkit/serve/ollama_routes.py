@@ -136,10 +136,12 @@ def ollama_routes(server: Server) -> APIRouter:
             return ollama_error(exc)
         message = lambda text, _: {"message": {"role": "assistant", "content": text}}  # noqa: E731
 
-        def make(model: Any, kw: dict[str, Any]) -> Any:
-            return model.stream_chat(tl.with_tools(ol.chat_messages(body), tools, "auto" if tools else None), **kw)
+        mode = tl.mode_of(None, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool")
 
-        if not tools:
+        def make(model: Any, kw: dict[str, Any]) -> Any:
+            return model.stream_chat(tl.with_tools(ol.chat_messages(body), tools, mode), **kw)
+
+        if mode in (None, "none"):
             return await generate("ollama_chat", body, request, make, message)
         # with tools, an answer is a call or text only once it is whole (as on /v1): generate, then send what it is
         whole = await generate("ollama_chat", body.model_copy(update={"stream": False}), request, make, message)

@@ -200,7 +200,7 @@ def openai_routes(server: Server) -> APIRouter:
 
         def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
             tools = tl.check_tools(body.tools)
-            mode = tl.mode_of(body.tool_choice, tools)
+            mode = tl.mode_of(body.tool_choice, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool")
             calling.update(tools=tools, mode=mode)
             # content parts joined; earlier calls and results in the tool protocol; the tools in the system message
             messages[:] = tl.with_tools(oa.plain_messages(body.messages), tools, mode)

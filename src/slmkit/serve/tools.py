@@ -34,10 +34,14 @@ def check_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def mode_of(tool_choice: Any, tools: list[dict[str, Any]]) -> str | None:
-    """None (no tools), "none", "auto", "required", or the name of the one function to call."""
+def mode_of(tool_choice: Any, tools: list[dict[str, Any]], after_result: bool = False) -> str | None:
+    """None (no tools), "none", "auto", "required", or the name of the one function to call. `after_result` (the
+    conversation ends with a tool's result): auto becomes none, so the model answers with the result in text instead
+    of calling again (a small model tends to repeat the call); required or a named function still call."""
     if not tools or tool_choice == "none":
         return None if not tools else "none"
+    if tool_choice in (None, "auto") and after_result:
+        return "none"
     if tool_choice in (None, "auto", "required"):
         return tool_choice or "auto"
     name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
