@@ -1,1 +1,2 @@
-"""Compression stages: weight quantization (more to come: pruning, low-rank)."""
+"""Compression stages: quantization, pruning (sparsity and structured), low-rank factorization; one file of pure
+math per technique (*_ops.py) and one stage file each (*_stage.py)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slmkit.errors import SlmkitError
@@ -56,9 +55,3 @@ def parse_split(text: str) -> Split:
         arms.append(model)
     return Split(name, tuple(arms), tuple(shares))
 
-
-def shares_seen(split: Split, keys: Sequence[str]) -> dict[str, float]:
-    counts = {a: 0 for a in split.arms}
-    for k in keys:
-        counts[split.arm(k)] += 1
-    return {a: c / len(keys) for a, c in counts.items()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -28,13 +28,6 @@ class Decision:
     policy: str
     score: float | None = None  # the value compared with the threshold, where there is one
     detail: str = ""
-
-
-class Policy(Protocol):
-    name: str
-    when: str  # "before" | "after"
-
-    def decide(self, prompt: str, *, embedding: Sequence[float] | None = None, signals: Signals | None = None) -> Decision: ...
 
 
 class RouteConfigError(SlmkitError):
