@@ -12,7 +12,7 @@ from rich.table import Table
 from slmkit.card import human_bytes, human_count
 from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, out_console, print_json
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW
-from slmkit.compress.prune_stage import SCAN_SAMPLES, SCAN_WINDOW
+from slmkit.compress.prune_stage import RANKINGS, SCAN_SAMPLES, SCAN_WINDOW
 from slmkit.errors import SlmkitError
 
 
@@ -26,7 +26,7 @@ def prune(
     target_params: Annotated[str | None, typer.Option("--target-params", help="Structured: parameters to keep, e.g. 70M.")] = None,
     ratio: Annotated[float | None, typer.Option("--ratio", help="Structured: share of the parameters to keep, in (0, 1).")] = None,
     blocks: Annotated[int | None, typer.Option("--blocks", help="Depth: how many decoder blocks to remove (instead of a target).")] = None,
-    rank: Annotated[str, typer.Option("--rank", help="Depth: rank blocks by influence (1 - cos of input and output) or by the perplexity cost of removing each.")] = "influence",
+    rank: Annotated[str, typer.Option("--rank", help="Depth: rank blocks by influence (1 - cos of input and output) or by the perplexity cost of removing each.")] = RANKINGS[0],
     scan: Annotated[bool, typer.Option("--scan", help="Show each block's importance and the perplexity cost of removing it; writes nothing.")] = False,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text (default: a public-domain novel sample shipped with slmkit).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", help=f"Calibration windows. [default: {CALIB_SAMPLES}; --scan: {SCAN_SAMPLES}]")] = None,
@@ -55,7 +55,7 @@ def prune(
         card = ps.shrink_stage(model, structured=structured, target_params=ps.parse_count(target_params) if target_params else None,
                                ratio=ratio, blocks=blocks, rank=rank, name=name, **given)
     else:
-        card = ps.prune_stage(model, method=method or "wanda", sparsity=sparsity, pattern=pattern, name=name, **given)
+        card = ps.prune_stage(model, method=method or ps.DEFAULT_METHOD, sparsity=sparsity, pattern=pattern, name=name, **given)
     if as_json:
         print_json(card)
         return

@@ -9,14 +9,15 @@ import typer
 
 from slmkit.card import human_bytes
 from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
+from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD
 
 
 @handle_errors
 def quantize(
     model: ModelOpt = None,
     scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel), int4 (per group), or w8a8 (int8 weights and activations: the integer units).")] = "int8",
-    group_size: Annotated[int | None, typer.Option("--group-size", help="int4 group size: 32, 64 or 128. [default: 32]")] = None,
-    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib), smoothquant (w8a8; --calib optional).")] = "rtn",
+    group_size: Annotated[int | None, typer.Option("--group-size", help=f"int4 group size: 32, 64 or 128. [default: {DEFAULT_GROUP}]")] = None,
+    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib), smoothquant (w8a8; --calib optional).")] = DEFAULT_METHOD,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq/smoothquant.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-SCHEME[-gG]-METHOD).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,

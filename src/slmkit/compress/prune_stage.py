@@ -26,7 +26,8 @@ from slmkit.sources.hf_dir import float_writer, load_float
 from slmkit.store import Store, validate_name
 
 STRUCTURES = ("depth", "width")
-RANKINGS = ("influence", "perplexity")  # how depth pruning ranks blocks
+RANKINGS = ("influence", "perplexity")  # how depth pruning ranks blocks (the first is the default)
+DEFAULT_METHOD = "wanda"  # sparsity without weight updates that needs only activations
 SCAN_SAMPLES = 8  # --scan runs the model once per block: fewer, shorter windows
 SCAN_WINDOW = 256
 DENSE_NOTE = "dense file: pruned weights are stored as zeros (no smaller on disk, no faster on a CPU)"
@@ -42,7 +43,7 @@ def _install(store: Store, name: str, net: nn.Module, tokenizer: Any, *, model: 
 
 
 def prune_stage(
-    model: str, *, method: str = "wanda", sparsity: float | None = None, pattern: str | None = None,
+    model: str, *, method: str = DEFAULT_METHOD, sparsity: float | None = None, pattern: str | None = None,
     calib: Path | None = None, samples: int = CALIB_SAMPLES, window: int = CALIB_WINDOW, name: str | None = None,
     store: Store | None = None,
 ) -> ModelCard:
@@ -86,7 +87,7 @@ def parse_count(text: str) -> int:
 
 def shrink_stage(
     model: str, *, structured: str, target_params: int | None = None, ratio: float | None = None, blocks: int | None = None,
-    rank: str = "influence",
+    rank: str = RANKINGS[0],
     calib: Path | None = None, samples: int = CALIB_SAMPLES, window: int = CALIB_WINDOW, name: str | None = None,
     store: Store | None = None,
 ) -> ModelCard:

@@ -25,6 +25,7 @@ SCHEMES = ("int8", "int4", "w8a8")  # w8a8: int8 activations too, on the integer
 METHODS = ("rtn", "gptq", "awq", "smoothquant")  # smoothquant: w8a8 only, then round to nearest
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 32  # int4 weights per scale and minimum
+DEFAULT_METHOD = "rtn"  # round to nearest: no calibration data needed
 CONFIG_KEY = "slmkit_quantization"
 AWQ_GRID = 11  # alphas 0, 0.1, ..., 1
 INTEGER_LAYERS = (Int8Linear, Int4Linear, W8A8Linear)
@@ -210,7 +211,7 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
 
 
 def quantize_model(
-    model: nn.Module, scheme: str, *, method: str = "rtn", group_size: int | None = None,
+    model: nn.Module, scheme: str, *, method: str = DEFAULT_METHOD, group_size: int | None = None,
     calibration: list[torch.Tensor] | None = None, portable: bool = False,
 ) -> dict[str, Any]:
     """Replace every nn.Linear by its quantized form, in place; the rest of the model stays float32 in memory

@@ -11,14 +11,14 @@ from slmkit.card import ModelCard
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_for
 from slmkit.compress.lowrank import is_lowrank
 from slmkit.sources.adapters import is_adapter
-from slmkit.compress.quantize import DEFAULT_GROUP, check_method, is_quantized, own_layout, quantize_model, save_quantized
+from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD, check_method, is_quantized, own_layout, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import load_float
 from slmkit.store import Store, validate_name
 
 
 def quantize_stage(
-    model: str, scheme: str, *, method: str = "rtn", group_size: int | None = None, calib: Path | None = None,
+    model: str, scheme: str, *, method: str = DEFAULT_METHOD, group_size: int | None = None, calib: Path | None = None,
     name: str | None = None, store: Store | None = None, portable: bool = False,
 ) -> ModelCard:
     """Quantize store model `model` into a new store model (default name MODEL-SCHEME[-gG][-METHOD]). The child is in

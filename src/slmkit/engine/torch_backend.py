@@ -14,6 +14,7 @@ from slmkit.engine.decode import Step, decode_loop, tokens_of
 from slmkit.engine.llama_fast import FastLlama, supports
 from slmkit.engine.sampling import SamplingParams, decode_static_batch
 from slmkit.errors import SlmkitError
+from slmkit.sources.hf_dir import FALLBACK_CONTEXT
 
 
 class TorchBackend:
@@ -68,7 +69,7 @@ class TorchBackend:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048) - len(self.prefix)
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or FALLBACK_CONTEXT) - len(self.prefix)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

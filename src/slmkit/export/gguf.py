@@ -17,7 +17,7 @@ import numpy as np
 from slmkit import faults, progress
 from slmkit.engine import llamacpp_guard
 from slmkit.errors import SlmkitError
-from slmkit.sources.hf_dir import read_config
+from slmkit.sources.hf_dir import FALLBACK_CONTEXT, read_config
 from slmkit.export.metadata import write_metadata
 from slmkit.gguf_tables import ARCHITECTURES, GGUF_TYPES, OLLAMA_TEMPLATES, pre_name_of
 
@@ -111,7 +111,7 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
     if meta:
         write_metadata(w, meta)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32))
-    w.add_context_length(config.get("max_position_embeddings", 2048))
+    w.add_context_length(config.get("max_position_embeddings", FALLBACK_CONTEXT))
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_block_count(n_layers)

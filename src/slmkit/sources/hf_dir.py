@@ -13,6 +13,7 @@ from slmkit.errors import ImportFailed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 MAX_HEADER = 100 << 20  # safetensors' own limit on its JSON header
+FALLBACK_CONTEXT = 2048  # a model's context when its config names none (max_position_embeddings)
 
 
 def safetensors_problem(path: Path) -> str | None:
