@@ -222,7 +222,8 @@ def _qa_dev(tmp_path, n=24):
 
 
 def test_calibrate_qa_saves_a_router_with_its_curve(pair, tmp_path):
-    from slmkit.route.calibrate import calibrate_stage, read_router
+    from slmkit.route.calibrate import calibrate_stage
+    from slmkit.sources.forms import read_router
     from slmkit.store import Store
 
     dev = _qa_dev(tmp_path)
@@ -247,7 +248,8 @@ def test_calibrate_qa_saves_a_router_with_its_curve(pair, tmp_path):
 
 
 def test_calibrate_multiple_choice_trains_a_router(pair, tmp_path):
-    from slmkit.route.calibrate import calibrate_stage, read_router
+    from slmkit.route.calibrate import calibrate_stage
+    from slmkit.sources.forms import read_router
     from slmkit.store import Store
 
     card, report = calibrate_stage("tiny", "other", task="arc_easy", limit=40, max_escalation=0.3, name="mc-route")

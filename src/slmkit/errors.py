@@ -33,3 +33,7 @@ class PromptTooLong(SlmkitError):
 
 class BrokenModel(SlmkitError):
     """A store folder whose card cannot be read, or whose files are damaged."""
+
+
+class Unsupported(SlmkitError):
+    """A request field or content a server does not serve (400, never silently dropped)."""

@@ -14,8 +14,8 @@ from slmkit.engine.backend import Backend
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
-from slmkit.route.calibrate import is_router
 from slmkit.sources import integrity
+from slmkit.sources.forms import is_router
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 

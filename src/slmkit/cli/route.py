@@ -70,7 +70,7 @@ def calibrate(
 def show(name: Annotated[str, typer.Argument(help="A router in the store.")]) -> None:
     """A router's models, policies and calibration, as JSON."""
     from slmkit.errors import SlmkitError
-    from slmkit.route.calibrate import is_router, read_router
+    from slmkit.sources.forms import is_router, read_router
     from slmkit.store import Store
 
     folder = Store().require(name)

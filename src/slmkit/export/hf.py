@@ -17,6 +17,7 @@ from slmkit.compress.ct_layout import FORMATS
 from slmkit.compress.quantize import is_quantized, is_standard
 from slmkit.errors import SlmkitError
 from slmkit.export.metadata import gguf_metadata, lineage
+from slmkit.sources.forms import is_router
 from slmkit.store import Store
 
 
@@ -59,7 +60,7 @@ def export_hf(model: str, out_dir: Path, *, store: Store | None = None) -> dict[
 
     store = store or Store()
     folder = store.require(model)
-    if (folder / "router.json").is_file() or not list(folder.glob("*.safetensors")) or (is_quantized(folder) and not is_standard(folder)):
+    if is_router(folder) or not list(folder.glob("*.safetensors")) or (is_quantized(folder) and not is_standard(folder)):
         parent = store.card(model).parent
         raise SlmkitError(f"{model} has no weights in a form a Hugging Face folder holds (a router, a GGUF, or integer "
                           "weights in a layout only slmkit reads: AWQ smoothing, int4 with free minimums, or slmkit <= 0.5's)",

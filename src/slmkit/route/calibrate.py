@@ -27,22 +27,13 @@ from slmkit.route.drift import Reference
 from slmkit.route.policies import Confidence, Router, Rules, fit_classifier, policy_to_dict
 from slmkit.route.signals import SIGNALS, TOP_FOR_ENTROPY, signals_of
 from slmkit.route.targets import Endpoint
+from slmkit.sources.forms import ROUTER_CONFIG, ROUTER_FILE
 from slmkit.store import Store, validate_name
 
-ROUTER_FILE = "router.json"
-ROUTER_CONFIG = {"architectures": ["SlmkitRouter"], "model_type": "slmkit-router",
-                 "note": "a slmkit router (router.json), not model weights: serve it with `slmkit serve NAME`"}
 FOLDS = 5
 L2_GRID = (1.0, 10.0, 100.0, 1000.0)
 QA_MAX_TOKENS = 64
 
-
-def is_router(folder: Path) -> bool:
-    return (Path(folder) / ROUTER_FILE).is_file()
-
-
-def read_router(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / ROUTER_FILE).read_text())
 
 
 def _softmax_pick(lls: list[float], lengths: list[int]) -> tuple[int, float]:

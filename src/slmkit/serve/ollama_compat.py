@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slmkit.card import human_count
 from slmkit.engine.sampling import MAX_REPEAT_LAST_N
 from slmkit.serve.limits import MAX_STOP
-from slmkit.serve.openai_compat import Unsupported
+from slmkit.errors import Unsupported
 from slmkit.serve.tools import call_text, result_text
 
 TAG = ":latest"

@@ -8,8 +8,9 @@ from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slmkit.errors import SlmkitError
+from slmkit.errors import Unsupported
 from slmkit.serve.limits import MAX_CHOICES, MAX_LABELS, MAX_STOP
+from slmkit.serve.tools import call_text, result_text
 
 
 class ContentPart(BaseModel):
@@ -28,15 +29,9 @@ class Message(BaseModel):
 
 
 
-class Unsupported(SlmkitError):
-    """A request field or content this server does not serve (400, never silently dropped)."""
-
-
 def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
     """Messages as the chat template takes them: text content parts joined, `developer` as `system` (OpenAI's newer
     name for it), earlier tool calls and tool results in serve/tools.py's text protocol; images and audio refused."""
-    from slmkit.serve.tools import call_text, result_text
-
     out = []
     names: dict[str, str] = {}  # tool_call_id -> function name, for the results
     for i, m in enumerate(messages):

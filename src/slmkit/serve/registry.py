@@ -25,7 +25,7 @@ from slmkit.loading import open_backend, pick_backend
 from slmkit.model import Model
 from slmkit.route.ab import Split
 from slmkit.route.cache import ResponseCache
-from slmkit.route.calibrate import is_router, read_router
+from slmkit.sources.forms import is_router, read_router
 from slmkit.route.targets import Endpoint, Local
 from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
 from slmkit.serve.metrics import Metrics

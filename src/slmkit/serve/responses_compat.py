@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmkit.serve.openai_compat import Unsupported
+from slmkit.errors import Unsupported
 
 
 class ResponsesRequest(BaseModel):

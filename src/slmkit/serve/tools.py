@@ -15,7 +15,7 @@ import json
 import uuid
 from typing import Any
 
-from slmkit.serve.openai_compat import Unsupported
+from slmkit.errors import Unsupported
 
 CALL_FORMAT = '{"name": "<function name>", "arguments": {<arguments as JSON>}}'
 
