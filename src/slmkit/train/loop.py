@@ -25,6 +25,7 @@ from torch import nn
 from slmkit import faults, progress
 from slmkit.errors import SlmkitError
 from slmkit.store import pid_alive
+from slmkit.train.curves import loss_curves_png
 from slmkit.train.data import Windows
 from slmkit.train.losses import next_token_loss
 
@@ -247,8 +248,6 @@ def with_loss_curve(write: Callable[[Path], None], name: str, curve: list[dict[s
     """A store writer that also leaves the run's loss curve beside the weights (training.png)."""
 
     def both(folder: Path) -> None:
-        from slmkit.evaluate.report import loss_curves_png
-
         write(folder)
         png = loss_curves_png({name: curve})
         if png:
