@@ -394,7 +394,7 @@ def test_ollama_native_api_with_the_official_client(store):
         assert len(emb.embeddings) == 2 and len(emb.embeddings[0]) == 32
         assert c.embeddings(model="tiny", prompt="bb").embedding == pytest.approx(emb.embeddings[1], abs=1e-5)  # the older route
         shown = c.show("tiny")
-        assert shown.details.family == "llama"
+        assert shown.details.family == "llama" and shown.capabilities == ["completion", "tools"]  # it has a chat template
         assert [m.model for m in c.ps().models] == ["tiny:latest"]
         with pytest.raises(ollama.ResponseError) as e:
             c.chat(model="nope", messages=msgs)

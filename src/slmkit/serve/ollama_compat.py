@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -100,6 +101,16 @@ def unloads(keep_alive: Any) -> bool:
     if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
         return keep_alive == 0
     return isinstance(keep_alive, str) and keep_alive.strip().rstrip("smh") in ("0", "0.0")
+
+
+def capabilities(folder: Path | None) -> list[str]:
+    """What /api/show says a model can do: completion, and tools where it has a chat template (/api/chat with tools
+    works through it)."""
+    if folder is None:
+        return ["completion"]
+    config = folder / "tokenizer_config.json"
+    templated = (folder / "chat_template.jinja").is_file() or (config.is_file() and "chat_template" in json.loads(config.read_text()))
+    return ["completion", "tools"] if templated else ["completion"]
 
 
 def model_name(name: str) -> str:

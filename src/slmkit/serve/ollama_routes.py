@@ -61,7 +61,8 @@ def ollama_routes(server: Server) -> APIRouter:
         info = {"general.architecture": card.model_type, "general.parameter_count": card.parameters,
                 f"{card.model_type}.context_length": card.context_length} if card else {}
         return {"license": "", "modelfile": f"FROM {name}\n", "parameters": "", "template": "", "details": ol.details(card, registry.backends.get(name)),
-                "model_info": info, "capabilities": ["completion"], "modified_at": (card.created if card else "") or ol.now()}
+                "model_info": info, "capabilities": ol.capabilities(registry.store.path(name) if card else None),
+                "modified_at": (card.created if card else "") or ol.now()}
 
     async def load_or_unload(body: ol._Base, piece: dict[str, Any]) -> Any:
         """Ollama's calls with nothing to answer (an empty prompt, no messages): load the model, or with keep_alive
