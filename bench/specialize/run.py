@@ -107,9 +107,12 @@ def tfidf_lr(split: Path) -> dict:
             "C": search.best_params_["logisticregression__C"]}
 
 
-def prompted(split: Path, set_name: str, shots: int) -> Path:
-    """The held-out rows as chat prompts that name the labels (and, few-shot, answered examples as earlier turns)."""
+def prompted(split: Path, set_name: str, shots: int, most: int | None = None) -> Path:
+    """The held-out rows as chat prompts that name the labels (and, few-shot, answered examples as earlier turns);
+    at most `most` of them, taken evenly through the file (which is grouped by label)."""
     train, held = read_rows(split / "train.jsonl"), read_rows(split / "heldout.jsonl")
+    if most and len(held) > most:
+        held = held[:: math.ceil(len(held) / most)]
     labels = sorted({r["label"] for r in train})
     examples = [{"role": "system", "content": f"{ASK[set_name]} Answer with one label from: {', '.join(labels)}."}]
     seen: set[str] = set()
@@ -186,13 +189,15 @@ def served(set_name: str, split: Path, env: dict[str, str], method: str = "full"
             "same_as_eval": sum(a == b for a, b in zip(got, want)) / len(texts)}
 
 
-def run_row(row: str, set_name: str, splits: list[Path], env: dict[str, str], epochs: float, shots: int) -> dict:
+def run_row(row: str, set_name: str, splits: list[Path], env: dict[str, str], epochs: float, shots: int,
+            prompted_rows: int | None = None) -> dict:
     parts = []
     for split in splits:
         if row == "tfidf-lr":
             parts.append(tfidf_lr(split))
         elif row in ("zero-shot", "few-shot"):
-            held = prompted(split, set_name, 0 if row == "zero-shot" else shots)
+            most = math.ceil(prompted_rows / len(splits)) if prompted_rows else None
+            held = prompted(split, set_name, 0 if row == "zero-shot" else shots, most)
             parts.append(evaluate(BASE, held, split, env, ["--labels", str(split / "labels.txt")], row))
         else:
             parts.append(finetuned(row, set_name, split, env, epochs))
@@ -211,7 +216,9 @@ def write(results: list[dict], meta: dict) -> None:
     lines = [f"# specialize ({BASE} as a classifier vs TF-IDF + logistic regression)", "",
              f"Splits: customer-support intents and banking77 80/20 (seed 0, stratified), SST-2 dev 5-fold (pooled); "
              f"fine-tuning: {meta['epochs']} epoch(s), batch 16, bf16 autocast, plain prompt format, loss on the label; "
-             f"few-shot: {meta['shots']} answered examples. CPU: {meta['cpu']}.", "",
+             f"few-shot: {meta['shots']} answered examples"
+             + (f"; zero- and few-shot score at most {meta['prompted_rows']} held-out rows per set (evenly through each split: "
+                "the n column)" if meta.get("prompted_rows") else "") + f". CPU: {meta['cpu']}.", "",
              "| set | row | n | accuracy | ± stderr | macro-F1 | train s | peak MB | classifications/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -247,12 +254,15 @@ def main() -> None:
     ap.add_argument("--folds-run", type=int, default=5, help="SST-2 folds to run for the model rows (all 5 for tfidf-lr)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--prompted-rows", type=int, default=None,
+                    help="zero-/few-shot: score at most this many held-out rows per set, evenly through each split")
     ap.add_argument("--note", action="append", default=[])
     a = ap.parse_args()
     env = {**os.environ, "SLMKIT_HOME": str(a.home or a.work / "home"), "PYTHONUNBUFFERED": "1"}
     a.work.mkdir(parents=True, exist_ok=True)
     splits = prepare(a.data, a.work, env)
-    meta = {"cpu": cpu_line(), "epochs": a.epochs, "shots": a.shots, "folds_run": a.folds_run, "notes": a.note}
+    meta = {"cpu": cpu_line(), "epochs": a.epochs, "shots": a.shots, "folds_run": a.folds_run, "prompted_rows": a.prompted_rows,
+            "notes": a.note}
     done = RESULTS / "specialize.json"
     results = [r for r in json.loads(done.read_text())["rows"]] if done.is_file() else []
     if a.rows == "served":
@@ -266,7 +276,7 @@ def main() -> None:
             use = splits[s] if row == "tfidf-lr" or s != "sst2" else splits[s][: a.folds_run]
             print(f"== {row} on {s} ({len(use)} split(s))", flush=True)
             start = time.perf_counter()
-            r = run_row(row, s, use, env, a.epochs, a.shots)
+            r = run_row(row, s, use, env, a.epochs, a.shots, a.prompted_rows)
             print(f"   accuracy {r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f}, macro-F1 {r['macro_f1']:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
             results = [x for x in results if (x["set"], x["row"]) != (s, row)] + [r]
