@@ -159,9 +159,9 @@ def finetuned(method: str, set_name: str, split: Path, env: dict[str, str], epoc
     return {**got, "train_s": trained["seconds"], "peak_mb": trained["peak_mb"]}
 
 
-def served(set_name: str, split: Path, env: dict[str, str], method: str = "full", clients: int = 4) -> dict:
+def served(set_name: str, split: Path, env: dict[str, str], method: str = "full", clients: int = 4, most: int | None = None) -> dict:
     """Classifications per second through `slmkit serve` (POST /v1/classify, one text per request, `clients` at once)
-    for the held-out rows, and that every answer is the one `eval` gave."""
+    for the held-out rows (at most `most`, evenly through the file), and that every answer is the one `eval` gave."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -172,6 +172,8 @@ def served(set_name: str, split: Path, env: dict[str, str], method: str = "full"
     name = f"{set_name}-{split.name}-{method}".replace("_", "-")
     texts = [r["text"] for r in read_rows(split / "heldout.jsonl")]
     want = json.loads((split / f"eval-{method}.json").read_text())["results"]["responses"]["predicted"]
+    step = math.ceil(len(texts) / most) if most else 1
+    texts, want = texts[::step], want[::step]
     url = f"http://127.0.0.1:{free_port()}"
     proc = start([sys.executable, "-m", "slmkit", "serve", name, "--port", url.rsplit(":", 1)[1]], url, env, name)
     try:
@@ -267,7 +269,7 @@ def main() -> None:
     results = [r for r in json.loads(done.read_text())["rows"]] if done.is_file() else []
     if a.rows == "served":
         meta = {**json.loads(done.read_text())["meta"], **{k: v for k, v in meta.items() if k == "cpu"}}
-        meta["served"] = [served(s, splits[s][0], env) for s in a.sets.split(",")]
+        meta["served"] = [served(s, splits[s][0], env, most=a.prompted_rows) for s in a.sets.split(",")]
         write(results, meta)
         return
     meta["served"] = json.loads(done.read_text())["meta"].get("served", []) if done.is_file() else []
