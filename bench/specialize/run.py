@@ -142,9 +142,15 @@ def student(env: dict[str, str]) -> str:
     return STUDENT
 
 
+def tagged(method: str, epochs: float) -> str:
+    """A fine-tuned row's name: the method, and its epochs where they are not one (their runs are kept apart)."""
+    return method if epochs == 1 else f"{method}-{epochs:g}ep"
+
+
 def finetuned(method: str, set_name: str, split: Path, env: dict[str, str], epochs: float) -> dict:
-    name = f"{set_name}-{split.name}-{method}".replace("_", "-")
-    card_file = split / f"train-{method}.json"
+    tag = tagged(method, epochs)
+    name = f"{set_name}-{split.name}-{tag}".replace("_", "-")
+    card_file = split / f"train-{tag}.json"
     base = student(env) if method.startswith("student-") else BASE
     if not card_file.is_file():
         _, peak = slmkit(["finetune", base, "--data", str(split / "train.jsonl"), "--task", "classify", "--label-column", "label",
@@ -155,7 +161,7 @@ def finetuned(method: str, set_name: str, split: Path, env: dict[str, str], epoc
                                          capture_output=True, text=True, check=True).stdout)
         card_file.write_text(json.dumps({"seconds": card["settings"]["seconds"], "peak_mb": peak, "steps": card["settings"]["steps"]}))
     trained = json.loads(card_file.read_text())
-    got = evaluate(name, split / "heldout.jsonl", split, env, ["--label-column", "label"], method)
+    got = evaluate(name, split / "heldout.jsonl", split, env, ["--label-column", "label"], tag)
     return {**got, "train_s": trained["seconds"], "peak_mb": trained["peak_mb"]}
 
 
@@ -203,7 +209,8 @@ def run_row(row: str, set_name: str, splits: list[Path], env: dict[str, str], ep
             parts.append(evaluate(BASE, held, split, env, ["--labels", str(split / "labels.txt")], row))
         else:
             parts.append(finetuned(row, set_name, split, env, epochs))
-    out = {"row": row, "set": set_name, "splits": len(splits), **pooled(parts),
+    out = {"row": row if row in ("tfidf-lr", "zero-shot", "few-shot") else tagged(row, epochs), "set": set_name,
+           "splits": len(splits), **pooled(parts),
            "train_s": sum(p.get("train_s", 0) for p in parts) / len(parts) if any("train_s" in p for p in parts) else None,
            "peak_mb": max((p["peak_mb"] for p in parts if "peak_mb" in p), default=None),
            "per_s": sum(p["per_s"] for p in parts) / len(parts)}
@@ -229,7 +236,8 @@ def write(results: list[dict], meta: dict) -> None:
     lines += ["", "## Targets", ""]
     by = {(r["set"], r["row"]): r for r in results}
     for s in SETS:
-        base, best = by.get((s, "tfidf-lr")), max((by[(s, m)] for m in ("full", "lora") if (s, m) in by), key=lambda r: r["accuracy"], default=None)
+        tuned = [r for (s2, row), r in by.items() if s2 == s and row.split("-")[0] in ("full", "lora")]
+        base, best = by.get((s, "tfidf-lr")), max(tuned, key=lambda r: r["accuracy"], default=None)
         if base and best:
             gap = best["accuracy"] - base["accuracy"]
             se = math.sqrt(best["accuracy_stderr"] ** 2 + base["accuracy_stderr"] ** 2)
@@ -281,7 +289,7 @@ def main() -> None:
             r = run_row(row, s, use, env, a.epochs, a.shots, a.prompted_rows)
             print(f"   accuracy {r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f}, macro-F1 {r['macro_f1']:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-            results = [x for x in results if (x["set"], x["row"]) != (s, row)] + [r]
+            results = [x for x in results if (x["set"], x["row"]) != (s, r["row"])] + [r]
             write(results, meta)
 
 
