@@ -37,6 +37,8 @@ def test_readers_give_the_same_rows_from_every_layout(tmp_path):
     assert td.read_examples(_csv(tmp_path / "a.tsv", sep="\t"), text_column="sentence", label_column="category") == want
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in ROWS))
     assert td.read_examples(tmp_path / "a.jsonl", label_column="label") == want
+    (tmp_path / "a.json").write_text(json.dumps([{"text": t, "label": lab} for t, lab in ROWS]))  # a JSON array
+    assert td.read_examples(tmp_path / "a.json", label_column="label") == want
     names = sorted({lab for _, lab in ROWS})
     ds = datasets.Dataset.from_dict({"text": [t for t, _ in ROWS], "label": [names.index(lab) for _, lab in ROWS]},
                                     features=datasets.Features({"text": datasets.Value("string"),

@@ -151,12 +151,11 @@ def read_examples(path: Path, *, fmt: str | None = None, text_column: str | None
                 rows = json.loads(stripped)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", "Fix the file.") from exc
-            out = [_row_example(r, f"{path}[{i}]") for i, r in enumerate(rows)]
-        elif label_column:
-            out = [labelled(row.get(text_column), row.get(label_column), where) if isinstance(row, dict) else _row_example(row, where)
-                   for where, row in json_objects(raw.splitlines(), path, DataError)]
+            placed = [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
         else:
-            out = [_row_example(row, where) for where, row in json_objects(raw.splitlines(), path, DataError)]
+            placed = list(json_objects(raw.splitlines(), path, DataError))
+        out = [labelled(row.get(text_column), row.get(label_column), where) if label_column and isinstance(row, dict)
+               else _row_example(row, where) for where, row in placed]
     else:
         reader = csv.DictReader(raw.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         cols = reader.fieldnames or []
