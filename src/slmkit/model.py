@@ -249,7 +249,8 @@ class Model:
         scores = [sum(lps) for lps in b.score_continuations(prefix, continuations)]
         top = max(scores)
         weights = [math.exp(x - top) for x in scores]
-        probs = [w / sum(weights) for w in weights]
+        total = sum(weights)
+        probs = [w / total for w in weights]
         best = max(range(len(labels)), key=scores.__getitem__)
         return Classification(labels[best], dict(zip(labels, scores)), dict(zip(labels, probs)), len(prefix))
 

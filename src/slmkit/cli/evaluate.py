@@ -12,7 +12,7 @@ from rich.table import Table
 
 from slmkit.cli.common import BackendOpt, ModelOpt, handle_errors, out_console
 from slmkit.config import settings
-from slmkit.data.classify import task_of
+from slmkit.data.classify import check_labels, task_of
 from slmkit.errors import SlmkitError
 from slmkit.evaluate.perplexity import CONTEXT_LENGTH, STRIDE
 from slmkit.evaluate.report import baseline_row, cell, columns_of, noise_notes, rows_of, short_labels, titled, write_html
@@ -58,15 +58,12 @@ def _table(results: list[dict[str, Any]], title: str, baseline: str | None = Non
 
 
 def read_labels(given: str | None) -> list[str] | None:
-    """--labels: a file with one label a line, or a comma-separated list."""
+    """--labels: a file with one label a line, or a comma-separated list (data/classify.check_labels: two or more)."""
     if not given:
         return None
     path = Path(given)
     items = path.read_text(encoding="utf-8").splitlines() if path.is_file() else given.split(",")
-    labels = list(dict.fromkeys(x.strip() for x in items if x.strip()))
-    if len(labels) < 2:
-        raise SlmkitError(f"--labels gives {len(labels)} label(s)", "Give at least two: a,b,c or a file with one label a line.")
-    return labels
+    return check_labels([x for x in items if x.strip()])
 
 
 @handle_errors

@@ -76,7 +76,7 @@ def finetune(
     if task == "classify":
         labels = s["classify"]["labels"]
         typer.echo(f"a classifier over {len(labels)} labels ({', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}): "
-                   f"slmkit eval {card.name} --responses HELD_OUT --metric accuracy")
+                   f"slmkit eval {card.name} --responses HELD_OUT [--label-column label]")
 
 
 @handle_errors

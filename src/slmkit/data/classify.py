@@ -39,7 +39,7 @@ def check_labels(labels: list[str]) -> list[str]:
         raise SlmkitError("a label is empty", "Every row needs a non-empty label.")
     if len(out) < 2:
         raise SlmkitError(f"classification needs at least two labels, got {len(out)}: {out}",
-                          "Give rows with two or more different labels.")
+                          "Give two or more different labels (rows with them, or --labels a,b).")
     return out
 
 

@@ -221,10 +221,11 @@ def confusion_png(model: str, resp: dict[str, Any]) -> str:
     image = ax.imshow(counts, cmap="Blues")
     ax.set_xticks(range(len(seen)), seen, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(seen)), seen, fontsize=7)
+    half = max(map(max, counts)) / 2 if counts else 0  # darker cells get white text
     for i, row in enumerate(counts):
         for j, n in enumerate(row):
             if n:
-                ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > max(map(max, counts)) / 2 else "black")
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > half else "black")
     ax.set_xlabel("answer")
     ax.set_ylabel("reference")
     ax.set_title(f"{model}\naccuracy {resp['accuracy']:.3f}, macro-F1 {resp['macro_f1']:.3f} (n = {resp['n']})", fontsize=9)

@@ -19,16 +19,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from slmkit.data.classify import task_of
 from slmkit.engine.scheduler import AdapterView, BatchedBackend
 from slmkit.errors import ModelNotFound, SlmkitError
 from slmkit.loading import open_backend, pick_backend
 from slmkit.model import Model
 from slmkit.route.ab import Split
 from slmkit.route.cache import ResponseCache
-from slmkit.sources.forms import is_router, read_router
 from slmkit.route.targets import Endpoint, Local
 from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
 from slmkit.serve.metrics import Metrics
+from slmkit.sources.forms import is_router, read_router
 from slmkit.store import Store
 
 
@@ -104,7 +105,6 @@ class ModelRegistry:
         """Which served names share one loaded base: the LoRA adapters of a Llama-layout base (checked against the
         base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it.
         Adapters a per-row update cannot express (DoRA, extra trained modules) are served merged, on their own."""
-        from slmkit.data.classify import task_of
         from slmkit.engine.llama_fast import SUPPORTED_MODEL_TYPES
         from slmkit.sources.adapters import base_of, is_adapter, per_row_problem
         from slmkit.sources.hf_dir import read_config

@@ -186,6 +186,27 @@ def prompt_of(ex: Example) -> str:
     return ex.text if ex.text is not None else "\n".join(c for r, c in ex.messages if r != "assistant")
 
 
+def _shuffled_by_label(examples: list[Example], seed: int) -> list[list[Example]]:
+    """The rows of each label (label_of), labels in sorted order, each shuffled by a generator seeded by `seed` and
+    the label (so a label's order does not depend on the others)."""
+    by_label: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(label_of(ex), []).append(ex)
+    out = []
+    for label in sorted(by_label):
+        rows = list(by_label[label])
+        random.Random(f"{seed}:{label}").shuffle(rows)
+        out.append(rows)
+    return out
+
+
+def _leak_free(train: list[Example], held: list[Example]) -> tuple[list[Example], list[Example], int]:
+    """(train without the rows whose prompt text is also held out, held out, how many were dropped)."""
+    seen = {prompt_of(ex) for ex in held}
+    kept = [ex for ex in train if prompt_of(ex) not in seen]
+    return kept, held, len(train) - len(kept)
+
+
 def stratified_split(examples: list[Example], held_out: float, seed: int = 0) -> tuple[list[Example], list[Example], int]:
     """(train, held out, rows dropped from train): within each label (label_of), a shuffle seeded by `seed` and the
     label, and round(held_out x rows) held out (at least one when the label has two or more rows), so every label is
@@ -193,20 +214,13 @@ def stratified_split(examples: list[Example], held_out: float, seed: int = 0) ->
     held-out text is ever trained on). Deterministic: the same file and seed give the same split."""
     if not 0 < held_out < 1:
         raise DataError(f"the held-out share must be between 0 and 1, not {held_out}", "For example 0.2 holds out 20%.")
-    by_label: dict[str, list[Example]] = {}
-    for ex in examples:
-        by_label.setdefault(label_of(ex), []).append(ex)
     train, held = [], []
-    for label in sorted(by_label):
-        rows = list(by_label[label])
-        random.Random(f"{seed}:{label}").shuffle(rows)
+    for rows in _shuffled_by_label(examples, seed):
         k = round(held_out * len(rows))
         k = max(k, 1) if len(rows) >= 2 else 0
         held += rows[:k]
         train += rows[k:]
-    seen = {prompt_of(ex) for ex in held}
-    kept = [ex for ex in train if prompt_of(ex) not in seen]
-    return kept, held, len(train) - len(kept)
+    return _leak_free(train, held)
 
 
 def stratified_folds(examples: list[Example], k: int, seed: int = 0) -> list[tuple[list[Example], list[Example], int]]:
@@ -216,24 +230,13 @@ def stratified_folds(examples: list[Example], k: int, seed: int = 0) -> list[tup
     dropped, as in stratified_split."""
     if not 2 <= k <= len(examples):
         raise DataError(f"--folds must be between 2 and the number of rows ({len(examples)}), not {k}", "Five folds is usual.")
-    by_label: dict[str, list[Example]] = {}
-    for ex in examples:
-        by_label.setdefault(label_of(ex), []).append(ex)
     folds: list[list[Example]] = [[] for _ in range(k)]
     offset = 0
-    for label in sorted(by_label):
-        rows = list(by_label[label])
-        random.Random(f"{seed}:{label}").shuffle(rows)
+    for rows in _shuffled_by_label(examples, seed):
         for i, ex in enumerate(rows):
             folds[(offset + i) % k].append(ex)
         offset += len(rows)
-    out = []
-    for i, held in enumerate(folds):
-        train = [ex for j, f in enumerate(folds) if j != i for ex in f]
-        seen = {prompt_of(ex) for ex in held}
-        kept = [ex for ex in train if prompt_of(ex) not in seen]
-        out.append((kept, held, len(train) - len(kept)))
-    return out
+    return [_leak_free([ex for j, f in enumerate(folds) if j != i for ex in f], held) for i, held in enumerate(folds)]
 
 
 def to_jsonl(examples: list[Example], labelled_rows: bool = False) -> str:
@@ -328,7 +331,7 @@ def build(tokenizer: Any, paths: list[Path], *, seq_len: int, valid_fraction: fl
     fmt = prompt_format or "chat"
     if classify:
         check_format(fmt)
-        check_labels([label_of(e) for e in examples])
+        labels = check_labels(sorted({label_of(e) for e in examples}))
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_valid = max(1, int(len(examples) * valid_fraction)) if valid_fraction > 0 and len(examples) > 1 else 0
@@ -350,6 +353,6 @@ def build(tokenizer: Any, paths: list[Path], *, seq_len: int, valid_fraction: fl
             "seed": seed, "sha256": hash_files(paths, {"seq_len": seq_len, "valid_fraction": valid_fraction, "seed": seed,
                                                      **({"prompt_format": fmt} if classify else {}), **read_kw})}
     if classify:
-        info["labels"] = check_labels(sorted(label_of(e) for e in examples))
+        info["labels"] = labels
         info["prompt_format"] = fmt
     return train, valid, info
