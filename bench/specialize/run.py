@@ -224,7 +224,7 @@ def write(results: list[dict], meta: dict) -> None:
     (RESULTS / "specialize.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
     lines = [f"# specialize ({BASE} as a classifier vs TF-IDF + logistic regression)", "",
              f"Splits: customer-support intents and banking77 80/20 (seed 0, stratified), SST-2 dev 5-fold (pooled); "
-             f"fine-tuning: {meta['epochs']} epoch(s), batch 16, bf16 autocast, plain prompt format, loss on the label; "
+             f"fine-tuning: 1 epoch (a row named -Nep: N epochs), batch 16, bf16 autocast, plain prompt format, loss on the label; "
              f"few-shot: {meta['shots']} answered examples"
              + (f"; zero- and few-shot score at most {meta['prompted_rows']} held-out rows per set (evenly through each split: "
                 "the n column)" if meta.get("prompted_rows") else "") + f". CPU: {meta['cpu']}.", "",
@@ -271,16 +271,17 @@ def main() -> None:
     env = {**os.environ, "SLMKIT_HOME": str(a.home or a.work / "home"), "PYTHONUNBUFFERED": "1"}
     a.work.mkdir(parents=True, exist_ok=True)
     splits = prepare(a.data, a.work, env)
-    meta = {"cpu": cpu_line(), "epochs": a.epochs, "shots": a.shots, "folds_run": a.folds_run, "prompted_rows": a.prompted_rows,
-            "notes": a.note}
     done = RESULTS / "specialize.json"
+    before = json.loads(done.read_text())["meta"] if done.is_file() else {}
+    meta = {"cpu": cpu_line(), "shots": a.shots, "folds_run": a.folds_run,
+            "prompted_rows": a.prompted_rows or before.get("prompted_rows"), "notes": a.note or before.get("notes", [])}
     results = [r for r in json.loads(done.read_text())["rows"]] if done.is_file() else []
     if a.rows == "served":
-        meta = {**json.loads(done.read_text())["meta"], **{k: v for k, v in meta.items() if k == "cpu"}}
+        meta = {**before, "cpu": meta["cpu"]}
         meta["served"] = [served(s, splits[s][0], env, most=a.prompted_rows) for s in a.sets.split(",")]
         write(results, meta)
         return
-    meta["served"] = json.loads(done.read_text())["meta"].get("served", []) if done.is_file() else []
+    meta["served"] = before.get("served", [])
     for row in a.rows.split(","):
         for s in a.sets.split(","):
             use = splits[s] if row == "tfidf-lr" or s != "sst2" else splits[s][: a.folds_run]

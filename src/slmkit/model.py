@@ -20,6 +20,7 @@ from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.scoring import encode_document, encode_pair
 from slmkit.engine.text_stream import IncrementalDecoder, StopMatcher
 from slmkit.errors import PromptTooLong, SlmkitError
+from slmkit.sources.modelfile import PRESET_KEY
 
 Message = dict[str, str]
 
@@ -125,6 +126,9 @@ class Model:
         self.name = name
         self.backend = backend
         self.card = card
+        # a preset (sources/modelfile.py: from a Modelfile, /api/create or an Ollama pull): the system prompt, earlier
+        # messages and sampling defaults used where a request does not give its own
+        self.preset: dict[str, Any] = dict(card.settings.get(PRESET_KEY) or {}) if card is not None else {}
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, backend={self.backend.name!r})"
@@ -132,6 +136,10 @@ class Model:
     # ---- generation -------------------------------------------------------------------------------
     def _params(self, sampling: dict[str, Any]) -> SamplingParams:
         """Sampling settings; `response_format` (OpenAI's: json_object, json_schema) becomes this sequence's grammar."""
+        defaults = dict(self.preset.get("options") or {})
+        if "stop" in defaults:
+            defaults["stop"] = tuple(defaults["stop"])
+        sampling = {**defaults, **sampling}
         response_format = sampling.pop("response_format", None)
         constraint = constraint_for(self.backend, response_format) if response_format else None
         return SamplingParams.from_kwargs(**sampling, constraint=constraint)
@@ -158,7 +166,17 @@ class Model:
         """Answer the last message of a conversation, formatted with the model's chat template."""
         _check_messages(messages)
         params = self._params(sampling)
-        return Generation(self, self._checked_ids(encode_chat(self.backend, messages), params), params)
+        return Generation(self, self._checked_ids(encode_chat(self.backend, self.with_preset(messages)), params), params)
+
+    def with_preset(self, messages: Sequence[Message]) -> list[Message]:
+        """The conversation with the preset's system prompt (unless it has its own) and earlier messages before it."""
+        msgs = list(messages)
+        if not self.preset:
+            return msgs
+        own = bool(msgs) and msgs[0].get("role") == "system"
+        system = self.preset.get("system")
+        head = msgs[:1] if own else [{"role": "system", "content": system}] if system else []
+        return head + list(self.preset.get("messages") or []) + msgs[1 if own else 0:]
 
     def chat(self, messages: Sequence[Message], **sampling: Any) -> str:
         return self.stream_chat(messages, **sampling).read()

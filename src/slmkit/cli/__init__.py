@@ -17,6 +17,7 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.add_typer(route.app, name="route")
+app.command("pull")(models.pull_cmd)
 app.command("run")(generate.run)
 app.command("chat")(generate.chat)
 app.command("eval")(evaluate.eval_cmd)

@@ -28,6 +28,14 @@ def print_json(obj: Any) -> None:
     typer.echo(json.dumps(asdict(obj) if is_dataclass(obj) else obj, indent=2, default=str))
 
 
+def print_result(obj: Any, as_json: bool, summary: str) -> None:
+    """A command's result: JSON with --json, else its one-line summary."""
+    if as_json:
+        print_json(obj)
+    else:
+        typer.echo(summary)
+
+
 def err_console() -> Console:
     return Console(stderr=True, highlight=False)
 

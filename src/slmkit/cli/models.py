@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markdown import Markdown
 from rich.table import Table
 
 from slmkit.card import human_bytes, human_count
-from slmkit.cli.common import handle_errors, out_console
+from slmkit.cli.common import JsonOpt, handle_errors, out_console, print_result
 from slmkit.config import DEFAULT_MODEL
 from slmkit.sources import integrity
 from slmkit.sources.importer import ensure_default, import_path
+from slmkit.sources.pull import create, derive_copy, pull
 from slmkit.store import Store
 
 app = typer.Typer(help="Manage the local model store (SLMKIT_HOME, default ~/.cache/slmkit).", no_args_is_help=True)
@@ -127,3 +128,92 @@ def import_cmd(
     """Import a model into the store (atomically: a failed import leaves nothing behind)."""
     card = import_path(path, name, store=Store(), overwrite=force)
     typer.echo(f"imported {card.name}: {human_count(card.parameters)} parameters, {human_bytes(card.size_bytes)}")
+
+
+def pull_report() -> tuple[Any, Any]:
+    """Ollama-shaped progress lines (sources/pull.Report) as rich bars on stderr: one per blob with bytes, the other
+    steps as notes; returns (report, close)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from slmkit.cli.common import err_console
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err_console(), transient=False)
+    tasks: dict[str, Any] = {}
+    said: set[str] = set()
+
+    def report(line: dict[str, Any]) -> None:
+        status = line.get("status", "")
+        if line.get("digest") and line.get("total"):
+            if line["digest"] not in tasks:
+                bars.start()
+                tasks[line["digest"]] = bars.add_task(status, total=line["total"])
+            bars.update(tasks[line["digest"]], completed=line.get("completed") or 0)
+        elif status not in said and status != "success":
+            said.add(status)
+            bars.console.print(status, highlight=False)
+
+    return report, bars.stop
+
+
+@handle_errors
+def pull_cmd(
+    source: Annotated[str, typer.Argument(help="A .gguf file or model folder; hf.co/ORG/REPO[:QUANT] (Hugging Face); or a name in "
+                                               "Ollama's registry, [HOST/][NAMESPACE/]NAME[:TAG] (for example smollm2:135m).")],
+    name: Annotated[str | None, typer.Option("--name", help="Name in the store (default: NAME, NAME-TAG or the repo's name, -QUANT).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model of the same name.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch a model into the store, as `ollama pull` does: resumable, hash-checked, installed atomically with its source
+    in the card. Hugging Face through huggingface_hub (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE as it reads them)."""
+    report, close = pull_report()
+    try:
+        card = pull(source, name, store=Store(), overwrite=force, report=report)
+    finally:
+        close()
+    print_result(card, as_json, f"pulled {card.name}: {human_count(card.parameters)} parameters, {human_bytes(card.size_bytes)}")
+
+
+@app.command("create")
+@handle_errors
+def create_cmd(
+    name: Annotated[str, typer.Argument(help="Name of the new model.")],
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="An Ollama Modelfile (FROM, SYSTEM, PARAMETER, MESSAGE, LICENSE).")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="The model to start from: a store model, a .gguf file or a folder.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="Its system prompt (used when a conversation has none).")] = None,
+    parameter: Annotated[list[str] | None, typer.Option("--parameter", "-p", help="A sampling default as Ollama names it, NAME=VALUE (temperature=0.2, stop=END). Repeatable.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model of the same name.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a model from another with a system prompt and sampling defaults, as `ollama create -f Modelfile` does
+    (from a store model: its files are shared, no extra disk)."""
+    from slmkit.errors import SlmkitError
+    from slmkit.sources import modelfile
+
+    spec: dict[str, Any] = modelfile.parse(file.read_text(encoding="utf-8")) if file else {"parameters": {}}
+    if from_:
+        spec["from"] = from_
+    if system:
+        spec["system"] = system
+    for item in parameter or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SlmkitError(f"--parameter {item!r} is not NAME=VALUE", "For example: --parameter temperature=0.2")
+        if key == "stop":
+            spec["parameters"].setdefault("stop", []).append(value)
+        else:
+            spec["parameters"][key] = value
+    card = create(name, spec, store=Store(), overwrite=force)
+    print_result(card, as_json, f"created {card.name} from {spec.get('from')}")
+
+
+@app.command("cp")
+@handle_errors
+def cp(
+    source: Annotated[str, typer.Argument(help="The model to copy.")],
+    destination: Annotated[str, typer.Argument(help="The new name.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a model under a new name (its files are shared: hard links, no extra disk)."""
+    card = derive_copy(source, destination, store=Store())
+    print_result(card, as_json, f"copied {source} to {card.name}")

@@ -13,15 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from slmkit.card import human_count
 from slmkit.engine.sampling import MAX_REPEAT_LAST_N
 from slmkit.serve.limits import MAX_STOP
-from slmkit.errors import Unsupported
+from slmkit.errors import ImportFailed, Unsupported
+from slmkit.sources.modelfile import IGNORED_OPTIONS, OPTIONS
+from slmkit.sources.pull import ref_name
 from slmkit.serve.tools import call_text, result_text
 
 TAG = ":latest"
-# Ollama's options -> slmkit's sampling keyword arguments
-OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "num_predict": "max_tokens",
-           "stop": "stop", "repeat_penalty": "repetition_penalty", "repeat_last_n": "repeat_last_n", "min_p": "min_p",
-           "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty"}
-IGNORED_OPTIONS = {"num_ctx", "num_thread", "num_gpu", "num_batch", "use_mmap", "use_mlock", "numa", "main_gpu", "low_vram", "num_keep"}
 
 
 class OllamaMessage(BaseModel):
@@ -114,8 +111,16 @@ def capabilities(folder: Path | None) -> list[str]:
 
 
 def model_name(name: str) -> str:
-    """Ollama clients name models NAME:TAG; slmkit's names have no tag (":latest" is dropped)."""
-    return name[: -len(TAG)] if name.endswith(TAG) else name
+    """Ollama clients name models NAME:TAG; slmkit's names have no tag (":latest" is dropped; another tag, a
+    namespace or an hf.co/ repo name the model as `slmkit pull` / /api/pull stored it: NAME-TAG, REPO-QUANT)."""
+    if name.endswith(TAG):
+        name = name[: -len(TAG)]
+    if ":" in name or "/" in name:
+        try:
+            return ref_name(name)
+        except ImportFailed:
+            return name
+    return name
 
 
 def sampling(req: _Base) -> dict[str, Any]:

@@ -35,22 +35,25 @@ def _save(
     return store.derive(name, write, overwrite=overwrite, **lineage)
 
 
-def import_gguf(path: Path, name: str, *, store: Store, overwrite: bool = False, source: dict | None = None) -> ModelCard:
+def import_gguf(path: Path, name: str, *, store: Store, overwrite: bool = False, source: dict | None = None,
+                settings: dict | None = None) -> ModelCard:
     meta = check_gguf(path)
     model, tokenizer = load_gguf(path, meta["pre_tokenizer"])
     with progress.step("Hashing the source file"):
         src = {"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path)}
     src.update(source or {})
-    settings = {"source_quantization": meta["file_type"], "dtype": "float32", "gguf_architecture": meta["architecture"],
-                "pre_tokenizer": meta["pre_tokenizer"], "general": meta["general"]}
-    return _save(store, name, model, tokenizer, overwrite=overwrite, gguf=path, stage="import", source=src, settings=settings)
+    facts = {"source_quantization": meta["file_type"], "dtype": "float32", "gguf_architecture": meta["architecture"],
+             "pre_tokenizer": meta["pre_tokenizer"], "general": meta["general"]}
+    return _save(store, name, model, tokenizer, overwrite=overwrite, gguf=path, stage="import", source=src,
+                 settings={**facts, **(settings or {})})
 
 
-def import_hf_dir(path: Path, name: str, *, store: Store, overwrite: bool = False) -> ModelCard:
+def import_hf_dir(path: Path, name: str, *, store: Store, overwrite: bool = False, source: dict | None = None,
+                  settings: dict | None = None) -> ModelCard:
     check_hf_dir(path)
     model, tokenizer = load_float(path, what=f"Loading {path.name}")
-    src = {"kind": "hf_dir", "path": str(path.resolve())}
-    return _save(store, name, model, tokenizer, overwrite=overwrite, stage="import", source=src)
+    src = {"kind": "hf_dir", "path": str(path.resolve()), **(source or {})}
+    return _save(store, name, model, tokenizer, overwrite=overwrite, stage="import", source=src, settings=settings)
 
 
 def import_path(path: str | Path, name: str | None = None, *, store: Store | None = None, overwrite: bool = False) -> ModelCard:
