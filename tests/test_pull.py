@@ -11,6 +11,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from slmkit.errors import ImportFailed, SlmkitError, Unsupported
@@ -278,3 +279,68 @@ def test_cli_create_cp_and_a_local_pull(store, tiny_dir, tmp_path):
     r = runner.invoke(app, ["pull", str(tiny_dir), "--name", "local-copy"])
     assert r.exit_code == 0 and store.exists("local-copy")
     assert store_name(str(tiny_dir)) == "tiny-llama"
+
+
+def test_ollama_clients_pull_create_copy_and_delete_through_the_server(store, fake, gguf_bytes, tmp_path):
+    import ollama
+
+    from test_serve import Running
+
+    fake.add_ollama("tiny", "v1", gguf_bytes, {"system": b"You are terse."})
+    host = fake.url.split("//")[1]
+    closed = Running(["tiny"], max_tokens_limit=8)
+    try:
+        c = ollama.Client(host=closed.url)
+        for call in (lambda: c.pull(f"{host}/library/tiny:v1", insecure=True), lambda: c.delete("tiny"),
+                     lambda: c.copy("tiny", "t2"), lambda: c.create("t3", from_="tiny", system="x")):
+            with pytest.raises(ollama.ResponseError) as e:
+                call()
+            assert e.value.status_code == 403 and "--allow-model-changes" in e.value.error
+        assert store.names() == ["smollm2-135m-instruct", "tiny"]
+    finally:
+        closed.stop()
+    s = Running(["tiny"], max_tokens_limit=8, allow_model_changes=True)
+    try:
+        c = ollama.Client(host=s.url)
+        ref = f"{host}/library/tiny:v1"
+        lines = list(c.pull(ref, insecure=True, stream=True))
+        assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
+        assert any(x.completed == len(gguf_bytes) for x in lines)
+        assert "tiny-v1:latest" in [m.model for m in c.list().models]
+        msgs = [{"role": "user", "content": "hi"}]
+        assert c.chat(model=ref, messages=msgs, options={"num_predict": 3}).done  # the name as pulled
+        assert "SYSTEM \"\"\"You are terse.\"\"\"" in c.show(ref).modelfile
+        # a GGUF uploaded as a blob, then created
+        path = tmp_path / "up.gguf"
+        path.write_bytes(gguf_bytes)
+        d = c.create_blob(path)
+        assert c.create("uploaded", files={"up.gguf": d}).status == "success"
+        assert store.card("uploaded").source["sha256"] == hashlib.sha256(gguf_bytes).hexdigest()
+        # a Hugging Face folder's files, uploaded one by one
+        folder = store.path("tiny")
+        files = {p.name: c.create_blob(p) for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja") and p.name != "card.json"}
+        assert c.create("from-files", files=files).status == "success"
+        assert c.chat(model="from-files", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 3}).done
+        # from a served model, with a system prompt and parameters
+        assert c.create("terse", from_="tiny", system="Be terse.", parameters={"temperature": 0, "stop": ["\n"]}).status == "success"
+        shown = c.show("terse")
+        assert "Be terse." in shown.modelfile and "PARAMETER temperature 0" in shown.modelfile and shown.details.parent_model == "tiny"
+        c.copy("terse", "terse2")
+        assert store.card("terse2").settings["preset"]["system"] == "Be terse."
+        assert c.chat(model="terse2", messages=msgs, options={"num_predict": 3}).done
+        c.delete("terse2")
+        assert "terse2:latest" not in [m.model for m in c.list().models] and not store.exists("terse2")
+        for call, code, why in [(lambda: c.delete("terse2"), 404, "no model"),
+                                (lambda: c.create("x", from_="tiny", template="{{ .Prompt }}"), 400, "Go template"),
+                                (lambda: c.create("x", from_="tiny", quantize="q4_K_M"), 400, "slmkit quantize"),
+                                (lambda: c.create("x", files={"a.gguf": "sha256:" + "0" * 64}), 400, "not uploaded"),
+                                (lambda: c.create("x", from_="nothere"), 404, "not found"),
+                                (lambda: c.pull(f"{host}/library/nothere:v9", insecure=True), 400, "was not found")]:
+            with pytest.raises(ollama.ResponseError) as e:
+                call()
+            assert e.value.status_code == code and why in e.value.error, e.value.error
+        r = httpx.post(f"{s.url}/api/blobs/sha256:{'1' * 64}", content=b"other bytes")
+        assert r.status_code == 400 and "SHA-256" in r.json()["error"]
+        assert not store.exists("x")
+    finally:
+        s.stop()

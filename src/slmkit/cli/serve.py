@@ -42,6 +42,7 @@ def serve(
     cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Let browser pages from this origin call the API (for example http://localhost:3000, or * for any). Repeatable.")] = None,
     docs: Annotated[bool, typer.Option("--docs", help="Serve the API's description at /docs and /openapi.json (off: it tells anyone what the server takes).")] = False,
     open_metrics: Annotated[bool, typer.Option("--open-metrics", help="Serve /metrics without the API key (with --api-key it needs the key).")] = False,
+    allow_model_changes: Annotated[bool, typer.Option("--allow-model-changes", help="Let Ollama's clients pull, create, copy and delete models in the store (/api/pull, /api/create, /api/copy, /api/delete; allowed anyway with --api-key).")] = False,
     decision_log: Annotated[Path | None, typer.Option("--decision-log", help="Routers' decisions as JSON lines. [default: SLMKIT_HOME/logs/route-decisions.jsonl]")] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a chat page at /."""
@@ -66,7 +67,7 @@ def serve(
                              small_only=small_only, large_key=large_key, max_queue_per_client=max_queue_per_client,
                              decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl")
     app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout,
-                     cors_origins=list(cors_origin or []), docs=docs, open_metrics=open_metrics)
+                     cors_origins=list(cors_origin or []), docs=docs, open_metrics=open_metrics, allow_model_changes=allow_model_changes)
     where = f"http://{host}:{port}"
     engines = ", ".join(f"{n} ({registry.backends[n]})" if n in registry.backends else
                         f"{n} (router: {registry.routers[n]['small']} -> {registry.routers[n]['large'].get('store') or registry.routers[n]['large'].get('url')})"

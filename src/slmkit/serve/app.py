@@ -28,7 +28,8 @@ from slmkit.serve.limits import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import ModelRegistry
 from slmkit.serve.responses_routes import chat_handler, responses_routes
-from slmkit.serve.ollama_routes import ollama_routes
+from slmkit.serve.ollama_manage import manage_routes
+from slmkit.serve.ollama_routes import ollama_error, ollama_routes
 from slmkit.serve.routes import Server, openai_routes
 
 WEB = Path(__file__).parent / "web"
@@ -82,6 +83,9 @@ class Boundary:
                 await self._refuse(send, path, 401, "missing or wrong API key: send Authorization: Bearer KEY",
                                    code="invalid_api_key", type_="authentication_error")
                 return
+        if path.startswith("/api/blobs/"):  # uploads stream to their handler, which checks the digest (no size limit)
+            await self.app(scope, receive, send)
+            return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send, path, 413, f"the request body is over this server's limit of {self.max_bytes} bytes",
@@ -131,9 +135,10 @@ class Boundary:
 
 def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
                shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES, cors_origins: list[str] | None = None,
-               docs: bool = False, open_metrics: bool = False) -> FastAPI:
+               docs: bool = False, open_metrics: bool = False, allow_model_changes: bool = False) -> FastAPI:
     """The server. `docs` serves /docs and /openapi.json (off by default: they describe the API to anyone who asks);
-    `open_metrics` serves /metrics without the API key when there is one."""
+    `open_metrics` serves /metrics without the API key when there is one; Ollama's pull, create, copy and delete
+    change the store only with `allow_model_changes` or an API key."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -178,9 +183,10 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
 
     app.mount("/vendor", StaticFiles(directory=WEB / "vendor"), name="vendor")  # the page's Markdown libraries
 
-    server = Server(registry, metrics, max_tokens_limit)
+    server = Server(registry, metrics, max_tokens_limit, allow_changes=allow_model_changes or api_key is not None)
     openai = openai_routes(server)
     app.include_router(openai)
     app.include_router(responses_routes(server, chat_handler(openai)))  # OpenAI's Responses API over the chat route
     app.include_router(ollama_routes(server))  # Ollama's native API beside it
+    app.include_router(manage_routes(server, ollama_error))  # and its model management
     return app

@@ -14,10 +14,16 @@ class HTTPError(Exception):
         self.status, self.body, self.headers = status, body, headers or {}
 
 
+class Refused(SlmkitError):
+    """Something this server was not started to do (403): changing its store without --allow-model-changes."""
+
+
 def to_http(exc: BaseException) -> HTTPError:
-    """The HTTP error for any failure: 404 unknown model, 429 queue full, 400 bad input, 500 anything else."""
+    """The HTTP error for any failure: 404 unknown model, 429 queue full, 403 refused, 400 bad input, 500 anything else."""
     if isinstance(exc, HTTPError):
         return exc
+    if isinstance(exc, Refused):
+        return HTTPError(403, oa.error_body(f"{exc.message}. {exc.hint}", type_="permission_error", code="forbidden"))
     if isinstance(exc, ModelNotFound):
         return HTTPError(404, oa.error_body(f"{exc.message}. {exc.hint}", code="model_not_found", param="model"))
     if isinstance(exc, QueueFull):

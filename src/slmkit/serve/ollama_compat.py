@@ -93,6 +93,47 @@ class ShowRequest(BaseModel):
     name: str | None = None  # older clients
 
 
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None  # older clients
+    insecure: bool = False
+    stream: bool = True
+
+
+class CopyRequest(BaseModel):
+    source: str
+    destination: str
+
+
+class CreateRequest(BaseModel):
+    """Today's client sends structured fields (files and adapters uploaded first as blobs); older ones a Modelfile."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model: str | None = None
+    name: str | None = None  # older clients
+    from_: str | None = Field(default=None, alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    license: str | list[str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    quantize: str | None = None
+    modelfile: str | None = None
+    stream: bool = True
+
+
+def pull_source(model: str, insecure: bool) -> str:
+    """What /api/pull fetches: the name as given; `insecure` lets a registry on an explicit host speak plain HTTP."""
+    first = model.split("/", 1)[0]
+    explicit_host = "/" in model and ("." in first or ":" in first or first == "localhost")
+    return f"http://{model}" if insecure and explicit_host and "://" not in model else model
+
+
 def unloads(keep_alive: Any) -> bool:
     """Whether a keep_alive asks to free the model now: 0, or a duration of zero ("0", "0s", "0m")."""
     if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):

@@ -17,6 +17,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from slmkit.serve import ollama_compat as ol
+from slmkit.sources import modelfile
+from slmkit.sources.modelfile import PRESET_KEY
 from slmkit.serve import tools as tl
 from slmkit.serve.errors import to_http
 from slmkit.serve.registry import BadRequest
@@ -60,7 +62,11 @@ def ollama_routes(server: Server) -> APIRouter:
         card = card_of(name)
         info = {"general.architecture": card.model_type, "general.parameter_count": card.parameters,
                 f"{card.model_type}.context_length": card.context_length} if card else {}
-        return {"license": "", "modelfile": f"FROM {name}\n", "parameters": "", "template": "", "details": ol.details(card, registry.backends.get(name)),
+        preset = (card.settings.get(PRESET_KEY) or {}) if card else {}
+        made = modelfile.to_text(name, preset)  # the Modelfile that makes it again
+        return {"license": preset.get("license", ""), "modelfile": made, "system": preset.get("system", ""),
+                "parameters": "\n".join(x.removeprefix("PARAMETER ") for x in made.splitlines() if x.startswith("PARAMETER ")),
+                "template": "", "details": ol.details(card, registry.backends.get(name)),
                 "model_info": info, "capabilities": ol.capabilities(registry.store.path(name) if card else None),
                 "modified_at": (card.created if card else "") or ol.now()}
 

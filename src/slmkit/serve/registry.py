@@ -29,6 +29,7 @@ from slmkit.route.cache import ResponseCache
 from slmkit.route.targets import Endpoint, Local
 from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
 from slmkit.serve.metrics import Metrics
+from slmkit.sources.adapters import is_adapter
 from slmkit.sources.forms import is_router, read_router
 from slmkit.store import Store
 
@@ -63,6 +64,7 @@ class ModelRegistry:
             for arm in split.arms:
                 if arm not in names:
                     raise SlmkitError(f"A/B split {split.name!r}: arm {arm!r} is not served", f"Serve it too: slmkit serve {' '.join(names)} {arm} ...")
+        self.backend_choice = backend
         self.backends = {m: pick_backend(self.store.require(m), backend) for m in dict.fromkeys(models)}
         self.groups = self._adapter_groups(list(self.backends))  # served name -> (base, adapter names in id order)
         self._shared: dict[str, BatchedBackend] = {}  # base name -> the scheduler its group shares
@@ -176,6 +178,41 @@ class ModelRegistry:
             self._served.pop(name, None)
         model.backend.scheduler.stop(timeout)
         return True
+
+    def add(self, name: str) -> None:
+        """Serve one more store model (made while the server runs: Ollama's pull, create, copy)."""
+        folder = self.store.require(name)
+        if is_router(folder):
+            raise BadRequest(f"{name} is a router: routers are served from the server's start", f"Restart the server with {name}.")
+        with self._lock:
+            self.backends[name] = pick_backend(folder, self.backend_choice)
+            if name not in self.names:
+                self.names.append(name)
+
+    def in_use(self, name: str) -> str | None:
+        """Why `name` cannot be taken out of service while the server runs (it is a router, part of one, an A/B arm,
+        in a shared adapter group, or the base of an adapter served), or None."""
+        in_router = {m for r in self.routers.values() for m in (r["small"], r["large"].get("store"))}
+        arms = {a for s in self.splits.values() for a in s.arms}
+        served_bases = {self.store.card(n).parent for n in self.backends if n != name and is_adapter(self.store.path(n))}
+        for why, group in (("a router", self.routers), ("a router's model", in_router), ("an A/B split's arm", arms),
+                           ("in a group of adapters sharing a base", self.groups), ("the base of an adapter served", served_bases)):
+            if name in group:
+                return why
+        return None
+
+    def drop(self, name: str, timeout: float = 60.0) -> None:
+        """Stop serving `name` (Ollama's delete): its running requests finish (for up to `timeout` s)."""
+        with self._lock:
+            if (why := self.in_use(name)) is not None:
+                raise BadRequest(f"{name} is {why} on this server", "Stop the server to remove it (slmkit models rm).")
+            model = self._models.pop(name, None)
+            self._served.pop(name, None)
+            self.backends.pop(name, None)
+            if name in self.names:
+                self.names.remove(name)
+        if model is not None:
+            model.backend.scheduler.stop(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         for sched in {id(m.backend.scheduler): m.backend.scheduler for m in self._models.values()}.values():

@@ -56,6 +56,7 @@ class Server:
     registry: ModelRegistry
     metrics: Metrics
     max_tokens_limit: int
+    allow_changes: bool = False  # Ollama's pull, create, copy, delete (serve/ollama_manage.py)
     started: int = field(default_factory=lambda: int(time.time()))  # `created` of the served models
 
 

@@ -25,7 +25,7 @@ from slmkit.errors import ImportFailed, SlmkitError
 from slmkit.sources import hf_hub, modelfile, ollama_registry
 from slmkit.sources.forms import is_router
 from slmkit.sources.importer import import_gguf, import_hf_dir, import_path
-from slmkit.store import Store, name_from_path, validate_name
+from slmkit.store import NAME_RE, Store, name_from_path, validate_name
 
 Report = Callable[[dict[str, Any]], None]  # progress lines in Ollama's shape: {"status", "digest", "total", "completed"}
 
@@ -54,15 +54,16 @@ def ref_name(ref: str) -> str:
 
 
 def pull(source: str, name: str | None = None, *, store: Store | None = None, overwrite: bool = False,
-         report: Report = lambda _: None) -> ModelCard:
-    """Fetch SOURCE (see the module's note) and install it as `name` (default: store_name(SOURCE))."""
+         report: Report = lambda _: None, local: bool = True) -> ModelCard:
+    """Fetch SOURCE (see the module's note) and install it as `name` (default: store_name(SOURCE)). `local` False
+    (a server's pull) reads registries only, never a path on this machine."""
     store = store or Store()
-    name = validate_name(name) if name is not None else store_name(source)
+    name = validate_name(name) if name is not None else store_name(source) if local else ref_name(source)
     store.check_free(name, overwrite=overwrite)
-    local = Path(source).expanduser()
-    if local.exists():
-        report({"status": f"importing {local}"})
-        card = import_path(local, name, store=store, overwrite=overwrite)
+    path = Path(source).expanduser()
+    if local and path.exists():
+        report({"status": f"importing {path}"})
+        card = import_path(path, name, store=store, overwrite=overwrite)
     elif hf_hub.is_hf(source):
         ref = hf_hub.parse_ref(source)
         path, src = hf_hub.fetch(ref, report)
@@ -139,7 +140,7 @@ def create(name: str, spec: dict[str, Any], *, store: Store | None = None, overw
     base = str(spec.get("from") or "")
     store.check_free(name, overwrite=overwrite)
     path = Path(base).expanduser()
-    if base and not store.exists(base) and path.exists():  # a file or folder: imported with the preset
+    if base and not (NAME_RE.match(base) and store.exists(base)) and path.exists():  # a file or folder: imported with the preset
         kw = {"store": store, "overwrite": overwrite, "settings": {modelfile.PRESET_KEY: preset} if preset else None}
         return import_hf_dir(path, name, **kw) if path.is_dir() else import_gguf(path, name, **kw)
     if not base:
