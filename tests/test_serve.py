@@ -415,6 +415,17 @@ def test_ollama_native_api_with_the_official_client(store):
         with pytest.raises(ollama.ResponseError) as e:
             c.generate(model="nope", prompt="", keep_alive=0)
         assert e.value.status_code == 404
+        # a timed keep_alive: loaded until then (ps says when), freed once idle after it
+        t0 = time.time()
+        c.chat(model="tiny", messages=msgs, options=opts, keep_alive="1500ms")
+        until = c.ps().models[0].expires_at.timestamp()
+        assert t0 + 1 < until < time.time() + 2
+        assert wait_until(lambda: c.ps().models == [], timeout=6)
+        c.embed(model="tiny", input="a", keep_alive=-1)  # loaded for good again
+        assert c.ps().models[0].expires_at.year == 9999
+        with pytest.raises(ollama.ResponseError) as e:
+            c.generate(model="tiny", prompt="hi", keep_alive="soon")
+        assert e.value.status_code == 400 and "not a duration" in e.value.error
     finally:
         s.stop()
 

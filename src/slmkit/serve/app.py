@@ -33,6 +33,7 @@ from slmkit.serve.ollama_routes import ollama_error, ollama_routes
 from slmkit.serve.routes import Server, openai_routes
 
 WEB = Path(__file__).parent / "web"
+KEEP_ALIVE_CHECK_S = 1.0  # how often models past their keep_alive are looked for
 
 
 def lone_surrogate(value: Any, path: str = "") -> str | None:
@@ -139,9 +140,18 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     """The server. `docs` serves /docs and /openapi.json (off by default: they describe the API to anyone who asks);
     `open_metrics` serves /metrics without the API key when there is one; Ollama's pull, create, copy and delete
     change the store only with `allow_model_changes` or an API key."""
+    async def reap() -> None:  # models whose keep_alive has passed are freed once idle (Ollama's timed unload)
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_CHECK_S)
+            for name in registry.expired():
+                if not await asyncio.to_thread(registry.unload, name):
+                    registry.expires.pop(name, None)  # it cannot be freed alone (a router's, a shared base)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(reap())
         yield
+        reaper.cancel()
         await asyncio.to_thread(registry.stop, shutdown_timeout)  # finish running requests, then cancel
 
     hidden: dict[str, Any] = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}

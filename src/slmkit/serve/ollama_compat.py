@@ -4,6 +4,8 @@ to slmkit's sampling settings and back (no I/O, no models). Durations are nanose
 from __future__ import annotations
 
 import json
+import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,7 @@ class GenerateRequest(_Base):
 class EmbedRequest(BaseModel):
     model: str
     input: str | list[str]
+    keep_alive: Any = None
 
 
 
@@ -134,11 +137,31 @@ def pull_source(model: str, insecure: bool) -> str:
     return f"http://{model}" if insecure and explicit_host and "://" not in model else model
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(keep_alive: Any) -> float | None:
+    """Ollama's keep_alive as seconds: a number of seconds or a Go duration ("5m", "1h30m", "0"); negative keeps
+    the model loaded for good (inf); None when none is given; what is not a duration is a 400."""
+    if keep_alive is None:
+        return None
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return math.inf if keep_alive < 0 else float(keep_alive)
+    text = keep_alive.strip() if isinstance(keep_alive, str) else None
+    if text is not None:
+        sign, body = (-1, text[1:]) if text.startswith("-") else (1, text)
+        if body and body.replace(".", "", 1).isdigit():
+            return math.inf if sign < 0 else float(body)
+        parts = _DURATION.findall(body)
+        if parts and "".join(n + u for n, u in parts) == body:
+            return math.inf if sign < 0 else sum(float(n) * _UNIT_S[u] for n, u in parts)
+    raise Unsupported(f"keep_alive {keep_alive!r} is not a duration", 'Give seconds (300), a duration ("5m", "1h30m"), 0 or -1.')
+
+
 def unloads(keep_alive: Any) -> bool:
     """Whether a keep_alive asks to free the model now: 0, or a duration of zero ("0", "0s", "0m")."""
-    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
-        return keep_alive == 0
-    return isinstance(keep_alive, str) and keep_alive.strip().rstrip("smh") in ("0", "0.0")
+    return keep_alive_seconds(keep_alive) == 0
 
 
 def capabilities(folder: Path | None) -> list[str]:
@@ -216,6 +239,13 @@ def tool_call(call: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI-shaped tool call (serve/tools.py's parse_call) in Ollama's shape: the arguments as an object."""
     fn = call["function"]
     return {"function": {"name": fn["name"], "arguments": json.loads(fn["arguments"])}}
+
+
+def iso_time(t: float | None) -> str:
+    """A wall-clock time as Ollama writes it (RFC 3339, UTC); None: far in the future (a model that stays loaded)."""
+    if t is None:
+        return "9999-12-31T23:59:59Z"
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def now() -> str:

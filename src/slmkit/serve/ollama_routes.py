@@ -1,7 +1,8 @@
 """Ollama's native API beside the OpenAI one, so clients that speak it (Open WebUI's Ollama connection, Continue's
 ollama provider, the `ollama` Python and JS packages, editor plugins) connect unmodified: /api/tags, /api/ps,
 /api/show, /api/version, /api/chat, /api/generate, /api/embed and the older /api/embeddings, streamed as JSON lines as Ollama does; an empty
-prompt (or no messages) loads a model, and with keep_alive 0 frees it, as Ollama's clients ask.
+prompt (or no messages) loads a model, and with keep_alive 0 frees it, as Ollama's clients ask; a timed keep_alive
+frees it once idle after that time.
 
 The same models, schedulers, metrics and limits as the OpenAI routes; conversions live in ollama_compat.py."""
 
@@ -51,8 +52,9 @@ def ollama_routes(server: Server) -> APIRouter:
 
     @router.get("/api/ps")
     async def ps() -> dict[str, Any]:
-        # loaded models stay until the server stops: no expiry
-        return {"models": [{**ol.tag_entry(n, card_of(n), registry.backends.get(n)), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0} for n in registry.loaded()]}
+        # loaded models stay until the server stops, unless a request's keep_alive set a time
+        return {"models": [{**ol.tag_entry(n, card_of(n), registry.backends.get(n)), "expires_at": ol.iso_time(registry.expires_at(n)),
+                            "size_vram": 0} for n in registry.loaded()]}
 
     @router.post("/api/show")
     async def show(body: ol.ShowRequest) -> Any:
@@ -80,6 +82,8 @@ def ollama_routes(server: Server) -> APIRouter:
                 await asyncio.to_thread(registry.get, name)  # loads it (or answers that no such model is served)
             if unload:
                 await asyncio.to_thread(registry.unload, name)
+            else:
+                registry.keep(name, ol.keep_alive_seconds(body.keep_alive))
         except Exception as exc:
             return ollama_error(exc)
         return {"model": name + ol.TAG, "created_at": ol.now(), **piece, "done": True, "done_reason": "unload" if unload else "load"}
@@ -94,7 +98,9 @@ def ollama_routes(server: Server) -> APIRouter:
             if kw.get("max_tokens", 0) > server.max_tokens_limit:
                 raise BadRequest(f"num_predict {kw['max_tokens']} is over this server's limit of {server.max_tokens_limit}", "Ask for fewer tokens.")
             kw.setdefault("max_tokens", server.max_tokens_limit)
+            keep = ol.keep_alive_seconds(body.keep_alive)
             model = await asyncio.to_thread(registry.get, name)
+            registry.keep(name, keep)
             loop = asyncio.get_running_loop()
             choice = await asyncio.to_thread(lambda: Choice(0, make(model, kw), loop))
             first = (await first_items([choice]))[0]
@@ -187,7 +193,9 @@ def ollama_routes(server: Server) -> APIRouter:
         texts = [body.input] if isinstance(body.input, str) else body.input
         t0 = time.perf_counter()
         try:
+            keep = ol.keep_alive_seconds(body.keep_alive)
             model = await asyncio.to_thread(registry.get, name)
+            registry.keep(name, keep)
             vectors, tokens = await embed_checked(model, name, texts)
         except Exception as exc:
             return ollama_error(exc)

@@ -14,7 +14,9 @@ several times faster than PyTorch on a CPU, and batched it still leads). Models 
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,7 @@ class ModelRegistry:
         self._models: dict[str, Model] = {}
         self._served: dict[str, Any] = {}
         self._lock = threading.RLock()
+        self.expires: dict[str, float] = {}  # name -> time.monotonic() after which an idle model is freed (keep_alive)
 
     def get(self, name: str | None, user: str | None = None) -> Any:
         """What serves `name`: a Model, a routed model or a cached one (all generate alike). For an A/B split,
@@ -176,8 +179,30 @@ class ModelRegistry:
                 return False
             model = self._models.pop(name)
             self._served.pop(name, None)
+            self.expires.pop(name, None)
         model.backend.scheduler.stop(timeout)
         return True
+
+    def keep(self, name: str, seconds: float | None) -> None:
+        """Ollama's keep_alive: free `name` once idle `seconds` from now (inf: never; None: leave as it is)."""
+        if seconds is None:
+            return
+        if math.isinf(seconds):
+            self.expires.pop(name, None)
+        else:
+            self.expires[name] = time.monotonic() + seconds
+
+    def expired(self) -> list[str]:
+        """Loaded models whose keep_alive has passed and that have nothing running or waiting."""
+        now = time.monotonic()
+        with self._lock:
+            return [n for n, t in self.expires.items() if t <= now and n in self._models
+                    and self._models[n].backend.scheduler.queue_depth == 0 and self._models[n].backend.scheduler.batch_size == 0]
+
+    def expires_at(self, name: str) -> float | None:
+        """The wall-clock time `name` is freed at (for /api/ps), or None when it stays loaded."""
+        t = self.expires.get(name)
+        return None if t is None else time.time() + (t - time.monotonic())
 
     def add(self, name: str) -> None:
         """Serve one more store model (made while the server runs: Ollama's pull, create, copy)."""
