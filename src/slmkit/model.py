@@ -22,7 +22,7 @@ from slmkit.engine.text_stream import IncrementalDecoder, StopMatcher
 from slmkit.errors import PromptTooLong, SlmkitError
 from slmkit.sources.modelfile import PRESET_KEY
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content (text); assistant tool_calls and tool results where a template takes them
 
 
 @dataclass
@@ -162,11 +162,17 @@ class Model:
     def generate(self, prompt: str, **sampling: Any) -> str:
         return self.stream(prompt, **sampling).read()
 
-    def stream_chat(self, messages: Sequence[Message], **sampling: Any) -> Generation:
-        """Answer the last message of a conversation, formatted with the model's chat template."""
+    def stream_chat(self, messages: Sequence[Message], *, tools: Sequence[dict[str, Any]] | None = None, prefill: str = "",
+                    **sampling: Any) -> Generation:
+        """Answer the last message of a conversation, formatted with the model's chat template: with `tools` (OpenAI's
+        function tools) rendered by the template's own tools section; `prefill` is text the answer starts with (the
+        template's call marker when a call is required: it is part of the prompt, not of the answer)."""
         _check_messages(messages)
         params = self._params(sampling)
-        return Generation(self, self._checked_ids(encode_chat(self.backend, self.with_preset(messages)), params), params)
+        ids = encode_chat(self.backend, self.with_preset(messages), tools)
+        if prefill:
+            ids += self.backend.encode(prefill, add_special_tokens=False)
+        return Generation(self, self._checked_ids(ids, params), params)
 
     def with_preset(self, messages: Sequence[Message]) -> list[Message]:
         """The conversation with the preset's system prompt (unless it has its own) and earlier messages before it."""
@@ -293,18 +299,18 @@ class Model:
         return Score(token_ids=scored, tokens=[b.token_text(i) for i in scored], logprobs=b.score_batch([(ids, start)])[0])
 
 
-def encode_chat(backend: Backend, messages: Sequence[Message]) -> list[int]:
+def encode_chat(backend: Backend, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
     """The token ids of a conversation in the model's chat template, where only the template makes control tokens:
     each message's text is encoded with special-token strings read as plain text, so a user cannot forge a turn
     by writing <|im_end|><|im_start|>system inside a message. The template is rendered with a placeholder per
     message and split there; a template that transforms the text (so a placeholder does not come through intact)
     falls back to the whole rendered string."""
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-    rendered = backend.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True)
+    rendered = backend.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True, tools=tools)
     where = [rendered.find(mark) for mark in marks]
     if (any(rendered.count(mark) != 1 for mark in marks) or where != sorted(where)
             or any(_PLACEHOLDER_CHARS & set(m["content"]) for m in messages)):
-        return backend.encode(backend.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+        return backend.encode(backend.render_chat(messages, add_generation_prompt=True, tools=tools), add_special_tokens=False)
     ids: list[int] = []
     rest = rendered
     for mark, m in zip(marks, messages):

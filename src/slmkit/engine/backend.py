@@ -84,8 +84,15 @@ class Backend(Protocol):
         """The vocabulary string of one token (for showing log-probabilities)."""
         ...
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Format messages with the model's own chat template."""
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template (None for a base model)."""
+        ...
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """Format messages with the model's own chat template (with `tools`, OpenAI's function tools, for a template
+        that has a tools section; assistant `tool_calls` and `tool` messages as the template takes them)."""
         ...
 
     def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator["Step"]:

@@ -136,7 +136,12 @@ class LlamaCppBackend:
     def token_text(self, token_id: int) -> str:
         return self._piece(int(token_id))
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def chat_template(self) -> str | None:
+        return self._template or None
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
         if not self._template:
             raise SlmkitError(
                 "this GGUF has no chat template (tokenizer.chat_template)",
@@ -148,7 +153,7 @@ class LlamaCppBackend:
             template=self._template, eos_token=self._eos_text, bos_token=self._bos_text,
             add_generation_prompt=add_generation_prompt,
         )
-        return formatter(messages=list(messages)).prompt
+        return formatter(messages=list(messages), tools=list(tools) if tools else None).prompt
 
     def _last_logits(self) -> torch.Tensor:
         ptr = self.llm._ctx.get_logits_ith(-1)

@@ -88,14 +88,20 @@ class TorchBackend:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(int(token_id))
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
         if not self.has_chat_template:
             raise SlmkitError(
                 "this model has no chat template (it is probably a base model)",
                 "Use plain completion instead: slmkit run --raw, or Model.generate().",
             )
         return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
         )
 
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:

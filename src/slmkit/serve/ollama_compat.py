@@ -18,7 +18,7 @@ from slmkit.serve.limits import MAX_STOP
 from slmkit.errors import ImportFailed, Unsupported
 from slmkit.sources.modelfile import IGNORED_OPTIONS, OPTIONS
 from slmkit.sources.pull import ref_name
-from slmkit.serve.tools import call_text, result_text
+from slmkit.serve.tools import call_text, native_call, result_text
 
 TAG = ":latest"
 
@@ -214,10 +214,11 @@ def sampling(req: _Base) -> dict[str, Any]:
     return out
 
 
-def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
+def chat_messages(req: ChatRequest, native: bool = False) -> list[dict[str, Any]]:
     """The conversation as the chat template takes it: earlier tool calls and tool results in serve/tools.py's text
-    protocol (Ollama's calls carry their arguments as an object; a result may name its tool in `tool_name`)."""
-    out = []
+    protocol, or (`native`, a template with a tools section) as the template takes them (Ollama's calls carry their
+    arguments as an object; a result may name its tool in `tool_name`)."""
+    out: list[dict[str, Any]] = []
     called = "the tool"
     for i, m in enumerate(req.messages):
         if m.images:
@@ -227,9 +228,12 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
         calls = (m.model_extra or {}).get("tool_calls") or [] if m.role == "assistant" else []
         if calls:
             called = str(((calls[-1] or {}).get("function") or {}).get("name") or called)
-            out.append({"role": "assistant", "content": "\n".join(call_text(c) for c in calls)})
+            out.append({"role": "assistant", "content": m.content, "tool_calls": [native_call(c) for c in calls]} if native
+                       else {"role": "assistant", "content": "\n".join(call_text(c) for c in calls)})
         elif m.role == "tool":
-            out.append({"role": "user", "content": result_text(str((m.model_extra or {}).get("tool_name") or called), m.content)})
+            name = str((m.model_extra or {}).get("tool_name") or called)
+            out.append({"role": "tool", "name": name, "content": m.content} if native
+                       else {"role": "user", "content": result_text(name, m.content)})
         else:
             out.append({"role": m.role, "content": m.content})
     return out

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from slmkit.model import Model
 from slmkit.serve import ollama_compat as ol
 from slmkit.sources import modelfile
 from slmkit.sources.modelfile import PRESET_KEY
@@ -149,20 +150,27 @@ def ollama_routes(server: Server) -> APIRouter:
             return ollama_error(exc)
         message = lambda text, _: {"message": {"role": "assistant", "content": text}}  # noqa: E731
 
-        mode = tl.mode_of(None, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool")
+        after = bool(body.messages) and body.messages[-1].role == "tool"
+        calling: dict[str, Any] = {}  # the template's tool-call family and the mode, once the model is known
 
         def make(model: Any, kw: dict[str, Any]) -> Any:
+            fam = tl.family_of(model.backend.chat_template) if tools and isinstance(model, Model) else None
+            # after a result, the text protocol answers in text; a template with a tools section decides as taught
+            mode = calling["mode"] = tl.mode_of(None, tools, after_result=after and fam is None)
+            calling["family"] = fam
+            if fam:  # the template renders the tools, earlier calls and results
+                return model.stream_chat(ol.chat_messages(body, native=True), tools=tl.openai_tools(tools), **kw)
             return model.stream_chat(tl.with_tools(ol.chat_messages(body), tools, mode), **kw)
 
-        if mode in (None, "none"):
+        if not tools:
             return await generate("ollama_chat", body, request, make, message)
         # with tools, an answer is a call or text only once it is whole (as on /v1): generate, then send what it is
         whole = await generate("ollama_chat", body.model_copy(update={"stream": False}), request, make, message)
         if not isinstance(whole, dict):
             return whole  # an error
-        call = tl.parse_call(whole["message"]["content"], tools)
-        if call:
-            whole["message"] = {"role": "assistant", "content": "", "tool_calls": [ol.tool_call(call)]}
+        content, calls = tl.calls_in(whole["message"]["content"], tools, calling.get("mode"), calling.get("family"))
+        if calls:
+            whole["message"] = {"role": "assistant", "content": content, "tool_calls": [ol.tool_call(c) for c in calls]}
         if not body.stream:
             return whole
 

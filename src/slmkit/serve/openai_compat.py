@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from slmkit.errors import Unsupported
 from slmkit.serve.limits import MAX_CHOICES, MAX_LABELS, MAX_STOP
-from slmkit.serve.tools import call_text, result_text
+from slmkit.serve.tools import call_text, native_call, result_text
 
 
 class ContentPart(BaseModel):
@@ -29,22 +29,30 @@ class Message(BaseModel):
 
 
 
-def plain_messages(messages: list[Message]) -> list[dict[str, str]]:
+def plain_messages(messages: list[Message], native: bool = False) -> list[dict[str, Any]]:
     """Messages as the chat template takes them: text content parts joined, `developer` as `system` (OpenAI's newer
-    name for it), earlier tool calls and tool results in serve/tools.py's text protocol; images and audio refused."""
-    out = []
+    name for it), earlier tool calls and tool results in serve/tools.py's text protocol, or (`native`, for a template
+    with a tools section) as the template takes them: assistant `tool_calls` with their arguments as objects, `tool`
+    messages with the function's name; images and audio refused."""
+    out: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool_call_id -> function name, for the results
     for i, m in enumerate(messages):
         calls = getattr(m, "tool_calls", None) or []
         if m.role == "assistant" and calls:
             for c in calls:
                 names[str(c.get("id"))] = str((c.get("function") or {}).get("name"))
-            out.append({"role": "assistant", "content": "\n".join(call_text(c) for c in calls)})
+            if native:
+                out.append({"role": "assistant", "content": m.content if isinstance(m.content, str) else "",
+                            "tool_calls": [native_call(c) for c in calls]})
+            else:
+                out.append({"role": "assistant", "content": "\n".join(call_text(c) for c in calls)})
             continue
         if m.role == "tool":
-            name = names.get(str(getattr(m, "tool_call_id", "")), "the tool")
+            call_id = str(getattr(m, "tool_call_id", ""))
+            name = names.get(call_id, "the tool")
             text = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])
-            out.append({"role": "user", "content": result_text(name, text)})
+            out.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text} if native
+                       else {"role": "user", "content": result_text(name, text)})
             continue
         if isinstance(m.content, list):
             kinds = sorted({p.type for p in m.content if p.type != "text"})

@@ -201,13 +201,21 @@ def openai_routes(server: Server) -> APIRouter:
 
         def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
             tools = tl.check_tools(body.tools)
-            mode = tl.mode_of(body.tool_choice, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool")
-            calling.update(tools=tools, mode=mode)
-            # content parts joined; earlier calls and results in the tool protocol; the tools in the system message
-            messages[:] = tl.with_tools(oa.plain_messages(body.messages), tools, mode)
+            family = tl.family_of(model.backend.chat_template) if tools and isinstance(model, Model) else None
+            mode = tl.mode_of(body.tool_choice, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool"
+                              and family is None)  # a template with a tools section decides after a result as it was taught
+            calling.update(tools=tools, mode=mode, family=family)
             extra: dict[str, Any] = {}
+            if family:  # the template renders the tools, earlier calls and results; a required call starts with its marker
+                messages[:] = oa.plain_messages(body.messages, native=True)
+                extra["tools"] = tl.openai_tools(tools)
+                if mode not in (None, "none", "auto"):
+                    extra["prefill"] = tl.CALL_PREFIX[family]
+            else:  # content parts joined; earlier calls and results in the tool protocol; the tools in the system message
+                messages[:] = tl.with_tools(oa.plain_messages(body.messages), tools, mode)
             if mode not in (None, "none", "auto"):  # a call is required: its JSON is enforced by grammar
-                extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "call", "schema": tl.call_schema(tools, mode)}}
+                schema = tl.call_schema(tools, mode, family)
+                extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "call", "schema": schema}}
             return start(model, body, lambda kw: model.stream_chat(messages, **{**kw, **extra}), loop)
 
         def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
@@ -217,11 +225,11 @@ def openai_routes(server: Server) -> APIRouter:
         def respond(rid: str, name: str, model: Model, choices: list[Choice], texts: list[str]) -> dict:
             out = []
             for c, text in zip(choices, texts):
-                call = tl.parse_call(text, calling["tools"]) if calling.get("mode") not in (None, "none") else None
-                choice = oa.chat_choice(c.index, text, "tool_calls" if call else c.gen.stats.finish_reason,
+                content, calls = tl.calls_in(text, calling["tools"], calling.get("mode"), calling.get("family"))
+                choice = oa.chat_choice(c.index, text, "tool_calls" if calls else c.gen.stats.finish_reason,
                                         oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None)
-                if call:
-                    choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 out.append(choice)
             return with_route(oa.chat_response(rid, name, out, request_usage(choices, "chat", body.n)), choices)
 

@@ -1,4 +1,5 @@
-"""Tool calling, for models whose chat template knows nothing of tools (most small ones), by a text-level protocol:
+"""Tool calling. Where the model's chat template has a tools section, through it (the template's own format; see
+NATIVE below); for models whose template knows nothing of tools (most small ones), by a text-level protocol:
 
 - the tools are described in the system message, with how to call one: answer with only a JSON object
   `{"name": NAME, "arguments": {...}}`;
@@ -7,17 +8,27 @@
   lets the model choose, and an answer that parses as a call to a known tool becomes one;
 - earlier calls (assistant `tool_calls`) go back into the conversation as that JSON, and tool results (`tool`
   messages) as a user turn "Result of NAME: ...".
+With a template's own tools section, the tools, earlier calls and results are rendered by the template, a required
+call starts with the family's marker (given as the start of the answer) and its JSON is held to the tools' schemas,
+and an answer's calls are read in the family's format (several in one answer too).
 Pure conversions; the routes use them around one generation."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 from slmkit.errors import Unsupported
 
 CALL_FORMAT = '{"name": "<function name>", "arguments": {<arguments as JSON>}}'
+# chat templates with a tools section, by the marker their models write a call with: Hermes / Qwen2.5 / Qwen3 /
+# SmolLM3 (<tool_call>{json}</tool_call>), Mistral ([TOOL_CALLS][{json}, ...]), Llama 3.1-3.3 (a bare JSON object
+# {"name", "parameters"}, maybe after <|python_tag|>)
+NATIVE = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
+CALL_PREFIX = {"hermes": "<tool_call>\n", "mistral": "[TOOL_CALLS]", "llama3": ""}
+ARGS_KEY = {"hermes": "arguments", "mistral": "arguments", "llama3": "parameters"}
 
 
 def check_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
@@ -62,12 +73,57 @@ def system_text(tools: list[dict[str, Any]], mode: str) -> str:
     return "\n".join(lines)
 
 
-def call_schema(tools: list[dict[str, Any]], mode: str) -> dict[str, Any]:
-    """The JSON schema of a call: one of the tools by name, its arguments by its parameters."""
+def call_schema(tools: list[dict[str, Any]], mode: str, family: str | None = None) -> dict[str, Any]:
+    """The JSON schema of a call: one of the tools by name, its arguments by its parameters (under the key the
+    template's family uses; Mistral's calls come as a list)."""
+    key = ARGS_KEY.get(family or "", "arguments")
     chosen = [t for t in tools if mode == "required" or t["name"] == mode]
-    variants = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
-                 "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+    variants = [{"type": "object", "properties": {"name": {"const": t["name"]}, key: t["parameters"]},
+                 "required": ["name", key], "additionalProperties": False} for t in chosen]
+    one = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    return {"type": "array", "items": one, "minItems": 1, "maxItems": 1} if family == "mistral" else one
+
+
+def family_of(template: str | None) -> str | None:
+    """The tool-call family of a chat template that has a tools section (NATIVE), or None: the text protocol."""
+    if not template or "tools" not in template:
+        return None
+    return next((fam for fam, marker in NATIVE.items() if marker in template), None)
+
+
+def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked tools back in OpenAI's shape, as chat templates take them."""
+    return [{"type": "function", "function": t} for t in tools]
+
+
+def native_calls(family: str, text: str, tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """An answer in a template family's format: (its text outside the calls, the calls as OpenAI's tool_calls). An
+    answer whose calls do not parse, or name no tool given, is text with no calls."""
+    if family == "hermes":
+        found = re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.S)
+        content = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text, flags=re.S).strip()
+    elif family == "mistral":
+        head, marker, rest = text.partition(NATIVE["mistral"])
+        found, content = ([rest.strip()] if marker else []), head.strip()
+    else:
+        body = text.strip().removeprefix(NATIVE["llama3"]).strip()
+        found, content = ([body] if body.startswith("{") else []), ""
+    objs: list[Any] = []
+    try:
+        for raw in found:
+            parsed = json.loads(raw)
+            objs += parsed if isinstance(parsed, list) else [parsed]
+    except json.JSONDecodeError:
+        return text, []
+    names = {t["name"] for t in tools}
+    calls = []
+    for obj in objs:
+        args = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or obj.get("name") not in names or not isinstance(args, dict):
+            return text, []
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": obj["name"], "arguments": json.dumps(args)}})
+    return (content if calls else text), calls
 
 
 def with_tools(messages: list[dict[str, str]], tools: list[dict[str, Any]], mode: str | None) -> list[dict[str, str]]:
@@ -89,6 +145,28 @@ def call_text(call: dict[str, Any]) -> str:
     except json.JSONDecodeError:
         parsed = args
     return json.dumps({"name": fn.get("name"), "arguments": parsed})
+
+
+def calls_in(text: str, tools: list[dict[str, Any]], mode: str | None, family: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """The calls in an answer (none unless a call may be made): (its text outside the calls, OpenAI's tool_calls). A
+    required call's answer started after the family's marker, which is put back before reading it."""
+    if mode in (None, "none"):
+        return text, []
+    if family:
+        return native_calls(family, (CALL_PREFIX[family] if mode != "auto" else "") + text, tools)
+    call = parse_call(text, tools)
+    return ("", [call]) if call else (text, [])
+
+
+def native_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier assistant tool call as chat templates take it: the arguments as an object, not a JSON string."""
+    fn = call.get("function") or {}
+    args = fn.get("arguments") or {}
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        pass
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn.get("name"), "arguments": args}}
 
 
 def result_text(name: str, content: str) -> str:
