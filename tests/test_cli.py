@@ -184,3 +184,18 @@ def test_stage_commands_print_their_result_as_json(store, tmp_path):
     r = runner.invoke(app, ["export", "tiny", "--type", "F16", "--no-ppl", "--out", str(tmp_path / "x"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["gguf"].endswith(".gguf")
+
+
+def test_data_commands_and_import_print_json(store, tiny_dir, tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,label\n" + "".join(f"row number {i},{'ab'[i % 2]}\n" for i in range(20)))
+    r = runner.invoke(app, ["data", "split", str(rows), "--out", str(tmp_path / "s"), "--text-column", "text",
+                            "--label-column", "label", "--folds", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["labels"] == 2 and [s["heldout"] for s in got["splits"]] == [10, 10] and got["splits"][0]["folder"].endswith("fold-1")
+    r = runner.invoke(app, ["data", "list", "--json"])
+    listed = {d["name"]: d for d in json.loads(r.stdout)}
+    assert r.exit_code == 0 and listed["wikitext2"]["found"] == "packaged" and listed["wikitext2"]["rows"] > 0
+    r = runner.invoke(app, ["models", "import", str(tiny_dir), "--name", "imported", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["name"] == "imported"

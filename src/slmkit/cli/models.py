@@ -124,10 +124,11 @@ def import_cmd(
     path: Annotated[Path, typer.Argument(help="A .gguf file or a Hugging Face model folder (safetensors).")],
     name: Annotated[str | None, typer.Option("--name", help="Name in the store (default: from the path).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a model of the same name.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Import a model into the store (atomically: a failed import leaves nothing behind)."""
     card = import_path(path, name, store=Store(), overwrite=force)
-    typer.echo(f"imported {card.name}: {human_count(card.parameters)} parameters, {human_bytes(card.size_bytes)}")
+    print_result(card, as_json, f"imported {card.name}: {human_count(card.parameters)} parameters, {human_bytes(card.size_bytes)}")
 
 
 def pull_report() -> tuple[Any, Any]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from slmkit.cli.common import err_console, handle_errors, out_console
+from slmkit.cli.common import JsonOpt, err_console, handle_errors, out_console, print_json
 
 app = typer.Typer(help="Hybrid deployment: the small model first, a larger one when it is unsure.", no_args_is_help=True)
 
@@ -39,6 +40,7 @@ def calibrate(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="A data folder for --task.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Store name of the router (serve it under this name). [default: SMALL-route]")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the calibration report (curves, per-item results) here.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Measure both models on a dev set, pick the threshold, save the router (with its curve plot) in the store."""
     from slmkit.route.calibrate import calibrate_stage
@@ -50,6 +52,9 @@ def calibrate(
                                    threshold=threshold, policy=policy, signal=signal, metric=metric, prompt_column=prompt_column,
                                    answer_column=answer_column, max_tokens=max_tokens, large_model=large_model, large_key=large_key,
                                    rules=rules, name=name, data_dir=data_dir, backend=backend, out=out)
+    if as_json:
+        print_json({"card": asdict(card), "report": report})
+        return
     p = report["picked"]
     con = out_console()
     con.print(f"{report['n']} dev items, {report['quality']}: small {report['small_quality']:.3f}, large {report['large_quality']:.3f}")
