@@ -286,9 +286,17 @@ def served_size(card: Any, engine: str | None) -> int:
     return (card.weights_bytes.get(kind) if kind else None) or card.size_bytes
 
 
+def client_name(name: str, card: Any) -> str:
+    """The name Ollama's clients know a model by: NAME:TAG as it was pulled from a registry (model_name maps it back
+    to the store's NAME-TAG), else NAME:latest."""
+    pulled = (card.source or {}).get("model") if card is not None and (card.source or {}).get("kind") == "ollama" else None
+    return pulled if pulled and model_name(pulled) == name else name + TAG
+
+
 def tag_entry(name: str, card: Any, engine: str | None = None) -> dict[str, Any]:
     digest = ""
     if card is not None and card.files:
         digest = sorted(card.files.values())[0]
-    return {"name": name + TAG, "model": name + TAG, "modified_at": (card.created if card else "") or now(),
+    shown = client_name(name, card)
+    return {"name": shown, "model": shown, "modified_at": (card.created if card else "") or now(),
             "size": served_size(card, engine), "digest": digest, "details": details(card, engine)}
