@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from slmkit import native
-from slmkit.compress.quant_ops import quantize_rows
+from slmkit.layers.int_packing import quantize_rows
 
 ops = native.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"slmkit's CPU kernels are not built here: {native.unavailable()}")
@@ -147,7 +147,7 @@ def test_int8_linear_without_vnni_builds_and_computes_the_same(tmp_path):
     script = f"""
 import torch
 from torch.utils import cpp_extension
-from slmkit.compress.quant_ops import quantize_rows
+from slmkit.layers.int_packing import quantize_rows
 cpp_extension.load(name="slmkit_quantize_novnni", sources=[{str(native.HERE / source)!r}], build_directory={str(tmp_path)!r},
                    extra_cflags={[*native.BASE_FLAGS, *flags, "-mno-avx512vnni"]!r}, is_python_module=False)
 ops = torch.ops.slmkit_quantize

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import slmkit
 from slmkit.cli import app
 from slmkit.compress import quant_ops as qo
+from slmkit.layers.int_packing import pack_nibbles, unpack_nibbles
 from slmkit.layers.integer import Int4Linear, Int8Linear, W8A8Linear
 from slmkit.compress.quantize import quantize_layer
 from slmkit.compress.quantize_stage import quantize_stage
@@ -28,7 +29,7 @@ def test_int8_and_int4_round_trip_within_half_a_step():
     assert int(q4.max()) <= 15 and scale.shape == (64, 4)
     err = (qo.dequantize_int4(q4, scale, lo) - w).abs().reshape(64, 4, 32).amax(-1)
     assert bool((err <= scale / 2 + 1e-6).all())
-    assert torch.equal(qo.unpack_nibbles(qo.pack_nibbles(q4)), q4)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q4)), q4)
     with pytest.raises(ValueError):
         qo.quantize_int4(torch.randn(4, 48), 32)
 
@@ -134,8 +135,10 @@ def test_children_load_in_transformers_in_compressed_tensors_layout(store, calib
     from compressed_tensors.quantization import QuantizationConfig
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from slmkit.compress.quantize import for_training, is_standard, load_quantized, to_float
-    from slmkit.sources.hf_dir import read_config
+    from slmkit.compress.quantize import for_training
+    from slmkit.layers.integer import to_float
+    from slmkit.sources.forms import is_standard, load_quantized
+    from slmkit.card import read_config
 
     card = quantize_stage("tiny", scheme, method=method, calib=calib if method == "gptq" else None)
     folder = Store().require(card.name)
@@ -176,7 +179,7 @@ def test_layouts_without_a_standard_form_make_other_loaders_fail_loudly(store, c
     from transformers import AutoModelForCausalLM
 
     from slmkit.compress.lowrank_stage import lowrank_stage
-    from slmkit.compress.quantize import is_standard
+    from slmkit.sources.forms import is_standard
 
     for card in (quantize_stage("tiny", "int4", method="awq", calib=calib), lowrank_stage("tiny", ratio=0.6, calib=calib)):
         folder = Store().require(card.name)
@@ -192,7 +195,8 @@ def test_children_saved_by_earlier_versions_still_load(store):
 
     from safetensors.torch import save_file
 
-    from slmkit.compress.quantize import CONFIG_KEY, is_standard, load_quantized, quantize_model
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.sources.forms import QUANT_KEY, is_standard, load_quantized
     from slmkit.sources.hf_dir import load_float
 
     card = quantize_stage("tiny", "int4")
@@ -203,7 +207,7 @@ def test_children_saved_by_earlier_versions_still_load(store):
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]
     (folder / "config.json").write_text(json.dumps(config))
-    assert CONFIG_KEY in config and not is_standard(folder)
+    assert QUANT_KEY in config and not is_standard(folder)
     old = load_quantized(folder)
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():
@@ -213,7 +217,7 @@ def test_children_saved_by_earlier_versions_still_load(store):
 def test_smoothquant_child_folds_its_scales_and_stays_standard(store):
     """--method smoothquant without --calib: the packaged sample calibrates it (recorded in the card), the scales go
     into the norms (no smoothing vector in the child), and it is saved in the standard layout."""
-    from slmkit.compress.quantize import is_standard
+    from slmkit.sources.forms import is_standard
 
     card = quantize_stage("tiny", "w8a8", method="smoothquant")
     assert card.settings["calibration"]["file"].startswith("packaged") and card.settings["smoothquant"]["modules"] > 0
@@ -263,7 +267,7 @@ def test_a_child_only_slmkit_reads_says_so_and_portable_keeps_to_the_standard(st
 
     import slmkit.compress.quantize as q
     from slmkit.cli import app
-    from slmkit.compress.quantize import is_standard
+    from slmkit.sources.forms import is_standard
 
     monkeypatch.setattr(q, "choose_int4_grid", lambda layers, group: "float")
     runner = CliRunner()

@@ -15,7 +15,7 @@ from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
 from slmkit.sources import integrity
-from slmkit.sources.forms import is_router
+from slmkit.sources.forms import has_gguf, is_router
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
@@ -52,7 +52,7 @@ def pick_backend(folder: Path, backend: str) -> str:
         raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
     _not_a_router(folder)
     if backend == "auto":
-        if not any(folder.glob("*.gguf")):
+        if not has_gguf(folder):
             return "torch"
         verdict = llamacpp_guard.check()
         if not verdict.ok:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from slmkit.cli.common import JsonOpt, err_console, handle_errors, out_console, print_json
+from slmkit.sources.forms import is_router, read_router
 
 app = typer.Typer(help="Hybrid deployment: the small model first, a larger one when it is unsure.", no_args_is_help=True)
 
@@ -75,7 +76,6 @@ def calibrate(
 def show(name: Annotated[str, typer.Argument(help="A router in the store.")]) -> None:
     """A router's models, policies and calibration, as JSON."""
     from slmkit.errors import SlmkitError
-    from slmkit.sources.forms import is_router, read_router
     from slmkit.store import Store
 
     folder = Store().require(name)

@@ -4,7 +4,6 @@ lowrank_ops.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,11 +13,10 @@ from slmkit import progress
 from slmkit.compress import lowrank_ops as lo
 from slmkit.compress.calibrate import collect_stats
 from slmkit.errors import SlmkitError
+from slmkit.sources.forms import LOWRANK_KEY
 from slmkit.layers.lowrank import LowRankLinear
-from slmkit.layers.walk import block_linears, count_params, empty_skeleton, set_module
-from slmkit.sources.hf_dir import model_config, read_config
+from slmkit.layers.walk import block_linears, count_params, set_module
 
-CONFIG_KEY = "slmkit_lowrank"
 
 
 def factorize(model: nn.Module, batches: list[torch.Tensor], *, ratio: float | None = None, energy: float | None = None) -> dict[str, Any]:
@@ -58,40 +56,10 @@ def factorize(model: nn.Module, batches: list[torch.Tensor], *, ratio: float | N
                 new.up.bias.copy_(lin.bias.detach())
             set_module(model, name, new)
             kept[name] = r
-    setattr(model.config, CONFIG_KEY, {"ranks": kept})
+    setattr(model.config, LOWRANK_KEY, {"ranks": kept})
     after = count_params(model)
     return {"ranks": kept, "factorized": len(kept), "dense_layers": len(layers) - len(kept), "params_before": total,
             "params_after": after}
-
-
-def is_lowrank(folder: Path) -> bool:
-    return (Path(folder) / "config.json").is_file() and CONFIG_KEY in read_config(folder)
-
-
-def load_lowrank(folder: Path) -> nn.Module:
-    """Rebuild the architecture from config.json with LowRankLinear shells where the ranks say, load the weights."""
-    from safetensors.torch import load_file
-    config = model_config(folder)
-    ranks = getattr(config, CONFIG_KEY)["ranks"]
-    model = empty_skeleton(config, torch.float32)
-    for name, r in ranks.items():
-        lin = model.get_submodule(name)
-        set_module(model, name, LowRankLinear(lin.in_features, lin.out_features, r, lin.bias is not None))
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        state |= load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise SlmkitError(f"the low-rank weights in {folder} do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
-                          "Make the model again with slmkit lowrank.")
-    if tied:
-        model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise SlmkitError(f"the low-rank file in {folder} lacks {leftover[:3]}", "Make the model again with slmkit lowrank.")
-    return model.eval()
 
 
 def densify(model: nn.Module) -> int:
@@ -106,6 +74,6 @@ def densify(model: nn.Module) -> int:
             if m.up.bias is not None:
                 lin.bias.copy_(m.up.bias)
             set_module(model, name, lin)
-    if hasattr(model.config, CONFIG_KEY):
-        delattr(model.config, CONFIG_KEY)
+    if hasattr(model.config, LOWRANK_KEY):
+        delattr(model.config, LOWRANK_KEY)
     return len(names)

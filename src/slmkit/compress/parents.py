@@ -5,21 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from slmkit.card import ModelCard
-from slmkit.compress.lowrank import is_lowrank
-from slmkit.compress.quantize import is_quantized
+from slmkit.sources.forms import form_of
 from slmkit.errors import SlmkitError
 from slmkit.store import Store
-from slmkit.sources.adapters import is_adapter
 
 
 def float_parent(store: Store, model: str) -> tuple[Path, ModelCard]:
     """The store folder and card of `model` when it holds plain float weights; else a clear error."""
     folder = store.require(model)
     card = store.card(model)
-    if is_adapter(folder):
+    form = form_of(folder)
+    if form in ("adapter", "prompt-tuned"):
         raise SlmkitError(f"{model} is an adapter, not a whole model",
                           f"Merge it into its base first (slmkit merge {model}; LoRA adapters), then use the merged model.")
-    if is_quantized(folder) or is_lowrank(folder) or not list(folder.glob("*.safetensors")) or card.stage == "export":
+    if form != "float" or card.stage == "export":
         raise SlmkitError(f"{model} holds no plain float weights to change ({card.stage})",
                           f"Start from its float parent ({card.parent or 'the model it came from'}), then quantize or export the child.")
     return folder, card

@@ -30,18 +30,6 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]
 
 
-def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (per-row) symmetric int8 activations: (q (M, K), scale float32 (M, 1)); the grid is
-    compressed-tensors' dynamic per-token one (scale = max|x| / 127.5, q in [-128, 127]), so other readers of a
-    w8a8 child compute what slmkit computes. offset 128 gives q + 128 as uint8 (oneDNN's activation type)."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.5).clamp_(min=1e-10)
-    q = torch.round(xf / scale).clamp_(-128, 127)
-    if offset:
-        return q.add_(offset).to(torch.uint8), scale
-    return q.to(torch.int8), scale
-
-
 def int4_params(w: torch.Tensor, group: int, *, integer_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, minimum) of an (N, K) weight, asymmetric.  # (N, K/group) each
 
@@ -81,19 +69,6 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> t
     n, k = q.shape
     groups = scale.shape[1]
     return (q.reshape(n, groups, k // groups).float() * scale[..., None].float() + lo[..., None].float()).reshape(n, k)
-
-
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit values per byte (even column in the low nibble): the portable on-disk form.  # (N, K/2)"""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    n, half = packed.shape
-    out = torch.empty((n, half * 2), dtype=torch.uint8)
-    out[:, 0::2] = packed & 0x0F
-    out[:, 1::2] = packed >> 4
-    return out
 
 
 ColumnUpdate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]

@@ -16,19 +16,19 @@ from slmkit import progress
 from slmkit.compress import quant_ops as qo
 from slmkit.compress import smooth_ops as so
 from slmkit.compress.calibrate import collect_stats
-from slmkit.layers.integer import COMPUTE, Int4Linear, Int8Linear, W8A8Linear, dense_linear
-from slmkit.layers.walk import decoder_blocks, empty_skeleton, linear_layers, set_module
+from slmkit.layers.int_packing import pack_nibbles
+from slmkit.layers.integer import COMPUTE, INTEGER_LAYERS, Int4Linear, Int8Linear, W8A8Linear
+from slmkit.layers.walk import decoder_blocks, linear_layers, set_module
 from slmkit.errors import SlmkitError
-from slmkit.sources.hf_dir import GUARD_KEY, guard_config, model_config, read_config
+from slmkit.sources.forms import QUANT_KEY
+from slmkit.sources.hf_dir import guard_config
 
 SCHEMES = ("int8", "int4", "w8a8")  # w8a8: int8 activations too, on the integer units (torch._int_mm)
 METHODS = ("rtn", "gptq", "awq", "smoothquant")  # smoothquant: w8a8 only, then round to nearest
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 32  # int4 weights per scale and minimum
 DEFAULT_METHOD = "rtn"  # round to nearest: no calibration data needed
-CONFIG_KEY = "slmkit_quantization"
 AWQ_GRID = 11  # alphas 0, 0.1, ..., 1
-INTEGER_LAYERS = (Int8Linear, Int4Linear, W8A8Linear)
 _WEIGHT_ONLY = ("integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; other weights "
                 "and activations bf16")
 COMPUTE_NOTES = {
@@ -200,7 +200,7 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
             q, scale, lo = qo.quantize_int4(w, group, (scale_cols, lo_cols))
         else:
             q, scale, lo = qo.quantize_int4(w, group, _stored_grid(*qo.int4_params(w, group, integer_zero=integer), integer))
-        new.qweight.copy_(qo.pack_nibbles(q))
+        new.qweight.copy_(pack_nibbles(q))
         new.scales.copy_(scale.to(COMPUTE))
         new.mins.copy_(lo.to(COMPUTE))
     if lin.bias is not None:
@@ -242,7 +242,7 @@ def quantize_model(
             "smooth": method == "awq", **({"zero_point": grid} if grid else {}),
             **({"smoothquant": {"modules": len(smoothed), "alphas": sorted(set(smoothed.values()))}} if smoothed is not None else {}),
             "compute": COMPUTE_NOTES[scheme]}
-    setattr(model.config, CONFIG_KEY, info)
+    setattr(model.config, QUANT_KEY, info)
     return info
 
 
@@ -252,9 +252,9 @@ def quantize_model(
 def save_quantized(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from slmkit.compress import ct_layout
+    from slmkit.sources import ct_layout
 
-    info = getattr(model.config, CONFIG_KEY)
+    info = getattr(model.config, QUANT_KEY)
     model.config.save_pretrained(str(folder))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(folder))
@@ -289,85 +289,6 @@ def own_layout(info: dict[str, Any]) -> tuple[str, str] | None:
         return "int4-free-minimum", ("int4 groups with free (non-integer) minimums, as llama.cpp's Q4_1, have no "
                                      "compressed-tensors form; slmkit loads it")
     return None
-
-
-def is_quantized(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and CONFIG_KEY in read_config(folder)
-
-
-def is_standard(folder: Path) -> bool:
-    """Whether a quantized child is saved in compressed-tensors' layout that other tools read (not AWQ-smoothed,
-    not from slmkit <= 0.5)."""
-    config = read_config(folder)
-    return "quantization_config" in config and GUARD_KEY not in config
-
-
-def load_quantized(folder: Path) -> nn.Module:
-    """Rebuild the architecture from config.json, swap in quantized shells, fill them from the saved integers."""
-    from safetensors import safe_open
-
-    from slmkit.compress import ct_layout
-
-    config = model_config(folder)
-    info = getattr(config, CONFIG_KEY)
-    standard = getattr(config, "quantization_config", None) is not None  # else the layout of slmkit <= 0.5
-    if standard:
-        del config.quantization_config  # the skeleton is float; the integer layers are ours
-    # the float skeleton is built without memory, then the saved tensors are assigned in place: no full-size
-    # float copy ever exists
-    model = empty_skeleton(config, torch.float32)
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for name in info["modules"]:
-        lin = model.get_submodule(name)
-        if info["scheme"] in ("int8", "w8a8"):
-            shell = (Int8Linear if info["scheme"] == "int8" else W8A8Linear)(lin.in_features, lin.out_features, lin.bias is not None)
-        else:
-            shell = Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, info["group_size"])
-        if info.get("smooth"):
-            shell.smooth = torch.ones(lin.in_features, dtype=COMPUTE)
-        if standard:
-            local = {k[len(name) + 1:]: state.pop(k) for k in [k for k in state if k.startswith(name + ".")]}
-            if "weight_scale" not in local:
-                raise SlmkitError(f"the quantized file in {folder} lacks {name}", "Quantize the model again.")
-            ct_layout.fill_layer(shell, local, info["scheme"])
-            if info.get("smooth"):
-                shell.smooth = local["smooth"].to(COMPUTE)
-        set_module(model, name, shell)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if standard:
-        missing = [k for k in missing if k.rpartition(".")[0] not in info["modules"]]
-    if missing or unexpected:
-        raise SlmkitError(f"the quantized weights in {folder} do not match the model: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}", "Quantize the model again.")
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise SlmkitError(f"the quantized file in {folder} lacks {leftover[:3]}", "Quantize the model again.")
-    if info["scheme"] == "w8a8":  # kernels timed once per machine and shape, kept for the next load
-        from slmkit.config import settings
-        from slmkit.layers import integer
-
-        integer.use_kernel_cache(settings().kernel_choices_file)
-    for m in model.modules():
-        if isinstance(m, Int4Linear):
-            m.prepare()  # the kernel's own layout (w8a8 layers prepare on first use or when the lean forward fuses them)
-    # float parameters (embeddings, norms) in bf16: half the memory, and activations then stay bf16 between the
-    # weight-only integer kernels (no per-layer dtype conversions); buffers such as rotary frequencies stay float32.
-    # w8a8 quantizes its activations from float32 itself: there everything stays float32 (no conversions at all)
-    for p in model.parameters():
-        p.data = p.data.to(torch.float32 if info["scheme"] == "w8a8" else COMPUTE)
-    return model.eval()
-
-
-def to_float(model: nn.Module) -> nn.Module:
-    """In place: every integer layer back to a float32 nn.Linear (its dequantized weights) and the rest in float32:
-    what adapters trained over integer weights (QLoRA) are merged into, and what training starts from."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, INTEGER_LAYERS):
-            set_module(model, name, dense_linear(m))
-    for p in model.parameters():
-        p.data = p.data.float()
-    return model
 
 
 def for_training(model: nn.Module) -> nn.Module:

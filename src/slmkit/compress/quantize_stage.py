@@ -9,9 +9,8 @@ import torch
 from slmkit import progress
 from slmkit.card import ModelCard
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_for
-from slmkit.compress.lowrank import is_lowrank
-from slmkit.sources.adapters import is_adapter
-from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD, check_method, is_quantized, own_layout, quantize_model, save_quantized
+from slmkit.sources.forms import form_of
+from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD, check_method, own_layout, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.sources.hf_dir import load_float
 from slmkit.store import Store, validate_name
@@ -29,12 +28,15 @@ def quantize_stage(
     folder = store.require(model)
     parent = store.card(model)
     check_method(scheme, method)
-    if is_adapter(folder):
+    form = form_of(folder)
+    if form == "router":
+        raise SlmkitError(f"{model} is a router, not model weights", "Quantize its small and large models by their own names.")
+    if form in ("adapter", "prompt-tuned"):
         raise SlmkitError(f"{model} is a LoRA adapter, not a whole model", f"Merge it first (slmkit merge {model}), then quantize the merged model.")
-    if is_lowrank(folder):
+    if form == "low-rank":
         raise SlmkitError(f"{model} holds factorized (low-rank) layers, which slmkit quantize does not handle yet",
                           f"Quantize its float parent ({parent.parent or 'PARENT'}), or export {model} to GGUF (its factors are multiplied back).")
-    if is_quantized(folder) or not list(folder.glob("*.safetensors")) or parent.stage == "export":
+    if form in ("integer", "gguf") or parent.stage == "export":
         raise SlmkitError(
             f"{model} is already quantized ({parent.stage}: {parent.settings.get('scheme') or parent.settings.get('type')})",
             f"Quantizing rounded weights again compounds the error; quantize its float parent instead: {parent.parent or model}.",

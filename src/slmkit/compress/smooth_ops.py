@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from slmkit.compress import quant_ops as qo
+from slmkit.layers.int_packing import quantize_rows
 
 ALPHAS = tuple(i / 20 for i in range(2, 20))  # 0.1, 0.15, .., 0.95
 
@@ -39,7 +40,7 @@ def w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> floa
     channel."""
     ref = x @ w.T
     xs, ws = (x, w) if s is None else (x / s, w * s)
-    q, scale = qo.quantize_rows(xs)
+    q, scale = quantize_rows(xs)
     return float(((q.float() * scale) @ qo.dequantize_int8(*qo.quantize_int8(ws)).T - ref).pow(2).sum())
 
 

@@ -14,6 +14,7 @@ from slmkit.engine.decode import Step, decode_loop, tokens_of
 from slmkit.engine.llama_fast import FastLlama, supports
 from slmkit.engine.sampling import SamplingParams, decode_static_batch
 from slmkit.errors import SlmkitError
+from slmkit.sources import weights
 from slmkit.sources.hf_dir import FALLBACK_CONTEXT
 
 
@@ -43,29 +44,9 @@ class TorchBackend:
     @classmethod
     def from_folder(cls, folder: Path, *, threads: int | None = None) -> "TorchBackend":
         """Load safetensors weights and tokenizer from a store folder (no pickle, no remote code)."""
-        from slmkit.compress.lowrank import is_lowrank, load_lowrank
-        from slmkit.compress.quantize import is_quantized, load_quantized
-        from slmkit.sources.adapters import is_adapter, is_prompt_tuning, load_merged, load_prompt_tuned
-        from slmkit.sources.hf_dir import load_float, load_tokenizer
-
         if threads:
             torch.set_num_threads(threads)
-        if is_quantized(Path(folder)):  # integer weights saved by `slmkit quantize`
-            return cls(load_quantized(Path(folder)), load_tokenizer(Path(folder)))
-        if is_prompt_tuning(Path(folder)):  # a learned prefix over its base (virtual tokens before every prompt)
-            return cls(*load_prompt_tuned(Path(folder)))
-        if is_adapter(Path(folder)):  # a LoRA adapter from `slmkit finetune`: merged into its base at load
-            return cls(*load_merged(Path(folder)))
-        if is_lowrank(Path(folder)):  # factorized layers saved by `slmkit lowrank`
-            return cls(load_lowrank(Path(folder)), load_tokenizer(Path(folder)))
-        ggufs = sorted(Path(folder).glob("*.gguf"))
-        if not list(Path(folder).glob("*.safetensors")) and ggufs:  # a GGUF-only model (from export)
-            from slmkit.sources.gguf import check_gguf, load_gguf
-
-            model, tokenizer = load_gguf(ggufs[0], check_gguf(ggufs[0])["pre_tokenizer"])
-            return cls(model, tokenizer)
-        model, tokenizer = load_float(Path(folder))
-        return cls(model, tokenizer)
+        return cls(*weights.load(Path(folder)))
 
     @property
     def context_length(self) -> int:

@@ -17,7 +17,8 @@ import numpy as np
 from slmkit import faults, progress
 from slmkit.engine import llamacpp_guard
 from slmkit.errors import SlmkitError
-from slmkit.sources.hf_dir import FALLBACK_CONTEXT, read_config
+from slmkit.sources.hf_dir import FALLBACK_CONTEXT
+from slmkit.card import read_config
 from slmkit.export.metadata import write_metadata
 from slmkit.gguf_tables import ARCHITECTURES, GGUF_TYPES, OLLAMA_TEMPLATES, pre_name_of
 

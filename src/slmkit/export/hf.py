@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import progress
-from slmkit.compress.ct_layout import FORMATS
-from slmkit.compress.quantize import is_quantized, is_standard
+from slmkit.sources.ct_layout import FORMATS
+from slmkit.sources.forms import is_quantized, is_router, is_standard
 from slmkit.errors import SlmkitError
 from slmkit.export.metadata import gguf_metadata, lineage
-from slmkit.sources.forms import is_router
 from slmkit.store import Store
 
 

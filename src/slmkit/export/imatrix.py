@@ -16,7 +16,7 @@ import numpy as np
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW
 from slmkit.errors import SlmkitError
 from slmkit.export.gguf import tensor_names
-from slmkit.sources.hf_dir import read_config
+from slmkit.card import read_config
 
 GGUF_MAGIC = b"GGUF"
 

@@ -15,8 +15,8 @@ import numpy as np
 from slmkit.errors import SlmkitError
 from slmkit.export.gguf import check_exportable, permute_rotary, tensor_names
 from slmkit.gguf_tables import ARCHITECTURES
-from slmkit.sources.adapters import ADAPTER_CONFIG
-from slmkit.sources.hf_dir import read_config
+from slmkit.sources.forms import ADAPTER_CONFIG
+from slmkit.card import read_config
 
 PEFT_PREFIX = "base_model.model."
 

@@ -15,12 +15,12 @@ from slmkit.config import settings
 from slmkit.export.auto_type import check_budget, choose_type
 from slmkit.export.gguf import check_exportable, check_type, export_gguf
 from slmkit.gguf_tables import AUTO_TYPE, DEFAULT_PPL_BUDGET
-from slmkit.compress.quantize import is_quantized
+from slmkit.sources.forms import is_adapter, is_lowrank, is_quantized, load_lowrank
 from slmkit.errors import SlmkitError
 from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
 from slmkit.export.metadata import gguf_metadata
 from slmkit.layers.walk import count_params
-from slmkit.sources.hf_dir import read_config
+from slmkit.card import read_config
 from slmkit.store import Store, validate_name
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -98,7 +98,7 @@ def export_model(
 def _export_with_adapter(store: Store, model: str, folder: Path, gguf_type: str, out_dir: Path | None,
                          imatrix: Path | None) -> dict[str, Any]:
     from slmkit.export.lora_gguf import write_lora_gguf
-    from slmkit.sources.adapters import base_of, is_adapter
+    from slmkit.sources.adapters import base_of
 
     if not is_adapter(folder):
         raise SlmkitError(f"{model} is not a LoRA adapter: there is no adapter to keep apart",
@@ -132,8 +132,8 @@ def _dense_source(folder: Path) -> Iterator[tuple[Path, str | None]]:
     copy with the factors multiplied back, and a note saying what that costs."""
     import torch
 
-    from slmkit.compress.lowrank import densify, is_lowrank, load_lowrank
-    from slmkit.sources.adapters import base_of, is_adapter, load_merged
+    from slmkit.compress.lowrank import densify
+    from slmkit.sources.adapters import base_of, load_merged
 
     if not is_lowrank(folder) and not is_adapter(folder):
         yield folder, None

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmkit.compress.quant_ops import quantize_rows, unpack_nibbles
+from slmkit.layers.int_packing import quantize_rows, unpack_nibbles
+from slmkit.layers.walk import set_module
 from slmkit.native import cpu_id, ops as native_ops
 
 COMPUTE = torch.bfloat16
@@ -292,7 +293,7 @@ def _write_kernel_choices() -> None:
 
 
 def _quantize_rows(x2: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """quant_ops.quantize_rows, by slmkit's one-pass CPU kernel where it is built (bit-identical, 3 us a row instead of
+    """int_packing.quantize_rows, by slmkit's one-pass CPU kernel where it is built (bit-identical, 3 us a row instead of
     18: nine torch ops per call add up over 120 layers per step)."""
     native = native_ops()
     if native is not None and x2.dtype == torch.float32 and x2.dim() == 2:
@@ -381,3 +382,17 @@ def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear") -> nn.Linear:
         if layer.bias is not None:
             lin.bias.copy_(layer.bias.float())
     return lin
+
+
+INTEGER_LAYERS = (Int8Linear, Int4Linear, W8A8Linear)
+
+
+def to_float(model: nn.Module) -> nn.Module:
+    """In place: every integer layer back to a float32 nn.Linear (its dequantized weights) and the rest in float32:
+    what adapters trained over integer weights (QLoRA) are merged into, and what training starts from."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, INTEGER_LAYERS):
+            set_module(model, name, dense_linear(m))
+    for p in model.parameters():
+        p.data = p.data.float()
+    return model

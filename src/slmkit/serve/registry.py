@@ -31,8 +31,7 @@ from slmkit.route.cache import ResponseCache
 from slmkit.route.targets import Endpoint, Local
 from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
 from slmkit.serve.metrics import Metrics
-from slmkit.sources.adapters import is_adapter
-from slmkit.sources.forms import is_router, read_router
+from slmkit.sources.forms import is_adapter, is_router, read_router
 from slmkit.store import Store
 
 
@@ -111,8 +110,8 @@ class ModelRegistry:
         base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it.
         Adapters a per-row update cannot express (DoRA, extra trained modules) are served merged, on their own."""
         from slmkit.engine.llama_fast import SUPPORTED_MODEL_TYPES
-        from slmkit.sources.adapters import base_of, is_adapter, per_row_problem
-        from slmkit.sources.hf_dir import read_config
+        from slmkit.sources.adapters import base_of, per_row_problem
+        from slmkit.card import read_config
 
         by_base: dict[str, list[str]] = {}
         for m in models:

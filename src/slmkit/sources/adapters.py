@@ -11,18 +11,8 @@ from typing import Any
 
 from slmkit.card import read_card
 from slmkit.errors import SlmkitError
+from slmkit.sources.forms import ADAPTER_CONFIG, is_prompt_tuning, is_quantized, load_quantized
 
-ADAPTER_CONFIG = "adapter_config.json"
-PROMPT_TUNING = "PROMPT_TUNING"  # peft's type of a learned prefix (the rest are LoRA)
-
-
-def is_adapter(folder: Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
-def is_prompt_tuning(folder: Path) -> bool:
-    """A peft prompt-tuning adapter: a learned prefix of virtual tokens, not a change to any weight."""
-    return is_adapter(folder) and json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("peft_type") == PROMPT_TUNING
 
 
 def not_prompt_tuning(folder: Path, what: str) -> None:
@@ -56,7 +46,7 @@ def load_merged(folder: Path, *, dtype: Any = "auto") -> tuple[Any, Any]:
 
     from slmkit.sources.hf_dir import load_float, load_tokenizer
 
-    from slmkit.compress.quantize import is_quantized, load_quantized, to_float
+    from slmkit.layers.integer import to_float
 
     not_prompt_tuning(folder, "cannot be merged into the weights")
     _, base_folder = base_of(folder)

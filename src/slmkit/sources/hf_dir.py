@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import faults
+from slmkit.card import GUARD_KEY, read_config
 from slmkit.errors import ImportFailed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -67,27 +68,6 @@ def check_hf_dir(path: Path) -> dict[str, Any]:
     return read_config(path)
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """A model folder's config.json as a dict: the one place slmkit parses it."""
-    path = Path(folder) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ImportFailed(f"cannot read {path}: {exc}", "Give a model folder with its config.json.") from exc
-    except json.JSONDecodeError as exc:
-        raise ImportFailed(f"{path} is not valid JSON: {exc}", "Fix or regenerate config.json.") from exc
-    if not isinstance(data, dict):
-        raise ImportFailed(f"{path} is not a JSON object", "Fix or regenerate config.json.")
-    layout = data.get(GUARD_KEY)
-    if isinstance(layout, dict):  # slmkit's own layout: its true architecture, as slmkit reads it
-        data["model_type"], data["architectures"] = layout["model_type"], layout["architectures"]
-    return data
-
-
-# A model slmkit saves in a layout of its own (layers no standard format holds: low-rank factors, AWQ's per-channel
-# smoothing) must not load as garbage elsewhere: its config.json names a model type no other library knows, so
-# transformers, vLLM or lm-eval stop with "does not recognize this architecture"; the true one is kept under this key.
-GUARD_KEY = "slmkit_layout"
 
 
 def guard_config(folder: Path, kind: str, why: str) -> None:

@@ -19,13 +19,14 @@ from slmkit.compress.parents import float_parent
 from slmkit.config import settings
 from slmkit.data.classify import CARD_KEY as CLASSIFY_KEY, check_format
 from slmkit.errors import SlmkitError
-from slmkit.compress.quantize import CONFIG_KEY, for_training, is_quantized, load_quantized, quantize_model
+from slmkit.compress.quantize import for_training, quantize_model
 from slmkit.layers.integer import Int4Linear, Int8Linear
 from slmkit.layers.walk import count_params, decoder_blocks
-from slmkit.sources.hf_dir import GUARD_KEY, float_writer, load_float, load_tokenizer, read_config
+from slmkit.sources.hf_dir import float_writer, load_float, load_tokenizer
+from slmkit.card import GUARD_KEY, read_config
 from slmkit.store import Store, validate_name
 from slmkit.train import data as td
-from slmkit.sources.adapters import ADAPTER_CONFIG
+from slmkit.sources.forms import ADAPTER_CONFIG, QUANT_KEY, is_adapter, is_quantized, load_quantized
 from slmkit.train.loop import TrainConfig, fit, with_loss_curve
 from slmkit.train.losses import chunked_next_token_loss
 from slmkit.train.memory import release_freed_memory, return_large_blocks
@@ -124,7 +125,7 @@ def finetune_stage(
         folder, base_card = store.require(model), store.card(model)
         with progress.step(f"Loading {model} (integer weights)"):
             net, tokenizer = for_training(load_quantized(folder)), load_tokenizer(folder)
-        base_quantized = read_config(folder)[CONFIG_KEY]["scheme"]
+        base_quantized = read_config(folder)[QUANT_KEY]["scheme"]
     else:
         folder, base_card = float_parent(store, model)
         net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
@@ -213,7 +214,7 @@ def finetune_stage(
             (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
             tokenizer.save_pretrained(str(staging))
             base_config = read_config(folder)
-            for key in (CONFIG_KEY, "quantization_config", GUARD_KEY):  # the adapter applies to the base's computation,
+            for key in (QUANT_KEY, "quantization_config", GUARD_KEY):  # the adapter applies to the base's computation,
                 base_config.pop(key, None)  # float or integer: its folder is a float model's config
             (staging / "config.json").write_text(json.dumps(base_config, indent=2))
 
@@ -227,7 +228,7 @@ def finetune_stage(
 
 def merge_stage(adapter: str, *, name: str | None = None, store: Store | None = None) -> ModelCard:
     """Fold a LoRA adapter into its base and install the merged dense model (default ADAPTER-merged)."""
-    from slmkit.sources.adapters import base_of, is_adapter, load_merged
+    from slmkit.sources.adapters import base_of, load_merged
 
     store = store or Store()
     folder = store.require(adapter)

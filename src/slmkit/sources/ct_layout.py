@@ -59,7 +59,7 @@ def layer_tensors(layer: Any, scheme: str) -> dict[str, torch.Tensor]:
     """An integer layer's tensors under the format's local names (weight_packed / weight, weight_scale, ...)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from slmkit.compress.quant_ops import unpack_nibbles
+    from slmkit.layers.int_packing import unpack_nibbles
 
     if scheme == "w8a8":  # int-quantized: the int8 weight as it is
         out = {"weight": layer.weight.contiguous(), "weight_scale": layer.scales[:, None].contiguous()}
@@ -83,7 +83,7 @@ def fill_layer(layer: Any, tensors: dict[str, torch.Tensor], scheme: str) -> Non
     """The inverse of layer_tensors: set an empty integer layer's buffers from the format's tensors."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from slmkit.compress.quant_ops import pack_nibbles
+    from slmkit.layers.int_packing import pack_nibbles
     from slmkit.layers.integer import COMPUTE
 
     if scheme == "w8a8":
