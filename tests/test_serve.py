@@ -626,3 +626,51 @@ def test_responses_api_with_the_official_client(store, tmp_path):
         assert httpx.post(s.url + "/v1/responses", json={"model": "nope", "input": "x"}).status_code == 404
     finally:
         s.stop()
+
+
+class FakeServable:
+    """A served name with canned answers and no weights (model.Servable): what the server needs of a model is only
+    the protocol; `single` None says another model may answer (as a router's)."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name, self.text, self.single, self.seen = name, text, None, []
+
+    @property
+    def backend(self):
+        raise AssertionError("the server asked a routed name's backend for something only one model has")
+
+    def stream_chat(self, messages, **sampling):
+        from slmkit.serve.hybrid import CachedGeneration
+
+        self.seen.append((messages, sampling))
+        return CachedGeneration(self.text, self.count_chat(messages), 2, "stop")
+
+    def stream(self, prompt, **sampling):
+        return self.stream_chat([{"role": "user", "content": prompt}], **sampling)
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def count_chat(self, messages):
+        return sum(self.count_tokens(m["content"]) for m in messages)
+
+
+def test_the_server_needs_only_the_servable_protocol(store):
+    s = Running(["tiny"], max_tokens_limit=8)
+    fake = FakeServable("tiny", "canned answer")
+    s.registry._served["tiny"] = fake  # what registry.get hands the routes for this name
+    try:
+        c = client(s)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi there"}], max_tokens=5)
+        assert r.choices[0].message.content == "canned answer" and r.usage.prompt_tokens == 2 and fake.seen[-1][1]["max_tokens"] == 5
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True) if ch.choices)
+        assert streamed == "canned answer"
+        assert c.completions.create(model="tiny", prompt="once upon", max_tokens=3).choices[0].text == "canned answer"
+        for call, why in [(lambda: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], logprobs=True), "routed"),
+                          (lambda: c.completions.create(model="tiny", prompt=[[1, 2]]), "routed"),
+                          (lambda: httpx.post(s.url + "/tokenize", json={"model": "tiny", "content": "x"}).raise_for_status(), "400")]:
+            with pytest.raises(Exception, match=why):
+                call()
+    finally:
+        s.stop()

@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from slmkit.card import ModelCard
 from slmkit.data.classify import check_format, check_labels, plain_answer, plain_prompt, task_of
@@ -119,8 +119,32 @@ class Classification:
     prompt_tokens: int
 
 
+class Servable(Protocol):
+    """What a served name answers with: a Model, a router over models (route/cascade.RoutedModel), or either behind a
+    response cache (serve/hybrid.CachedModel). The server asks only this; what needs one model's own numbers
+    (log-probabilities, token ids, a template's tool format, classification) asks `single`."""
+
+    name: str
+
+    @property
+    def backend(self) -> Backend:  # tokenizes, counts and embeds for this name
+        ...
+
+    @property
+    def single(self) -> "Model | None":  # the one model behind every answer; None where another may answer (routed)
+        ...
+
+    def stream_chat(self, messages: Sequence[Message], **sampling: Any) -> TextStream: ...
+
+    def stream(self, prompt: str | Sequence[int], **sampling: Any) -> TextStream: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def count_chat(self, messages: Sequence[Message]) -> int: ...
+
+
 class Model:
-    """A model from the store, bound to an inference backend."""
+    """A model from the store, bound to an inference backend (a Servable: its own `single`)."""
 
     def __init__(self, name: str, backend: Backend, card: ModelCard | None = None) -> None:
         self.name = name
@@ -189,6 +213,14 @@ class Model:
 
     def count_tokens(self, text: str) -> int:
         return len(self.backend.encode(text, add_special_tokens=True))
+
+    def count_chat(self, messages: Sequence[Message]) -> int:
+        """The prompt tokens of a conversation in the chat template (the preset's messages included)."""
+        return len(encode_chat(self.backend, self.with_preset(messages)))
+
+    @property
+    def single(self) -> "Model":
+        return self
 
     def _checked_ids(self, ids: list[int], params: SamplingParams) -> list[int]:
         ctx = self.backend.context_length

@@ -30,10 +30,16 @@ class BatchStore(Protocol):
     """Where a continuous batch's KV lives (engine/torch_batch.py, engine/llamacpp_batch.py): rows 0..n-1 run."""
 
     context: int | None  # tokens per slot where the store limits it (llama.cpp), else None
+    chunked: bool  # prefill takes `between` and `chunk`: a long prompt in pieces, decode steps of the others between
+    bursts: bool  # prefill_many: several admitted requests prefilled in one forward (the lean forward's slots)
 
     def prefill(self, ids: list[int], reused: int, kv: Any, *, export: bool) -> tuple["torch.Tensor", Any]:
         """Prefill `ids` (the first `reused` already in the prefix-cache entry `kv`) into the next free slot:
         the last position's logits (V,) and, if asked, the slot's KV for the prefix cache."""
+        ...
+
+    def prefill_many(self, items: list[tuple[list[int], int, Any, int]], *, export: bool) -> list[tuple["torch.Tensor", Any]]:
+        """Where `bursts`: prefill several requests (ids, reused, kv, adapter) in one forward, each into its own slot."""
         ...
 
     def join(self) -> None:
@@ -60,6 +66,7 @@ class BatchStore(Protocol):
 @runtime_checkable
 class Backend(Protocol):
     name: str
+    prefix: list[int]  # token ids before every prompt (a prompt-tuned model's virtual tokens); empty for most
 
     @property
     def context_length(self) -> int:

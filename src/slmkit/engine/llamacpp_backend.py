@@ -41,6 +41,7 @@ class LlamaCppBackend:
     """One llama.cpp context for generation; a second one with all-position logits is made when scoring."""
 
     name = "llamacpp"
+    prefix: list[int] = []  # no prompt-tuned prefix on llama.cpp (a GGUF holds no virtual tokens)
 
     def __init__(self, gguf_path: Path, *, threads: int | None = None, n_ctx: int = 0, flash_attn: bool = False) -> None:
         llamacpp_guard.require()  # a build that dies on this CPU must not take the caller's process with it

@@ -34,6 +34,9 @@ DEFAULT_CONTEXT = 2048  # tokens per batch slot (llama.cpp allocates the KV up f
 class LlamaCppSlots:
     """Sequences of one llama.cpp context, one per batch slot; running row i is sequence (slot) i."""
 
+    chunked = False  # a prompt is decoded whole
+    bursts = False  # one prefill per request
+
     def __init__(self, backend: "LlamaCppBackend", slots: int, context_per_slot: int | None = None) -> None:
         import llama_cpp as L
 

@@ -15,6 +15,7 @@ slot cache and other models in a left-padded transformers cache (`torch_batch.Sl
 from __future__ import annotations
 
 import collections
+import inspect
 import contextvars
 import queue
 import threading
@@ -99,9 +100,9 @@ class BatchScheduler:
 
         def run() -> None:
             try:
-                self.backend = backend() if callable(backend) and not hasattr(backend, "batch_store") else backend
+                self.backend = backend() if inspect.isfunction(backend) else backend  # an opener, or an open backend
                 self.store = self.backend.batch_store(max_batch, context)
-                self.prefix = list(getattr(self.backend, "prefix", ()))
+                self.prefix = list(self.backend.prefix)
             except BaseException as exc:  # the caller raises it
                 opened.put(exc)
                 return
@@ -249,7 +250,7 @@ class BatchScheduler:
             return [(first, False)]
         looked = [self._lookup(first)]
         rest = len(looked[0][0]) - looked[0][2]
-        if rest <= BURST_TOKENS and hasattr(self.store, "prefill_many"):
+        if rest <= BURST_TOKENS and self.store.bursts:
             for req in reqs[1:]:
                 if req.cancelled.is_set() or len(looked) == self.max_batch - len(self.running) or self._uncached(req) != rest:
                     break
@@ -281,7 +282,7 @@ class BatchScheduler:
         """Prefill one request alone and hand out its first token; True when it joins the running batch."""
         ids, cache, reused, kv = item
         kw: dict[str, Any] = {"adapter": req.adapter} if req.adapter else {}  # only the slot cache runs adapters
-        if self.running and self.prefill_chunk and getattr(self.store, "chunked", False):
+        if self.running and self.prefill_chunk and self.store.chunked:
             kw.update(between=self._step_between, chunk=self.prefill_chunk)
         logits, row_kv = self.store.prefill(ids, reused, kv, export=cache is not None, **kw)
         return self._first_token(req, item, logits, row_kv)

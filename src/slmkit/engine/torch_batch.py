@@ -24,6 +24,7 @@ class SlotKV:
     """The running batch in a preallocated slot cache, stepped by the lean Llama forward (rows 0..n-1 run)."""
 
     context: int | None = None  # no per-slot limit beyond the model's context
+    bursts = True
     chunked = True  # prefill takes `between` and `chunk` (chunked prefill)
 
     def __init__(self, fast: FastLlama, slots: int) -> None:
@@ -102,6 +103,8 @@ class DynamicKV:
     """The running batch as a left-padded transformers DynamicCache (any causal LM transformers runs)."""
 
     context: int | None = None
+    chunked = False
+    bursts = False
 
     def __init__(self, backend: "TorchBackend") -> None:
         self.model = backend.model

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from slmkit.engine.decode import Step
-from slmkit.model import GenerationStats, Message, TextStream, encode_chat
+from slmkit.model import GenerationStats, Message, TextStream
 from slmkit.route.policies import Chain, Decision
 from slmkit.route.signals import TOP_FOR_ENTROPY, Signals, signals_of
 
@@ -163,7 +163,7 @@ class RoutedModel:
     small_only: bool = False
     on_outcome: list[Callable[[Outcome], None]] = field(default_factory=list)
     card: Any = None
-    routed: bool = True
+    single: None = None  # (Servable) an answer may come from the large model
 
     @property
     def backend(self) -> Any:  # token counts and embeddings come from the small model
@@ -171,6 +171,9 @@ class RoutedModel:
 
     def count_tokens(self, text: str) -> int:
         return self.small.count_tokens(text)
+
+    def count_chat(self, messages: Sequence[Message]) -> int:
+        return self.small.count_chat(messages)
 
     def embed(self, text: str) -> list[float]:
         return self.small.backend.embed([text])[0]
@@ -181,7 +184,7 @@ class RoutedModel:
 
     def stream_chat(self, messages: Sequence[Message], **sampling: Any) -> RoutedGeneration:
         msgs = [dict(m) for m in messages]
-        n = len(encode_chat(self.small.backend, msgs))
+        n = self.small.count_chat(msgs)
         return RoutedGeneration(self, last_user_text(msgs), n, lambda **kw: self.small.stream_chat(msgs, **kw),
                                 lambda **kw: self.large.stream_chat(msgs, **kw), sampling)
 

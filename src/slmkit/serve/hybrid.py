@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.engine.decode import Step
-from slmkit.model import GenerationStats, TextStream, encode_chat
+from slmkit.model import GenerationStats, TextStream
 from slmkit.route.cache import ResponseCache
 from slmkit.route.cascade import Outcome, RoutedModel
 from slmkit.route.drift import DriftWatch, Reference
@@ -129,8 +129,20 @@ class CachedModel:
         self._lock = threading.Lock()
         metrics.cache_entries.labels(name).set_function(lambda: len(cache))
 
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self.inner, item)
+    # (Servable) tokens, embeddings and the one model behind the answers are the inner one's
+    @property
+    def backend(self) -> Any:
+        return self.inner.backend
+
+    @property
+    def single(self) -> Any:
+        return self.inner.single
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def count_chat(self, messages: Sequence[dict[str, Any]]) -> int:
+        return self.inner.count_chat(messages)
 
     def _lookup(self, messages: Sequence[dict[str, Any]], sampling: dict[str, Any], start: Callable[[], Any], prompt_tokens: Callable[[], int]) -> Any:
         if not cacheable(sampling, self.cache_sampled):
@@ -158,7 +170,7 @@ class CachedModel:
     def stream_chat(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> Any:
         msgs = [dict(m) for m in messages]
         return self._lookup(msgs, sampling, lambda: self.inner.stream_chat(msgs, **sampling),
-                            lambda: len(encode_chat(self.inner.backend, msgs)))
+                            lambda: self.inner.count_chat(msgs))
 
     def stream(self, prompt: str, **sampling: Any) -> Any:
         return self._lookup([{"role": "prompt", "content": prompt}], sampling, lambda: self.inner.stream(prompt, **sampling),

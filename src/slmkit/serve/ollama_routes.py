@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from slmkit.model import Model
 from slmkit.serve import ollama_compat as ol
 from slmkit.sources import modelfile
 from slmkit.sources.modelfile import PRESET_KEY
@@ -154,7 +153,8 @@ def ollama_routes(server: Server) -> APIRouter:
         calling: dict[str, Any] = {}  # the template's tool-call family and the mode, once the model is known
 
         def make(model: Any, kw: dict[str, Any]) -> Any:
-            fam = tl.family_of(model.backend.chat_template) if tools and isinstance(model, Model) else None
+            one = model.single if tools else None
+            fam = tl.family_of(one.backend.chat_template) if one is not None else None
             # after a result, the text protocol answers in text; a template with a tools section decides as taught
             mode = calling["mode"] = tl.mode_of(None, tools, after_result=after and fam is None)
             calling["family"] = fam

@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from slmkit.engine.scheduler import CLIENT
 from slmkit.data.classify import label_schema, task_of
 from slmkit.errors import ModelNotFound, PromptTooLong
-from slmkit.model import Generation, Model
+from slmkit.model import Generation, Model, Servable
 from slmkit.serve import openai_compat as oa
 from slmkit.serve import tools as tl
 from slmkit.serve.errors import to_http
@@ -33,12 +33,14 @@ from slmkit.serve.registry import BadRequest, ModelRegistry, check_inputs
 from slmkit.serve.streaming import ACCESS, Choice, account, collect, first_items, sse, sse_events
 
 
-async def embed_checked(model: Model, name: str, texts: list[str | list[int]]) -> tuple[list[list[float]], int]:
+async def embed_checked(model: Servable, name: str, texts: list[str | list[int]]) -> tuple[list[list[float]], int]:
     """Embeddings of a request's texts (or lists of token ids, each in the vocabulary) within the server's limits
     (count, each input's length, all tokens): the vectors and the tokens they took. For the OpenAI and Ollama
     embedding routes alike."""
     check_inputs(texts, MAX_EMBEDDING_INPUTS, "embed")
-    counts = await asyncio.to_thread(lambda: [model.count_tokens(t) if isinstance(t, str) else len(model.checked_token_ids(t))
+    if model.single is None and any(not isinstance(t, str) for t in texts):
+        raise BadRequest(f"{name} is routed: token ids need one model's vocabulary", "Send text, or name a model.")
+    counts = await asyncio.to_thread(lambda: [model.count_tokens(t) if isinstance(t, str) else len(model.single.checked_token_ids(t))
                                               for t in texts])
     if max(counts) > model.backend.context_length:
         raise PromptTooLong(f"an input is {max(counts)} tokens, but {name}'s context window is {model.backend.context_length} tokens",
@@ -60,7 +62,7 @@ class Server:
     started: int = field(default_factory=lambda: int(time.time()))  # `created` of the served models
 
 
-def logprobs_of(model: Model, gen: Generation) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
+def logprobs_of(model: Servable, gen: Generation) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
     """The generated tokens' log-probabilities under the model (before sampling filters) and the top ones, as
     the decode loop computed them while generating (EOS left out)."""
     b = model.backend
@@ -134,7 +136,7 @@ def openai_routes(server: Server) -> APIRouter:
         metrics.requests.labels(endpoint, model, "200").inc()
         log(200)
 
-    def start(model: Model, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation],
+    def start(model: Servable, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation],
               loop: asyncio.AbstractEventLoop) -> list[Choice]:
         """Render, tokenize and submit every choice (run in a worker thread: none of it on the event loop)."""
         limit = body.max_completion_tokens or body.max_tokens
@@ -148,9 +150,9 @@ def openai_routes(server: Server) -> APIRouter:
         return choices
 
     async def _generate(
-        endpoint: str, body: oa._Sampling, request: Request, begin: Callable[[Model, asyncio.AbstractEventLoop], list[Choice]],
+        endpoint: str, body: oa._Sampling, request: Request, begin: Callable[[Servable, asyncio.AbstractEventLoop], list[Choice]],
         chunk: Callable[[str, str, int, str | None, str | None], dict],
-        respond: Callable[[str, str, Model, list[Choice], list[str]], dict],
+        respond: Callable[[str, str, Servable, list[Choice], list[str]], dict],
     ) -> Any:
         name = body.model or registry.names[0]
         t0 = time.perf_counter()
@@ -159,7 +161,7 @@ def openai_routes(server: Server) -> APIRouter:
             model = await asyncio.to_thread(registry.get, body.model, body.user)
             if body.stream and body.logprobs:
                 raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
-            if body.logprobs and getattr(model, "routed", False):
+            if body.logprobs and model.single is None:
                 raise BadRequest(f"{name} is routed: its answer may come from another model, which gives no logprobs here",
                                  "Ask a model by its own name for logprobs.")
             choices = await asyncio.to_thread(begin, model, asyncio.get_running_loop())
@@ -199,9 +201,10 @@ def openai_routes(server: Server) -> APIRouter:
         messages: list[dict[str, str]] = []
         calling: dict[str, Any] = {}  # the checked tools and the tool_choice mode, set in begin
 
-        def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
+        def begin(model: Servable, loop: asyncio.AbstractEventLoop) -> list[Choice]:
             tools = tl.check_tools(body.tools)
-            family = tl.family_of(model.backend.chat_template) if tools and isinstance(model, Model) else None
+            one = model.single if tools else None  # a template's own tool format needs the one model behind the answer
+            family = tl.family_of(one.backend.chat_template) if one is not None else None
             mode = tl.mode_of(body.tool_choice, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool"
                               and family is None)  # a template with a tools section decides after a result as it was taught
             calling.update(tools=tools, mode=mode, family=family)
@@ -222,7 +225,7 @@ def openai_routes(server: Server) -> APIRouter:
             delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
             return oa.chat_chunk(rid, name, i, delta, finish)
 
-        def respond(rid: str, name: str, model: Model, choices: list[Choice], texts: list[str]) -> dict:
+        def respond(rid: str, name: str, model: Servable, choices: list[Choice], texts: list[str]) -> dict:
             out = []
             for c, text in zip(choices, texts):
                 content, calls = tl.calls_in(text, calling["tools"], calling.get("mode"), calling.get("family"))
@@ -245,11 +248,11 @@ def openai_routes(server: Server) -> APIRouter:
     async def completions(body: oa.CompletionRequest, request: Request) -> Any:
         prompts = oa.prompt_list(body.prompt)
 
-        def begin(model: Model, loop: asyncio.AbstractEventLoop) -> list[Choice]:
+        def begin(model: Servable, loop: asyncio.AbstractEventLoop) -> list[Choice]:
             if not prompts or any(not p for p in prompts):
                 raise BadRequest("prompt is empty", "Send a prompt string (or token ids).")
-            if not isinstance(model, Model) and any(not isinstance(p, str) for p in prompts):
-                raise BadRequest("token-id prompts need one served model, not a routed or cached name", "Send text.")
+            if model.single is None and any(not isinstance(p, str) for p in prompts):
+                raise BadRequest("token-id prompts need one served model, not a routed name", "Send text.")
             choices: list[Choice] = []
             for p in prompts:
                 for c in start(model, body, lambda kw, p=p: model.stream(p, **kw), loop):
@@ -260,7 +263,7 @@ def openai_routes(server: Server) -> APIRouter:
         def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
             return oa.completion_chunk(rid, name, i, text or "", finish)
 
-        def respond(rid: str, name: str, model: Model, choices: list[Choice], texts: list[str]) -> dict:
+        def respond(rid: str, name: str, model: Servable, choices: list[Choice], texts: list[str]) -> dict:
             out = [oa.completion_choice(c.index, text, c.gen.stats.finish_reason,
                                         oa.completion_logprobs(*logprobs_of(model, c.gen)) if body.logprobs is not None else None)
                    for c, text in zip(choices, texts)]
@@ -269,10 +272,11 @@ def openai_routes(server: Server) -> APIRouter:
         return await _generate("completions", body, request, begin, chunk, respond)
 
     async def plain_model(name: str | None) -> Model:
-        model = await asyncio.to_thread(registry.get, name)
-        if not isinstance(model, Model):
-            raise BadRequest(f"{name} is a routed or cached name, not one model", "Use a served model's name.")
-        return model
+        """The one model a name serves (a cached name's too); a routed name is refused."""
+        one = (await asyncio.to_thread(registry.get, name)).single
+        if one is None:
+            raise BadRequest(f"{name} is routed: its answers may come from another model", "Use a served model's own name.")
+        return one
 
     @router.post("/tokenize")
     async def tokenize(body: oa.TokenizeRequest) -> Any:  # llama-server's
