@@ -1,6 +1,6 @@
-"""What the benchmarks share: where results go, the default model's store name, the slmkit CLI run with its peak
-memory, whether a model is in a store, and the CPU line results record. (Imported by bench scripts that put bench/
-on sys.path; the older scripts keep their own copies until they are next rerun.)"""
+"""What the benchmarks share: where results go, the default model's store name, the slmkit CLI (run quietly, or with
+its peak memory), whether a model is in a store, and the CPU line results record. Every bench script imports it
+(a script under bench/NAME/ puts bench/ on sys.path first; one in bench/ finds it beside itself)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BASE = "smollm2-135m-instruct"
+SLMKIT = [sys.executable, "-m", "slmkit"]
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 _PEAK = ("import resource, sys\nfrom slmkit.cli import main\nsys.argv = ['slmkit'] + sys.argv[1:]\ntry:\n    main()\n"
          "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
@@ -28,8 +29,13 @@ def slmkit(args: list[str], env: dict[str, str]) -> tuple[str, int]:
     return r.stdout, kb // 1024
 
 
+def sh(args: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a command (its output dropped); a failure raises."""
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
 def exists(name: str, env: dict[str, str]) -> bool:
-    return subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env, capture_output=True).returncode == 0
+    return subprocess.run(SLMKIT + ["models", "show", name, "--json"], env=env, capture_output=True).returncode == 0
 
 
 def cpu_line() -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from common import RESULTS  # noqa: E402
+
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
 LAYERS = 30
 HEAD = (49152, 576)

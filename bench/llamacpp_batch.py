@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from common import RESULTS, ROOT  # noqa: E402
+
 TYPES = ["Q4_1", "Q4_0", "Q8_0", "F16", "F32"]
 
 

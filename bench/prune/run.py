@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
-SLMKIT = [sys.executable, "-m", "slmkit"]
-BASE = "smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
+from common import BASE, RESULTS, ROOT, sh, SLMKIT  # noqa: E402
+
 CALIB = "wikitext2/wiki.valid.tokens"
 
 # (label, store name, command that makes it, dense: also measured on llama.cpp)
@@ -42,10 +41,6 @@ VARIANTS = [
     *[(f"low-rank {int(r * 100)}%", f"{BASE}-lowrank-{int(r * 100)}", ["lowrank", BASE, "--ratio", str(r), "--calib", "@CALIB"], False)
       for r in (0.8, 0.6)],
 ]
-
-
-def sh(args: list[str], env: dict[str, str]) -> None:
-    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def ev(name: str, args: list[str], env: dict[str, str], out: Path, tag: str) -> dict:

@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
-SLMKIT = [sys.executable, "-m", "slmkit"]
-BASE = "smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
+from common import BASE, RESULTS, ROOT, sh, SLMKIT  # noqa: E402
+
 CALIB = "wikitext2/wiki.valid.tokens"
 
 # (store name, backend, how it is made)
@@ -42,10 +41,6 @@ GGUF = [(BASE, "llamacpp", None)] + [
      ["export", BASE, "--type", t, "--imatrix", "@CALIB", "--name", f"{BASE}-{t.lower()}-imat", "--no-ppl"])
     for t in ("Q4_K_M", "Q4_0")
 ]
-
-
-def sh(args: list[str], env: dict[str, str]) -> None:
-    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def measure(name: str, backend: str, env: dict[str, str], out: Path, windows: int) -> dict:

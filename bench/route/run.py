@@ -30,19 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
-SLMKIT = [sys.executable, "-m", "slmkit"]
-BASE = "smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
+from common import BASE, exists, RESULTS, ROOT, sh, SLMKIT  # noqa: E402
+
 SMALL = f"{BASE}-width-100m"
-
-
-def sh(args: list[str], env: dict[str, str]) -> None:
-    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
-
-
-def exists(name: str, env: dict[str, str]) -> bool:
-    return subprocess.run(SLMKIT + ["models", "show", name, "--json"], env=env, capture_output=True).returncode == 0
 
 
 def free_port() -> int:

@@ -28,8 +28,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
+from common import RESULTS, ROOT  # noqa: E402
+
 PROMPT = (
     "The lighthouse stood at the edge of the northern cliffs, where the sea met the land in a long line of white foam. "
     "Every evening the keeper climbed the spiral stairs, trimmed the wick, and watched the beam sweep across the water. "
