@@ -3,7 +3,7 @@ the scheduler all get their backends here. Adding a backend is one entry in BACK
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slmkit import progress
@@ -15,6 +15,7 @@ from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
 from slmkit.sources import integrity
+from slmkit.sources.adapters import lora_factors
 from slmkit.sources.forms import has_gguf, is_router
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
@@ -67,11 +68,21 @@ def pick_backend(folder: Path, backend: str) -> str:
     return backend
 
 
-def open_backend(folder: Path, backend: str, *, serving: bool = False) -> Backend:
+def open_backend(folder: Path, backend: str, *, serving: bool = False, adapters: Sequence[Path] = ()) -> Backend:
     """Open the store folder on `backend` (already picked: torch or llamacpp) with the configured threads, once its
-    files are checked whole (a truncated file is named, never a reader's traceback)."""
+    files are checked whole (a truncated file is named, never a reader's traceback). `adapters`: LoRA adapters of
+    this base loaded beside it as ids 1..n, so that requests for each share one batch (PyTorch's lean forward;
+    serve/registry.py decides which can)."""
     integrity.require_whole(folder, read_card(folder))
-    return BACKENDS[backend](folder, settings().threads, serving)
+    opened = BACKENDS[backend](folder, settings().threads, serving)
+    if adapters:
+        if backend != "torch" or opened.fast is None:
+            raise SlmkitError(f"{folder.name}: adapters share a base only on PyTorch's lean forward (Llama layout)",
+                              "Serve each adapter on its own (it is merged into its base).")
+        for a in adapters:
+            integrity.require_whole(a, read_card(a))
+            opened.fast.add_adapter(lora_factors(a, opened.fast.layers, opened.fast.dtype))
+    return opened
 
 
 def load(name: str | None = None, *, backend: str = "torch", store: Store | None = None) -> Model:

@@ -132,13 +132,8 @@ class ModelRegistry:
     def _shared_backend(self, base: str, adapters: list[str]) -> BatchedBackend:
         """The one scheduler over `base` with `adapters` loaded as ids 1..n (opened on the scheduler's thread)."""
         if base not in self._shared:
-            from slmkit.sources.adapters import lora_factors
-
             def open_group() -> Any:
-                b = open_backend(self.store.require(base), "torch", serving=True)
-                for a in adapters:
-                    b.fast.add_adapter(lora_factors(self.store.require(a), b.fast.layers, b.fast.dtype))
-                return b
+                return open_backend(self.store.require(base), "torch", serving=True, adapters=[self.store.require(a) for a in adapters])
 
             self._shared[base] = BatchedBackend(open_group, max_batch=self.max_batch, max_queue=self.max_queue,
                                                 prefix_cache_tokens=self.prefix_cache_tokens, context=self.context,
