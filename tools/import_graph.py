@@ -5,7 +5,7 @@ layer, and how many imports sit inside functions (where the spine test's module-
 
 Layers, lowest first (a module may import its own layer and those below): the floor (errors, config, progress, ...),
 card, data/ and native/ (the kernels), the store and layers/, sources/, engine/, compress/, model.py and loading.py, train/,
-evaluate/ and export/, route/, serve/, then the faces (cli/, doctor.py, the package). `if TYPE_CHECKING:` imports
+evaluate/ and export/, route/, recipe/, serve/, then the faces (cli/, doctor.py, the package). `if TYPE_CHECKING:` imports
 are left out (they never run)."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ LAYERS = [
     {"train"},
     {"evaluate", "export"},
     {"route"},
+    {"recipe"},
     {"serve"},
     {"cli", "doctor", "__init__", "__main__"},
 ]

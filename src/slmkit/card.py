@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -219,8 +220,11 @@ def build_card(
 
 
 def write_card(folder: Path, card: ModelCard) -> None:
-    (folder / CARD_JSON).write_text(card.to_json())
-    (folder / CARD_MD).write_text(card.to_markdown())
+    """card.json and card.md, each written to a temporary name and renamed into place (a reader never sees half)."""
+    for name, text in ((CARD_JSON, card.to_json()), (CARD_MD, card.to_markdown())):
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
 
 
 def read_card(folder: Path) -> ModelCard:

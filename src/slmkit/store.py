@@ -102,6 +102,13 @@ class Store:
             )
         return folder
 
+    def annotate(self, name: str, key: str, value: Any) -> ModelCard:
+        """Add `key` to an installed model's card settings (what made it, for a recipe); the files are unchanged."""
+        card = self.card(name)
+        card.settings[key] = value
+        write_card(self.path(name), card)
+        return card
+
     def remove(self, name: str) -> None:
         """Delete a model: rename it out of sight first, so a crash mid-delete leaves no broken model listed."""
         folder = self.require(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import data, distill, doctor, evaluate, export, finetune, generate, lowrank, models, prune, quantize, route, serve
+from slmkit.cli import data, distill, doctor, evaluate, export, finetune, generate, lowrank, models, prune, quantize, recipe, route, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.add_typer(route.app, name="route")
+app.add_typer(recipe.app, name="recipe")
 app.command("pull")(models.pull_cmd)
 app.command("run")(generate.run)
 app.command("chat")(generate.chat)

@@ -117,7 +117,8 @@ def _sweep(run_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _find_checkpoint(run_dir: Path) -> Path | None:
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The last whole checkpoint of a run, or None."""
     final = run_dir / CHECKPOINT
     if (final / "state.json").is_file():
         return final
@@ -180,7 +181,7 @@ def fit(model: nn.Module, train: Windows, valid: Windows, cfg: TrainConfig, run_
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_dir.mkdir(parents=True, exist_ok=True)
     _sweep(run_dir)
-    found = _find_checkpoint(run_dir)
+    found = find_checkpoint(run_dir)
     start, history, tokens = 0, [], 0
     if found is not None and not resume:
         raise SlmkitError(f"{run_dir} already holds a checkpoint of a run", "Continue it with --resume, or start afresh under another --name.")
