@@ -23,7 +23,8 @@ from slmkit.route.cascade import RoutedModel
 from slmkit.route.drift import DriftWatch, Reference, psi
 from slmkit.route.policies import Chain, Confidence, Router, Rules, fit_classifier
 from slmkit.route.signals import signals_of, step_entropy
-from slmkit.route.targets import Endpoint, Local, TargetUnavailable
+from slmkit.route.targets import Local
+from slmkit.sources.endpoint import Endpoint, TargetUnavailable
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8, "repetition_penalty": 1.0}  # as the OpenAI routes do
 

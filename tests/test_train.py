@@ -398,3 +398,37 @@ def test_stratified_split_is_deterministic_balanced_and_leak_free(tmp_path):
     assert r.exit_code == 0 and back(tmp_path / "cv" / "fold-3" / "heldout.jsonl") == folds[2][1], r.output
     r = runner.invoke(app, ["data", "split", str(tsv), "--out", str(tmp_path / "x"), "--held-out", "1.5", "--text-column", "text", "--label-column", "label"])
     assert r.exit_code == 1 and "between 0 and 1" in r.stderr
+
+
+def test_a_teacher_behind_an_endpoint_writes_the_data_the_student_learns(store, tmp_path):
+    """A black-box teacher: a second slmkit server (OpenAI API) answers prompts from the data; the answers are kept
+    in the run (a stopped run goes on after them, asking only for the rest), and the student learns them."""
+    from test_serve import Running
+
+    from slmkit.sources.endpoint import TargetUnavailable
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Tell me about fox {i}."},
+                                                        {"role": "assistant", "content": "ok"}]}) + "\n" for i in range(6)))
+    s = Running(["tiny"], max_tokens_limit=16)
+    try:
+        url = s.url + "/v1"
+        answers = Path(os.environ["SLMKIT_HOME"]) / "runs" / "student" / "teacher-answers.jsonl"
+        answers.parent.mkdir(parents=True)
+        answers.write_text(json.dumps({"messages": [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "from before"}]}) + "\n")
+        before = s.metrics.requests.labels("chat", "tiny", "200")._value.get()
+        card = distill_stage(url, "tiny", [prompts], synthetic=4, synthetic_max_tokens=6, name="student", seq_len=32,
+                             config=TrainConfig(steps=2, batch_size=1))
+        assert s.metrics.requests.labels("chat", "tiny", "200")._value.get() - before == 3  # one answer was there already
+        rows = [json.loads(x) for x in answers.read_text().splitlines()]
+        assert len(rows) == 4 and rows[0]["messages"][0]["content"] == "kept"
+        assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][0]["content"].startswith("Tell me about fox") for r in rows[1:])
+        st = card.settings
+        assert st["teacher"] == url and st["teacher_model"] == "tiny" and st["alpha"] == 0.0 and st["loss"] == "next-token"
+        assert st["synthetic"]["samples"] == 4 and st["synthetic"]["reused"] == 1 and card.parent == "tiny"
+        with pytest.raises(SlmkitError, match="answers only"):
+            distill_stage(url, "new:layers=1", [prompts], name="fresh")
+    finally:
+        s.stop()
+    with pytest.raises(TargetUnavailable, match="does not answer"):
+        distill_stage(url, "tiny", [prompts], name="gone")

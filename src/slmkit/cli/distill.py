@@ -18,7 +18,8 @@ _D = TrainConfig()
 
 @handle_errors
 def distill(
-    teacher: Annotated[str, typer.Option("--teacher", help="Store model whose outputs the student learns.")],
+    teacher: Annotated[str, typer.Option("--teacher", help="Store model whose outputs the student learns; or an OpenAI-compatible endpoint "
+                                        "(http://HOST:PORT/v1): a black box whose answers to your prompts the student learns.")],
     student: Annotated[str, typer.Option("--student", help="Store model to train (same tokenizer), e.g. a pruned child of the teacher; "
                                         "or new:layers=12,intermediate=768 (also hidden, heads, kv_heads) for a fresh one.")],
     data: Annotated[list[Path], typer.Option("--data", help="Training text: .txt, .jsonl ({text}, {messages}, Alpaca) or .csv. Repeatable.")],
@@ -43,6 +44,9 @@ def distill(
     hidden_weight: Annotated[float, typer.Option("--hidden-weight", help="Also align the student's final hidden states with the teacher's (Minitron); keeps the teacher in memory.")] = 0.0,
     synthetic: Annotated[int, typer.Option("--synthetic", help="Also train on N samples the teacher writes from prompts of your data.")] = 0,
     synthetic_max_tokens: Annotated[int, typer.Option("--synthetic-max-tokens", help="Tokens per teacher-written sample.")] = 128,
+    teacher_model: Annotated[str | None, typer.Option("--teacher-model", help="The model to ask at a --teacher URL (default: its first).")] = None,
+    teacher_key: Annotated[str | None, typer.Option("--teacher-key", envvar="SLMKIT_TEACHER_API_KEY", help="API key for a --teacher URL.")] = None,
+    teacher_rate: Annotated[float, typer.Option("--teacher-rate", help="Most requests per second to a --teacher URL (0: no limit).")] = 0.0,
     name: Annotated[str | None, typer.Option("--name", help="Name of the trained student (default STUDENT-distilled).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this --name from its last checkpoint.")] = False,
     as_json: JsonOpt = False,
@@ -56,7 +60,8 @@ def distill(
     read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column}.items() if v}
     card = distill_stage(teacher, student, data, loss=loss, tau=temperature, alpha=alpha, top_k=top_k, seq_len=seq_len,
                          config=cfg, name=name, resume=resume, read=read, synthetic=synthetic,
-                         synthetic_max_tokens=synthetic_max_tokens, hidden_weight=hidden_weight)
+                         synthetic_max_tokens=synthetic_max_tokens, hidden_weight=hidden_weight, teacher_model=teacher_model,
+                         teacher_key=teacher_key, teacher_rate=teacher_rate)
     if as_json:
         print_json(card)
         return

@@ -26,7 +26,7 @@ from slmkit.route.devset import QAItem, quality, read_qa
 from slmkit.route.drift import Reference
 from slmkit.route.policies import Confidence, Router, Rules, fit_classifier, policy_to_dict
 from slmkit.route.signals import SIGNALS, TOP_FOR_ENTROPY, signals_of
-from slmkit.route.targets import Endpoint
+from slmkit.sources.endpoint import Endpoint
 from slmkit.sources.forms import ROUTER_CONFIG, ROUTER_FILE
 from slmkit.store import Store, validate_name
 

@@ -154,7 +154,7 @@ class RoutedGeneration(TextStream):
 
 @dataclass
 class RoutedModel:
-    """A served name that routes between `small` (a Model) and `large` (a target: route.targets.Local or Endpoint)."""
+    """A served name that routes between `small` (a Model) and `large` (a target: route.targets.Local or sources.endpoint.Endpoint)."""
 
     name: str
     small: Any

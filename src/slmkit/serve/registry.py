@@ -28,7 +28,8 @@ from slmkit.loading import open_backend, pick_backend
 from slmkit.model import Model
 from slmkit.route.ab import Split
 from slmkit.route.cache import ResponseCache
-from slmkit.route.targets import Endpoint, Local
+from slmkit.route.targets import Local
+from slmkit.sources.endpoint import Endpoint
 from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
 from slmkit.serve.metrics import Metrics
 from slmkit.sources.forms import is_adapter, is_router, read_router

@@ -28,7 +28,8 @@ from slmkit.train import teacher as tc
 from slmkit.train.loop import TrainConfig, fit, with_loss_curve
 from slmkit.train.losses import LOSSES, hidden_alignment, kd_loss, next_token_loss
 from slmkit.train.student import fresh_student, parse_spec
-from slmkit.train.synthetic import write_synthetic
+from slmkit.sources.endpoint import Endpoint
+from slmkit.train.synthetic import write_from_endpoint, write_synthetic
 
 SEQ_LEN = 256
 TAU = 2.0
@@ -43,13 +44,27 @@ def distill_stage(
     teacher: str, student: str, data: list[Path], *, loss: str = "fkl", tau: float = TAU, alpha: float = ALPHA,
     top_k: int = tc.TOP_K, seq_len: int = SEQ_LEN, valid_fraction: float = 0.05, config: TrainConfig | None = None,
     name: str | None = None, resume: bool = False, store: Store | None = None, read: dict[str, Any] | None = None,
-    synthetic: int = 0, synthetic_max_tokens: int = 128, hidden_weight: float = 0.0,
+    synthetic: int = 0, synthetic_max_tokens: int = 128, hidden_weight: float = 0.0, teacher_model: str | None = None,
+    teacher_key: str | None = None, teacher_rate: float = 0.0,
 ) -> ModelCard:
     """Train store model `student` (or a fresh one, `new:layers=12,...`, initialised from the teacher) from `teacher`
     on `data` files, plus `synthetic` samples the teacher writes, and install the result as `name` (default
-    STUDENT-distilled); `resume` continues the run of that name from its last checkpoint."""
+    STUDENT-distilled); `resume` continues the run of that name from its last checkpoint.
+
+    A teacher given as a URL (an OpenAI-compatible endpoint, `teacher_model` there) is a black box: it gives answers,
+    not log-probabilities, so the student learns its answers to prompts from `data` (`synthetic` of them, default one
+    per example) by next-token loss; the answers are kept in the run and a stopped run goes on after them."""
     store = store or Store()
     cfg = config or TrainConfig()
+    remote = teacher.startswith(("http://", "https://"))
+    if remote:
+        if student.startswith("new:") or hidden_weight > 0:
+            raise SlmkitError("a teacher behind an endpoint gives answers only: no weights to start a fresh student from or "
+                              "hidden states to align", "Start from a store model (--student NAME) without --hidden-weight.")
+        if alpha > 0:
+            progress.note("the teacher is an endpoint (answers, no log-probabilities): the student learns its answers "
+                          "by next-token loss (alpha 0)")
+        alpha = 0.0
     if loss not in LOSSES:
         raise SlmkitError(f"unknown loss {loss!r}", f"Losses: {', '.join(LOSSES)}")
     if not 0 <= alpha <= 1 or tau <= 0 or top_k < 1 or hidden_weight < 0:
@@ -58,9 +73,9 @@ def distill_stage(
         raise SlmkitError("no training data given", "Pass --data FILE (text, JSON lines or CSV), repeatable.")
     fresh = student.startswith("new:")
     overrides = parse_spec(student) if fresh else {}
-    name = validate_name(name or (f"{teacher}-student" if fresh else f"{student}-{'distilled' if alpha > 0 else 'trained'}"))
+    name = validate_name(name or (f"{teacher}-student" if fresh else f"{student}-{'distilled' if alpha > 0 or remote else 'trained'}"))
     store.check_free(name)
-    t_folder, t_card = store.require(teacher), store.card(teacher)
+    t_folder, t_card = (None, None) if remote else (store.require(teacher), store.card(teacher))
     load_teacher = lambda: load_float(t_folder, dtype=torch.float32, what=f"Loading the teacher {teacher}")  # noqa: E731
     init_info = None
     if fresh:
@@ -77,7 +92,15 @@ def distill_stage(
     run_dir = settings().home / "runs" / name
     paths = [Path(p) for p in data]
     synth_info = None
-    if synthetic > 0:
+    if remote:
+        endpoint = Endpoint(teacher, teacher_model, teacher_key)
+        endpoint.check()
+        examples = [e for p in paths for e in td.read_examples(p, **(read or {}))]
+        answers = run_dir / "teacher-answers.jsonl"
+        synth_info = write_from_endpoint(endpoint, examples, synthetic or len(examples), answers, max_tokens=synthetic_max_tokens,
+                                         seed=cfg.seed, rate=teacher_rate)
+        paths = [answers]  # the student learns the teacher's answers (the prompts are the user's)
+    elif synthetic > 0:
         synth = run_dir / "synthetic.jsonl"
         if not (resume and synth.is_file()):  # a resumed run reuses what the teacher already wrote
             from slmkit.engine.torch_backend import TorchBackend
@@ -131,7 +154,8 @@ def distill_stage(
     result = fit(net, train, valid, cfg, run_dir, loss_fn, resume=resume)
     ppl = lambda v: math.exp(v) if v is not None else None  # noqa: E731
     train_settings = {
-        "teacher": teacher if alpha > 0 else None, "teacher_sha256": t_card.files if alpha > 0 else None,
+        "teacher": teacher if alpha > 0 or remote else None, "teacher_sha256": t_card.files if alpha > 0 else None,
+        "teacher_model": endpoint.model if remote else None,
         "loss": loss if alpha > 0 else "next-token", "temperature": tau, "alpha": alpha, "data": info,
         "teacher_cache": cache_info, "hidden_weight": hidden_weight, "synthetic": synth_info, "student_init": init_info, "train": asdict(cfg), "steps": result["steps"], "tokens": result["tokens"],
         "seconds": result["seconds"], "processes": result["world"],

@@ -66,3 +66,33 @@ def write_synthetic(backend: Any, examples: list[Example], n: int, path: Path, *
         tmp.unlink(missing_ok=True)
     return {"file": str(path), "samples": len(rows), "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
             "seed": seed}
+
+
+def write_from_endpoint(endpoint: Any, examples: list[Example], n: int, path: Path, *, max_tokens: int = 128,
+                        temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, rate: float = 0.0) -> dict[str, Any]:
+    """A black-box teacher (sources/endpoint.Endpoint: any OpenAI-compatible server) answers n prompts drawn from the
+    examples, one request each, at most `rate` requests per second (0: as fast as it answers). Every answer is
+    appended to `path` as it arrives (a conversation row: the prompt's turns and the teacher's reply), so a run that
+    stops goes on after the answers it has: the prompts are the same for the same seed."""
+    import time
+
+    prompts = prompts_of(examples, n, seed)
+    have = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    done = len([x for x in have if x.strip()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    last = 0.0
+    with progress.bar(f"teacher {endpoint.label} answering", total=n) as advance, open(path, "a", encoding="utf-8") as fh:
+        advance(min(done, n))
+        for i in range(done, n):
+            p = prompts[i]
+            messages = [{"role": "user", "content": p.text}] if p.text is not None else [{"role": r, "content": c} for r, c in p.messages]
+            if rate > 0:
+                time.sleep(max(0.0, last + 1 / rate - time.monotonic()))
+            last = time.monotonic()
+            reply = "".join(endpoint.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                 seed=seed + i)).strip()
+            fh.write(json.dumps({"messages": messages + [{"role": "assistant", "content": reply}]}, ensure_ascii=False) + "\n")
+            fh.flush()
+            advance(1)
+    return {"file": str(path), "samples": n, "reused": min(done, n), "teacher": endpoint.label, "max_tokens": max_tokens,
+            "temperature": temperature, "top_p": top_p, "seed": seed, "rate": rate}
