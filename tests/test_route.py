@@ -373,3 +373,52 @@ def test_server_response_cache_and_ab_split(pair):
         s.stop()
     with pytest.raises(SlmkitError, match="not served"):
         Running(["tiny"], splits=[Split("ab", ("tiny", "other"), (0.5, 0.5))])
+
+
+def test_the_flywheel_escalations_train_a_student_that_escalates_less(pair, tmp_path):
+    """Opt-in escalation log -> `route harvest` -> the small model fine-tuned on the large model's answers: on
+    held-out prompts of the same kind, the same confidence threshold escalates fewer of them."""
+    import statistics
+
+    from slmkit.loading import load
+    from slmkit.route.calibrate import calibrate_stage
+    from slmkit.store import Store
+    from slmkit.train.finetune import finetune_stage
+    from slmkit.train.loop import TrainConfig
+
+    ask = lambda i: [{"role": "user", "content": f"Tell me about the red fox number {i}."}]  # noqa: E731
+    greedy = {"max_tokens": 8, "temperature": 0.0, "repetition_penalty": 1.0}
+
+    def confidence(model, i):
+        gen = model.stream_chat(ask(i), **greedy)
+        gen.read()
+        return signals_of(gen.steps).get("mean_logprob")
+
+    tiny = load("tiny")
+    threshold = statistics.median(confidence(tiny, i) for i in range(24))  # about half of these prompts escalate
+    calibrate_stage("tiny", "other", data=_qa_dev(tmp_path, 12), max_escalation=0.5, name="auto")
+    path = Store().path("auto") / "router.json"
+    router = json.loads(path.read_text())
+    router["policies"] = [{"kind": "confidence", "threshold": threshold, "signal": "mean_logprob"}]
+    path.write_text(json.dumps(router))
+    from slmkit.serve.hybrid import EscalationLog
+
+    log = tmp_path / "escalations.jsonl"
+    s = Running(["auto"], escalation_log=EscalationLog(log, 100), decision_log=tmp_path / "d.jsonl")
+    try:
+        answered = [client(s).chat.completions.create(model="auto", messages=ask(i), max_tokens=8, temperature=0) for i in range(24)]
+    finally:
+        s.stop()
+    assert answered and "red fox" not in (tmp_path / "d.jsonl").read_text()  # the decision log keeps no text
+    r = CliRunner().invoke(__import__("slmkit.cli", fromlist=["app"]).app,
+                           ["route", "harvest", str(log), "--out", str(tmp_path / "next.jsonl"), "--route", "auto", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "next.jsonl").read_text().splitlines()]
+    assert 4 <= len(rows) <= 20 and all(row["messages"][-1]["role"] == "assistant" for row in rows)
+    assert rows[0]["messages"][-1]["content"] == _answer("other", rows[0]["messages"][:-1])  # the large model's answer
+    finetune_stage("tiny", [tmp_path / "next.jsonl"], method="full", seq_len=48, name="tiny-next",
+                   config=TrainConfig(steps=40, batch_size=4, lr=3e-3))
+    held_out = range(100, 116)
+    before = sum(confidence(tiny, i) < threshold for i in held_out)
+    after = sum(confidence(load("tiny-next"), i) < threshold for i in held_out)
+    assert after < before, (before, after)

@@ -42,7 +42,7 @@ class Running:
 
         self.metrics = Metrics()
         reg_kw = {k: kw.pop(k) for k in ("max_batch", "max_queue", "prefix_cache_tokens", "splits", "cache", "cache_sampled",
-                                          "small_only", "decision_log", "large_key") if k in kw}
+                                          "small_only", "decision_log", "large_key", "escalation_log") if k in kw}
         self.registry = ModelRegistry(names, self.metrics, **{"max_batch": 4, "max_queue": 16, "prefix_cache_tokens": 4096, **reg_kw})
         app = create_app(self.registry, self.metrics, **kw)
         self.port = free_port()

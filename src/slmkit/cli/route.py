@@ -82,3 +82,34 @@ def show(name: Annotated[str, typer.Argument(help="A router in the store.")]) ->
     if not is_router(folder):
         raise SlmkitError(f"{name} is a model, not a router", "Make one with: slmkit route calibrate --small S --large L ...")
     out_console().print_json(json.dumps(read_router(folder)))
+
+
+@app.command("harvest")
+@handle_errors
+def harvest_cmd(
+    log: Annotated[Path, typer.Argument(help="An escalation log (slmkit serve --escalation-log FILE).")],
+    out: Annotated[Path, typer.Option("--out", help="The training rows to write (JSON lines: chats, or texts).")],
+    route: Annotated[str | None, typer.Option("--route", help="Only this router's escalations.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn what routers escalated (and the large model's answers) into training data for the next student:
+    `slmkit finetune SMALL --data OUT` teaches it to answer those prompts itself, so fewer are escalated."""
+    import os
+
+    from slmkit.errors import SlmkitError
+    from slmkit.route.harvest import harvest
+
+    if not log.is_file():
+        raise SlmkitError(f"{log} does not exist", "Serve a router with --escalation-log FILE first.")
+    rows, skipped = harvest(log.read_text(encoding="utf-8").splitlines(), route)
+    if not rows:
+        raise SlmkitError(f"no escalations{f' of {route}' if route else ''} in {log}", "Serve longer, or check --route.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
+    summary = {"rows": len(rows), "skipped": skipped, "out": str(out)}
+    if as_json:
+        print_json(summary)
+    else:
+        typer.echo(f"{len(rows)} training rows in {out}" + (f" ({skipped} log lines skipped)" if skipped else ""))

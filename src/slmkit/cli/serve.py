@@ -14,6 +14,7 @@ from slmkit.errors import SlmkitError
 from slmkit.config import settings
 from slmkit.route.ab import parse_split
 from slmkit.route.cache import CACHE_ENTRIES, CACHE_TTL_S, ResponseCache
+from slmkit.serve.hybrid import ESCALATION_LOG_ROWS, EscalationLog
 from slmkit.serve.limits import MAX_TOKENS_LIMIT
 
 
@@ -43,6 +44,8 @@ def serve(
     docs: Annotated[bool, typer.Option("--docs", help="Serve the API's description at /docs and /openapi.json (off: it tells anyone what the server takes).")] = False,
     open_metrics: Annotated[bool, typer.Option("--open-metrics", help="Serve /metrics without the API key (with --api-key it needs the key).")] = False,
     allow_model_changes: Annotated[bool, typer.Option("--allow-model-changes", help="Let Ollama's clients pull, create, copy and delete models in the store (/api/pull, /api/create, /api/copy, /api/delete; allowed anyway with --api-key).")] = False,
+    escalation_log: Annotated[Path | None, typer.Option("--escalation-log", help="Keep the prompts routers escalate and the large model's answers here (JSON lines; off by default: it holds users' text), for `slmkit route harvest`.")] = None,
+    escalation_log_rows: Annotated[int, typer.Option("--escalation-log-rows", help="Most escalations kept (the oldest go first).")] = ESCALATION_LOG_ROWS,
     decision_log: Annotated[Path | None, typer.Option("--decision-log", help="Routers' decisions as JSON lines. [default: SLMKIT_HOME/logs/route-decisions.jsonl]")] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a chat page at /."""
@@ -65,7 +68,8 @@ def serve(
     registry = ModelRegistry(names, metrics, max_batch=max_batch, max_queue=max_queue, prefix_cache_tokens=prefix_cache_tokens,
                              backend=backend, context=context, splits=splits, cache=make_cache, cache_sampled=cache_sampled,
                              small_only=small_only, large_key=large_key, max_queue_per_client=max_queue_per_client,
-                             decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl")
+                             decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl",
+                             escalation_log=EscalationLog(escalation_log, escalation_log_rows) if escalation_log else None)
     app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout,
                      cors_origins=list(cors_origin or []), docs=docs, open_metrics=open_metrics, allow_model_changes=allow_model_changes)
     where = f"http://{host}:{port}"
@@ -74,7 +78,10 @@ def serve(
                         if n in registry.routers else f"{n} (A/B split)" for n in registry.names)
     err_console().print(f"Serving {engines} at {where}  (chat page: {where}/, API: {where}/v1, metrics: {where}/metrics)")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err_console().print("[yellow]warning:[/] listening beyond this machine without --api-key")
+        err_console().print("[yellow]warning:[/] listening beyond this machine without --api-key"
+                            + (f", and keeping escalated prompts in {escalation_log}: anyone who can reach it fills that file" if escalation_log else ""))
+    if escalation_log:
+        err_console().print(f"Escalated prompts and the large model's answers are kept in {escalation_log} (at most {escalation_log_rows}).")
     import logging
 
     access = logging.getLogger("slmkit.access")  # one JSON line per API request on stderr

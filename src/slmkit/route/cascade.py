@@ -35,6 +35,9 @@ class Outcome:
     large_s: float | None = None
     prompt_chars: int = 0
     error: str | None = None
+    # an escalated request and the large model's whole answer, as a training row ({"messages"} or {"text"}): only the
+    # opt-in escalation log keeps it (serve --escalation-log); the decision log never has text
+    exchange: dict[str, Any] | None = field(default=None, repr=False)
 
     def as_record(self) -> dict[str, Any]:
         return {"route": self.route, "answered_by": self.answered_by,
@@ -54,8 +57,10 @@ class RoutedGeneration(TextStream):
     """One routed request, consumed as text pieces like a Generation."""
 
     def __init__(self, route: "RoutedModel", prompt: str, prompt_tokens: int, small: Callable[..., Any],
-                 large: Callable[..., Iterator[str]], sampling: dict[str, Any]) -> None:
+                 large: Callable[..., Iterator[str]], sampling: dict[str, Any], messages: Sequence[Message] | None = None) -> None:
         self.text = ""
+        self._request = {"messages": [dict(m) for m in messages]} if messages is not None else {"text": prompt}
+        self._large_text: list[str] = []
         self.steps: list[Step] = []
         self.stats = GenerationStats(prompt_tokens=prompt_tokens)
         self.outcome = Outcome(route.name, prompt_chars=len(prompt))
@@ -96,9 +101,11 @@ class RoutedGeneration(TextStream):
         try:
             if first is not None:
                 self.stats.completion_tokens += 1
+                self._large_text.append(first)
                 yield first
             for piece in it:
                 self.stats.completion_tokens += 1  # pieces: a streamed endpoint does not say how many tokens each holds
+                self._large_text.append(piece)
                 yield piece
         except Exception as exc:  # failed mid-answer: what was sent stays; the log says so
             self.outcome.error = f"mid-stream: {type(exc).__name__}: {exc}"[:300]
@@ -149,6 +156,10 @@ class RoutedGeneration(TextStream):
             if text:
                 yield text
         finally:
+            if out.answered_by == "large" and not out.error:
+                answer = "".join(self._large_text)
+                out.exchange = ({"messages": self._request["messages"] + [{"role": "assistant", "content": answer}]}
+                                if "messages" in self._request else {"text": self._request["text"] + answer})
             r.report(out)
 
 
@@ -186,7 +197,7 @@ class RoutedModel:
         msgs = [dict(m) for m in messages]
         n = self.small.count_chat(msgs)
         return RoutedGeneration(self, last_user_text(msgs), n, lambda **kw: self.small.stream_chat(msgs, **kw),
-                                lambda **kw: self.large.stream_chat(msgs, **kw), sampling)
+                                lambda **kw: self.large.stream_chat(msgs, **kw), sampling, messages=msgs)
 
     def stream(self, prompt: str, **sampling: Any) -> RoutedGeneration:
         n = self.small.count_tokens(prompt)

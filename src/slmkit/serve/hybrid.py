@@ -21,6 +21,7 @@ from slmkit.route.policies import Chain, policy_from_dict
 from slmkit.serve.metrics import Metrics
 
 LOG = logging.getLogger("slmkit.route")
+ESCALATION_LOG_ROWS = 10_000  # the escalation log's retention limit (the oldest rows go first)
 
 
 class DecisionLog:
@@ -40,6 +41,28 @@ class DecisionLog:
             f.write(line)
 
 
+class EscalationLog:
+    """Opt-in (serve --escalation-log): the requests a router escalated with the large model's answers, one JSON line
+    each ({"time", "route", "row": a training row}), at most `max_rows` (the oldest go first), for `slmkit route
+    harvest` to turn into the next student's training data. It holds users' text: keep it where they agreed to."""
+
+    def __init__(self, path: Path, max_rows: int) -> None:
+        self.path, self.max_rows = path, max_rows
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, route: str, row: dict[str, Any]) -> None:
+        line = json.dumps({"time": round(time.time(), 3), "route": route, "row": row}, ensure_ascii=False) + "\n"
+        with self._lock:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if len(lines) > self.max_rows:  # the retention limit: rewritten without the oldest, atomically
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text("".join(lines[-self.max_rows:]), encoding="utf-8")
+                tmp.replace(self.path)
+
+
 def drift_of(router: dict[str, Any]) -> DriftWatch:
     d = router.get("drift") or {}
     refs = {k: Reference(v["edges"], v["expected"]) for k, v in d.items() if isinstance(v, dict) and "edges" in v}
@@ -47,7 +70,7 @@ def drift_of(router: dict[str, Any]) -> DriftWatch:
 
 
 def build_route(name: str, router: dict[str, Any], small: Any, large: Any, metrics: Metrics, log: DecisionLog, *,
-                small_only: bool = False) -> RoutedModel:
+                small_only: bool = False, escalations: EscalationLog | None = None) -> RoutedModel:
     """A RoutedModel from a stored router, its small model and its large target (route.targets: Local or an Endpoint
     the registry checked at start), with the hooks that count every outcome, log it and feed the drift watch."""
     chain = Chain(tuple(policy_from_dict(p) for p in router["policies"]))
@@ -76,6 +99,8 @@ def build_route(name: str, router: dict[str, Any], small: Any, large: Any, metri
         warned.clear()
         warned.update(drifted)
         log.write(o.as_record())
+        if escalations is not None and o.exchange is not None:
+            escalations.write(name, o.exchange)
 
     return RoutedModel(name, small, large, chain, small_only=small_only, on_outcome=[record])
 

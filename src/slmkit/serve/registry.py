@@ -30,7 +30,7 @@ from slmkit.route.ab import Split
 from slmkit.route.cache import ResponseCache
 from slmkit.route.targets import Local
 from slmkit.sources.endpoint import Endpoint
-from slmkit.serve.hybrid import CachedModel, DecisionLog, build_route
+from slmkit.serve.hybrid import CachedModel, DecisionLog, EscalationLog, build_route
 from slmkit.serve.metrics import Metrics
 from slmkit.sources.forms import is_adapter, is_router, read_router
 from slmkit.store import Store
@@ -40,7 +40,8 @@ class ModelRegistry:
     def __init__(self, names: list[str], metrics: Metrics, *, max_batch: int, max_queue: int, prefix_cache_tokens: int,
                  store: Store | None = None, backend: str = "auto", context: int | None = None, splits: Sequence[Split] = (),
                  cache: Callable[[], ResponseCache] | None = None, cache_sampled: bool = False, small_only: bool = False,
-                 large_key: str | None = None, decision_log: Path | None = None, max_queue_per_client: int | None = None) -> None:
+                 large_key: str | None = None, decision_log: Path | None = None, max_queue_per_client: int | None = None,
+                 escalation_log: EscalationLog | None = None) -> None:
         self.store = store or Store()
         self.routers: dict[str, dict[str, Any]] = {}
         self.endpoints: dict[str, Endpoint] = {}  # routers' large targets that are OpenAI endpoints
@@ -78,6 +79,7 @@ class ModelRegistry:
         self.cache, self.cache_sampled = cache, cache_sampled
         self.small_only = small_only
         self.decisions = DecisionLog(decision_log)
+        self.escalations = escalation_log
         self._models: dict[str, Model] = {}
         self._served: dict[str, Any] = {}
         self._lock = threading.RLock()
@@ -100,7 +102,7 @@ class ModelRegistry:
                     router = self.routers[name]
                     large = self.endpoints.get(name) or Local(self.model(router["large"]["store"]))
                     served = build_route(name, router, self.model(router["small"]), large, self.metrics, self.decisions,
-                                         small_only=self.small_only)
+                                         small_only=self.small_only, escalations=self.escalations)
                 else:
                     served = self.model(name)
                 self._served[name] = CachedModel(name, served, self.cache(), self.metrics, cache_sampled=self.cache_sampled) if self.cache else served
