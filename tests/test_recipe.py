@@ -34,6 +34,9 @@ def write(tmp_path: Path, body: str) -> Path:
     ("name: x\nteacher: tiny\nsteps:\n  - quantize: {method: rtn}\n", "line 4", "quantize needs 'scheme'"),
     ("name: x\nteacher: tiny\nsteps:\n  - eval: {models: [nothing]}\n", "line 4", "no earlier step makes it"),
     ("name: x\nteacher: tiny\nsteps:\n  - quantize: {scheme: int8\n", "line", "not valid YAML"),
+    ("name: x\nteacher: tiny\nsteps:\n  - eval: {models: [teacher], ppl: wikitext2}\ngoal: {metric: arc_easy.acc, keep: 0.9}\n", "line 5",
+     "no eval step measures 'arc_easy.acc'"),
+    ("name: x\nteacher: tiny\nsteps:\n  - quantize: {scheme: int8}\ngoal: {metric: perplexity}\n", "line 5", "goal is"),
 ])
 def test_a_recipe_is_checked_before_anything_runs(tmp_path, body, where, what):
     with pytest.raises(spec.RecipeError) as e:
@@ -53,6 +56,7 @@ steps:
   - id: int8
     quantize: {scheme: int8}
   - eval: {models: [teacher, tuned, int8], ppl: wikitext2, limit: 2, context_length: 32, stride: 32}
+goal: {metric: perplexity, keep: 0.01}
 """
 
 
@@ -65,6 +69,8 @@ def test_a_recipe_runs_skips_what_is_done_and_reruns_what_changed(store, tmp_pat
     assert store.card("small-tuned").parent == "small-sparse" and store.card("small-int8").parent == "small-tuned"
     assert store.card("small-int8").settings[RECIPE_KEY]["step"] == "int8"
     assert Path(out["report"]).is_file() and len(out["evals"]) == 3
+    # the goal: the smallest model on disk among those keeping 1% of the teacher's perplexity (int8, a quarter the size)
+    assert out["chosen"]["model"] == "small-int8" and set(out["chosen"]["shares"]) == {"small-tuned", "small-int8"}
     assert {json.loads(Path(p).read_text())["model"]["name"] for p in out["evals"]} == {"tiny", "small-tuned", "small-int8"}
     created = {n: store.card(n).created for n in out["models"].values()}
     # nothing changed: every step is done and nothing is made again

@@ -57,3 +57,6 @@ def run_cmd(file: FileArg, as_json: JsonOpt = False) -> None:
         typer.echo(f"{step}: {name}")
     if out["report"]:
         typer.echo(f"report: {out['report']}")
+    if out["chosen"]:
+        c = out["chosen"]
+        typer.echo(f"chosen: {c['model']} ({c['why']})" if c["model"] else f"no model meets the goal: {c['why']}")

@@ -22,11 +22,11 @@ from slmkit.compress.prune_stage import parse_count, prune_stage, shrink_stage
 from slmkit.compress.quantize_stage import quantize_stage
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
-from slmkit.evaluate.report import write_html
+from slmkit.evaluate.report import rows_of, write_html
 from slmkit.evaluate.run import evaluate
 from slmkit.export.store_export import export_model
 from slmkit.loading import load
-from slmkit.recipe.spec import TRAIN, Recipe, RecipeError, Step
+from slmkit.recipe.spec import LOWER_IS_BETTER, TRAIN, Recipe, RecipeError, Step
 from slmkit.route.calibrate import calibrate_stage
 from slmkit.store import Store
 from slmkit.train.distill import distill_stage
@@ -193,11 +193,35 @@ def run(recipe: Recipe, store: Store | None = None, say: Callable[[str], None] =
             made[step.id] = name
         except SlmkitError as exc:
             raise RecipeError(f"step {step.id} ({step.kind}, {recipe.where(step.line)}) failed: {exc.message}", exc.hint) from exc
-    report = None
+    report, chosen = None, None
+    if evals and recipe.goal:
+        chosen = choose([json.loads(p.read_text()) for p in evals], recipe.teacher, recipe.goal)
+        say(f"chosen: {chosen['model']} ({chosen['why']})" if chosen["model"] else f"no model meets the goal ({chosen['why']})")
     if evals:
         report = settings().home / "recipes" / recipe.name / "report.html"
         results = [json.loads(p.read_text()) for p in evals]
         teacher_row = recipe.teacher if any(r["model"]["name"] == recipe.teacher for r in results) else None
         write_html(results, report, [str(p) for p in evals], teacher_row)
     return {"models": {k: v for k, v in made.items() if k != "teacher"}, "evals": [str(p) for p in evals],
-            "report": str(report) if report else None}
+            "report": str(report) if report else None, "chosen": chosen}
+
+
+def choose(results: list[dict[str, Any]], teacher: str, goal: dict[str, Any]) -> dict[str, Any]:
+    """The smallest model (weights on disk) whose `goal["metric"]` keeps `goal["keep"]` of the teacher's (for a
+    lower-is-better metric such as perplexity: the teacher's value over the model's); every model's share too."""
+    rows = {r["model"].split(" (")[0]: r for r in rows_of(results)}
+    metric, keep = goal["metric"], float(goal["keep"])
+    base = rows.get(teacher, {}).get(metric)
+    if base is None:
+        return {"model": None, "why": f"the teacher's {metric} was not measured", "shares": {}}
+    shares = {}
+    for name, r in rows.items():
+        v = r.get(metric)
+        if v is not None and name != teacher:
+            shares[name] = (base / v if metric in LOWER_IS_BETTER else v / base) if v and base else 0.0
+    ok = [n for n, share in shares.items() if share >= keep]
+    if not ok:
+        return {"model": None, "why": f"none keeps {keep:.0%} of the teacher's {metric}", "shares": shares}
+    best = min(ok, key=lambda n: rows[n].get("size_mb") or float("inf"))
+    return {"model": best, "why": f"{shares[best]:.1%} of the teacher's {metric} at {rows[best].get('size_mb') or 0:.1f} MB",
+            "shares": shares}

@@ -13,6 +13,7 @@
         from: half                  # optional; default: the model the step before made (or the teacher)
       - quantize: {scheme: int8}
       - eval: {models: [teacher, student, quantize], ppl: wikitext2, limit: 16}
+    goal: {metric: perplexity, keep: 0.95}  # optional: the smallest model keeping 95% of the teacher's quality is chosen
 
 A step's settings are its command's options (underscores for dashes); a setting that names a data key (`data: train`,
 `calib: train`, `responses: heldout`) means that file.
@@ -29,7 +30,8 @@ import yaml
 from slmkit.errors import SlmkitError
 from slmkit.store import NAME_RE
 
-TOP_KEYS = ("name", "teacher", "data", "steps")
+TOP_KEYS = ("name", "teacher", "data", "steps", "goal")
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "responses.ppl")
 TRAIN = {"steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "bf16", "seed", "seq_len"}
 # each kind of step: the settings it takes (its stage's keyword arguments, and TRAIN for the training stages)
 KINDS: dict[str, set[str]] = {
@@ -69,6 +71,7 @@ class Recipe:
     data: dict[str, Path]
     steps: list[Step]
     path: Path
+    goal: dict[str, Any] | None = None  # {"metric": a report column (perplexity, arc_easy.acc, responses.accuracy), "keep": 0.95}
     lines: dict[str, int] = field(default_factory=dict)
 
     def where(self, line: int) -> str:
@@ -162,7 +165,28 @@ def parse(text: str, path: Path) -> Recipe:
         if kind in MAKES_MODEL:
             made.append(sid)
         steps.append(Step(sid, kind, settings, source, lines.get(("steps", i), 1)))
-    return Recipe(name, str(raw["teacher"]), data, steps, path)
+    goal = raw.get("goal")
+    if goal is not None:
+        metric, keep = (goal.get("metric"), goal.get("keep")) if isinstance(goal, dict) else (None, None)
+        if not isinstance(metric, str) or not isinstance(keep, (int, float)) or not 0 < keep <= 1.5 or set(goal) - {"metric", "keep"}:
+            raise RecipeError(f"{at('goal')}: goal is {{metric: COLUMN, keep: SHARE}}", "For example goal: {metric: perplexity, keep: 0.95}.")
+        evals = [x for x in steps if x.kind == "eval" and "teacher" in (x.settings.get("models") or ["teacher"])]
+        measured = any(measures(x.settings, metric) for x in evals)
+        if not measured:
+            raise RecipeError(f"{at('goal', 'metric')}: no eval step measures {metric!r} on the teacher and the models it makes",
+                              "Add an eval step with the teacher among its models that measures it (ppl: for perplexity, "
+                              "tasks: [T] for T.acc, responses: for responses.accuracy / responses.rouge_l).")
+    return Recipe(name, str(raw["teacher"]), data, steps, path, goal=goal)
+
+
+def measures(settings: dict[str, Any], metric: str) -> bool:
+    """Whether an eval step's settings measure a report column."""
+    head, _, tail = metric.partition(".")
+    if metric in ("perplexity", "bits_per_byte"):
+        return bool(settings.get("ppl"))
+    if head == "responses":
+        return bool(settings.get("responses"))
+    return head in (settings.get("tasks") or []) and tail in ("acc", "acc_norm")
 
 
 def read(path: Path) -> Recipe:
