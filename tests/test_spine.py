@@ -170,3 +170,41 @@ def test_no_import_climbs_a_layer_counting_those_inside_functions():
     r = graph.report()
     assert r["circles"] == [] and r["upward"] == [], r
     assert r["imports_in_functions"] > 0  # they are read: the count covers them
+
+
+def test_every_cli_default_is_its_stage_default():
+    """A command's option and its stage's keyword of the same name have one default (written once, read by the
+    other): the CLI never silently runs a stage with other settings than its Python API. An option whose default is
+    None leaves it to the stage (which picks by mode: prune's method, fine-tuning's learning rate per method)."""
+    import inspect
+
+    from slmkit.cli import distill as c_distill, evaluate as c_eval, export as c_export, finetune as c_finetune
+    from slmkit.cli import lowrank as c_lowrank, prune as c_prune, quantize as c_quantize, route as c_route
+    from slmkit.compress.lowrank_stage import lowrank_stage
+    from slmkit.compress.prune_stage import prune_stage, shrink_stage
+    from slmkit.compress.quantize_stage import quantize_stage
+    from slmkit.evaluate.run import evaluate
+    from slmkit.export.store_export import export_model
+    from slmkit.route.calibrate import calibrate_stage
+    from slmkit.train.distill import distill_stage
+    from slmkit.train.finetune import finetune_stage
+    from slmkit.train.loop import TrainConfig
+
+    train = {f.name: f.default for f in __import__("dataclasses").fields(TrainConfig)}
+    pairs = [(c_quantize.quantize, [quantize_stage]), (c_prune.prune, [prune_stage, shrink_stage]), (c_lowrank.lowrank, [lowrank_stage]),
+             (c_distill.distill, [distill_stage]), (c_finetune.finetune, [finetune_stage]), (c_export.export, [export_model]),
+             (c_route.calibrate, [calibrate_stage]), (c_eval.eval_cmd, [evaluate])]
+    checked, wrong = 0, []
+    for cli, stages in pairs:
+        for name, p in inspect.signature(cli).parameters.items():
+            if p.default is inspect.Parameter.empty or p.default is None:
+                continue
+            want = [s_p.default for s in stages for n, s_p in inspect.signature(s).parameters.items()
+                    if n == name and s_p.default is not inspect.Parameter.empty]
+            if name in train and stages[0] in (distill_stage, finetune_stage):
+                want.append(train[name])
+            for w in want:
+                checked += 1
+                if p.default != w:
+                    wrong.append(f"{cli.__module__}.{cli.__name__} --{name}: {p.default!r} vs the stage's {w!r}")
+    assert checked > 40 and not wrong, wrong
