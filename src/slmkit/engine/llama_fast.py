@@ -24,7 +24,7 @@ from slmkit.layers.multi_lora import LoraBank
 from slmkit.layers.integer import Int8Linear, W8A8Linear, bucket_of
 from slmkit.native import ops as native_ops
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # one block layout (Qwen2: biases on q, k, v)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # rotary angles that depend on the position alone
 # queries per attention call in a long prefill: each piece sees only the keys up to it (a causal mask cannot make
 # torch's CPU attention skip work; 512 tokens: 4.0 -> 3.0 ms per layer, bench/w8a8)
@@ -32,9 +32,16 @@ ATTENTION_PIECE = 128
 
 
 def supports(model: Any) -> bool:
-    """True for transformers Llama models (SmolLM2, Llama 2/3, TinyLlama and their pruned children)."""
+    """True for models in the Llama block layout: Llama (SmolLM2, Llama 2/3, TinyLlama), Mistral and Qwen2/2.5, and
+    their pruned children; not where a sliding attention window can cut what a token sees (the cache here keeps
+    every position), nor other layouts (Qwen3's head norms, Gemma's)."""
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", None) in SUPPORTED_MODEL_TYPES and hasattr(getattr(model, "model", None), "layers")
+    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or not hasattr(getattr(model, "model", None), "layers"):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    windowed = bool(window) and (cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+                                 or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
+    return not (windowed and window < int(getattr(cfg, "max_position_embeddings", 0) or 0))
 
 
 def fuse_linears(parts: list[Any]) -> Any | None:
