@@ -192,13 +192,14 @@ def _family_model(folder, family: str):
     """A tiny random model of another family in the Llama layout (Qwen2: biases on q/k/v; Mistral: Llama's blocks),
     with the tiny tokenizer, saved as safetensors."""
     from conftest import build_tokenizer
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
     tok = build_tokenizer()
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg = Qwen2Config(**common) if family == "qwen2" else MistralConfig(**common, sliding_window=None)
+    cfg = {"qwen2": lambda: Qwen2Config(**common), "qwen3": lambda: Qwen3Config(**common, head_dim=8),
+           "mistral": lambda: MistralConfig(**common, sliding_window=None)}[family]()
     torch.manual_seed(1)
     net = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -209,13 +210,15 @@ def _family_model(folder, family: str):
     return folder
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_qwen2_and_mistral_run_on_the_lean_forward(tmp_path, family):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_qwen_and_mistral_run_on_the_lean_forward(tmp_path, family):
     backend = TorchBackend.from_folder(_family_model(tmp_path / family, family))
     net, fast = backend.model, backend.fast
     assert fast is not None and net.config.model_type == family
     if family == "qwen2":
         assert net.model.layers[0].self_attn.q_proj.bias is not None  # the biases are computed, not dropped
+    if family == "qwen3":
+        assert fast.head_norms and fast.step_weights is None
     ids = backend.encode("The quick brown fox jumps over")
     cache = fast.new_cache(1, capacity=4)
     with torch.inference_mode():
@@ -225,9 +228,11 @@ def test_qwen2_and_mistral_run_on_the_lean_forward(tmp_path, family):
         torch.testing.assert_close(out[0], net(input_ids=torch.tensor([ids + [9]])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_windows_and_head_norms_are_not_claimed(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def test_sliding_windows_are_not_claimed(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    assert not supports(MistralForCausalLM(MistralConfig(**small, sliding_window=16, max_position_embeddings=64)))
-    assert not supports(Qwen3ForCausalLM(Qwen3Config(**small, head_dim=8)))  # q/k norms the lean forward does not apply
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64)
+    assert not supports(MistralForCausalLM(MistralConfig(**small, sliding_window=16)))
+    assert not supports(Qwen2ForCausalLM(Qwen2Config(**small, use_sliding_window=True, sliding_window=16, max_window_layers=0)))
+    assert supports(MistralForCausalLM(MistralConfig(**small, sliding_window=4096)))  # wider than the context: no effect

@@ -24,7 +24,7 @@ from slmkit.layers.multi_lora import LoraBank
 from slmkit.layers.integer import Int8Linear, W8A8Linear, bucket_of
 from slmkit.native import ops as native_ops
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # one block layout (Qwen2: biases on q, k, v)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (Qwen2: q/k/v biases; Qwen3: q/k head norms)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # rotary angles that depend on the position alone
 # queries per attention call in a long prefill: each piece sees only the keys up to it (a causal mask cannot make
 # torch's CPU attention skip work; 512 tokens: 4.0 -> 3.0 ms per layer, bench/w8a8)
@@ -33,8 +33,8 @@ ATTENTION_PIECE = 128
 
 def supports(model: Any) -> bool:
     """True for models in the Llama block layout: Llama (SmolLM2, Llama 2/3, TinyLlama), Mistral and Qwen2/2.5, and
-    their pruned children; not where a sliding attention window can cut what a token sees (the cache here keeps
-    every position), nor other layouts (Qwen3's head norms, Gemma's)."""
+    Qwen3 (an RMSNorm on each query and key head), and their pruned children; not where a sliding attention window
+    can cut what a token sees (the cache here keeps every position), nor other layouts (Gemma's)."""
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or not hasattr(getattr(model, "model", None), "layers"):
         return False
@@ -158,6 +158,8 @@ class FastLlama:
         self.layers = list(self.inner.layers)
         self.eps = float(cfg.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
+        # Qwen3: each query and key head RMS-normed before the rotation (the one-call decode kernels do not: off then)
+        self.head_norms = hasattr(self.layers[0].self_attn, "q_norm")
         # int8 q/k/v and gate/up each as one kernel call (fewer, larger calls: ~11% faster decode)
         self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
@@ -174,7 +176,7 @@ class FastLlama:
         # of every step; a decode step's rotary + cache write + attention in one call (2.4x torch's SDPA at 16 rows)
         silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.kernels = native_ops() if self.dtype == torch.float32 and silu else None
-        self.step_weights, self.step_buckets = self._whole_step_weights()
+        self.step_weights, self.step_buckets = self._whole_step_weights() if not self.head_norms else (None, set())
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (n, D) by position (_rotary)
 
     def _whole_step_weights(self) -> tuple[list[torch.Tensor] | None, set[int]]:
@@ -252,7 +254,7 @@ class FastLlama:
         positions = start_t[:, None] + torch.arange(t)  # (B, T)
         lens = start_t + t  # (B,) each row's length after this step
         kernels = self.kernels  # slmkit's kernels where built: norms and the SiLU gate of every step
-        decode = kernels if t == 1 else None  # and a decode step's rotary + attention
+        decode = kernels if t == 1 and not self.head_norms else None  # and a decode step's rotary + attention
         # attention's pieces: (first query, end query, keys seen, additive mask), built once per step rather than by
         # every layer; one new token of one row sees every cached position (and slmkit's kernel reads each row's own)
         pieces = [(0, t, end, None)]
@@ -297,7 +299,11 @@ class FastLlama:
                     else:
                         qk = torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x)], dim=-1)
                         v = _linear(attn.v_proj, x)
-                    qk = _rotate(qk.reshape(b, t, qk_heads, self.head_dim), cos, sin)  # queries and keys rotated together
+                    qk = qk.reshape(b, t, qk_heads, self.head_dim)
+                    if self.head_norms:
+                        qk = torch.cat([_rms_norm(qk[:, :, : self.heads], attn.q_norm.weight, attn.q_norm.variance_epsilon),
+                                        _rms_norm(qk[:, :, self.heads :], attn.k_norm.weight, attn.k_norm.variance_epsilon)], dim=2)
+                    qk = _rotate(qk, cos, sin)  # queries and keys rotated together
                     q = qk[:, :, : self.heads].transpose(1, 2)  # (B, H, T, D)
                     k = qk[:, :, self.heads :]  # (B, T, Hkv, D)
                     v = v.reshape(b, t, self.kv_heads, self.head_dim)
