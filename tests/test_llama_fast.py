@@ -192,14 +192,14 @@ def _family_model(folder, family: str):
     """A tiny random model of another family in the Llama layout (Qwen2: biases on q/k/v; Mistral: Llama's blocks),
     with the tiny tokenizer, saved as safetensors."""
     from conftest import build_tokenizer
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     tok = build_tokenizer()
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = {"qwen2": lambda: Qwen2Config(**common), "qwen3": lambda: Qwen3Config(**common, head_dim=8),
-           "mistral": lambda: MistralConfig(**common, sliding_window=None)}[family]()
+           "mistral": lambda: MistralConfig(**common, sliding_window=None), "phi3": lambda: Phi3Config(**common)}[family]()
     torch.manual_seed(1)
     net = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -210,8 +210,8 @@ def _family_model(folder, family: str):
     return folder
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
-def test_qwen_and_mistral_run_on_the_lean_forward(tmp_path, family):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3"])
+def test_qwen_mistral_and_phi3_run_on_the_lean_forward(tmp_path, family):
     backend = TorchBackend.from_folder(_family_model(tmp_path / family, family))
     net, fast = backend.model, backend.fast
     assert fast is not None and net.config.model_type == family

@@ -24,7 +24,9 @@ from slmkit.layers.multi_lora import LoraBank
 from slmkit.layers.integer import Int8Linear, W8A8Linear, bucket_of
 from slmkit.native import ops as native_ops
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # one block layout (Qwen2: q/k/v biases; Qwen3: q/k head norms)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # one block layout (Qwen2: q/k/v biases; Qwen3: q/k head
+# norms; Phi-3: q/k/v and gate/up each one linear layer)
+MULTI_LORA_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # LoRA factors per q/k/v/o/gate/up/down module (layers/multi_lora.py)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # rotary angles that depend on the position alone
 # queries per attention call in a long prefill: each piece sees only the keys up to it (a causal mask cannot make
 # torch's CPU attention skip work; 512 tokens: 4.0 -> 3.0 ms per layer, bench/w8a8)
@@ -33,10 +35,13 @@ ATTENTION_PIECE = 128
 
 def supports(model: Any) -> bool:
     """True for models in the Llama block layout: Llama (SmolLM2, Llama 2/3, TinyLlama), Mistral and Qwen2/2.5, and
-    Qwen3 (an RMSNorm on each query and key head), and their pruned children; not where a sliding attention window
-    can cut what a token sees (the cache here keeps every position), nor other layouts (Gemma's)."""
+    Qwen3 (an RMSNorm on each query and key head), Phi-3 (fused q/k/v and gate/up layers), and their pruned children;
+    not where a sliding attention window can cut what a token sees (the cache here keeps every position) or rotary
+    embeddings cover part of a head, nor other layouts (Gemma's)."""
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or not hasattr(getattr(model, "model", None), "layers"):
+        return False
+    if float((getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0) < 1.0:
         return False
     window = getattr(cfg, "sliding_window", None)
     windowed = bool(window) and (cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
@@ -67,11 +72,6 @@ def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     if module.bias is not None:
         y = y + module.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _side_by_side(fused: Any | None, parts: tuple[Any, ...], x: torch.Tensor) -> torch.Tensor:
-    """The outputs of `parts` (same input) side by side: one call of their fused layer where there is one."""
-    return _linear(fused, x) if fused is not None else torch.cat([_linear(p, x) for p in parts], dim=-1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -161,8 +161,12 @@ class FastLlama:
         # Qwen3: each query and key head RMS-normed before the rotation (the one-call decode kernels do not: off then)
         self.head_norms = hasattr(self.layers[0].self_attn, "q_norm")
         # int8 q/k/v and gate/up each as one kernel call (fewer, larger calls: ~11% faster decode)
-        self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
-        self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        if hasattr(self.layers[0].self_attn, "qkv_proj"):  # Phi-3: the model's own fused layers
+            self.qkv = [l.self_attn.qkv_proj for l in self.layers]
+            self.gate_up = [l.mlp.gate_up_proj for l in self.layers]
+        else:
+            self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
+            self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         for m in [*(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers), model.lm_head]:
             if isinstance(m, W8A8Linear) and m._kernels is None:
                 m.prepare()  # kernels and prepacked weights ready before the first request
@@ -286,7 +290,8 @@ class FastLlama:
                 attn = layer.self_attn
                 x = self._add_norm(h, out, layer.input_layernorm.weight, kernels)
                 if self.qkv[i] is not None or bank is not None or decode is not None:
-                    y = _side_by_side(self.qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), x)  # (B, T, (H + 2 Hkv) D)
+                    y = _linear(self.qkv[i], x) if self.qkv[i] is not None else torch.cat(
+                        [_linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)], dim=-1)  # (B, T, (H + 2 Hkv) D)
                     if bank is not None:
                         y = bank.apply(("qkv", i), x, y, groups)
                 kc, vc = cache.k[i], cache.v[i]
@@ -329,7 +334,8 @@ class FastLlama:
                 x = self._add_norm(h, out, layer.post_attention_layernorm.weight, kernels)
                 mlp = layer.mlp
                 if self.gate_up[i] is not None or bank is not None or kernels is not None:
-                    y = _side_by_side(self.gate_up[i], (mlp.gate_proj, mlp.up_proj), x)
+                    y = _linear(self.gate_up[i], x) if self.gate_up[i] is not None else torch.cat(
+                        [_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)], dim=-1)
                     if bank is not None:
                         y = bank.apply(("gate_up", i), x, y, groups)
                 if kernels is not None:
@@ -339,7 +345,7 @@ class FastLlama:
                         gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)
                     else:
                         gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
-                    act = mlp.act_fn(gate) * up
+                    act = (mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn)(gate) * up  # Phi-3 names it activation_fn
                 out = _linear(mlp.down_proj, act)
                 out = bank.apply(("down", i), act, out, groups) if bank is not None else out
             h += out

@@ -112,7 +112,7 @@ class ModelRegistry:
         """Which served names share one loaded base: the LoRA adapters of a Llama-layout base (checked against the
         base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it.
         Adapters a per-row update cannot express (DoRA, extra trained modules) are served merged, on their own."""
-        from slmkit.engine.llama_fast import SUPPORTED_MODEL_TYPES
+        from slmkit.engine.llama_fast import MULTI_LORA_TYPES
         from slmkit.sources.adapters import base_of, per_row_problem
         from slmkit.card import read_config
 
@@ -123,7 +123,7 @@ class ModelRegistry:
             if (self.backends[m] == "torch" and is_adapter(folder) and per_row_problem(folder) is None
                     and not task_of(self.store.card(m).settings)):
                 base, base_folder = base_of(folder)
-                if read_config(base_folder).get("model_type") in SUPPORTED_MODEL_TYPES:
+                if read_config(base_folder).get("model_type") in MULTI_LORA_TYPES:
                     by_base.setdefault(base, []).append(m)
         groups = {}
         for base, adapters in by_base.items():
