@@ -45,8 +45,18 @@ class Planned:
     hash: str | None
 
 
+_HASHED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256: a data file is read once per version
+
+
 def _data_hash(recipe: Recipe, value: Any) -> Any:
-    return sha256_file(recipe.data[value]) if isinstance(value, str) and value in recipe.data and recipe.data[value].is_file() else value
+    path = recipe.data.get(value) if isinstance(value, str) else None
+    if path is None or not path.is_file():
+        return value
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
 
 
 def step_hash(recipe: Recipe, step: Step, store: Store, made: dict[str, str]) -> str | None:
@@ -163,8 +173,7 @@ def run(recipe: Recipe, store: Store | None = None, say: Callable[[str], None] =
     store.require(recipe.teacher)
     made = {"teacher": recipe.teacher}
     evals: list[Path] = []
-    for p in plan(recipe, store):  # the plan's first view; each step's hash is computed again once those before it ran
-        step = p.step
+    for step in recipe.steps:  # each step's hash once the steps before it ran
         h = step_hash(recipe, step, store, made)
         name = recipe.model_name(step) if step.kind != "eval" else None
         try:

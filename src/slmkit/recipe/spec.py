@@ -21,7 +21,7 @@ A step's settings are its command's options (underscores for dashes); a setting 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class Recipe:
     steps: list[Step]
     path: Path
     goal: dict[str, Any] | None = None  # {"metric": a report column (perplexity, arc_easy.acc, responses.accuracy), "keep": 0.95}
-    lines: dict[str, int] = field(default_factory=dict)
 
     def where(self, line: int) -> str:
         return f"{self.path.name} line {line}"

@@ -50,17 +50,20 @@ class EscalationLog:
         self.path, self.max_rows = path, max_rows
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows = sum(1 for _ in path.open(encoding="utf-8")) if path.is_file() else 0  # counted once; then kept
 
     def write(self, route: str, row: dict[str, Any]) -> None:
         line = json.dumps({"time": round(time.time(), 3), "route": route, "row": row}, ensure_ascii=False) + "\n"
         with self._lock:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(line)
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if len(lines) > self.max_rows:  # the retention limit: rewritten without the oldest, atomically
+            self._rows += 1
+            if self._rows > self.max_rows:  # the retention limit: rewritten without the oldest, atomically
+                lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[-self.max_rows:]
                 tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_text("".join(lines[-self.max_rows:]), encoding="utf-8")
+                tmp.write_text("".join(lines), encoding="utf-8")
                 tmp.replace(self.path)
+                self._rows = len(lines)
 
 
 def drift_of(router: dict[str, Any]) -> DriftWatch:
