@@ -77,12 +77,12 @@ def lean_forward(name: str) -> dict:
     import torch
 
     import slmkit
-    from slmkit.engine.llama_fast import FastLlama
+    from slmkit.engine.lean_forward import LeanForward
 
     from slmkit.layers.integer import Int8Linear
 
     m = slmkit.load(name)
-    fast = FastLlama(m.backend.model)
+    fast = LeanForward(m.backend.model)
     prompt = torch.tensor([m.backend.encode(PROMPT)])
     # what a decode token reads per weight of its linears (output head included): int8 + a scale per row
     linears = [mod for mod in m.backend.model.modules() if isinstance(mod, Int8Linear)]
@@ -120,11 +120,11 @@ def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int
     import torch.nn.functional as F
 
     import slmkit
-    from slmkit.engine.llama_fast import FastLlama
+    from slmkit.engine.lean_forward import LeanForward
     from slmkit.layers import integer
 
     m = slmkit.load(name)
-    fast = FastLlama(m.backend.model)
+    fast = LeanForward(m.backend.model)
     prompt = torch.tensor([m.backend.encode(PROMPT)])
     real_forward, real_sdpa = integer.W8A8Linear.forward, F.scaled_dot_product_attention
 

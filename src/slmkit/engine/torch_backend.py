@@ -11,7 +11,7 @@ import torch
 
 from slmkit.engine.backend import TokenScores
 from slmkit.engine.decode import Step, decode_loop, tokens_of
-from slmkit.engine.llama_fast import FastLlama, supports
+from slmkit.engine.lean_forward import LeanForward, supports
 from slmkit.engine.sampling import SamplingParams, decode_static_batch
 from slmkit.errors import SlmkitError
 from slmkit.sources import weights
@@ -38,8 +38,8 @@ class TorchBackend:
         self._eos = frozenset(eos)
         # transformers renamed the forward's cache argument (past_key_values -> cache) in 5.x
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        # Llama-layout models decode through a lean forward over a preallocated cache (engine/llama_fast.py)
-        self.fast: FastLlama | None = FastLlama(model) if supports(model) else None
+        # Llama-layout models decode through a lean forward over a preallocated cache (engine/lean_forward.py)
+        self.fast: LeanForward | None = LeanForward(model) if supports(model) else None
 
     @classmethod
     def from_folder(cls, folder: Path, *, threads: int | None = None) -> "TorchBackend":

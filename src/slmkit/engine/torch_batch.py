@@ -1,6 +1,6 @@
 """Continuous batching on PyTorch: where the running batch's KV lives (the scheduler's batch store).
 
-Llama-layout models keep it in a preallocated slot cache stepped by the lean forward of llama_fast (`SlotKV`);
+Llama-layout models keep it in a preallocated slot cache stepped by the lean forward of lean_forward (`SlotKV`);
 any other causal LM transformers runs keeps it in a left-padded transformers cache (`DynamicKV`). Same interface
 as llama.cpp's (`llamacpp_batch.LlamaCppSlots`): prefill, join, step, keep, clear.
 """
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slmkit.engine.kv_cache import KV, cache_from, cut, join_rows, kv_of, select_rows
-from slmkit.engine.llama_fast import FastLlama
+from slmkit.engine.lean_forward import LeanForward
 
 if TYPE_CHECKING:
     from slmkit.engine.torch_backend import TorchBackend
@@ -27,7 +27,7 @@ class SlotKV:
     bursts = True
     chunked = True  # prefill takes `between` and `chunk` (chunked prefill)
 
-    def __init__(self, fast: FastLlama, slots: int) -> None:
+    def __init__(self, fast: LeanForward, slots: int) -> None:
         self.fast = fast
         self.cache = fast.new_cache(slots)
         self.rows = 0
@@ -40,7 +40,7 @@ class SlotKV:
         Chunked prefill: with `chunk`, the prompt goes in pieces of that many tokens and `between()` runs after
         each piece but the last (the scheduler steps the running rows there, so a long prompt does not stall them;
         rows that finish meanwhile may move, so the new row is moved to its place at join). `adapter`: the LoRA
-        adapter the row runs with (FastLlama.add_adapter; 0: the base alone)."""
+        adapter the row runs with (LeanForward.add_adapter; 0: the base alone)."""
         slot = self.rows
         self._pending = [slot]
         self.cache.load(slot, cut(kv, reused) if kv else [])

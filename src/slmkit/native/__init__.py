@@ -49,7 +49,7 @@ def unavailable() -> str:
 
 @functools.cache
 def ops() -> SimpleNamespace | None:
-    """The kernels as torch ops (rope_decode_attention, add_rms_norm, silu_mul, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni),
+    """The kernels as torch ops (rope_decode_attention, add_rms_norm, silu_mul, gelu_tanh_mul, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni),
     built once per machine; None when they cannot be."""
     global _why_not
     from slmkit import progress
@@ -78,7 +78,8 @@ def ops() -> SimpleNamespace | None:
         return None
     decode = torch.ops.slmkit_decode
     return SimpleNamespace(rope_decode_attention=decode.rope_decode_attention,
-                           add_rms_norm=decode.add_rms_norm, silu_mul=decode.silu_mul, decode_step=decode.decode_step,
+                           add_rms_norm=decode.add_rms_norm, silu_mul=decode.silu_mul,
+                           gelu_tanh_mul=decode.gelu_tanh_mul, decode_step=decode.decode_step,
                            quantize_rows=torch.ops.slmkit_quantize.quantize_rows,
                            dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows,
                            pack_int8=torch.ops.slmkit_quantize.pack_int8, int8_linear=torch.ops.slmkit_quantize.int8_linear,

@@ -71,10 +71,11 @@ static inline void rotate(const float* x, const float* c, const float* sn, int64
 // A decode step's attention from the fused q/k/v projection's output: qkv (B, (H + 2 Hkv) D) f32 (queries, keys,
 // values of each row's new token side by side); cos, sin (B, D) at each row's position. Rotates the queries and the
 // key, writes the key and value at position lens - 1 of each row's slot, attends over that row's lens positions.
-// Returns (B, H D): the heads' outputs side by side (head h = kv head h / G).
+// Returns (B, H D): the heads' outputs side by side (head h = kv head h / G). window > 0: a sliding-window layer,
+// whose query sees only the last `window` positions (itself included).
 static at::Tensor rope_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first,
-                                        double scale, int64_t heads) {
+                                        double scale, int64_t heads, int64_t window) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2, "qkv: (B, (H + 2 Hkv) D) float32");
   const int64_t B = qkv.size(0);
   check_cache(k, v, lens, first, B);
@@ -104,7 +105,8 @@ static at::Tensor rope_decode_attention(const at::Tensor& qkv, const at::Tensor&
       for (int64_t g = 0; g < G; ++g) rotate(row + (h * G + g) * D, c, sn, D, q.data() + g * D);
       rotate(row + (heads + h) * D, c, sn, D, kb + (L - 1) * D);
       std::copy(row + (heads + Hkv + h) * D, row + (heads + Hkv + h + 1) * D, vb + (L - 1) * D);
-      attend(q.data(), kb, vb, L, G, D, static_cast<float>(scale), s, op + b * heads * D + h * G * D);
+      const int64_t from = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      attend(q.data(), kb + from * D, vb + from * D, L - from, G, D, static_cast<float>(scale), s, op + b * heads * D + h * G * D);
     }
   });
   return out;
@@ -165,6 +167,31 @@ static at::Tensor silu_mul(const at::Tensor& y) {
   return out;
 }
 
+// The MLP's gate of Gemma's GeGLU: y (M, 2F) = [gate, up] -> gelu_tanh(gate) * up (M, F), gelu_tanh(x) =
+// x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) as torch's gelu(approximate="tanh")
+static at::Tensor gelu_tanh_mul(const at::Tensor& y) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) % 2 == 0, "y: (M, 2F) float32");
+  auto yc = y.contiguous();
+  const int64_t M = yc.size(0), F = yc.size(1) / 2;
+  auto out = at::empty({M, F}, yc.options());
+  const float* yp = yc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / F), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* g = yp + m * 2 * F;
+      const float* u = g + F;
+      float* o = op + m * F;
+      #pragma omp simd
+      for (int64_t i = 0; i < F; ++i) {
+        const float x = g[i];
+        o[i] = 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x))) * u[i];
+      }
+    }
+  });
+  return out;
+}
+
 // ---- A whole decode step of a Llama-layout w8a8 model in one call ----
 // slmkit's int8 linear lives in the slmkit_quantize library (built without fast-math: bit-identical to torch's
 // ops); it is called through torch's dispatcher (~0.3 us, against ~3 us per op from Python).
@@ -195,7 +222,7 @@ static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const
   for (int64_t i = 0; i < k.size(0); ++i) {
     const at::Tensor* w = weights.data() + i * PER_LAYER;
     at::Tensor n = add_rms_norm(x, out.defined() ? c10::optional<at::Tensor>(out) : c10::nullopt, w[0], eps);
-    at::Tensor o = rope_decode_attention(int8_linear(n, w + 1), cos, sin, k[i], v[i], lens, first, scale, heads);
+    at::Tensor o = rope_decode_attention(int8_linear(n, w + 1), cos, sin, k[i], v[i], lens, first, scale, heads, 0);
     n = add_rms_norm(x, int8_linear(o, w + 5), w[9], eps);
     out = int8_linear(silu_mul(int8_linear(n, w + 10)), w + 14);
   }
@@ -205,9 +232,10 @@ static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const
 
 TORCH_LIBRARY(slmkit_decode, m) {
   m.def("rope_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
-        "float scale, int heads) -> Tensor", rope_decode_attention);
+        "float scale, int heads, int window=0) -> Tensor", rope_decode_attention);
   m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
   m.def("silu_mul(Tensor y) -> Tensor", silu_mul);
+  m.def("gelu_tanh_mul(Tensor y) -> Tensor", gelu_tanh_mul);
   m.def("decode_step(Tensor h, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
         "float scale, int heads, float eps) -> Tensor", decode_step);
 }

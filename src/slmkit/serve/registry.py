@@ -112,7 +112,7 @@ class ModelRegistry:
         """Which served names share one loaded base: the LoRA adapters of a Llama-layout base (checked against the
         base's file hashes now), with the base itself when it runs on PyTorch, where two or more names share it.
         Adapters a per-row update cannot express (DoRA, extra trained modules) are served merged, on their own."""
-        from slmkit.engine.llama_fast import MULTI_LORA_TYPES
+        from slmkit.engine.families import MULTI_LORA_TYPES
         from slmkit.sources.adapters import base_of, per_row_problem
         from slmkit.card import read_config
 

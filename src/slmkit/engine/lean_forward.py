@@ -1,4 +1,5 @@
-"""A lean forward pass for Llama-layout models over a preallocated, slot-based KV cache.
+"""A lean forward pass for decoder-only models over a preallocated, slot-based KV cache, by family (engine/families.py:
+Llama, Mistral, Qwen2/2.5/3, Phi-3, Gemma 3 and their pruned, quantized and adapted children).
 
 Why: at batch 1 a 135M model's weights take ~25 ms (int8) to ~70 ms (fp32) to go through the matmuls here, and
 transformers' general forward adds 5-15 ms of per-layer Python and cache bookkeeping per token on top (mask
@@ -10,7 +11,7 @@ Cache layout: keys and values of layer l are `k[l]`, `v[l]`: (slots, H_kv, capac
 sequence at its true positions 0..len-1 (no padding); a step for rows 0..n-1 writes each row's new key at its
 own length and masks positions past it, so sequences of different lengths decode together. Capacity grows by
 doubling. Grouped-query attention folds the query heads that share a KV head into the query-length axis, so
-keys and values are never repeated.
+keys and values are never repeated. A sliding-window layer keeps every position too and reads only its window.
 """
 
 from __future__ import annotations
@@ -20,33 +21,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slmkit.engine.families import STATIC_ROPE_TYPES, Block, describe, unsupported
 from slmkit.layers.multi_lora import LoraBank
 from slmkit.layers.integer import Int8Linear, W8A8Linear, bucket_of
 from slmkit.native import ops as native_ops
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # one block layout (Qwen2: q/k/v biases; Qwen3: q/k head
-# norms; Phi-3: q/k/v and gate/up each one linear layer)
-MULTI_LORA_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # LoRA factors per q/k/v/o/gate/up/down module (layers/multi_lora.py)
-STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # rotary angles that depend on the position alone
 # queries per attention call in a long prefill: each piece sees only the keys up to it (a causal mask cannot make
 # torch's CPU attention skip work; 512 tokens: 4.0 -> 3.0 ms per layer, bench/w8a8)
 ATTENTION_PIECE = 128
 
 
 def supports(model: Any) -> bool:
-    """True for models in the Llama block layout: Llama (SmolLM2, Llama 2/3, TinyLlama), Mistral and Qwen2/2.5, and
-    Qwen3 (an RMSNorm on each query and key head), Phi-3 (fused q/k/v and gate/up layers), and their pruned children;
-    not where a sliding attention window can cut what a token sees (the cache here keeps every position) or rotary
-    embeddings cover part of a head, nor other layouts (Gemma's)."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or not hasattr(getattr(model, "model", None), "layers"):
-        return False
-    if float((getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0) < 1.0:
-        return False
-    window = getattr(cfg, "sliding_window", None)
-    windowed = bool(window) and (cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
-                                 or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
-    return not (windowed and window < int(getattr(cfg, "max_position_embeddings", 0) or 0))
+    """True for the families of engine/families.py (see `unsupported` there for what else it asks)."""
+    return unsupported(model) is None
 
 
 def fuse_linears(parts: list[Any]) -> Any | None:
@@ -75,13 +62,13 @@ def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as transformers' LlamaRMSNorm does (float32 input: torch's one fused op, the same
-    result in one call instead of eight)."""
+    """RMSNorm computed in float32, as transformers' RMSNorms do (float32 input: torch's one fused op, the same result
+    in one call instead of eight); the result in x's dtype."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return (weight * h.to(x.dtype)).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -142,31 +129,42 @@ class SlotCache:
         self.adapter[dst] = self.adapter[src]
 
 
-class FastLlama:
-    """Forward passes of a transformers Llama model (its own modules and weights) over a SlotCache."""
+class LeanForward:
+    """Forward passes of a transformers decoder model (its own modules and weights) over a SlotCache."""
 
     def __init__(self, model: Any) -> None:
-        if not supports(model):
-            raise ValueError("FastLlama needs a transformers Llama model")
+        why = unsupported(model)
+        if why is not None:
+            raise ValueError(f"the lean forward cannot run this model: {why}")
         cfg = model.config
         self.model = model
         self.inner = model.model
+        self.block: Block = describe(model)
+        fam = self.block.family
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.group = self.heads // self.kv_heads
         self.layers = list(self.inner.layers)
         self.eps = float(cfg.rms_norm_eps)
-        self.scale = self.head_dim ** -0.5
-        # Qwen3: each query and key head RMS-normed before the rotation (the one-call decode kernels do not: off then)
-        self.head_norms = hasattr(self.layers[0].self_attn, "q_norm")
+        self.scale = self.block.scale
+        self.head_norms = self.block.head_norms
         # int8 q/k/v and gate/up each as one kernel call (fewer, larger calls: ~11% faster decode)
-        if hasattr(self.layers[0].self_attn, "qkv_proj"):  # Phi-3: the model's own fused layers
+        if fam.fused:  # Phi-3: the model's own fused layers
             self.qkv = [l.self_attn.qkv_proj for l in self.layers]
             self.gate_up = [l.mlp.gate_up_proj for l in self.layers]
         else:
             self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
             self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        # each block's norm weights in the order it applies them (before attention, on its output, before the MLP, on
+        # its output; None where the family has none), `offset + weight` made once where the family scales so
+        self.norms = [tuple(self._norm_weight(getattr(l, name)) if name else None
+                            for name in (fam.attn_norm, fam.attn_out_norm, fam.mlp_norm, fam.mlp_out_norm)) for l in self.layers]
+        self.final_norm = self._norm_weight(self.inner.norm)
+        # Qwen3, Gemma 3: each query and key head RMS-normed before the rotation (weights, eps)
+        self.qk_norms = [(self._norm_weight(l.self_attn.q_norm), self._norm_weight(l.self_attn.k_norm),
+                          float(getattr(l.self_attn.q_norm, "variance_epsilon", None) or l.self_attn.q_norm.eps))
+                         for l in self.layers] if self.head_norms else []
         for m in [*(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers), model.lm_head]:
             if isinstance(m, W8A8Linear) and m._kernels is None:
                 m.prepare()  # kernels and prepacked weights ready before the first request
@@ -176,12 +174,20 @@ class FastLlama:
         dtype = self.inner.embed_tokens.weight.dtype
         self.dtype = dtype if dtype.is_floating_point else torch.float32  # activations and cache
         self.bank: LoraBank | None = None  # LoRA adapters served over this base, applied per row
-        # slmkit's CPU kernels where they are built (native/decode.cpp): RMSNorm with its residual add and the SiLU gate
-        # of every step; a decode step's rotary + cache write + attention in one call (2.4x torch's SDPA at 16 rows)
-        silu = getattr(cfg, "hidden_act", "silu") == "silu"
-        self.kernels = native_ops() if self.dtype == torch.float32 and silu else None
-        self.step_weights, self.step_buckets = self._whole_step_weights() if not self.head_norms else (None, set())
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (n, D) by position (_rotary)
+        # slmkit's CPU kernels where they are built (native/decode.cpp): RMSNorm with its residual add and the MLP's
+        # gate of every step; a decode step's rotary + cache write + attention in one call (2.4x torch's SDPA at 16 rows)
+        self.kernels = native_ops() if self.dtype == torch.float32 else None
+        gates = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_new": "gelu_tanh_mul"}
+        self.gate_kernel = getattr(self.kernels, gates[self.block.act]) if self.kernels and self.block.act in gates else None
+        self.step_weights, self.step_buckets = self._whole_step_weights() if self.block.plain else (None, set())
+        self._rope_tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin (n, D) by position (_rotary)
+
+    def _norm_weight(self, norm: Any) -> torch.Tensor:
+        """An RMSNorm module's scale as the lean forward multiplies by it: `offset + weight` in float32 where the
+        family scales by 1 + weight (as Gemma's norm computes it), else the module's own tensor."""
+        weight = norm.weight.detach()
+        offset = self.block.family.norm_offset
+        return weight.float() + offset if offset else weight
 
     def _whole_step_weights(self) -> tuple[list[torch.Tensor] | None, set[int]]:
         """A w8a8 model whose every block linear runs slmkit's int8 kernel decodes a step in one call of
@@ -192,40 +198,69 @@ class FastLlama:
             return None, set()
         weights, buckets = [], {0, 1, 2}
         empty = torch.empty(0)
-        for i, layer in enumerate(self.layers):
-            lins = (self.qkv[i], layer.self_attn.o_proj, self.gate_up[i], layer.mlp.down_proj)
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        for i in range(len(self.layers)):
+            lins = (self.qkv[i], self.layers[i].self_attn.o_proj, self.gate_up[i], self.layers[i].mlp.down_proj)
+            norms = (self.norms[i][0], self.norms[i][2])
             if any(type(m) is not W8A8Linear or m._native is None or m.smooth is not None for m in lins) or any(
                     n.dtype != torch.float32 for n in norms):
                 return None, set()
             buckets &= {b for b in range(3) if all(m._kernels[b] == "native" for m in lins)}
             for j, m in enumerate(lins):
                 if j in (0, 2):
-                    weights.append(norms[j // 2].detach())
+                    weights.append(norms[j // 2])
                 tiles, sums, _, scales, bias, _ = m._native_args
                 weights += [tiles, sums, scales, empty if bias is None else bias]
         return weights, buckets
 
-    def _mask(self, positions: torch.Tensor, end: int) -> torch.Tensor:
-        """Additive causal mask (B, 1, G * T, end) for queries at `positions` (B, T), each row its own length, in the
-        layout of the query heads sharing a KV head stacked."""
+    def _mask(self, positions: torch.Tensor, first_key: int, end: int, window: int | None) -> torch.Tensor:
+        """Additive mask (B, 1, G * T, end - first_key) for queries at `positions` (B, T) over keys first_key..end-1:
+        causal, each row its own length, and within `window` positions where set; in the layout of the query heads
+        sharing a KV head stacked."""
         b, t = positions.shape
-        keep = torch.arange(end)[None, None, :] <= positions[:, :, None]  # (B, T, end)
-        keep = keep[:, None].expand(b, self.group, t, end).reshape(b, 1, self.group * t, end)
+        keys = torch.arange(first_key, end)[None, None, :]
+        keep = keys <= positions[:, :, None]  # (B, T, keys)
+        if window:
+            keep &= keys > positions[:, :, None] - window
+        keep = keep[:, None].expand(b, self.group, t, end - first_key).reshape(b, 1, self.group * t, end - first_key)
         return torch.zeros(keep.shape, dtype=self.dtype).masked_fill_(~keep, float("-inf"))
 
-    def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, D) at `positions`, as the model's rotary embedding makes them: rows of a table it made
-        once for positions 0..n-1 (grown by doubling), for the rope types whose angles depend on the position alone."""
+    def _spans(self, b: int, t: int, starts: list[int], positions: torch.Tensor, end: int, window: int | None,
+               kernel: bool) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
+        """Attention's pieces for layers of one window (None: every earlier key), built once per step rather than by
+        every layer: (first query, end query, first key, end key, additive mask or None)."""
+        def first_key(position: int) -> int:  # the earliest key a query at `position` sees
+            return max(0, position - window + 1) if window else 0
+
+        if b == 1 and t > 2 * ATTENTION_PIECE:  # a long prefill: pieces of queries, each seeing the keys up to it
+            spans = []
+            for c0 in range(0, t, ATTENTION_PIECE):
+                c1 = min(c0 + ATTENTION_PIECE, t)
+                k0, k1 = first_key(starts[0] + c0), starts[0] + c1
+                spans.append((c0, c1, k0, k1, self._mask(positions[:, c0:c1], k0, k1, window)))
+            return spans
+        if t == 1 and b == 1:  # one new token sees every cached position in its window
+            return [(0, 1, first_key(end - 1), end, None)]
+        if t == 1 and kernel:  # slmkit's kernel reads each row's own length and window
+            return [(0, 1, 0, end, None)]
+        k0 = first_key(starts[0]) if b == 1 else 0
+        return [(0, t, k0, end, self._mask(positions, k0, end, window))]
+
+    def _rotary(self, h: torch.Tensor, positions: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, D) at `positions`, as the model's rotary embedding makes them (Gemma 3: the table of layer
+        type `key`): rows of a table it made once for positions 0..n-1 (grown by doubling), for the rope types whose
+        angles depend on the position alone."""
         rope = self.inner.rotary_emb
-        if getattr(rope, "rope_type", "default") not in STATIC_ROPE_TYPES:  # dynamic ones rescale with the length
-            return rope(h, positions)
+        kind = rope.rope_type[key] if key is not None else getattr(rope, "rope_type", "default")
+        make = rope if key is None else (lambda x, p: rope(x, p, key))
+        if kind not in STATIC_ROPE_TYPES:  # dynamic ones rescale with the length
+            return make(h, positions)
         end = int(positions.max()) + 1
-        if self._rope_table is None or self._rope_table[0].shape[0] < end or self._rope_table[0].dtype != h.dtype:
-            n = max(end, 256, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]))
-            cos, sin = rope(h[:1, :1], torch.arange(n)[None])  # (1, n, D)
-            self._rope_table = (cos[0], sin[0])
-        return self._rope_table[0][positions], self._rope_table[1][positions]
+        table = self._rope_tables.get(key)
+        if table is None or table[0].shape[0] < end or table[0].dtype != h.dtype:
+            n = max(end, 256, 2 * (0 if table is None else table[0].shape[0]))
+            cos, sin = make(h[:1, :1], torch.arange(n)[None])  # (1, n, D)
+            table = self._rope_tables[key] = (cos[0], sin[0])
+        return table[0][positions], table[1][positions]
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, kernels: Any) -> torch.Tensor:
         """h += delta (in place, when given), then the RMSNorm of h: one call of slmkit's kernel in a decode step."""
@@ -234,6 +269,14 @@ class FastLlama:
         if delta is not None:
             h += delta
         return _rms_norm(h, weight, self.eps)
+
+    def _norm_heads(self, y: torch.Tensor, i: int) -> torch.Tensor:
+        """y (..., (H + 2 Hkv) D) with each query and key head RMS-normed (block i's q_norm, k_norm), values as they are."""
+        q_weight, k_weight, eps = self.qk_norms[i]
+        lead, qk = y.shape[:-1], self.q_width + self.kv_width
+        q = _rms_norm(y[..., : self.q_width].reshape(*lead, self.heads, self.head_dim), q_weight, eps)
+        k = _rms_norm(y[..., self.q_width : qk].reshape(*lead, self.kv_heads, self.head_dim), k_weight, eps)
+        return torch.cat([q.reshape(*lead, self.q_width), k.reshape(*lead, self.kv_width), y[..., qk:]], dim=-1)
 
     def add_adapter(self, factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Hold one more LoRA adapter (sources/adapters.lora_factors); returns the id a slot runs it by."""
@@ -257,61 +300,50 @@ class FastLlama:
         start_t = torch.tensor(starts, dtype=torch.long)
         positions = start_t[:, None] + torch.arange(t)  # (B, T)
         lens = start_t + t  # (B,) each row's length after this step
-        kernels = self.kernels  # slmkit's kernels where built: norms and the SiLU gate of every step
-        decode = kernels if t == 1 and not self.head_norms else None  # and a decode step's rotary + attention
-        # attention's pieces: (first query, end query, keys seen, additive mask), built once per step rather than by
-        # every layer; one new token of one row sees every cached position (and slmkit's kernel reads each row's own)
-        pieces = [(0, t, end, None)]
-        if b == 1 and t > 2 * ATTENTION_PIECE:  # a long prefill: pieces of queries, each seeing the keys up to it
-            pieces = [(c, min(c + ATTENTION_PIECE, t), starts[0] + min(c + ATTENTION_PIECE, t)) for c in range(0, t, ATTENTION_PIECE)]
-            pieces = [(c0, c1, kend, self._mask(positions[:, c0:c1], kend)) for c0, c1, kend in pieces]
-        elif not (t == 1 and (b == 1 or decode is not None)):
-            pieces = [(0, t, end, self._mask(positions, end))]
+        kernels = self.kernels  # slmkit's kernels where built: norms and the MLP's gate of every step
+        decode = kernels if t == 1 else None  # and a decode step's rotary + attention
+        block = self.block
+        spans = {w: self._spans(b, t, starts, positions, end, w, decode is not None) for w in set(block.windows)}
         rows = slice(first, first + b)
         row_idx = torch.tensor(slot_list)
         adapters = cache.adapter[first: first + b]
         bank = self.bank if self.bank is not None and any(adapters) else None
         groups = LoraBank.row_groups(adapters) if bank is not None else []
 
-        h = self.inner.embed_tokens(ids)  # (B, T, E): the residual stream, added to in place
-        cos, sin = self._rotary(h, positions)  # (B, T, D)
-        if decode is not None:
-            cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, D)
-        else:
-            cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D): broadcast over heads
+        h = self.inner.embed_tokens(ids)  # (B, T, E): the residual stream, added to in place (Gemma's scaled inside)
+        rotary = {}  # rope table key -> cos, sin: (B, D) for the decode kernel, else (B, T, 1, D) to broadcast over heads
+        for key in set(block.rope_keys):
+            cos, sin = self._rotary(h, positions, key)
+            rotary[key] = (cos[:, 0].contiguous(), sin[:, 0].contiguous()) if decode is not None else (cos[:, :, None], sin[:, :, None])
         if decode is not None and bank is None and self.step_weights is not None and bucket_of(b) in self.step_buckets:
             # every block of this decode step in one call of slmkit's kernel (no Python between its ~240 operations)
+            cos, sin = rotary[None]
             h = decode.decode_step(h.reshape(b, -1), self.step_weights, cos, sin, cache.k, cache.v, lens, first,
                                    self.scale, self.heads, self.eps).reshape(b, 1, -1)
         else:
             qk_heads = self.heads + self.kv_heads
             out = None  # the last block's output, not yet added to h (a decode step adds it in the next norm's call)
             for i, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                x = self._add_norm(h, out, layer.input_layernorm.weight, kernels)
-                if self.qkv[i] is not None or bank is not None or decode is not None:
-                    y = _linear(self.qkv[i], x) if self.qkv[i] is not None else torch.cat(
-                        [_linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)], dim=-1)  # (B, T, (H + 2 Hkv) D)
-                    if bank is not None:
-                        y = bank.apply(("qkv", i), x, y, groups)
+                attn, mlp = layer.self_attn, layer.mlp
+                attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = self.norms[i]
+                cos, sin = rotary[block.rope_keys[i]]
+                window = block.windows[i]
+                x = self._add_norm(h, out, attn_norm, kernels)
+                y = _linear(self.qkv[i], x) if self.qkv[i] is not None else torch.cat(
+                    [_linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)], dim=-1)  # (B, T, (H + 2 Hkv) D)
+                if bank is not None:
+                    y = bank.apply(("qkv", i), x, y, groups)
+                if self.head_norms:
+                    y = self._norm_heads(y, i)
                 kc, vc = cache.k[i], cache.v[i]
                 if decode is not None:  # one call: rotary, each row's new key/value written, its own length attended
-                    o = decode.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, first, self.scale, self.heads)
+                    o = decode.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, first, self.scale, self.heads, window or 0)
                     o = o.reshape(b, 1, self.heads * self.head_dim)
                 else:
-                    if self.qkv[i] is not None or bank is not None:
-                        qk, v = y[..., : self.q_width + self.kv_width], y[..., self.q_width + self.kv_width :]
-                    else:
-                        qk = torch.cat([_linear(attn.q_proj, x), _linear(attn.k_proj, x)], dim=-1)
-                        v = _linear(attn.v_proj, x)
-                    qk = qk.reshape(b, t, qk_heads, self.head_dim)
-                    if self.head_norms:
-                        qk = torch.cat([_rms_norm(qk[:, :, : self.heads], attn.q_norm.weight, attn.q_norm.variance_epsilon),
-                                        _rms_norm(qk[:, :, self.heads :], attn.k_norm.weight, attn.k_norm.variance_epsilon)], dim=2)
-                    qk = _rotate(qk, cos, sin)  # queries and keys rotated together
+                    qk = _rotate(y[..., : self.q_width + self.kv_width].reshape(b, t, qk_heads, self.head_dim), cos, sin)
                     q = qk[:, :, : self.heads].transpose(1, 2)  # (B, H, T, D)
                     k = qk[:, :, self.heads :]  # (B, T, Hkv, D)
-                    v = v.reshape(b, t, self.kv_heads, self.head_dim)
+                    v = y[..., self.q_width + self.kv_width :].reshape(b, t, self.kv_heads, self.head_dim)
                     if b == 1:
                         kc[first, :, starts[0] : starts[0] + t] = k[0].transpose(0, 1)
                         vc[first, :, starts[0] : starts[0] + t] = v[0].transpose(0, 1)
@@ -321,8 +353,8 @@ class FastLlama:
                         kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
                         vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
                     parts = []
-                    for c0, c1, kend, mask in pieces:
-                        keys, values = kc[rows, :, :kend], vc[rows, :, :kend]  # (B, Hkv, kend, D)
+                    for c0, c1, k0, k1, mask in spans[window]:
+                        keys, values = kc[rows, :, k0:k1], vc[rows, :, k0:k1]  # (B, Hkv, keys, D)
                         # (B, Hkv, G * T', D): the heads sharing a KV head, stacked
                         qg = q[:, :, c0:c1].reshape(b, self.kv_heads, self.group * (c1 - c0), self.head_dim)
                         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
@@ -331,25 +363,27 @@ class FastLlama:
                     o = o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
                 out = _linear(attn.o_proj, o)
                 out = bank.apply(("o", i), o, out, groups) if bank is not None else out
-                x = self._add_norm(h, out, layer.post_attention_layernorm.weight, kernels)
-                mlp = layer.mlp
-                if self.gate_up[i] is not None or bank is not None or kernels is not None:
-                    y = _linear(self.gate_up[i], x) if self.gate_up[i] is not None else torch.cat(
-                        [_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)], dim=-1)
-                    if bank is not None:
-                        y = bank.apply(("gate_up", i), x, y, groups)
-                if kernels is not None:
-                    act = kernels.silu_mul(y.reshape(b * t, -1)).reshape(b, t, self.mlp_width)
+                if attn_out_norm is not None:
+                    out = _rms_norm(out, attn_out_norm, self.eps)
+                x = self._add_norm(h, out, mlp_norm, kernels)
+                y = _linear(self.gate_up[i], x) if self.gate_up[i] is not None else torch.cat(
+                    [_linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)], dim=-1)  # (B, T, 2 F)
+                if bank is not None:
+                    y = bank.apply(("gate_up", i), x, y, groups)
+                if self.gate_kernel is not None:
+                    act = self.gate_kernel(y.reshape(b * t, -1)).reshape(b, t, self.mlp_width)
                 else:
-                    if self.gate_up[i] is not None or bank is not None:
-                        gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)
-                    else:
-                        gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
+                    gate, up = y.split([self.mlp_width, self.mlp_width], dim=-1)
                     act = (mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn)(gate) * up  # Phi-3 names it activation_fn
                 out = _linear(mlp.down_proj, act)
                 out = bank.apply(("down", i), act, out, groups) if bank is not None else out
+                if mlp_out_norm is not None:
+                    out = _rms_norm(out, mlp_out_norm, self.eps)
             h += out
         for s in slot_list:
             cache.lens[s] += t
-        last = _rms_norm(h[:, -1], self.inner.norm.weight, self.eps)  # (B, E)
-        return _linear(self.model.lm_head, last)  # (B, V)
+        last = _rms_norm(h[:, -1], self.final_norm, self.eps)  # (B, E)
+        logits = _linear(self.model.lm_head, last)  # (B, V)
+        if block.final_softcap:
+            logits = torch.tanh(logits / block.final_softcap) * block.final_softcap
+        return logits

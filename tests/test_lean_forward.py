@@ -9,7 +9,7 @@ from conftest import build_tiny_llama
 import slmkit
 from slmkit import native
 from slmkit.compress.quantize_stage import quantize_stage
-from slmkit.engine.llama_fast import FastLlama, SlotCache, supports
+from slmkit.engine.lean_forward import LeanForward, SlotCache, supports
 from slmkit.engine.sampling import SamplingParams
 from slmkit.engine.torch_batch import SlotKV
 from slmkit.engine.torch_backend import TorchBackend
@@ -44,11 +44,11 @@ def test_logits_match_transformers_for_prefill_and_ragged_batched_steps(tmp_path
 def test_a_long_prefill_attends_in_pieces_and_matches_transformers(tmp_path):
     """A prompt longer than two attention pieces (fresh, and after a cached prefix) gives transformers' logits, and
     the cache it leaves decodes on as transformers does."""
-    from slmkit.engine import llama_fast
+    from slmkit.engine import lean_forward
 
     backend = TorchBackend.from_folder(build_tiny_llama(tmp_path / "m", context=1024))
     net, fast = backend.model, backend.fast
-    ids = torch.randint(0, net.config.vocab_size, (1, 2 * llama_fast.ATTENTION_PIECE + 77))
+    ids = torch.randint(0, net.config.vocab_size, (1, 2 * lean_forward.ATTENTION_PIECE + 77))
     with torch.inference_mode():
         want = net(input_ids=ids).logits[0]
         cache = fast.new_cache(2, capacity=8)
@@ -152,7 +152,7 @@ def test_other_architectures_are_not_claimed():
 
     assert not supports(Net())
     with pytest.raises(ValueError):
-        FastLlama(Net())
+        LeanForward(Net())
 
 
 def test_w8a8_kernels_agree_and_the_choice_is_kept_per_machine(store, home):
@@ -188,18 +188,26 @@ def test_w8a8_kernels_agree_and_the_choice_is_kept_per_machine(store, home):
     torch.testing.assert_close(outs[0][-20:], want, atol=1e-4, rtol=1e-4)
 
 
-def _family_model(folder, family: str):
-    """A tiny random model of another family in the Llama layout (Qwen2: biases on q/k/v; Mistral: Llama's blocks),
-    with the tiny tokenizer, saved as safetensors."""
+def _family_model(folder, family: str, window: int | None = None):
+    """A tiny random model of another family (Qwen2: biases on q/k/v; Qwen3: q/k head norms; Mistral: Llama's blocks;
+    Phi-3: fused layers; Gemma 3: four norms per block scaling by 1 + weight, GeGLU, scaled embeddings, local and
+    global layers with their own rope bases), with the tiny tokenizer, saved as safetensors. `window`: a sliding
+    attention window short enough to cut what a token sees (Gemma 3: on all but every third layer)."""
     from conftest import build_tokenizer
-    from transformers import AutoModelForCausalLM, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     tok = build_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg = {"qwen2": lambda: Qwen2Config(**common), "qwen3": lambda: Qwen3Config(**common, head_dim=8),
-           "mistral": lambda: MistralConfig(**common, sliding_window=None), "phi3": lambda: Phi3Config(**common)}[family]()
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3 if window else 2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sliding = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+    cfg = {"qwen2": lambda: Qwen2Config(**common, **sliding), "qwen3": lambda: Qwen3Config(**common, head_dim=8),
+           "mistral": lambda: MistralConfig(**common, sliding_window=window),
+           "phi3": lambda: Phi3Config(**common, sliding_window=window),
+           "gemma3_text": lambda: Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=12, sliding_window=window or 4096,
+                                                   layer_types=["sliding_attention"] * (common["num_hidden_layers"] - 1) + ["full_attention"],
+                                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                                                    "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})}[family]()
     torch.manual_seed(1)
     net = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -210,15 +218,21 @@ def _family_model(folder, family: str):
     return folder
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3"])
-def test_qwen_mistral_and_phi3_run_on_the_lean_forward(tmp_path, family):
+FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma3_text"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_on_the_lean_forward(tmp_path, family):
     backend = TorchBackend.from_folder(_family_model(tmp_path / family, family))
     net, fast = backend.model, backend.fast
     assert fast is not None and net.config.model_type == family
     if family == "qwen2":
         assert net.model.layers[0].self_attn.q_proj.bias is not None  # the biases are computed, not dropped
-    if family == "qwen3":
+    if family in ("qwen3", "gemma3_text"):
         assert fast.head_norms and fast.step_weights is None
+    if family == "gemma3_text":
+        assert fast.block.rope_keys == ("sliding_attention", "full_attention") and fast.scale == 12 ** -0.5
+        assert fast.block.act == "gelu_pytorch_tanh" and fast.block.family.norm_offset == 1.0
     ids = backend.encode("The quick brown fox jumps over")
     cache = fast.new_cache(1, capacity=4)
     with torch.inference_mode():
@@ -228,11 +242,46 @@ def test_qwen_mistral_and_phi3_run_on_the_lean_forward(tmp_path, family):
         torch.testing.assert_close(out[0], net(input_ids=torch.tensor([ids + [9]])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_windows_are_not_claimed(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral", "qwen2", "phi3"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_sliding_windows_cut_what_a_token_sees_as_transformers_does(tmp_path, family, kernels):
+    """A window of 5 positions: a prefill longer than it (in attention pieces too), then ragged rows decoding past it,
+    with slmkit's decode kernels and with torch's operations, give transformers' logits at every step."""
+    from slmkit.engine import lean_forward
+
+    backend = TorchBackend.from_folder(_family_model(tmp_path / family, family, window=5))
+    net, fast = backend.model, backend.fast
+    assert fast is not None and 5 in fast.block.windows
+    if not kernels:
+        fast.kernels = fast.gate_kernel = None
+    elif fast.kernels is None:
+        pytest.skip("slmkit's CPU kernels are not built here")
+    torch.manual_seed(0)
+    long = torch.randint(0, net.config.vocab_size, (1, 2 * lean_forward.ATTENTION_PIECE + 9)).tolist()[0]
+    seqs = [long, backend.encode("The quick brown fox jumps"), backend.encode("Paris is")]
+    cache = fast.new_cache(3, capacity=4)
+    with torch.inference_mode():
+        for slot, ids in enumerate(seqs):
+            got = fast.forward(cache, torch.tensor([ids]), first=slot)
+            torch.testing.assert_close(got[0], net(input_ids=torch.tensor([ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        nxt = [7, 11, 13]
+        for _ in range(6):  # the short rows grow past the window
+            out = fast.forward(cache, torch.tensor(nxt)[:, None])
+            seqs = [s + [t] for s, t in zip(seqs, nxt)]
+            for row, ids in enumerate(seqs):
+                torch.testing.assert_close(out[row], net(input_ids=torch.tensor([ids])).logits[0, -1], atol=1e-4, rtol=1e-4)
+            nxt = [int(out[r].argmax()) for r in range(3)]
+
+
+def test_what_the_lean_forward_cannot_run_is_said_before_anything_is_built():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    from slmkit.engine.families import unsupported
 
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=64)
-    assert not supports(MistralForCausalLM(MistralConfig(**small, sliding_window=16)))
-    assert not supports(Qwen2ForCausalLM(Qwen2Config(**small, use_sliding_window=True, sliding_window=16, max_window_layers=0)))
-    assert supports(MistralForCausalLM(MistralConfig(**small, sliding_window=4096)))  # wider than the context: no effect
+                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    partial = Phi3ForCausalLM(Phi3Config(**small, partial_rotary_factor=0.5))
+    assert "part of each head" in unsupported(partial) and not supports(partial)
+    assert "gemma2" in unsupported(Gemma2ForCausalLM(Gemma2Config(**small)))
+    with pytest.raises(ValueError, match="cannot run this model: rotary"):
+        LeanForward(partial)
