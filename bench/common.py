@@ -44,3 +44,32 @@ def cpu_line() -> str:
     field = lambda k: next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith(k)), "")  # noqa: E731
     flags = field("Flags").split()
     return f"{field('Model name') or '?'}; {os.cpu_count()} cores; " + " ".join(f for f in CPU_FLAGS if f in flags)
+
+
+def decode_speeds(fast, prompt: list[int]) -> dict[str, float]:
+    """Through a lean forward `fast`: batch-1 decode and a 16-row step after `prompt` (tokens/s), and a 512-token
+    prefill (tokens/s). The same numbers in every bench that compares engines."""
+    import time
+
+    import torch
+
+    res = {}
+    with torch.inference_mode():
+        for rows in (1, 16):
+            cache = fast.new_cache(rows, 512)
+            for r in range(rows):
+                fast.forward(cache, torch.tensor([prompt]), first=r)
+            tok = torch.full((rows, 1), 42)
+            for _ in range(3):
+                fast.forward(cache, tok)
+            t0, n = time.perf_counter(), 40
+            for _ in range(n):
+                fast.forward(cache, tok)
+            res[f"decode_{rows}_tok_s"] = rows * n / (time.perf_counter() - t0)
+        ids = torch.randint(100, 10000, (1, 512))
+        fast.forward(fast.new_cache(1, 600), ids[:, :32])  # warm up
+        cache = fast.new_cache(1, 600)
+        t0 = time.perf_counter()
+        fast.forward(cache, ids)
+        res["prefill_512_tok_s"] = 512 / (time.perf_counter() - t0)
+    return res

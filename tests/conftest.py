@@ -69,6 +69,42 @@ def build_tiny_llama(
     return folder
 
 
+FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma3_text"]  # beside Llama: the other layouts engine/families.py runs
+
+
+def build_family_model(folder, family: str, window: int | None = None, **overrides):
+    """A tiny random model of another family (Qwen2: biases on q/k/v; Qwen3: q/k head norms; Mistral: Llama's blocks;
+    Phi-3: fused layers; Gemma 3: four norms per block scaling by 1 + weight, GeGLU, scaled embeddings, local and
+    global layers with their own rope bases), with the tiny tokenizer, saved as safetensors. `window`: a sliding
+    attention window short enough to cut what a token sees (Gemma 3: on all but the last layer); `overrides`: more
+    config fields."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+    tok = build_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3 if window else 2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sliding = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+    cfg = {"qwen2": lambda: Qwen2Config(**common, **sliding), "qwen3": lambda: Qwen3Config(**common, head_dim=8),
+           "mistral": lambda: MistralConfig(**common, sliding_window=window),
+           "phi3": lambda: Phi3Config(**common, sliding_window=window),
+           "gemma3_text": lambda: Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=12, sliding_window=window or 4096,
+                                                   layer_types=["sliding_attention"] * (common["num_hidden_layers"] - 1) + ["full_attention"],
+                                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                                                    "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})}[family]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(1)
+    net = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    net.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import FAMILIES, build_family_model, build_tiny_llama
 
 import slmkit
 from slmkit import native
@@ -91,27 +91,37 @@ def test_quantized_models_run_on_the_lean_forward(store, scheme, name):
 
 
 @pytest.mark.skipif(native.ops() is None, reason="slmkit's CPU kernels are not built here")
-def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store):
-    """native.decode_step runs every block of a w8a8 decode step in one call: the logits and the keys and values
-    it writes equal the Python blocks' (ragged rows, a cache that grows); prefill and LoRA rows keep the blocks."""
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store, tmp_path, family):
+    """native.decode_step runs every block of a w8a8 decode step in one call (Llama's block; Qwen3's head norms;
+    Gemma 3's four norms, GeGLU, two rope tables and sliding windows, rows decoding past the window): the logits and
+    the keys and values it writes equal the Python blocks' (ragged rows, a cache that grows); prefill and LoRA rows
+    keep the blocks."""
     from slmkit.layers.integer import W8A8Linear
+    from slmkit.sources.importer import import_path
 
-    quantize_stage("tiny", "w8a8")
-    fast = slmkit.load("tiny-w8a8-rtn").backend.fast
+    name = "tiny"
+    if family != "llama":
+        name = family.replace("_", "-")
+        import_path(build_family_model(tmp_path / name, family, window=5 if family == "gemma3_text" else None), name)
+    quantize_stage(name, "w8a8", name=f"{name}-w8a8")
+    fast = slmkit.load(f"{name}-w8a8").backend.fast
     for m in {id(m): m for m in [*fast.qkv, *fast.gate_up, *fast.model.modules()] if isinstance(m, W8A8Linear)}.values():
         m.prepare(("native",) * 3)  # the timed choice may be torch's kernels for shapes this small
     fast.step_weights, fast.step_buckets = fast._whole_step_weights()
-    assert fast.step_weights is not None and fast.step_buckets == {0, 1, 2} and len(fast.step_weights) == 18 * len(fast.layers)
+    per_block = {"llama": 18, "qwen3": 20, "gemma3_text": 22}[family]
+    assert fast.step_weights is not None and fast.step_buckets == {0, 1, 2} and len(fast.step_weights) == per_block * len(fast.layers)
     calls = []
     real = fast.kernels.decode_step
     caches = [fast.new_cache(3, capacity=4), fast.new_cache(3, capacity=4)]
     prompts = [[1, 5, 9], [2, 4], [7, 8, 9, 10, 11]]
+    steps = 6
     with torch.inference_mode():
         for cache in caches:
             for slot, ids in enumerate(prompts):
                 fast.forward(cache, torch.tensor([ids]), first=slot)
         nxt = torch.tensor([[3], [6], [12]])
-        for _ in range(4):
+        for _ in range(steps):
             fast.kernels.decode_step = lambda *a: calls.append(1) or real(*a)
             try:
                 whole = fast.forward(caches[0], nxt)
@@ -124,7 +134,7 @@ def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store):
                 fast.step_weights = saved
             torch.testing.assert_close(whole, blocks, atol=1e-4, rtol=1e-4)
             nxt = blocks.argmax(-1, keepdim=True)
-    assert len(calls) == 4 and caches[0].lens == caches[1].lens
+    assert len(calls) == steps and caches[0].lens == caches[1].lens
     torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[0].v, caches[1].v, atol=1e-5, rtol=1e-5)
 
@@ -188,42 +198,9 @@ def test_w8a8_kernels_agree_and_the_choice_is_kept_per_machine(store, home):
     torch.testing.assert_close(outs[0][-20:], want, atol=1e-4, rtol=1e-4)
 
 
-def _family_model(folder, family: str, window: int | None = None):
-    """A tiny random model of another family (Qwen2: biases on q/k/v; Qwen3: q/k head norms; Mistral: Llama's blocks;
-    Phi-3: fused layers; Gemma 3: four norms per block scaling by 1 + weight, GeGLU, scaled embeddings, local and
-    global layers with their own rope bases), with the tiny tokenizer, saved as safetensors. `window`: a sliding
-    attention window short enough to cut what a token sees (Gemma 3: on all but every third layer)."""
-    from conftest import build_tokenizer
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
-
-    tok = build_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3 if window else 2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    sliding = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
-    cfg = {"qwen2": lambda: Qwen2Config(**common, **sliding), "qwen3": lambda: Qwen3Config(**common, head_dim=8),
-           "mistral": lambda: MistralConfig(**common, sliding_window=window),
-           "phi3": lambda: Phi3Config(**common, sliding_window=window),
-           "gemma3_text": lambda: Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=12, sliding_window=window or 4096,
-                                                   layer_types=["sliding_attention"] * (common["num_hidden_layers"] - 1) + ["full_attention"],
-                                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-                                                                    "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})}[family]()
-    torch.manual_seed(1)
-    net = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    net.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    return folder
-
-
-FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma3_text"]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_runs_on_the_lean_forward(tmp_path, family):
-    backend = TorchBackend.from_folder(_family_model(tmp_path / family, family))
+    backend = TorchBackend.from_folder(build_family_model(tmp_path / family, family))
     net, fast = backend.model, backend.fast
     assert fast is not None and net.config.model_type == family
     if family == "qwen2":
@@ -249,7 +226,7 @@ def test_sliding_windows_cut_what_a_token_sees_as_transformers_does(tmp_path, fa
     with slmkit's decode kernels and with torch's operations, give transformers' logits at every step."""
     from slmkit.engine import lean_forward
 
-    backend = TorchBackend.from_folder(_family_model(tmp_path / family, family, window=5))
+    backend = TorchBackend.from_folder(build_family_model(tmp_path / family, family, window=5))
     net, fast = backend.model, backend.fast
     assert fast is not None and 5 in fast.block.windows
     if not kernels:

@@ -35,6 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))  # for common.py
+from common import decode_speeds  # noqa: E402
 
 
 def _serve_bench() -> Any:
@@ -88,25 +90,7 @@ def lean_forward(name: str) -> dict:
     linears = [mod for mod in m.backend.model.modules() if isinstance(mod, Int8Linear)]
     weights = sum(mod.weight.numel() for mod in linears)
     res = {"read_bits_per_weight": 8 * sum(mod.weight.numel() + mod.scales.numel() * mod.scales.element_size() for mod in linears) / max(weights, 1)}
-    for rows in (1, 16):
-        cache = fast.new_cache(rows, 512)
-        for r in range(rows):
-            fast.forward(cache, prompt, first=r)
-        tok = torch.full((rows, 1), 42)
-        for _ in range(3):
-            fast.forward(cache, tok)
-        t0, n = time.perf_counter(), 40
-        for _ in range(n):
-            fast.forward(cache, tok)
-        res[f"decode_{rows}_tok_s"] = rows * n / (time.perf_counter() - t0)
-    cache = fast.new_cache(1, 600)
-    ids = torch.randint(100, 10000, (1, 512))
-    fast.forward(cache, ids[:, :32])  # warm up
-    cache = fast.new_cache(1, 600)
-    t0 = time.perf_counter()
-    fast.forward(cache, ids)
-    res["prefill_512_tok_s"] = 512 / (time.perf_counter() - t0)
-    return res
+    return res | decode_speeds(fast, prompt[0].tolist())
 
 
 def step_breakdown(name: str, rows_list: tuple[int, ...] = (1, 16), context: int = 150) -> dict:
@@ -200,6 +184,12 @@ def serve(binary: Path, q41: Path, threads: int, levels: list[int]) -> list[dict
     for _, cmd, _ in runs:
         if "--max-batch" in cmd:
             cmd[cmd.index("--max-batch") + 1] = "16"
+    return take_turns(runs, levels)
+
+
+def take_turns(runs: list[tuple[str, list[str], str]], levels: list[int]) -> list[dict]:
+    """Start every server of `runs` (label, command, model name), then at each level let each take its turn: servers
+    compared at a level are measured minutes apart, not half an hour."""
     out = []
     procs = []
     try:
@@ -208,7 +198,7 @@ def serve(binary: Path, q41: Path, threads: int, levels: list[int]) -> list[dict
             procs.append(start(cmd, url, dict(os.environ), model))
             out.append({"label": label, "levels": [], "url": url, "model": model})
         for n in levels:
-            for res in out:  # the servers take turns at each level: measured minutes apart, not half an hour
+            for res in out:
                 requests = 2 * n if n > 1 else 4
                 r = asyncio.run(batch_of(res["url"], res["model"], n, requests))
                 res["levels"].append(r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -58,10 +59,23 @@ def pre_name_of(tokenizer_json: dict[str, Any]) -> str | None:
     return None
 
 
-# Hugging Face architecture -> (gguf-py MODEL_ARCH name, q/k need llama.cpp's rotary permutation)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("LLAMA", True),
-    "MistralForCausalLM": ("LLAMA", True),
+@dataclass(frozen=True)
+class GgufArch:
+    """How a Hugging Face architecture's weights become llama.cpp's."""
+
+    arch: str  # gguf-py MODEL_ARCH name
+    permute: bool = False  # q/k rows reordered into llama.cpp's interleaved rotary pairs (its NEOX-rope archs need none)
+    norm_shift: float = 0.0  # added to every RMSNorm weight (Gemma's norms scale by 1 + weight, llama.cpp's by weight)
+
+
+# Hugging Face architecture -> its GGUF layout (tensor names come from gguf-py's map for the arch)
+ARCHITECTURES: dict[str, GgufArch] = {
+    "LlamaForCausalLM": GgufArch("LLAMA", permute=True),
+    "MistralForCausalLM": GgufArch("LLAMA", permute=True),
+    "Qwen2ForCausalLM": GgufArch("QWEN2"),  # q/k/v biases
+    "Qwen3ForCausalLM": GgufArch("QWEN3"),  # q/k head norms
+    "Phi3ForCausalLM": GgufArch("PHI3"),  # fused qkv and gate_up as they are
+    "Gemma3ForCausalLM": GgufArch("GEMMA3", norm_shift=1.0),  # + sliding-window layers and their rope base
 }
 
 # slmkit --type name -> llama.cpp file type (llama_ftype). F32/F16 are written directly; the rest are quantized

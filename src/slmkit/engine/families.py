@@ -55,11 +55,14 @@ class Block:
     final_softcap: float | None  # logits = c * tanh(logits / c) where set (Gemma 2)
 
     @property
-    def plain(self) -> bool:
-        """Llama's block exactly (what native.decode_step computes for a whole w8a8 step)."""
+    def step_flags(self) -> int | None:
+        """The block as native.decode_step's flags (1: q/k head norms, 2: norms on the attention's and the MLP's
+        outputs, 4: GeGLU gate), or None where that kernel cannot run it whole."""
         fam = self.family
-        return (fam.attn_out_norm is None and fam.mlp_out_norm is None and fam.norm_offset == 0 and not self.head_norms
-                and self.act == "silu" and not any(self.windows) and self.final_softcap is None)
+        sandwich = fam.attn_out_norm is not None
+        if sandwich != (fam.mlp_out_norm is not None) or self.act not in ("silu", "gelu_pytorch_tanh", "gelu_new"):
+            return None
+        return (1 if self.head_norms else 0) | (2 if sandwich else 0) | (4 if self.act != "silu" else 0)
 
 
 def unsupported(model: Any) -> str | None:

@@ -31,7 +31,7 @@ def check_budget(budget: float) -> None:
 
 
 def choose_type(source: Path, budget: float, workdir: Path, *, threads: int | None = None,
-                candidates: tuple[str, ...] = AUTO_CANDIDATES) -> tuple[str, list[dict[str, Any]]]:
+                candidates: tuple[str, ...] = AUTO_CANDIDATES, tokenizer_gguf: Path | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(the chosen type, one row per type tried: type, bytes, perplexity, increase over F32, within budget).
     The trial files live in `workdir`/.auto-type.tmp-PID, removed after (or by the next export if killed)."""
     check_budget(budget)
@@ -42,7 +42,7 @@ def choose_type(source: Path, budget: float, workdir: Path, *, threads: int | No
     try:
         f32 = tmp / "model-f32.gguf"
         with progress.step("Writing an F32 GGUF to compare against"):
-            write_gguf_f32(source, f32, name="auto")
+            write_gguf_f32(source, f32, name="auto", tokenizer_gguf=tokenizer_gguf)
             reference = gguf_perplexity(f32, threads)
         rows.append({"type": "F32", "bytes": f32.stat().st_size, "perplexity": reference, "increase": 0.0, "within": True})
         with progress.bar("trying GGUF types", total=len(candidates)) as advance:

@@ -29,12 +29,29 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def check_exportable(config: dict[str, Any]) -> str:
+    """The model's architecture, when llama.cpp would run the exported file as transformers runs the folder; else
+    a clear refusal (asked before anything is loaded or written)."""
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise SlmkitError(
             f"GGUF export does not support the architecture {arch!r}",
             f"Supported: {', '.join(ARCHITECTURES)}.",
         )
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    ropes = list(rope.values()) if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    kinds = {r.get("rope_type", "default") for r in ropes}
+    why = None
+    if kinds - {"default", "linear", "llama3"}:
+        why = f"its rotary embedding ({', '.join(sorted(kinds))}) needs scaling data this writer does not produce yet"
+    elif arch == "Gemma3ForCausalLM" and int(config.get("query_pre_attn_scalar") or head_dim) != head_dim:
+        why = (f"llama.cpp scales Gemma 3's attention by its head size ({head_dim}), this model by "
+               f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')}")
+    elif arch == "Gemma3ForCausalLM" and config.get("use_bidirectional_attention"):
+        why = "its attention is bidirectional (an embedding model)"
+    if why:
+        raise SlmkitError(f"GGUF export cannot write this {arch}: {why}", "Export it as a Hugging Face folder (--format hf).")
     return arch
 
 
@@ -42,8 +59,28 @@ def tensor_names(config: dict[str, Any]) -> Any:
     """gguf-py's map from Hugging Face tensor names to GGUF ones, for this model's architecture and depth."""
     import gguf
 
-    arch_key, _ = ARCHITECTURES[check_exportable(config)]
-    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_key), config["num_hidden_layers"])
+    spec = ARCHITECTURES[check_exportable(config)]
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, spec.arch), config["num_hidden_layers"])
+
+
+def copy_tokenizer(w: Any, source: Path) -> str | None:
+    """Every tokenizer.* field of the GGUF `source` (the file a model was imported from: its SentencePiece or BPE
+    vocabulary, scores, token types, special ids and chat template exactly as llama.cpp wrote them) into writer `w`;
+    returns its chat template."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    template = None
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        kind = field.types[0]
+        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        w.add_key_value(key, value, kind, sub_type=sub)
+        if key == gguf.Keys.Tokenizer.CHAT_TEMPLATE:
+            template = value
+    return template
 
 
 def check_type(gguf_type: str) -> str:
@@ -90,22 +127,31 @@ def _tokenizer_fields(folder: Path) -> dict[str, Any]:
             "pad": special_id("pad_token"), "add_bos": bool(tcfg.get("add_bos_token", False))}
 
 
-def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, meta: dict[str, Any] | None = None) -> str | None:
-    """Convert a Llama-architecture safetensors folder to one GGUF file (2-D weights F16 when f16).
+def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, meta: dict[str, Any] | None = None,
+                   tokenizer_gguf: Path | None = None) -> str | None:
+    """Convert a safetensors folder of a supported architecture (gguf_tables.ARCHITECTURES) to one GGUF file (2-D
+    weights F16 when f16); its tokenizer from the folder's tokenizer.json (byte-level BPE), or else copied from
+    `tokenizer_gguf`, the GGUF the model's tokenizer came from (Gemma's SentencePiece vocabulary).
 
     Returns the chat template written into the file (the Modelfile is made from it)."""
     import gguf
     from safetensors import safe_open
 
     config = read_config(folder)
-    arch_key, permute = ARCHITECTURES[check_exportable(config)]
-    arch = getattr(gguf.MODEL_ARCH, arch_key)
+    spec = ARCHITECTURES[check_exportable(config)]
+    permute = spec.permute
+    arch = getattr(gguf.MODEL_ARCH, spec.arch)
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // n_head
     n_layers = config["num_hidden_layers"]
-    tok = _tokenizer_fields(folder)
+    try:
+        tok = _tokenizer_fields(folder)
+    except SlmkitError:  # not a byte-level BPE this writer converts: the GGUF it came from has it as llama.cpp wants
+        if tokenizer_gguf is None:
+            raise
+        tok = None
 
     w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
     w.add_name(name)
@@ -122,20 +168,36 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     rope = config.get("rope_parameters") or {}
-    w.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    layer_types = list(config.get("layer_types") or [])
+    if "full_attention" in rope:  # Gemma 3: a rope base per layer type (global layers, sliding-window layers)
+        w.add_rope_freq_base(float(rope["full_attention"]["rope_theta"]))
+        if "sliding_attention" in rope:
+            w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
+    else:
+        w.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    if "sliding_attention" in layer_types and config.get("sliding_window"):
+        w.add_sliding_window(int(config["sliding_window"]))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+    if config.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
-    w.add_vocab_size(len(tok["tokens"]))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tok["pre"])
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
-        if tok[key] is not None:
-            adder(tok[key])
-    w.add_add_bos_token(tok["add_bos"])
-    if tok["template"]:
-        w.add_chat_template(tok["template"])
+    if tok is None:
+        template = copy_tokenizer(w, tokenizer_gguf)
+        w.add_vocab_size(int(config["vocab_size"]))
+    else:
+        template = tok["template"]
+        w.add_vocab_size(len(tok["tokens"]))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tok["pre"])
+        w.add_token_list(tok["tokens"])
+        w.add_token_types(tok["types"])
+        w.add_token_merges(tok["merges"])
+        for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
+            if tok[key] is not None:
+                adder(tok[key])
+        w.add_add_bos_token(tok["add_bos"])
+        if template:
+            w.add_chat_template(template)
 
     names = tensor_names(config)
     for path in sorted(folder.glob("*.safetensors")):
@@ -146,9 +208,11 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
                     data = permute_rotary(data, n_head)
                 elif permute and key.endswith("k_proj.weight"):
                     data = permute_rotary(data, n_kv)
+                elif spec.norm_shift and key.endswith("norm.weight"):
+                    data = data + np.float32(spec.norm_shift)
                 target = names.get_name(key, try_suffixes=(".weight", ".bias"))
                 if target is None:
-                    raise SlmkitError(f"no GGUF name for tensor {key!r}", "This model has tensors the Llama layout lacks.")
+                    raise SlmkitError(f"no GGUF name for tensor {key!r}", f"This model has tensors llama.cpp's {spec.arch} layout lacks.")
                 if f16 and data.ndim == 2:
                     data = data.astype(np.float16)
                 w.add_tensor(target, data)
@@ -156,7 +220,7 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return tok["template"]
+    return template
 
 
 @contextmanager
@@ -266,6 +330,7 @@ def modelfile_text(gguf_name: str, template: str | None, temperature: float, con
 def export_gguf(
     folder: Path, out_dir: Path, *, name: str, gguf_type: str, threads: int | None = None,
     imatrix: dict[str, np.ndarray] | None = None, meta: dict[str, Any] | None = None, notes: list[str] | None = None,
+    tokenizer_gguf: Path | None = None,
 ) -> Path:
     """Write `out_dir/NAME.gguf` and `out_dir/Modelfile`; each file appears only when complete."""
     from slmkit.engine.sampling import SamplingParams
@@ -280,8 +345,8 @@ def export_gguf(
     try:
         with progress.step(f"Writing GGUF ({'F16' if gguf_type == 'F16' else 'F32'})"):
             template = write_gguf_f32(
-                folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16", meta=meta
-            )
+                folder, tmp_f32 if gguf_type not in ("F32", "F16") else tmp_out, name=name, f16=gguf_type == "F16", meta=meta,
+                tokenizer_gguf=tokenizer_gguf)
         faults.point("writing")  # a temporary file is on disk: the next command sweeps it
         if gguf_type not in ("F32", "F16"):
             how = " and an importance matrix" if imatrix else ""

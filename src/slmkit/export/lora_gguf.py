@@ -32,7 +32,8 @@ def write_lora_gguf(adapter: Path, out: Path, *, name: str) -> int:
         raise SlmkitError(f"{adapter.name} is not a plain LoRA adapter ({cfg.get('peft_type')}, DoRA {bool(cfg.get('use_dora'))})",
                           "Only LoRA adapters have a GGUF form; merge it instead: slmkit export without --lora-adapter.")
     config = read_config(adapter)
-    arch_key, permute = ARCHITECTURES[check_exportable(config)]
+    spec = ARCHITECTURES[check_exportable(config)]
+    arch_key, permute = spec.arch, spec.permute
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     r = int(cfg["r"])

@@ -69,7 +69,8 @@ def export_model(
     with _dense_source(folder) as (source, note):
         trials = None
         if auto:  # measured on this model: each type's size and perplexity in llama.cpp
-            gguf_type, trials = choose_type(source, ppl_budget, settings().home / "exports", threads=settings().threads)
+            gguf_type, trials = choose_type(source, ppl_budget, settings().home / "exports", threads=settings().threads,
+                                            tokenizer_gguf=tokenizer_source(store, model))
         base = f"{model}-{gguf_type.lower()}" + ("-imat" if imatrix is not None else "")
         out_dir = out_dir or settings().home / "exports" / base
         imat, imat_info = None, None
@@ -78,7 +79,8 @@ def export_model(
         meta = gguf_metadata(store, model, gguf_type, imat_info)
         notes = [note] if note else []
         path = export_gguf(source, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads,
-                           imatrix=imat.means() if imat else None, meta=meta, notes=notes)
+                           imatrix=imat.means() if imat else None, meta=meta, notes=notes,
+                           tokenizer_gguf=tokenizer_source(store, model))
         if not meta["license_known"]:
             notes.append(f"the license is unknown (no source in its lineage says): written as {meta['license']!r}")
         note = "; ".join(notes) or None
@@ -93,6 +95,22 @@ def export_model(
             _install_export(store, store_as, model, path, source, gguf_type, imat_info)
             result["store_name"] = store_as
     return result
+
+
+def tokenizer_source(store: Store, model: str) -> Path | None:
+    """The GGUF file `model`'s tokenizer came from: the nearest model in its lineage that was imported from a GGUF
+    (and keeps it) with the same tokenizer.json; None if there is none."""
+    own = store.path(model) / "tokenizer.json"
+    name: str | None = model
+    seen = set()
+    while name and name not in seen and store.exists(name):
+        seen.add(name)
+        folder = store.path(name)
+        if (folder / "model.gguf").is_file() and (folder / "tokenizer.json").is_file() and own.is_file() \
+                and (folder / "tokenizer.json").read_bytes() == own.read_bytes():
+            return folder / "model.gguf"
+        name = store.card(name).parent
+    return None
 
 
 def _export_with_adapter(store: Store, model: str, folder: Path, gguf_type: str, out_dir: Path | None,

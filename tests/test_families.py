@@ -1,0 +1,164 @@
+"""Every stage on every family: tiny random Qwen2, Qwen3, Mistral, Phi-3 and Gemma 3 models (built from their
+transformers configs, with the tiny ChatML tokenizer) imported into the store and taken through run/chat, quantize,
+prune, shrink, low-rank, LoRA fine-tuning, merge and serving several adapters over one base; what a stage cannot do
+for a family is refused before anything is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, build_family_model
+
+import slmkit
+from slmkit.compress.lowrank_stage import lowrank_stage
+from slmkit.compress.prune_stage import prune_stage, shrink_stage
+from slmkit.compress.quantize_stage import quantize_stage
+from slmkit.engine.families import MULTI_LORA_TYPES
+from slmkit.sources.importer import import_path
+from slmkit.store import Store
+from slmkit.errors import SlmkitError
+from slmkit.train.distill import distill_stage
+from slmkit.train.finetune import finetune_stage, merge_stage
+from slmkit.train.loop import TrainConfig
+
+QA = [("What is the capital of France?", "Paris is the capital of France."),
+      ("Where do small models run?", "Small language models run on laptops, offline and private.")] * 8
+TEXT = "The quick brown fox jumps over the lazy dog"
+
+
+def _logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last position's logits of TEXT on the lean forward and on transformers' own forward, same loaded model."""
+    backend = slmkit.load(name, backend="torch").backend
+    assert backend.fast is not None, f"{name} is not on the lean forward"
+    ids = backend.encode(TEXT)
+    with torch.inference_mode():
+        lean = backend.fast.forward(backend.fast.new_cache(1), torch.tensor([ids]))[0].float()
+        own = backend.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    return lean, own
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request, store, tmp_path_factory) -> str:
+    name = request.param.replace("_", "-")
+    import_path(build_family_model(tmp_path_factory.mktemp(name) / name, request.param), name)
+    return name
+
+
+def test_every_stage_runs_on_every_family(family, tmp_path):
+    model = slmkit.load(family, backend="torch")
+    assert model.backend.fast is not None
+    reply = model.chat([{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0)
+    assert isinstance(reply, str)
+    lean, own = _logits(family)
+    torch.testing.assert_close(lean, own, atol=1e-4, rtol=1e-4)
+
+    for scheme, tol in (("int8", 0.02), ("w8a8", 0.05), ("int4", 0.4)):  # integer children on the lean forward
+        child = quantize_stage(family, scheme, name=f"{family}-{scheme}").name
+        lean, own = _logits(child)
+        assert float((lean - own).norm() / own.norm()) < 0.02, child  # the same integer model both ways
+        float_logits, _ = _logits(family)
+        assert float((lean - float_logits).norm() / float_logits.norm()) < tol, child  # and near the float one
+
+    pruned = prune_stage(family, sparsity=0.5, name=f"{family}-sparse").name
+    lean, own = _logits(pruned)
+    torch.testing.assert_close(lean, own, atol=1e-4, rtol=1e-4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text((TEXT + ". Small models run offline. ") * 40)
+    deep = shrink_stage(family, structured="depth", blocks=1, calib=calib, samples=4, window=32, name=f"{family}-depth").name
+    assert json.loads((Store().path(deep) / "config.json").read_text())["num_hidden_layers"] == 1
+    torch.testing.assert_close(*_logits(deep), atol=1e-4, rtol=1e-4)
+    if family == "phi3":  # its q/k/v and gate/up are fused layers: refused, said before any work
+        with pytest.raises(SlmkitError, match="width pruning needs"):
+            shrink_stage(family, structured="width", ratio=0.7, calib=calib, samples=4, window=32)
+    else:  # whole KV groups and MLP channels out; the child's config is consistent and runs on the lean forward
+        narrow = shrink_stage(family, structured="width", ratio=0.7, calib=calib, samples=4, window=32, name=f"{family}-narrow").name
+        torch.testing.assert_close(*_logits(narrow), atol=1e-4, rtol=1e-4)
+    low = lowrank_stage(family, ratio=0.8, calib=calib, samples=4, window=32, name=f"{family}-lowrank").name
+    assert slmkit.load(low, backend="torch").generate(TEXT, max_tokens=3, temperature=0) is not None
+
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                             for q, a in QA))
+    student = distill_stage(family, deep, [chats], seq_len=32, config=TrainConfig(steps=3, batch_size=4, lr=1e-3),
+                            name=f"{family}-student").name  # a same-tokenizer student: the depth-pruned child
+    torch.testing.assert_close(*_logits(student), atol=1e-4, rtol=1e-4)
+    adapter = finetune_stage(family, [chats], seq_len=32, config=TrainConfig(steps=4, batch_size=4, lr=5e-3),
+                             name=f"{family}-lora").name
+    merged = merge_stage(adapter, name=f"{family}-merged").name
+    torch.testing.assert_close(*_logits(merged), atol=1e-4, rtol=1e-4)
+    merged_logits, _ = _logits(merged)
+    assert float((merged_logits - _logits(family)[0]).abs().max()) > 1e-3  # the adapter changed the model
+    if family.replace("-", "_") in MULTI_LORA_TYPES:  # the adapter's factors applied per row over the shared base
+        from slmkit.sources.adapters import lora_factors
+
+        base = slmkit.load(family, backend="torch").backend
+        fast = base.fast
+        slot_adapter = fast.add_adapter(lora_factors(Store().path(adapter), fast.layers, fast.dtype))
+        ids = base.encode(TEXT)
+        cache = fast.new_cache(2)
+        cache.adapter[1] = slot_adapter
+        with torch.inference_mode():
+            fast.forward(cache, torch.tensor([ids]), first=0)
+            got = fast.forward(cache, torch.tensor([ids]), first=1)[0]
+            torch.testing.assert_close(got, merged_logits, atol=1e-3, rtol=1e-3)
+            both = fast.forward(cache, torch.tensor([[5], [5]]))  # a base row and an adapter row in one step
+        assert float((both[0] - both[1]).abs().max()) > 1e-3
+
+    # served over a real socket: OpenAI completions and Ollama chat, the base and its adapter continuously batched
+    import httpx
+    import openai
+    from test_serve import Running
+
+    s = Running([family, adapter])
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x")
+        for name in (family, adapter):
+            r = client.completions.create(model=name, prompt=TEXT, max_tokens=4, temperature=0)
+            assert r.choices[0].text == slmkit.load(name, backend="torch").generate(TEXT, max_tokens=4, temperature=0,
+                                                                                   repetition_penalty=1.0)
+        r = httpx.post(s.url + "/api/chat", json={"model": family, "messages": [{"role": "user", "content": "Hello"}],
+                                                  "stream": False, "options": {"num_predict": 4}}, timeout=60)
+        assert r.status_code == 200 and r.json()["done"] is True
+        assert s.registry.model(family).backend.scheduler is s.registry.model(adapter).backend.scheduler \
+            or family.replace("-", "_") not in MULTI_LORA_TYPES  # one base, one batch where the family batches adapters
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma3_text"])
+def test_each_family_exports_to_gguf_that_llamacpp_runs_as_torch_does(tmp_path, family):
+    """The GGUF writer's layout per family (Qwen2 biases, Qwen3 head norms, Phi-3 fused layers, Gemma 3's shifted
+    norms, rope base per layer type and sliding-window layers): llama.cpp tokenizes as transformers does and gives
+    the same greedy tokens and log-probabilities."""
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.engine.torch_backend import TorchBackend
+    from slmkit.export.gguf import export_gguf
+
+    extra = {"query_pre_attn_scalar": 16} if family == "gemma3_text" else {}  # llama.cpp scales by the head size
+    src = build_family_model(tmp_path / family, family, window=5 if family == "gemma3_text" else None, **extra)
+    # (not named "phi3": llama.cpp sets token attributes by the model's name, and the test's tokenizer lacks Phi's tokens)
+    gguf = export_gguf(src, tmp_path / "out", name="tiny", gguf_type="F32")
+    torch_b, cpp_b = TorchBackend.from_folder(src), LlamaCppBackend(gguf, threads=2)
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    try:
+        for text in ("The quick brown fox jumps over the lazy dog and runs far away", "héllo wörld 123"):
+            ids = torch_b.encode(text)
+            assert cpp_b.encode(text) == ids
+            assert list(cpp_b.stream_tokens(ids, greedy, 12)) == list(torch_b.stream_tokens(ids, greedy, 12))
+            a, b = torch_b.score_batch([(ids, 1)])[0], cpp_b.score_batch([(ids, 1)])[0]
+            assert max(abs(x - y) for x, y in zip(a, b)) < 3e-3  # llama.cpp keeps keys and values in float16
+    finally:
+        cpp_b.close()
+
+
+def test_a_family_llamacpp_would_run_otherwise_is_refused_before_export(tmp_path):
+    from slmkit.errors import SlmkitError
+    from slmkit.export.gguf import export_gguf
+
+    src = build_family_model(tmp_path / "g", "gemma3_text")  # query_pre_attn_scalar 12, head size 16
+    with pytest.raises(SlmkitError, match="llama.cpp scales Gemma 3's attention by its head size"):
+        export_gguf(src, tmp_path / "out", name="g", gguf_type="F32")
+    assert not (tmp_path / "out").exists()
