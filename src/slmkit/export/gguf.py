@@ -63,20 +63,34 @@ def tensor_names(config: dict[str, Any]) -> Any:
     return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, spec.arch), config["num_hidden_layers"])
 
 
-def copy_tokenizer(w: Any, source: Path) -> str | None:
+def copy_tokenizer(w: Any, source: Path, keep: list[int] | None = None) -> str | None:
     """Every tokenizer.* field of the GGUF `source` (the file a model was imported from: its SentencePiece or BPE
     vocabulary, scores, token types, special ids and chat template exactly as llama.cpp wrote them) into writer `w`;
-    returns its chat template."""
+    with `keep` (ids of that vocabulary, new id = position: a trimmed vocabulary), only those tokens, their merges,
+    and the special ids renumbered. Returns the chat template."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
+    fields = {key: (field.contents(), field.types) for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    new_id = {old: new for new, old in enumerate(keep)} if keep is not None else None
+    kept_tokens = None
+    if new_id is not None:
+        tokens = fields["tokenizer.ggml.tokens"][0]
+        kept_tokens = {tokens[i] for i in keep}
     template = None
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        value = field.contents()
-        kind = field.types[0]
-        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+    for key, (value, types) in fields.items():
+        kind = types[0]
+        sub = types[1] if kind == gguf.GGUFValueType.ARRAY and len(types) > 1 else None
+        if new_id is not None:
+            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+                value = [value[i] for i in keep]
+            elif key == "tokenizer.ggml.merges":
+                value = [m for m in value if (parts := m.split(" ", 1)) and len(parts) == 2
+                         and parts[0] in kept_tokens and parts[1] in kept_tokens and parts[0] + parts[1] in kept_tokens]
+            elif key.endswith("_token_id"):
+                if value not in new_id:
+                    continue  # a special token the trim dropped
+                value = new_id[value]
         w.add_key_value(key, value, kind, sub_type=sub)
         if key == gguf.Keys.Tokenizer.CHAT_TEMPLATE:
             template = value
@@ -128,10 +142,11 @@ def _tokenizer_fields(folder: Path) -> dict[str, Any]:
 
 
 def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, meta: dict[str, Any] | None = None,
-                   tokenizer_gguf: Path | None = None) -> str | None:
+                   tokenizer_gguf: tuple[Path, list[int] | None] | None = None) -> str | None:
     """Convert a safetensors folder of a supported architecture (gguf_tables.ARCHITECTURES) to one GGUF file (2-D
     weights F16 when f16); its tokenizer from the folder's tokenizer.json (byte-level BPE), or else copied from
-    `tokenizer_gguf`, the GGUF the model's tokenizer came from (Gemma's SentencePiece vocabulary).
+    `tokenizer_gguf`, the GGUF the model's tokenizer came from with the ids it kept (store_export.tokenizer_source;
+    Gemma's SentencePiece vocabulary, trimmed or not).
 
     Returns the chat template written into the file (the Modelfile is made from it)."""
     import gguf
@@ -182,7 +197,7 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
         w.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     if tok is None:
-        template = copy_tokenizer(w, tokenizer_gguf)
+        template = copy_tokenizer(w, *tokenizer_gguf)
         w.add_vocab_size(int(config["vocab_size"]))
     else:
         template = tok["template"]
@@ -330,7 +345,7 @@ def modelfile_text(gguf_name: str, template: str | None, temperature: float, con
 def export_gguf(
     folder: Path, out_dir: Path, *, name: str, gguf_type: str, threads: int | None = None,
     imatrix: dict[str, np.ndarray] | None = None, meta: dict[str, Any] | None = None, notes: list[str] | None = None,
-    tokenizer_gguf: Path | None = None,
+    tokenizer_gguf: tuple[Path, list[int] | None] | None = None,
 ) -> Path:
     """Write `out_dir/NAME.gguf` and `out_dir/Modelfile`; each file appears only when complete."""
     from slmkit.engine.sampling import SamplingParams

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import tempfile
@@ -15,7 +17,7 @@ from slmkit.config import settings
 from slmkit.export.auto_type import check_budget, choose_type
 from slmkit.export.gguf import check_exportable, check_type, export_gguf
 from slmkit.gguf_tables import AUTO_TYPE, DEFAULT_PPL_BUDGET
-from slmkit.sources.forms import is_adapter, is_lowrank, is_quantized, load_lowrank
+from slmkit.sources.forms import VOCAB_MAP, is_adapter, is_lowrank, is_quantized, load_lowrank
 from slmkit.errors import SlmkitError
 from slmkit.export.imatrix import Imatrix, load_or_compute, write_imatrix_gguf
 from slmkit.export.metadata import gguf_metadata
@@ -97,19 +99,30 @@ def export_model(
     return result
 
 
-def tokenizer_source(store: Store, model: str) -> Path | None:
+def tokenizer_source(store: Store, model: str) -> tuple[Path, list[int] | None] | None:
     """The GGUF file `model`'s tokenizer came from: the nearest model in its lineage that was imported from a GGUF
-    (and keeps it) with the same tokenizer.json; None if there is none."""
+    (and keeps it) with the same tokenizer.json, through vocabulary trims on the way (then with the ids of that
+    file's vocabulary that `model` kept, new id = position); None if there is none."""
     own = store.path(model) / "tokenizer.json"
+    if not own.is_file():
+        return None
+    want, keep = own.read_bytes(), None
     name: str | None = model
     seen = set()
     while name and name not in seen and store.exists(name):
         seen.add(name)
         folder = store.path(name)
-        if (folder / "model.gguf").is_file() and (folder / "tokenizer.json").is_file() and own.is_file() \
-                and (folder / "tokenizer.json").read_bytes() == own.read_bytes():
-            return folder / "model.gguf"
-        name = store.card(name).parent
+        if (folder / "model.gguf").is_file() and (folder / "tokenizer.json").is_file() and (folder / "tokenizer.json").read_bytes() == want:
+            return folder / "model.gguf", keep
+        parent = store.card(name).parent
+        if (folder / VOCAB_MAP).is_file() and parent and store.exists(parent):  # a trim: go on in its parent's ids
+            kept = json.loads((folder / VOCAB_MAP).read_text())["kept"]
+            keep = kept if keep is None else [kept[i] for i in keep]
+            parent_tokenizer = store.path(parent) / "tokenizer.json"
+            if not parent_tokenizer.is_file():
+                return None
+            want = parent_tokenizer.read_bytes()
+        name = parent
     return None
 
 

@@ -38,6 +38,7 @@ LOWRANK_KEY = "slmkit_lowrank"  # config.json: the ranks of `slmkit lowrank`'s f
 ADAPTER_CONFIG = "adapter_config.json"
 PROMPT_TUNING = "PROMPT_TUNING"  # peft's type of a learned prefix (the rest are LoRA)
 ROUTER_FILE = "router.json"
+VOCAB_MAP = "vocab_map.json"  # a vocabulary-trimmed model (slmkit prune --vocab): {"kept": the parent's ids, in new-id order}
 ROUTER_CONFIG = {"architectures": ["SlmkitRouter"], "model_type": "slmkit-router",
                  "note": "a slmkit router (router.json), not model weights: serve it with `slmkit serve NAME`"}
 
