@@ -220,7 +220,9 @@ def serve_rows(runs: list[dict]) -> list[str]:
 
 def report(r: dict) -> str:
     md = ["# Families: Gemma 3 270M and the default model on llama.cpp and on slmkit", "",
-          f"CPU: {r['cpu']}; {r['threads']} threads everywhere; one run, nothing else on the machine.", ""]
+          f"CPU: {r['cpu']}; {r['threads']} threads everywhere. Each part (the two models, the trimmed Gemma, before/now) "
+          "ran in one go with nothing else on the machine; parts may be runs apart (`--parts`), so compare within a part: "
+          "this machine's speed drifts by 10-25% between runs.", ""]
     for name, m in r["models"].items():
         lb, w8, fl = m["llama_bench"], m["lean"]["w8a8"], m["lean"]["float"]
         md += [f"## {name}", "", f"GGUF: {m['gguf']} ({m['gguf_bits_per_weight']:.2f} bits per weight).", "",
