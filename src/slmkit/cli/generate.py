@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from slmkit.cli.common import (
-    RunBackendOpt, MaxTokens, ModelOpt, RepPenalty, Seed, Stop, Temperature, TopK, TopP, err_console, handle_errors,
-    sampling_kwargs,
+    RunBackendOpt, MaxTokens, ModelOpt, RepPenalty, Seed, Speculative, Stop, Temperature, TopK, TopP, err_console,
+    handle_errors, sampling_kwargs,
 )
 from slmkit.errors import PromptTooLong, SlmkitError
 from slmkit.loading import load
@@ -55,6 +55,7 @@ def run(
     max_tokens: MaxTokens = None,
     stop: Stop = None,
     seed: Seed = None,
+    speculative: Speculative = None,
 ) -> None:
     """Answer one prompt, streamed to the terminal."""
     args = list(args or [])
@@ -77,7 +78,7 @@ def run(
         raise SlmkitError("no prompt given", 'Pass one: slmkit run "your prompt" (or pipe it on stdin).')
     sampling = sampling_kwargs(
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-        max_tokens=max_tokens, stop=stop, seed=seed,
+        max_tokens=max_tokens, stop=stop, seed=seed, speculative=speculative,
     )
     model = load(model_name, backend=backend)
     if raw or not model.backend.has_chat_template:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
+from slmkit.engine.speculative import lookup
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +43,44 @@ def steps_of(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int]) 
 
 def decode_loop(
     first: torch.Tensor, forward: Callable[[int], torch.Tensor], prompt_ids: Sequence[int], params: SamplingParams,
-    max_new_tokens: int, eos: frozenset[int],
+    max_new_tokens: int, eos: frozenset[int], *, verify: Callable[[list[int]], torch.Tensor] | None = None,
+    rollback: Callable[[int], None] | None = None,
 ) -> Iterator[Step]:
     """One sequence: `first` is the logits (V,) after the prompt, `forward(token)` runs one token and returns the
-    next logits (V,). Yields every token, an EOS included, then stops."""
+    next logits (V,). Yields every token, an EOS included, then stops.
+
+    Speculative (params.speculative > 0, greedy, and the engine gives `verify(tokens)` -> logits (n, V) after each of
+    n tokens run at once, and `rollback(n)` forgetting the last n): after each token, prompt-lookup drafts are checked
+    in the same forward pass and kept while they are what greedy decoding picks; the tokens are the same as without."""
     generator = make_generator(params.seed)
     history = list(prompt_ids)
     logits = first
-    for _ in range(max_new_tokens):
+    speculate = bool(params.speculative and params.temperature == 0 and params.constraint is None and verify and rollback)
+    made = 0
+    while made < max_new_tokens:
         token = sample_next(logits, params, history, generator)
         yield steps_of(logits[None], [token], [params.top_logprobs])[0]
-        if token in eos:
+        made += 1
+        if token in eos or made == max_new_tokens:
             return
         history.append(token)
-        logits = forward(token)
+        draft = lookup(history, min(params.speculative, max_new_tokens - made - 1)) if speculate else []
+        if not draft:
+            logits = forward(token)
+            continue
+        rows = verify([token, *draft])  # (1 + len(draft), V): the logits after the token and after each draft
+        kept = 0
+        for row, proposed in zip(rows, draft):
+            if sample_next(row, params, history, generator) != proposed:
+                break
+            yield steps_of(row[None], [proposed], [params.top_logprobs])[0]
+            made, kept = made + 1, kept + 1
+            if proposed in eos:
+                rollback(len(draft) - kept)
+                return
+            history.append(proposed)
+        rollback(len(draft) - kept)
+        logits = rows[kept]
 
 
 def tokens_of(steps: Generator[Step, None, None]) -> Iterator[int]:

@@ -120,6 +120,11 @@ class SlotCache:
         return [(self.k[layer, slot : slot + 1, :, :t].clone(), self.v[layer, slot : slot + 1, :, :t].clone())
                 for layer in range(self.k.shape[0])]
 
+    def drop(self, slot: int, n: int) -> None:
+        """Forget the last n positions of `slot` (drafted tokens a speculative check rejected); what they wrote is
+        overwritten by the next tokens."""
+        self.lens[slot] -= n
+
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` (to keep the running rows in slots 0..n-1)."""
         t = self.lens[src]
@@ -296,8 +301,9 @@ class LeanForward:
         return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.dtype, capacity)
 
     @torch.inference_mode()
-    def forward(self, cache: SlotCache, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """Run `ids` (B, T) for slots first..first+B-1, appending to each slot; return last-position logits (B, V).
+    def forward(self, cache: SlotCache, ids: torch.Tensor, first: int = 0, every: bool = False) -> torch.Tensor:
+        """Run `ids` (B, T) for slots first..first+B-1, appending to each slot; return last-position logits (B, V), or
+        with `every` the logits after each position (B, T, V) (a speculative check).
 
         Rows of a multi-row call must each add T tokens; a prefill is a one-row call with the whole prompt."""
         b, t = ids.shape
@@ -394,8 +400,8 @@ class LeanForward:
             h += out
         for s in slot_list:
             cache.lens[s] += t
-        last = _rms_norm(h[:, -1], self.final_norm, self.eps)  # (B, E)
-        logits = _linear(self.model.lm_head, last)  # (B, V)
+        last = _rms_norm(h if every else h[:, -1], self.final_norm, self.eps)  # (B, E) or (B, T, E)
+        logits = _linear(self.model.lm_head, last)  # (B, V) or (B, T, V)
         if block.final_softcap:
             logits = torch.tanh(logits / block.final_softcap) * block.final_softcap
         return logits

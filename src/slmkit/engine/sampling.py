@@ -54,6 +54,9 @@ class SamplingParams:
     # OpenAI's additive penalties over the same last repeat_last_n tokens (llama.cpp's server counts the same way)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # speculative decoding by prompt lookup (engine/speculative.py): up to this many drafted tokens checked per forward
+    # pass; greedy decoding only (temperature 0, no grammar), exact: the same tokens as without it. 0 turns it off
+    speculative: int = 0
     # structured output: one sequence's grammar state (engine/constrained.py); masks the logits before sampling
     constraint: Any = field(default=None, compare=False, repr=False)
 
@@ -74,6 +77,8 @@ class SamplingParams:
             problems.append("top_p must be in (0, 1]")
         if self.top_k < 0:
             problems.append("top_k must be >= 0 (0 turns it off)")
+        if not 0 <= self.speculative <= 16:
+            problems.append("speculative must be in [0, 16] (drafted tokens per check; 0 turns it off)")
         if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
             problems.append(f"repetition_penalty must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]:g}] (1 turns it off)")
         if not -1 <= self.repeat_last_n <= MAX_REPEAT_LAST_N:
