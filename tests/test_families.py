@@ -95,7 +95,7 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
 
         base = slmkit.load(family, backend="torch").backend
         fast = base.fast
-        slot_adapter = fast.add_adapter(lora_factors(Store().path(adapter), fast.layers, fast.dtype))
+        slot_adapter = fast.add_adapter(lora_factors(Store().path(adapter), fast.layers, fast.dtype, fast.block.family.lora_groups))
         ids = base.encode(TEXT)
         cache = fast.new_cache(2)
         cache.adapter[1] = slot_adapter

@@ -81,7 +81,7 @@ def open_backend(folder: Path, backend: str, *, serving: bool = False, adapters:
                               "Serve each adapter on its own (it is merged into its base).")
         for a in adapters:
             integrity.require_whole(a, read_card(a))
-            opened.fast.add_adapter(lora_factors(a, opened.fast.layers, opened.fast.dtype))
+            opened.fast.add_adapter(lora_factors(a, opened.fast.layers, opened.fast.dtype, opened.fast.block.family.lora_groups))
     return opened
 
 

@@ -4,7 +4,7 @@ decode kernels and multi-LoRA batching read (engine/lean_forward.py), so a famil
 A block here is: norm -> attention (q/k/v, optional per-head q/k norms, rotary, optional sliding window) -> o ->
 [optional norm] -> residual add; norm -> gated MLP (act(gate) * up -> down) -> [optional norm] -> residual add.
 What varies by family is which modules hold those norms, whether RMSNorm scales by `weight` or `1 + weight`, and
-whether q/k/v and gate/up are one linear each; what varies by checkpoint (activation, attention scale, rope bases and
+which modules q/k/v and gate/up come from (three and two, or one each); what varies by checkpoint (activation, attention scale, rope bases and
 windows per layer, logit soft-capping) is read from the model's own config and modules by `describe`.
 """
 
@@ -23,8 +23,13 @@ class Family:
     mlp_norm: str = "post_attention_layernorm"  # before the MLP
     mlp_out_norm: str | None = None  # on the MLP's output, before the residual add (Gemma 2/3)
     norm_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma: 1)
-    fused: bool = False  # q/k/v and gate/up are one linear layer each (Phi-3: qkv_proj, gate_up_proj)
-    multi_lora: bool = True  # served LoRA adapters batch per row (layers/multi_lora.py: factors per q/k/v/o/gate/up/down)
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # where q, k, v come from, in order
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # (Phi-3: one fused layer each)
+
+    @property
+    def lora_groups(self) -> dict[str, tuple[str, ...]]:
+        """The modules whose LoRA factors serve as one fused pair per group (layers/multi_lora.py), by group."""
+        return {"qkv": self.qkv, "o": ("self_attn.o_proj",), "gate_up": self.gate_up, "down": ("mlp.down_proj",)}
 
 
 LLAMA = Family()
@@ -35,10 +40,10 @@ FAMILIES: dict[str, Family] = {  # transformers' model_type -> layout
     "mistral": LLAMA,  # sliding window on every layer
     "qwen2": LLAMA,  # q/k/v biases (computed by the modules themselves); windows on the layers `layer_types` names
     "qwen3": LLAMA,  # + an RMSNorm per query and key head (found on the modules: q_norm, k_norm)
-    "phi3": Family(fused=True, multi_lora=False),
+    "phi3": Family(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)),
     "gemma3_text": GEMMA,  # + q/k head norms, GeGLU, embeddings scaled by sqrt(hidden), local and global rope bases
 }
-MULTI_LORA_TYPES = tuple(name for name, fam in FAMILIES.items() if fam.multi_lora)
+MULTI_LORA_TYPES = tuple(FAMILIES)  # served LoRA adapters batch per row over one base (layers/multi_lora.py) in every family
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # rotary angles that depend on the position alone
 
 

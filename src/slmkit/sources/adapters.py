@@ -91,9 +91,11 @@ def per_row_problem(folder: Path) -> str | None:
     return f"it adapts layers outside the decoder blocks ({outside[0]})" if outside else None
 
 
-def lora_factors(folder: Path, layers: list[Any], dtype: Any) -> dict[tuple[str, int], tuple[Any, Any]]:
-    """A LoRA adapter's factors for the engine's fused groups (layers/multi_lora.py), per block of `layers` (the
-    base's decoder blocks): what serving several adapters over one loaded base needs."""
+def lora_factors(folder: Path, layers: list[Any], dtype: Any, groups: dict[str, tuple[str, ...]] | None = None,
+                 ) -> dict[tuple[str, int], tuple[Any, Any]]:
+    """A LoRA adapter's factors for the engine's fused groups (layers/multi_lora.py; `groups`: the family's modules
+    per group, engine/families.Family.lora_groups, default Llama's), per block of `layers` (the base's decoder
+    blocks): what serving several adapters over one loaded base needs."""
     from safetensors.torch import load_file
 
     from slmkit.layers.multi_lora import GROUPS, fused_pair
@@ -108,7 +110,7 @@ def lora_factors(folder: Path, layers: list[Any], dtype: Any) -> dict[tuple[str,
     tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
     out: dict[tuple[str, int], tuple[Any, Any]] = {}
     for i, block in enumerate(layers):
-        for group, parts in GROUPS.items():
+        for group, parts in (groups or GROUPS).items():
             found = []
             for part in parts:
                 key = f"{LAYER_PREFIX}{i}.{part}"
