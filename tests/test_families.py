@@ -148,10 +148,10 @@ def _same_on_llamacpp(torch_b, gguf, texts, *, tokens: int, logprobs: bool = Fal
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma3_text"])
-def test_each_family_exports_to_gguf_that_llamacpp_runs_as_torch_does(tmp_path, family):
+def test_each_family_exports_to_gguf_that_llamacpp_runs_as_torch_does(home, tmp_path, family):
     """The GGUF writer's layout per family (Qwen2 biases, Qwen3 head norms, Phi-3 fused layers, Gemma 3's shifted
     norms, rope base per layer type and sliding-window layers): llama.cpp tokenizes as transformers does and gives
-    the same greedy tokens and log-probabilities."""
+    the same greedy tokens and log-probabilities; and the file imports back into the store as the same model."""
     from slmkit.engine.torch_backend import TorchBackend
     from slmkit.export.gguf import export_gguf
 
@@ -161,6 +161,12 @@ def test_each_family_exports_to_gguf_that_llamacpp_runs_as_torch_does(tmp_path, 
     gguf = export_gguf(src, tmp_path / "out", name="tiny", gguf_type="F32")
     _same_on_llamacpp(TorchBackend.from_folder(src), gguf, ("The quick brown fox jumps over the lazy dog and runs far away",
                                                            "héllo wörld 123"), tokens=12, logprobs=True)
+    import_path(gguf, "back")  # the config keys transformers' GGUF mapping leaves out come from the file itself
+    source, back = TorchBackend.from_folder(src), TorchBackend.from_folder(Store().path("back"))
+    ids = torch.tensor([source.encode("The quick brown fox jumps")])  # (Gemma 3: transformers rebuilds a GGUF's
+    with torch.inference_mode():  # tokenizer as SentencePiece, which this test's byte-level one is not; same ids here)
+        torch.testing.assert_close(back.model(input_ids=ids).logits, source.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert back.fast is not None
 
 
 def test_a_family_llamacpp_would_run_otherwise_is_refused_before_export(tmp_path):

@@ -74,6 +74,42 @@ def _no_tqdm() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
+def gguf_config(path: Path) -> Any:
+    """transformers' config for a GGUF file, with what its GGUF mapping leaves out read from the file's own keys, so
+    the model computes what llama.cpp computes from the same file: the head size (`attention.key_length`; Qwen3's
+    mapping falls back to 128), and for Gemma 3 the attention scale (llama.cpp scales by the head size), the window,
+    which layers slide (`attention.sliding_window_pattern`, else every sixth layer is global) and each layer type's
+    rope base (`rope.freq_base`, `rope.freq_base_swa`)."""
+    import gguf
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(f"{arch}.{key}")
+        return f.contents() if f is not None else None
+
+    head_dim = field("attention.key_length")
+    if head_dim and hasattr(config, "head_dim"):
+        config.head_dim = int(head_dim)
+    if config.model_type == "gemma3_text":
+        config.query_pre_attn_scalar = config.head_dim
+        window, pattern = field("attention.sliding_window"), field("attention.sliding_window_pattern")
+        n = config.num_hidden_layers
+        if window:
+            config.sliding_window = int(window)
+            slides = list(pattern) if isinstance(pattern, list) else [i % (pattern or 6) < (pattern or 6) - 1 for i in range(n)]
+            config.layer_types = ["sliding_attention" if s else "full_attention" for s in slides]
+        else:
+            config.layer_types = ["full_attention"] * n
+        base, local = field("rope.freq_base"), field("rope.freq_base_swa")
+        config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": float(base or 1_000_000.0)},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": float(local or 10_000.0)}}
+    return config
+
+
 def load_gguf(path: Path, pre_tokenizer: str | None = None) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a GGUF file; weights are dequantized to float32.
 
@@ -93,7 +129,7 @@ def load_gguf(path: Path, pre_tokenizer: str | None = None) -> tuple[Any, Any]:
             if pre_tokenizer in PRE_TOKENIZERS and hasattr(tokenizer, "backend_tokenizer"):
                 tokenizer.backend_tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre_tokenizer]()
         with progress.step("Dequantizing GGUF weights to float32"), _no_tqdm():
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, config=gguf_config(path))
     except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
         raise ImportFailed(
             f"transformers could not load {path}: {exc}",
