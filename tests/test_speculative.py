@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import slmkit
@@ -46,17 +47,38 @@ def test_speculative_greedy_gives_the_same_tokens_and_checks_drafts(store, draft
     assert len(calls) - 1 < 39  # fewer forward passes than tokens
 
 
-def test_speculative_is_off_when_sampling_and_the_cli_takes_it(store):
-    backend = slmkit.load("tiny", backend="torch").backend
-    ids = backend.encode("a b a b a b a b")
-    calls = []
-    real = backend.fast.forward
-    backend.fast.forward = lambda cache, tokens, first=0, every=False: calls.append(every) or real(cache, tokens, first, every)
-    try:
-        list(backend.stream_tokens(ids, SamplingParams(temperature=0.8, seed=1, speculative=4), 12))
-    finally:
-        backend.fast.forward = real
-    assert not any(calls)  # sampling: plain decoding (drafts are checked for greedy decoding only)
+def test_speculative_sampling_keeps_the_distribution_and_the_cli_takes_it(store):
+    """At temperature 1 a draft is kept with its probability and a refusal draws from the rest: over many seeds each
+    position's token is distributed as plain sampling's. The model here is a fake with known next-token
+    probabilities (the cyclic next token 0 -> 1 -> 2 -> 0 with 0.6), so drafts (the cycle, from the prompt) are often
+    checked and often refused."""
+    from collections import Counter
+
+    from slmkit.engine.decode import decode_loop
+
+    table = torch.log(torch.tensor([[0.1, 0.6, 0.15, 0.15], [0.15, 0.1, 0.6, 0.15], [0.6, 0.15, 0.1, 0.15],
+                                    [0.25, 0.25, 0.25, 0.25]]))  # row t: the next token's distribution after t
+    prompt = [0, 1, 2, 0, 1, 2, 0]
+    checks = []
+
+    def verify(tokens):
+        checks.append(len(tokens))
+        return table[torch.tensor(tokens)]
+
+    runs, length = 3000, 4
+    seen = {}
+    for n in (0, 3):
+        counts = [Counter() for _ in range(length)]
+        for seed in range(runs):
+            params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=seed, speculative=n)
+            steps = decode_loop(table[prompt[-1]], lambda t: table[t], prompt, params, length, frozenset(), verify=verify,
+                                rollback=lambda k: None)
+            for i, step in enumerate(steps):
+                counts[i][step.token] += 1
+        seen[n] = counts
+    assert len(checks) > runs  # drafts were checked
+    for plain, spec in zip(seen[0], seen[3]):  # per position: within sampling noise (~0.01 per token here)
+        assert 0.5 * sum(abs(plain[t] - spec[t]) for t in range(4)) / runs < 0.04, (plain, spec)
     with pytest.raises(SlmkitError, match="speculative must be in"):
         SamplingParams(speculative=99)
     runner = CliRunner()

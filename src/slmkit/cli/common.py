@@ -88,9 +88,9 @@ RepPenalty = Annotated[
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help=f"Most tokens to generate. [default: {_D.max_tokens}]")]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this string appears (repeatable).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same output.")]
-Speculative = Annotated[int | None, typer.Option("--speculative", help="Greedy decoding (--temperature 0) drafts up to N tokens by "
-                        "prompt lookup and checks them in one pass: the same text, faster where the answer repeats the prompt "
-                        f"(PyTorch engine). [default: {_D.speculative}: off]")]
+Speculative = Annotated[int | None, typer.Option("--speculative", help="Draft up to N tokens by prompt lookup and check them in one "
+                        "pass: faster where the answer repeats the prompt; greedy gives the same text, sampling the same "
+                        f"distribution (PyTorch engine). [default: {_D.speculative}: off]")]
 
 
 def sampling_kwargs(**given: Any) -> dict[str, Any]:

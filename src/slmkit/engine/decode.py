@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slmkit.engine.sampling import SamplingParams, make_generator, sample_next
+from slmkit.engine.sampling import GREEDY_BELOW, SamplingParams, make_generator, next_distribution, sample_next
 from slmkit.engine.speculative import lookup
 
 
@@ -49,16 +49,20 @@ def decode_loop(
     """One sequence: `first` is the logits (V,) after the prompt, `forward(token)` runs one token and returns the
     next logits (V,). Yields every token, an EOS included, then stops.
 
-    Speculative (params.speculative > 0, greedy, and the engine gives `verify(tokens)` -> logits (n, V) after each of
-    n tokens run at once, and `rollback(n)` forgetting the last n): after each token, prompt-lookup drafts are checked
-    in the same forward pass and kept while they are what greedy decoding picks; the tokens are the same as without."""
+    Speculative (params.speculative > 0, no grammar, and the engine gives `verify(tokens)` -> logits (n, V) after
+    each of n tokens run at once, and `rollback(n)` forgetting the last n): after each token, prompt-lookup drafts are
+    checked in the same forward pass. Greedy keeps a draft while it is the token greedy decoding picks (the same
+    tokens); sampling keeps it with its probability under the sampling settings and, at the first refusal, draws from
+    that distribution without it (Leviathan et al.'s rule for a draft that is one token for sure: the same distribution
+    of texts, not the same draws for a seed)."""
     generator = make_generator(params.seed)
     history = list(prompt_ids)
     logits = first
-    speculate = bool(params.speculative and params.temperature == 0 and params.constraint is None and verify and rollback)
-    made = 0
+    speculate = bool(params.speculative and params.constraint is None and verify and rollback)
+    made, chosen = 0, None  # chosen: the next token, already drawn by a speculative check
     while made < max_new_tokens:
-        token = sample_next(logits, params, history, generator)
+        token = chosen if chosen is not None else sample_next(logits, params, history, generator)
+        chosen = None
         yield steps_of(logits[None], [token], [params.top_logprobs])[0]
         made += 1
         if token in eos or made == max_new_tokens:
@@ -71,7 +75,8 @@ def decode_loop(
         rows = verify([token, *draft])  # (1 + len(draft), V): the logits after the token and after each draft
         kept = 0
         for row, proposed in zip(rows, draft):
-            if sample_next(row, params, history, generator) != proposed:
+            accepted, chosen = _check(row, proposed, params, history, generator)
+            if not accepted:
                 break
             yield steps_of(row[None], [proposed], [params.top_logprobs])[0]
             made, kept = made + 1, kept + 1
@@ -81,6 +86,19 @@ def decode_loop(
             history.append(proposed)
         rollback(len(draft) - kept)
         logits = rows[kept]
+
+
+def _check(logits: torch.Tensor, proposed: int, params: SamplingParams, history: list[int],
+           generator: torch.Generator | None) -> tuple[bool, int | None]:
+    """Is the drafted token kept after `history`? (kept, the token drawn instead when sampling refuses it)."""
+    if params.temperature < GREEDY_BELOW:
+        return sample_next(logits, params, history, generator) == proposed, None
+    candidates, probs = next_distribution(logits, params, history)
+    at = candidates == proposed
+    if float(torch.rand((), generator=generator)) < float(probs[at].sum()):
+        return True, None
+    rest = probs.masked_fill(at, 0.0)
+    return False, int(candidates[torch.multinomial(rest, 1, generator=generator)])
 
 
 def tokens_of(steps: Generator[Step, None, None]) -> Iterator[int]:

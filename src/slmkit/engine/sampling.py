@@ -55,7 +55,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     # speculative decoding by prompt lookup (engine/speculative.py): up to this many drafted tokens checked per forward
-    # pass; greedy decoding only (temperature 0, no grammar), exact: the same tokens as without it. 0 turns it off
+    # pass (no grammar); greedy: the same tokens as without it; sampling: the same distribution. 0 turns it off
     speculative: int = 0
     # structured output: one sequence's grammar state (engine/constrained.py); masks the logits before sampling
     constraint: Any = field(default=None, compare=False, repr=False)
@@ -162,6 +162,34 @@ def nucleus_size(sorted_logits: torch.Tensor, p: float) -> int:
     return max(int((before < p).sum()), 1)
 
 
+def penalty_window(history: Sequence[int], params: SamplingParams) -> Sequence[int]:
+    """The recent tokens the penalties look at."""
+    return history[-params.repeat_last_n :] if params.repeat_last_n > 0 else history
+
+
+def row_distribution(values: torch.Tensor, ids: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampled row's last steps: `values` (k,) its candidates' logits already divided by the temperature, largest
+    first, `ids` (k,) their tokens -> (tokens, probabilities) after top-p and min-p (not renormalized after min-p:
+    multinomial does that)."""
+    keep = nucleus_size(values, params.top_p)
+    probs = torch.softmax(values[:keep], dim=-1)
+    if params.min_p > 0:  # drop what is less likely than min_p x the likeliest
+        probs = torch.where(probs >= params.min_p * probs[0], probs, torch.zeros_like(probs))
+    return ids[:keep], probs
+
+
+def next_distribution(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What sample_next draws from at temperature > 0 for one row of logits (V,) (no grammar): (candidate tokens,
+    probabilities summing to 1). A speculative check accepts a drafted token with its probability here."""
+    row = logits.float()[None].clone()  # (1, V)
+    window = penalty_window(history, params)
+    apply_repetition_penalty(row, [window], [params.repetition_penalty])
+    apply_additive_penalties(row, [window], [params])
+    values, ids = top_candidates(row[0], params.top_k)
+    candidates, probs = row_distribution(values / params.temperature, ids, params)
+    return candidates, probs / probs.sum()
+
+
 def _not_finite(value: torch.Tensor) -> bool:
     return not bool(torch.isfinite(value))
 
@@ -183,7 +211,7 @@ def sample_rows(
     logits = logits.float()  # (B, V)
     if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty or p.constraint is not None for p in params):
         logits = logits.clone()  # changed in place below (the caller's logits stay as they are)
-    windows = [h[-p.repeat_last_n :] if p.repeat_last_n > 0 else h for h, p in zip(histories, params)]
+    windows = [penalty_window(h, p) for h, p in zip(histories, params)]
     apply_repetition_penalty(logits, windows, [p.repetition_penalty for p in params])
     apply_additive_penalties(logits, windows, params)
     for r, p in enumerate(params):
@@ -212,11 +240,8 @@ def sample_rows(
             if _not_finite(values[i, 0]):  # the largest: +inf or NaN (topk puts NaN first) would poison the softmax
                 failed[r] = "the scores for this sequence are not finite numbers after its sampling settings"
                 continue
-            keep = nucleus_size(values[i], params[r].top_p)
-            probs = torch.softmax(values[i, :keep], dim=-1)
-            if params[r].min_p > 0:  # drop what is less likely than min_p x the likeliest (multinomial renormalizes)
-                probs = torch.where(probs >= params[r].min_p * probs[0], probs, torch.zeros_like(probs))
-            out[r] = int(ids[i, torch.multinomial(probs, 1, generator=generators[r])])
+            candidates, probs = row_distribution(values[i], ids[i], params[r])
+            out[r] = int(candidates[torch.multinomial(probs, 1, generator=generators[r])])
     for r, p in enumerate(params):
         if p.constraint is not None and r not in failed:
             p.constraint.advance(out[r])
