@@ -119,11 +119,12 @@ def chat(
     max_tokens: MaxTokens = None,
     stop: Stop = None,
     seed: Seed = None,
+    speculative: Speculative = None,
 ) -> None:
     """Chat with a model: streamed answers, multi-turn history, /system, /reset, /exit."""
     sampling = sampling_kwargs(
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-        max_tokens=max_tokens, stop=stop, seed=seed,
+        max_tokens=max_tokens, stop=stop, seed=seed, speculative=speculative,
     )
     model = load(model_name, backend=backend)
     if not model.backend.has_chat_template:
