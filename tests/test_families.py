@@ -53,6 +53,12 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
     assert isinstance(reply, str)
     lean, own = _logits(family)
     torch.testing.assert_close(lean, own, atol=1e-4, rtol=1e-4)
+    from slmkit.evaluate.perplexity import perplexity
+    from slmkit.evaluate.speed import measure_speed
+
+    scored = perplexity(model, (TEXT + ". ") * 20, context_length=32, stride=16)  # eval: perplexity and speed
+    assert 1 < scored["perplexity"] < 1e6 and scored["bits_per_byte"] > 0
+    assert measure_speed(model, prompt_tokens=16, new_tokens=4, batch=2, repeats=1)["decode_tokens_per_s"] > 0
 
     for scheme, tol in (("int8", 0.02), ("w8a8", 0.05), ("int4", 0.4)):  # integer children on the lean forward
         child = quantize_stage(family, scheme, name=f"{family}-{scheme}").name
@@ -87,6 +93,18 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
     adapter = finetune_stage(family, [chats], seq_len=32, config=TrainConfig(steps=4, batch_size=4, lr=5e-3),
                              name=f"{family}-lora").name
     merged = merge_stage(adapter, name=f"{family}-merged").name
+    if family != "gemma3-text":  # (this tiny random Gemma answers every chat with newlines alone: nothing to route)
+        from slmkit.route.calibrate import calibrate_stage  # route: the family model escalates to its depth-pruned child
+
+        pair = [slmkit.load(family), slmkit.load(deep)]
+        rows = []
+        for i in range(8):  # each model's own answer is the reference on half the prompts: routing has something to find
+            q = [{"role": "user", "content": f"question {i}: {QA[i % 2][0]}"}]
+            rows.append({"prompt": q[0]["content"], "answer": pair[i % 2].chat(q, max_tokens=16, temperature=0, repetition_penalty=1.0).strip() or "x"})
+        qa = tmp_path / "qa.jsonl"
+        qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        card, report = calibrate_stage(family, deep, data=qa, max_escalation=0.5, name=f"{family}-route", max_tokens=16)
+        assert card.stage == "route" and report["n"] == 8 and report["picked"]["escalated"] <= 0.5
     torch.testing.assert_close(*_logits(merged), atol=1e-4, rtol=1e-4)
     merged_logits, _ = _logits(merged)
     assert float((merged_logits - _logits(family)[0]).abs().max()) > 1e-3  # the adapter changed the model
