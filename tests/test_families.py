@@ -93,6 +93,15 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
     adapter = finetune_stage(family, [chats], seq_len=32, config=TrainConfig(steps=4, batch_size=4, lr=5e-3),
                              name=f"{family}-lora").name
     merged = merge_stage(adapter, name=f"{family}-merged").name
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.export.hf import export_hf
+
+    export_hf(merged, tmp_path / "hf")  # HF export: plain transformers loads the merged child as slmkit runs it
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    ids = torch.tensor([slmkit.load(merged, backend="torch").backend.encode(TEXT)])
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(input_ids=ids).logits[0, -1], _logits(merged)[1], atol=1e-4, rtol=1e-4)
     if family != "gemma3-text":  # (this tiny random Gemma answers every chat with newlines alone: nothing to route)
         from slmkit.route.calibrate import calibrate_stage  # route: the family model escalates to its depth-pruned child
 
