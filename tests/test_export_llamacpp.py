@@ -237,15 +237,18 @@ SMOL_STYLE = ("{% for message in messages %}{% if loop.first and messages[0]['ro
 
 def _ollama_render(modelfile: str, messages: list[dict]) -> str:
     """What Ollama builds from this Modelfile: the SYSTEM default joins .Messages when the request has no system
-    message; the template (checked to be the ChatML one) ranges over .Messages, then opens the assistant turn."""
+    message; the template (checked to be of the form every table entry has: a range over .Messages using .Role and
+    .Content, then the assistant turn's opening) renders each message, then the opening."""
     import re
 
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
-    assert template == ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
+    form = re.fullmatch(r"\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template, re.S)
+    assert form and "{{" not in form.group(1).replace("{{ .Role }}", "").replace("{{ .Content }}", "") and "{{" not in form.group(2)
+    body, tail = form.groups()
     system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S)
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system.group(1)}, *messages]
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+    return "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) for m in messages) + tail
 
 
 @pytest.mark.parametrize("with_system", [True, False])
@@ -260,6 +263,33 @@ def test_modelfile_renders_what_the_chat_template_renders(with_system):
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?"}]
     jinja = ImmutableSandboxedEnvironment().from_string(SMOL_STYLE).render(messages=msgs, add_generation_prompt=True)
     assert _ollama_render(modelfile, msgs) == jinja  # the system prompt once, the default one only when none is given
+
+
+PHI3_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+                 "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+                 "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+                   "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+                   "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template,stop", [(PHI3_TEMPLATE, "<|end|>"), (LLAMA3_TEMPLATE, "<|eot_id|>")], ids=["phi3", "llama3"])
+def test_modelfile_speaks_each_familys_chat_format(template, stop):
+    """Phi-3's and Llama 3's own chat templates (as their tokenizer_config.json ships them): the Modelfile's Go
+    template renders what they render (llama.cpp and Ollama add the BOS token themselves), with their stop tokens."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from slmkit.export.gguf import modelfile_text
+
+    modelfile = modelfile_text("m.gguf", template, 0.2)
+    assert f'PARAMETER stop "{stop}"' in modelfile and "SYSTEM" not in modelfile
+    msgs = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?"}]
+    jinja = ImmutableSandboxedEnvironment().from_string(template).render(messages=msgs, add_generation_prompt=True, bos_token="",
+                                                                         eos_token="")
+    assert _ollama_render(modelfile, msgs) == jinja
 
 
 def test_gguf_metadata_carries_the_lineage(store, tmp_path):

@@ -105,4 +105,15 @@ OLLAMA_TEMPLATES: dict[str, tuple[str, str, list[str]]] = {
         '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
         ["<|im_end|>", "<|im_start|>"],
     ),
+    "phi3": (  # Phi-3's <|user|> ... <|end|> turns
+        "<|end|>",
+        '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
+        ["<|end|>", "<|user|>", "<|assistant|>"],
+    ),
+    "llama3": (  # Llama 3's headers (llama.cpp and Ollama put <|begin_of_text|> first themselves)
+        "<|start_header_id|>",
+        '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
+        '<|start_header_id|>assistant<|end_header_id|>\n\n',
+        ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+    ),
 }
