@@ -91,7 +91,7 @@ def test_quantized_models_run_on_the_lean_forward(store, scheme, name):
 
 
 @pytest.mark.skipif(native.ops() is None, reason="slmkit's CPU kernels are not built here")
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3", "gemma3_text"])
 def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store, tmp_path, family):
     """native.decode_step runs every block of a w8a8 decode step in one call (Llama's block; Qwen3's head norms;
     Gemma 3's four norms, GeGLU, two rope tables and sliding windows, rows decoding past the window): the logits and
@@ -109,7 +109,7 @@ def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store, t
     for m in {id(m): m for m in [*fast.qkv, *fast.gate_up, *fast.model.modules()] if isinstance(m, W8A8Linear)}.values():
         m.prepare(("native",) * 3)  # the timed choice may be torch's kernels for shapes this small
     fast.step_weights, fast.step_buckets = fast._whole_step_weights()
-    per_block = {"llama": 18, "qwen3": 20, "gemma3_text": 22}[family]
+    per_block = {"llama": 18, "phi3": 18, "qwen3": 20, "gemma3_text": 22}[family]
     assert fast.step_weights is not None and fast.step_buckets == {0, 1, 2} and len(fast.step_weights) == per_block * len(fast.layers)
     calls = []
     real = fast.kernels.decode_step

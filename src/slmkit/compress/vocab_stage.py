@@ -16,6 +16,7 @@ from slmkit import progress
 from slmkit.card import ModelCard, sha256_file
 from slmkit.compress import vocab_ops
 from slmkit.compress.parents import float_parent
+from slmkit.data.jsonl import json_objects
 from slmkit.errors import SlmkitError
 from slmkit.layers.walk import count_params
 from slmkit.sources.forms import VOCAB_MAP
@@ -34,11 +35,9 @@ def _corpus(paths: list[Path]) -> list[str]:
             raise SlmkitError(f"corpus file {path} not found", "Pass --vocab with text (or .jsonl) files in your domain.")
         raw = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix == ".jsonl":
-            for line in raw.splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    texts += [m["content"] for m in row.get("messages", []) if isinstance(m.get("content"), str)]
-                    texts += [str(row[k]) for k in ("text", "prompt", "completion", "response") if k in row]
+            for _, row in json_objects(raw.splitlines(), path):
+                texts += [m["content"] for m in row.get("messages", []) if isinstance(m, dict) and isinstance(m.get("content"), str)]
+                texts += [str(row[k]) for k in ("text", "prompt", "completion", "response") if k in row]
         else:
             texts += [p for p in raw.split("\n\n") if p.strip()]
     if not texts:
@@ -46,12 +45,12 @@ def _corpus(paths: list[Path]) -> list[str]:
     return texts
 
 
-def _named_specials(folder: Path, tokenizer: Any) -> list[str]:
+def _named_specials(tj: dict[str, Any], tokenizer: Any) -> list[str]:
     """Special tokens the model's config or chat template names (what chat and generation need)."""
     names = [getattr(tokenizer, key, None) for key in SPECIAL_KEYS]
     template = getattr(tokenizer, "chat_template", None) or ""
     names += [t for t in tokenizer.all_special_tokens if t in template]
-    names += [t["content"] for t in json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", []) if t["content"] in template]
+    names += [t["content"] for t in tj.get("added_tokens", []) if t["content"] in template]
     return [n for n in names if isinstance(n, str)]
 
 
@@ -103,19 +102,18 @@ def vocab_stage(model: str, corpus: list[Path], *, keep: int | None = None, name
         validate_name(name)
         store.check_free(name)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
-    old = Tokenizer.from_str(json.dumps(tj))
+    old = Tokenizer.from_file(str(folder / "tokenizer.json"))
     with progress.step(f"Counting the tokens of {len(texts)} corpus texts"):
         encoded = [e.ids for e in old.encode_batch(texts, add_special_tokens=False)]
         counts = Counter(i for ids in encoded for i in ids)
     used = {i for i, _ in counts.most_common(keep)} if keep is not None else set(counts)
-    kept = sorted(vocab_ops.closure(tj, used | vocab_ops.floor_ids(tj, _named_specials(folder, tokenizer))))
+    kept = sorted(vocab_ops.closure(tj, used | vocab_ops.floor_ids(tj, _named_specials(tj, tokenizer))))
     vocab_size = int(net.config.vocab_size)
     new_tj = vocab_ops.trimmed(tj, kept)
     new = Tokenizer.from_str(json.dumps(new_tj))
     new_id = {old_i: new_i for new_i, old_i in enumerate(kept)}
     with progress.step("Checking that the corpus encodes as before"):
-        for text, ids in zip(texts, encoded):
-            got = new.encode(text, add_special_tokens=False).ids
+        for text, ids, got in zip(texts, encoded, (e.ids for e in new.encode_batch(texts, add_special_tokens=False))):
             if keep is None and got != [new_id[i] for i in ids]:
                 raise SlmkitError("the trimmed tokenizer encodes the corpus differently (a bug in slmkit's trimming)",
                                   "Report it with the model and corpus; the store is unchanged.")

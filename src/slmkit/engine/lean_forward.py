@@ -169,7 +169,8 @@ class LeanForward:
         self.qk_norms = [(self._norm_weight(l.self_attn.q_norm), self._norm_weight(l.self_attn.k_norm),
                           float(getattr(l.self_attn.q_norm, "variance_epsilon", None) or l.self_attn.q_norm.eps))
                          for l in self.layers] if self.head_norms else []
-        for m in [*(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers), model.lm_head]:
+        for m in [*self.qkv, *self.gate_up, *(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers),
+                  model.lm_head]:
             if isinstance(m, W8A8Linear) and m._kernels is None:
                 m.prepare()  # kernels and prepacked weights ready before the first request
         self.q_width = self.heads * self.head_dim
@@ -184,6 +185,12 @@ class LeanForward:
         gates = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_new": "gelu_tanh_mul"}
         self.gate_kernel = getattr(self.kernels, gates[self.block.act]) if self.kernels and self.block.act in gates else None
         self.step_weights, self.step_buckets = self._whole_step_weights()
+        # what native.decode_step takes besides the weights, the same every step: its main rope table (the last layer's:
+        # Gemma's global one) and, per layer, the window (0: none) and whether the other (local) table applies
+        tables = sorted(set(self.block.rope_keys), key=lambda k: k != self.block.rope_keys[-1])
+        self.step_tables = (tables[0], tables[1] if len(tables) > 1 else None)
+        self.step_windows = [w or 0 for w in self.block.windows] if any(self.block.windows) else []
+        self.step_local = [int(k != tables[0]) for k in self.block.rope_keys] if len(tables) > 1 else []
         self._rope_tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin (n, D) by position (_rotary)
 
     def _norm_weight(self, norm: Any) -> torch.Tensor:
@@ -268,26 +275,23 @@ class LeanForward:
             table = self._rope_tables[key] = (cos[0], sin[0])
         return table[0][positions], table[1][positions]
 
-    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, kernels: Any) -> torch.Tensor:
-        """h += delta (in place, when given), then the RMSNorm of h: one call of slmkit's kernel in a decode step."""
-        if kernels is not None:
-            return kernels.add_rms_norm(h, delta, weight, self.eps)
-        if delta is not None:
-            h += delta
-        return _rms_norm(h, weight, self.eps)
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """The RMSNorm of x's last axis (a copy; slmkit's kernel where built: 3x fewer operations than torch's)."""
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | None = None,
+              eps: float | None = None) -> torch.Tensor:
+        """The RMSNorm of x's last axis (a new tensor), after x += add (in place) when given; slmkit's kernel where
+        built (one call instead of torch's eight)."""
+        eps = self.eps if eps is None else eps
         if self.kernels is not None and x.dtype == torch.float32:
-            return self.kernels.add_rms_norm(x.contiguous(), None, weight, eps)
+            return self.kernels.add_rms_norm(x if add is not None else x.contiguous(), add, weight, eps)
+        if add is not None:
+            x += add
         return _rms_norm(x, weight, eps)
 
     def _norm_heads(self, y: torch.Tensor, i: int) -> torch.Tensor:
         """y (..., (H + 2 Hkv) D) with each query and key head RMS-normed (block i's q_norm, k_norm), values as they are."""
         q_weight, k_weight, eps = self.qk_norms[i]
         lead, qk = y.shape[:-1], self.q_width + self.kv_width
-        q = self._norm(y[..., : self.q_width].reshape(*lead, self.heads, self.head_dim), q_weight, eps)
-        k = self._norm(y[..., self.q_width : qk].reshape(*lead, self.kv_heads, self.head_dim), k_weight, eps)
+        q = self._norm(y[..., : self.q_width].reshape(*lead, self.heads, self.head_dim), q_weight, eps=eps)
+        k = self._norm(y[..., self.q_width : qk].reshape(*lead, self.kv_heads, self.head_dim), k_weight, eps=eps)
         return torch.cat([q.reshape(*lead, self.q_width), k.reshape(*lead, self.kv_width), y[..., qk:]], dim=-1)
 
     def add_adapter(self, factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -313,8 +317,7 @@ class LeanForward:
         start_t = torch.tensor(starts, dtype=torch.long)
         positions = start_t[:, None] + torch.arange(t)  # (B, T)
         lens = start_t + t  # (B,) each row's length after this step
-        kernels = self.kernels  # slmkit's kernels where built: norms and the MLP's gate of every step
-        decode = kernels if t == 1 else None  # and a decode step's rotary + attention
+        decode = self.kernels if t == 1 else None  # slmkit's kernels for a decode step's rotary + attention
         block = self.block
         spans = {w: self._spans(b, t, starts, positions, end, w, decode is not None) for w in set(block.windows)}
         rows = slice(first, first + b)
@@ -330,13 +333,12 @@ class LeanForward:
             rotary[key] = (cos[:, 0].contiguous(), sin[:, 0].contiguous()) if decode is not None else (cos[:, :, None], sin[:, :, None])
         if decode is not None and bank is None and self.step_weights is not None and bucket_of(b) in self.step_buckets:
             # every block of this decode step in one call of slmkit's kernel (no Python between its ~240 operations)
-            keys = sorted(rotary, key=lambda k: k != block.rope_keys[-1])  # the last layer's table first (Gemma: global)
-            cos, sin = rotary[keys[0]]
-            local = rotary[keys[1]] if len(keys) > 1 else (None, None)
-            h = decode.decode_step(h.reshape(b, -1), self.step_weights, cos, sin, cache.k, cache.v, lens, first,
-                                   self.scale, self.heads, self.eps, block.step_flags, local[0], local[1],
-                                   [w or 0 for w in block.windows] if any(block.windows) else [],
-                                   [int(k != keys[0]) for k in block.rope_keys] if len(keys) > 1 else []).reshape(b, 1, -1)
+            main, other = self.step_tables
+            cos, sin = rotary[main]
+            local = rotary[other] if other is not None else (None, None)
+            h = decode.decode_step(h.reshape(b, -1), self.step_weights, cos, sin, cache.k, cache.v, lens, first, self.scale,
+                                   self.heads, self.eps, block.step_flags, local[0], local[1], self.step_windows,
+                                   self.step_local).reshape(b, 1, -1)
         else:
             qk_heads = self.heads + self.kv_heads
             out = None  # the last block's output, not yet added to h (a decode step adds it in the next norm's call)
@@ -345,7 +347,7 @@ class LeanForward:
                 attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = self.norms[i]
                 cos, sin = rotary[block.rope_keys[i]]
                 window = block.windows[i]
-                x = self._add_norm(h, out, attn_norm, kernels)
+                x = self._norm(h, attn_norm, add=out)
                 y = _linear(self.qkv[i], x) if self.qkv[i] is not None else torch.cat(
                     [_linear(m, x) for m in self.qkv_parts[i]], dim=-1)  # (B, T, (H + 2 Hkv) D)
                 if bank is not None:
@@ -381,8 +383,8 @@ class LeanForward:
                 out = _linear(attn.o_proj, o)
                 out = bank.apply(("o", i), o, out, groups) if bank is not None else out
                 if attn_out_norm is not None:
-                    out = self._norm(out, attn_out_norm, self.eps)
-                x = self._add_norm(h, out, mlp_norm, kernels)
+                    out = self._norm(out, attn_out_norm)
+                x = self._norm(h, mlp_norm, add=out)
                 y = _linear(self.gate_up[i], x) if self.gate_up[i] is not None else torch.cat(
                     [_linear(m, x) for m in self.gate_up_parts[i]], dim=-1)  # (B, T, 2 F)
                 if bank is not None:
@@ -395,7 +397,7 @@ class LeanForward:
                 out = _linear(mlp.down_proj, act)
                 out = bank.apply(("down", i), act, out, groups) if bank is not None else out
                 if mlp_out_norm is not None:
-                    out = self._norm(out, mlp_out_norm, self.eps)
+                    out = self._norm(out, mlp_out_norm)
             h += out
         for s in slot_list:
             cache.lens[s] += t

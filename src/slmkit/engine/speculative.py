@@ -16,9 +16,9 @@ def lookup(history: Sequence[int], draft: int, max_ngram: int = MAX_NGRAM) -> li
     down to 1); [] when none occurs."""
     n_hist = len(history)
     for n in range(min(max_ngram, n_hist - 1), 0, -1):
-        tail = list(history[n_hist - n:])
+        tail, last = list(history[n_hist - n:]), history[-1]
         for start in range(n_hist - n - 1, -1, -1):  # latest first; the tail itself is excluded
-            if list(history[start:start + n]) == tail:
+            if history[start + n - 1] == last and list(history[start:start + n]) == tail:  # (one int compare mostly)
                 following = list(history[start + n: start + n + draft])
                 if following:
                     return following

@@ -68,11 +68,12 @@ def export_model(
         store.check_free(store_as)
     if auto:
         check_budget(ppl_budget)
+    tokenizer_gguf = tokenizer_source(store, model)
     with _dense_source(folder) as (source, note):
         trials = None
         if auto:  # measured on this model: each type's size and perplexity in llama.cpp
             gguf_type, trials = choose_type(source, ppl_budget, settings().home / "exports", threads=settings().threads,
-                                            tokenizer_gguf=tokenizer_source(store, model))
+                                            tokenizer_gguf=tokenizer_gguf)
         base = f"{model}-{gguf_type.lower()}" + ("-imat" if imatrix is not None else "")
         out_dir = out_dir or settings().home / "exports" / base
         imat, imat_info = None, None
@@ -82,7 +83,7 @@ def export_model(
         notes = [note] if note else []
         path = export_gguf(source, out_dir, name=base, gguf_type=gguf_type, threads=settings().threads,
                            imatrix=imat.means() if imat else None, meta=meta, notes=notes,
-                           tokenizer_gguf=tokenizer_source(store, model))
+                           tokenizer_gguf=tokenizer_gguf)
         if not meta["license_known"]:
             notes.append(f"the license is unknown (no source in its lineage says): written as {meta['license']!r}")
         note = "; ".join(notes) or None

@@ -147,8 +147,9 @@ static at::Tensor add_rms_norm(const at::Tensor& h, const c10::optional<at::Tens
   return out;
 }
 
-// The MLP's gate: y (M, 2F) = [gate, up] -> silu(gate) * up (M, F)
-static at::Tensor silu_mul(const at::Tensor& y) {
+// The MLP's gate: y (M, 2F) = [gate, up] -> act(gate) * up (M, F)
+template <typename Act>
+static at::Tensor gate_mul(const at::Tensor& y, Act act) {
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) % 2 == 0, "y: (M, 2F) float32");
   auto yc = y.contiguous();
   const int64_t M = yc.size(0), F = yc.size(1) / 2;
@@ -161,35 +162,20 @@ static at::Tensor silu_mul(const at::Tensor& y) {
       const float* u = g + F;
       float* o = op + m * F;
       #pragma omp simd
-      for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+      for (int64_t i = 0; i < F; ++i) o[i] = act(g[i]) * u[i];
     }
   });
   return out;
 }
 
-// The MLP's gate of Gemma's GeGLU: y (M, 2F) = [gate, up] -> gelu_tanh(gate) * up (M, F), gelu_tanh(x) =
-// x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) as torch's gelu(approximate="tanh")
+// SwiGLU's gate: silu(x) = x / (1 + e^-x)
+static at::Tensor silu_mul(const at::Tensor& y) {
+  return gate_mul(y, [](float x) { return x / (1.f + expf(-x)); });
+}
+
+// Gemma's GeGLU gate: gelu_tanh(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as torch's gelu(approximate="tanh")
 static at::Tensor gelu_tanh_mul(const at::Tensor& y) {
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) % 2 == 0, "y: (M, 2F) float32");
-  auto yc = y.contiguous();
-  const int64_t M = yc.size(0), F = yc.size(1) / 2;
-  auto out = at::empty({M, F}, yc.options());
-  const float* yp = yc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / F), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* g = yp + m * 2 * F;
-      const float* u = g + F;
-      float* o = op + m * F;
-      #pragma omp simd
-      for (int64_t i = 0; i < F; ++i) {
-        const float x = g[i];
-        o[i] = 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x))) * u[i];
-      }
-    }
-  });
-  return out;
+  return gate_mul(y, [](float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); });
 }
 
 // ---- A whole decode step of a w8a8 model in one call (Llama's block and the variations below) ----
