@@ -20,7 +20,7 @@ from slmkit.card import sha256_file
 from slmkit.compress.lowrank_stage import lowrank_stage
 from slmkit.compress.prune_stage import parse_count, prune_stage, shrink_stage
 from slmkit.compress.quantize_stage import quantize_stage
-from slmkit.config import settings
+from slmkit.config import DEFAULT_MODEL, settings
 from slmkit.errors import SlmkitError
 from slmkit.evaluate.report import rows_of, write_html
 from slmkit.evaluate.run import evaluate
@@ -28,6 +28,7 @@ from slmkit.export.store_export import export_model
 from slmkit.loading import load
 from slmkit.recipe.spec import LOWER_IS_BETTER, TRAIN, Recipe, RecipeError, Step
 from slmkit.route.calibrate import calibrate_stage
+from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 from slmkit.train.distill import distill_stage
 from slmkit.train.finetune import finetune_stage
@@ -77,7 +78,7 @@ def step_hash(recipe: Recipe, step: Step, store: Store, made: dict[str, str]) ->
 def plan(recipe: Recipe, store: Store | None = None) -> list[Planned]:
     """Each step and whether it would run now."""
     store = store or Store()
-    store.require(recipe.teacher)
+    _teacher(recipe, store)
     made = {"teacher": recipe.teacher}
     out = []
     for step in recipe.steps:
@@ -95,6 +96,14 @@ def plan(recipe: Recipe, store: Store | None = None) -> list[Planned]:
             made[step.id] = name
         out.append(Planned(step, name, state, h))
     return out
+
+
+def _teacher(recipe: Recipe, store: Store) -> None:
+    """The teacher must be in the store; the default model is imported from its package on first use, as every
+    command does."""
+    if recipe.teacher == DEFAULT_MODEL:
+        ensure_default(store)
+    store.require(recipe.teacher)
 
 
 def _eval_dir(recipe: Recipe, h: str) -> Path:
@@ -170,7 +179,7 @@ def run(recipe: Recipe, store: Store | None = None, say: Callable[[str], None] =
     """Run every step that is not done; returns {"models": {step id: store name}, "evals": [result files],
     "report": the HTML report or None}."""
     store = store or Store()
-    store.require(recipe.teacher)
+    _teacher(recipe, store)
     made = {"teacher": recipe.teacher}
     evals: list[Path] = []
     for step in recipe.steps:  # each step's hash once the steps before it ran

@@ -27,10 +27,10 @@ from slmkit.serve.errors import HTTPError
 from slmkit.serve.limits import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.registry import ModelRegistry
-from slmkit.serve.responses_routes import chat_handler, responses_routes
+from slmkit.serve.responses_routes import responses_routes
 from slmkit.serve.ollama_manage import manage_routes
 from slmkit.serve.ollama_routes import ollama_error, ollama_routes
-from slmkit.serve.routes import Server, openai_routes
+from slmkit.serve.routes import OpenAIApi, Server, openai_routes
 
 WEB = Path(__file__).parent / "web"
 KEEP_ALIVE_CHECK_S = 1.0  # how often models past their keep_alive are looked for
@@ -194,9 +194,9 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
     app.mount("/vendor", StaticFiles(directory=WEB / "vendor"), name="vendor")  # the page's Markdown libraries
 
     server = Server(registry, metrics, max_tokens_limit, allow_changes=allow_model_changes or api_key is not None)
-    openai = openai_routes(server)
-    app.include_router(openai)
-    app.include_router(responses_routes(server, chat_handler(openai)))  # OpenAI's Responses API over the chat route
+    openai = OpenAIApi(server)
+    app.include_router(openai_routes(openai))
+    app.include_router(responses_routes(server, openai.chat_completions))  # OpenAI's Responses API over the chat route
     app.include_router(ollama_routes(server))  # Ollama's native API beside it
     app.include_router(manage_routes(server, ollama_error))  # and its model management
     return app

@@ -14,6 +14,7 @@ import json
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -30,21 +31,24 @@ from slmkit.sources.pull import create, derive_copy, pull, ref_name
 Report = Callable[[dict[str, Any]], None]
 
 
-def manage_routes(server: Server, error: Callable[[BaseException], JSONResponse]) -> APIRouter:
-    registry = server.registry
-    router = APIRouter(dependencies=[Depends(identify)])
+class ManageApi:
+    """Ollama's model management on one server, a method per endpoint (manage_routes mounts them); every one is
+    refused unless the server allows changes."""
 
-    def check_allowed() -> None:
-        if not server.allow_changes:
+    def __init__(self, server: Server, error: Callable[[BaseException], JSONResponse]) -> None:
+        self.server, self.registry, self.error = server, server.registry, error
+
+    def check_allowed(self) -> None:
+        if not self.server.allow_changes:
             raise Refused("this server does not change its model store",
                           "Start it with --allow-model-changes (or with --api-key), or use the CLI: slmkit pull / models create / cp / rm.")
 
-    async def progress(work: Callable[[Report], Any], stream: bool) -> Any:
+    async def progress(self, work: Callable[[Report], Any], stream: bool) -> Any:
         """Run `work(report)` in a thread; stream its report lines (then an error line if it fails), or wait for it."""
         try:
-            check_allowed()
+            self.check_allowed()
         except SlmkitError as exc:
-            return error(exc)
+            return self.error(exc)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         task = asyncio.ensure_future(asyncio.to_thread(work, lambda line: loop.call_soon_threadsafe(queue.put_nowait, line)))
@@ -52,7 +56,7 @@ def manage_routes(server: Server, error: Callable[[BaseException], JSONResponse]
             try:
                 await task
             except Exception as exc:
-                return error(exc)
+                return self.error(exc)
             return {"status": "success"}
 
         async def lines() -> AsyncIterator[bytes]:
@@ -71,22 +75,49 @@ def manage_routes(server: Server, error: Callable[[BaseException], JSONResponse]
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    @router.post("/api/pull")
-    async def pull_route(body: ol.PullRequest) -> Any:
-        given = body.model or body.name or ""
+    async def pull(self, body: ol.PullRequest) -> Any:
+        given, store = body.model or body.name or "", self.registry.store
 
         def work(report: Report) -> None:
             name = ref_name(given)
-            if not registry.store.exists(name):
-                pull(ol.pull_source(given, body.insecure), name, store=registry.store, report=report, local=False)
+            if not store.exists(name):
+                pull(ol.pull_source(given, body.insecure), name, store=store, report=report, local=False)
             else:  # already here: nothing to fetch (a changed tag is not looked for)
                 report({"status": "success"})
-            registry.add(name)
+            self.registry.add(name)
 
-        return await progress(work, body.stream)
+        return await self.progress(work, body.stream)
 
-    @router.post("/api/create")
-    async def create_route(body: ol.CreateRequest) -> Any:
+    def from_files(self, files: dict[str, str]) -> tuple[str, Path | None]:
+        """What uploaded files make: one GGUF's blob, or a Hugging Face folder with the files linked under their
+        names (a staging folder the caller removes)."""
+        missing = [f for f, d in files.items() if not blobs.path_of(d).is_file()]
+        if missing:
+            raise BadRequest(f"{', '.join(missing)}: not uploaded", "Upload each file first: POST /api/blobs/sha256:DIGEST.")
+        if len(files) == 1 and next(iter(files)).lower().endswith(".gguf"):
+            return str(blobs.path_of(next(iter(files.values())))), None
+        staging = blobs.blobs_dir() / f".create-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            for fname, d in files.items():
+                if "/" in fname or fname.startswith("."):
+                    raise BadRequest(f"file name {fname!r} is not a plain file name", "Name files without folders.")
+                (staging / fname).hardlink_to(blobs.path_of(d))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return str(staging), staging
+
+    def from_model(self, base: str) -> str:
+        """FROM as a client gives it: an older client's uploaded file (@DIGEST) or a model of this server."""
+        if base.startswith("@"):
+            return str(blobs.path_of(base[1:]))
+        name = ol.model_name(base)
+        if not self.registry.store.exists(name):
+            raise ModelNotFound(f"model {base!r} not found", "FROM names a model of this server, or a file uploaded as a blob.")
+        return name
+
+    async def create(self, body: ol.CreateRequest) -> Any:
         def work(report: Report) -> None:
             name = ol.model_name(body.model or body.name or "")
             if body.quantize:
@@ -101,86 +132,76 @@ def manage_routes(server: Server, error: Callable[[BaseException], JSONResponse]
                 if body.files:
                     if spec.get("from"):
                         raise BadRequest("give either files or from, not both", "Files make a new model; from starts from one.")
-                    missing = [f for f, d in body.files.items() if not blobs.path_of(d).is_file()]
-                    if missing:
-                        raise BadRequest(f"{', '.join(missing)}: not uploaded", "Upload each file first: POST /api/blobs/sha256:DIGEST.")
-                    if len(body.files) == 1 and next(iter(body.files)).lower().endswith(".gguf"):
-                        spec["from"] = str(blobs.path_of(next(iter(body.files.values()))))
-                    else:  # a Hugging Face folder, its files linked under their names
-                        staging = blobs.blobs_dir() / f".create-{uuid.uuid4().hex[:8]}"
-                        staging.mkdir(parents=True)
-                        for fname, d in body.files.items():
-                            if "/" in fname or fname.startswith("."):
-                                raise BadRequest(f"file name {fname!r} is not a plain file name", "Name files without folders.")
-                            (staging / fname).hardlink_to(blobs.path_of(d))
-                        spec["from"] = str(staging)
-                else:
-                    base = str(spec.get("from") or "")
-                    if base.startswith("@"):  # an older client's uploaded file
-                        spec["from"] = str(blobs.path_of(base[1:]))
-                    elif base:
-                        spec["from"] = ol.model_name(base)
-                        if not registry.store.exists(spec["from"]):
-                            raise ModelNotFound(f"model {base!r} not found", "FROM names a model of this server, or a file uploaded as a blob.")
+                    spec["from"], staging = self.from_files(body.files)
+                elif spec.get("from"):
+                    spec["from"] = self.from_model(str(spec["from"]))
                 report({"status": "creating model"})
-                create(name, spec, store=registry.store)
+                create(name, spec, store=self.registry.store)
             finally:
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
-            registry.add(name)
+            self.registry.add(name)
             report({"status": "success"})
 
-        return await progress(work, body.stream)
+        return await self.progress(work, body.stream)
 
-    @router.post("/api/copy")
-    async def copy_route(body: ol.CopyRequest) -> Any:
+    async def copy(self, body: ol.CopyRequest) -> Any:
         try:
-            check_allowed()
+            self.check_allowed()
             src, dst = ol.model_name(body.source), ol.model_name(body.destination)
-            await asyncio.to_thread(derive_copy, src, dst, store=registry.store)
-            registry.add(dst)
+            await asyncio.to_thread(derive_copy, src, dst, store=self.registry.store)
+            self.registry.add(dst)
         except Exception as exc:
-            return error(exc)
+            return self.error(exc)
         return Response(status_code=200)
 
-    @router.delete("/api/delete")
-    async def delete_route(request: Request) -> Any:
+    async def delete(self, request: Request) -> Any:
+        r = self.registry
         try:
-            check_allowed()
+            self.check_allowed()
             raw = json.loads(await request.body() or b"{}")
             name = ol.model_name(str(raw.get("model") or raw.get("name") or ""))
-            registry.store.require(name)
-            if name in registry.names:
-                await asyncio.to_thread(registry.drop, name)
-            elif (why := registry.in_use(name)) is not None:
+            r.store.require(name)
+            if name in r.names:
+                await asyncio.to_thread(r.drop, name)
+            elif (why := r.in_use(name)) is not None:
                 raise BadRequest(f"{name} is {why} on this server", "Stop the server to remove it (slmkit models rm).")
-            await asyncio.to_thread(registry.store.remove, name)
+            await asyncio.to_thread(r.store.remove, name)
         except Exception as exc:
-            return error(exc)
+            return self.error(exc)
         return Response(status_code=200)
 
-    @router.head("/api/blobs/{digest}")
-    async def has_blob(digest: str) -> Any:
+    async def has_blob(self, digest: str) -> Any:
         try:
-            check_allowed()
+            self.check_allowed()
             return Response(status_code=200 if blobs.path_of(digest).is_file() else 404)
         except Exception as exc:
-            return error(exc)
+            return self.error(exc)
 
-    @router.post("/api/blobs/{digest}")
-    async def put_blob(digest: str, request: Request) -> Any:
+    async def put_blob(self, digest: str, request: Request) -> Any:
         try:
-            check_allowed()
+            self.check_allowed()
             writer = blobs.BlobWriter(digest)
         except Exception as exc:
-            return error(exc)
+            return self.error(exc)
         try:
             async for chunk in request.stream():
                 await asyncio.to_thread(writer.feed, chunk)
             await asyncio.to_thread(writer.finish)
         except Exception as exc:
             writer.abort()
-            return error(exc)
+            return self.error(exc)
         return Response(status_code=201)
 
+
+def manage_routes(server: Server, error: Callable[[BaseException], JSONResponse]) -> APIRouter:
+    """Ollama's pull, create, copy, delete and blob uploads, one method of ManageApi each."""
+    api = ManageApi(server, error)
+    router = APIRouter(dependencies=[Depends(identify)])
+    router.post("/api/pull")(api.pull)
+    router.post("/api/create")(api.create)
+    router.post("/api/copy")(api.copy)
+    router.delete("/api/delete")(api.delete)
+    router.head("/api/blobs/{digest}")(api.has_blob)
+    router.post("/api/blobs/{digest}")(api.put_blob)
     return router

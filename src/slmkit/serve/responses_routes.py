@@ -24,11 +24,6 @@ from slmkit.serve.routes import Server, identify
 ChatHandler = Callable[[oa.ChatRequest, Request], Awaitable[Any]]
 
 
-def chat_handler(router: APIRouter) -> ChatHandler:
-    """The chat completions endpoint of the OpenAI router."""
-    return next(r.endpoint for r in router.routes if getattr(r, "path", None) == "/v1/chat/completions")  # type: ignore[attr-defined]
-
-
 def event_bytes(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible routes (/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings), and slmkit's
 /v1/classify (a classifier's labels, or any labels a request names, scored by the model).
 
-Chat and completions share one skeleton (`_generate`): pick the model, start a reader thread per choice, wait
+Chat and completions share one skeleton (`OpenAIApi.generate`, with a ChatCall or CompletionCall that renders the
+request, its chunks and its response): pick the model, start a reader thread per choice, wait
 for the first pieces (so refusals are HTTP errors), then stream server-sent events or collect the texts. Wire
 objects are built by the pure conversions in openai_compat.py; failures become OpenAI error bodies (errors.py).
 """
@@ -110,15 +111,93 @@ async def identify(request: Request) -> None:
     CLIENT.set(request.client.host if request.client else "")
 
 
-def openai_routes(server: Server) -> APIRouter:
-    registry, metrics = server.registry, server.metrics
-    router = APIRouter(dependencies=[Depends(identify)])  # the API key: app.Boundary, before the body is read
+class ChatCall:
+    """One /v1/chat/completions request through the shared skeleton: its messages rendered with the tools it
+    offers (`begin`, once the model is known), its stream chunks, and its whole response with any tool calls."""
+
+    def __init__(self, api: "OpenAIApi", body: oa.ChatRequest) -> None:
+        self.api, self.body = api, body
+        self.messages: list[dict[str, str]] = []
+        self.tools: Any = None
+        self.mode: str | None = None
+        self.family: str | None = None
+
+    def begin(self, model: Servable, loop: asyncio.AbstractEventLoop) -> list[Choice]:
+        body = self.body
+        self.tools = tools = tl.check_tools(body.tools)
+        one = model.single if tools else None  # a template's own tool format needs the one model behind the answer
+        self.family = family = tl.family_of(one.backend.chat_template) if one is not None else None
+        self.mode = mode = tl.mode_of(body.tool_choice, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool"
+                                      and family is None)  # a template with a tools section decides after a result as it was taught
+        extra: dict[str, Any] = {}
+        if family:  # the template renders the tools, earlier calls and results; a required call starts with its marker
+            self.messages = oa.plain_messages(body.messages, native=True)
+            extra["tools"] = tl.openai_tools(tools)
+            if mode not in (None, "none", "auto"):
+                extra["prefill"] = tl.CALL_PREFIX[family]
+        else:  # content parts joined; earlier calls and results in the tool protocol; the tools in the system message
+            self.messages = tl.with_tools(oa.plain_messages(body.messages), tools, mode)
+        if mode not in (None, "none", "auto"):  # a call is required: its JSON is enforced by grammar
+            schema = tl.call_schema(tools, mode, family)
+            extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "call", "schema": schema}}
+        return self.api.start(model, body, lambda kw: model.stream_chat(self.messages, **{**kw, **extra}), loop)
+
+    def chunk(self, rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
+        delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+        return oa.chat_chunk(rid, name, i, delta, finish)
+
+    def respond(self, rid: str, name: str, model: Servable, choices: list[Choice], texts: list[str]) -> dict:
+        out = []
+        for c, text in zip(choices, texts):
+            content, calls = tl.calls_in(text, self.tools, self.mode, self.family)
+            choice = oa.chat_choice(c.index, text, "tool_calls" if calls else c.gen.stats.finish_reason,
+                                    oa.chat_logprobs(*logprobs_of(model, c.gen)) if self.body.logprobs else None)
+            if calls:
+                choice["message"] = {"role": "assistant", "content": content or None, "tool_calls": calls}
+            out.append(choice)
+        return with_route(oa.chat_response(rid, name, out, request_usage(choices, "chat", self.body.n)), choices)
+
+
+class CompletionCall:
+    """One /v1/completions request: every prompt with its n choices, numbered in order."""
+
+    def __init__(self, api: "OpenAIApi", body: oa.CompletionRequest) -> None:
+        self.api, self.body = api, body
+        self.prompts = oa.prompt_list(body.prompt)
+
+    def begin(self, model: Servable, loop: asyncio.AbstractEventLoop) -> list[Choice]:
+        if not self.prompts or any(not p for p in self.prompts):
+            raise BadRequest("prompt is empty", "Send a prompt string (or token ids).")
+        if model.single is None and any(not isinstance(p, str) for p in self.prompts):
+            raise BadRequest("token-id prompts need one served model, not a routed name", "Send text.")
+        choices: list[Choice] = []
+        for p in self.prompts:
+            for c in self.api.start(model, self.body, lambda kw, p=p: model.stream(p, **kw), loop):
+                c.index = len(choices)
+                choices.append(c)
+        return choices
+
+    def chunk(self, rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
+        return oa.completion_chunk(rid, name, i, text or "", finish)
+
+    def respond(self, rid: str, name: str, model: Servable, choices: list[Choice], texts: list[str]) -> dict:
+        out = [oa.completion_choice(c.index, text, c.gen.stats.finish_reason,
+                                    oa.completion_logprobs(*logprobs_of(model, c.gen)) if self.body.logprobs is not None else None)
+               for c, text in zip(choices, texts)]
+        return with_route(oa.completion_response(rid, name, out, request_usage(choices, "completions", self.body.n)), choices)
+
+
+class OpenAIApi:
+    """The OpenAI-compatible endpoints of one server, a method each (openai_routes mounts them)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.registry, self.metrics = server, server.registry, server.metrics
 
     @asynccontextmanager
-    async def counted(endpoint: str, model: str) -> AsyncIterator[str]:
+    async def counted(self, endpoint: str, model: str) -> AsyncIterator[str]:
         """Count the request by outcome; any failure becomes its HTTP error in OpenAI's format. Labels come from the
         served models only: any other name a client sends is counted as "unknown"."""
-        model = model if model in registry.names else "unknown"
+        model = model if model in self.registry.names else "unknown"
         t0 = time.perf_counter()
         rid = uuid.uuid4().hex[:16]
 
@@ -130,185 +209,116 @@ def openai_routes(server: Server) -> APIRouter:
             yield rid
         except Exception as exc:
             err = to_http(exc)
-            metrics.requests.labels(endpoint, model, str(err.status)).inc()
+            self.metrics.requests.labels(endpoint, model, str(err.status)).inc()
             log(err.status, str(err.body.get("error", {}).get("message", "")))
             raise err from None
-        metrics.requests.labels(endpoint, model, "200").inc()
+        self.metrics.requests.labels(endpoint, model, "200").inc()
         log(200)
 
-    def start(model: Servable, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation],
+    def start(self, model: Servable, body: oa._Sampling, make: Callable[[dict[str, Any]], Generation],
               loop: asyncio.AbstractEventLoop) -> list[Choice]:
         """Render, tokenize and submit every choice (run in a worker thread: none of it on the event loop)."""
         limit = body.max_completion_tokens or body.max_tokens
-        if limit is not None and limit > server.max_tokens_limit:
-            raise BadRequest(f"max_tokens {limit} is over this server's limit of {server.max_tokens_limit}", "Ask for fewer tokens.")
+        if limit is not None and limit > self.server.max_tokens_limit:
+            raise BadRequest(f"max_tokens {limit} is over this server's limit of {self.server.max_tokens_limit}", "Ask for fewer tokens.")
         choices = []
         for i in range(body.n):
             kw = oa.sampling_kwargs(body, i)
-            kw.setdefault("max_tokens", server.max_tokens_limit)
+            kw.setdefault("max_tokens", self.server.max_tokens_limit)
             choices.append(Choice(i, make(kw), loop))
         return choices
 
-    async def _generate(
-        endpoint: str, body: oa._Sampling, request: Request, begin: Callable[[Servable, asyncio.AbstractEventLoop], list[Choice]],
-        chunk: Callable[[str, str, int, str | None, str | None], dict],
-        respond: Callable[[str, str, Servable, list[Choice], list[str]], dict],
-    ) -> Any:
-        name = body.model or registry.names[0]
+    async def generate(self, endpoint: str, body: oa._Sampling, request: Request, call: ChatCall | CompletionCall) -> Any:
+        """The skeleton chat and completions share: pick the model, start the choices, wait for their first pieces
+        (a refusal is an HTTP error), then stream or collect."""
+        name = body.model or self.registry.names[0]
         t0 = time.perf_counter()
-        async with counted(endpoint, name) as log_id:
+        async with self.counted(endpoint, name) as log_id:
             oa.refused_fields(body)
-            model = await asyncio.to_thread(registry.get, body.model, body.user)
+            model = await asyncio.to_thread(self.registry.get, body.model, body.user)
             if body.stream and body.logprobs:
                 raise BadRequest("logprobs are returned only when stream is false", "Drop stream, or logprobs.")
             if body.logprobs and model.single is None:
                 raise BadRequest(f"{name} is routed: its answer may come from another model, which gives no logprobs here",
                                  "Ask a model by its own name for logprobs.")
-            choices = await asyncio.to_thread(begin, model, asyncio.get_running_loop())
+            choices = await asyncio.to_thread(call.begin, model, asyncio.get_running_loop())
             firsts = await first_items(choices)
-            metrics.ttft.labels(name).observe(time.perf_counter() - t0)
+            self.metrics.ttft.labels(name).observe(time.perf_counter() - t0)
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
         if body.stream:
             final = None
             if oa.include_usage(body):
                 obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
                 final = lambda: oa.usage_chunk(rid, name, obj, request_usage(choices, endpoint, body.n))  # noqa: E731
-            events = sse_events(choices, firsts, name, metrics, lambda i, text, finish: chunk(rid, name, i, text, finish), log_id, final)
+            events = sse_events(choices, firsts, name, self.metrics, lambda i, text, finish: call.chunk(rid, name, i, text, finish), log_id, final)
             return StreamingResponse(events, media_type="text/event-stream")
         texts = await collect(request, choices, firsts)
-        account(metrics, name, choices, log_id)
-        return respond(rid, name, model, choices, texts)
+        account(self.metrics, name, choices, log_id)
+        return call.respond(rid, name, model, choices, texts)
 
-    def model_entry(n: str) -> dict[str, Any]:
-        task = task_of(registry.store.card(n).settings) if registry.store.exists(n) else None
-        return {"id": n, "object": "model", "created": server.started, "owned_by": "slmkit",
+    def model_entry(self, n: str) -> dict[str, Any]:
+        store = self.registry.store
+        task = task_of(store.card(n).settings) if store.exists(n) else None
+        return {"id": n, "object": "model", "created": self.server.started, "owned_by": "slmkit",
                 **({"labels": task["labels"], "prompt_format": task["prompt_format"],  # and a chat answer held to them:
                     "response_format": {"type": "json_schema", "json_schema": {"name": "label", "schema": label_schema(task["labels"])}}}
                    if task else {})}
 
-    @router.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_entry(n) for n in registry.names]}
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_entry(n) for n in self.registry.names]}
 
-    @router.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id not in registry.names:
-            raise to_http(ModelNotFound(f"model {model_id!r} not found", f"Models served: {', '.join(registry.names)}"))
-        return model_entry(model_id)
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        if model_id not in self.registry.names:
+            raise to_http(ModelNotFound(f"model {model_id!r} not found", f"Models served: {', '.join(self.registry.names)}"))
+        return self.model_entry(model_id)
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: oa.ChatRequest, request: Request) -> Any:
-        messages: list[dict[str, str]] = []
-        calling: dict[str, Any] = {}  # the checked tools and the tool_choice mode, set in begin
-
-        def begin(model: Servable, loop: asyncio.AbstractEventLoop) -> list[Choice]:
-            tools = tl.check_tools(body.tools)
-            one = model.single if tools else None  # a template's own tool format needs the one model behind the answer
-            family = tl.family_of(one.backend.chat_template) if one is not None else None
-            mode = tl.mode_of(body.tool_choice, tools, after_result=bool(body.messages) and body.messages[-1].role == "tool"
-                              and family is None)  # a template with a tools section decides after a result as it was taught
-            calling.update(tools=tools, mode=mode, family=family)
-            extra: dict[str, Any] = {}
-            if family:  # the template renders the tools, earlier calls and results; a required call starts with its marker
-                messages[:] = oa.plain_messages(body.messages, native=True)
-                extra["tools"] = tl.openai_tools(tools)
-                if mode not in (None, "none", "auto"):
-                    extra["prefill"] = tl.CALL_PREFIX[family]
-            else:  # content parts joined; earlier calls and results in the tool protocol; the tools in the system message
-                messages[:] = tl.with_tools(oa.plain_messages(body.messages), tools, mode)
-            if mode not in (None, "none", "auto"):  # a call is required: its JSON is enforced by grammar
-                schema = tl.call_schema(tools, mode, family)
-                extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "call", "schema": schema}}
-            return start(model, body, lambda kw: model.stream_chat(messages, **{**kw, **extra}), loop)
-
-        def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
-            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-            return oa.chat_chunk(rid, name, i, delta, finish)
-
-        def respond(rid: str, name: str, model: Servable, choices: list[Choice], texts: list[str]) -> dict:
-            out = []
-            for c, text in zip(choices, texts):
-                content, calls = tl.calls_in(text, calling["tools"], calling.get("mode"), calling.get("family"))
-                choice = oa.chat_choice(c.index, text, "tool_calls" if calls else c.gen.stats.finish_reason,
-                                        oa.chat_logprobs(*logprobs_of(model, c.gen)) if body.logprobs else None)
-                if calls:
-                    choice["message"] = {"role": "assistant", "content": content or None, "tool_calls": calls}
-                out.append(choice)
-            return with_route(oa.chat_response(rid, name, out, request_usage(choices, "chat", body.n)), choices)
-
+    async def chat_completions(self, body: oa.ChatRequest, request: Request) -> Any:
+        call = ChatCall(self, body)
         if not (body.tools and body.tool_choice != "none"):
-            return await _generate("chat", body, request, begin, chunk, respond)
+            return await self.generate("chat", body, request, call)
         # with tools, an answer is a call or text only once it is whole: generate, then stream what it turned out to be
-        whole = await _generate("chat", body.model_copy(update={"stream": False}), request, begin, chunk, respond)
+        whole = await self.generate("chat", body.model_copy(update={"stream": False}), request, call)
         if not body.stream:
             return whole
         return StreamingResponse(replay_chat(whole, oa.include_usage(body)), media_type="text/event-stream")
 
-    @router.post("/v1/completions")
-    async def completions(body: oa.CompletionRequest, request: Request) -> Any:
-        prompts = oa.prompt_list(body.prompt)
+    async def completions(self, body: oa.CompletionRequest, request: Request) -> Any:
+        return await self.generate("completions", body, request, CompletionCall(self, body))
 
-        def begin(model: Servable, loop: asyncio.AbstractEventLoop) -> list[Choice]:
-            if not prompts or any(not p for p in prompts):
-                raise BadRequest("prompt is empty", "Send a prompt string (or token ids).")
-            if model.single is None and any(not isinstance(p, str) for p in prompts):
-                raise BadRequest("token-id prompts need one served model, not a routed name", "Send text.")
-            choices: list[Choice] = []
-            for p in prompts:
-                for c in start(model, body, lambda kw, p=p: model.stream(p, **kw), loop):
-                    c.index = len(choices)
-                    choices.append(c)
-            return choices
-
-        def chunk(rid: str, name: str, i: int, text: str | None, finish: str | None) -> dict:
-            return oa.completion_chunk(rid, name, i, text or "", finish)
-
-        def respond(rid: str, name: str, model: Servable, choices: list[Choice], texts: list[str]) -> dict:
-            out = [oa.completion_choice(c.index, text, c.gen.stats.finish_reason,
-                                        oa.completion_logprobs(*logprobs_of(model, c.gen)) if body.logprobs is not None else None)
-                   for c, text in zip(choices, texts)]
-            return with_route(oa.completion_response(rid, name, out, request_usage(choices, "completions", body.n)), choices)
-
-        return await _generate("completions", body, request, begin, chunk, respond)
-
-    async def plain_model(name: str | None) -> Model:
+    async def plain_model(self, name: str | None) -> Model:
         """The one model a name serves (a cached name's too); a routed name is refused."""
-        one = (await asyncio.to_thread(registry.get, name)).single
+        one = (await asyncio.to_thread(self.registry.get, name)).single
         if one is None:
             raise BadRequest(f"{name} is routed: its answers may come from another model", "Use a served model's own name.")
         return one
 
-    @router.post("/tokenize")
-    async def tokenize(body: oa.TokenizeRequest) -> Any:  # llama-server's
-        async with counted("tokenize", body.model or registry.names[0]):
-            model = await plain_model(body.model)
+    async def tokenize(self, body: oa.TokenizeRequest) -> Any:  # llama-server's
+        async with self.counted("tokenize", body.model or self.registry.names[0]):
+            model = await self.plain_model(body.model)
             b = model.backend
             ids = await asyncio.to_thread(b.encode, body.content, add_special_tokens=body.add_special)
         return {"tokens": [{"id": i, "piece": b.decode([i])} for i in ids] if body.with_pieces else ids}
 
-    @router.post("/detokenize")
-    async def detokenize(body: oa.DetokenizeRequest) -> Any:
-        async with counted("detokenize", body.model or registry.names[0]):
-            model = await plain_model(body.model)
+    async def detokenize(self, body: oa.DetokenizeRequest) -> Any:
+        async with self.counted("detokenize", body.model or self.registry.names[0]):
+            model = await self.plain_model(body.model)
             content = await asyncio.to_thread(model.backend.decode, model.checked_token_ids(body.tokens))
         return {"content": content}
 
-    @router.post("/v1/embeddings")
-    async def embeddings(body: oa.EmbeddingRequest) -> Any:
-        name = body.model or registry.names[0]
+    async def embeddings(self, body: oa.EmbeddingRequest) -> Any:
+        name = body.model or self.registry.names[0]
         texts = oa.prompt_list(body.input)
-        async with counted("embeddings", name):
-            model = await asyncio.to_thread(registry.get, body.model)
+        async with self.counted("embeddings", name):
+            model = await asyncio.to_thread(self.registry.get, body.model)
             vectors, tokens = await embed_checked(model, name, texts)
         return {"object": "list", "model": name, "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @router.post("/v1/classify")
-    async def classify(body: oa.ClassifyRequest) -> Any:
-        name = body.model or registry.names[0]
+    async def classify(self, body: oa.ClassifyRequest) -> Any:
+        name = body.model or self.registry.names[0]
         texts = [body.input] if isinstance(body.input, str) else body.input
-        async with counted("classify", name):
-            model = await plain_model(body.model)
+        async with self.counted("classify", name):
+            model = await self.plain_model(body.model)
             check_inputs([t.strip() for t in texts], MAX_CLASSIFY_INPUTS, "classify")
             if body.labels is None and not task_of(model.card.settings if model.card else None):
                 raise BadRequest(f"{name} is not a classifier (slmkit finetune --task classify) and the request names no labels",
@@ -318,4 +328,16 @@ def openai_routes(server: Server) -> APIRouter:
         return {"object": "list", "model": name, "data": [oa.classification(i, g.label, g.probabilities) for i, g in enumerate(got)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+
+def openai_routes(api: OpenAIApi) -> APIRouter:
+    """The OpenAI-compatible endpoints, one method of OpenAIApi each, behind the client's identity."""
+    router = APIRouter(dependencies=[Depends(identify)])  # the API key: app.Boundary, before the body is read
+    router.get("/v1/models")(api.list_models)
+    router.get("/v1/models/{model_id:path}")(api.get_model)
+    router.post("/v1/chat/completions")(api.chat_completions)
+    router.post("/v1/completions")(api.completions)
+    router.post("/tokenize")(api.tokenize)
+    router.post("/detokenize")(api.detokenize)
+    router.post("/v1/embeddings")(api.embeddings)
+    router.post("/v1/classify")(api.classify)
     return router
