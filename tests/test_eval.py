@@ -167,10 +167,17 @@ def test_batched_generation_matches_single(tiny):
     b = tiny.backend
     prompts = [b.encode("The quick brown"), b.encode("Paris is the capital of France and")]
     params = slmkit.SamplingParams(temperature=0, repetition_penalty=1.0)
-    batched = b.generate_batch(prompts, params, 6, stop_at_eos=False)
+    params_lp = slmkit.SamplingParams(temperature=0, repetition_penalty=1.0, top_logprobs=3)
+    batched = b.generate_batch(prompts, params_lp, 6, stop_at_eos=False)
     for p, out in zip(prompts, batched):
         single = b.generate_batch([p], params, 6, stop_at_eos=False)[0]
-        assert out == single
+        assert [s.token for s in out] == [s.token for s in single]
+        # the static batch's log-probabilities are the one-sequence loop's (left padding changes nothing)
+        alone = list(b.stream_steps(p, params_lp, 6))
+        assert [s.token for s in alone] == [s.token for s in out]
+        for a, s in zip(alone, out):
+            assert abs(a.logprob - s.logprob) < 1e-3 and len(s.top) == 3 and s.top[0][0] == s.token
+            assert max(abs(x[1] - y[1]) for x, y in zip(a.top, s.top)) < 1e-3
 
 
 def test_eval_and_compare_cli(store, tmp_path):

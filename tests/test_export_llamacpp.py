@@ -207,7 +207,7 @@ def test_llamacpp_static_batch_equals_one_at_a_time(tmp_path, tiny_dir):
         batch = b.generate_batch(prompts, params, 12)
         for r, ids in enumerate(prompts):
             alone = params if params.seed is None else SamplingParams(**{**params.to_dict(), "seed": params.seed + r})
-            assert batch[r] == list(b.stream_tokens(ids, alone, 12))
+            assert [s.token for s in batch[r]] == list(b.stream_tokens(ids, alone, 12))
     b.close()
 
 

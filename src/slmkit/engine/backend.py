@@ -133,8 +133,9 @@ class Backend(Protocol):
 
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True
-    ) -> list[list[int]]:
-        """A static batch decoded together (row r samples with seed params.seed + r)."""
+    ) -> "list[list[Step]]":
+        """A static batch decoded together (row r samples with seed params.seed + r): each row's tokens with their
+        log-probabilities."""
         ...
 
     def embed(self, texts: Sequence[str | Sequence[int]]) -> list[list[float]]:

@@ -1,6 +1,7 @@
 """The decode loop, once for every engine: sample from the logits after the prompt, hand out the token with its
 log-probability, feed it back, repeat until EOS or the budget. PyTorch (lean Llama forward or transformers'),
-llama.cpp and the continuous-batching scheduler all produce `Step`s through the functions here, so the server's
+llama.cpp and the continuous-batching scheduler all produce `Step`s through the functions here (one loop per mode:
+one sequence, with speculation; a static batch; the scheduler's rows through `steps_of`), so the server's
 logprobs and routing on confidence read what generation computed (no second forward pass).
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slmkit.engine.sampling import GREEDY_BELOW, SamplingParams, make_generator, next_distribution, sample_next
+from slmkit.engine.sampling import GREEDY_BELOW, SamplingParams, make_generator, next_distribution, sample_next, sample_rows
 from slmkit.engine.speculative import lookup
 
 
@@ -99,6 +100,32 @@ def _check(logits: torch.Tensor, proposed: int, params: SamplingParams, history:
         return True, None
     rest = probs.masked_fill(at, 0.0)
     return False, int(candidates[torch.multinomial(rest, 1, generator=generator)])
+
+
+def decode_static_batch(
+    logits: torch.Tensor, step: Callable[[list[int]], torch.Tensor], prompts: Sequence[Sequence[int]],
+    params: SamplingParams, max_new_tokens: int, eos: frozenset[int], *, stop_at_eos: bool = True,
+) -> list[list[Step]]:
+    """A static batch: `logits` (B, V) after the prompts, `step(tokens)` runs one token per row and returns the next
+    logits (B, V). Each row's Steps (with log-probabilities, as decode_loop's); row r samples with seed
+    `params.seed + r`; finished rows keep computing (static batch) but stop growing."""
+    n = len(prompts)
+    base_seed = params.seed if params.seed is not None else make_generator(None).initial_seed()
+    gens: list[torch.Generator | None] = [make_generator(base_seed, r) for r in range(n)]
+    histories = [list(p) for p in prompts]
+    outputs: list[list[Step]] = [[] for _ in prompts]
+    done = [False] * n
+    for _ in range(max_new_tokens):
+        tokens = sample_rows(logits, [params] * n, histories, gens)  # (B,)
+        for r, s in enumerate(steps_of(logits, tokens, [params.top_logprobs] * n)):
+            if not done[r]:
+                outputs[r].append(s)
+                histories[r].append(s.token)
+                done[r] = stop_at_eos and s.token in eos
+        if all(done):
+            break
+        logits = step(tokens)
+    return outputs
 
 
 def tokens_of(steps: Generator[Step, None, None]) -> Iterator[int]:

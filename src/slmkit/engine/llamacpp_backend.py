@@ -20,8 +20,8 @@ import torch
 
 from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import TokenScores
-from slmkit.engine.decode import Step, decode_loop, tokens_of
-from slmkit.engine.sampling import SamplingParams, decode_static_batch
+from slmkit.engine.decode import Step, decode_loop, decode_static_batch, tokens_of
+from slmkit.engine.sampling import SamplingParams
 from slmkit.errors import SlmkitError
 
 SCORING_CONTEXT = 2048
@@ -189,7 +189,7 @@ class LlamaCppBackend:
 
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True
-    ) -> list[list[int]]:
+    ) -> list[list[Step]]:
         """A static batch decoded together in a multi-sequence llama.cpp context (one llama_decode per step).
 
         Row r samples with seed `params.seed + r`. Finished rows keep computing (static batch) but stop growing.

@@ -255,29 +255,3 @@ def sample_next(
 ) -> int:
     """Pick the next token id from one row of logits (V,), given the token history for the penalty."""
     return sample_rows(logits[None], [params], [history], [generator])[0]
-
-
-def decode_static_batch(
-    logits: torch.Tensor, step: Callable[[list[int]], torch.Tensor], prompts: Sequence[Sequence[int]],
-    params: SamplingParams, max_new_tokens: int, eos: frozenset[int], *, stop_at_eos: bool = True,
-) -> list[list[int]]:
-    """The sampling loop of a static batch: `logits` (B, V) after the prompts, `step(tokens)` runs one token per
-    row and returns the next logits. Row r samples with seed `params.seed + r`; finished rows keep computing
-    (static batch) but stop growing."""
-    n = len(prompts)
-    base_seed = params.seed if params.seed is not None else make_generator(None).initial_seed()
-    gens: list[torch.Generator | None] = [make_generator(base_seed, r) for r in range(n)]
-    histories = [list(p) for p in prompts]
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * n
-    for _ in range(max_new_tokens):
-        tokens = sample_rows(logits, [params] * n, histories, gens)
-        for r, token in enumerate(tokens):
-            if not done[r]:
-                outputs[r].append(token)
-                histories[r].append(token)
-                done[r] = stop_at_eos and token in eos
-        if all(done):
-            break
-        logits = step(tokens)
-    return outputs

@@ -392,7 +392,7 @@ class BatchedBackend:
         return self.scheduler.call(lambda: self.inner.logprob_rows(ids))
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *,
-                       stop_at_eos: bool = True) -> list[list[int]]:
+                       stop_at_eos: bool = True) -> list[list[Step]]:
         return self.scheduler.call(lambda: self.inner.generate_batch(prompts, params, max_new_tokens, stop_at_eos=stop_at_eos))
 
     def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from slmkit.engine.backend import TokenScores
-from slmkit.engine.decode import Step, decode_loop, tokens_of
+from slmkit.engine.decode import Step, decode_loop, decode_static_batch, tokens_of
 from slmkit.engine.lean_forward import LeanForward, supports
-from slmkit.engine.sampling import SamplingParams, decode_static_batch
+from slmkit.engine.sampling import SamplingParams
 from slmkit.errors import SlmkitError
 from slmkit.sources import weights
 from slmkit.sources.hf_dir import FALLBACK_CONTEXT
@@ -121,7 +121,7 @@ class TorchBackend:
     @torch.inference_mode()
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *, stop_at_eos: bool = True
-    ) -> list[list[int]]:
+    ) -> list[list[Step]]:
         """A static batch: left-padded prompts decoded together, one forward per step for all rows.
 
         Row r samples with seed `params.seed + r`. Finished rows keep computing (static batch) but stop growing.

@@ -51,13 +51,12 @@ def measure_speed(model: Model, *, prompt_tokens: int = 256, new_tokens: int = 6
         "prefill_tokens_per_s": best.prompt_tokens / best.time_to_first_token_s if best.time_to_first_token_s else None,
         "decode_tokens_per_s": best.decode_tokens_per_s,
     }
-    generate_batch = getattr(model.backend, "generate_batch", None)
-    if generate_batch is not None and batch > 1:
+    if batch > 1:
         short = ids[: min(64, len(ids))]
         rates = []
         for _ in range(repeats):
             t = time.perf_counter()
-            outs = generate_batch([short] * batch, SamplingParams(**params), new_tokens, stop_at_eos=False)
+            outs = model.backend.generate_batch([short] * batch, SamplingParams(**params), new_tokens, stop_at_eos=False)
             rates.append(sum(len(o) for o in outs) / (time.perf_counter() - t))
         result.update({"batch": batch, "batch_prompt_tokens": len(short), "batched_tokens_per_s": max(rates)})
     else:

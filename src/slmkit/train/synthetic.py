@@ -51,7 +51,7 @@ def write_synthetic(backend: Any, examples: list[Example], n: int, path: Path, *
                     ids.append(backend.encode(text, add_special_tokens=False))
             outs = backend.generate_batch(ids, SamplingParams(**{**params.to_dict(), "seed": seed + i}), max_tokens)
             for p, out in zip(chunk, outs):
-                reply = backend.decode([t for t in out if t not in backend.eos_token_ids]).strip()
+                reply = backend.decode([s.token for s in out if s.token not in backend.eos_token_ids]).strip()
                 if p.text is not None:
                     rows.append({"text": p.text + " " + reply})
                 else:
