@@ -135,6 +135,50 @@ def _plot(path: Path, curves: dict[str, list[rc.Point]], small_q: list[float], l
     plt.close(fig)
 
 
+def _measure_qa(small_m: Any, large_t: Any, data: Path, *, metric: str, signal: str, limit: int | None, prompt_column: str | None,
+                answer_column: str | None, max_tokens: int, labels: tuple[str, str]) -> tuple[list[str], list[float], list[float], list[float],
+                                                                                              dict[str, list[float]], dict[str, Any]]:
+    """Both models answer every dev question (greedy): the prompts, each answer's quality for each model, the small
+    answer's confidence by `signal` (and by every other signal, for comparison), and what the dev set was."""
+    items = read_qa(data, prompt_column=prompt_column, answer_column=answer_column, limit=limit)
+    s_text, s_sig = answer_all(small_m, items, max_tokens, f"{labels[0]} answers", steps=True)
+    l_text, _ = answer_all(large_t, items, max_tokens, f"{labels[1]} answers")
+    small_q = [quality(metric, a, it.reference) for a, it in zip(s_text, items)]
+    large_q = [quality(metric, a, it.reference) for a, it in zip(l_text, items)]
+    finite = lambda xs: [c if math.isfinite(c) else -1e9 for c in xs]  # noqa: E731
+    others = {sig: finite([s.get(sig) for s in s_sig]) for sig in SIGNALS if sig != signal}
+    dev = {"file": str(data), "sha256": sha256_file(Path(data)), "metric": metric, "limit": limit}
+    return [it.prompt for it in items], small_q, large_q, finite([s.get(signal) for s in s_sig]), others, dev
+
+
+def _train_router(small_m: Any, prompts: list[str], small_q: list[float], large_q: list[float]) -> tuple[Any, list[float]]:
+    """A classifier on the small model's prompt embeddings of whether the small answer is as good as the large one:
+    the classifier and each prompt's out-of-fold score."""
+    with progress.step("Training the router on the small model's embeddings"):
+        x = torch.tensor(small_m.backend.embed(prompts), dtype=torch.float64)  # (N, hidden)
+        # the label: escalating would not help here (the small answer is as good as the large one), as RouteLLM's
+        # win labels; a graded metric such as ROUGE-L needs no cut-off this way
+        y = torch.tensor([1.0 if s >= lq else 0.0 for s, lq in zip(small_q, large_q)])
+        if len(set(y.tolist())) < 2:
+            raise SlmkitError("the small model is " + ("as good as the large one" if y[0] else "worse than the large one")
+                              + " on every dev prompt: a router has nothing to learn",
+                              "Use a harder or larger dev set, or a different pair of models.")
+        l2, router_scores = best_l2(x, y)
+        return fit_classifier(x, y, l2=l2), router_scores
+
+
+def _summaries(curves: dict[str, list[rc.Point]], small_q: list[float], large_q: list[float], large_quality: float) -> dict[str, Any]:
+    """Each policy's curve in three numbers: area over random routing, whether it is above random everywhere, and
+    the share kept on the small model at 95% of the large model's quality (None where it never gets there)."""
+    summary = {}
+    for label, pts in curves.items():
+        at95 = rc.pick(pts, large_quality, target=0.95)
+        summary[label] = {"area_over_random": rc.area_over_random(pts, small_q, large_q),
+                          "beats_random_everywhere": rc.beats_random_everywhere(pts, small_q, large_q),
+                          "kept_on_small_at_95pct": 1 - at95.escalated if at95.quality >= 0.95 * large_quality - 1e-12 else None}
+    return summary
+
+
 def calibrate_stage(
     small: str, large: str, *, task: str | None = None, data: Path | None = None, limit: int | None = None,
     target: float | None = None, max_escalation: float | None = None, threshold: float | None = None,
@@ -180,28 +224,11 @@ def calibrate_stage(
         others = {}
     else:
         assert data is not None
-        items = read_qa(data, prompt_column=prompt_column, answer_column=answer_column, limit=limit)
-        prompts = [it.prompt for it in items]
-        s_text, s_sig = answer_all(small_m, items, max_tokens, f"{small} answers", steps=True)
-        l_text, _ = answer_all(large_t, items, max_tokens, f"{large_label} answers")
-        small_q = [quality(metric, a, it.reference) for a, it in zip(s_text, items)]
-        large_q = [quality(metric, a, it.reference) for a, it in zip(l_text, items)]
-        finite = lambda xs: [c if math.isfinite(c) else -1e9 for c in xs]  # noqa: E731
-        conf = finite([s.get(signal) for s in s_sig])
-        others = {sig: finite([s.get(sig) for s in s_sig]) for sig in SIGNALS if sig != signal}
+        prompts, small_q, large_q, conf, others, dev = _measure_qa(small_m, large_t, data, metric=metric, signal=signal, limit=limit,
+                                                                   prompt_column=prompt_column, answer_column=answer_column,
+                                                                   max_tokens=max_tokens, labels=(small, large_label))
         signal_used, quality_name = signal, ("exact match" if metric == "exact" else "ROUGE-L F1")
-        dev = {"file": str(data), "sha256": sha256_file(Path(data)), "metric": metric, "limit": limit}
-    with progress.step("Training the router on the small model's embeddings"):
-        x = torch.tensor(small_m.backend.embed(prompts), dtype=torch.float64)  # (N, hidden)
-        # the label: escalating would not help here (the small answer is as good as the large one), as RouteLLM's
-        # win labels; a graded metric such as ROUGE-L needs no cut-off this way
-        y = torch.tensor([1.0 if s >= lq else 0.0 for s, lq in zip(small_q, large_q)])
-        if len(set(y.tolist())) < 2:
-            raise SlmkitError("the small model is " + ("as good as the large one" if y[0] else "worse than the large one")
-                              + " on every dev prompt: a router has nothing to learn",
-                              "Use a harder or larger dev set, or a different pair of models.")
-        l2, router_scores = best_l2(x, y)
-        classifier = fit_classifier(x, y, l2=l2)
+    classifier, router_scores = _train_router(small_m, prompts, small_q, large_q)
     curves = {f"confidence ({signal_used})": rc.curve(small_q, large_q, conf), "trained router": rc.curve(small_q, large_q, router_scores)}
     served_key = f"confidence ({signal_used})" if policy == "confidence" else "trained router"
     for sig, scores in others.items():  # the other confidence signals, for comparison (--signal serves another)
@@ -214,12 +241,7 @@ def calibrate_stage(
     else:
         picked = rc.pick(curves[served_key], large_quality, target=target, max_escalation=max_escalation)
     served_policy: Any = Confidence(picked.threshold, signal) if policy == "confidence" else Router(classifier, picked.threshold)
-    summary = {}
-    for label, pts in curves.items():
-        at95 = rc.pick(pts, large_quality, target=0.95)
-        summary[label] = {"area_over_random": rc.area_over_random(pts, small_q, large_q),
-                          "beats_random_everywhere": rc.beats_random_everywhere(pts, small_q, large_q),
-                          "kept_on_small_at_95pct": 1 - at95.escalated if at95.quality >= 0.95 * large_quality - 1e-12 else None}
+    summary = _summaries(curves, small_q, large_q, large_quality)
     report = {
         "small": small, "large": large_label, "dev": dev, "n": len(prompts), "quality": quality_name,
         "small_quality": sum(small_q) / len(small_q), "large_quality": large_quality, "policy": policy, "signal": signal_used,

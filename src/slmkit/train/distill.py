@@ -8,6 +8,7 @@ next-token training on the same tokens (the baseline distillation has to beat), 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,40 @@ ALPHA = 0.5
 
 def same_tokenizer(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def _teacher_written(endpoint: Endpoint | None, load_teacher: Callable[[], Any], tokenizer: Any, paths: list[Path], run_dir: Path, *,
+                     read: dict[str, Any] | None, synthetic: int, max_tokens: int, seed: int, rate: float,
+                     resume: bool) -> tuple[list[Path], dict[str, Any] | None]:
+    """The files the student reads and what the teacher wrote for them: a black-box teacher's answers to the data's
+    prompts instead of the data (kept in the run: a stopped run asks only for the rest), or a local teacher's
+    `synthetic` samples beside the data (reused by a resumed run)."""
+    if endpoint is not None:
+        endpoint.check()
+        examples = [e for p in paths for e in td.read_examples(p, **(read or {}))]
+        answers = run_dir / "teacher-answers.jsonl"
+        info = write_from_endpoint(endpoint, examples, synthetic or len(examples), answers, max_tokens=max_tokens, seed=seed, rate=rate)
+        return [answers], info  # the student learns the teacher's answers (the prompts are the user's)
+    if synthetic <= 0:
+        return paths, None
+    synth = run_dir / "synthetic.jsonl"
+    if resume and synth.is_file():
+        return [*paths, synth], {"file": str(synth), "reused": True}
+    from slmkit.engine.torch_backend import TorchBackend
+
+    examples = [e for p in paths for e in td.read_examples(p, **(read or {}))]
+    info = write_synthetic(TorchBackend(load_teacher()[0], tokenizer), examples, synthetic, synth, max_tokens=max_tokens, seed=seed)
+    return [*paths, synth], info
+
+
+def _teacher_cache(t_card: ModelCard, info: dict[str, Any], train: Any, load_teacher: Callable[[], Any], seq_len: int,
+                   top_k: int) -> tuple[Any, dict[str, Any]]:
+    """The teacher's top-k log-probabilities over every training window, computed once per (teacher, data, window,
+    k) and kept in SLMKIT_HOME/cache/teacher; and what the card says of it."""
+    key = tc.cache_key(t_card, info["sha256"], seq_len, top_k)
+    cache, computed = tc.load_or_compute(settings().home / "cache" / "teacher", key, train, lambda: load_teacher()[0], k=top_k)
+    progress.note(f"teacher cache: {cache.path.name}, {cache.bytes_per_token:.0f} bytes per token" + (" (computed now)" if computed else " (reused)"))
+    return cache, {"file": str(cache.path), "key": key, "computed": computed, "top_k": top_k, "bytes_per_token": cache.bytes_per_token}
 
 
 def distill_stage(
@@ -90,40 +125,13 @@ def distill_stage(
             raise SlmkitError(f"{teacher} and {student} have different tokenizers: their token-level distributions cannot be compared",
                               "Pick a student made from the teacher (slmkit prune, lowrank), or one with the same tokenizer.")
     run_dir = settings().home / "runs" / name
-    paths = [Path(p) for p in data]
-    synth_info = None
-    if remote:
-        endpoint = Endpoint(teacher, teacher_model, teacher_key)
-        endpoint.check()
-        examples = [e for p in paths for e in td.read_examples(p, **(read or {}))]
-        answers = run_dir / "teacher-answers.jsonl"
-        synth_info = write_from_endpoint(endpoint, examples, synthetic or len(examples), answers, max_tokens=synthetic_max_tokens,
-                                         seed=cfg.seed, rate=teacher_rate)
-        paths = [answers]  # the student learns the teacher's answers (the prompts are the user's)
-    elif synthetic > 0:
-        synth = run_dir / "synthetic.jsonl"
-        if not (resume and synth.is_file()):  # a resumed run reuses what the teacher already wrote
-            from slmkit.engine.torch_backend import TorchBackend
-
-            examples = [e for p in paths for e in td.read_examples(p, **(read or {}))]
-            synth_info = write_synthetic(TorchBackend(load_teacher()[0], tokenizer), examples, synthetic, synth,
-                                         max_tokens=synthetic_max_tokens, seed=cfg.seed)
-        else:
-            synth_info = {"file": str(synth), "reused": True}
-        paths.append(synth)
+    endpoint = Endpoint(teacher, teacher_model, teacher_key) if remote else None
+    paths, synth_info = _teacher_written(endpoint, load_teacher, tokenizer, [Path(p) for p in data], run_dir, read=read, synthetic=synthetic,
+                                         max_tokens=synthetic_max_tokens, seed=cfg.seed, rate=teacher_rate, resume=resume)
     with progress.step("Reading and packing the data"):
         train, valid, info = td.build(tokenizer, paths, seq_len=seq_len, valid_fraction=valid_fraction,
                                       seed=cfg.seed, **(read or {}))
-    cache = None
-    cache_info: dict[str, Any] | None = None
-    if alpha > 0:
-        key = tc.cache_key(t_card, info["sha256"], seq_len, top_k)
-        cache, computed = tc.load_or_compute(settings().home / "cache" / "teacher", key, train, lambda: load_teacher()[0], k=top_k)
-        cache_info = {"file": str(cache.path), "key": key, "computed": computed, "top_k": top_k,
-                      "bytes_per_token": cache.bytes_per_token}
-        progress.note(f"teacher cache: {cache.path.name}, {cache.bytes_per_token:.0f} bytes per token"
-                      + (" (computed now)" if computed else " (reused)"))
-
+    cache, cache_info = _teacher_cache(t_card, info, train, load_teacher, seq_len, top_k) if alpha > 0 else (None, None)
     t_live = None
     if hidden_weight > 0:  # Minitron's hidden-state alignment: the teacher stays in memory to give its states
         t_live = load_teacher()[0].eval().requires_grad_(False)
@@ -155,7 +163,7 @@ def distill_stage(
     ppl = lambda v: math.exp(v) if v is not None else None  # noqa: E731
     train_settings = {
         "teacher": teacher if alpha > 0 or remote else None, "teacher_sha256": t_card.files if alpha > 0 else None,
-        "teacher_model": endpoint.model if remote else None,
+        "teacher_model": endpoint.model if endpoint else None,
         "loss": loss if alpha > 0 else "next-token", "temperature": tau, "alpha": alpha, "data": info,
         "teacher_cache": cache_info, "hidden_weight": hidden_weight, "synthetic": synth_info, "student_init": init_info, "train": asdict(cfg), "steps": result["steps"], "tokens": result["tokens"],
         "seconds": result["seconds"], "processes": result["world"],

@@ -72,6 +72,71 @@ def block_linear_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))})
 
 
+def _load_base(store: Store, model: str, method: str, qlora_scheme: str) -> tuple[nn.Module, Any, Path, ModelCard, str | None]:
+    """The model to train, its tokenizer, the float folder it came from, its card, and its integer form for QLoRA
+    (an integer child as it is, or a float model quantized in memory; None otherwise)."""
+    if method == "qlora" and is_quantized(store.require(model)):
+        folder, base_card = store.require(model), store.card(model)
+        with progress.step(f"Loading {model} (integer weights)"):
+            net, tokenizer = for_training(load_quantized(folder)), load_tokenizer(folder)
+        return net, tokenizer, folder, base_card, read_config(folder)[QUANT_KEY]["scheme"]
+    folder, base_card = float_parent(store, model)
+    net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
+    if method != "qlora":
+        return net, tokenizer, folder, base_card, None
+    with progress.step(f"Quantizing {model} to {qlora_scheme} in memory (round to nearest)"):
+        quantize_model(net, qlora_scheme)
+    return net, tokenizer, folder, base_card, f"{qlora_scheme} in memory"
+
+
+def _attach(net: nn.Module, model: str, folder: Path, method: str, *, r: int, alpha: int, dropout: float,
+            target_modules: list[str] | None, base_quantized: str | None, virtual_tokens: int,
+            prompt_init_text: str | None) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
+    """peft's LoRA (lora, qlora) or prompt tuning around `net`: the wrapped model and what the card says of each."""
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        available = block_linear_names(net)
+        targets = target_modules or available
+        unknown = sorted(set(targets) - set(available))
+        if unknown:
+            raise SlmkitError(f"no linear layers named {unknown} in {model}", f"Target modules: {', '.join(available)}")
+        lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+        if base_quantized:  # peft's own LoRA layer wraps ours: base(x) + B(A(dropout(x))) * alpha / r
+            lora_config._register_custom_module({Int8Linear: LoraLinear, Int4Linear: LoraLinear})
+        with warnings.catch_warnings():  # peft warns of layer types it does not know: ours are registered above
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            net = get_peft_model(net, lora_config)
+        return net, {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets, "base_quantized": base_quantized}, None
+    if method == "prompt":
+        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+        init = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": prompt_init_text,
+                "tokenizer_name_or_path": str(folder)} if prompt_init_text else {"prompt_tuning_init": PromptTuningInit.SAMPLE_VOCAB}
+        net = get_peft_model(net, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens, **init))
+        return net, None, {"virtual_tokens": virtual_tokens, "init": "text" if prompt_init_text else "sampled vocabulary",
+                           "init_text": prompt_init_text}
+    return net, None, None
+
+
+def _write_adapter(staging: Path, net: nn.Module, tokenizer: Any, name: str, base: Path, folder: Path) -> None:
+    """peft's adapter folder, its base named by the store folder `base`, with the float config of `folder`."""
+    import json
+
+    with progress.step(f"Writing the adapter {name}"):
+        net.save_pretrained(str(staging), safe_serialization=True)
+        adapter_cfg = json.loads((staging / ADAPTER_CONFIG).read_text())
+        # the base's folder, where peft and transformers find it (slmkit reads the base from the card's lineage)
+        adapter_cfg["base_model_name_or_path"] = str(base.resolve())
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
+        tokenizer.save_pretrained(str(staging))
+        base_config = read_config(folder)
+        for key in (QUANT_KEY, "quantization_config", GUARD_KEY):  # the adapter applies to the base's computation,
+            base_config.pop(key, None)  # float or integer: its folder is a float model's config
+        (staging / "config.json").write_text(json.dumps(base_config, indent=2))
+
+
 def finetune_stage(
     model: str, data: list[Path], *, method: str = "lora", r: int = LORA_R, alpha: int = LORA_ALPHA,
     dropout: float = LORA_DROPOUT, target_modules: list[str] | None = None, seq_len: int = SEQ_LEN,
@@ -120,19 +185,7 @@ def finetune_stage(
     cfg = config or TrainConfig(lr=LR[method])
     name = validate_name(name or f"{model}-{'ft' if method == 'full' else method}")
     store.check_free(name)
-    base_quantized = None
-    if method == "qlora" and is_quantized(store.require(model)):
-        folder, base_card = store.require(model), store.card(model)
-        with progress.step(f"Loading {model} (integer weights)"):
-            net, tokenizer = for_training(load_quantized(folder)), load_tokenizer(folder)
-        base_quantized = read_config(folder)[QUANT_KEY]["scheme"]
-    else:
-        folder, base_card = float_parent(store, model)
-        net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
-        if method == "qlora":
-            with progress.step(f"Quantizing {model} to {qlora_scheme} in memory (round to nearest)"):
-                quantize_model(net, qlora_scheme)
-            base_quantized = f"{qlora_scheme} in memory"
+    net, tokenizer, folder, base_card, base_quantized = _load_base(store, model, method, qlora_scheme)
     release_freed_memory()  # what loading (and quantizing in memory) freed goes back to the system before training
     return_large_blocks()  # and a step's temporaries after each step (train/memory.py: 2.6 -> 1.5 GB peak for LoRA)
     if task == "classify" and prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -141,32 +194,8 @@ def finetune_stage(
         train, valid, info = td.build(tokenizer, [Path(p) for p in data], seq_len=seq_len, valid_fraction=valid_fraction,
                                       seed=cfg.seed, prompt_format=prompt_format if task == "classify" else None, **(read or {}))
     total_params = base_card.parameters or count_params(net)  # the logical count (integer weights are buffers)
-    lora: dict[str, Any] | None = None
-    if adapter:
-        from peft import LoraConfig, get_peft_model
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        available = block_linear_names(net)
-        targets = target_modules or available
-        unknown = sorted(set(targets) - set(available))
-        if unknown:
-            raise SlmkitError(f"no linear layers named {unknown} in {model}", f"Target modules: {', '.join(available)}")
-        lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-        if base_quantized:  # peft's own LoRA layer wraps ours: base(x) + B(A(dropout(x))) * alpha / r
-            lora_config._register_custom_module({Int8Linear: LoraLinear, Int4Linear: LoraLinear})
-        with warnings.catch_warnings():  # peft warns of layer types it does not know: ours are registered above
-            warnings.filterwarnings("ignore", message="Unsupported layer type")
-            net = get_peft_model(net, lora_config)
-        lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets, "base_quantized": base_quantized}
-    prompt: dict[str, Any] | None = None
-    if method == "prompt":
-        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
-
-        init = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": prompt_init_text,
-                "tokenizer_name_or_path": str(folder)} if prompt_init_text else {"prompt_tuning_init": PromptTuningInit.SAMPLE_VOCAB}
-        net = get_peft_model(net, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens, **init))
-        prompt = {"virtual_tokens": virtual_tokens, "init": "text" if prompt_init_text else "sampled vocabulary",
-                  "init_text": prompt_init_text}
+    net, lora, prompt = _attach(net, model, folder, method, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                                base_quantized=base_quantized, virtual_tokens=virtual_tokens, prompt_init_text=prompt_init_text)
     skip = virtual_tokens if method == "prompt" else 0  # the virtual tokens' hidden states come first
     if grad_checkpoint is None:
         grad_checkpoint = checkpoint_by_default(method, net.config, cfg.batch_size, seq_len + skip)
@@ -203,26 +232,12 @@ def finetune_stage(
         return store.derive(name, with_loss_curve(float_writer(net, tokenizer, name), name, run["loss_curve"]), stage="finetune",
                             parent=model, settings=run, parameters=total_params)
 
-    def write_adapter(staging: Path) -> None:
-        import json
-
-        with progress.step(f"Writing the adapter {name}"):
-            net.save_pretrained(str(staging), safe_serialization=True)
-            adapter_cfg = json.loads((staging / ADAPTER_CONFIG).read_text())
-            # the base's folder, where peft and transformers find it (slmkit reads the base from the card's lineage)
-            adapter_cfg["base_model_name_or_path"] = str(store.require(model).resolve())
-            (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
-            tokenizer.save_pretrained(str(staging))
-            base_config = read_config(folder)
-            for key in (QUANT_KEY, "quantization_config", GUARD_KEY):  # the adapter applies to the base's computation,
-                base_config.pop(key, None)  # float or integer: its folder is a float model's config
-            (staging / "config.json").write_text(json.dumps(base_config, indent=2))
-
     run["base_files"] = base_card.files
     run["format"] = ("peft prompt-tuning adapter (adapter_config.json + adapter_model.safetensors): virtual tokens the "
                      "engines put before every prompt" if prompt else
                      "peft LoRA adapter (adapter_config.json + adapter_model.safetensors); the base is merged in at load")
-    return store.derive(name, with_loss_curve(write_adapter, name, run["loss_curve"]), stage="finetune", parent=model,
+    write = lambda staging: _write_adapter(staging, net, tokenizer, name, store.require(model), folder)  # noqa: E731
+    return store.derive(name, with_loss_curve(write, name, run["loss_curve"]), stage="finetune", parent=model,
                         settings=run, parameters=total_params)
 
 
