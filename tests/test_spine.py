@@ -172,6 +172,29 @@ def test_no_import_climbs_a_layer_counting_those_inside_functions():
     assert r["imports_in_functions"] > 0  # they are read: the count covers them
 
 
+def test_a_model_name_reaches_its_weights_and_engine_in_few_files_without_climbing(store):
+    """tools/call_paths.py on the tiny model: `slmkit prune` reaches the float weights through the CLI, its stage and
+    the loader, never calling back up a layer; a served request reaches the built engine through the registry and
+    loading, and the only step up is the scheduler's thread calling the loader the registry handed it."""
+    import importlib.util
+    import sys
+
+    tools = SRC.parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        spec = importlib.util.spec_from_file_location("call_paths", tools / "call_paths.py")
+        paths = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(paths)
+    finally:
+        sys.path.remove(str(tools))
+    prune = paths.summary(paths.prune_path("tiny"))
+    assert prune["path"][-1] == "slmkit.sources.hf_dir" and "slmkit.cli.prune" in prune["path"], prune
+    assert prune["upward"] == [] and prune["files"] <= 5, prune
+    serve = paths.summary(paths.serve_path("tiny"))
+    assert serve["path"][-1] in paths.ENGINES and "slmkit.loading" in serve["path"], serve
+    assert serve["upward"] == ["slmkit.engine.scheduler -> slmkit.serve.registry"] and serve["files"] <= 5, serve
+
+
 def test_every_cli_default_is_its_stage_default():
     """A command's option and its stage's keyword of the same name have one default (written once, read by the
     other): the CLI never silently runs a stage with other settings than its Python API. An option whose default is
