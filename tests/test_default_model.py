@@ -120,3 +120,18 @@ def test_server_engine_batches_the_packaged_q4_1_like_one_sequence(smol, default
     assert [got[i] for i in range(4)] == want
     assert len({tuple(w) for w in want}) == 4 and all(len(w) > 3 for w in want)  # four different answers
     alone.close()
+
+
+def test_a_recipe_on_a_fresh_store_imports_the_default_teacher(tmp_path, monkeypatch):
+    """The shipped recipes name the default model as their teacher: on an empty store `recipe plan` imports it from
+    its package first, as every command does, instead of answering that the store has no such model."""
+    monkeypatch.setenv("SLMKIT_HOME", str(tmp_path / "empty-home"))
+    (tmp_path / "notes.txt").write_text("Small models run on laptops. " * 50)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: fresh\nteacher: {DEFAULT_MODEL}\ndata:\n  train: notes.txt\nsteps:\n  - quantize: {{scheme: int8}}\n")
+    r = CliRunner().invoke(app, ["recipe", "plan", str(recipe), "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert [p["state"] for p in json.loads(r.stdout[r.stdout.index("["):])] == ["to run"]
+    assert (tmp_path / "empty-home" / "models" / DEFAULT_MODEL / "model.safetensors").is_file()

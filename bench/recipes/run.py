@@ -11,7 +11,7 @@ round, all through the commands a user runs.
    student, on those rows) and a route step, runs again (the steps before are skipped: unchanged); held-out again.
 
     .venv/bin/python bench/recipes/run.py --data ../shared/data [--distill-steps 200] [--dev 60] [--heldout 60]
-        [--flywheel 200] [--work /tmp/slmkit-recipes]
+        [--flywheel 200] [--train-rows 1200] [--work /tmp/slmkit-recipes]
 
 Writes bench/results/recipes.{json,md}.
 """
@@ -48,7 +48,7 @@ def prepare(data: Path, work: Path, a: argparse.Namespace) -> dict[str, Path]:
         raise SystemExit(f"dev + heldout + flywheel must be at most {RESERVED} rows")
     dev, held = rows[:a.dev], rows[a.dev:a.dev + a.heldout]
     fly = rows[a.dev + a.heldout:a.dev + a.heldout + a.flywheel]
-    train = rows[RESERVED:]  # the same training file whatever the other parts' sizes (the teacher's cache is kept)
+    train = rows[RESERVED:RESERVED + a.train_rows]  # the same file whatever the other parts' sizes (the teacher's cache is kept)
     files = {"train": work / "train.jsonl", "dev": work / "dev.jsonl", "heldout": work / "heldout.jsonl", "flywheel": work / "flywheel.jsonl"}
     write = lambda p, xs: p.write_text("".join(json.dumps(x) + "\n" for x in xs))  # noqa: E731
     write(files["train"], [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]} for r in train])
@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-recipes"))
     ap.add_argument("--distill-steps", type=int, default=200)
     ap.add_argument("--flywheel-epochs", type=int, default=2)
+    ap.add_argument("--train-rows", type=int, default=1200, help="training chats (the teacher's top-k is cached for all of them first)")
     ap.add_argument("--dev", type=int, default=60)
     ap.add_argument("--heldout", type=int, default=60)
     ap.add_argument("--flywheel", type=int, default=200)
