@@ -202,13 +202,14 @@ def test_every_cli_default_is_its_stage_default():
     import inspect
 
     from slmkit.cli import distill as c_distill, evaluate as c_eval, export as c_export, finetune as c_finetune
-    from slmkit.cli import lowrank as c_lowrank, prune as c_prune, quantize as c_quantize, route as c_route
+    from slmkit.cli import lowrank as c_lowrank, mix as c_mix, prune as c_prune, quantize as c_quantize, route as c_route
     from slmkit.compress.lowrank_stage import lowrank_stage
     from slmkit.compress.prune_stage import prune_stage, shrink_stage
     from slmkit.compress.quantize_stage import quantize_stage
     from slmkit.evaluate.run import evaluate
     from slmkit.export.store_export import export_model
     from slmkit.route.calibrate import calibrate_stage
+    from slmkit.route.mix import mix_stage
     from slmkit.train.distill import distill_stage
     from slmkit.train.finetune import finetune_stage
     from slmkit.train.loop import TrainConfig
@@ -216,7 +217,7 @@ def test_every_cli_default_is_its_stage_default():
     train = {f.name: f.default for f in __import__("dataclasses").fields(TrainConfig)}
     pairs = [(c_quantize.quantize, [quantize_stage]), (c_prune.prune, [prune_stage, shrink_stage]), (c_lowrank.lowrank, [lowrank_stage]),
              (c_distill.distill, [distill_stage]), (c_finetune.finetune, [finetune_stage]), (c_export.export, [export_model]),
-             (c_route.calibrate, [calibrate_stage]), (c_eval.eval_cmd, [evaluate])]
+             (c_route.calibrate, [calibrate_stage]), (c_eval.eval_cmd, [evaluate]), (c_mix.mix, [mix_stage])]
     checked, wrong = 0, []
     for cli, stages in pairs:
         for name, p in inspect.signature(cli).parameters.items():

@@ -11,12 +11,13 @@ from slmkit.card import read_card
 from slmkit.config import settings
 from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import Backend
+from slmkit.engine.mixture import MixtureBackend
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
 from slmkit.sources import integrity
 from slmkit.sources.adapters import lora_factors
-from slmkit.sources.forms import has_gguf, is_router
+from slmkit.sources.forms import has_gguf, is_mixture, is_router, read_mixture
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
@@ -53,7 +54,7 @@ def pick_backend(folder: Path, backend: str) -> str:
         raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
     _not_a_router(folder)
     if backend == "auto":
-        if not has_gguf(folder):
+        if is_mixture(folder) or not has_gguf(folder):  # a mixture scores every position of a prompt: PyTorch
             return "torch"
         verdict = llamacpp_guard.check()
         if not verdict.ok:
@@ -64,7 +65,8 @@ def pick_backend(folder: Path, backend: str) -> str:
     if backend == "llamacpp":
         from slmkit.engine.llamacpp_backend import gguf_of
 
-        gguf_of(folder)
+        for f in [folder.parent / n for n in read_mixture(folder)["specialists"]] if is_mixture(folder) else [folder]:
+            gguf_of(f)
     return backend
 
 
@@ -74,6 +76,10 @@ def open_backend(folder: Path, backend: str, *, serving: bool = False, adapters:
     this base loaded beside it as ids 1..n, so that requests for each share one batch (PyTorch's lean forward;
     serve/registry.py decides which can)."""
     integrity.require_whole(folder, read_card(folder))
+    if is_mixture(folder):  # its specialists, each opened as a model of its own (the store folders beside it)
+        m = read_mixture(folder)
+        return MixtureBackend([open_backend(folder.parent / n, backend, serving=serving) for n in m["specialists"]],
+                              m["prior"], m["share"], names=m["specialists"])
     opened = BACKENDS[backend](folder, settings().threads, serving)
     if adapters:
         if backend != "torch" or opened.fast is None:

@@ -6,7 +6,7 @@ A backend deals in token ids; text handling (templates aside), stop strings and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from slmkit.engine.sampling import SamplingParams
@@ -24,6 +24,19 @@ class TokenScores(list):
     def __init__(self, values: Sequence[float], greedy: bool) -> None:
         super().__init__(values)
         self.greedy = greedy
+
+
+def scores_from_rows(logprob_rows: Callable[[Sequence[int]], "torch.Tensor"], requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
+    """score_batch for an engine that scores one sequence at a time through its logprob_rows."""
+    import torch
+
+    out = []
+    for ids, start in requests:
+        rows = logprob_rows(ids)[start - 1 :]  # (n, V): predictions for ids[start:]
+        targets = torch.tensor(list(ids[start:]))  # (n,)
+        picked = rows.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        out.append(TokenScores(picked.tolist(), bool((rows.argmax(-1) == targets).all())))
+    return out
 
 
 class BatchStore(Protocol):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slmkit.engine import llamacpp_guard
-from slmkit.engine.backend import TokenScores
+from slmkit.engine.backend import TokenScores, scores_from_rows
 from slmkit.engine.decode import Step, decode_loop, decode_static_batch, tokens_of
 from slmkit.engine.sampling import SamplingParams
 from slmkit.errors import SlmkitError
@@ -208,13 +208,7 @@ class LlamaCppBackend:
             store.close()
 
     def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
-        out = []
-        for ids, start in requests:
-            rows = self.logprob_rows(ids)[start - 1 :]  # (n, V): predictions for ids[start:]
-            targets = torch.tensor(list(ids[start:]))  # (n,)
-            picked = rows.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            out.append(TokenScores(picked.tolist(), bool((rows.argmax(-1) == targets).all())))
-        return out
+        return scores_from_rows(self.logprob_rows, requests)
 
     def score_continuations(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
         # one evaluation per continuation (llama.cpp's scorer keeps no prefix between calls)

@@ -4,6 +4,7 @@ below), so a new form is one entry here and one loader.
 
 - router: router.json (a small and a large model with a policy, made by `slmkit route calibrate`) beside a
   config.json that other loaders refuse;
+- mixture: mixture.json (specialists of one tokenizer mixed by total probability, made by `slmkit mix`), likewise;
 - prompt-tuned, adapter: peft's adapter_config.json (a learned prefix; a LoRA adapter over a base store model);
 - integer: config.json with QUANT_KEY (`slmkit quantize`: compressed-tensors' layout, or slmkit's own where none fits);
 - low-rank: config.json with LOWRANK_KEY (`slmkit lowrank`: factorized linear layers);
@@ -32,7 +33,7 @@ from slmkit.layers.walk import empty_skeleton, set_module
 from slmkit.sources import ct_layout
 from slmkit.sources.hf_dir import model_config
 
-FORMS = ("router", "prompt-tuned", "adapter", "integer", "low-rank", "gguf", "float")
+FORMS = ("router", "mixture", "prompt-tuned", "adapter", "integer", "low-rank", "gguf", "float")
 QUANT_KEY = "slmkit_quantization"  # config.json: how `slmkit quantize` made an integer child
 LOWRANK_KEY = "slmkit_lowrank"  # config.json: the ranks of `slmkit lowrank`'s factorized layers
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,6 +42,9 @@ ROUTER_FILE = "router.json"
 VOCAB_MAP = "vocab_map.json"  # a vocabulary-trimmed model (slmkit prune --vocab): {"kept": the parent's ids, in new-id order}
 ROUTER_CONFIG = {"architectures": ["SlmkitRouter"], "model_type": "slmkit-router",
                  "note": "a slmkit router (router.json), not model weights: serve it with `slmkit serve NAME`"}
+MIXTURE_FILE = "mixture.json"  # {"format": 1, "specialists": [store names], "prior": [weights], "share": float}
+MIXTURE_CONFIG = {"architectures": ["SlmkitMixture"], "model_type": "slmkit-mixture",
+                  "note": "a slmkit mixture of specialists (mixture.json) over other store models: run it with slmkit"}
 
 
 def is_router(folder: Path) -> bool:
@@ -51,11 +55,21 @@ def read_router(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / ROUTER_FILE).read_text())
 
 
+def is_mixture(folder: Path) -> bool:
+    return (Path(folder) / MIXTURE_FILE).is_file()
+
+
+def read_mixture(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / MIXTURE_FILE).read_text())
+
+
 def form_of(folder: Path) -> str:
     """The form a store folder holds (one of FORMS)."""
     folder = Path(folder)
     if is_router(folder):
         return "router"
+    if is_mixture(folder):
+        return "mixture"
     if is_prompt_tuning(folder):
         return "prompt-tuned"
     if is_adapter(folder):
