@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import httpx
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -82,6 +84,9 @@ def test_a_mixture_model_runs_and_its_engine_path_equals_scoring_the_text(specia
     batch = b.generate_batch([prompt, other_prompt], GREEDY, 8, stop_at_eos=False)
     assert [s.token for s in batch[0]] == [s.token for s in steps][: len(batch[0])]
     assert [s.token for s in batch[1]] == [s.token for s in b.stream_steps(other_prompt, GREEDY, 8)][: len(batch[1])]
+    # `run --verbose` says the weights after the answer
+    r = CliRunner().invoke(app, ["run", "mixed", "The quick brown", "--max-tokens", "4", "--temperature", "0", "--verbose"])
+    assert r.exit_code == 0 and "domain weights: tiny 0." in r.output, r.output
     # perplexity through eval's scorer
     scores = b.score_batch([(ids, len(prompt))])[0]
     assert [round(x, 4) for x in scores] == [round(s.logprob, 4) for s in steps] and scores.greedy
@@ -101,6 +106,11 @@ def test_a_mixture_is_served_with_rows_batched_like_one_at_a_time(specialists):
         with concurrent.futures.ThreadPoolExecutor(3) as pool:  # rows of one batch, joining and leaving it
             together = list(pool.map(ask, prompts))
         assert together == alone and sum(bool(a) for a in alone) >= 2, alone
+        # the domain weights after each answer, in the response's extension field
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "mixed", "messages": [{"role": "user", "content": "Paris is"}],
+                                                             "max_tokens": 4, "temperature": 0}).json()
+        w = r["slmkit"]["domain_weights"][0]
+        assert set(w) == {"tiny", "other"} and abs(sum(w.values()) - 1) < 1e-9
     finally:
         s.stop()
 

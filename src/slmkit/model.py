@@ -16,7 +16,9 @@ from slmkit.data.classify import check_format, check_labels, plain_answer, plain
 from slmkit.engine.backend import Backend
 from slmkit.engine.constrained import constraint_for
 from slmkit.engine.decode import Step
+from slmkit.engine.mixture import MixtureBackend
 from slmkit.engine.sampling import SamplingParams
+from slmkit.engine.scheduler import BatchedBackend
 from slmkit.engine.scoring import encode_document, encode_pair
 from slmkit.engine.text_stream import IncrementalDecoder, StopMatcher
 from slmkit.errors import PromptTooLong, SlmkitError
@@ -156,6 +158,17 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, backend={self.backend.name!r})"
+
+    def domain_weights(self, gen: "Generation") -> dict[str, float] | None:
+        """A mixture's weights of its specialists after the prompt and the answer (`slmkit mix`), by specialist
+        name; None for a model that is not a mixture. Scores the whole text once more (on the server, between
+        decode steps on the scheduler's thread)."""
+        served = isinstance(self.backend, BatchedBackend)
+        engine = self.backend.inner if served else self.backend
+        if not isinstance(engine, MixtureBackend) or not isinstance(gen, Generation):  # (a cached answer: none)
+            return None
+        ids = list(gen.prompt_ids) + [s.token for s in gen.steps]
+        return self.backend.scheduler.call(lambda: engine.weights(ids)) if served else engine.weights(ids)
 
     # ---- generation -------------------------------------------------------------------------------
     def _params(self, sampling: dict[str, Any]) -> SamplingParams:

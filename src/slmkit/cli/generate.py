@@ -32,13 +32,16 @@ def _stream_out(gen: Generation) -> bool:
     return True
 
 
-def _print_stats(gen: Generation) -> None:
+def _print_stats(model: Model, gen: Generation) -> None:
     s = gen.stats
     err_console().print(
         f"[dim]prompt {s.prompt_tokens} tokens · {s.completion_tokens} generated · "
         f"first token {s.time_to_first_token_s:.2f}s · decode {s.decode_tokens_per_s:.1f} tokens/s · "
         f"finish: {s.finish_reason}[/]"
     )
+    weights = model.domain_weights(gen)
+    if weights is not None:  # a mixture of specialists: how much each one speaks for this conversation now
+        err_console().print("[dim]domain weights: " + ", ".join(f"{n} {w:.2f}" for n, w in weights.items()) + "[/]")
 
 
 @handle_errors
@@ -88,7 +91,7 @@ def run(
         gen = model.stream_chat(messages, **sampling)
     completed = _stream_out(gen)
     if verbose:
-        _print_stats(gen)
+        _print_stats(model, gen)
     if not completed:
         raise typer.Exit(130)
 
@@ -194,7 +197,7 @@ class ChatSession:
         _stream_out(gen)
         self.history.append({"role": "assistant", "content": gen.text})
         if self.verbose:
-            _print_stats(gen)
+            _print_stats(self.model, gen)
         return True
 
     def _start(self) -> Generation:

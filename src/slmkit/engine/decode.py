@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,6 +127,20 @@ def decode_static_batch(
             break
         logits = step(tokens)
     return outputs
+
+
+def decode_in_store(store: Any, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int,
+                    eos: frozenset[int], *, stop_at_eos: bool = True) -> list[list[Step]]:
+    """A static batch through a batch store (engine/backend.BatchStore) made for it: each prompt prefilled into its
+    own row, then decode_static_batch; the store is closed after."""
+    try:
+        firsts = []
+        for p in prompts:
+            firsts.append(store.prefill(list(p), 0, None, export=False)[0])
+            store.join()
+        return decode_static_batch(torch.stack(firsts), store.step, prompts, params, max_new_tokens, eos, stop_at_eos=stop_at_eos)
+    finally:
+        store.close()
 
 
 def tokens_of(steps: Generator[Step, None, None]) -> Iterator[int]:

@@ -20,7 +20,7 @@ import torch
 
 from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import TokenScores, scores_from_rows
-from slmkit.engine.decode import Step, decode_loop, decode_static_batch, tokens_of
+from slmkit.engine.decode import Step, decode_in_store, decode_loop, tokens_of
 from slmkit.engine.sampling import SamplingParams
 from slmkit.errors import SlmkitError
 
@@ -197,15 +197,7 @@ class LlamaCppBackend:
         from slmkit.engine.llamacpp_batch import LlamaCppSlots
 
         store = LlamaCppSlots(self, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-        try:
-            rows = []
-            for p in prompts:
-                rows.append(store.prefill(list(p), 0, None, export=False)[0])
-                store.join()
-            return decode_static_batch(torch.stack(rows), store.step, prompts, params, max_new_tokens, self._eos,
-                                       stop_at_eos=stop_at_eos)
-        finally:
-            store.close()
+        return decode_in_store(store, prompts, params, max_new_tokens, self._eos, stop_at_eos=stop_at_eos)
 
     def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
         return scores_from_rows(self.logprob_rows, requests)

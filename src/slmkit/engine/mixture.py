@@ -16,7 +16,7 @@ import torch
 
 from slmkit.engine import mixture_ops as mo
 from slmkit.engine.backend import Backend, TokenScores, scores_from_rows
-from slmkit.engine.decode import Step, decode_loop, decode_static_batch, tokens_of
+from slmkit.engine.decode import Step, decode_in_store, decode_loop, tokens_of
 from slmkit.engine.sampling import SamplingParams
 
 POSITIONS_AT_ONCE = 128  # positions mixed per piece in logprob_rows: (piece, D, V) floats at a time
@@ -186,12 +186,4 @@ class MixtureBackend:
     def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int, *,
                        stop_at_eos: bool = True) -> list[list[Step]]:
         store = self.batch_store(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-        try:
-            firsts = []
-            for p in prompts:
-                firsts.append(store.prefill(list(p), 0, None, export=False)[0])
-                store.join()
-            return decode_static_batch(torch.stack(firsts), store.step, prompts, params, max_new_tokens, self.eos_token_ids,
-                                       stop_at_eos=stop_at_eos)
-        finally:
-            store.close()
+        return decode_in_store(store, prompts, params, max_new_tokens, self.eos_token_ids, stop_at_eos=stop_at_eos)

@@ -105,6 +105,15 @@ def with_route(response: Any, choices: list[Choice]) -> Any:
     return response
 
 
+def with_weights(response: dict[str, Any], model: Servable, choices: list[Choice]) -> dict[str, Any]:
+    """A mixture of specialists' domain weights after each choice's text, in the `slmkit` extension field."""
+    one = model.single
+    weights = [one.domain_weights(c.gen) for c in choices] if one is not None else []
+    if any(w is not None for w in weights):
+        response.setdefault("slmkit", {})["domain_weights"] = weights
+    return response
+
+
 async def identify(request: Request) -> None:
     """Who sent the request (its address), for the scheduler's per-client share of the queue and of the batch. An
     async dependency: it runs in the request's own context, which the handler and its reader threads inherit."""
@@ -155,7 +164,7 @@ class ChatCall:
             if calls:
                 choice["message"] = {"role": "assistant", "content": content or None, "tool_calls": calls}
             out.append(choice)
-        return with_route(oa.chat_response(rid, name, out, request_usage(choices, "chat", self.body.n)), choices)
+        return with_weights(with_route(oa.chat_response(rid, name, out, request_usage(choices, "chat", self.body.n)), choices), model, choices)
 
 
 class CompletionCall:
@@ -184,7 +193,8 @@ class CompletionCall:
         out = [oa.completion_choice(c.index, text, c.gen.stats.finish_reason,
                                     oa.completion_logprobs(*logprobs_of(model, c.gen)) if self.body.logprobs is not None else None)
                for c, text in zip(choices, texts)]
-        return with_route(oa.completion_response(rid, name, out, request_usage(choices, "completions", self.body.n)), choices)
+        return with_weights(with_route(oa.completion_response(rid, name, out, request_usage(choices, "completions", self.body.n)), choices),
+                            model, choices)
 
 
 class OpenAIApi:
