@@ -135,3 +135,11 @@ def test_a_recipe_on_a_fresh_store_imports_the_default_teacher(tmp_path, monkeyp
 
     assert [p["state"] for p in json.loads(r.stdout[r.stdout.index("["):])] == ["to run"]
     assert (tmp_path / "empty-home" / "models" / DEFAULT_MODEL / "model.safetensors").is_file()
+
+
+def test_naming_the_default_model_on_a_fresh_store_imports_it(tmp_path, monkeypatch):
+    """`slmkit run smollm2-135m-instruct ...` (the default named, not left out) on an empty store imports it first."""
+    monkeypatch.setenv("SLMKIT_HOME", str(tmp_path / "fresh"))
+    r = CliRunner().invoke(app, ["run", DEFAULT_MODEL, "Say hi.", "-n", "3", "--temperature", "0", "--backend", "torch"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "fresh" / "models" / DEFAULT_MODEL / "model.safetensors").is_file()

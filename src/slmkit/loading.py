@@ -8,7 +8,7 @@ from pathlib import Path
 
 from slmkit import progress
 from slmkit.card import read_card
-from slmkit.config import settings
+from slmkit.config import DEFAULT_MODEL, settings
 from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import Backend
 from slmkit.engine.mixture import MixtureBackend
@@ -96,7 +96,7 @@ def load(name: str | None = None, *, backend: str = "torch", store: Store | None
     store = store or Store()
     if backend not in CHOICES:
         raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
-    name = name or ensure_default(store)
+    name = ensure_default(store) if name in (None, DEFAULT_MODEL) else name  # imported on first use, named or not
     folder = store.require(name)
     _not_a_router(folder)
     card = store.card(name)

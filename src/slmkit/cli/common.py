@@ -93,6 +93,15 @@ Speculative = Annotated[int | None, typer.Option("--speculative", help="Draft up
                         f"distribution (PyTorch engine). [default: {_D.speculative}: off]")]
 
 
+def model_or_default(model: str | None) -> str:
+    """The model a command names; the default model (imported from its package on first use) when it names none
+    or names the default itself."""
+    from slmkit.config import DEFAULT_MODEL
+    from slmkit.sources.importer import ensure_default
+
+    return ensure_default() if model in (None, DEFAULT_MODEL) else model
+
+
 def sampling_kwargs(**given: Any) -> dict[str, Any]:
     """Keep only the options the user set, so SamplingParams' defaults apply to the rest."""
     return {k: v for k, v in given.items() if v is not None and v != []}

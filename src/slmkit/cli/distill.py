@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from slmkit.cli.common import JsonOpt, handle_errors, print_json
+from slmkit.cli.common import JsonOpt, handle_errors, model_or_default, print_json
 from slmkit.train.distill import ALPHA, SEQ_LEN, TAU
 from slmkit.train.loop import TrainConfig
 from slmkit.train.teacher import TOP_K
@@ -58,6 +58,7 @@ def distill(
     cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
                       seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, bf16=bf16)
     read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column}.items() if v}
+    teacher, student = model_or_default(teacher), model_or_default(student)  # the default model: imported on first use
     card = distill_stage(teacher, student, data, loss=loss, tau=temperature, alpha=alpha, top_k=top_k, seq_len=seq_len,
                          config=cfg, name=name, resume=resume, read=read, synthetic=synthetic,
                          synthetic_max_tokens=synthetic_max_tokens, hidden_weight=hidden_weight, teacher_model=teacher_model,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_bytes
-from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, model_or_default, print_json
 from slmkit.errors import SlmkitError
 from slmkit.gguf_tables import DEFAULT_PPL_BUDGET, GGUF_TYPES
 
@@ -34,9 +34,8 @@ def export(
 
     if fmt not in ("gguf", "hf"):
         raise SlmkitError(f"unknown export format {fmt!r}", "Formats: gguf, hf (a Hugging Face folder)")
-    from slmkit.sources.importer import ensure_default
 
-    model = model or ensure_default()
+    model = model_or_default(model)
     if fmt == "hf":
         from slmkit.config import settings
         from slmkit.export.hf import export_hf

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_count
-from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, model_or_default, print_json
 from slmkit.train.finetune import LORA_ALPHA, LORA_DROPOUT, LORA_R, LR, SEQ_LEN, VIRTUAL_TOKENS
 from slmkit.train.loop import TrainConfig
 
@@ -51,12 +51,11 @@ def finetune(
 ) -> None:
     """Adapt a model to your data: a LoRA adapter (through peft) or full fine-tuning; loss on the responses."""
     from slmkit.errors import SlmkitError
-    from slmkit.sources.importer import ensure_default
     from slmkit.train.finetune import finetune_stage
 
     if not data:
         raise SlmkitError("no training data given", "Pass --data FILE (chat JSON lines, Alpaca JSON, CSV or text), repeatable.")
-    model = model or ensure_default()
+    model = model_or_default(model)
     cfg = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr or LR.get(method, _D.lr),
                       seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, bf16=bf16)
     read = {k: v for k, v in {"text_column": text_column, "prompt_column": prompt_column, "response_column": response_column,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_bytes, human_count
-from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, model_or_default, print_json
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW
 
 
@@ -26,10 +26,9 @@ def lowrank(
 ) -> None:
     """Factorize a model's linear layers (activation-aware SVD) into a smaller model in the store."""
     from slmkit.compress.lowrank_stage import lowrank_stage
-    from slmkit.sources.importer import ensure_default
     from slmkit.store import Store
 
-    model = model or ensure_default()
+    model = model_or_default(model)
     card = lowrank_stage(model, ratio=ratio, energy=energy, calib=calib, samples=samples, window=window, name=name)
     if as_json:
         print_json(card)

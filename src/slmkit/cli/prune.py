@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from slmkit.card import human_bytes, human_count
-from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, out_console, print_json
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, model_or_default, out_console, print_json
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW
 from slmkit.compress.prune_stage import RANKINGS, SCAN_SAMPLES, SCAN_WINDOW
 from slmkit.errors import SlmkitError
@@ -41,10 +41,9 @@ def prune(
     """Prune a model into a new store model: sparsity inside the weights, or a smaller model with fewer blocks,
     heads and channels."""
     from slmkit.compress import prune_stage as ps
-    from slmkit.sources.importer import ensure_default
     from slmkit.store import Store
 
-    model = model or ensure_default()
+    model = model_or_default(model)
     if keep is not None and not vocab:
         raise SlmkitError("--keep applies to --vocab", "Pass --vocab CORPUS with --keep N.")
     modes = [m for m, on in (("--method/--sparsity/--pattern", method or sparsity is not None or pattern), ("--structured", structured),

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slmkit.card import human_bytes
-from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, print_json
+from slmkit.cli.common import JsonOpt, ModelOpt, handle_errors, model_or_default, print_json
 from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD
 
 
@@ -33,9 +33,8 @@ def quantize(
     from slmkit.loading import load
     from slmkit.store import Store
 
-    from slmkit.sources.importer import ensure_default
 
-    model = model or ensure_default()
+    model = model_or_default(model)
     card = quantize_stage(model, scheme, method=method, group_size=group_size, calib=calib, name=name, portable=portable)
     if as_json:
         print_json(card)

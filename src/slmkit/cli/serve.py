@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmkit.cli.common import err_console, handle_errors
+from slmkit.cli.common import err_console, handle_errors, model_or_default
 from slmkit.engine.llamacpp_batch import DEFAULT_CONTEXT
 from slmkit.engine.scheduler import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_TOKENS
 from slmkit.errors import SlmkitError
@@ -54,11 +54,10 @@ def serve(
     from slmkit.serve.app import create_app
     from slmkit.serve.metrics import Metrics
     from slmkit.serve.registry import ModelRegistry
-    from slmkit.sources.importer import ensure_default
 
     if max_batch < 1 or max_queue < 0 or max_tokens < 1 or (context is not None and context < 16):
         raise SlmkitError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0, --context >= 16", "Fix the values.")
-    names = list(models or []) or [ensure_default()]
+    names = [model_or_default(m) for m in models or [None]]
     splits = [parse_split(a) for a in ab or []]
     make_cache = None
     if cache or cache_similarity is not None:
