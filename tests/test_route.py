@@ -422,3 +422,28 @@ def test_the_flywheel_escalations_train_a_student_that_escalates_less(pair, tmp_
     before = sum(confidence(tiny, i) < threshold for i in held_out)
     after = sum(confidence(load("tiny-next"), i) < threshold for i in held_out)
     assert after < before, (before, after)
+
+
+def test_a_confidence_router_calibrates_when_the_small_model_always_loses(pair, tmp_path):
+    """Every reference is the large model's answer, so the small one is worse on every prompt: the trained router
+    (only a comparison under the confidence policy) has nothing to learn and is left out; the cascade is still made
+    (escalating what it must). Served by the router policy, the same dev set is refused with what to do."""
+    from slmkit.loading import load
+    from slmkit.route.calibrate import calibrate_stage
+
+    large = load("other")
+    rows = []
+    for i in range(8):
+        q = f"question {i}: why is the sky blue?"
+        rows.append({"prompt": q, "answer": large.chat([{"role": "user", "content": q}], max_tokens=64, temperature=0.0,
+                                                       repetition_penalty=1.0) or "x"})
+    dev = tmp_path / "lose.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small_answers = [load("tiny").chat([{"role": "user", "content": r["prompt"]}], max_tokens=64, temperature=0.0,
+                                      repetition_penalty=1.0) for r in rows]
+    assert all(a != r["answer"] for a, r in zip(small_answers, rows))  # exact match: the small model loses everywhere
+    card, report = calibrate_stage("tiny", "other", data=dev, target=0.95, name="always-up")
+    assert "trained router" not in report["curves"] and report["small_quality"] == 0 and report["large_quality"] == 1
+    assert card.settings["escalated"] == 1.0
+    with pytest.raises(SlmkitError, match="nothing to learn"):
+        calibrate_stage("tiny", "other", data=dev, target=0.95, policy="router", name="never")

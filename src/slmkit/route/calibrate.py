@@ -151,15 +151,21 @@ def _measure_qa(small_m: Any, large_t: Any, data: Path, *, metric: str, signal: 
     return [it.prompt for it in items], small_q, large_q, finite([s.get(signal) for s in s_sig]), others, dev
 
 
-def _train_router(small_m: Any, prompts: list[str], small_q: list[float], large_q: list[float]) -> tuple[Any, list[float]]:
+def _train_router(small_m: Any, prompts: list[str], small_q: list[float], large_q: list[float],
+                  needed: bool) -> tuple[Any, list[float] | None]:
     """A classifier on the small model's prompt embeddings of whether the small answer is as good as the large one:
-    the classifier and each prompt's out-of-fold score."""
+    the classifier and each prompt's out-of-fold score. When every prompt has one label there is nothing to learn: an
+    error if the router is the policy served (`needed`), else (None, None) and the report leaves it out."""
     with progress.step("Training the router on the small model's embeddings"):
         x = torch.tensor(small_m.backend.embed(prompts), dtype=torch.float64)  # (N, hidden)
         # the label: escalating would not help here (the small answer is as good as the large one), as RouteLLM's
         # win labels; a graded metric such as ROUGE-L needs no cut-off this way
         y = torch.tensor([1.0 if s >= lq else 0.0 for s, lq in zip(small_q, large_q)])
         if len(set(y.tolist())) < 2:
+            if not needed:
+                progress.note("no trained router to compare: the small model is " + ("as good as" if y[0] else "worse than")
+                              + " the large one on every dev prompt")
+                return None, None
             raise SlmkitError("the small model is " + ("as good as the large one" if y[0] else "worse than the large one")
                               + " on every dev prompt: a router has nothing to learn",
                               "Use a harder or larger dev set, or a different pair of models.")
@@ -228,8 +234,10 @@ def calibrate_stage(
                                                                    prompt_column=prompt_column, answer_column=answer_column,
                                                                    max_tokens=max_tokens, labels=(small, large_label))
         signal_used, quality_name = signal, ("exact match" if metric == "exact" else "ROUGE-L F1")
-    classifier, router_scores = _train_router(small_m, prompts, small_q, large_q)
-    curves = {f"confidence ({signal_used})": rc.curve(small_q, large_q, conf), "trained router": rc.curve(small_q, large_q, router_scores)}
+    classifier, router_scores = _train_router(small_m, prompts, small_q, large_q, needed=policy == "router")
+    curves = {f"confidence ({signal_used})": rc.curve(small_q, large_q, conf)}
+    if router_scores is not None:
+        curves["trained router"] = rc.curve(small_q, large_q, router_scores)
     served_key = f"confidence ({signal_used})" if policy == "confidence" else "trained router"
     for sig, scores in others.items():  # the other confidence signals, for comparison (--signal serves another)
         curves[f"confidence ({sig})"] = rc.curve(small_q, large_q, scores)
@@ -247,7 +255,8 @@ def calibrate_stage(
         "small_quality": sum(small_q) / len(small_q), "large_quality": large_quality, "policy": policy, "signal": signal_used,
         "picked": asdict(picked), "target": target, "max_escalation": max_escalation, "curves": summary,
         "points": {k: [asdict(p) for p in v] for k, v in curves.items()},
-        "items": [{"small_q": s, "large_q": lq, "confidence": c, "router": r} for s, lq, c, r in zip(small_q, large_q, conf, router_scores)],
+        "items": [{"small_q": s, "large_q": lq, "confidence": c, "router": r}
+                  for s, lq, c, r in zip(small_q, large_q, conf, router_scores or [None] * len(conf))],
     }
     policies = ([policy_to_dict(rules)] if rules else []) + [policy_to_dict(served_policy)]
     router = {
