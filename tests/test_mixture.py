@@ -44,6 +44,8 @@ def test_the_mixture_is_a_distribution_and_bayes_finds_the_domain():
     mix_loss = -float(mo.mixed(bayes, dists).gather(-1, tokens[:, None]).sum())
     best = min(-float(lls[:, d].sum()) for d in range(3))
     assert best - 1e-6 <= mix_loss + 1e-6 and mix_loss <= best + math.log(1 / 0.3) + 1e-6
+    fixed = mo.weights_along(lls, prior, 1.0)  # share 1: a fixed mixture, the prior at every token
+    assert torch.allclose(fixed, prior.expand(200, 3))
     with pytest.raises(ValueError, match="positive"):
         mo.log_prior([1.0, 0.0], 2)
 

@@ -24,11 +24,13 @@ def log_prior(prior: Sequence[float] | None, d: int) -> torch.Tensor:
 
 def update(log_w: torch.Tensor, token_ll: torch.Tensor, prior: torch.Tensor, share: float) -> torch.Tensor:
     """The weights after one token: Bayes (log_w + token_ll, normalised), then `share` of the weight back to the
-    prior. log_w, token_ll: (..., D) (token_ll: each specialist's log-probability of the token it saw); prior: (D,)."""
+    prior (share 1: always the prior, a fixed mixture). log_w, token_ll: (..., D) (token_ll: each specialist's log-probability of the token it saw); prior: (D,)."""
     post = log_w + token_ll
     post = post - torch.logsumexp(post, dim=-1, keepdim=True)  # (..., D)
     if share <= 0:
         return post
+    if share >= 1:  # all of it: the weights never move from the prior (a fixed mixture)
+        return prior.expand_as(post).clone()
     return torch.logaddexp(post + math.log1p(-share), prior + math.log(share))
 
 
