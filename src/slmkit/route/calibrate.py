@@ -185,6 +185,27 @@ def _summaries(curves: dict[str, list[rc.Point]], small_q: list[float], large_q:
     return summary
 
 
+def _checked_policy(task: str | None, data: Path | None, target: float | None, max_escalation: float | None,
+                    threshold: float | None, policy: str | None, signal: str, large: str) -> str:
+    """The policy to calibrate (router for a multiple-choice set, else confidence, unless given), once the arguments
+    are checked to make sense together."""
+    if (task is None) == (data is None):
+        raise SlmkitError("give a dev set: --task NAME (multiple choice) or --data FILE (questions with answers)", "One of the two.")
+    if threshold is None and (target is None) == (max_escalation is None):
+        raise SlmkitError("give exactly one of --target, --max-escalation or --threshold", "For example --target 0.95.")
+    if signal not in SIGNALS:
+        raise SlmkitError(f"unknown confidence signal {signal!r}", f"Signals: {', '.join(SIGNALS)}")
+    policy = policy or ("router" if task else "confidence")
+    if policy not in ("confidence", "router"):
+        raise SlmkitError(f"unknown policy {policy!r}", "Policies: confidence (decide after the small answer), router (decide before).")
+    if task and policy == "confidence":
+        raise SlmkitError("a multiple-choice dev set gives the small model's choice probabilities, not the confidence of a generated answer",
+                          "Serve --policy router from it, or calibrate the confidence cascade on questions with answers (--data FILE).")
+    if task and large.startswith(("http://", "https://")):
+        raise SlmkitError("a multiple-choice dev set scores choices, which an OpenAI endpoint does not do", "Use --data FILE (questions with answers), or a local large model.")
+    return policy
+
+
 def calibrate_stage(
     small: str, large: str, *, task: str | None = None, data: Path | None = None, limit: int | None = None,
     target: float | None = None, max_escalation: float | None = None, threshold: float | None = None,
@@ -198,23 +219,10 @@ def calibrate_stage(
     from slmkit.loading import load
 
     store = store or Store()
-    if (task is None) == (data is None):
-        raise SlmkitError("give a dev set: --task NAME (multiple choice) or --data FILE (questions with answers)", "One of the two.")
-    if threshold is None and (target is None) == (max_escalation is None):
-        raise SlmkitError("give exactly one of --target, --max-escalation or --threshold", "For example --target 0.95.")
-    if signal not in SIGNALS:
-        raise SlmkitError(f"unknown confidence signal {signal!r}", f"Signals: {', '.join(SIGNALS)}")
-    policy = policy or ("router" if task else "confidence")
-    if policy not in ("confidence", "router"):
-        raise SlmkitError(f"unknown policy {policy!r}", "Policies: confidence (decide after the small answer), router (decide before).")
-    if task and policy == "confidence":
-        raise SlmkitError("a multiple-choice dev set gives the small model's choice probabilities, not the confidence of a generated answer",
-                          "Serve --policy router from it, or calibrate the confidence cascade on questions with answers (--data FILE).")
+    policy = _checked_policy(task, data, target, max_escalation, threshold, policy, signal, large)
     name = validate_name(name or f"{small}-route")
     store.check_free(name)
     remote = large.startswith(("http://", "https://"))
-    if remote and task:
-        raise SlmkitError("a multiple-choice dev set scores choices, which an OpenAI endpoint does not do", "Use --data FILE (questions with answers), or a local large model.")
     small_m = load(small, backend=backend, store=store)
     if remote:
         large_t: Any = Endpoint(large, large_model, large_key)
