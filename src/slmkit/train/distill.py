@@ -75,6 +75,27 @@ def _teacher_cache(t_card: ModelCard, info: dict[str, Any], train: Any, load_tea
     return cache, {"file": str(cache.path), "key": key, "computed": computed, "top_k": top_k, "bytes_per_token": cache.bytes_per_token}
 
 
+def _checked_alpha(remote: bool, student: str, data: list[Path], *, loss: str, alpha: float, tau: float, top_k: int,
+                   hidden_weight: float) -> float:
+    """The weight of the distillation loss once the settings are checked: 0 for a teacher behind an endpoint (it
+    gives answers, not log-probabilities)."""
+    if remote:
+        if student.startswith("new:") or hidden_weight > 0:
+            raise SlmkitError("a teacher behind an endpoint gives answers only: no weights to start a fresh student from or "
+                              "hidden states to align", "Start from a store model (--student NAME) without --hidden-weight.")
+        if alpha > 0:
+            progress.note("the teacher is an endpoint (answers, no log-probabilities): the student learns its answers "
+                          "by next-token loss (alpha 0)")
+        alpha = 0.0
+    if loss not in LOSSES:
+        raise SlmkitError(f"unknown loss {loss!r}", f"Losses: {', '.join(LOSSES)}")
+    if not 0 <= alpha <= 1 or tau <= 0 or top_k < 1 or hidden_weight < 0:
+        raise SlmkitError("--alpha must be in [0, 1], --temperature > 0, --top-k >= 1 and --hidden-weight >= 0", "Fix the values.")
+    if not data:
+        raise SlmkitError("no training data given", "Pass --data FILE (text, JSON lines or CSV), repeatable.")
+    return alpha
+
+
 def distill_stage(
     teacher: str, student: str, data: list[Path], *, loss: str = "fkl", tau: float = TAU, alpha: float = ALPHA,
     top_k: int = tc.TOP_K, seq_len: int = SEQ_LEN, valid_fraction: float = 0.05, config: TrainConfig | None = None,
@@ -92,20 +113,7 @@ def distill_stage(
     store = store or Store()
     cfg = config or TrainConfig()
     remote = teacher.startswith(("http://", "https://"))
-    if remote:
-        if student.startswith("new:") or hidden_weight > 0:
-            raise SlmkitError("a teacher behind an endpoint gives answers only: no weights to start a fresh student from or "
-                              "hidden states to align", "Start from a store model (--student NAME) without --hidden-weight.")
-        if alpha > 0:
-            progress.note("the teacher is an endpoint (answers, no log-probabilities): the student learns its answers "
-                          "by next-token loss (alpha 0)")
-        alpha = 0.0
-    if loss not in LOSSES:
-        raise SlmkitError(f"unknown loss {loss!r}", f"Losses: {', '.join(LOSSES)}")
-    if not 0 <= alpha <= 1 or tau <= 0 or top_k < 1 or hidden_weight < 0:
-        raise SlmkitError("--alpha must be in [0, 1], --temperature > 0, --top-k >= 1 and --hidden-weight >= 0", "Fix the values.")
-    if not data:
-        raise SlmkitError("no training data given", "Pass --data FILE (text, JSON lines or CSV), repeatable.")
+    alpha = _checked_alpha(remote, student, data, loss=loss, alpha=alpha, tau=tau, top_k=top_k, hidden_weight=hidden_weight)
     fresh = student.startswith("new:")
     overrides = parse_spec(student) if fresh else {}
     name = validate_name(name or (f"{teacher}-student" if fresh else f"{student}-{'distilled' if alpha > 0 or remote else 'trained'}"))
