@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for comm
 from common import BASE, cpu_line, RESULTS, SLMKIT  # noqa: E402
 
 CSV = "customer_support/bitext_customer_support_4514_responses.csv"
-STEPS = ("half", "student", "router", "next", "router2")
+STEPS = ("half", "student", "router", "fly", "next", "router2")
 MAX_TOKENS = 48
+MIN_ROWS = 8  # harvested rows the next student needs (one batch)
 RESERVED = 400  # the first rows after the shuffle: dev, held-out and flywheel prompts are drawn from them  # the router is calibrated and asked with this answer length
 
 
@@ -62,7 +63,9 @@ def recipe_text(a: argparse.Namespace, flywheel: bool) -> str:
     text = (f"name: bench-route\nteacher: {BASE}\ndata:\n  train: train.jsonl\n  dev: dev.jsonl\n  harvest: harvest.jsonl\nsteps:\n"
             f"  - id: half\n    prune: {{structured: width, ratio: 0.5}}\n"
             f"  - id: student\n    distill: {{data: train, steps: {a.distill_steps}, seq_len: 256, batch_size: 8, lr: 0.0003, bf16: true}}\n"
-            f"  - id: router\n    route: {{data: dev, target: 0.95, metric: rouge, max_tokens: {MAX_TOKENS}}}\n")
+            f"  - id: router\n    route: {{data: dev, target: 0.95, metric: rouge, max_tokens: {MAX_TOKENS}}}\n"
+            # the flywheel's router: the same student escalating its least confident half, so that there is something to learn
+            f"  - id: fly\n    from: student\n    route: {{data: dev, max_escalation: {a.fly_escalation}, metric: rouge, max_tokens: {MAX_TOKENS}}}\n")
     if flywheel:
         text += (f"  - id: next\n    from: student\n    finetune: {{data: harvest, method: full, epochs: {a.flywheel_epochs}, seq_len: 256, "
                  f"batch_size: 8, lr: 0.0001, bf16: true}}\n"
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-recipes"))
     ap.add_argument("--distill-steps", type=int, default=200)
     ap.add_argument("--flywheel-epochs", type=int, default=2)
+    ap.add_argument("--fly-escalation", type=float, default=0.5, help="the share the flywheel's router escalates")
     ap.add_argument("--train-rows", type=int, default=1200, help="training chats (the teacher's top-k is cached for all of them first)")
     ap.add_argument("--dev", type=int, default=60)
     ap.add_argument("--heldout", type=int, default=60)
@@ -158,20 +162,25 @@ def main() -> None:
     t0 = time.perf_counter()
     res["round1_steps_s"] = run_recipe(recipe, env)
     heldout = [json.loads(x) for x in files["heldout"].read_text().splitlines()]
-    res["round1_router"] = {k: v for k, v in card("bench-route-router", env).items() if k in ("settings", "params")}
     res["round1_heldout"] = held_out({"teacher": BASE, "student": "bench-route-student", "routed": "bench-route-router"}, heldout, env)
     # the flywheel: the router answers prompts of the same kind with its escalation log on
     log = a.work / "escalations.jsonl"
     log.unlink(missing_ok=True)
     fly = [json.loads(x) for x in files["flywheel"].read_text().splitlines()]
-    res["flywheel_serve"] = held_out({"routed": "bench-route-router"}, fly, env, log=log)
-    subprocess.run(SLMKIT + ["route", "harvest", str(log), "--out", str(a.work / "harvest.jsonl"), "--route", "bench-route-router"],
+    res["flywheel_serve"] = held_out({"routed": "bench-route-fly"}, fly, env, log=log)
+    subprocess.run(SLMKIT + ["route", "harvest", str(log), "--out", str(a.work / "harvest.jsonl"), "--route", "bench-route-fly"],
                    env=env, check=True, stdout=subprocess.DEVNULL)
-    res["harvested_rows"] = sum(1 for _ in (a.work / "harvest.jsonl").open())
-    recipe.write_text(recipe_text(a, flywheel=True))
-    res["round2_steps_s"] = run_recipe(recipe, env)
-    res["round2_heldout"] = held_out({"student": "bench-route-next", "routed": "bench-route-router2"}, heldout, env)
-    res["round2_router"] = {k: v for k, v in card("bench-route-router2", env).items() if k in ("settings", "params")}
+    res["harvested_rows"] = sum(1 for _ in (a.work / "harvest.jsonl").open()) if log.is_file() else 0
+    routers = ["bench-route-router", "bench-route-fly"]
+    if res["harvested_rows"] >= MIN_ROWS:  # something to learn from: the next student and its router
+        recipe.write_text(recipe_text(a, flywheel=True))
+        res["round2_steps_s"] = run_recipe(recipe, env)
+        res["round2_heldout"] = held_out({"student": "bench-route-next", "routed": "bench-route-router2"}, heldout, env)
+        routers.append("bench-route-router2")
+    res["calibration"] = {n: {k: v for k, v in card(n, env)["settings"].items() if k in ("threshold", "escalated", "quality", "small_quality", "large_quality")}
+                          for n in routers}
+    res["training_s"] = {n: card(n, env)["settings"].get("seconds") for n in ("bench-route-student", "bench-route-next")
+                         if n != "bench-route-next" or "round2_heldout" in res}  # from the cards
     res["total_s"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recipes.json").write_text(json.dumps(res, indent=1, default=str))
@@ -180,25 +189,32 @@ def main() -> None:
 
 
 def markdown(res: dict) -> str:
-    h1, h2 = res["round1_heldout"], res["round2_heldout"]
+    h1, h2 = res["round1_heldout"], res.get("round2_heldout")
     teacher = h1["teacher"]["rouge_l"]
     line = lambda label, r: (f"| {label} | {r['rouge_l']:.3f} | {r['rouge_l'] / teacher:.0%} | "  # noqa: E731
                              f"{'' if 'kept_on_student' not in r else format(r['kept_on_student'], '.0%')} |")
-    steps = {**{k: v for k, v in res["round1_steps_s"].items()}, **{k: v for k, v in res["round2_steps_s"].items()}}
+    steps = {**res["round1_steps_s"], **res.get("round2_steps_s", {})}
     out = ["# recipes: the route recipe on the customer-support set, and one flywheel round", "",
            f"CPU: {res['cpu']}. Rows: {res['rows']}. Teacher: {BASE}; student: its width-pruned half, distilled "
            f"({res['settings']['distill_steps']} steps x 8 x 256 tokens); routers: confidence (mean log-prob) at 95% of the teacher's "
            f"dev ROUGE-L. Held-out answers greedy, {MAX_TOKENS} tokens, ROUGE-L F1 against the reference answer.", "",
            "| held-out, before the flywheel | ROUGE-L | of the teacher's | kept on the student |", "|---|---|---|---|",
            line("teacher alone", h1["teacher"]), line("student alone", h1["student"]), line("routed pair", h1["routed"]), "",
-           f"Flywheel: the router answered {res['flywheel_serve']['routed']['n']} prompts of the same kind with its escalation log on "
+           f"Flywheel: a second router over the same student, calibrated to escalate at most {res['settings']['fly_escalation']:.0%} "
+           f"of the dev prompts (the best dev quality within that), answered {res['flywheel_serve']['routed']['n']} prompts of the same kind with its escalation log on "
            f"(kept {res['flywheel_serve']['routed'].get('kept_on_student', 0):.0%} on the student); `route harvest` made "
-           f"{res['harvested_rows']} rows; the next student = the student fine-tuned on them "
-           f"({res['settings']['flywheel_epochs']} epochs), its router calibrated again on the same dev rows.", "",
-           "| held-out, after one round | ROUGE-L | of the teacher's | kept on the student |", "|---|---|---|---|",
-           line("next student alone", h2["student"]), line("routed pair", h2["routed"]), "",
+           f"{res['harvested_rows']} rows"
+           + (f"; the next student = the student fine-tuned on them ({res['settings']['flywheel_epochs']} epochs), its router calibrated "
+              "again on the same dev rows." if h2 else f": fewer than {MIN_ROWS}, so there is no next student (where the student answers "
+              "better than the teacher, the best quality is reached escalating nothing, and nothing was escalated)."), "",
+           *(["| held-out, after one round | ROUGE-L | of the teacher's | kept on the student |", "|---|---|---|---|",
+              line("next student alone", h2["student"]), line("routed pair", h2["routed"]), ""] if h2 else []),
+           "Calibration on the dev rows (ROUGE-L; escalated share at the threshold picked): " + "; ".join(
+               f"{n.removeprefix('bench-route-')}: small {c['small_quality']:.3f}, large {c['large_quality']:.3f}, escalated {c['escalated']:.0%}, "
+               f"served quality {c['quality']:.3f}" for n, c in res["calibration"].items()) + ".", "",
            "Wall time per step (seconds; round 2 reran only its new steps): " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items())
-           + f"; whole bench {res['total_s']:.0f} s.", ""]
+           + f"; whole bench {res['total_s']:.0f} s (a step made by an earlier, stopped run of the bench is skipped and has no time here). "
+           + "Training time from the cards: " + ", ".join(f"{k.removeprefix('bench-route-')} {v:.0f} s" for k, v in res["training_s"].items() if v) + ".", ""]
     return "\n".join(out)
 
 
