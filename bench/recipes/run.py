@@ -168,8 +168,9 @@ def main() -> None:
     log.unlink(missing_ok=True)
     fly = [json.loads(x) for x in files["flywheel"].read_text().splitlines()]
     res["flywheel_serve"] = held_out({"routed": "bench-route-fly"}, fly, env, log=log)
-    subprocess.run(SLMKIT + ["route", "harvest", str(log), "--out", str(a.work / "harvest.jsonl"), "--route", "bench-route-fly"],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    if log.is_file():  # made at the first escalation
+        subprocess.run(SLMKIT + ["route", "harvest", str(log), "--out", str(a.work / "harvest.jsonl"), "--route", "bench-route-fly"],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
     res["harvested_rows"] = sum(1 for _ in (a.work / "harvest.jsonl").open()) if log.is_file() else 0
     routers = ["bench-route-router", "bench-route-fly"]
     if res["harvested_rows"] >= MIN_ROWS:  # something to learn from: the next student and its router
