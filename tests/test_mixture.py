@@ -132,3 +132,15 @@ def test_mix_refuses_what_it_cannot_mix(specialists, tmp_path):
     assert r.exit_code == 1 and "different tokenizers" in r.output
     r = run("tiny", "other", "--name", "m5", "--share", "0", "--json")
     assert r.exit_code == 0, r.output
+
+
+def test_a_mixture_whose_specialist_is_gone_says_which(specialists):
+    import shutil
+
+    from slmkit.errors import SlmkitError
+    from slmkit.loading import load
+    from slmkit.store import Store
+
+    shutil.rmtree(Store().path("other"))
+    with pytest.raises(SlmkitError, match="needs other, which the store no longer has"):
+        load("mixed")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
-from common import BASE, cpu_line, RESULTS, slmkit  # noqa: E402
+from common import BASE, cpu_line, exists, RESULTS, slmkit  # noqa: E402
 
 WINDOW = 256  # tokens per evaluation window
 HELD = 0.1  # the tail of each domain's text is held out
@@ -99,7 +99,7 @@ def main() -> None:
     for d, path in [*train.items(), ("all", a.work / "all.txt")]:
         name = made[d] = f"spec-{d}"
         steps = a.steps * (3 if d == "all" else 1)
-        if subprocess_ok(["models", "show", name, "--json"], env):
+        if exists(name, env):
             continue
         t0 = time.perf_counter()
         slmkit(["finetune", BASE, "--data", str(path), "--steps", str(steps), "--name", name, *lora], env)
@@ -107,7 +107,7 @@ def main() -> None:
         print(f"trained {name} in {res['train_s'][d]} s", flush=True)
     specs = [made[d] for d in train]
     for mix, share in (("mix-bayes", a.share), ("mix-bayes-exact", 0.0)):
-        if not subprocess_ok(["models", "show", mix, "--json"], env):
+        if not exists(mix, env):
             slmkit(["mix", *specs, "--name", mix, "--share", str(share)], env)
 
     from slmkit.engine.mixture import MixtureBackend
@@ -132,12 +132,6 @@ def main() -> None:
     (RESULTS / "mixture.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "mixture.md").write_text(markdown(res))
     print(markdown(res))
-
-
-def subprocess_ok(args: list[str], env: dict[str, str]) -> bool:
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "slmkit", *args], env=env, capture_output=True).returncode == 0
 
 
 def markdown(res: dict) -> str:

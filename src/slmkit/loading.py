@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slmkit import progress
-from slmkit.card import read_card
+from slmkit.card import CARD_JSON, read_card
 from slmkit.config import DEFAULT_MODEL, settings
 from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import Backend
@@ -78,6 +78,10 @@ def open_backend(folder: Path, backend: str, *, serving: bool = False, adapters:
     integrity.require_whole(folder, read_card(folder))
     if is_mixture(folder):  # its specialists, each opened as a model of its own (the store folders beside it)
         m = read_mixture(folder)
+        gone = [n for n in m["specialists"] if not (folder.parent / n / CARD_JSON).is_file()]
+        if gone:
+            raise SlmkitError(f"mixture {folder.name} needs {', '.join(gone)}, which the store no longer has",
+                              f"Make or import {', '.join(gone)} again, or remove the mixture (slmkit models rm {folder.name}).")
         return MixtureBackend([open_backend(folder.parent / n, backend, serving=serving) for n in m["specialists"]],
                               m["prior"], m["share"], names=m["specialists"])
     opened = BACKENDS[backend](folder, settings().threads, serving)

@@ -39,6 +39,13 @@ def scores_from_rows(logprob_rows: Callable[[Sequence[int]], "torch.Tensor"], re
     return out
 
 
+def continuations_by_scoring(score_batch: Callable[[Sequence[tuple[Sequence[int], int]]], list[TokenScores]], prefix: Sequence[int],
+                             continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+    """score_continuations for an engine that keeps no prefix between requests: each continuation scored after the
+    whole prefix."""
+    return [list(s) for s in score_batch([(list(prefix) + list(c), len(prefix)) for c in continuations])]
+
+
 class BatchStore(Protocol):
     """Where a continuous batch's KV lives (engine/torch_batch.py, engine/llamacpp_batch.py): rows 0..n-1 run."""
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slmkit.engine import llamacpp_guard
-from slmkit.engine.backend import TokenScores, scores_from_rows
+from slmkit.engine.backend import TokenScores, continuations_by_scoring, scores_from_rows
 from slmkit.engine.decode import Step, decode_in_store, decode_loop, tokens_of
 from slmkit.engine.sampling import SamplingParams
 from slmkit.errors import SlmkitError
@@ -204,7 +204,7 @@ class LlamaCppBackend:
 
     def score_continuations(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
         # one evaluation per continuation (llama.cpp's scorer keeps no prefix between calls)
-        return [list(s) for s in self.score_batch([(list(prefix) + list(c), len(prefix)) for c in continuations])]
+        return continuations_by_scoring(self.score_batch, prefix, continuations)
 
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
         with self._aux_lock:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from slmkit.engine import mixture_ops as mo
-from slmkit.engine.backend import Backend, TokenScores, scores_from_rows
+from slmkit.engine.backend import Backend, TokenScores, continuations_by_scoring, scores_from_rows
 from slmkit.engine.decode import Step, decode_in_store, decode_loop, tokens_of
 from slmkit.engine.sampling import SamplingParams
 
@@ -165,7 +165,7 @@ class MixtureBackend:
         return scores_from_rows(self.logprob_rows, requests)
 
     def score_continuations(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
-        return [list(s) for s in self.score_batch([(list(prefix) + list(c), len(prefix)) for c in continuations])]
+        return continuations_by_scoring(self.score_batch, prefix, continuations)
 
     def batch_store(self, slots: int, context: int | None = None) -> MixtureStore:
         return MixtureStore(self, [s.batch_store(slots, context) for s in self.specialists])

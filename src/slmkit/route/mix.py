@@ -11,7 +11,7 @@ from pathlib import Path
 
 from slmkit.card import ModelCard
 from slmkit.errors import SlmkitError
-from slmkit.sources.forms import FORMS, MIXTURE_CONFIG, MIXTURE_FILE, form_of
+from slmkit.sources.forms import MIXTURE_CONFIG, MIXTURE_FILE, form_of
 from slmkit.sources.hf_dir import load_tokenizer
 from slmkit.store import Store, validate_name
 
@@ -43,7 +43,6 @@ def mix_stage(specialists: list[str], *, name: str, prior: list[float] | None = 
         if form in ("router", "mixture", "prompt-tuned"):
             raise SlmkitError(f"{s} is a {form}, not a model a mixture can hold",
                               "Mix models that predict tokens themselves (float, integer, low-rank or LoRA children).")
-        assert form in FORMS
         keys[s] = _vocab_key(store.require(s))
     if len(set(keys.values())) > 1:
         raise SlmkitError(f"the specialists have different tokenizers: {', '.join(keys)}",
