@@ -12,12 +12,13 @@ from slmkit.config import DEFAULT_MODEL, settings
 from slmkit.engine import llamacpp_guard
 from slmkit.engine.backend import Backend
 from slmkit.engine.mixture import MixtureBackend
+from slmkit.engine.ngram_backend import NgramBackend
 from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
 from slmkit.sources import integrity
 from slmkit.sources.adapters import lora_factors
-from slmkit.sources.forms import has_gguf, is_mixture, is_router, read_mixture
+from slmkit.sources.forms import has_gguf, is_mixture, is_ngram, is_router, read_mixture
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
@@ -54,7 +55,7 @@ def pick_backend(folder: Path, backend: str) -> str:
         raise SlmkitError(f"unknown backend {backend!r}", f"Available backends: {', '.join(CHOICES)}")
     _not_a_router(folder)
     if backend == "auto":
-        if is_mixture(folder) or not has_gguf(folder):  # a mixture scores every position of a prompt: PyTorch
+        if is_mixture(folder) or is_ngram(folder) or not has_gguf(folder):  # a mixture scores every position of a prompt
             return "torch"
         verdict = llamacpp_guard.check()
         if not verdict.ok:
@@ -84,6 +85,11 @@ def open_backend(folder: Path, backend: str, *, serving: bool = False, adapters:
                               f"Make or import {', '.join(gone)} again, or remove the mixture (slmkit models rm {folder.name}).")
         return MixtureBackend([open_backend(folder.parent / n, backend, serving=serving) for n in m["specialists"]],
                               m["prior"], m["share"], names=m["specialists"])
+    if is_ngram(folder):  # table lookups on slmkit's own engine
+        if backend == "llamacpp":
+            raise SlmkitError(f"{folder.name} is an n-gram model: it runs on slmkit's own engine, not llama.cpp",
+                              "Leave out --backend (or give --backend torch).")
+        return NgramBackend.from_folder(folder)
     opened = BACKENDS[backend](folder, settings().threads, serving)
     if adapters:
         if backend != "torch" or opened.fast is None:

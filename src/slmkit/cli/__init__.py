@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slmkit.cli import data, distill, doctor, evaluate, export, finetune, generate, lowrank, mix, models, prune, quantize, recipe, route, serve
+from slmkit.cli import data, distill, doctor, evaluate, export, finetune, generate, lowrank, mix, models, ngram, prune, quantize, recipe, route, serve
 from slmkit.cli.common import setup_output
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.command("distill")(distill.distill)
 app.command("finetune")(finetune.finetune)
 app.command("merge")(finetune.merge)
 app.command("mix")(mix.mix)
+app.command("ngram")(ngram.ngram)
 app.command("serve")(serve.serve)
 app.command("ps")(serve.ps)
 app.command("doctor")(doctor.doctor)

@@ -66,10 +66,21 @@ def show(
         typer.echo(card.to_json(), nl=False)
     else:
         out_console().print(Markdown(card.to_markdown()))
+        if card.settings.get("top_contexts"):  # an n-gram model (slmkit ngram): what it learned, readable
+            out_console().print(_top_contexts(card.settings["top_contexts"]))
     for problem in damaged:
         typer.echo(f"damaged: {problem}. Check every file: slmkit models verify {name}", err=True)
     if damaged:
         raise typer.Exit(1)
+
+
+def _top_contexts(rows: list[dict]) -> Table:
+    table = Table(title="Top contexts and their likeliest next tokens", title_justify="left")
+    table.add_column("context")
+    table.add_column("next tokens (probability)")
+    for r in rows:
+        table.add_row(repr(r["context"]), "  ".join(f"{t!r} {p:.3f}" for t, p in r["branches"]))
+    return table
 
 
 @app.command("verify")

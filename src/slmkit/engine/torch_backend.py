@@ -11,14 +11,14 @@ import torch
 
 from slmkit.engine.backend import TokenScores
 from slmkit.engine.decode import Step, decode_loop, decode_static_batch, tokens_of
+from slmkit.engine.hf_text import HfText
 from slmkit.engine.lean_forward import LeanForward, supports
 from slmkit.engine.sampling import SamplingParams
-from slmkit.errors import SlmkitError
 from slmkit.sources import weights
 from slmkit.sources.hf_dir import FALLBACK_CONTEXT
 
 
-class TorchBackend:
+class TorchBackend(HfText):
     """Runs a Hugging Face causal LM on the CPU: one prefill pass, then one token per forward with the cache."""
 
     name = "torch"
@@ -55,35 +55,6 @@ class TorchBackend:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def encode(self, text: str, *, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=not parse_special))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(int(token_id))
-
-    @property
-    def chat_template(self) -> str | None:
-        template = getattr(self.tokenizer, "chat_template", None)
-        return template if isinstance(template, str) else None
-
-    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None) -> str:
-        if not self.has_chat_template:
-            raise SlmkitError(
-                "this model has no chat template (it is probably a base model)",
-                "Use plain completion instead: slmkit run --raw, or Model.generate().",
-            )
-        return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
-        )
 
     def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[int]:
         return tokens_of(self.stream_steps(prompt_ids, params, max_new_tokens))

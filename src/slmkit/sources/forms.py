@@ -5,6 +5,7 @@ below), so a new form is one entry here and one loader.
 - router: router.json (a small and a large model with a policy, made by `slmkit route calibrate`) beside a
   config.json that other loaders refuse;
 - mixture: mixture.json (specialists of one tokenizer mixed by total probability, made by `slmkit mix`), likewise;
+- ngram: model.arpa (a smoothed n-gram model over a tokenizer's ids, made by `slmkit ngram`) with that tokenizer, likewise;
 - prompt-tuned, adapter: peft's adapter_config.json (a learned prefix; a LoRA adapter over a base store model);
 - integer: config.json with QUANT_KEY (`slmkit quantize`: compressed-tensors' layout, or slmkit's own where none fits);
 - low-rank: config.json with LOWRANK_KEY (`slmkit lowrank`: factorized linear layers);
@@ -33,7 +34,7 @@ from slmkit.layers.walk import empty_skeleton, set_module
 from slmkit.sources import ct_layout
 from slmkit.sources.hf_dir import model_config
 
-FORMS = ("router", "mixture", "prompt-tuned", "adapter", "integer", "low-rank", "gguf", "float")
+FORMS = ("router", "mixture", "ngram", "prompt-tuned", "adapter", "integer", "low-rank", "gguf", "float")
 QUANT_KEY = "slmkit_quantization"  # config.json: how `slmkit quantize` made an integer child
 LOWRANK_KEY = "slmkit_lowrank"  # config.json: the ranks of `slmkit lowrank`'s factorized layers
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,6 +46,10 @@ ROUTER_CONFIG = {"architectures": ["SlmkitRouter"], "model_type": "slmkit-router
 MIXTURE_FILE = "mixture.json"  # {"format": 1, "specialists": [store names], "prior": [weights], "share": float}
 MIXTURE_CONFIG = {"architectures": ["SlmkitMixture"], "model_type": "slmkit-mixture",
                   "note": "a slmkit mixture of specialists (mixture.json) over other store models: run it with slmkit"}
+NGRAM_FILE = "model.arpa"
+NGRAM_KEY = "slmkit_ngram"  # config.json: {"order", "vocab_size", "words", "context_length"} of `slmkit ngram`'s model
+NGRAM_CONFIG = {"architectures": ["SlmkitNgram"], "model_type": "slmkit-ngram",
+                "note": "a slmkit n-gram model (model.arpa, ARPA format, over this tokenizer's ids): run it with slmkit"}
 
 
 def is_router(folder: Path) -> bool:
@@ -63,6 +68,10 @@ def read_mixture(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / MIXTURE_FILE).read_text())
 
 
+def is_ngram(folder: Path) -> bool:
+    return (Path(folder) / NGRAM_FILE).is_file()
+
+
 def form_of(folder: Path) -> str:
     """The form a store folder holds (one of FORMS)."""
     folder = Path(folder)
@@ -70,6 +79,8 @@ def form_of(folder: Path) -> str:
         return "router"
     if is_mixture(folder):
         return "mixture"
+    if is_ngram(folder):
+        return "ngram"
     if is_prompt_tuning(folder):
         return "prompt-tuned"
     if is_adapter(folder):

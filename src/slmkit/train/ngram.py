@@ -1,0 +1,241 @@
+"""`slmkit ngram`: a whitebox student read off a teacher, or the classic n-gram model of a text, installed in the
+store (an ARPA file over the teacher's tokenizer; engine/ngram_ops.py holds the math).
+
+Reading the teacher: the domain text is cut into windows; the teacher reads each window once, and from every
+position the walk branches into the teacher's likeliest next tokens, deeper while a branch's probability from where
+it left the text stays above a threshold (and, given general text, while its tokens are likelier in the domain text
+than in the general text). That is the tree a depth-first walk with those limits visits; it is expanded level by
+level so that each level is one forward pass (tree attention: every node sees its own ancestors only, in one KV
+cache). Every visited context adds the teacher's next-token distribution (its top tokens) as fractional counts;
+Kneser-Ney on expected counts turns them into the model, its discounts fitted on held-out text."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from slmkit import progress
+from slmkit.card import ModelCard
+from slmkit.compress.parents import float_parent
+from slmkit.engine import ngram_ops as ng
+from slmkit.engine.ngram_backend import arpa_words
+from slmkit.errors import SlmkitError
+from slmkit.sources.forms import NGRAM_CONFIG, NGRAM_FILE, NGRAM_KEY
+from slmkit.sources.hf_dir import FALLBACK_CONTEXT, load_float, load_tokenizer, model_config
+from slmkit.store import Store, validate_name
+from slmkit.train import data as td
+
+
+@dataclass(frozen=True)
+class Walk:
+    """How the teacher is read (defaults written once, here)."""
+
+    window: int = 128  # tokens of domain text the teacher reads at once
+    top: int = 16  # of the teacher's next tokens kept per visited context (as fractional counts)
+    min_p: float = 0.002  # a next token less likely than this adds no count
+    branch: int = 3  # children of a node: the teacher's likeliest next tokens
+    depth: int = 2  # levels of branches below each position of the text
+    threshold: float = 0.1  # a branch goes on while its probability from where it left the text stays above this
+    budget: int = 200_000  # tokens the teacher reads (text and branches)
+    per_level: int = 512  # most nodes of one level of one window (the likeliest kept)
+    gate: float = 0.0  # with general text: a branch goes on while sum log(p_domain / p_general) of its tokens >= gate
+
+
+ORDER = 3
+TOP_CONTEXTS = 8  # shown by `slmkit models show`, with their likeliest branches
+TOP_BRANCHES = 5
+
+
+def _tree_mask(ancestors: list[np.ndarray], cached: int) -> torch.Tensor:
+    """(1, 1, n, cached + n) True where node j (the j-th new token) may attend: its ancestors and itself."""
+    n = len(ancestors)
+    allow = torch.zeros(n, cached + n, dtype=torch.bool)
+    for j, anc in enumerate(ancestors):
+        allow[j, torch.from_numpy(anc)] = True
+        allow[j, cached + j] = True
+    return allow[None, None]
+
+
+def _observe(tails: np.ndarray, logits: torch.Tensor, walk: Walk, bits: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+    """Fractional observations of the nodes with full histories: keys and probabilities; and every node's top
+    next tokens (ids, probabilities) for branching."""
+    probs, ids = torch.softmax(logits.float(), -1).topk(walk.top, dim=-1)  # (n, top)
+    full = (tails >= 0).all(1)
+    p = probs[torch.from_numpy(full)].numpy().astype(np.float64)
+    keys = (ng.encode(tails[full], bits)[:, None] << bits) | ids[torch.from_numpy(full)].numpy().astype(np.int64)
+    keep = p >= walk.min_p
+    return keys[keep], p[keep], ids, probs
+
+
+def _teacher_walk(model: Any, windows: torch.Tensor, order: int, walk: Walk, bits: int, gate: np.ndarray | None,
+                  advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Observations (keys of `order`-grams, probabilities) from the teacher over `windows` (N, W) and counts of
+    what it read."""
+    from transformers import DynamicCache
+
+    keys, probs = [], []
+    read = nodes = 0
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    h = order - 1
+    for x in windows:
+        if read >= walk.budget:
+            break
+        x = x.tolist()
+        w = len(x)
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([x]), **{cache_arg: cache}, use_cache=True).logits[0]  # (W, V)
+        # level 0: the text's own positions; a node is (ancestors (cache indices), position, history tail, path p, gate)
+        tails = np.full((w, h), -1, dtype=np.int64)
+        for i in range(w):
+            tail = x[max(0, i - h + 1): i + 1]
+            tails[i, h - len(tail):] = tail
+        k, p, top_ids, top_p = _observe(tails, logits, walk, bits)
+        keys.append(k), probs.append(p)
+        read += w
+        level = [(np.arange(i + 1), i, tails[i], 1.0, 0.0) for i in range(w)]
+        cached = w
+        for _ in range(walk.depth):
+            children = []
+            for j, (anc, pos, tail, path, g) in enumerate(level):
+                for t, q in zip(top_ids[j, :walk.branch].tolist(), top_p[j, :walk.branch].tolist()):
+                    if cached == w and pos + 1 < w and t == x[pos + 1]:
+                        continue  # the text's own next token: already a position of level 0
+                    score = g + (float(gate[t]) if gate is not None else 0.0)
+                    if path * q >= walk.threshold and (gate is None or score >= walk.gate):
+                        children.append((path * q, j, t, score))
+            if not children or read >= walk.budget:
+                break
+            children.sort(key=lambda c: -c[0])
+            children = children[:min(walk.per_level, walk.budget - read)]
+            new_level, ancestors = [], []
+            for n, (path, j, t, score) in enumerate(children):
+                anc, pos, tail, _, _ = level[j]
+                ancestors.append(anc)
+                new_level.append((np.append(anc, cached + n), pos + 1, np.append(tail[1:], t) if h else tail, path, score))
+            ids = torch.tensor([[c[2] for c in children]])
+            positions = torch.tensor([[nd[1] for nd in new_level]])
+            with torch.inference_mode():
+                logits = model(input_ids=ids, position_ids=positions, attention_mask=_tree_mask(ancestors, cached),
+                               **{cache_arg: cache}, use_cache=True).logits[0]
+            tails = np.stack([nd[2] for nd in new_level]) if h else np.zeros((len(new_level), 0), dtype=np.int64)
+            k, p, top_ids, top_p = _observe(tails, logits, walk, bits)
+            keys.append(k), probs.append(p)
+            cached += len(children)
+            read += len(children)
+            nodes += len(children)
+            level = new_level
+        advance(w)
+    return np.concatenate(keys), np.concatenate(probs), {"teacher_tokens": read, "branch_nodes": nodes}
+
+
+def _grams(windows: torch.Tensor, order: int) -> np.ndarray:
+    """Every `order`-gram inside the windows (N, W), as rows of ids (n, order)."""
+    x = windows.numpy().astype(np.int64)
+    return np.stack([x[:, i: x.shape[1] - order + 1 + i] for i in range(order)], axis=-1).reshape(-1, order)
+
+
+def _general_gate(tokenizer: Any, general: Path, domain: torch.Tensor, vocab: int) -> np.ndarray:
+    """log(p_domain(t) / p_general(t)) per id, add-one unigram estimates."""
+    text = Path(general).expanduser().read_text(encoding="utf-8", errors="replace")
+    gen = np.bincount(np.array(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64), minlength=vocab)[:vocab] + 1.0
+    dom = np.bincount(domain.reshape(-1).numpy().astype(np.int64), minlength=vocab)[:vocab] + 1.0
+    return np.log(dom / dom.sum()) - np.log(gen / gen.sum())
+
+
+def ngram_stage(model: str, data: list[Path], *, name: str, from_text: bool = False, order: int = ORDER,
+                walk: Walk = Walk(), general: Path | None = None, max_entries: int | None = None,
+                store: Store | None = None) -> ModelCard:
+    """Install `name`: an `order`-gram model over `model`'s tokenizer, read off `model` as a teacher from the
+    domain text `data` (or, from_text, counted from the text alone: the classic baseline), Kneser-Ney smoothed on
+    expected counts, discounts fitted on 5% of the text held out; pruned to about max_entries n-grams if given."""
+    store = store or Store()
+    name = validate_name(name)
+    store.check_free(name)
+    if not data:
+        raise SlmkitError("no data given", "Give the domain text: slmkit ngram --data FILE (text, JSONL or CSV).")
+    folder, card = (store.require(model), store.card(model)) if from_text else float_parent(store, model)
+    tokenizer, config = load_tokenizer(folder), model_config(folder)
+    vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+    if not 1 <= order <= ng.max_order(vocab):
+        raise SlmkitError(f"--order {order}: a {vocab}-token vocabulary allows orders 1 to {ng.max_order(vocab)}", "Give --order 3 (the default) or 4.")
+    if walk.depth < 0 or walk.branch < 0 or not 0 < walk.threshold <= 1 or walk.budget < walk.window or walk.top < 1:
+        raise SlmkitError(f"walk settings out of range: {walk}", f"--threshold in (0, 1], --budget at least {walk.window} tokens, --top at least 1, depth and branches >= 0.")
+    bits = ng.bits_for(vocab)
+    train, valid, info = td.build(tokenizer, list(data), seq_len=walk.window - 1, valid_fraction=0.05)
+    started = time.perf_counter()
+    if from_text:
+        keys = ng.encode(_grams(train.ids, order), bits)
+        observed, read = np.ones(len(keys)), {"text_tokens": int(train.ids.numel())}
+    else:
+        teacher, _ = load_float(folder, dtype=torch.float32, what=f"Loading the teacher {model}")
+        gate = _general_gate(tokenizer, general, train.ids, vocab) if general else None
+        total = min(walk.budget, int(train.ids.numel()))
+        with progress.bar(f"Reading {model} (tree of its likeliest branches)", total) as advance:
+            keys, observed, read = _teacher_walk(teacher, train.ids, order, walk, bits, gate, advance)
+        del teacher
+    with progress.step("Counting (expected counts) and fitting the discounts on held-out text"):
+        counts = ng.all_orders(ng.count_stats(keys, observed), order, bits)
+        threshold = _threshold_for(counts, vocab, max_entries)
+        if len(valid):
+            grams = _grams(valid.ids, order)  # each held-out position with a full history
+            hist, nxt = grams[:, :-1], grams[:, -1]
+            discounts = ng.fit_discounts(counts, vocab, bits, hist, nxt, min_expected=threshold)
+        else:
+            hist = nxt = None
+            discounts = [ng.closed_discounts(c) for c in counts]
+        levels = [ng.estimate_level(c, k + 1, bits, discounts[k], threshold) for k, c in enumerate(counts)]
+        built = ng.backoff_form(levels, vocab)
+    held_ppl = math.exp(-float(ng.logprob(built, hist, nxt).mean())) if hist is not None else None
+    words = arpa_words(tokenizer, vocab)
+    top = _top_contexts(built, counts[-1], tokenizer, bits)
+    config = {**NGRAM_CONFIG, NGRAM_KEY: {"order": order, "vocab_size": vocab, "words": "tokens" if words[0] != "<id:0>" else "ids",
+                                          "context_length": int(getattr(config, "max_position_embeddings", 0) or FALLBACK_CONTEXT)}}
+
+    def write(staging: Path) -> None:
+        with progress.step(f"Writing {name} ({built.entries:,} n-grams, ARPA)"):
+            ng.write_arpa(built, staging / NGRAM_FILE, words.__getitem__)
+            tokenizer.save_pretrained(str(staging))
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    settings = {"source": "text" if from_text else "teacher", "order": order, "data": info,
+                **({} if from_text else {"walk": walk.__dict__, "general_text": str(general) if general else None}),
+                **read, "observations": int(len(keys)), "seconds": round(time.perf_counter() - started, 1),
+                "entries": [len(k) for k in built.keys], "max_entries": max_entries, "min_expected_count": threshold,
+                "discounts": [[round(d, 4) for d in ds] for ds in discounts], "held_out_perplexity": held_ppl,
+                "top_contexts": top}
+    return store.derive(name, write, stage="ngram", parent=model, parameters=built.entries, settings=settings)
+
+
+def _threshold_for(counts: list[ng.Counts], vocab: int, max_entries: int | None) -> float:
+    """The least expected count an n-gram above the unigrams needs for the model to hold about max_entries
+    n-grams (0: keep all)."""
+    if not max_entries:
+        return 0.0
+    if max_entries <= vocab:
+        raise SlmkitError(f"--max-entries {max_entries} leaves nothing beyond the {vocab} unigrams", f"Give more than {vocab}.")
+    expected = np.sort(np.concatenate([c.expected for c in counts[1:]]))[::-1] if len(counts) > 1 else np.zeros(0)
+    room = max_entries - vocab
+    return 0.0 if room >= len(expected) else float(expected[room])
+
+
+def _top_contexts(model: ng.NgramModel, top: ng.Counts, tokenizer: Any, bits: int) -> list[dict[str, Any]]:
+    """The contexts counted most at the highest order, each with its likeliest branches (text), for `models show`."""
+    if model.order < 2:
+        return []
+    ctx = top.keys >> bits
+    uniq, inverse = np.unique(ctx, return_inverse=True)
+    weight = np.bincount(inverse, weights=top.expected)
+    best = uniq[np.argsort(-weight)]
+    out = []
+    for hist, branches in ng.top_branches(model, best, TOP_CONTEXTS, TOP_BRANCHES):
+        out.append({"context": tokenizer.decode(hist), "branches": [[tokenizer.decode([t]), round(p, 4)] for t, p in branches]})
+    return out
