@@ -73,3 +73,13 @@ def decode_speeds(fast, prompt: list[int]) -> dict[str, float]:
         fast.forward(cache, ids)
         res["prefill_512_tok_s"] = 512 / (time.perf_counter() - t0)
     return res
+
+
+def token_logprobs(backend, window: list[int]):
+    """Each token's log-probability after the window's tokens before it (numpy (T-1,)), through the backend's
+    logprob_rows: what a perplexity is made of, for any engine."""
+    import torch
+
+    with torch.inference_mode():
+        rows = backend.logprob_rows(window)  # (T-1, V)
+        return rows.gather(-1, torch.tensor(window[1:])[:, None]).squeeze(-1).double().numpy()

@@ -67,7 +67,11 @@ def test_an_ngram_model_is_a_store_model(store, domain):
     assert "3-gram model" in r.output and "tokens read by the teacher" in r.output
     card = store.card("ng")
     s = card.settings
-    assert card.stage == "ngram" and card.parent == "tiny" and s["source"] == "teacher" and s["branch_nodes"] > 0
+    assert card.stage == "ngram" and card.parent == "tiny" and s["source"] == "text and teacher" and s["branch_nodes"] > 0
+    # the teacher's weight beside the text: the one of those tried that held-out text liked best
+    tried = {float(w): p for w, p in s["held_out_by_weight"].items()}
+    assert set(tried) == {0.0, 0.1, 0.3, 1.0} and s["teacher_weight"] == min(tried, key=tried.get)
+    assert s["held_out_perplexity"] == tried[s["teacher_weight"]]
     assert 2000 <= s["teacher_tokens"] <= 2000 + 128 and s["held_out_perplexity"] > 1
     assert sum(s["entries"]) == card.parameters and sum(s["entries"]) < 2500 * 1.5  # pruned to about the size asked
     arpa = (store.require("ng") / "model.arpa").read_text()
@@ -99,8 +103,8 @@ def test_the_classic_model_of_the_text_and_the_whitebox_differ(store, domain):
     from slmkit.train.ngram import Walk, ngram_stage
 
     text = ngram_stage("tiny", [domain], name="counted", from_text=True)
-    read = ngram_stage("tiny", [domain], name="read", walk=Walk(budget=1000, depth=1, threshold=0.01))
-    assert text.settings["source"] == "text" and "walk" not in text.settings
+    read = ngram_stage("tiny", [domain], name="read", teacher_only=True, walk=Walk(budget=1000, depth=1, threshold=0.01))
+    assert text.settings["source"] == "text" and "walk" not in text.settings and read.settings["source"] == "teacher"
     # the text repeats itself: counted from it, the next token of held-out text is all but certain
     assert text.settings["held_out_perplexity"] < 1.5 < read.settings["held_out_perplexity"]
     a, b = load("counted").backend, load("read").backend
@@ -114,8 +118,12 @@ def test_ngram_refuses_bad_settings_with_what_to_do(store, domain):
     assert r.exit_code == 1 and "allows orders 1 to 6" in r.output
     r = run("--name", "x", "--threshold", "0")
     assert r.exit_code == 1 and "--threshold in (0, 1]" in r.output
-    r = run("--name", "x", "--max-entries", "100")
-    assert r.exit_code == 1 and "nothing beyond the 320 unigrams" in r.output
+    r = run("--name", "x", "--teacher-weight", "2")
+    assert r.exit_code == 1 and "(0, 1]" in r.output
+    r = run("--name", "x", "--from-text", "--teacher-only")
+    assert r.exit_code == 1 and "exclude each other" in r.output
+    r = run("--name", "x", "--max-entries", "0")
+    assert r.exit_code == 1 and "positive number" in r.output
     assert not (store.root / "x").exists()
 
 

@@ -99,7 +99,9 @@ def test_discounts_fitted_on_held_out_text_do_not_lose_to_the_closed_form():
 
 def test_pruning_keeps_the_model_normalized_and_smaller():
     _, counts = _random_model(3)
-    pruned = [ng.estimate_level(c, k + 1, BITS, ng.closed_discounts(c), min_expected=1.0) for k, c in enumerate(counts)]
+    keep = ng.prune_masks(counts, V, 600)
+    assert sum(int(m.sum()) for m in keep[1:]) == 600 - V  # the most counted types above the unigrams, any order
+    pruned = [ng.estimate_level(c, k + 1, BITS, ng.closed_discounts(c), keep[k]) for k, c in enumerate(counts)]
     full = [ng.estimate_level(c, k + 1, BITS, ng.closed_discounts(c)) for k, c in enumerate(counts)]
     small, big = ng.backoff_form(pruned, V), ng.backoff_form(full, V)
     assert small.entries < big.entries

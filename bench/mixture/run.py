@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
-from common import BASE, cpu_line, exists, RESULTS, slmkit  # noqa: E402
+from common import BASE, cpu_line, exists, RESULTS, slmkit, token_logprobs  # noqa: E402
 
 WINDOW = 256  # tokens per evaluation window
 HELD = 0.1  # the tail of each domain's text is held out
@@ -62,15 +62,8 @@ def windows(tokenize, held: dict[str, str], n: int) -> dict[str, list[list[int]]
 
 
 def perplexity(backend, wins: list[list[int]]) -> float:
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for w in wins:
-            rows = backend.logprob_rows(w)  # (T-1, V)
-            nll -= float(rows.gather(-1, torch.tensor(w[1:])[:, None]).sum())
-            count += len(w) - 1
-    return math.exp(nll / count)
+    lps = [token_logprobs(backend, w) for w in wins]
+    return math.exp(-sum(float(x.sum()) for x in lps) / sum(len(x) for x in lps))
 
 
 def main() -> None:

@@ -20,6 +20,8 @@ def ngram(
     name: Annotated[str, typer.Option("--name", help="Name of the n-gram model in the store.")],
     teacher: Annotated[str | None, typer.Option("--teacher", help="Store model (float weights) to read; its tokenizer is the n-gram's. Default: the default model.")] = None,
     from_text: Annotated[bool, typer.Option("--from-text", help="Count the text alone (the classic Kneser-Ney model; the teacher lends only its tokenizer).")] = False,
+    teacher_only: Annotated[bool, typer.Option("--teacher-only", help="Count only what the teacher writes (its distributions along the text and its branches), not the text's own tokens.")] = False,
+    teacher_weight: Annotated[float | None, typer.Option("--teacher-weight", help="Weight of the teacher's fractional counts beside the text's own (default: fitted on held-out text).")] = None,
     order: Annotated[int, typer.Option("--order", help="n: tokens per n-gram (the context is n-1 tokens).")] = ORDER,
     budget: Annotated[int, typer.Option("--budget", help="Tokens the teacher reads, text and branches.")] = _W.budget,
     depth: Annotated[int, typer.Option("--depth", help="Levels of branches below each position of the text.")] = _W.depth,
@@ -32,18 +34,20 @@ def ngram(
     as_json: JsonOpt = False,
 ) -> None:
     """A whitebox student: walk the teacher's likeliest branches from every position of your domain text, count its
-    next-token distributions as fractional counts, smooth them (Kneser-Ney on expected counts) into an n-gram model
-    stored as an ARPA file you can read. Runs, chats, evaluates and serves like any model."""
+    next-token distributions as fractional counts beside the text's own, smooth them (Kneser-Ney on expected counts)
+    into an n-gram model stored as an ARPA file you can read. Runs, chats, evaluates and serves like any model."""
     from slmkit.train.ngram import ngram_stage
 
     walk = Walk(budget=budget, depth=depth, branch=branch, threshold=threshold, top=top, gate=gate)
-    card = ngram_stage(model_or_default(teacher), data, name=name, from_text=from_text, order=order, walk=walk,
+    card = ngram_stage(model_or_default(teacher), data, name=name, from_text=from_text, teacher_only=teacher_only,
+                       teacher_weight=teacher_weight, order=order, walk=walk,
                        general=general, max_entries=max_entries)
     if as_json:
         print_json(card)
         return
     s = card.settings
     ppl = f", held-out perplexity {s['held_out_perplexity']:.2f}" if s.get("held_out_perplexity") else ""
-    source = "the text" if from_text else f"{s['teacher_tokens']:,} tokens read by the teacher"
+    source = ("the text" if from_text else f"{s['teacher_tokens']:,} tokens read by the teacher"
+              + ("" if teacher_only else f" (weight {s['teacher_weight']}) and the text's {s['text_tokens']:,}"))
     typer.echo(f"made {card.name}: a {s['order']}-gram model with {sum(s['entries']):,} n-grams from {source}{ppl}; "
                f"run it as any model: slmkit run {card.name} ...; see its top contexts: slmkit models show {card.name}")

@@ -140,16 +140,16 @@ class Level:
     gamma: np.ndarray
 
 
-def estimate_level(c: Counts, k: int, bits: int, discounts: Sequence[float], min_expected: float = 0.0) -> Level:
-    """Order k of the interpolated model; with min_expected, types seen less (in expectation) are dropped and their
-    mass goes to the context's gamma (the unigram level is never pruned)."""
+def estimate_level(c: Counts, k: int, bits: int, discounts: Sequence[float], keep: np.ndarray | None = None) -> Level:
+    """Order k of the interpolated model; with `keep` (a mask over the types), the others are dropped and their mass
+    goes to the context's gamma (prune_masks; the unigram level is never pruned)."""
     d1, d2, d3 = discounts
     disc = np.maximum(c.expected - d1 * c.dist[:, 1] - d2 * c.dist[:, 2] - d3 * c.dist[:, 3:].sum(1), 0.0)
     ctx_of = c.keys >> bits if k > 1 else np.zeros(len(c.keys), dtype=np.int64)
     ctx, inverse = np.unique(ctx_of, return_inverse=True)
     total = np.bincount(inverse, weights=c.expected, minlength=len(ctx))
     a = disc / np.maximum(total[inverse], 1e-300)
-    keep = np.ones(len(a), dtype=bool) if k == 1 or min_expected <= 0 else c.expected >= min_expected
+    keep = np.ones(len(a), dtype=bool) if k == 1 or keep is None else keep
     kept_share = np.bincount(inverse[keep], weights=a[keep], minlength=len(ctx))
     live = np.bincount(inverse[keep], minlength=len(ctx)) > 0
     return Level(c.keys[keep], a[keep], ctx[live], np.clip(1.0 - kept_share[live], 0.0, 1.0))
@@ -176,18 +176,34 @@ def interp_logprob(levels: list[Level], vocab: int, bits: int, hist: np.ndarray,
     return np.log(np.maximum(p, 1e-300))
 
 
+def prune_masks(counts: list[Counts], vocab: int, max_entries: int | None) -> list[np.ndarray | None]:
+    """Which types of each order a model of about max_entries n-grams keeps: all unigrams, and above them the types
+    with the largest expected counts, whatever their order (None: keep all)."""
+    if not max_entries:
+        return [None] * len(counts)
+    expected = np.concatenate([c.expected for c in counts[1:]]) if len(counts) > 1 else np.zeros(0)
+    kept = np.zeros(len(expected), dtype=bool)
+    kept[np.argsort(-expected, kind="stable")[:max(0, max_entries - vocab)]] = True
+    out: list[np.ndarray | None] = [None]
+    for c in counts[1:]:
+        out.append(kept[:len(c.keys)])
+        kept = kept[len(c.keys):]
+    return out
+
+
 def fit_discounts(counts: list[Counts], vocab: int, bits: int, hist: np.ndarray, w: np.ndarray, *,
-                  steps: int = 10, min_expected: float = 0.0,
+                  steps: int = 10, keep: Sequence[np.ndarray | None] | None = None,
                   advance: Callable[[int], None] = lambda n: None) -> list[tuple[float, float, float]]:
     """Each order's discounts: Chen and Goodman's closed form scaled by the factor (0.2 to 1.8) that gives held-out
     text (hist, w) the highest likelihood, found by golden-section search order by order, lowest first."""
     base = [closed_discounts(c) for c in counts]
     scales = [1.0] * len(counts)
-    levels = [estimate_level(c, k + 1, bits, base[k], min_expected) for k, c in enumerate(counts)]
+    keep = list(keep) if keep is not None else [None] * len(counts)
+    levels = [estimate_level(c, k + 1, bits, base[k], keep[k]) for k, c in enumerate(counts)]
 
     def loss(k: int, s: float) -> float:
         trial = levels.copy()
-        trial[k] = estimate_level(counts[k], k + 1, bits, [min(x * s, i + 1) for i, x in enumerate(base[k])], min_expected)
+        trial[k] = estimate_level(counts[k], k + 1, bits, [min(x * s, i + 1) for i, x in enumerate(base[k])], keep[k])
         return -float(interp_logprob(trial, vocab, bits, hist, w).mean())
 
     ratio = (math.sqrt(5) - 1) / 2
@@ -205,7 +221,7 @@ def fit_discounts(counts: list[Counts], vocab: int, bits: int, hist: np.ndarray,
                 x2 = lo + ratio * (hi - lo)
                 f2 = loss(k, x2)
         scales[k] = x1 if f1 <= f2 else x2
-        levels[k] = estimate_level(counts[k], k + 1, bits, [min(x * scales[k], i + 1) for i, x in enumerate(base[k])], min_expected)
+        levels[k] = estimate_level(counts[k], k + 1, bits, [min(x * scales[k], i + 1) for i, x in enumerate(base[k])], keep[k])
         advance(1)
     return [tuple(min(x * s, i + 1) for i, x in enumerate(b)) for b, s in zip(base, scales)]  # type: ignore[misc]
 

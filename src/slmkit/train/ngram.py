@@ -50,6 +50,8 @@ class Walk:
 
 
 ORDER = 3
+TEACHER_WEIGHTS = (0.0, 0.1, 0.3, 1.0)  # tried on held-out text, times the teacher's fractional counts beside the text's own
+UNFITTED_WEIGHT = 0.3  # where the text is too short to hold any out
 TOP_CONTEXTS = 8  # shown by `slmkit models show`, with their likeliest branches
 TOP_BRANCHES = 5
 
@@ -88,6 +90,7 @@ def _teacher_walk(model: Any, windows: torch.Tensor, order: int, walk: Walk, bit
     for x in windows:
         if read >= walk.budget:
             break
+        before = read
         x = x.tolist()
         w = len(x)
         cache = DynamicCache(config=model.config)
@@ -133,7 +136,7 @@ def _teacher_walk(model: Any, windows: torch.Tensor, order: int, walk: Walk, bit
             read += len(children)
             nodes += len(children)
             level = new_level
-        advance(w)
+        advance(read - before)
     return np.concatenate(keys), np.concatenate(probs), {"teacher_tokens": read, "branch_nodes": nodes}
 
 
@@ -151,18 +154,26 @@ def _general_gate(tokenizer: Any, general: Path, domain: torch.Tensor, vocab: in
     return np.log(dom / dom.sum()) - np.log(gen / gen.sum())
 
 
-def ngram_stage(model: str, data: list[Path], *, name: str, from_text: bool = False, order: int = ORDER,
-                walk: Walk = Walk(), general: Path | None = None, max_entries: int | None = None,
-                store: Store | None = None) -> ModelCard:
-    """Install `name`: an `order`-gram model over `model`'s tokenizer, read off `model` as a teacher from the
-    domain text `data` (or, from_text, counted from the text alone: the classic baseline), Kneser-Ney smoothed on
-    expected counts, discounts fitted on 5% of the text held out; pruned to about max_entries n-grams if given."""
+def ngram_stage(model: str, data: list[Path], *, name: str, from_text: bool = False, teacher_only: bool = False,
+                teacher_weight: float | None = None, order: int = ORDER, walk: Walk = Walk(), general: Path | None = None,
+                max_entries: int | None = None, store: Store | None = None) -> ModelCard:
+    """Install `name`: an `order`-gram model over `model`'s tokenizer from the domain text `data`: the text's own
+    counts plus `teacher_weight` times the fractional counts read off `model` as a teacher (the weight fitted on
+    held-out text when None); from_text counts the text alone (the classic model), teacher_only reads the teacher
+    alone. Kneser-Ney on expected counts, discounts fitted on 5% of the text held out; pruned to about max_entries
+    n-grams if given."""
     store = store or Store()
     name = validate_name(name)
     store.check_free(name)
     if not data:
         raise SlmkitError("no data given", "Give the domain text: slmkit ngram --data FILE (text, JSONL or CSV).")
-    folder, card = (store.require(model), store.card(model)) if from_text else float_parent(store, model)
+    if from_text and teacher_only:
+        raise SlmkitError("--from-text and --teacher-only exclude each other", "Give one: the text alone, or the teacher alone.")
+    if max_entries is not None and max_entries <= 0:
+        raise SlmkitError(f"--max-entries {max_entries}: give a positive number of n-grams", "Or leave it out to keep every n-gram.")
+    if teacher_weight is not None and not 0 < teacher_weight <= 1:
+        raise SlmkitError(f"--teacher-weight {teacher_weight}: give a weight in (0, 1]", "Or leave it out: it is fitted on held-out text.")
+    folder = store.require(model) if from_text else float_parent(store, model)[0]
     tokenizer, config = load_tokenizer(folder), model_config(folder)
     vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
     if not 1 <= order <= ng.max_order(vocab):
@@ -172,31 +183,27 @@ def ngram_stage(model: str, data: list[Path], *, name: str, from_text: bool = Fa
     bits = ng.bits_for(vocab)
     train, valid, info = td.build(tokenizer, list(data), seq_len=walk.window - 1, valid_fraction=0.05)
     started = time.perf_counter()
-    if from_text:
-        keys = ng.encode(_grams(train.ids, order), bits)
-        observed, read = np.ones(len(keys)), {"text_tokens": int(train.ids.numel())}
-    else:
+    text = np.zeros(0, dtype=np.int64) if teacher_only else ng.encode(_grams(train.ids, order), bits)
+    keys, observed, read = np.zeros(0, dtype=np.int64), np.zeros(0), {"text_tokens": int(train.ids.numel())}
+    if not from_text:
         teacher, _ = load_float(folder, dtype=torch.float32, what=f"Loading the teacher {model}")
         gate = _general_gate(tokenizer, general, train.ids, vocab) if general else None
-        total = min(walk.budget, int(train.ids.numel()))
-        with progress.bar(f"Reading {model} (tree of its likeliest branches)", total) as advance:
-            keys, observed, read = _teacher_walk(teacher, train.ids, order, walk, bits, gate, advance)
+        with progress.bar(f"Reading {model} (tree of its likeliest branches)", walk.budget) as advance:
+            keys, observed, walked = _teacher_walk(teacher, train.ids, order, walk, bits, gate, advance)
+        read |= walked
         del teacher
+    grams = _grams(valid.ids, order) if len(valid) else None  # each held-out position with a full history
+    weights = ((0.0,) if from_text else (1.0,) if teacher_only else (teacher_weight,) if teacher_weight
+               else TEACHER_WEIGHTS if grams is not None else (UNFITTED_WEIGHT,))
     with progress.step("Counting (expected counts) and fitting the discounts on held-out text"):
-        counts = ng.all_orders(ng.count_stats(keys, observed), order, bits)
-        threshold = _threshold_for(counts, vocab, max_entries)
-        if len(valid):
-            grams = _grams(valid.ids, order)  # each held-out position with a full history
-            hist, nxt = grams[:, :-1], grams[:, -1]
-            discounts = ng.fit_discounts(counts, vocab, bits, hist, nxt, min_expected=threshold)
-        else:
-            hist = nxt = None
-            discounts = [ng.closed_discounts(c) for c in counts]
-        levels = [ng.estimate_level(c, k + 1, bits, discounts[k], threshold) for k, c in enumerate(counts)]
-        built = ng.backoff_form(levels, vocab)
-    held_ppl = math.exp(-float(ng.logprob(built, hist, nxt).mean())) if hist is not None else None
+        fits = {w: _fit(np.concatenate([text, keys]), np.concatenate([np.ones(len(text)), w * observed]), order, vocab, grams, max_entries)
+                for w in weights}
+    weight = min(fits, key=lambda w: fits[w]["held_out_perplexity"] or 0.0)
+    fit = fits[weight]
+    built, counts = fit.pop("model"), fit.pop("counts")
+    if weight == 0.0 and not from_text:
+        progress.warn("reading the teacher did not help on held-out text (weight 0 fitted best): the model is the text's own counts")
     words = arpa_words(tokenizer, vocab)
-    top = _top_contexts(built, counts[-1], tokenizer, bits)
     config = {**NGRAM_CONFIG, NGRAM_KEY: {"order": order, "vocab_size": vocab, "words": "tokens" if words[0] != "<id:0>" else "ids",
                                           "context_length": int(getattr(config, "max_position_embeddings", 0) or FALLBACK_CONTEXT)}}
 
@@ -206,36 +213,39 @@ def ngram_stage(model: str, data: list[Path], *, name: str, from_text: bool = Fa
             tokenizer.save_pretrained(str(staging))
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    settings = {"source": "text" if from_text else "teacher", "order": order, "data": info,
-                **({} if from_text else {"walk": walk.__dict__, "general_text": str(general) if general else None}),
-                **read, "observations": int(len(keys)), "seconds": round(time.perf_counter() - started, 1),
-                "entries": [len(k) for k in built.keys], "max_entries": max_entries, "min_expected_count": threshold,
-                "discounts": [[round(d, 4) for d in ds] for ds in discounts], "held_out_perplexity": held_ppl,
-                "top_contexts": top}
+    source = "text" if from_text else "teacher" if teacher_only else "text and teacher"
+    settings = {"source": source, "order": order, "data": info,
+                **({} if from_text else {"walk": walk.__dict__, "general_text": str(general) if general else None,
+                                         "teacher_weight": weight, "held_out_by_weight": {str(w): f["held_out_perplexity"] for w, f in fits.items()}}),
+                **read, "observations": int(len(text) + len(keys)), "seconds": round(time.perf_counter() - started, 1),
+                "max_entries": max_entries, **fit, "top_contexts": _top_contexts(built, counts[-1], tokenizer)}
     return store.derive(name, write, stage="ngram", parent=model, parameters=built.entries, settings=settings)
 
 
-def _threshold_for(counts: list[ng.Counts], vocab: int, max_entries: int | None) -> float:
-    """The least expected count an n-gram above the unigrams needs for the model to hold about max_entries
-    n-grams (0: keep all)."""
-    if not max_entries:
-        return 0.0
-    if max_entries <= vocab:
-        raise SlmkitError(f"--max-entries {max_entries} leaves nothing beyond the {vocab} unigrams", f"Give more than {vocab}.")
-    expected = np.sort(np.concatenate([c.expected for c in counts[1:]]))[::-1] if len(counts) > 1 else np.zeros(0)
-    room = max_entries - vocab
-    return 0.0 if room >= len(expected) else float(expected[room])
+def _fit(keys: np.ndarray, observed: np.ndarray, order: int, vocab: int, grams: np.ndarray | None,
+         max_entries: int | None) -> dict[str, Any]:
+    """The model of some observations: counts of every order, pruning threshold, discounts fitted on the held-out
+    grams (closed form without them), the backoff form and its held-out perplexity."""
+    bits = ng.bits_for(vocab)
+    counts = ng.all_orders(ng.count_stats(keys, observed), order, bits)
+    keep = ng.prune_masks(counts, vocab, max_entries)
+    if grams is not None:
+        discounts = ng.fit_discounts(counts, vocab, bits, grams[:, :-1], grams[:, -1], keep=keep)
+    else:
+        discounts = [ng.closed_discounts(c) for c in counts]
+    built = ng.backoff_form([ng.estimate_level(c, k + 1, bits, discounts[k], keep[k]) for k, c in enumerate(counts)], vocab)
+    ppl = math.exp(-float(ng.logprob(built, grams[:, :-1], grams[:, -1]).mean())) if grams is not None else None
+    return {"model": built, "counts": counts, "entries": [len(k) for k in built.keys],
+            "discounts": [[round(d, 4) for d in ds] for ds in discounts], "held_out_perplexity": ppl}
 
 
-def _top_contexts(model: ng.NgramModel, top: ng.Counts, tokenizer: Any, bits: int) -> list[dict[str, Any]]:
+def _top_contexts(model: ng.NgramModel, top: ng.Counts, tokenizer: Any) -> list[dict[str, Any]]:
     """The contexts counted most at the highest order, each with its likeliest branches (text), for `models show`."""
     if model.order < 2:
         return []
-    ctx = top.keys >> bits
-    uniq, inverse = np.unique(ctx, return_inverse=True)
+    contexts, inverse = np.unique(top.keys >> model.bits, return_inverse=True)
     weight = np.bincount(inverse, weights=top.expected)
-    best = uniq[np.argsort(-weight)]
     out = []
-    for hist, branches in ng.top_branches(model, best, TOP_CONTEXTS, TOP_BRANCHES):
+    for hist, branches in ng.top_branches(model, contexts[np.argsort(-weight)], TOP_CONTEXTS, TOP_BRANCHES):
         out.append({"context": tokenizer.decode(hist), "branches": [[tokenizer.decode([t]), round(p, 4)] for t, p in branches]})
     return out
