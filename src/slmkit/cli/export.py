@@ -17,7 +17,7 @@ from slmkit.gguf_tables import DEFAULT_PPL_BUDGET, GGUF_TYPES
 def export(
     model: ModelOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama) or hf (a plain Hugging Face folder with a README model card).")] = "gguf",
-    gguf_type: Annotated[str, typer.Option("--type", help=f"GGUF type: {', '.join(GGUF_TYPES)}, or auto (the smallest within --ppl-budget, measured).")] = "Q8_0",
+    gguf_type: Annotated[str | None, typer.Option("--type", help=f"GGUF type: {', '.join(GGUF_TYPES)}, or auto (the smallest within --ppl-budget, measured). [default: Q8_0; a model trained onto a type's grid (quantize --method qat): that type]")] = None,
     ppl_budget: Annotated[float, typer.Option("--ppl-budget", help="For --type auto: the perplexity increase over F32 allowed, as a share.")] = DEFAULT_PPL_BUDGET,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: $SLMKIT_HOME/exports/MODEL-TYPE).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Also install the GGUF in the store under this name.")] = None,
@@ -51,6 +51,10 @@ def export(
         return
     if lora_adapter and name:
         raise SlmkitError("--name installs one GGUF in the store; an adapter kept apart is two files", "Drop --name, or --lora-adapter.")
+    if gguf_type is None:  # a quantization-aware-trained child exports to the type it was trained for
+        from slmkit.store import Store
+
+        gguf_type = (Store().card(model).settings.get("qat") or {}).get("type", "Q8_0")
     res = export_model(model, gguf_type, out_dir=out, store_as=name, imatrix=imatrix, lora_adapter=lora_adapter, ppl_budget=ppl_budget)
     if as_json:
         print_json(res)

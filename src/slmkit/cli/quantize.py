@@ -15,12 +15,15 @@ from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD
 @handle_errors
 def quantize(
     model: ModelOpt = None,
-    scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel), int4 (per group), or w8a8 (int8 weights and activations: the integer units).")] = "int8",
+    scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel), int4 (per group), w8a8 (int8 weights and activations: the integer units), or gguf:Q4_0 (Q4_1, Q5_0, Q5_1, Q8_0) with --method qat: trained onto llama.cpp's grid.")] = "int8",
     group_size: Annotated[int | None, typer.Option("--group-size", help=f"int4 group size: 32, 64 or 128. [default: {DEFAULT_GROUP}]")] = None,
-    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib), smoothquant (w8a8; --calib optional).")] = DEFAULT_METHOD,
+    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib), smoothquant (w8a8; --calib optional), qat (gguf: schemes; needs --data).")] = DEFAULT_METHOD,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq/smoothquant.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-SCHEME[-gG]-METHOD).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="qat: training text (text, JSON lines or CSV; repeatable).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="qat: optimizer steps (batches of 4 windows of 256 tokens).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="qat: go on from the run's last checkpoint.")] = False,
     portable: Annotated[bool, typer.Option("--portable", help="Only forms compressed-tensors holds, so transformers and vLLM read the child (int4: integer zero points even where free minimums fit far better, as on a model from a Q4_1 GGUF; AWQ refused).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -35,6 +38,9 @@ def quantize(
 
 
     model = model_or_default(model)
+    if scheme.lower().startswith("gguf:") or method == "qat":
+        _qat(model, scheme, method, data, steps, name, resume, as_json)
+        return
     card = quantize_stage(model, scheme, method=method, group_size=group_size, calib=calib, name=name, portable=portable)
     if as_json:
         print_json(card)
@@ -46,3 +52,26 @@ def quantize(
         typer.echo(f"note: saved in {card.settings['format']}")
     if ppl:
         typer.echo(describe_delta(quick_perplexity(load(model)), quick_perplexity(load(card.name))))
+
+
+def _qat(model: str, scheme: str, method: str, data: list[Path] | None, steps: int | None, name: str | None, resume: bool,
+         as_json: bool) -> None:
+    """Quantization-aware training onto a llama.cpp type's grid (train/qat.py)."""
+    from slmkit.errors import SlmkitError
+    from slmkit.train.qat import STEPS, qat_stage
+
+    if not scheme.lower().startswith("gguf:") or method != "qat":
+        raise SlmkitError(f"--scheme {scheme} with --method {method}: quantization-aware training is --scheme gguf:TYPE --method qat",
+                          "For example: slmkit quantize MODEL --scheme gguf:Q4_0 --method qat --data train.txt; plain llama.cpp "
+                          "types without training: slmkit export MODEL --type Q4_0.")
+    if not data:
+        raise SlmkitError("quantization-aware training needs text to train on", "Give --data FILE (text, JSON lines or CSV).")
+    card = qat_stage(model, scheme, data, steps=steps or STEPS, name=name, resume=resume)
+    if as_json:
+        print_json(card)
+        return
+    v = card.settings["validation_perplexity"]
+    t = card.settings["qat"]["type"]
+    measured = (f"; validation perplexity {v['before']:.3f} rounded plainly, {v['after']:.3f} trained" if v["before"] and v["after"]
+                else " (too little text to hold any out: no validation perplexity)")
+    typer.echo(f"made {card.name}: weights on llama.cpp's {t} grid{measured}; its GGUF: slmkit export {card.name} --type {t}")

@@ -102,6 +102,7 @@ def distill_stage(
     name: str | None = None, resume: bool = False, store: Store | None = None, read: dict[str, Any] | None = None,
     synthetic: int = 0, synthetic_max_tokens: int = 128, hidden_weight: float = 0.0, teacher_model: str | None = None,
     teacher_key: str | None = None, teacher_rate: float = 0.0,
+    prepare: Callable[[nn.Module], Callable[[], dict[str, Any]]] | None = None, stage: str | None = None,
 ) -> ModelCard:
     """Train store model `student` (or a fresh one, `new:layers=12,...`, initialised from the teacher) from `teacher`
     on `data` files, plus `synthetic` samples the teacher writes, and install the result as `name` (default
@@ -109,7 +110,11 @@ def distill_stage(
 
     A teacher given as a URL (an OpenAI-compatible endpoint, `teacher_model` there) is a black box: it gives answers,
     not log-probabilities, so the student learns its answers to prompts from `data` (`synthetic` of them, default one
-    per example) by next-token loss; the answers are kept in the run and a stopped run goes on after them."""
+    per example) by next-token loss; the answers are kept in the run and a stopped run goes on after them.
+
+    `prepare(student)` changes the student before training (quantization-aware training puts its weights on a
+    grid) and returns what runs after training, before the student is written: its dict goes into the card's
+    settings. `stage` names the stage on the card (default distill, or train without a teacher)."""
     store = store or Store()
     cfg = config or TrainConfig()
     remote = teacher.startswith(("http://", "https://"))
@@ -132,6 +137,7 @@ def distill_stage(
         if not same_tokenizer(tokenizer, load_tokenizer(t_folder)):
             raise SlmkitError(f"{teacher} and {student} have different tokenizers: their token-level distributions cannot be compared",
                               "Pick a student made from the teacher (slmkit prune, lowrank), or one with the same tokenizer.")
+    finish = prepare(net) if prepare is not None else None
     run_dir = settings().home / "runs" / name
     endpoint = Endpoint(teacher, teacher_model, teacher_key) if remote else None
     paths, synth_info = _teacher_written(endpoint, load_teacher, tokenizer, [Path(p) for p in data], run_dir, read=read, synthetic=synthetic,
@@ -168,6 +174,7 @@ def distill_stage(
         return total, {"loss": float(total.detach()), **parts}
 
     result = fit(net, train, valid, cfg, run_dir, loss_fn, resume=resume)
+    finished = finish() if finish is not None else {}
     ppl = lambda v: math.exp(v) if v is not None else None  # noqa: E731
     train_settings = {
         "teacher": teacher if alpha > 0 or remote else None, "teacher_sha256": t_card.files if alpha > 0 else None,
@@ -177,9 +184,10 @@ def distill_stage(
         "seconds": result["seconds"], "processes": result["world"],
         "validation_perplexity": {"before": ppl(result["val_before"]), "after": ppl(result["val_after"])},
         "loss_curve": [{k: h[k] for k in ("step", "loss", "ce", "kd", "hidden", "val_loss") if k in h} for h in result["history"]],
+        **finished,
     }
 
     return store.derive(name, with_loss_curve(float_writer(net, tokenizer, name), name, train_settings["loss_curve"]),
-                        stage="distill" if alpha > 0 else "train",
+                        stage=stage or ("distill" if alpha > 0 else "train"),
                         parent=teacher if fresh else student, settings=train_settings,
                         parameters=count_params(net))
