@@ -144,3 +144,38 @@ def test_a_mixture_whose_specialist_is_gone_says_which(specialists):
     shutil.rmtree(Store().path("other"))
     with pytest.raises(SlmkitError, match="needs other, which the store no longer has"):
         load("mixed")
+
+
+def test_lora_specialists_of_one_base_run_as_rows_of_one_batch(store, tmp_path):
+    """Specialists that are LoRA adapters of one base mix in one batched forward over it (ids 1..D): the same
+    distributions, answers and batches as each adapter run merged on its own."""
+    import json
+
+    from slmkit.engine.mixture import MixtureBackend
+    from slmkit.loading import load
+    from slmkit.route.mix import mix_stage
+    from slmkit.train.finetune import finetune_stage
+    from slmkit.train.loop import TrainConfig
+
+    for name, text in (("a", "The quick brown fox jumps over the lazy dog. "), ("b", "Paris is the capital of France. ")):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(text * 80)
+        finetune_stage("tiny", [path], seq_len=32, config=TrainConfig(steps=3, batch_size=4, lr=5e-2), name=f"lora-{name}")
+    mix_stage(["lora-a", "lora-b"], name="mixed-lora", prior=[0.6, 0.4], share=0.05)
+    shared = load("mixed-lora").backend
+    alone = MixtureBackend([load(n).backend for n in ("lora-a", "lora-b")], [0.6, 0.4], 0.05, names=["lora-a", "lora-b"])
+    assert shared.shared is not None and alone.shared is None
+    ids = shared.encode("The quick brown fox. Paris is the capital of")
+    torch.testing.assert_close(shared.logprob_rows(ids), alone.logprob_rows(ids), atol=1e-4, rtol=1e-4)
+    prompts = [shared.encode("The quick"), shared.encode("Paris is"), shared.encode("the lazy dog")]
+    one = [[s.token for s in shared.stream_steps(p, GREEDY, 6)] for p in prompts]
+    assert one == [[s.token for s in alone.stream_steps(p, GREEDY, 6)] for p in prompts]
+    batch = shared.generate_batch(prompts, GREEDY, 6, stop_at_eos=False)
+    assert [[s.token for s in row][: len(o)] for row, o in zip(batch, one)] == one
+    store_ = shared.batch_store(3)  # rows leave and the others keep their weights and specialists
+    for p in prompts:
+        store_.prefill(p, 0, None, export=False)
+        store_.join()
+    store_.step([one[0][0], one[1][0], one[2][0]])
+    assert store_.keep([0, 2]) == [0, 2] and store_.kv.slots.rows == 4
+    assert json.dumps(shared.weights(ids)) and abs(sum(shared.weights(ids).values()) - 1) < 1e-9

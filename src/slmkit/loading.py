@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slmkit import progress
-from slmkit.card import CARD_JSON, read_card
+from slmkit.card import CARD_JSON, read_card, read_config
 from slmkit.config import DEFAULT_MODEL, settings
 from slmkit.engine import llamacpp_guard
+from slmkit.engine.families import MULTI_LORA_TYPES
 from slmkit.engine.backend import Backend
 from slmkit.engine.mixture import MixtureBackend
 from slmkit.engine.ngram_backend import NgramBackend
@@ -17,8 +18,8 @@ from slmkit.engine.torch_backend import TorchBackend
 from slmkit.errors import SlmkitError
 from slmkit.model import Model
 from slmkit.sources import integrity
-from slmkit.sources.adapters import lora_factors
-from slmkit.sources.forms import has_gguf, is_mixture, is_ngram, is_router, read_mixture
+from slmkit.sources.adapters import base_of, lora_factors, per_row_problem
+from slmkit.sources.forms import has_gguf, is_adapter, is_mixture, is_ngram, is_router, read_mixture
 from slmkit.sources.importer import ensure_default
 from slmkit.store import Store
 
@@ -83,8 +84,13 @@ def open_backend(folder: Path, backend: str, *, serving: bool = False, adapters:
         if gone:
             raise SlmkitError(f"mixture {folder.name} needs {', '.join(gone)}, which the store no longer has",
                               f"Make or import {', '.join(gone)} again, or remove the mixture (slmkit models rm {folder.name}).")
-        return MixtureBackend([open_backend(folder.parent / n, backend, serving=serving) for n in m["specialists"]],
-                              m["prior"], m["share"], names=m["specialists"])
+        folders = [folder.parent / n for n in m["specialists"]]
+        base = _shared_base(folders) if backend == "torch" else None
+        if base is not None:  # LoRA adapters of one base: rows of one batch over it
+            shared = open_backend(base, "torch", serving=serving, adapters=folders)
+            return MixtureBackend([], m["prior"], m["share"], names=m["specialists"], shared=shared)
+        return MixtureBackend([open_backend(f, backend, serving=serving) for f in folders], m["prior"], m["share"],
+                              names=m["specialists"])
     if is_ngram(folder):  # table lookups on slmkit's own engine
         if backend == "llamacpp":
             raise SlmkitError(f"{folder.name} is an n-gram model: it runs on slmkit's own engine, not llama.cpp",
@@ -99,6 +105,18 @@ def open_backend(folder: Path, backend: str, *, serving: bool = False, adapters:
             integrity.require_whole(a, read_card(a))
             opened.fast.add_adapter(lora_factors(a, opened.fast.layers, opened.fast.dtype, opened.fast.block.family.lora_groups))
     return opened
+
+
+def _shared_base(folders: list[Path]) -> Path | None:
+    """The store folder of the base every one of `folders` is a plain LoRA adapter of, where its family runs
+    adapters per row on the lean forward; else None."""
+    if not all(is_adapter(f) and per_row_problem(f) is None for f in folders):
+        return None
+    bases = {base_of(f)[1] for f in folders}
+    if len(bases) != 1:
+        return None
+    base = bases.pop()
+    return base if read_config(base).get("model_type") in MULTI_LORA_TYPES else None
 
 
 def load(name: str | None = None, *, backend: str = "torch", store: Store | None = None) -> Model:

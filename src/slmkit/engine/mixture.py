@@ -3,9 +3,11 @@ own backend and KV; each next-token distribution is their weighted sum, the weig
 token of the prompt and of the answer. Text handling (tokenizer, chat template) is the first specialist's: they
 share one tokenizer (checked when the mixture is made).
 
-Costs: a prompt is read twice by each specialist (once to score its tokens for the weights, once into the KV the
-answer continues from) and every answer token runs every specialist; no prefix cache. Embeddings are the first
-specialist's."""
+Specialists that are LoRA adapters of one base (on its lean forward) run as rows of one batch over the base: a
+text's every position, a prefill and each decode step are one forward for all of them (SharedRows); otherwise each
+runs on its own engine (SeparateRows). Costs: a prompt is read twice (once to score its tokens for the weights,
+once into the KV the answer continues from) and every answer token runs every specialist; no prefix cache.
+Embeddings are the first specialist's (the shared base's)."""
 
 from __future__ import annotations
 
@@ -22,22 +24,96 @@ from slmkit.engine.sampling import SamplingParams
 POSITIONS_AT_ONCE = 128  # positions mixed per piece in logprob_rows: (piece, D, V) floats at a time
 
 
+class SeparateRows:
+    """The specialists' rows of a continuous batch when each runs on its own engine: one batch store each, in step."""
+
+    def __init__(self, stores: list[Any]) -> None:
+        self.stores = stores
+        contexts = [s.context for s in stores if s.context is not None]
+        self.context = min(contexts) if contexts else None
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        return torch.stack([s.prefill(ids, 0, None, export=False)[0].float() for s in self.stores])  # (D, V)
+
+    def join(self) -> None:
+        for s in self.stores:
+            s.join()
+
+    def drop(self) -> None:
+        for s in self.stores:
+            s.drop()
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        return torch.stack([s.step(last).float() for s in self.stores], dim=1)  # (B, D, V)
+
+    def keep(self, rows: list[int]) -> list[int]:
+        orders = [s.keep(rows) for s in self.stores]  # the same order from each (one engine kind, one rule)
+        assert all(o == orders[0] for o in orders), orders
+        return orders[0]
+
+    def clear(self) -> None:
+        for s in self.stores:
+            s.clear()
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.close()
+
+
+class SharedRows:
+    """The specialists' rows when they are LoRA adapters of one base (ids 1..D on its lean forward): a request is D
+    consecutive slots of one slot cache, each with its adapter, and every prefill and decode step is one forward
+    for all of them."""
+
+    context = None
+
+    def __init__(self, slots: Any, count: int) -> None:
+        self.slots, self.d = slots, count
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        out = self.slots.prefill_many([(ids, 0, None, a) for a in range(1, self.d + 1)], export=False)
+        for _ in range(self.d):
+            self.slots.join()
+        return torch.stack([o[0].float() for o in out])  # (D, V)
+
+    def join(self) -> None:
+        pass  # joined at prefill
+
+    def drop(self) -> None:
+        self.slots.keep(list(range(self.slots.rows - self.d)))
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        logits = self.slots.step([t for t in last for _ in range(self.d)])  # (B * D, V)
+        return logits.float().view(len(last), self.d, -1)  # (B, D, V)
+
+    def keep(self, rows: list[int]) -> list[int]:
+        order = self.slots.keep([r * self.d + a for r in rows for a in range(self.d)])
+        requests = [order[i] // self.d for i in range(0, len(order), self.d)]
+        assert order == [r * self.d + a for r in requests for a in range(self.d)], order  # whole requests move
+        return requests
+
+    def clear(self) -> None:
+        self.slots.clear()
+
+    def close(self) -> None:
+        self.slots.close()
+
+
 class MixtureStore:
-    """The continuous batch of a mixture: one batch store per specialist, rows in step, and each row's weights
-    (D,) with the specialists' log-probabilities (D, V) of the token about to be chosen."""
+    """The continuous batch of a mixture: the specialists' rows (SeparateRows or SharedRows) and each request's
+    weights (D,) with the specialists' log-probabilities (D, V) of the token about to be chosen."""
 
     chunked = False
     bursts = False
 
-    def __init__(self, mix: "MixtureBackend", stores: list[Any]) -> None:
-        self.mix, self.stores = mix, stores
-        contexts = [s.context for s in stores if s.context is not None]
-        self.context = min(contexts) if contexts else None
+    def __init__(self, mix: "MixtureBackend", kv: SeparateRows | SharedRows) -> None:
+        self.mix, self.kv = mix, kv
+        self.context = kv.context
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per running row: (log_w (D,), logprobs (D, V))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prefill(self, ids: list[int], reused: int, kv: Any, *, export: bool, **_: Any) -> tuple[torch.Tensor, None]:
-        lps = torch.stack([torch.log_softmax(s.prefill(ids, 0, None, export=False)[0].float(), -1) for s in self.stores])  # (D, V)
+        lps = torch.log_softmax(self.kv.prefill(ids), -1)  # (D, V)
         log_w = self.mix.weights_after(ids)  # (D,)
         self._pending = (log_w, lps)
         return mo.mixed(log_w, lps), None  # no KV for the prefix cache: the weights depend on the whole prompt
@@ -46,38 +122,33 @@ class MixtureStore:
         raise NotImplementedError("a mixture prefills one request at a time (bursts is False)")
 
     def join(self) -> None:
-        for s in self.stores:
-            s.join()
+        self.kv.join()
         assert self._pending is not None
         self.rows.append(self._pending)
         self._pending = None
 
     def drop(self) -> None:
-        for s in self.stores:
-            s.drop()
+        self.kv.drop()
         self._pending = None
 
     def step(self, last: list[int]) -> torch.Tensor:
         prior, share = self.mix.prior, self.mix.share
         log_w = torch.stack([mo.update(w, lp[:, t].double(), prior, share) for (w, lp), t in zip(self.rows, last)])  # (B, D)
-        lps = torch.log_softmax(torch.stack([s.step(last).float() for s in self.stores], dim=1), -1)  # (B, D, V)
+        lps = torch.log_softmax(self.kv.step(last), -1)  # (B, D, V)
         self.rows = [(log_w[r], lps[r]) for r in range(len(last))]
         return mo.mixed(log_w, lps)  # (B, V)
 
     def keep(self, rows: list[int]) -> list[int]:
-        orders = [s.keep(rows) for s in self.stores]  # the same order from each (one engine kind, one rule)
-        assert all(o == orders[0] for o in orders), orders
-        self.rows = [self.rows[r] for r in orders[0]]
-        return orders[0]
+        order = self.kv.keep(rows)
+        self.rows = [self.rows[r] for r in order]
+        return order
 
     def clear(self) -> None:
-        for s in self.stores:
-            s.clear()
+        self.kv.clear()
         self.rows, self._pending = [], None
 
     def close(self) -> None:
-        for s in self.stores:
-            s.close()
+        self.kv.close()
 
 
 class MixtureBackend:
@@ -88,18 +159,21 @@ class MixtureBackend:
     prefix: list[int] = []
 
     def __init__(self, specialists: list[Backend], prior: Sequence[float] | None = None, share: float = 0.0,
-                 names: Sequence[str] = ()) -> None:
-        if not specialists:
-            raise ValueError("a mixture needs specialists")
-        self.specialists, self.share = specialists, float(share)
-        self.names = list(names) or [f"specialist {i}" for i in range(len(specialists))]
-        self.prior = mo.log_prior(prior, len(specialists))
-        self.first = specialists[0]
+                 names: Sequence[str] = (), *, shared: Any = None) -> None:
+        """`shared`: instead of `specialists`, a PyTorch backend of their common base holding them as LoRA adapters
+        1..len(names) on its lean forward (one batched forward for all)."""
+        count = len(names) if shared is not None else len(specialists)
+        if count == 0 or (shared is not None and specialists):
+            raise ValueError("a mixture needs specialists: backends, or a shared base and their names")
+        self.specialists, self.shared, self.share = specialists, shared, float(share)
+        self.names = list(names) or [f"specialist {i}" for i in range(count)]
+        self.prior = mo.log_prior(prior, count)
+        self.first = shared if shared is not None else specialists[0]
 
     # text handling: the first specialist's (one tokenizer for all)
     @property
     def context_length(self) -> int:
-        return min(s.context_length for s in self.specialists)
+        return min(s.context_length for s in self.specialists or [self.shared])
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -136,7 +210,15 @@ class MixtureBackend:
     # the mixture itself
     def token_lls(self, ids: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Each specialist's log-probability of each of ids[1:] (T-1, D), and their rows (T-1, V) each."""
-        rows = [s.logprob_rows(ids).float() for s in self.specialists]
+        if self.shared is not None:  # one forward, a row per adapter, the logits after every position
+            fast, d = self.shared.fast, len(self.names)
+            cache = fast.new_cache(d, capacity=len(ids))
+            cache.adapter[:d] = range(1, d + 1)
+            with torch.inference_mode():
+                every = fast.forward(cache, torch.tensor([list(ids[:-1])] * d), every=True)  # (D, T-1, V)
+            rows = list(torch.log_softmax(every.float(), -1))
+        else:
+            rows = [s.logprob_rows(ids).float() for s in self.specialists]
         target = torch.tensor(list(ids[1:])).unsqueeze(-1)  # (T-1, 1)
         return torch.stack([r.gather(-1, target).squeeze(-1) for r in rows], dim=-1), rows
 
@@ -168,7 +250,9 @@ class MixtureBackend:
         return continuations_by_scoring(self.score_batch, prefix, continuations)
 
     def batch_store(self, slots: int, context: int | None = None) -> MixtureStore:
-        return MixtureStore(self, [s.batch_store(slots, context) for s in self.specialists])
+        if self.shared is not None:
+            return MixtureStore(self, SharedRows(self.shared.batch_store(slots * len(self.names)), len(self.names)))
+        return MixtureStore(self, SeparateRows([s.batch_store(slots, context) for s in self.specialists]))
 
     def stream_steps(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[Step]:
         store = self.batch_store(1, len(prompt_ids) + max_new_tokens)
