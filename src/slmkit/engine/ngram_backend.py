@@ -119,11 +119,11 @@ class NgramBackend(HfText):
 
     def row(self, ids: Sequence[int]) -> torch.Tensor:
         """log p(next | ids) over the vocabulary (V,)."""
-        return torch.from_numpy(ng.dense_row(self.model, ids)).float()
+        return torch.from_numpy(ng.dense_row(self.model, ids, np.float32))
 
     def logprob_rows(self, ids: Sequence[int]) -> torch.Tensor:
         ids = list(ids)
-        return torch.from_numpy(np.stack([ng.dense_row(self.model, ids[: i + 1]) for i in range(len(ids) - 1)])).float()
+        return torch.from_numpy(np.stack([ng.dense_row(self.model, ids[: i + 1], np.float32) for i in range(len(ids) - 1)]))
 
     def score_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[TokenScores]:
         return scores_from_rows(self.logprob_rows, requests)

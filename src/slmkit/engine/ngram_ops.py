@@ -292,10 +292,10 @@ def logprob(model: NgramModel, hist: np.ndarray, w: np.ndarray) -> np.ndarray:
     return lp
 
 
-def dense_row(model: NgramModel, hist: Sequence[int]) -> np.ndarray:
+def dense_row(model: NgramModel, hist: Sequence[int], dtype: type = np.float64) -> np.ndarray:
     """log p(. | hist) over the whole vocabulary (V,), from the last order-1 ids of hist."""
     bits, mask = model.bits, (1 << model.bits) - 1
-    row = model.logp[0].copy()
+    row = model.logp[0].astype(dtype)  # a copy
     hist = list(hist)[-(model.order - 1):] if model.order > 1 else []
     for k in range(2, min(model.order, len(hist) + 1) + 1):
         ckey = 0
