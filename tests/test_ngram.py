@@ -137,3 +137,24 @@ def test_the_domain_gate_keeps_branches_of_the_domain(store, domain, tmp_path):
     gated = ngram_stage("tiny", [domain], name="gated", walk=walk, general=general).settings["branch_nodes"]
     assert 0 < gated < free
     assert np.isfinite(free)
+
+
+def test_an_ngram_model_is_served_with_rows_batched_like_one_at_a_time(store, domain):
+    import concurrent.futures
+
+    from test_serve import Running, client
+
+    from slmkit.train.ngram import Walk, ngram_stage
+
+    ngram_stage("tiny", [domain], name="ng", walk=Walk(budget=600, depth=1, threshold=0.01))
+    s = Running(["ng"], max_tokens_limit=40)
+    try:
+        c = client(s)
+        ask = lambda t: c.completions.create(model="ng", prompt=t, max_tokens=6, temperature=0).choices[0].text  # noqa: E731
+        prompts = ("The quick brown", "Small models run", "Paris is the capital of")
+        alone = [ask(t) for t in prompts]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # rows of one batch, joining and leaving it
+            together = list(pool.map(ask, prompts))
+        assert together == alone and sum(bool(a) for a in alone) >= 2, alone
+    finally:
+        s.stop()
