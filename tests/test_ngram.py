@@ -136,6 +136,10 @@ def test_the_domain_gate_keeps_branches_of_the_domain(store, domain, tmp_path):
     free = ngram_stage("tiny", [domain], name="free", walk=walk).settings["branch_nodes"]
     gated = ngram_stage("tiny", [domain], name="gated", walk=walk, general=general).settings["branch_nodes"]
     assert 0 < gated < free
+    cached = list((store.root.parent / "cache" / "ngram").glob("walk-*.npz"))
+    assert len(cached) == 2  # one reading of the teacher per walk; a third model of the same reading reuses it
+    again = ngram_stage("tiny", [domain], name="smaller", walk=walk, max_entries=2000).settings
+    assert again["branch_nodes"] == free and len(list((store.root.parent / "cache" / "ngram").glob("walk-*.npz"))) == 2
     assert np.isfinite(free)
 
 

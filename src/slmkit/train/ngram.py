@@ -11,9 +11,11 @@ Kneser-Ney on expected counts turns them into the model, its discounts fitted on
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from slmkit import progress
 from slmkit.card import ModelCard
 from slmkit.compress.parents import float_parent
+from slmkit.config import settings
 from slmkit.engine import ngram_ops as ng
 from slmkit.engine.ngram_backend import arpa_words
 from slmkit.errors import SlmkitError
@@ -140,6 +143,28 @@ def _teacher_walk(model: Any, windows: torch.Tensor, order: int, walk: Walk, bit
     return np.concatenate(keys), np.concatenate(probs), {"teacher_tokens": read, "branch_nodes": nodes}
 
 
+def _walked(store: Store, model: str, folder: Path, tokenizer: Any, windows: torch.Tensor, data_sha: str, order: int,
+            walk: Walk, bits: int, vocab: int, general: Path | None) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The teacher's observations over `windows`: read once per (teacher, data, walk, order, general text) and kept
+    in SLMKIT_HOME/cache/ngram, so another size or weight of the same model does not read the teacher again."""
+    general_sha = hashlib.sha256(Path(general).expanduser().read_bytes()).hexdigest() if general else None
+    key = hashlib.sha256(json.dumps([store.card(model).files, data_sha, order, walk.__dict__, general_sha]).encode()).hexdigest()[:32]
+    path = settings().home / "cache" / "ngram" / f"walk-{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            progress.note(f"the teacher's reading of this text: {path.name} (reused)")
+            return f["keys"], f["p"], json.loads(str(f["read"]))
+    teacher, _ = load_float(folder, dtype=torch.float32, what=f"Loading the teacher {model}")
+    gate = _general_gate(tokenizer, general, windows, vocab) if general else None
+    with progress.bar(f"Reading {model} (tree of its likeliest branches)", walk.budget) as advance:
+        keys, p, read = _teacher_walk(teacher, windows, order, walk, bits, gate, advance)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}.npz")
+    np.savez(tmp, keys=keys, p=p, read=json.dumps(read))
+    os.replace(tmp, path)  # whole or absent: two runs never see half a file
+    return keys, p, read
+
+
 def _grams(windows: torch.Tensor, order: int) -> np.ndarray:
     """Every `order`-gram inside the windows (N, W), as rows of ids (n, order)."""
     x = windows.numpy().astype(np.int64)
@@ -186,12 +211,8 @@ def ngram_stage(model: str, data: list[Path], *, name: str, from_text: bool = Fa
     text = np.zeros(0, dtype=np.int64) if teacher_only else ng.encode(_grams(train.ids, order), bits)
     keys, observed, read = np.zeros(0, dtype=np.int64), np.zeros(0), {"text_tokens": int(train.ids.numel())}
     if not from_text:
-        teacher, _ = load_float(folder, dtype=torch.float32, what=f"Loading the teacher {model}")
-        gate = _general_gate(tokenizer, general, train.ids, vocab) if general else None
-        with progress.bar(f"Reading {model} (tree of its likeliest branches)", walk.budget) as advance:
-            keys, observed, walked = _teacher_walk(teacher, train.ids, order, walk, bits, gate, advance)
+        keys, observed, walked = _walked(store, model, folder, tokenizer, train.ids, info["sha256"], order, walk, bits, vocab, general)
         read |= walked
-        del teacher
     grams = _grams(valid.ids, order) if len(valid) else None  # each held-out position with a full history
     weights = ((0.0,) if from_text else (1.0,) if teacher_only else (teacher_weight,) if teacher_weight
                else TEACHER_WEIGHTS if grams is not None else (UNFITTED_WEIGHT,))
