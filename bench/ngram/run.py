@@ -36,9 +36,9 @@ DECODE = 128  # tokens decoded greedily for the speed measure
 def texts(data: Path) -> tuple[str, str]:
     """The support answers (shuffled, seed 0), blank-line separated: training text and the held-out tail."""
     with (data / CSV).open(encoding="utf-8", newline="") as fh:
-        rows = [r["response"].strip() for r in csv.DictReader(fh) if r["response"].strip()]
-    random.Random(0).shuffle(rows)
-    text = "\n\n".join(rows)
+        rows = list(csv.DictReader(fh))
+    random.Random(0).shuffle(rows)  # as bench/mixture does: its support specialist never saw this held-out text
+    text = "\n\n".join(r["response"].strip() for r in rows)
     cut = text.rfind("\n\n", 0, int(len(text) * (1 - HELD)))
     return text[:cut], text[cut:]
 
