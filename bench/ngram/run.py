@@ -98,7 +98,8 @@ def main() -> None:
     from slmkit.loading import load
 
     teacher = load(BASE, backend="torch").backend
-    ids = teacher.encode(held, add_special_tokens=False)
+    eos = sorted(teacher.eos_token_ids)[:1]  # documents as training packs them: each one's tokens, then EOS
+    ids = [t for doc in held.split("\n\n") if doc.strip() for t in teacher.encode(doc.strip(), add_special_tokens=False) + eos]
     wins = [ids[i * WINDOW:(i + 1) * WINDOW] for i in range(a.windows)]
     models = {"teacher (default model, PyTorch)": teacher}
     if a.student:
@@ -119,6 +120,8 @@ def main() -> None:
                        "make_s": card.settings["seconds"] if card else None}
         print(label, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in rows[label].items()}, flush=True)
     res["models"] = rows
+    # the teacher's fastest engine for decoding: llama.cpp on its GGUF (the default model ships one)
+    res["teacher_llamacpp_decode_tok_s"] = decode_speed(load(BASE, backend="llamacpp").backend)
     # the n-gram pure scoring rate (vectorized lookups, no dense rows): what a per-token score costs
     from slmkit.engine import ngram_ops as ng
 
@@ -149,7 +152,7 @@ def markdown(res: dict) -> str:
     s, m = res["settings"], res["models"]
     lines = ["# whitebox n-gram student (`slmkit ngram`)", "",
              f"CPU: {res['cpu']}. Domain: customer-support answers (shuffled, seed 0), the last 10% held out; "
-             f"{s['windows']} held-out windows of {s['window']} tokens. {s['order']}-gram models over the default model's tokenizer; "
+             f"{s['windows']} held-out windows of {s['window']} tokens (documents joined by EOS, as training packs them). {s['order']}-gram models over the default model's tokenizer; "
              f"the whitebox read {s['budget']:,} teacher tokens (text and branches). Decode: {DECODE} greedy tokens through "
              "slmkit's decode loop (batch 1); score: every position of the held-out windows.", "",
              "| model | held-out perplexity | n-grams | ARPA MB | made in s | decode tok/s | score tok/s |", "|---|---|---|---|---|---|---|"]
@@ -167,10 +170,12 @@ def markdown(res: dict) -> str:
     lines += ["", "## Targets", "",
               f"- the whitebox beats the n-gram counted from the text at the same size: {small['perplexity']:.2f} ({small['entries']:,} n-grams) "
               f"vs {text['perplexity']:.2f} ({text['entries']:,}): {'met' if small['perplexity'] < text['perplexity'] else 'not met'}",
-              f"- at least 100x faster per token than the teacher: decoding {m['whitebox']['decode_tok_s'] / teacher['decode_tok_s']:.0f}x, "
-              f"scoring {m['whitebox']['score_tok_s'] / teacher['score_tok_s']:.0f}x (lookups alone "
-              f"{res['ngram_lookup_tok_s'] / teacher['score_tok_s']:.0f}x): "
-              f"{'met' if m['whitebox']['decode_tok_s'] >= 100 * teacher['decode_tok_s'] else 'not met for decoding'}"]
+              f"- at least 100x faster per token than the teacher: decoding {m['whitebox']['decode_tok_s'] / teacher['decode_tok_s']:.0f}x "
+              f"the teacher on PyTorch float32 and {m['whitebox']['decode_tok_s'] / res['teacher_llamacpp_decode_tok_s']:.0f}x the "
+              f"teacher on llama.cpp ({res['teacher_llamacpp_decode_tok_s']:.0f} tokens/s, its GGUF), scoring "
+              f"{m['whitebox']['score_tok_s'] / teacher['score_tok_s']:.0f}x through full rows and "
+              f"{res['ngram_lookup_tok_s'] / teacher['score_tok_s']:.0f}x by lookups alone: "
+              f"{'met' if m['whitebox']['decode_tok_s'] >= 100 * res['teacher_llamacpp_decode_tok_s'] else 'met against PyTorch, not against llama.cpp for decoding'}"]
     return "\n".join(lines) + "\n"
 
 
