@@ -52,9 +52,10 @@ def perplexity(binaries: Path, gguf: Path, text: Path) -> float:
 
 
 def export(model: str, gguf_type: str, out: Path, env: dict[str, str], *extra: str) -> Path:
-    if not any(out.glob("*.gguf")):
+    models = lambda: [p for p in out.glob("*.gguf") if p.name != "imatrix.gguf"]  # noqa: E731 (an imatrix export keeps its matrix beside)
+    if not models():
         slmkit(["export", model, "--type", gguf_type, "--out", str(out), "--no-ppl", *extra], env)
-    return next(out.glob("*.gguf"))
+    return models()[0]
 
 
 def main() -> None:
