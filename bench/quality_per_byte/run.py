@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--llama-cpp-bin", type=Path, required=True, help="folder holding llama-perplexity (bench/llama_tools.py)")
     ap.add_argument("--types", nargs="+", default=["Q4_0"])
     ap.add_argument("--steps", type=int, default=60, help="QAT optimizer steps (4 windows of 256 tokens each)")
+    ap.add_argument("--lr", type=float, default=2e-5, help="QAT peak learning rate")
     ap.add_argument("--model", default=BASE)
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-qpb"))
     a = ap.parse_args()
@@ -73,7 +74,7 @@ def main() -> None:
     slmkit(["models", "list"], env)  # the default model imported on first use
     calib = calibration(a.data, a.work, env, a.model)
     test = a.data / "wikitext2" / "wiki.test.raw"
-    res: dict = {"cpu": cpu_line(), "model": a.model, "settings": {"steps": a.steps, "calibration_tokens": WINDOWS * WINDOW,
+    res: dict = {"cpu": cpu_line(), "model": a.model, "settings": {"steps": a.steps, "lr": a.lr, "calibration_tokens": WINDOWS * WINDOW,
                  "protocol": "llama-perplexity, WikiText-2 test, -c 512 --chunks 40, 2 threads"}, "rows": []}
 
     def row(label: str, gguf: Path, **more) -> None:
@@ -86,16 +87,16 @@ def main() -> None:
     for t in a.types:
         row(f"{t} plain", export(a.model, t, a.work / f"{t}-plain", env))
         row(f"{t} imatrix", export(a.model, t, a.work / f"{t}-imatrix", env, "--imatrix", str(calib)))
-        name = f"qat-{t.lower()}"
+        name = f"qat-{t.lower()}-lr{a.lr:g}"
         seconds = None
         if not exists(name, env):
             t0 = time.perf_counter()
             slmkit(["quantize", a.model, "--scheme", f"gguf:{t}", "--method", "qat", "--data", str(calib), "--steps", str(a.steps),
-                    "--name", name, "--no-ppl"], env)
+                    "--lr", str(a.lr), "--name", name, "--no-ppl"], env)
             seconds = round(time.perf_counter() - t0, 1)
         card = json.loads(subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env,
                                          capture_output=True, text=True, check=True).stdout)
-        row(f"{t} QAT (slmkit)", export(name, t, a.work / f"{t}-qat", env), train_s=seconds or card["settings"]["seconds"],
+        row(f"{t} QAT (slmkit)", export(name, t, a.work / f"{t}-qat-lr{a.lr:g}", env), train_s=seconds or card["settings"]["seconds"],
             tokens=card["settings"]["tokens"], validation=card["settings"]["validation_perplexity"])
     f32 = res["rows"][0]["perplexity"]
     for r in res["rows"]:
@@ -130,7 +131,7 @@ def markdown(res: dict, types: list[str]) -> str:
     lines = ["# quality per byte: QAT onto llama.cpp's grid vs llama.cpp's rounding", "",
              f"CPU: {res['cpu']}. Model: {res['model']}. Protocol: {s['protocol']}. Calibration (imatrix) and training (QAT) "
              f"text: the first {s['calibration_tokens']:,} tokens of WikiText-2 valid; QAT: {s['steps']} steps of 4 x 256 tokens "
-             "(KL to the float model's top-32 plus next-token loss, alpha 0.5, lr 2e-5; block linear weights on the grid "
+             f"(KL to the float model's top-32 plus next-token loss, alpha 0.5, lr {s['lr']:g}; block linear weights on the grid "
              "through a straight-through estimator, embeddings frozen).", "",
              "| row | file MB | perplexity | vs F32 | QAT wall s (2 cores) |", "|---|---|---|---|---|"]
     for r in res["rows"]:
