@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q4_0"])
     ap.add_argument("--steps", type=int, default=60, help="QAT optimizer steps (4 windows of 256 tokens each)")
     ap.add_argument("--lr", type=float, default=2e-5, help="QAT peak learning rate")
+    ap.add_argument("--control", action="store_true", help="also the same training without the grid (a float twin), F32 and plain")
     ap.add_argument("--model", default=BASE)
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-qpb"))
     a = ap.parse_args()
@@ -98,6 +99,13 @@ def main() -> None:
                                          capture_output=True, text=True, check=True).stdout)
         row(f"{t} QAT (slmkit)", export(name, t, a.work / f"{t}-qat-lr{a.lr:g}", env), train_s=seconds or card["settings"]["seconds"],
             tokens=card["settings"]["tokens"], validation=card["settings"]["validation_perplexity"])
+        if a.control:  # the same training without the grid: how much of QAT's number is the training text itself
+            twin = f"float-twin-lr{a.lr:g}"
+            if not exists(twin, env):
+                slmkit(["distill", "--teacher", a.model, "--student", a.model, "--data", str(calib), "--steps", str(a.steps),
+                        "--lr", str(a.lr), "--name", twin], env)
+            row("float twin (same training, no grid) F32", export(twin, "F32", a.work / f"twin-lr{a.lr:g}-f32", env))
+            row(f"float twin {t} plain", export(twin, t, a.work / f"twin-lr{a.lr:g}-{t}", env))
     f32 = res["rows"][0]["perplexity"]
     for r in res["rows"]:
         r["vs_f32"] = r["perplexity"] / f32 - 1
@@ -142,6 +150,12 @@ def markdown(res: dict, types: list[str]) -> str:
         qat, imx = by[f"{t} QAT (slmkit)"]["vs_f32"], by[f"{t} imatrix"]["vs_f32"]
         lines.append(f"- {t}: QAT {qat:+.1%} vs imatrix {imx:+.1%}; target at most half of imatrix's ({imx / 2:+.1%}): "
                      f"{'met' if qat <= imx / 2 else 'not met'}")
+        twin = by.get("float twin (same training, no grid) F32")
+        if twin:
+            q = by[f"{t} QAT (slmkit)"]["perplexity"]
+            lines.append(f"- control: the same training without the grid reaches {twin['perplexity']:.3f} in F32 "
+                         f"({twin['vs_f32']:+.1%}): QAT's {t} is {q / twin['perplexity'] - 1:+.1%} over its float twin, and "
+                         f"the twin rounded plainly to {t} {by[f'float twin {t} plain']['perplexity'] / twin['perplexity'] - 1:+.1%}")
     return "\n".join(lines) + "\n"
 
 
