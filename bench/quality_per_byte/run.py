@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q4_0"])
     ap.add_argument("--steps", type=int, default=60, help="QAT optimizer steps (4 windows of 256 tokens each)")
     ap.add_argument("--lr", type=float, default=2e-5, help="QAT peak learning rate")
+    ap.add_argument("--alpha", type=float, default=1.0, help="QAT: weight of the KL to the float model (the rest: next-token loss)")
     ap.add_argument("--control", action="store_true", help="also the same training without the grid (a float twin), F32 and plain")
     ap.add_argument("--model", default=BASE)
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmkit-qpb"))
@@ -75,7 +76,7 @@ def main() -> None:
     slmkit(["models", "list"], env)  # the default model imported on first use
     calib = calibration(a.data, a.work, env, a.model)
     test = a.data / "wikitext2" / "wiki.test.raw"
-    res: dict = {"cpu": cpu_line(), "model": a.model, "settings": {"steps": a.steps, "lr": a.lr, "calibration_tokens": WINDOWS * WINDOW,
+    res: dict = {"cpu": cpu_line(), "model": a.model, "settings": {"steps": a.steps, "lr": a.lr, "alpha": a.alpha, "calibration_tokens": WINDOWS * WINDOW,
                  "protocol": "llama-perplexity, WikiText-2 test, -c 512 --chunks 40, 2 threads"}, "rows": []}
 
     def row(label: str, gguf: Path, **more) -> None:
@@ -88,31 +89,33 @@ def main() -> None:
     for t in a.types:
         row(f"{t} plain", export(a.model, t, a.work / f"{t}-plain", env))
         row(f"{t} imatrix", export(a.model, t, a.work / f"{t}-imatrix", env, "--imatrix", str(calib)))
-        name = f"qat-{t.lower()}-lr{a.lr:g}"
+        tag = f"lr{a.lr:g}" + (f"-a{a.alpha:g}" if a.alpha != 1.0 else "")
+        name = f"qat-{t.lower()}-{tag}"
         seconds = None
         if not exists(name, env):
             t0 = time.perf_counter()
             slmkit(["quantize", a.model, "--scheme", f"gguf:{t}", "--method", "qat", "--data", str(calib), "--steps", str(a.steps),
-                    "--lr", str(a.lr), "--name", name, "--no-ppl"], env)
+                    "--lr", str(a.lr), "--alpha", str(a.alpha), "--name", name, "--no-ppl"], env)
             seconds = round(time.perf_counter() - t0, 1)
         card = json.loads(subprocess.run([sys.executable, "-m", "slmkit", "models", "show", name, "--json"], env=env,
                                          capture_output=True, text=True, check=True).stdout)
-        row(f"{t} QAT (slmkit)", export(name, t, a.work / f"{t}-qat-lr{a.lr:g}", env), train_s=seconds or card["settings"]["seconds"],
+        row(f"{t} QAT (slmkit)", export(name, t, a.work / f"{t}-qat-{tag}", env), train_s=seconds or card["settings"]["seconds"],
             tokens=card["settings"]["tokens"], validation=card["settings"]["validation_perplexity"])
         if a.control:  # the same training without the grid: how much of QAT's number is the training text itself
-            twin = f"float-twin-lr{a.lr:g}"
+            twin = f"float-twin-{tag}"
             if not exists(twin, env):
                 slmkit(["distill", "--teacher", a.model, "--student", a.model, "--data", str(calib), "--steps", str(a.steps),
-                        "--lr", str(a.lr), "--name", twin], env)
-            row("float twin (same training, no grid) F32", export(twin, "F32", a.work / f"twin-lr{a.lr:g}-f32", env))
-            row(f"float twin {t} plain", export(twin, t, a.work / f"twin-lr{a.lr:g}-{t}", env))
+                        "--lr", str(a.lr), "--alpha", str(a.alpha), "--name", twin], env)
+            row("float twin (same training, no grid) F32", export(twin, "F32", a.work / f"twin-{tag}-f32", env))
+            row(f"float twin {t} plain", export(twin, t, a.work / f"twin-{tag}-{t}", env))
     f32 = res["rows"][0]["perplexity"]
     for r in res["rows"]:
         r["vs_f32"] = r["perplexity"] / f32 - 1
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality_per_byte.json").write_text(json.dumps(res, indent=1))
-    plot(res, RESULTS / "quality_per_byte.png")
-    (RESULTS / "quality_per_byte.md").write_text(markdown(res, a.types))
+    stem = "quality_per_byte" + (f"-alpha{a.alpha:g}" if a.alpha != 1.0 else "")  # a run with other QAT settings kept apart
+    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    plot(res, RESULTS / f"{stem}.png")
+    (RESULTS / f"{stem}.md").write_text(markdown(res, a.types).replace("quality_per_byte.png", f"{stem}.png"))
     print(markdown(res, a.types))
 
 
@@ -139,9 +142,9 @@ def markdown(res: dict, types: list[str]) -> str:
     lines = ["# quality per byte: QAT onto llama.cpp's grid vs llama.cpp's rounding", "",
              f"CPU: {res['cpu']}. Model: {res['model']}. Protocol: {s['protocol']}. Calibration (imatrix) and training (QAT) "
              f"text: the first {s['calibration_tokens']:,} tokens of WikiText-2 valid; QAT: {s['steps']} steps of 4 x 256 tokens "
-             f"(KL to the float model's top-32 plus next-token loss, alpha 0.5, lr {s['lr']:g}; block linear weights on the grid "
+             f"(KL to the float model's top-32, weight alpha {s['alpha']:g}, the rest next-token loss; lr {s['lr']:g}; block linear weights on the grid "
              "through a straight-through estimator, embeddings frozen).", "",
-             "| row | file MB | perplexity | vs F32 | QAT wall s (2 cores) |", "|---|---|---|---|---|"]
+             "| row | file MB | perplexity | vs F32 | QAT training s (2 cores) |", "|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['row']} | {r['mb']:.1f} | {r['perplexity']:.3f} | {r['vs_f32']:+.1%} | {r.get('train_s') or ''} |")
     lines += ["", "![bytes vs perplexity](quality_per_byte.png)", "", "## Targets", ""]

@@ -24,6 +24,7 @@ def quantize(
     data: Annotated[list[Path] | None, typer.Option("--data", help="qat: training text (text, JSON lines or CSV; repeatable).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="qat: optimizer steps (batches of 4 windows of 256 tokens).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="qat: peak learning rate. [default: 2e-5]")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="qat: weight of the KL to the float parent; the rest is the data's next-token loss. [default: 1]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="qat: go on from the run's last checkpoint.")] = False,
     portable: Annotated[bool, typer.Option("--portable", help="Only forms compressed-tensors holds, so transformers and vLLM read the child (int4: integer zero points even where free minimums fit far better, as on a model from a Q4_1 GGUF; AWQ refused).")] = False,
     as_json: JsonOpt = False,
@@ -40,7 +41,7 @@ def quantize(
 
     model = model_or_default(model)
     if scheme.lower().startswith("gguf:") or method == "qat":
-        _qat(model, scheme, method, data, steps, lr, name, resume, as_json)
+        _qat(model, scheme, method, data, steps, lr, alpha, name, resume, as_json)
         return
     card = quantize_stage(model, scheme, method=method, group_size=group_size, calib=calib, name=name, portable=portable)
     if as_json:
@@ -55,11 +56,11 @@ def quantize(
         typer.echo(describe_delta(quick_perplexity(load(model)), quick_perplexity(load(card.name))))
 
 
-def _qat(model: str, scheme: str, method: str, data: list[Path] | None, steps: int | None, lr: float | None, name: str | None,
-         resume: bool, as_json: bool) -> None:
+def _qat(model: str, scheme: str, method: str, data: list[Path] | None, steps: int | None, lr: float | None,
+         alpha: float | None, name: str | None, resume: bool, as_json: bool) -> None:
     """Quantization-aware training onto a llama.cpp type's grid (train/qat.py)."""
     from slmkit.errors import SlmkitError
-    from slmkit.train.qat import LR, STEPS, qat_stage
+    from slmkit.train.qat import ALPHA, LR, STEPS, qat_stage
 
     if not scheme.lower().startswith("gguf:") or method != "qat":
         raise SlmkitError(f"--scheme {scheme} with --method {method}: quantization-aware training is --scheme gguf:TYPE --method qat",
@@ -67,7 +68,8 @@ def _qat(model: str, scheme: str, method: str, data: list[Path] | None, steps: i
                           "types without training: slmkit export MODEL --type Q4_0.")
     if not data:
         raise SlmkitError("quantization-aware training needs text to train on", "Give --data FILE (text, JSON lines or CSV).")
-    card = qat_stage(model, scheme, data, steps=steps or STEPS, lr=lr or LR, name=name, resume=resume)
+    card = qat_stage(model, scheme, data, steps=steps or STEPS, lr=lr or LR, alpha=ALPHA if alpha is None else alpha, name=name,
+                     resume=resume)
     if as_json:
         print_json(card)
         return

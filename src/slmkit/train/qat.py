@@ -1,7 +1,7 @@
 """Quantization-aware training to a llama.cpp type (`slmkit quantize --scheme gguf:Q4_0 --method qat --data FILE`).
 
-The model distils from itself: its float parent's cached top-k log-probabilities (the distill core) mixed with the
-data's next-token loss, while every linear layer of its blocks computes with its weight on the type's grid
+The model distils from itself: KL to its float parent's cached top-k log-probabilities (the distill core; --alpha
+below 1 mixes in the data's next-token loss), while every linear layer of its blocks computes with its weight on the type's grid
 (compress/gguf_grid_ops.py: llama.cpp's own rounding, bit for bit) and the gradient passes straight through to the
 float weight. What is trained: those weights (and the norms); the embedding (and a separate head) stay as they are,
 because llama.cpp gives them a type of its own (Q8_0 or Q6_K) whatever the file's type.
@@ -30,6 +30,8 @@ from slmkit.train.loop import TrainConfig
 SCHEME_PREFIX = "gguf:"
 STEPS = 200
 LR = 2e-5  # small: the weights move across grid cells, not far from the parent
+ALPHA = 1.0  # the loss: KL to the float parent only, so the child learns to be its parent on the grid, not the
+# training text (with next-token loss mixed in, the text's domain moves it too: bench/results/quality_per_byte.md)
 
 
 class OnGrid(nn.Module):
@@ -81,11 +83,12 @@ def attach(net: nn.Module, gguf_type: str) -> Callable[[], dict[str, Any]]:
     return settle
 
 
-def qat_stage(model: str, scheme: str, data: list[Path], *, steps: int = STEPS, lr: float = LR, name: str | None = None,
-              resume: bool = False, store: Store | None = None, **train: Any) -> ModelCard:
+def qat_stage(model: str, scheme: str, data: list[Path], *, steps: int = STEPS, lr: float = LR, alpha: float = ALPHA,
+              name: str | None = None, resume: bool = False, store: Store | None = None, **train: Any) -> ModelCard:
     """Install `name` (default MODEL-TYPE-qat): `model` trained onto the grid of a llama.cpp type for `steps`
-    optimizer steps on `data` (its own float outputs as the teacher); `train` goes to TrainConfig."""
+    optimizer steps on `data` (its own float outputs as the teacher; `alpha` < 1 mixes in the next-token loss of
+    the data); `train` goes to TrainConfig."""
     gguf_type = gguf_type_of(scheme)
     name = name or f"{model}-{gguf_type.lower().replace('_', '')}-qat"
-    return distill_stage(model, model, data, config=TrainConfig(steps=steps, lr=lr, **train), name=name, resume=resume,
-                         store=store, prepare=lambda net: attach(net, gguf_type), stage="qat")
+    return distill_stage(model, model, data, alpha=alpha, config=TrainConfig(steps=steps, lr=lr, **train), name=name,
+                         resume=resume, store=store, prepare=lambda net: attach(net, gguf_type), stage="qat")
