@@ -146,7 +146,7 @@ def markdown(res: dict, types: list[str]) -> str:
              "through a straight-through estimator, embeddings frozen).", "",
              "| row | file MB | perplexity | vs F32 | QAT training s (2 cores) |", "|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['row']} | {r['mb']:.1f} | {r['perplexity']:.3f} | {r['vs_f32']:+.1%} | {r.get('train_s') or ''} |")
+        lines.append(f"| {r['row']} | {r['mb']:.1f} | {r['perplexity']:.3f} | {r['vs_f32']:+.1%} | {format(r['train_s'], '.0f') if r.get('train_s') else ''} |")
     lines += ["", "![bytes vs perplexity](quality_per_byte.png)", "", "## Targets", ""]
     by = {r["row"]: r for r in res["rows"]}
     for t in types:
