@@ -381,7 +381,3 @@ def read_arpa(path: Path, vocab: int, word_id: Callable[[str], int]) -> NgramMod
     out_keys[0], out_p[0], out_bo[0] = np.arange(vocab, dtype=np.int64), full, bo1
     return NgramModel(vocab, out_keys, out_p, out_bo)
 
-
-def interpolate_rows(a: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
-    """log(lam exp(a) + (1 - lam) exp(b)) elementwise: two models' distributions mixed."""
-    return np.logaddexp(a + math.log(max(lam, 1e-300)), b + math.log(max(1 - lam, 1e-300)))

@@ -18,6 +18,11 @@ from slmkit.sources import weights
 from slmkit.sources.hf_dir import FALLBACK_CONTEXT
 
 
+def cache_arg_of(model: Any) -> str:
+    """The name of a transformers model's forward cache argument (past_key_values became cache in 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TorchBackend(HfText):
     """Runs a Hugging Face causal LM on the CPU: one prefill pass, then one token per forward with the cache."""
 
@@ -36,8 +41,7 @@ class TorchBackend(HfText):
             elif source:
                 eos.update(int(i) for i in source)
         self._eos = frozenset(eos)
-        # transformers renamed the forward's cache argument (past_key_values -> cache) in 5.x
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_arg_of(model)
         # Llama-layout models decode through a lean forward over a preallocated cache (engine/lean_forward.py)
         self.fast: LeanForward | None = LeanForward(model) if supports(model) else None
 

@@ -12,7 +12,6 @@ Kneser-Ney on expected counts turns them into the model, its discounts fitted on
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from slmkit.compress.parents import float_parent
 from slmkit.config import settings
 from slmkit.engine import ngram_ops as ng
 from slmkit.engine.ngram_backend import arpa_words
+from slmkit.engine.torch_backend import cache_arg_of
 from slmkit.errors import SlmkitError
 from slmkit.sources.forms import NGRAM_CONFIG, NGRAM_FILE, NGRAM_KEY
 from slmkit.sources.hf_dir import FALLBACK_CONTEXT, load_float, load_tokenizer, model_config
@@ -88,7 +88,7 @@ def _teacher_walk(model: Any, windows: torch.Tensor, order: int, walk: Walk, bit
 
     keys, probs = [], []
     read = nodes = 0
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_arg_of(model)
     h = order - 1
     for x in windows:
         if read >= walk.budget:
