@@ -74,7 +74,8 @@ def test_greedy_tokens_match_the_transformers_loop(store):
     assert list(fast.stream_tokens(ids, params, 20)) == list(slow.stream_tokens(ids, params, 20))
 
 
-@pytest.mark.parametrize("scheme,name", [("int8", "tiny-int8-rtn"), ("int4", "tiny-int4-g32-rtn"), ("w8a8", "tiny-w8a8-rtn")])
+@pytest.mark.parametrize("scheme,name", [("int8", "tiny-int8-rtn"), ("int4", "tiny-int4-g32-rtn"), ("w8a8", "tiny-w8a8-rtn"),
+                                         ("w4a8", "tiny-w4a8-g32-rtn")])
 def test_quantized_models_run_on_the_lean_forward(store, scheme, name):
     quantize_stage("tiny", scheme)
     fast = slmkit.load(name).backend
@@ -91,23 +92,27 @@ def test_quantized_models_run_on_the_lean_forward(store, scheme, name):
 
 
 @pytest.mark.skipif(native.ops() is None, reason="slmkit's CPU kernels are not built here")
-@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3", "gemma3_text"])
-def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store, tmp_path, family):
-    """native.decode_step runs every block of a w8a8 decode step in one call (Llama's block; Qwen3's head norms;
+@pytest.mark.parametrize("family,scheme", [("llama", "w8a8"), ("phi3", "w8a8"), ("qwen3", "w8a8"), ("gemma3_text", "w8a8"),
+                                           ("llama", "w4a8"), ("gemma3_text", "w4a8")])
+def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store, tmp_path, family, scheme):
+    """native.decode_step runs every block of a w8a8 (or w4a8) decode step in one call (Llama's block; Qwen3's head norms;
     Gemma 3's four norms, GeGLU, two rope tables and sliding windows, rows decoding past the window): the logits and
     the keys and values it writes equal the Python blocks' (ragged rows, a cache that grows); prefill and LoRA rows
     keep the blocks."""
-    from slmkit.layers.integer import W8A8Linear
+    from slmkit.layers.integer import W4A8Linear, W8A8Linear
     from slmkit.sources.importer import import_path
 
     name = "tiny"
     if family != "llama":
         name = family.replace("_", "-")
         import_path(build_family_model(tmp_path / name, family, window=5 if family == "gemma3_text" else None), name)
-    quantize_stage(name, "w8a8", name=f"{name}-w8a8")
-    fast = slmkit.load(f"{name}-w8a8").backend.fast
+    quantize_stage(name, scheme, name=f"{name}-{scheme}", group_size=32 if scheme == "w4a8" else None)
+    fast = slmkit.load(f"{name}-{scheme}").backend.fast
+    if scheme == "w4a8" and not fast.kernels.int8_vnni():
+        pytest.skip("w4a8's kernel needs AVX-512 VNNI (its fallback is a dequantized matmul)")
     for m in {id(m): m for m in [*fast.qkv, *fast.gate_up, *fast.model.modules()] if isinstance(m, W8A8Linear)}.values():
         m.prepare(("native",) * 3)  # the timed choice may be torch's kernels for shapes this small
+    assert scheme == "w8a8" or all(type(m) is W4A8Linear for m in fast.qkv)
     fast.step_weights, fast.step_buckets = fast._whole_step_weights()
     per_block = {"llama": 18, "phi3": 18, "qwen3": 20, "gemma3_text": 22}[family]
     assert fast.step_weights is not None and fast.step_buckets == {0, 1, 2} and len(fast.step_weights) == per_block * len(fast.layers)

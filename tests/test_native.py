@@ -141,7 +141,7 @@ def test_int8_linear_is_bit_identical_to_quantize_int_mm_and_scale(n, k):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds with an x86 flag")
 def test_int8_linear_without_vnni_builds_and_computes_the_same(tmp_path):
-    """The plain C++ path (CPUs without AVX-512 VNNI) built here with VNNI turned off, in a process of its own (its
+    """The plain C++ paths of the int8 and int4 linears (CPUs without AVX-512 VNNI) built here with VNNI turned off, in a process of its own (its
     ops would clash with the loaded library's): it compiles, and gives the torch path's floats bit for bit."""
     source, flags = native.SOURCES["slmkit_quantize"]
     script = f"""
@@ -162,10 +162,82 @@ for n, k in [(50, 37), (130, 8)]:
         q, s = quantize_rows(x / smooth)
         want = (q.int() @ w.int().T).float().mul_(s).mul_(scales) + bias
         assert torch.equal(ops.int8_linear(x, packed, comp, n, scales, bias, smooth), want), (n, k, m)
+for n, k, group in [(50, 64, 32), (130, 128, 64)]:  # W4A8's kernel too
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales, mins = (torch.rand(n, k // group) * 0.05).bfloat16(), (-torch.rand(n, k // group) * 0.4).bfloat16()
+    packed, dm = ops.pack_int4(q, scales, mins)
+    bias, smooth = torch.randn(n), torch.rand(k) + 0.5
+    for m in (1, 5, 17):
+        x = torch.randn(m, k) * 3
+        a, s = quantize_rows(x / smooth)
+        w = (q.double().reshape(n, -1, group) * scales.double()[..., None] + mins.double()[..., None]).reshape(n, k)
+        want = (a.double() @ w.T) * s.double() + bias.double()
+        got = ops.int4_linear(x, packed, dm, n, bias, smooth).double()
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (n, k, m)
 print("same")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "same" in out.stdout, out.stderr[-3000:]
+
+
+def _int4_reference(x, q, scales, mins, bias=None, smooth=None):
+    """What int4_linear computes, in float64: the int8 rows (per token) times the dequantized 4-bit weight, per row's scale."""
+    a, s = quantize_rows(x if smooth is None else x / smooth)
+    n, k = q.shape
+    g = scales.shape[1]
+    w = (q.double().reshape(n, g, k // g) * scales.double()[..., None] + mins.double()[..., None]).reshape(n, k)
+    y = (a.double() @ w.T) * s.double()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("n, k, group", [(64, 32, 32), (50, 64, 32), (130, 128, 64), (200, 256, 128), (577, 96, 32)])
+def test_int4_linear_computes_the_int8_rows_times_the_dequantized_weight(n, k, group):
+    """W4A8's kernel: N not a multiple of the 64-column tile, rows in and around the 4-row passes, each group's own
+    scale and minimum, smoothing and bias: the integer sums are exact, so only float32 rounding of the per-group sums
+    separates it from the float64 reference."""
+    torch.manual_seed(n + k)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales = (torch.rand(n, k // group) * 0.05 + 1e-3).to(torch.bfloat16)
+    mins = (-torch.rand(n, k // group) * 0.4).to(torch.bfloat16)
+    packed, dm = ops.pack_int4(q, scales, mins)
+    bias, smooth = torch.randn(n), torch.rand(k) + 0.5
+    for m in (1, 2, 3, 4, 5, 16, 33):
+        x = torch.randn(m, k) * 3
+        for b in (None, bias):
+            for sm in (None, smooth):
+                got = ops.int4_linear(x, packed, dm, n, b, sm).double()
+                want = _int4_reference(x, q, scales, mins, b, sm)
+                assert got.shape == (m, n)
+                assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (m, b is None, sm is None)
+    with pytest.raises(RuntimeError, match="does not match the packed weight"):
+        ops.int4_linear(torch.randn(2, k + 4), packed, dm, n)
+    with pytest.raises(RuntimeError, match="group size must divide K"):
+        ops.pack_int4(q[:, :30], scales[:, :1], mins[:, :1])
+
+
+def test_a_w4a8_layer_computes_the_same_with_and_without_the_kernel():
+    """W4A8Linear on slmkit's kernel and on its fallback (no compiler, no VNNI: int8 rows times the dequantized weight)
+    give the same outputs; a fused q/k/v layer equals its parts side by side."""
+    from slmkit.compress.quantize import quantize_layer
+    from slmkit.layers.integer import W4A8Linear
+
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(128, n, bias=True) for n in (96, 32, 32)]
+    layers = [quantize_layer(lin, "w4a8", 32, "rtn", None, "float") for lin in lins]
+    assert all(isinstance(m, W4A8Linear) for m in layers)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        kernel = [m(x) for m in layers]
+        assert layers[0]._native is not None or not ops.int8_vnni()
+        for m in layers:
+            m._native = None  # the fallback
+        fallback = [m(x) for m in layers]
+        for a, b in zip(kernel, fallback):
+            assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max())), float((a - b).abs().max())
+        fused = W4A8Linear.concat(layers)
+        assert torch.allclose(fused(x), torch.cat(fallback, dim=1), atol=1e-5 * float(fallback[0].abs().max()))
+        ref = torch.cat([lin(x) for lin in lins], dim=1)
+        assert float((fused(x) - ref).norm() / ref.norm()) < 0.1  # 4-bit weights and int8 rows: near the float layer
 
 
 def test_int8_linear_refuses_a_weight_it_was_not_packed_for():

@@ -11,7 +11,7 @@ import slmkit
 from slmkit.cli import app
 from slmkit.compress import quant_ops as qo
 from slmkit.layers.int_packing import pack_nibbles, unpack_nibbles
-from slmkit.layers.integer import Int4Linear, Int8Linear, W8A8Linear
+from slmkit.layers.integer import Int4Linear, Int8Linear, W4A8Linear, W8A8Linear
 from slmkit.compress.quantize import quantize_layer
 from slmkit.compress.quantize_stage import quantize_stage
 from slmkit.errors import SlmkitError
@@ -50,19 +50,19 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
 
 
 @pytest.mark.parametrize("scheme, method", [("int8", "rtn"), ("int4", "rtn"), ("int8", "gptq"), ("int4", "gptq"), ("int4", "awq"),
-                                            ("w8a8", "rtn"), ("w8a8", "gptq")])
+                                            ("w8a8", "rtn"), ("w8a8", "gptq"), ("w4a8", "rtn"), ("w4a8", "gptq")])
 def test_quantized_layer_matches_its_dequantized_weights(scheme, method):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=True)
     x = torch.randn(300, 64)
     stat = {"H": 2 * x.T @ x / 300, "absmean": x.abs().mean(0), "sample": x[:64]}
-    layer = quantize_layer(lin, scheme, 32 if scheme == "int4" else None, method, stat)
-    assert isinstance(layer, {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}[scheme])
+    layer = quantize_layer(lin, scheme, 32 if scheme in ("int4", "w4a8") else None, method, stat)
+    assert type(layer) is {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear, "w4a8": W4A8Linear}[scheme]
     with torch.no_grad():
         y, ref = layer(x[:5]), lin(x[:5])
     assert y.shape == ref.shape and y.dtype == x.dtype
     rel = float((y - ref).norm() / ref.norm())
-    assert rel < {"int8": 0.03, "w8a8": 0.04, "int4": 0.25}[scheme]
+    assert rel < {"int8": 0.03, "w8a8": 0.04, "int4": 0.25, "w4a8": 0.25}[scheme]
 
 
 def test_quantize_stage_saves_a_loadable_smaller_model(store):
@@ -128,7 +128,7 @@ def test_quantize_cli(store):
     assert r.exit_code == 1 and "already quantized" in r.stderr
 
 
-@pytest.mark.parametrize("scheme, method", [("int8", "rtn"), ("int4", "gptq"), ("w8a8", "rtn")])
+@pytest.mark.parametrize("scheme, method", [("int8", "rtn"), ("int4", "gptq"), ("w8a8", "rtn"), ("w4a8", "gptq")])
 def test_children_load_in_transformers_in_compressed_tensors_layout(store, calib, scheme, method):
     """Other tools read a quantized child right: transformers (through compressed-tensors) computes what slmkit's
     integer layers hold, and the config block is valid for compressed-tensors' own classes (what vLLM parses)."""
@@ -140,7 +140,7 @@ def test_children_load_in_transformers_in_compressed_tensors_layout(store, calib
     from slmkit.sources.forms import is_standard, load_quantized
     from slmkit.card import read_config
 
-    card = quantize_stage("tiny", scheme, method=method, calib=calib if method == "gptq" else None)
+    card = quantize_stage("tiny", scheme, method=method, calib=calib if method == "gptq" else None, portable=True)
     folder = Store().require(card.name)
     assert is_standard(folder)
     block = read_config(folder)["quantization_config"]
@@ -148,18 +148,20 @@ def test_children_load_in_transformers_in_compressed_tensors_layout(store, calib
     args = parsed.config_groups["group_0"].weights
     assert block["quant_method"] == "compressed-tensors"
     assert parsed.format == ("int-quantized" if scheme == "w8a8" else "pack-quantized")
-    assert (args.num_bits, args.strategy) == ((4, "group") if scheme == "int4" else (8, "channel"))
-    acts = parsed.config_groups["group_0"].input_activations  # w8a8: int8 per token, quantized at run time
-    assert (acts is None) == (scheme != "w8a8") and (acts is None or (acts.strategy, acts.dynamic) == ("token", True))
+    four = scheme in ("int4", "w4a8")
+    assert (args.num_bits, args.strategy) == ((4, "group") if four else (8, "channel"))
+    acts = parsed.config_groups["group_0"].input_activations  # w8a8, w4a8: int8 per token, quantized at run time
+    assert (acts is None) == (scheme in ("int8", "int4")) and (acts is None or (acts.strategy, acts.dynamic) == ("token", True))
     try:
         theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except RuntimeError as exc:  # int4 (asymmetric): transformers 5.24 + compressed-tensors 0.20 shape the packed zero
-        assert scheme == "int4" and "mismatch" in str(exc)  # point wrongly on their default path: loud, never garbage
+        assert four and "mismatch" in str(exc)  # point wrongly on their default path: loud, never garbage
         theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
                                                       quantization_config=CompressedTensorsConfig(dequantize=True))
     ids = torch.tensor([[1, 5, 9, 13, 40, 7]])
     with torch.no_grad():
-        # slmkit's integers, dequantized; for w8a8 its own layers in float32 (the activations quantized as transformers does)
+        # slmkit's integers, dequantized; for w8a8 its own layers in float32 (the activations quantized as transformers
+        # does); w4a8 loads in transformers only on its dequantize path (as int4), which keeps activations in float
         exact = (for_training if scheme == "w8a8" else to_float)(load_quantized(folder))(input_ids=ids).logits
         served = slmkit.load(card.name).backend.model(input_ids=ids).logits.float()  # slmkit's bf16 kernels
         got = theirs(input_ids=ids).logits
@@ -167,9 +169,9 @@ def test_children_load_in_transformers_in_compressed_tensors_layout(store, calib
     # rounding from the exact grid values; int8 and w8a8 agree to float32 rounding
     q_proj = theirs.model.layers[0].self_attn.q_proj.weight  # the weights transformers decompressed
     ours = to_float(load_quantized(folder)).model.layers[0].self_attn.q_proj.weight
-    weight_tol = 2 ** -7 * float(ours.abs().max()) if scheme == "int4" else 1e-6
+    weight_tol = 2 ** -7 * float(ours.abs().max()) if four else 1e-6
     assert torch.allclose(q_proj, ours, atol=weight_tol), float((q_proj - ours).abs().max())
-    logit_tol = 0.02 * float(got.abs().max()) if scheme == "int4" else 1e-4
+    logit_tol = 0.02 * float(got.abs().max()) if four else 1e-4
     assert torch.allclose(got, exact, atol=logit_tol), float((got - exact).abs().max())
     assert float((got - served).abs().max()) < 0.05 * float(got.abs().max())
 

@@ -15,9 +15,9 @@ from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD
 @handle_errors
 def quantize(
     model: ModelOpt = None,
-    scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel), int4 (per group), w8a8 (int8 weights and activations: the integer units), or gguf:Q4_0 (Q4_1, Q5_0, Q5_1, Q8_0) with --method qat: trained onto llama.cpp's grid.")] = "int8",
-    group_size: Annotated[int | None, typer.Option("--group-size", help=f"int4 group size: 32, 64 or 128. [default: {DEFAULT_GROUP}]")] = None,
-    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib), smoothquant (w8a8; --calib optional), qat (gguf: schemes; needs --data).")] = DEFAULT_METHOD,
+    scheme: Annotated[str, typer.Option("--scheme", help="int8 (per channel), int4 (per group), w8a8 (int8 weights and activations: the integer units), w4a8 (int4 weights per group, int8 activations: half w8a8's bytes per token), or gguf:Q4_0 (Q4_1, Q5_0, Q5_1, Q8_0) with --method qat: trained onto llama.cpp's grid.")] = "int8",
+    group_size: Annotated[int | None, typer.Option("--group-size", help=f"int4/w4a8 group size: 32, 64 or 128. [default: {DEFAULT_GROUP}]")] = None,
+    method: Annotated[str, typer.Option("--method", help="rtn (round to nearest), gptq or awq (these need --calib), smoothquant (w8a8, w4a8; --calib optional), qat (gguf: schemes; needs --data).")] = DEFAULT_METHOD,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file for gptq/awq/smoothquant.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name of the new model (default MODEL-SCHEME[-gG]-METHOD).")] = None,
     ppl: Annotated[bool, typer.Option("--ppl/--no-ppl", help="Quick perplexity delta on a WikiText-2 sample.")] = True,
@@ -29,7 +29,7 @@ def quantize(
     portable: Annotated[bool, typer.Option("--portable", help="Only forms compressed-tensors holds, so transformers and vLLM read the child (int4: integer zero points even where free minimums fit far better, as on a model from a Q4_1 GGUF; AWQ refused).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Quantize a model to int8, int4 or w8a8 (real integer weights: smaller and faster), as a new store model in
+    """Quantize a model to int8, int4, w8a8 or w4a8 (real integer weights: smaller and faster), as a new store model in
     compressed-tensors' format (transformers and vLLM read it), except AWQ and int4 with free minimums (chosen where
     they fit far better, as on the default model), which only slmkit reads: says so when it happens; --portable
     keeps to the standard forms."""

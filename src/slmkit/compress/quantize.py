@@ -17,14 +17,14 @@ from slmkit.compress import quant_ops as qo
 from slmkit.compress import smooth_ops as so
 from slmkit.compress.calibrate import collect_stats
 from slmkit.layers.int_packing import pack_nibbles
-from slmkit.layers.integer import COMPUTE, INTEGER_LAYERS, Int4Linear, Int8Linear, W8A8Linear
+from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, INTEGER_LAYERS, SCHEME_BITS, layer_class
 from slmkit.layers.walk import decoder_blocks, linear_layers, set_module
 from slmkit.errors import SlmkitError
 from slmkit.sources.forms import QUANT_KEY
 from slmkit.sources.hf_dir import guard_config
 
-SCHEMES = ("int8", "int4", "w8a8")  # w8a8: int8 activations too, on the integer units (torch._int_mm)
-METHODS = ("rtn", "gptq", "awq", "smoothquant")  # smoothquant: w8a8 only, then round to nearest
+SCHEMES = tuple(SCHEME_BITS)  # int8, int4 weight-only; w8a8, w4a8: int8 activations too, on the integer units
+METHODS = ("rtn", "gptq", "awq", "smoothquant")  # smoothquant: w8a8/w4a8 only, then round to nearest
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 32  # int4 weights per scale and minimum
 DEFAULT_METHOD = "rtn"  # round to nearest: no calibration data needed
@@ -37,6 +37,9 @@ COMPUTE_NOTES = {
     "w8a8": "activations quantized to int8 per token at run time, int8 x int8 -> int32 on the integer units (slmkit's "
             "VNNI kernel, torch._int_mm or oneDNN's quantized linear, timed per shape on the machine); other weights and "
             "activations float32",
+    "w4a8": "activations quantized to int8 per token at run time, 4-bit weights unpacked in registers and multiplied on "
+            "the integer units (slmkit's VNNI kernel; a dequantized float32 matmul without it); other weights and "
+            "activations float32",
 }
 
 
@@ -46,14 +49,14 @@ def check_method(scheme: str, method: str) -> None:
         raise SlmkitError(f"unknown scheme {scheme!r}", f"Schemes: {', '.join(SCHEMES)}")
     if method not in METHODS:
         raise SlmkitError(f"unknown method {method!r}", f"Methods: {', '.join(METHODS)}")
-    if method == "smoothquant" and scheme != "w8a8":
+    if method == "smoothquant" and scheme not in INT8_ACTIVATIONS:
         raise SlmkitError(f"--method smoothquant balances int8 activations; {scheme} keeps activations in float",
-                          "Use --scheme w8a8 with it, or --method rtn, gptq or awq.")
+                          f"Use --scheme {' or '.join(INT8_ACTIVATIONS)} with it, or --method rtn, gptq or awq.")
 
 
 def check_settings(scheme: str, method: str, group_size: int | None, layers: dict[str, nn.Linear]) -> int | None:
     check_method(scheme, method)
-    if scheme in ("int8", "w8a8"):
+    if SCHEME_BITS[scheme] == 8:
         return None  # per output channel; a group size does not apply
     group = group_size or DEFAULT_GROUP
     if group not in GROUP_SIZES:
@@ -69,7 +72,7 @@ def check_settings(scheme: str, method: str, group_size: int | None, layers: dic
 # ---- one layer -----------------------------------------------------------------------------------------------
 def _qdq(w: torch.Tensor, scheme: str, group: int | None) -> torch.Tensor:
     """Round-to-nearest quantize then dequantize (for error measurements)."""
-    if scheme in ("int8", "w8a8"):
+    if SCHEME_BITS[scheme] == 8:
         return qo.dequantize_int8(*qo.quantize_int8(w))
     return qo.dequantize_int4(*qo.quantize_int4(w, group))
 
@@ -170,8 +173,8 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
     if method == "awq":
         smooth = awq_scales(w, stat["sample"], stat["absmean"], scheme, group)
         w = w * smooth
-    if scheme in ("int8", "w8a8"):
-        new = (Int8Linear if scheme == "int8" else W8A8Linear)(lin.in_features, lin.out_features, lin.bias is not None)
+    if SCHEME_BITS[scheme] == 8:
+        new = layer_class(scheme)(lin.in_features, lin.out_features, lin.bias is not None)
         scales = qo.int8_scales(w)
         if scheme == "int8":
             scales = scales.to(COMPUTE).float()  # rounded on the grid that is saved (w8a8 keeps float32 scales)
@@ -181,7 +184,7 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
         new.weight.copy_(q)
         new.scales.copy_(scales.to(new.scales.dtype))
     else:
-        new = Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, group)
+        new = layer_class(scheme)(lin.in_features, lin.out_features, lin.bias is not None, group)
         integer = grid == "integer"
         if method == "gptq":
             params: dict[str, torch.Tensor] = {}
@@ -232,7 +235,7 @@ def quantize_model(
             smoothed = smooth_model(model, stats)
             stats = None  # the layers are then rounded to nearest
     method_for_layers = "rtn" if method == "smoothquant" else method
-    grid = ("integer" if portable else choose_int4_grid(layers, group)) if scheme == "int4" else None
+    grid = ("integer" if portable else choose_int4_grid(layers, group)) if SCHEME_BITS[scheme] == 4 else None
     with torch.no_grad(), progress.bar(f"quantizing ({scheme}, {method})", total=len(layers)) as advance:
         for name, lin in layers.items():
             set_module(model, name, quantize_layer(lin, scheme, group, method_for_layers, stats[name] if stats else None, grid or "integer"))

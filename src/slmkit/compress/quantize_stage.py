@@ -12,6 +12,7 @@ from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_f
 from slmkit.sources.forms import form_of
 from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD, check_method, own_layout, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
+from slmkit.layers.integer import SCHEME_BITS
 from slmkit.sources.hf_dir import load_float
 from slmkit.store import Store, validate_name
 
@@ -45,7 +46,7 @@ def quantize_stage(
         raise SlmkitError(f"--method {method} needs calibration text", "Pass --calib FILE: plain text like what the model will see, a few hundred KB.")
     if method == "rtn" and calib is not None:
         raise SlmkitError("--calib is used by gptq and awq only", "Drop --calib, or pick --method gptq or awq.")
-    suffix = f"-g{group_size or DEFAULT_GROUP}" if scheme == "int4" else ""
+    suffix = f"-g{group_size or DEFAULT_GROUP}" if SCHEME_BITS[scheme] == 4 else ""
     name = validate_name(name or f"{model}-{scheme}{suffix}-{method}")
     store.check_free(name)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from slmkit.engine.families import STATIC_ROPE_TYPES, Block, describe, unsupported
 from slmkit.layers.multi_lora import LoraBank
-from slmkit.layers.integer import Int8Linear, W8A8Linear, bucket_of
+from slmkit.layers.integer import Int8Linear, W4A8Linear, W8A8Linear, bucket_of
 from slmkit.native import ops as native_ops
 
 # queries per attention call in a long prefill: each piece sees only the keys up to it (a causal mask cannot make
@@ -40,7 +40,7 @@ def fuse_linears(parts: list[Any]) -> Any | None:
     """One int8 layer computing `parts` (same input) side by side, their weights becoming views of its own;
     None otherwise. Float layers stay apart: fusing them saves no time here, and copying weights that were
     memory-mapped from safetensors would keep both copies resident (+270 MB RSS on the default model)."""
-    for cls in (Int8Linear, W8A8Linear):  # w8a8: the activations are also quantized once for all the parts
+    for cls in (Int8Linear, W8A8Linear, W4A8Linear):  # w8a8, w4a8: the activations are also quantized once for all the parts
         if all(type(p) is cls and p.smooth is None for p in parts) and len({p.bias is None for p in parts}) == 1:
             return cls.concat(parts)
     return None
@@ -171,7 +171,7 @@ class LeanForward:
                          for l in self.layers] if self.head_norms else []
         for m in [*self.qkv, *self.gate_up, *(l.self_attn.o_proj for l in self.layers), *(l.mlp.down_proj for l in self.layers),
                   model.lm_head]:
-            if isinstance(m, W8A8Linear) and m._kernels is None:
+            if isinstance(m, (W8A8Linear, W4A8Linear)) and m._kernels is None:
                 m.prepare()  # kernels and prepacked weights ready before the first request
         self.q_width = self.heads * self.head_dim
         self.kv_width = self.kv_heads * self.head_dim
@@ -201,26 +201,25 @@ class LeanForward:
         return weight.float() + offset if offset else weight
 
     def _whole_step_weights(self) -> tuple[list[torch.Tensor] | None, set[int]]:
-        """A w8a8 model whose every block linear runs slmkit's int8 kernel decodes a step in one call of
+        """A w8a8 or w4a8 model whose every block linear runs slmkit's int8 or int4 kernel decodes a step in one call of
         native.decode_step: its weights in the kernel's order (per block: norm, q/k/v, [q norm, k norm], o, [its
-        output's norm], norm, gate/up, down, [its output's norm]; each linear as its packed tiles, row sums, scales,
-        bias or an empty tensor), and the row buckets where every layer's kernel is slmkit's. (None, empty) for any
-        other model or a block the kernel does not know (the Python blocks then run)."""
+        output's norm], norm, gate/up, down, [its output's norm]; each linear as its four step_tensors), and the row
+        buckets where every layer's kernel is slmkit's. (None, empty) for any other model or a block the kernel does
+        not know (the Python blocks then run)."""
         flags = self.block.step_flags
         if self.kernels is None or flags is None or any(eps != self.eps for *_, eps in self.qk_norms):
             return None, set()
         weights, buckets = [], {0, 1, 2}
-        empty = torch.empty(0)
         for i in range(len(self.layers)):
             lins = (self.qkv[i], self.layers[i].self_attn.o_proj, self.gate_up[i], self.layers[i].mlp.down_proj)
             attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = self.norms[i]
             heads = list(self.qk_norms[i][:2]) if self.head_norms else []
             norms = [attn_norm, mlp_norm, *heads, *(n for n in (attn_out_norm, mlp_out_norm) if n is not None)]
-            if any(type(m) is not W8A8Linear or m._native is None or m.smooth is not None for m in lins) or any(
+            if any(type(m) not in (W8A8Linear, W4A8Linear) or m._native is None or m.smooth is not None for m in lins) or any(
                     n.dtype != torch.float32 for n in norms):
                 return None, set()
             buckets &= {b for b in range(3) if all(m._kernels[b] == "native" for m in lins)}
-            packed = [[t, s, sc, empty if bias is None else bias] for t, s, _, sc, bias, _ in (m._native_args for m in lins)]
+            packed = [m.step_tensors() for m in lins]
             weights += [attn_norm, *packed[0], *heads, *packed[1], *([attn_out_norm] if attn_out_norm is not None else []),
                         mlp_norm, *packed[2], *packed[3], *([mlp_out_norm] if mlp_out_norm is not None else [])]
         return weights, buckets

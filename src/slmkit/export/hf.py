@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import progress
+from slmkit.layers.integer import INT8_ACTIVATIONS
 from slmkit.sources.ct_layout import FORMATS
 from slmkit.sources.forms import is_quantized, is_router, is_standard
 from slmkit.errors import SlmkitError
@@ -46,7 +47,7 @@ def readme(store: Store, model: str, meta: dict[str, Any]) -> str:
         shown = {k: v for k, v in (c.settings or {}).items() if k in ("method", "scheme", "sparsity", "ratio", "loss", "steps", "tokens", "teacher", "lora")}
         lines.append(f"| {c.stage} | {c.name} | {json.dumps(shown) if shown else ''} |")
     if scheme:
-        acts = "int8 activations per token, quantized at run time" if scheme == "w8a8" else "weight-only, activations in float"
+        acts = "int8 activations per token, quantized at run time" if scheme in INT8_ACTIVATIONS else "weight-only, activations in float"
         lines += ["", f"The linear layers hold {scheme} weights in compressed-tensors' {FORMATS[scheme]} layout ({acts}): "
                   "transformers loads it with `pip install compressed-tensors`, vLLM serves it."]
     if not meta["license_known"]:

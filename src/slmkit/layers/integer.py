@@ -339,6 +339,12 @@ class W8A8Linear(Int8Linear):
             smooth = None if self.smooth is None else self.smooth.float()
             self._native, self._native_args = native_ops().int8_linear, (tiles, sums, self.out_features, self.scales, bias, smooth)
 
+    def step_tensors(self) -> list[torch.Tensor]:
+        """The four tensors native.decode_step reads for this layer: packed tiles, 128 x row sums, scales, bias (or an
+        empty tensor)."""
+        tiles, sums, _, scales, bias, _ = self._native_args
+        return [tiles, sums, scales, torch.empty(0) if bias is None else bias]
+
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "W8A8Linear":
         """One layer for several with the same input (q/k/v, gate/up): the activations are quantized once."""
@@ -371,6 +377,73 @@ class W8A8Linear(Int8Linear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+class W4A8Linear(Int4Linear):
+    """y = s_x * sum_g (d_g (q_x . q_w)_g + m_g sum_g q_x) + b: Int4Linear's weights (4-bit per group, a scale and a
+    minimum each, bf16) with W8A8's activations (int8 per token, quantized at run time), on the integer units by
+    slmkit's int4 kernel (native/quantize.cpp: nibbles unpacked in registers, AVX-512 VNNI); a decode step reads
+    4 + 32 / group bits per weight. Without the kernel (no compiler, no VNNI) the same grid is computed with a
+    dequantized float32 matmul (the same numbers, slower). Saved as Int4Linear is."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
+        super().__init__(in_features, out_features, bias, group_size)
+        self._native: Any = None  # slmkit's int4 linear op, or None
+        self._native_args: tuple = ()  # its arguments after x: packed nibbles, scales/minimums, N, bias, smoothing
+        self._kernels: tuple[str, ...] | None = None  # per row bucket (as W8A8Linear's): "native" or "dequantize"
+
+    def prepare(self) -> None:
+        native = native_ops()
+        self._native = None
+        if native is not None and native.int8_vnni():
+            packed, dm = native.pack_int4(unpack_nibbles(self.qweight), self.scales.to(COMPUTE), self.mins.to(COMPUTE))
+            bias = None if self.bias is None else self.bias.float()
+            smooth = None if self.smooth is None else self.smooth.float()
+            self._native, self._native_args = native.int4_linear, (packed, dm, self.out_features, bias, smooth)
+        self._kernels = ("native" if self._native is not None else "dequantize",) * len(PROBE_ROWS)
+
+    def step_tensors(self) -> list[torch.Tensor]:
+        """The four tensors native.decode_step reads for this layer: packed nibbles, scales/minimums, a (N, 0) tensor
+        giving N, bias (or an empty tensor)."""
+        packed, dm, n, bias, _ = self._native_args
+        return [packed, dm, torch.empty(n, 0), torch.empty(0) if bias is None else bias]
+
+    @classmethod
+    def concat(cls, parts: list["W4A8Linear"]) -> "W4A8Linear":
+        """One layer for several with the same input (q/k/v, gate/up): the activations are quantized once; the parts
+        become views of it."""
+        bias = parts[0].bias is not None
+        fused = cls(parts[0].in_features, sum(p.out_features for p in parts), bias, parts[0].group_size)
+        names = ["qweight", "scales", "mins", *(["bias"] if bias else [])]
+        for name in names:
+            setattr(fused, name, torch.cat([getattr(p, name) for p in parts]))
+        start = 0
+        for p in parts:
+            end = start + p.out_features
+            for name in names:
+                setattr(p, name, getattr(fused, name)[start:end])
+            p._native, p._kernels = None, None  # prepared again if used alone
+            start = end
+        fused.prepare()
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        training = x2.requires_grad and torch.is_grad_enabled()  # training through frozen weights: float, no rounding
+        if not training and self._kernels is None:
+            self.prepare()
+        if not training and self._native is not None and x2.dtype == torch.float32:
+            return self._native(x2.contiguous(), *self._native_args).reshape(*x.shape[:-1], self.out_features)
+        if self.smooth is not None:
+            x2 = x2 / self.smooth.to(x2.dtype)
+        if training:
+            y = _Recomputed.apply(x2.float(), self)
+        else:  # the kernel's numbers without it: the int8 rows times the dequantized weight, scaled back per row
+            q, s = quantize_rows(x2)
+            y = _dequantized_linear(q.float(), self).mul_(s)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
 def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear") -> nn.Linear:
     """A float32 nn.Linear computing what the integer layer computes (the smoothing folded into the weight)."""
     w = layer.dequantized()  # (N, K)
@@ -384,7 +457,15 @@ def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear") -> nn.Linear:
     return lin
 
 
-INTEGER_LAYERS = (Int8Linear, Int4Linear, W8A8Linear)
+INTEGER_LAYERS = (Int8Linear, Int4Linear, W8A8Linear, W4A8Linear)
+# the schemes `slmkit quantize` makes: bits per weight, and which quantize their activations to int8 per token at run time
+SCHEME_BITS = {"int8": 8, "int4": 4, "w8a8": 8, "w4a8": 4}
+INT8_ACTIVATIONS = ("w8a8", "w4a8")
+
+
+def layer_class(scheme: str) -> type:
+    """The integer layer a scheme's linears become."""
+    return {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear, "w4a8": W4A8Linear}[scheme]
 
 
 def to_float(model: nn.Module) -> nn.Module:

@@ -178,16 +178,23 @@ static at::Tensor gelu_tanh_mul(const at::Tensor& y) {
   return gate_mul(y, [](float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); });
 }
 
-// ---- A whole decode step of a w8a8 model in one call (Llama's block and the variations below) ----
-// slmkit's int8 linear lives in the slmkit_quantize library (built without fast-math: bit-identical to torch's
-// ops); it is called through torch's dispatcher (~0.3 us, against ~3 us per op from Python).
+// ---- A whole decode step of a w8a8 or w4a8 model in one call (Llama's block and the variations below) ----
+// slmkit's int8 and int4 linears live in the slmkit_quantize library (built without fast-math: bit-identical to torch's
+// ops); they are called through torch's dispatcher (~0.3 us, against ~3 us per op from Python).
 using Int8Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
                               const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
+using Int4Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
 
+// w: four tensors per linear (layers/integer.py's step_tensors). int8 (W8A8): packed tiles, 128 * row sums, scales
+// (N,), bias (N,) or empty; int4 (W4A8, packed as uint8): packed nibbles, scales and minimums, an (N, 0) tensor, bias.
 static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor* w) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("slmkit_quantize::int8_linear", "").typed<Int8Linear>();
-  // w: packed tiles, 128 * row sums, scales (N,), bias (N,) or empty
   const c10::optional<at::Tensor> bias = w[3].numel() ? c10::optional<at::Tensor>(w[3]) : c10::nullopt;
+  if (w[0].scalar_type() == at::kByte) {
+    static auto op4 = c10::Dispatcher::singleton().findSchemaOrThrow("slmkit_quantize::int4_linear", "").typed<Int4Linear>();
+    return op4.call(x, w[0], w[1], w[2].size(0), bias, c10::nullopt);
+  }
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("slmkit_quantize::int8_linear", "").typed<Int8Linear>();
   return op.call(x, w[0], w[1], w[2].numel(), w[2], bias, c10::nullopt);
 }
 
@@ -219,8 +226,8 @@ static void norm_heads(at::Tensor& y, const at::Tensor& weight, int64_t h0, int6
   });
 }
 
-// h (B, E): the new tokens' embeddings. weights: per_layer(flags) tensors per block in the order above (int8 linears
-// as pack_int8 made them, with their scales and bias (or an empty tensor); norm weights as the forward multiplies by
+// h (B, E): the new tokens' embeddings. weights: per_layer(flags) tensors per block in the order above (each linear
+// as its four tensors above; norm weights as the forward multiplies by
 // them). k, v: the slot cache (layers, S, Hkv, C, D). lens (B,): each row's length after this token; cos, sin (B, D)
 // at its position, cos_local, sin_local the same from the local rope table that layers with local[i] != 0 use
 // (Gemma 3's sliding layers). windows: per layer, the positions a query sees (0: all; empty: none anywhere).

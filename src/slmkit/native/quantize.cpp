@@ -127,23 +127,26 @@ static std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& w) {
 
 #if SLMKIT_VNNI
 // MR rows x one 64-column tile: acc[r][j] += u8(a[r][4k..4k+3]) . w[tile][k][16j..16j+15][0..3]
+// acc[r][j] += rows' 4 inputs at k (a[r][4k..4k+3], broadcast) . w[j]: 16 columns x 4 inputs each. W_UNSIGNED: the
+// weights are vpdpbusd's unsigned operand (W4A8's nibbles; activations int8), else the activations (W8A8's u8 = q + 128)
+template <int MR, bool W_UNSIGNED>
+static inline void dot4(const uint8_t* a, int64_t lda, int64_t k, const __m512i w[4], __m512i acc[MR][4]) {
+  for (int r = 0; r < MR; ++r) {
+    int32_t a4;
+    std::memcpy(&a4, a + r * lda + 4 * k, 4);
+    const __m512i av = _mm512_set1_epi32(a4);
+    for (int j = 0; j < 4; ++j) acc[r][j] = W_UNSIGNED ? _mm512_dpbusd_epi32(acc[r][j], w[j], av) : _mm512_dpbusd_epi32(acc[r][j], av, w[j]);
+  }
+}
+
 template <int MR>
 static inline void tile_vnni(const uint8_t* a, int64_t lda, const int8_t* wt, int64_t K4, __m512i acc[MR][4]) {
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K4; ++k) {
     const int8_t* wk = wt + k * TILE_N * 4;
-    const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
-    const __m512i w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
-    for (int r = 0; r < MR; ++r) {
-      int32_t a4;
-      std::memcpy(&a4, a + r * lda + 4 * k, 4);
-      const __m512i av = _mm512_set1_epi32(a4);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, w0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, w1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, w2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, w3);
-    }
+    const __m512i w[4] = {_mm512_loadu_si512(wk), _mm512_loadu_si512(wk + 64), _mm512_loadu_si512(wk + 128), _mm512_loadu_si512(wk + 192)};
+    dot4<MR, false>(a, lda, k, w, acc);
   }
 }
 
@@ -242,10 +245,183 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, con
   return out;
 }
 
+// ---- W4A8 linear: per-token int8 activations x 4-bit weights in groups (scale and minimum per group) ----
+// w[n][k] = d[n][g] * q[n][k] + m[n][g], q in [0, 15], g = k / group; x[k] = s * a[k], a int8. The nibbles are
+// vpdpbusd's unsigned operand and the activations its signed one, so per group the integer units give acc = sum q a
+// exactly (no offset to take back), and
+//   y[n] = s * sum_g (d acc_g + m asum_g),  asum_g = sum_{k in g} a[k]  (the integer sums exact; float per group).
+// Packed once (pack_int4) in the int8 kernel's 64-column tiles:
+// for each 4 inputs, 128 bytes: columns 0-15 in the low nibbles of bytes 0-63, 16-31 in their high nibbles, 32-47 and
+// 48-63 the same in bytes 64-127 (each 16 columns x 4 inputs as vpdpbusd reads them); per tile and group the 64 scales
+// then the 64 minimums as bf16 (as saved: exact). A decode step reads 4 + 32 / group bits per weight.
+constexpr int64_t TILE_BYTES4 = TILE_N * 2;  // one K4 step of a tile: 64 columns x 4 inputs x 4 bits
+
+// q (N, K) uint8 in [0, 15], scales and mins (N, G) bf16 -> (packed uint8 (N_pad/64, K/4, 128), dm bf16 (N_pad/64, G, 2, 64))
+static std::tuple<at::Tensor, at::Tensor> pack_int4(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2, "pack_int4: q uint8 (N, K) in [0, 15]");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && mins.scalar_type() == at::kBFloat16 && scales.dim() == 2 &&
+              scales.sizes() == mins.sizes() && scales.size(0) == q.size(0), "pack_int4: scales and mins bf16 (N, G)");
+  auto qc = q.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
+  const int64_t N = qc.size(0), K = qc.size(1), G = sc.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 4 == 0, "pack_int4: the group size must divide K and be a multiple of 4");
+  const int64_t group = K / G, Np = (N + TILE_N - 1) / TILE_N * TILE_N, K4 = K / 4, tiles = Np / TILE_N;
+  auto packed = at::zeros({tiles, K4, TILE_BYTES4}, qc.options());
+  auto dm = at::zeros({tiles, G, 2, TILE_N}, sc.options());
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const at::BFloat16* sp = sc.data_ptr<at::BFloat16>();
+  const at::BFloat16* mp = mc.data_ptr<at::BFloat16>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  at::BFloat16* dp = dm.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t t = n / TILE_N, c = n % TILE_N, vec = c / 16, col = c % 16;
+      const int64_t half = vec / 2, shift = 4 * (vec % 2);
+      for (int64_t k = 0; k < K; ++k)
+        pp[(t * K4 + k / 4) * TILE_BYTES4 + half * 64 + col * 4 + k % 4] |= static_cast<uint8_t>((qp[n * K + k] & 0x0F) << shift);
+      for (int64_t g = 0; g < G; ++g) {
+        dp[((t * G + g) * 2) * TILE_N + c] = sp[n * G + g];
+        dp[((t * G + g) * 2 + 1) * TILE_N + c] = mp[n * G + g];
+      }
+    }
+  });
+  return {packed, dm};
+}
+
+#if SLMKIT_VNNI
+static inline __m512 bf16x16(const at::BFloat16* p) {  // 16 bf16 -> 16 float32 (exact: the high halves)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// MR rows x one 64-column tile of the int4 weight; out as for the int8 kernel (times the row scale, + bias)
+template <int MR>
+static void rows_int4(const int8_t* a, int64_t lda, const int32_t* asum, int64_t G, const uint8_t* wt, const at::BFloat16* dmt,
+                      int64_t steps, const float* rs, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t N) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 facc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) facc[r][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t k = g * steps + s;
+      const uint8_t* wk = wt + k * TILE_BYTES4;
+      const __m512i b0 = _mm512_loadu_si512(wk), b1 = _mm512_loadu_si512(wk + 64);
+      const __m512i w[4] = {_mm512_and_si512(b0, low), _mm512_and_si512(_mm512_srli_epi16(b0, 4), low),
+                            _mm512_and_si512(b1, low), _mm512_and_si512(_mm512_srli_epi16(b1, 4), low)};
+      dot4<MR, true>(reinterpret_cast<const uint8_t*>(a), lda, k, w, acc);
+    }
+    const at::BFloat16* dg = dmt + g * 2 * TILE_N;
+    for (int j = 0; j < 4; ++j) {
+      const __m512 d = bf16x16(dg + 16 * j), m = bf16x16(dg + TILE_N + 16 * j);
+      for (int r = 0; r < MR; ++r) {
+        facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), d, facc[r][j]);
+        facc[r][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(static_cast<float>(asum[r * G + g])), facc[r][j]);
+      }
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    const int64_t n = n0 + 16 * j;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512 bv = bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      __m512 y = _mm512_mul_ps(facc[r][j], _mm512_set1_ps(rs[r]));
+      if (bias != nullptr) y = _mm512_add_ps(y, bv);
+      _mm512_mask_storeu_ps(out + r * ldo + n, mask, y);
+    }
+  }
+}
+#endif
+
+// x (M, K) f32 -> (M, N) f32: each row quantized per token (after x / smooth; the int8 kernel's grid), multiplied by
+// the packed int4 weight on the integer units (AVX-512 VNNI; elsewhere a plain loop computing the same), each group
+// scaled back by its scale and minimum.
+static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t N,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& smooth) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "int4_linear: x float32 (M, K)");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == TILE_BYTES4 &&
+              dm.scalar_type() == at::kBFloat16 && dm.dim() == 4 && dm.size(0) == packed.size(0),
+              "int4_linear: a weight packed by pack_int4");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), K4 = packed.size(1), tiles = packed.size(0), G = dm.size(1);
+  const int64_t steps = K4 / G;
+  TORCH_CHECK(K == 4 * K4 && K4 % G == 0 && tiles * TILE_N >= N && N > tiles * TILE_N - TILE_N,
+              "int4_linear: x's K or N does not match the packed weight");
+  at::Tensor bc, sc;
+  if (bias.has_value()) { bc = bias->contiguous(); TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N); }
+  if (smooth.has_value()) { sc = smooth->contiguous(); TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == K); }
+  auto out = at::empty({M, N}, xc.options());
+  auto qa = at::empty({M, K}, xc.options().dtype(at::kChar));
+  std::vector<float> rs(M);
+  std::vector<int32_t> asum(M * G);
+  const float* xp = xc.data_ptr<float>();
+  const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
+  const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const at::BFloat16* dmp = dm.data_ptr<at::BFloat16>();
+  int8_t* ap = qa.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = K / G;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(tiles, M)));
+  #pragma omp parallel num_threads(threads)
+  {
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      rs[m] = quantize_row(xp + m * K, sp, K, K, false, reinterpret_cast<uint8_t*>(ap + m * K));
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t s = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) s += ap[m * K + k];
+        asum[m * G + g] = s;
+      }
+    }
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const uint8_t* wt = wp + t * K4 * TILE_BYTES4;
+      const at::BFloat16* dmt = dmp + t * G * 2 * TILE_N;
+      const int64_t n0 = t * TILE_N;
+#if SLMKIT_VNNI
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) rows_int4<4>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N);
+      switch (M - m) {
+        case 3: rows_int4<3>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N); break;
+        case 2: rows_int4<2>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N); break;
+        case 1: rows_int4<1>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N); break;
+        default: break;
+      }
+#else
+      for (int64_t r = 0; r < M; ++r) {
+        for (int64_t c = 0; c < TILE_N && n0 + c < N; ++c) {
+          const int64_t vec = c / 16, col = c % 16, half = vec / 2, shift = 4 * (vec % 2);
+          float acc = 0.f;
+          for (int64_t g = 0; g < G; ++g) {
+            int32_t dot = 0;
+            for (int64_t k = g * group; k < (g + 1) * group; ++k)
+              dot += static_cast<int32_t>(ap[r * K + k]) * ((wt[(k / 4) * TILE_BYTES4 + half * 64 + col * 4 + k % 4] >> shift) & 0x0F);
+            const float d = static_cast<float>(dmt[(g * 2) * TILE_N + c]), mn = static_cast<float>(dmt[(g * 2 + 1) * TILE_N + c]);
+            acc = acc + static_cast<float>(dot) * d;
+            acc = acc + mn * static_cast<float>(asum[r * G + g]);
+          }
+          const int64_t n = n0 + c;
+          float y = acc * rs[r];
+          if (bp != nullptr) y = y + bp[n];
+          op[r * N + n] = y;
+        }
+      }
+#endif
+    }
+  }
+  return out;
+}
+
 TORCH_LIBRARY(slmkit_quantize, m) {
   m.def("dequantize_rows(Tensor y, Tensor row_scale, Tensor col_scale, Tensor? bias=None) -> Tensor", dequantize_rows);
   m.def("quantize_rows(Tensor x, int offset) -> (Tensor, Tensor)", quantize_rows);
   m.def("pack_int8(Tensor w) -> (Tensor, Tensor)", pack_int8);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor comp, int N, Tensor col_scale, Tensor? bias=None, Tensor? smooth=None) -> Tensor", int8_linear);
   m.def("int8_vnni() -> bool", int8_vnni);
+  m.def("pack_int4(Tensor q, Tensor scales, Tensor mins) -> (Tensor, Tensor)", pack_int4);
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor dm, int N, Tensor? bias=None, Tensor? smooth=None) -> Tensor", int4_linear);
 }

@@ -28,7 +28,7 @@ from slmkit.card import GUARD_KEY, read_config
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
 from slmkit.layers import integer
-from slmkit.layers.integer import COMPUTE, Int4Linear, Int8Linear, W8A8Linear
+from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, SCHEME_BITS, Int4Linear, layer_class
 from slmkit.layers.lowrank import LowRankLinear
 from slmkit.layers.walk import empty_skeleton, set_module
 from slmkit.sources import ct_layout
@@ -136,10 +136,11 @@ def load_quantized(folder: Path) -> nn.Module:
         state = {k: f.get_tensor(k) for k in f.keys()}
     for name in info["modules"]:
         lin = model.get_submodule(name)
-        if info["scheme"] in ("int8", "w8a8"):
-            shell = (Int8Linear if info["scheme"] == "int8" else W8A8Linear)(lin.in_features, lin.out_features, lin.bias is not None)
+        cls = layer_class(info["scheme"])
+        if SCHEME_BITS[info["scheme"]] == 8:
+            shell = cls(lin.in_features, lin.out_features, lin.bias is not None)
         else:
-            shell = Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, info["group_size"])
+            shell = cls(lin.in_features, lin.out_features, lin.bias is not None, info["group_size"])
         if info.get("smooth"):
             shell.smooth = torch.ones(lin.in_features, dtype=COMPUTE)
         if standard:
@@ -163,12 +164,13 @@ def load_quantized(folder: Path) -> nn.Module:
         integer.use_kernel_cache(settings().kernel_choices_file)
     for m in model.modules():
         if isinstance(m, Int4Linear):
-            m.prepare()  # the kernel's own layout (w8a8 layers prepare on first use or when the lean forward fuses them)
+            m.prepare()  # the kernel's own layout (w8a8 layers prepare on first use or when the lean forward fuses them;
+            # w4a8's are repacked if the lean forward fuses them)
     # float parameters (embeddings, norms) in bf16: half the memory, and activations then stay bf16 between the
     # weight-only integer kernels (no per-layer dtype conversions); buffers such as rotary frequencies stay float32.
-    # w8a8 quantizes its activations from float32 itself: there everything stays float32 (no conversions at all)
+    # w8a8 and w4a8 quantize their activations from float32 themselves: there everything stays float32 (no conversions)
     for p in model.parameters():
-        p.data = p.data.to(torch.float32 if info["scheme"] == "w8a8" else COMPUTE)
+        p.data = p.data.to(torch.float32 if info["scheme"] in INT8_ACTIVATIONS else COMPUTE)
     return model.eval()
 
 
