@@ -169,9 +169,9 @@ for n, k, group in [(50, 64, 32), (130, 128, 64)]:  # W4A8's kernel too
     bias, smooth = torch.randn(n), torch.rand(k) + 0.5
     for m in (1, 5, 17):
         x = torch.randn(m, k) * 3
-        a, s = quantize_rows(x / smooth)
+        a, s = quantize_rows((x / smooth).reshape(-1, group))
         w = (q.double().reshape(n, -1, group) * scales.double()[..., None] + mins.double()[..., None]).reshape(n, k)
-        want = (a.double() @ w.T) * s.double() + bias.double()
+        want = (a.double() * s.double()).reshape(m, k) @ w.T + bias.double()
         got = ops.int4_linear(x, packed, dm, n, bias, smooth).double()
         assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (n, k, m)
 print("same")
@@ -181,19 +181,19 @@ print("same")
 
 
 def _int4_reference(x, q, scales, mins, bias=None, smooth=None):
-    """What int4_linear computes, in float64: the int8 rows (per token) times the dequantized 4-bit weight, per row's scale."""
-    a, s = quantize_rows(x if smooth is None else x / smooth)
+    """What int4_linear computes, in float64: the int8 activations (per row and group) times the dequantized weight."""
     n, k = q.shape
     g = scales.shape[1]
+    a, s = quantize_rows((x if smooth is None else x / smooth).reshape(-1, k // g))  # (M * G, group), (M * G, 1)
     w = (q.double().reshape(n, g, k // g) * scales.double()[..., None] + mins.double()[..., None]).reshape(n, k)
-    y = (a.double() @ w.T) * s.double()
+    y = (a.double() * s.double()).reshape(x.shape[0], k) @ w.T
     return y if bias is None else y + bias.double()
 
 
 @pytest.mark.parametrize("n, k, group", [(64, 32, 32), (50, 64, 32), (130, 128, 64), (200, 256, 128), (577, 96, 32)])
 def test_int4_linear_computes_the_int8_rows_times_the_dequantized_weight(n, k, group):
-    """W4A8's kernel: N not a multiple of the 64-column tile, rows in and around the 4-row passes, each group's own
-    scale and minimum, smoothing and bias: the integer sums are exact, so only float32 rounding of the per-group sums
+    """W4A8's kernel: N not a multiple of the 64-column tile, rows in and around the 4-row passes, each weight group's
+    own scale and minimum and each activation group's own scale, smoothing and bias: the integer sums are exact, so only float32 rounding of the per-group sums
     separates it from the float64 reference."""
     torch.manual_seed(n + k)
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
@@ -216,7 +216,7 @@ def test_int4_linear_computes_the_int8_rows_times_the_dequantized_weight(n, k, g
 
 
 def test_a_w4a8_layer_computes_the_same_with_and_without_the_kernel():
-    """W4A8Linear on slmkit's kernel and on its fallback (no compiler, no VNNI: int8 rows times the dequantized weight)
+    """W4A8Linear on slmkit's kernel and on its fallback (no compiler, no VNNI: int8 groups times the dequantized weight)
     give the same outputs; a fused q/k/v layer equals its parts side by side."""
     from slmkit.compress.quantize import quantize_layer
     from slmkit.layers.integer import W4A8Linear

@@ -82,6 +82,40 @@ def test_quantize_stage_saves_a_loadable_smaller_model(store):
     assert front["base_model"] == "tiny" and front["tags"] == ["slmkit", "quantize", "int8", "rtn"]
 
 
+def test_w4a8_keeps_an_int8_output_head_that_reloads_exactly(store):
+    """w4a8's default output head is w8a8 (float32 scales kept through the file); the child reloads to the same logits,
+    in slmkit's own (guarded) layout; --head w4a8 makes a 4-bit head; a head that does not go with the scheme, or a
+    head of its own with --portable, is refused before anything loads."""
+    from slmkit.compress.quantize import quantize_model
+    from slmkit.card import read_config
+    from slmkit.sources.forms import is_standard, load_quantized
+    from slmkit.sources.hf_dir import load_float
+
+    card = quantize_stage("tiny", "w4a8")
+    assert card.name == "tiny-w4a8-g32-rtn" and card.settings["head"] == {"module": "lm_head", "scheme": "w8a8"}
+    folder = Store().require(card.name)
+    assert not is_standard(folder) and read_config(folder)["slmkit_layout"]["kind"] == "mixed-head"
+    loaded = load_quantized(folder)
+    assert type(loaded.lm_head) is W8A8Linear and loaded.lm_head.scales.dtype == torch.float32
+    assert all(type(m) is W4A8Linear for n, m in loaded.named_modules() if n.endswith(("q_proj", "down_proj")))
+    net, _ = load_float(Store().require("tiny"), dtype=torch.float32)
+    quantize_model(net, "w4a8")
+    for p in net.parameters():  # embeddings and norms are saved in bf16
+        p.data = p.data.to(torch.bfloat16).float()
+    ids = torch.tensor([[1, 5, 9, 13, 40, 7]])
+    with torch.no_grad():
+        assert torch.equal(net.lm_head.scales, loaded.lm_head.scales) and torch.equal(net.lm_head.weight, loaded.lm_head.weight)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, net.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    four = quantize_stage("tiny", "w4a8", head="w4a8")
+    assert four.name == "tiny-w4a8-g32-head-w4a8-rtn" and "head" not in four.settings
+    assert type(load_quantized(Store().require(four.name)).lm_head) is W4A8Linear
+    before = Store().names()
+    for head, portable in (("int8", False), ("w8a8", True)):
+        with pytest.raises(SlmkitError, match="--head"):
+            quantize_stage("tiny", "w4a8", head=head, portable=portable, name="nope")
+    assert Store().names() == before
+
+
 def test_int4_gptq_stage_with_calibration(store, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("Paris is the capital of France. The quick brown fox jumps over the lazy dog. " * 40)
@@ -151,7 +185,9 @@ def test_children_load_in_transformers_in_compressed_tensors_layout(store, calib
     four = scheme in ("int4", "w4a8")
     assert (args.num_bits, args.strategy) == ((4, "group") if four else (8, "channel"))
     acts = parsed.config_groups["group_0"].input_activations  # w8a8, w4a8: int8 per token, quantized at run time
-    assert (acts is None) == (scheme in ("int8", "int4")) and (acts is None or (acts.strategy, acts.dynamic) == ("token", True))
+    assert (acts is None) == (scheme in ("int8", "int4"))
+    if acts is not None:  # w8a8: per token; w4a8: per token and group of the weight's group size
+        assert acts.dynamic and (acts.strategy, acts.group_size) == (("token", None) if scheme == "w8a8" else ("group", args.group_size))
     try:
         theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except RuntimeError as exc:  # int4 (asymmetric): transformers 5.24 + compressed-tensors 0.20 shape the packed zero

@@ -17,7 +17,7 @@ from slmkit.compress import quant_ops as qo
 from slmkit.compress import smooth_ops as so
 from slmkit.compress.calibrate import collect_stats
 from slmkit.layers.int_packing import pack_nibbles
-from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, INTEGER_LAYERS, SCHEME_BITS, layer_class
+from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, INTEGER_LAYERS, SCHEME_BITS, Int4Linear, layer_class
 from slmkit.layers.walk import decoder_blocks, linear_layers, set_module
 from slmkit.errors import SlmkitError
 from slmkit.sources.forms import QUANT_KEY
@@ -27,6 +27,9 @@ SCHEMES = tuple(SCHEME_BITS)  # int8, int4 weight-only; w8a8, w4a8: int8 activat
 METHODS = ("rtn", "gptq", "awq", "smoothquant")  # smoothquant: w8a8/w4a8 only, then round to nearest
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 32  # int4 weights per scale and minimum
+# the output head's scheme where it differs from the rest: w4a8 keeps it int8 (on the default model its weights sit on
+# no 4-bit grid, and rounding them to one costs most of w4a8's perplexity: bench/results/w4a8.md)
+DEFAULT_HEAD = {"w4a8": "w8a8"}
 DEFAULT_METHOD = "rtn"  # round to nearest: no calibration data needed
 AWQ_GRID = 11  # alphas 0, 0.1, ..., 1
 _WEIGHT_ONLY = ("integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; other weights "
@@ -52,6 +55,21 @@ def check_method(scheme: str, method: str) -> None:
     if method == "smoothquant" and scheme not in INT8_ACTIVATIONS:
         raise SlmkitError(f"--method smoothquant balances int8 activations; {scheme} keeps activations in float",
                           f"Use --scheme {' or '.join(INT8_ACTIVATIONS)} with it, or --method rtn, gptq or awq.")
+
+
+def head_scheme(scheme: str, head: str | None, portable: bool = False) -> str:
+    """The output head's scheme: `head` where given (the model's own, or 8-bit weights with the same kind of activations),
+    else the scheme's default; `portable`: the model's own (a head of its own has no form transformers loads)."""
+    if portable and head not in (None, scheme):
+        raise SlmkitError(f"--head {head} with --portable: a head in another scheme has no compressed-tensors form that "
+                          "transformers loads", f"Drop --portable, or --head (a portable {scheme} child has a {scheme} head).")
+    if head is None:
+        return scheme if portable else DEFAULT_HEAD.get(scheme, scheme)
+    same_kind = [s for s in SCHEMES if s == scheme or (SCHEME_BITS[s] == 8 and (s in INT8_ACTIVATIONS) == (scheme in INT8_ACTIVATIONS))]
+    if head not in same_kind:
+        raise SlmkitError(f"--head {head} does not go with --scheme {scheme}",
+                          f"The output head takes the same kind of activations as the rest: --head {' or '.join(same_kind)}.")
+    return head
 
 
 def check_settings(scheme: str, method: str, group_size: int | None, layers: dict[str, nn.Linear]) -> int | None:
@@ -215,13 +233,18 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
 
 def quantize_model(
     model: nn.Module, scheme: str, *, method: str = DEFAULT_METHOD, group_size: int | None = None,
-    calibration: list[torch.Tensor] | None = None, portable: bool = False,
+    calibration: list[torch.Tensor] | None = None, portable: bool = False, head: str | None = None,
 ) -> dict[str, Any]:
     """Replace every nn.Linear by its quantized form, in place; the rest of the model stays float32 in memory
     (and is saved as bfloat16). `portable`: only forms that compressed-tensors holds (int4's integer zero points,
-    never AWQ's smoothing), so that transformers and vLLM read the child."""
+    never AWQ's smoothing), so that transformers and vLLM read the child. `head`: the output head's scheme where it
+    is to differ (head_scheme)."""
     layers = linear_layers(model)
     group = check_settings(scheme, method, group_size, layers)
+    out_head = model.get_output_embeddings()
+    head_name = next((n for n, m in layers.items() if m is out_head), None)
+    head = head_scheme(scheme, head, portable) if head_name else scheme
+    schemes = {n: head if n == head_name else scheme for n in layers}
     if portable and method == "awq":
         raise SlmkitError("AWQ's smoothing has no compressed-tensors form: its children are read by slmkit only",
                           "Use --method gptq or rtn for a portable child, or drop --portable.")
@@ -235,13 +258,17 @@ def quantize_model(
             smoothed = smooth_model(model, stats)
             stats = None  # the layers are then rounded to nearest
     method_for_layers = "rtn" if method == "smoothquant" else method
-    grid = ("integer" if portable else choose_int4_grid(layers, group)) if SCHEME_BITS[scheme] == 4 else None
+    four = {n: lin for n, lin in layers.items() if SCHEME_BITS[schemes[n]] == 4}
+    grid = ("integer" if portable else choose_int4_grid(four, group)) if four else None
     with torch.no_grad(), progress.bar(f"quantizing ({scheme}, {method})", total=len(layers)) as advance:
         for name, lin in layers.items():
-            set_module(model, name, quantize_layer(lin, scheme, group, method_for_layers, stats[name] if stats else None, grid or "integer"))
+            own = schemes[name]
+            set_module(model, name, quantize_layer(lin, own, group if SCHEME_BITS[own] == 4 else None, method_for_layers,
+                                                   stats[name] if stats else None, grid or "integer"))
             advance(1)
     model.config.tie_word_embeddings = False  # the output layer now has its own quantized weight
     info = {"scheme": scheme, "method": method, "group_size": group, "modules": sorted(layers),
+            **({"head": {"module": head_name, "scheme": head}} if head != scheme else {}),
             "smooth": method == "awq", **({"zero_point": grid} if grid else {}),
             **({"smoothquant": {"modules": len(smoothed), "alphas": sorted(set(smoothed.values()))}} if smoothed is not None else {}),
             "compute": COMPUTE_NOTES[scheme]}
@@ -265,10 +292,10 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     integer = {n: m for n, m in model.named_modules() if isinstance(m, INTEGER_LAYERS)}
     for name, m in integer.items():
-        state |= {f"{name}.{k}": v for k, v in ct_layout.layer_tensors(m, info["scheme"]).items()}
+        state |= {f"{name}.{k}": v for k, v in ct_layout.layer_tensors(m, ct_layout.stored_scheme(info, name)).items()}
         if m.smooth is not None:
             state[f"{name}.smooth"] = m.smooth
-        if info.get("zero_point") == "float":  # free minimums: kept exactly, beside the (unused) integer zero points
+        if info.get("zero_point") == "float" and isinstance(m, Int4Linear):  # free minimums: kept exactly, beside the (unused) integer zero points
             state[f"{name}.mins"] = m.mins
     # float tensors that were not quantized (embeddings, norms) are stored as bf16: half the bytes
     for k, v in model.state_dict().items():
@@ -277,7 +304,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt", "slmkit": "quantized"})
     ignore = sorted(set(linear_layers(model)) - set(integer))
-    ct_layout.write_config_block(folder, ct_layout.quantization_config(info["scheme"], info["group_size"], ignore))
+    ct_layout.write_config_block(folder, ct_layout.quantization_config(info["scheme"], info["group_size"], ignore, info.get("head")))
     guard = own_layout(info)
     if guard:
         guard_config(folder, *guard)
@@ -291,6 +318,9 @@ def own_layout(info: dict[str, Any]) -> tuple[str, str] | None:
     if info.get("zero_point") == "float":
         return "int4-free-minimum", ("int4 groups with free (non-integer) minimums, as llama.cpp's Q4_1, have no "
                                      "compressed-tensors form; slmkit loads it")
+    if info.get("head"):
+        return "mixed-head", (f"an output head in {info['head']['scheme']} beside {info['scheme']} layers (transformers 5.24 with "
+                              "compressed-tensors 0.20 cannot load the two config groups); slmkit loads it")
     return None
 
 

@@ -18,6 +18,14 @@ def quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch
     return q.to(torch.int8), scale
 
 
+def quantize_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """W4A8's activations: quantize_rows' grid over each group of `group` inputs of each row (llama.cpp's Q8_0 blocks),
+    returned dequantized (float32, x's shape): what the int4 kernel multiplies, up to float rounding."""
+    shape = x.shape
+    q, scale = quantize_rows(x.reshape(-1, group))  # (M * G, group), (M * G, 1)
+    return (q.float() * scale).reshape(shape)
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Two 4-bit values per byte (even column in the low nibble): the portable on-disk form.  # (N, K/2)"""
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)

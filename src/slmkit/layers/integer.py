@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmkit.layers.int_packing import quantize_rows, unpack_nibbles
+from slmkit.layers.int_packing import quantize_groups, quantize_rows, unpack_nibbles
 from slmkit.layers.walk import set_module
 from slmkit.native import cpu_id, ops as native_ops
 
@@ -378,9 +378,10 @@ class W8A8Linear(Int8Linear):
 
 
 class W4A8Linear(Int4Linear):
-    """y = s_x * sum_g (d_g (q_x . q_w)_g + m_g sum_g q_x) + b: Int4Linear's weights (4-bit per group, a scale and a
-    minimum each, bf16) with W8A8's activations (int8 per token, quantized at run time), on the integer units by
-    slmkit's int4 kernel (native/quantize.cpp: nibbles unpacked in registers, AVX-512 VNNI); a decode step reads
+    """y = sum_g s_g (d_g (q_x . q_w)_g + m_g sum_g q_x) + b: Int4Linear's weights (4-bit per group, a scale and a
+    minimum each, bf16) with int8 activations quantized at run time per row and group of the same inputs (a scale s_g
+    each, as llama.cpp's Q8_0 activation blocks; W8A8's one scale per row costs several times the perplexity here,
+    bench/results/w4a8.md), on the integer units by slmkit's int4 kernel (native/quantize.cpp: nibbles unpacked in registers, AVX-512 VNNI); a decode step reads
     4 + 32 / group bits per weight. Without the kernel (no compiler, no VNNI) the same grid is computed with a
     dequantized float32 matmul (the same numbers, slower). Saved as Int4Linear is."""
 
@@ -436,9 +437,8 @@ class W4A8Linear(Int4Linear):
             x2 = x2 / self.smooth.to(x2.dtype)
         if training:
             y = _Recomputed.apply(x2.float(), self)
-        else:  # the kernel's numbers without it: the int8 rows times the dequantized weight, scaled back per row
-            q, s = quantize_rows(x2)
-            y = _dequantized_linear(q.float(), self).mul_(s)
+        else:  # the kernel's numbers without it: the int8 groups times the dequantized weight
+            y = _dequantized_linear(quantize_groups(x2.float(), self.group_size), self)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -245,11 +245,12 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, con
   return out;
 }
 
-// ---- W4A8 linear: per-token int8 activations x 4-bit weights in groups (scale and minimum per group) ----
-// w[n][k] = d[n][g] * q[n][k] + m[n][g], q in [0, 15], g = k / group; x[k] = s * a[k], a int8. The nibbles are
-// vpdpbusd's unsigned operand and the activations its signed one, so per group the integer units give acc = sum q a
-// exactly (no offset to take back), and
-//   y[n] = s * sum_g (d acc_g + m asum_g),  asum_g = sum_{k in g} a[k]  (the integer sums exact; float per group).
+// ---- W4A8 linear: int8 activations x 4-bit weights, both in groups of the same inputs ----
+// w[n][k] = d[n][g] * q[n][k] + m[n][g], q in [0, 15], g = k / group; x[k] = s_g * a[k], a int8, one scale per row
+// and group (llama.cpp's Q8_0 activation blocks: a per-row scale lets one outlier coarsen the whole row; per group it
+// costs one more multiply per group). The nibbles are vpdpbusd's unsigned operand and the activations its signed one,
+// so per group the integer units give acc = sum q a exactly (no offset to take back), and
+//   y[n] = sum_g (d s_g acc_g + m s_g asum_g),  asum_g = sum_{k in g} a[k]  (the integer sums exact; float per group).
 // Packed once (pack_int4) in the int8 kernel's 64-column tiles:
 // for each 4 inputs, 128 bytes: columns 0-15 in the low nibbles of bytes 0-63, 16-31 in their high nibbles, 32-47 and
 // 48-63 the same in bytes 64-127 (each 16 columns x 4 inputs as vpdpbusd reads them); per tile and group the 64 scales
@@ -293,10 +294,10 @@ static inline __m512 bf16x16(const at::BFloat16* p) {  // 16 bf16 -> 16 float32 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// MR rows x one 64-column tile of the int4 weight; out as for the int8 kernel (times the row scale, + bias)
+// MR rows x one 64-column tile of the int4 weight (+ bias). gs, gsa: per row and group, s_g and s_g * asum_g
 template <int MR>
-static void rows_int4(const int8_t* a, int64_t lda, const int32_t* asum, int64_t G, const uint8_t* wt, const at::BFloat16* dmt,
-                      int64_t steps, const float* rs, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t N) {
+static void rows_int4(const int8_t* a, int64_t lda, const float* gs, const float* gsa, int64_t G, const uint8_t* wt,
+                      const at::BFloat16* dmt, int64_t steps, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t N) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 facc[MR][4];
   for (int r = 0; r < MR; ++r)
@@ -317,8 +318,8 @@ static void rows_int4(const int8_t* a, int64_t lda, const int32_t* asum, int64_t
     for (int j = 0; j < 4; ++j) {
       const __m512 d = bf16x16(dg + 16 * j), m = bf16x16(dg + TILE_N + 16 * j);
       for (int r = 0; r < MR; ++r) {
-        facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), d, facc[r][j]);
-        facc[r][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(static_cast<float>(asum[r * G + g])), facc[r][j]);
+        facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), _mm512_mul_ps(d, _mm512_set1_ps(gs[r * G + g])), facc[r][j]);
+        facc[r][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(gsa[r * G + g]), facc[r][j]);
       }
     }
   }
@@ -328,7 +329,7 @@ static void rows_int4(const int8_t* a, int64_t lda, const int32_t* asum, int64_t
     const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1);
     const __m512 bv = bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
     for (int r = 0; r < MR; ++r) {
-      __m512 y = _mm512_mul_ps(facc[r][j], _mm512_set1_ps(rs[r]));
+      __m512 y = facc[r][j];
       if (bias != nullptr) y = _mm512_add_ps(y, bv);
       _mm512_mask_storeu_ps(out + r * ldo + n, mask, y);
     }
@@ -336,8 +337,8 @@ static void rows_int4(const int8_t* a, int64_t lda, const int32_t* asum, int64_t
 }
 #endif
 
-// x (M, K) f32 -> (M, N) f32: each row quantized per token (after x / smooth; the int8 kernel's grid), multiplied by
-// the packed int4 weight on the integer units (AVX-512 VNNI; elsewhere a plain loop computing the same), each group
+// x (M, K) f32 -> (M, N) f32: each row quantized per group of the weight's inputs (after x / smooth; the int8 kernel's
+// grid, scale = max|x| / 127.5 over the group), multiplied by the packed int4 weight on the integer units (AVX-512 VNNI; elsewhere a plain loop computing the same), each group
 // scaled back by its scale and minimum.
 static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t N,
                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& smooth) {
@@ -355,8 +356,7 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, con
   if (smooth.has_value()) { sc = smooth->contiguous(); TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == K); }
   auto out = at::empty({M, N}, xc.options());
   auto qa = at::empty({M, K}, xc.options().dtype(at::kChar));
-  std::vector<float> rs(M);
-  std::vector<int32_t> asum(M * G);
+  std::vector<float> gs(M * G), gsa(M * G);
   const float* xp = xc.data_ptr<float>();
   const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
@@ -370,11 +370,13 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, con
   {
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
-      rs[m] = quantize_row(xp + m * K, sp, K, K, false, reinterpret_cast<uint8_t*>(ap + m * K));
       for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = m * K + g * group;
+        const float scale = quantize_row(xp + k0, sp != nullptr ? sp + g * group : nullptr, group, group, false, reinterpret_cast<uint8_t*>(ap + k0));
         int32_t s = 0;
-        for (int64_t k = g * group; k < (g + 1) * group; ++k) s += ap[m * K + k];
-        asum[m * G + g] = s;
+        for (int64_t k = k0; k < k0 + group; ++k) s += ap[k];
+        gs[m * G + g] = scale;
+        gsa[m * G + g] = scale * static_cast<float>(s);
       }
     }
     #pragma omp for schedule(static)
@@ -384,28 +386,27 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, con
       const int64_t n0 = t * TILE_N;
 #if SLMKIT_VNNI
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) rows_int4<4>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N);
+      for (; m + 4 <= M; m += 4) rows_int4<4>(ap + m * K, K, gs.data() + m * G, gsa.data() + m * G, G, wt, dmt, steps, bp, op + m * N, N, n0, N);
       switch (M - m) {
-        case 3: rows_int4<3>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N); break;
-        case 2: rows_int4<2>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N); break;
-        case 1: rows_int4<1>(ap + m * K, K, asum.data() + m * G, G, wt, dmt, steps, rs.data() + m, bp, op + m * N, N, n0, N); break;
+        case 3: rows_int4<3>(ap + m * K, K, gs.data() + m * G, gsa.data() + m * G, G, wt, dmt, steps, bp, op + m * N, N, n0, N); break;
+        case 2: rows_int4<2>(ap + m * K, K, gs.data() + m * G, gsa.data() + m * G, G, wt, dmt, steps, bp, op + m * N, N, n0, N); break;
+        case 1: rows_int4<1>(ap + m * K, K, gs.data() + m * G, gsa.data() + m * G, G, wt, dmt, steps, bp, op + m * N, N, n0, N); break;
         default: break;
       }
 #else
       for (int64_t r = 0; r < M; ++r) {
         for (int64_t c = 0; c < TILE_N && n0 + c < N; ++c) {
           const int64_t vec = c / 16, col = c % 16, half = vec / 2, shift = 4 * (vec % 2);
-          float acc = 0.f;
+          float y = 0.f;
           for (int64_t g = 0; g < G; ++g) {
             int32_t dot = 0;
             for (int64_t k = g * group; k < (g + 1) * group; ++k)
               dot += static_cast<int32_t>(ap[r * K + k]) * ((wt[(k / 4) * TILE_BYTES4 + half * 64 + col * 4 + k % 4] >> shift) & 0x0F);
             const float d = static_cast<float>(dmt[(g * 2) * TILE_N + c]), mn = static_cast<float>(dmt[(g * 2 + 1) * TILE_N + c]);
-            acc = acc + static_cast<float>(dot) * d;
-            acc = acc + mn * static_cast<float>(asum[r * G + g]);
+            y = y + static_cast<float>(dot) * (d * gs[r * G + g]);
+            y = y + mn * gsa[r * G + g];
           }
           const int64_t n = n0 + c;
-          float y = acc * rs[r];
           if (bp != nullptr) y = y + bp[n];
           op[r * N + n] = y;
         }

@@ -28,7 +28,7 @@ from slmkit.card import GUARD_KEY, read_config
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
 from slmkit.layers import integer
-from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, SCHEME_BITS, Int4Linear, layer_class
+from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, SCHEME_BITS, Int4Linear, W8A8Linear, layer_class
 from slmkit.layers.lowrank import LowRankLinear
 from slmkit.layers.walk import empty_skeleton, set_module
 from slmkit.sources import ct_layout
@@ -136,8 +136,9 @@ def load_quantized(folder: Path) -> nn.Module:
         state = {k: f.get_tensor(k) for k in f.keys()}
     for name in info["modules"]:
         lin = model.get_submodule(name)
-        cls = layer_class(info["scheme"])
-        if SCHEME_BITS[info["scheme"]] == 8:
+        own = (info.get("head") or {}).get("scheme") if name == (info.get("head") or {}).get("module") else info["scheme"]
+        cls = layer_class(own)
+        if SCHEME_BITS[own] == 8:
             shell = cls(lin.in_features, lin.out_features, lin.bias is not None)
         else:
             shell = cls(lin.in_features, lin.out_features, lin.bias is not None, info["group_size"])
@@ -147,7 +148,7 @@ def load_quantized(folder: Path) -> nn.Module:
             local = {k[len(name) + 1:]: state.pop(k) for k in [k for k in state if k.startswith(name + ".")]}
             if "weight_scale" not in local:
                 raise SlmkitError(f"the quantized file in {folder} lacks {name}", "Quantize the model again.")
-            ct_layout.fill_layer(shell, local, info["scheme"])
+            ct_layout.fill_layer(shell, local, ct_layout.stored_scheme(info, name))
             if info.get("smooth"):
                 shell.smooth = local["smooth"].to(COMPUTE)
         set_module(model, name, shell)
@@ -160,7 +161,7 @@ def load_quantized(folder: Path) -> nn.Module:
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise SlmkitError(f"the quantized file in {folder} lacks {leftover[:3]}", "Quantize the model again.")
-    if info["scheme"] == "w8a8":  # kernels timed once per machine and shape, kept for the next load
+    if any(isinstance(m, W8A8Linear) for m in model.modules()):  # kernels timed once per machine and shape, kept for the next load
         integer.use_kernel_cache(settings().kernel_choices_file)
     for m in model.modules():
         if isinstance(m, Int4Linear):
