@@ -109,6 +109,12 @@ def test_w4a8_keeps_an_int8_output_head_that_reloads_exactly(store):
     four = quantize_stage("tiny", "w4a8", head="w4a8")
     assert four.name == "tiny-w4a8-g32-head-w4a8-rtn" and "head" not in four.settings
     assert type(load_quantized(Store().require(four.name)).lm_head) is W4A8Linear
+    eight = quantize_stage("tiny", "w8a8", head="w4a8", group_size=32)  # a w8a8 body with a 4-bit head
+    assert eight.name == "tiny-w8a8-head-w4a8-rtn" and eight.settings["group_size"] == 32
+    m = slmkit.load(eight.name)
+    assert type(m.backend.model.lm_head) is W4A8Linear and m.backend.model.lm_head.group_size == 32
+    assert all(type(x) is W8A8Linear for n, x in m.backend.model.named_modules() if n.endswith("down_proj"))
+    assert m.generate("The", temperature=0, max_tokens=4) is not None
     before = Store().names()
     for head, portable in (("int8", False), ("w8a8", True)):
         with pytest.raises(SlmkitError, match="--head"):

@@ -58,14 +58,15 @@ def check_method(scheme: str, method: str) -> None:
 
 
 def head_scheme(scheme: str, head: str | None, portable: bool = False) -> str:
-    """The output head's scheme: `head` where given (the model's own, or 8-bit weights with the same kind of activations),
-    else the scheme's default; `portable`: the model's own (a head of its own has no form transformers loads)."""
+    """The output head's scheme: `head` where given (any with the same kind of activations as the model's: int8 or int4
+    weights for weight-only schemes, w8a8 or w4a8 for the others), else the scheme's default; `portable`: the model's
+    own (a head of its own has no form transformers loads)."""
     if portable and head not in (None, scheme):
         raise SlmkitError(f"--head {head} with --portable: a head in another scheme has no compressed-tensors form that "
                           "transformers loads", f"Drop --portable, or --head (a portable {scheme} child has a {scheme} head).")
     if head is None:
         return scheme if portable else DEFAULT_HEAD.get(scheme, scheme)
-    same_kind = [s for s in SCHEMES if s == scheme or (SCHEME_BITS[s] == 8 and (s in INT8_ACTIVATIONS) == (scheme in INT8_ACTIVATIONS))]
+    same_kind = [s for s in SCHEMES if (s in INT8_ACTIVATIONS) == (scheme in INT8_ACTIVATIONS)]
     if head not in same_kind:
         raise SlmkitError(f"--head {head} does not go with --scheme {scheme}",
                           f"The output head takes the same kind of activations as the rest: --head {' or '.join(same_kind)}.")
@@ -73,9 +74,10 @@ def head_scheme(scheme: str, head: str | None, portable: bool = False) -> str:
 
 
 def check_settings(scheme: str, method: str, group_size: int | None, layers: dict[str, nn.Linear]) -> int | None:
+    """The group size of the 4-bit `layers` (None where there are none: int8 is per output channel)."""
     check_method(scheme, method)
-    if SCHEME_BITS[scheme] == 8:
-        return None  # per output channel; a group size does not apply
+    if not layers:
+        return None
     group = group_size or DEFAULT_GROUP
     if group not in GROUP_SIZES:
         raise SlmkitError(f"group size {group} is not supported", f"Use one of {GROUP_SIZES}.")
@@ -240,11 +242,11 @@ def quantize_model(
     never AWQ's smoothing), so that transformers and vLLM read the child. `head`: the output head's scheme where it
     is to differ (head_scheme)."""
     layers = linear_layers(model)
-    group = check_settings(scheme, method, group_size, layers)
     out_head = model.get_output_embeddings()
     head_name = next((n for n, m in layers.items() if m is out_head), None)
     head = head_scheme(scheme, head, portable) if head_name else scheme
     schemes = {n: head if n == head_name else scheme for n in layers}
+    group = check_settings(scheme, method, group_size, {n: m for n, m in layers.items() if SCHEME_BITS[schemes[n]] == 4})
     if portable and method == "awq":
         raise SlmkitError("AWQ's smoothing has no compressed-tensors form: its children are read by slmkit only",
                           "Use --method gptq or rtn for a portable child, or drop --portable.")
