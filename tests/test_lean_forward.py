@@ -108,8 +108,8 @@ def test_a_w8a8_decode_step_in_one_kernel_call_equals_the_python_blocks(store, t
         import_path(build_family_model(tmp_path / name, family, window=5 if family == "gemma3_text" else None), name)
     quantize_stage(name, scheme, name=f"{name}-{scheme}", group_size=32 if scheme == "w4a8" else None)
     fast = slmkit.load(f"{name}-{scheme}").backend.fast
-    if scheme == "w4a8" and not fast.kernels.int8_vnni():
-        pytest.skip("w4a8's kernel needs AVX-512 VNNI (its fallback is a dequantized matmul)")
+    if scheme == "w4a8" and not fast.kernels.int4_simd():
+        pytest.skip("w4a8's kernel needs AVX-512 VNNI or AVX2 (its fallback is a dequantized matmul)")
     for m in {id(m): m for m in [*fast.qkv, *fast.gate_up, *fast.model.modules()] if isinstance(m, W8A8Linear)}.values():
         m.prepare(("native",) * 3)  # the timed choice may be torch's kernels for shapes this small
     assert scheme == "w8a8" or all(type(m) is W4A8Linear for m in fast.qkv)

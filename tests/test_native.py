@@ -140,18 +140,21 @@ def test_int8_linear_is_bit_identical_to_quantize_int_mm_and_scale(n, k):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds with an x86 flag")
-def test_int8_linear_without_vnni_builds_and_computes_the_same(tmp_path):
-    """The plain C++ paths of the int8 and int4 linears (CPUs without AVX-512 VNNI) built here with VNNI turned off, in a process of its own (its
-    ops would clash with the loaded library's): it compiles, and gives the torch path's floats bit for bit."""
+@pytest.mark.parametrize("flag, simd", [("-mno-avx512vnni", True), ("-mno-avx2", False)])
+def test_the_kernels_without_vnni_or_avx2_build_and_compute_the_same(tmp_path, flag, simd):
+    """The other paths (CPUs without AVX-512 VNNI: the int8 linear's plain C++ loop and the int4 linear's AVX2 path; without
+    AVX2 either: both plain loops) built here with those instructions turned off, in a process of their own (their ops
+    would clash with the loaded library's): they compile, the int8 linear gives the torch path's floats bit for bit and
+    the int4 linear the float64 reference's to float32 rounding, odd N and rows around the AVX2 path's pairs included."""
     source, flags = native.SOURCES["slmkit_quantize"]
     script = f"""
 import torch
 from torch.utils import cpp_extension
 from slmkit.layers.int_packing import quantize_rows
-cpp_extension.load(name="slmkit_quantize_novnni", sources=[{str(native.HERE / source)!r}], build_directory={str(tmp_path)!r},
-                   extra_cflags={[*native.BASE_FLAGS, *flags, "-mno-avx512vnni"]!r}, is_python_module=False)
+cpp_extension.load(name="slmkit_quantize_{flag.strip('-').replace('-', '_')}", sources=[{str(native.HERE / source)!r}],
+                   build_directory={str(tmp_path)!r}, extra_cflags={[*native.BASE_FLAGS, *flags, flag]!r}, is_python_module=False)
 ops = torch.ops.slmkit_quantize
-assert not ops.int8_vnni()
+assert not ops.int8_vnni() and ops.int4_simd() == {simd}
 torch.manual_seed(0)
 for n, k in [(50, 37), (130, 8)]:
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
@@ -162,18 +165,19 @@ for n, k in [(50, 37), (130, 8)]:
         q, s = quantize_rows(x / smooth)
         want = (q.int() @ w.int().T).float().mul_(s).mul_(scales) + bias
         assert torch.equal(ops.int8_linear(x, packed, comp, n, scales, bias, smooth), want), (n, k, m)
-for n, k, group in [(50, 64, 32), (130, 128, 64)]:  # W4A8's kernel too
+for n, k, group in [(50, 64, 32), (130, 128, 64), (40, 96, 32)]:  # W4A8's kernel too
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     scales, mins = (torch.rand(n, k // group) * 0.05).bfloat16(), (-torch.rand(n, k // group) * 0.4).bfloat16()
     packed, dm = ops.pack_int4(q, scales, mins)
     bias, smooth = torch.randn(n), torch.rand(k) + 0.5
-    for m in (1, 5, 17):
+    for m in (1, 2, 3, 5, 17):
         x = torch.randn(m, k) * 3
-        a, s = quantize_rows((x / smooth).reshape(-1, group))
-        w = (q.double().reshape(n, -1, group) * scales.double()[..., None] + mins.double()[..., None]).reshape(n, k)
-        want = (a.double() * s.double()).reshape(m, k) @ w.T + bias.double()
-        got = ops.int4_linear(x, packed, dm, n, bias, smooth).double()
-        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (n, k, m)
+        for b in (None, bias):
+            a, s = quantize_rows((x / smooth).reshape(-1, group))
+            w = (q.double().reshape(n, -1, group) * scales.double()[..., None] + mins.double()[..., None]).reshape(n, k)
+            want = (a.double() * s.double()).reshape(m, k) @ w.T + (0 if b is None else b.double())
+            got = ops.int4_linear(x, packed, dm, n, b, smooth).double()
+            assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (n, k, m)
 print("same")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
@@ -228,7 +232,7 @@ def test_a_w4a8_layer_computes_the_same_with_and_without_the_kernel():
     x = torch.randn(5, 128)
     with torch.no_grad():
         kernel = [m(x) for m in layers]
-        assert layers[0]._native is not None or not ops.int8_vnni()
+        assert layers[0]._native is not None or not ops.int4_simd()
         for m in layers:
             m._native = None  # the fallback
         fallback = [m(x) for m in layers]

@@ -381,8 +381,9 @@ class W4A8Linear(Int4Linear):
     """y = sum_g s_g (d_g (q_x . q_w)_g + m_g sum_g q_x) + b: Int4Linear's weights (4-bit per group, a scale and a
     minimum each, bf16) with int8 activations quantized at run time per row and group of the same inputs (a scale s_g
     each, as llama.cpp's Q8_0 activation blocks; W8A8's one scale per row costs several times the perplexity here,
-    bench/results/w4a8.md), on the integer units by slmkit's int4 kernel (native/quantize.cpp: nibbles unpacked in registers, AVX-512 VNNI); a decode step reads
-    4 + 32 / group bits per weight. Without the kernel (no compiler, no VNNI) the same grid is computed with a
+    bench/results/w4a8.md), on the integer units by slmkit's int4 kernel (native/quantize.cpp: nibbles unpacked in
+    registers, AVX-512 VNNI or AVX2); a decode step reads 4 + 32 / group bits per weight. Without the kernel (no
+    compiler, neither instruction set) the same grid is computed with a
     dequantized float32 matmul (the same numbers, slower). Saved as Int4Linear is."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
@@ -394,7 +395,7 @@ class W4A8Linear(Int4Linear):
     def prepare(self) -> None:
         native = native_ops()
         self._native = None
-        if native is not None and native.int8_vnni():
+        if native is not None and native.int4_simd():
             packed, dm = native.pack_int4(unpack_nibbles(self.qweight), self.scales.to(COMPUTE), self.mins.to(COMPUTE))
             bias = None if self.bias is None else self.bias.float()
             smooth = None if self.smooth is None else self.smooth.float()

@@ -4,7 +4,7 @@
   with its residual add, the MLP's SiLU gate: one call each where torch's take 5-15 small ops;
 - quantize.cpp: W8A8's int8 linear (per-token activation quantization, int8 x int8 on the integer units with AVX-512
   VNNI, scaling back; on weights packed once in 64-column tiles), W4A8's int4 linear (the same with 4-bit weights in
-  groups, unpacked in registers), and the per-token quantizer and its way back from
+  groups, unpacked in registers; AVX-512 VNNI or AVX2), and the per-token quantizer and its way back from
   int32 for torch's int8 kernels; bit-identical to torch's ops they replace.
 
 Built from the C++ next to this file on first use with torch's extension builder (a C++ compiler and ninja are
@@ -50,7 +50,7 @@ def unavailable() -> str:
 
 @functools.cache
 def ops() -> SimpleNamespace | None:
-    """The kernels as torch ops (rope_decode_attention, add_rms_norm, silu_mul, gelu_tanh_mul, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni, pack_int4, int4_linear),
+    """The kernels as torch ops (rope_decode_attention, add_rms_norm, silu_mul, gelu_tanh_mul, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni, pack_int4, int4_linear, int4_simd),
     built once per machine; None when they cannot be."""
     global _why_not
     from slmkit import progress
@@ -85,7 +85,8 @@ def ops() -> SimpleNamespace | None:
                            dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows,
                            pack_int8=torch.ops.slmkit_quantize.pack_int8, int8_linear=torch.ops.slmkit_quantize.int8_linear,
                            int8_vnni=torch.ops.slmkit_quantize.int8_vnni,
-                           pack_int4=torch.ops.slmkit_quantize.pack_int4, int4_linear=torch.ops.slmkit_quantize.int4_linear)
+                           pack_int4=torch.ops.slmkit_quantize.pack_int4, int4_linear=torch.ops.slmkit_quantize.int4_linear,
+                           int4_simd=torch.ops.slmkit_quantize.int4_simd)
 
 
 def _build(name: str, source: Path, flags: list[str], root: Path) -> None:

@@ -95,10 +95,18 @@ static at::Tensor dequantize_rows(const at::Tensor& y, const at::Tensor& row_sca
 #else
 #define SLMKIT_VNNI 0
 #endif
+// W4A8's kernel has an AVX2 path too (vpmaddubsw + vpmaddwd: u8 nibbles x s8 activations, exact in int16 pairs)
+#if !SLMKIT_VNNI && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SLMKIT_AVX2_INT4 1
+#else
+#define SLMKIT_AVX2_INT4 0
+#endif
 
 constexpr int64_t TILE_N = 64;  // output columns per tile: 4 vectors of 16 int32
 
 static bool int8_vnni() { return SLMKIT_VNNI; }
+static bool int4_simd() { return SLMKIT_VNNI || SLMKIT_AVX2_INT4; }  // W4A8's kernel is vectorized (VNNI or AVX2)
 
 // w (N, K) int8 -> (packed int8 (N_pad/64, K_pad/4, 64, 4), comp int32 (N_pad,) = 128 * sum_k w[n][k])
 static std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& w) {
@@ -337,6 +345,64 @@ static void rows_int4(const int8_t* a, int64_t lda, const float* gs, const float
 }
 #endif
 
+#if SLMKIT_AVX2_INT4
+static inline __m256 bf16x8(const at::BFloat16* p) {  // 8 bf16 -> 8 float32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// MR rows x one half tile (32 columns: bytes 64 * half of each 128-byte step hold them, 16 in the low nibbles and 16
+// in the high ones) of the int4 weight (+ bias): as rows_int4, on AVX2's 8-lane registers
+template <int MR>
+static void rows_int4_avx2(const int8_t* a, int64_t lda, const float* gs, const float* gsa, int64_t G, const uint8_t* wt,
+                           const at::BFloat16* dmt, int64_t steps, const float* bias, float* out, int64_t ldo, int64_t n0,
+                           int64_t N, int half) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 facc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) facc[r][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t k = g * steps + s;
+      const uint8_t* wk = wt + k * TILE_BYTES4 + 64 * half;
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32));
+      // columns 0-7 and 8-15 of this half in the low nibbles, 16-23 and 24-31 in the high ones
+      const __m256i w[4] = {_mm256_and_si256(b0, low), _mm256_and_si256(b1, low),
+                            _mm256_and_si256(_mm256_srli_epi16(b0, 4), low), _mm256_and_si256(_mm256_srli_epi16(b1, 4), low)};
+      for (int r = 0; r < MR; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, a + r * lda + 4 * k, 4);
+        const __m256i av = _mm256_set1_epi32(a4);
+        for (int j = 0; j < 4; ++j)
+          acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], av), ones));
+      }
+    }
+    const at::BFloat16* dg = dmt + g * 2 * TILE_N + 32 * half;
+    for (int j = 0; j < 4; ++j) {
+      const __m256 d = bf16x8(dg + 8 * j), m = bf16x8(dg + TILE_N + 8 * j);
+      for (int r = 0; r < MR; ++r) {
+        facc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][j]), _mm256_mul_ps(d, _mm256_set1_ps(gs[r * G + g])), facc[r][j]);
+        facc[r][j] = _mm256_fmadd_ps(m, _mm256_set1_ps(gsa[r * G + g]), facc[r][j]);
+      }
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    const int64_t n = n0 + 32 * half + 8 * j;
+    if (n >= N) break;
+    const int64_t valid = std::min<int64_t>(8, N - n);
+    for (int r = 0; r < MR; ++r) {
+      alignas(32) float y[8];
+      _mm256_store_ps(y, facc[r][j]);
+      for (int64_t i = 0; i < valid; ++i) out[r * ldo + n + i] = bias != nullptr ? y[i] + bias[n + i] : y[i];
+    }
+  }
+}
+#endif
+
 // x (M, K) f32 -> (M, N) f32: each row quantized per group of the weight's inputs (after x / smooth; the int8 kernel's
 // grid, scale = max|x| / 127.5 over the group), multiplied by the packed int4 weight on the integer units (AVX-512 VNNI; elsewhere a plain loop computing the same), each group
 // scaled back by its scale and minimum.
@@ -393,6 +459,13 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, con
         case 1: rows_int4<1>(ap + m * K, K, gs.data() + m * G, gsa.data() + m * G, G, wt, dmt, steps, bp, op + m * N, N, n0, N); break;
         default: break;
       }
+#elif SLMKIT_AVX2_INT4
+      for (int half = 0; half < 2 && n0 + 32 * half < N; ++half) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2)
+          rows_int4_avx2<2>(ap + m * K, K, gs.data() + m * G, gsa.data() + m * G, G, wt, dmt, steps, bp, op + m * N, N, n0, N, half);
+        if (m < M) rows_int4_avx2<1>(ap + m * K, K, gs.data() + m * G, gsa.data() + m * G, G, wt, dmt, steps, bp, op + m * N, N, n0, N, half);
+      }
 #else
       for (int64_t r = 0; r < M; ++r) {
         for (int64_t c = 0; c < TILE_N && n0 + c < N; ++c) {
@@ -424,5 +497,6 @@ TORCH_LIBRARY(slmkit_quantize, m) {
   m.def("int8_linear(Tensor x, Tensor packed, Tensor comp, int N, Tensor col_scale, Tensor? bias=None, Tensor? smooth=None) -> Tensor", int8_linear);
   m.def("int8_vnni() -> bool", int8_vnni);
   m.def("pack_int4(Tensor q, Tensor scales, Tensor mins) -> (Tensor, Tensor)", pack_int4);
+  m.def("int4_simd() -> bool", int4_simd);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor dm, int N, Tensor? bias=None, Tensor? smooth=None) -> Tensor", int4_linear);
 }
