@@ -94,7 +94,7 @@ def test_w4a8_keeps_an_int8_output_head_that_reloads_exactly(store):
     card = quantize_stage("tiny", "w4a8")
     assert card.name == "tiny-w4a8-g32-rtn" and card.settings["head"] == {"module": "lm_head", "scheme": "w8a8"}
     folder = Store().require(card.name)
-    assert not is_standard(folder) and read_config(folder)["slmkit_layout"]["kind"] == "mixed-head"
+    assert not is_standard(folder) and read_config(folder)["slmkit_layout"]["kind"] == "embedding-from-head"
     loaded = load_quantized(folder)
     assert type(loaded.lm_head) is W8A8Linear and loaded.lm_head.scales.dtype == torch.float32
     assert all(type(m) is W4A8Linear for n, m in loaded.named_modules() if n.endswith(("q_proj", "down_proj")))
@@ -120,6 +120,43 @@ def test_w4a8_keeps_an_int8_output_head_that_reloads_exactly(store):
         with pytest.raises(SlmkitError, match="--head"):
             quantize_stage("tiny", "w4a8", head=head, portable=portable, name="nope")
     assert Store().names() == before
+
+
+def test_w4a8_reads_its_embedding_from_the_integer_head(store, tmp_path):
+    """A tied model's w4a8 child keeps no float embedding table: a token's embedding is the integer head's row
+    (dequantized), on the lean forward and transformers' forward alike; --embedding separate keeps the table (a bigger
+    file, the float rows); to_float gives the family's embedding back with the head's rows; refused where it cannot be."""
+    from safetensors import safe_open
+
+    from slmkit.layers.integer import HeadEmbedding, to_float
+    from slmkit.sources.forms import load_quantized
+
+    card = quantize_stage("tiny", "w4a8")
+    sep = quantize_stage("tiny", "w4a8", embedding="separate", name="tiny-sep")
+    assert card.settings["embedding"] == {"from": "lm_head"} and "embedding" not in sep.settings
+    folder = Store().require(card.name)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert not any("embed_tokens" in k for k in f.keys())
+    assert card.weights_bytes["safetensors"] < sep.weights_bytes["safetensors"]
+    net = load_quantized(folder)
+    emb = net.get_input_embeddings()
+    ids = torch.tensor([[1, 5, 9, 13, 40, 7]])
+    assert isinstance(emb, HeadEmbedding) and emb.weight.shape == (320, 32) and emb.weight.device.type == "meta"
+    assert torch.equal(emb(ids)[0], net.lm_head.dequantized(ids[0]))
+    m = slmkit.load(card.name)
+    fast = m.backend.fast
+    assert fast is not None
+    with torch.inference_mode():
+        got = fast.forward(fast.new_cache(1), ids)[0].float()
+        want = m.backend.model(input_ids=ids).logits[0, -1].float()
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert m.generate("The", temperature=0, max_tokens=4) is not None
+    dense = to_float(load_quantized(folder)).get_input_embeddings()
+    assert type(dense) is torch.nn.Embedding and torch.equal(dense.weight, net.lm_head.dequantized())
+    for kwargs in ({"embedding": "head", "portable": True}, {"embedding": "head", "method": "smoothquant"}, {"embedding": "rows"}):
+        with pytest.raises(SlmkitError, match="embedding"):
+            quantize_stage("tiny", "w4a8", name="nope", **kwargs)
+    assert not Store().exists("nope")
 
 
 def test_int4_gptq_stage_with_calibration(store, tmp_path):

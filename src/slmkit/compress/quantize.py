@@ -17,7 +17,7 @@ from slmkit.compress import quant_ops as qo
 from slmkit.compress import smooth_ops as so
 from slmkit.compress.calibrate import collect_stats
 from slmkit.layers.int_packing import pack_nibbles
-from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, INTEGER_LAYERS, SCHEME_BITS, Int4Linear, layer_class
+from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, INTEGER_LAYERS, SCHEME_BITS, HeadEmbedding, Int4Linear, layer_class
 from slmkit.layers.walk import decoder_blocks, linear_layers, set_module
 from slmkit.errors import SlmkitError
 from slmkit.sources.forms import QUANT_KEY
@@ -30,6 +30,10 @@ DEFAULT_GROUP = 32  # int4 weights per scale and minimum
 # the output head's scheme where it differs from the rest: w4a8 keeps it int8 (on the default model its weights sit on
 # no 4-bit grid, and rounding them to one costs most of w4a8's perplexity: bench/results/w4a8.md)
 DEFAULT_HEAD = {"w4a8": "w8a8"}
+# where the token embedding comes from in a child whose embedding was tied to its output head: "head" (the integer
+# head's rows, layers/integer.HeadEmbedding: no float table kept) or "separate" (a bf16 table, the standard layout)
+EMBEDDINGS = ("head", "separate")
+DEFAULT_EMBEDDING = {"w4a8": "head"}
 DEFAULT_METHOD = "rtn"  # round to nearest: no calibration data needed
 AWQ_GRID = 11  # alphas 0, 0.1, ..., 1
 _WEIGHT_ONLY = ("integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; other weights "
@@ -71,6 +75,21 @@ def head_scheme(scheme: str, head: str | None, portable: bool = False) -> str:
         raise SlmkitError(f"--head {head} does not go with --scheme {scheme}",
                           f"The output head takes the same kind of activations as the rest: --head {' or '.join(same_kind)}.")
     return head
+
+
+def embedding_form(scheme: str, embedding: str | None, method: str, portable: bool = False) -> str:
+    """"head" or "separate" (EMBEDDINGS): `embedding` where given, checked, else the scheme's default where it can be."""
+    if embedding is not None and embedding not in EMBEDDINGS:
+        raise SlmkitError(f"unknown --embedding {embedding!r}", f"Use one of {', '.join(EMBEDDINGS)}.")
+    smoothing = method in ("awq", "smoothquant")  # the head's weights scaled: its rows are no longer the embedding's
+    if embedding == "head" and (portable or smoothing):
+        raise SlmkitError(f"--embedding head with {'--portable' if portable else '--method ' + method}: "
+                          + ("an embedding read from the head has no compressed-tensors form" if portable else
+                             "the smoothed head's rows are not the embedding's"),
+                          "Drop --embedding head (the child keeps its own embedding table).")
+    if embedding is None:
+        return DEFAULT_EMBEDDING.get(scheme, "separate") if not (portable or smoothing) else "separate"
+    return embedding
 
 
 def check_settings(scheme: str, method: str, group_size: int | None, layers: dict[str, nn.Linear]) -> int | None:
@@ -236,12 +255,19 @@ def quantize_layer(lin: nn.Linear, scheme: str, group: int | None, method: str, 
 def quantize_model(
     model: nn.Module, scheme: str, *, method: str = DEFAULT_METHOD, group_size: int | None = None,
     calibration: list[torch.Tensor] | None = None, portable: bool = False, head: str | None = None,
+    embedding: str | None = None,
 ) -> dict[str, Any]:
     """Replace every nn.Linear by its quantized form, in place; the rest of the model stays float32 in memory
     (and is saved as bfloat16). `portable`: only forms that compressed-tensors holds (int4's integer zero points,
     never AWQ's smoothing), so that transformers and vLLM read the child. `head`: the output head's scheme where it
-    is to differ (head_scheme)."""
+    is to differ (head_scheme). `embedding`: "head" reads the token embedding from the integer head where the two were
+    tied (embedding_form)."""
     layers = linear_layers(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and model.get_input_embeddings() is not None
+    form = embedding_form(scheme, embedding, method, portable)
+    if embedding == "head" and not tied:
+        raise SlmkitError("--embedding head: this model's embedding and output head are not tied (their rows differ)",
+                          "Drop --embedding head.")
     out_head = model.get_output_embeddings()
     head_name = next((n for n, m in layers.items() if m is out_head), None)
     head = head_scheme(scheme, head, portable) if head_name else scheme
@@ -269,7 +295,11 @@ def quantize_model(
                                                    stats[name] if stats else None, grid or "integer"))
             advance(1)
     model.config.tie_word_embeddings = False  # the output layer now has its own quantized weight
+    from_head = form == "head" and tied and head_name is not None
+    if from_head:
+        model.set_input_embeddings(HeadEmbedding(model.get_submodule(head_name), model.get_input_embeddings(), torch.float32))
     info = {"scheme": scheme, "method": method, "group_size": group, "modules": sorted(layers),
+            **({"embedding": {"from": head_name}} if from_head else {}),
             **({"head": {"module": head_name, "scheme": head}} if head != scheme else {}),
             "smooth": method == "awq", **({"zero_point": grid} if grid else {}),
             **({"smoothquant": {"modules": len(smoothed), "alphas": sorted(set(smoothed.values()))}} if smoothed is not None else {}),
@@ -320,6 +350,9 @@ def own_layout(info: dict[str, Any]) -> tuple[str, str] | None:
     if info.get("zero_point") == "float":
         return "int4-free-minimum", ("int4 groups with free (non-integer) minimums, as llama.cpp's Q4_1, have no "
                                      "compressed-tensors form; slmkit loads it")
+    if info.get("embedding"):
+        return "embedding-from-head", ("a token embedding read from the integer output head has no compressed-tensors "
+                                       "form; slmkit loads it")
     if info.get("head"):
         return "mixed-head", (f"an output head in {info['head']['scheme']} beside {info['scheme']} layers (transformers 5.24 with "
                               "compressed-tensors 0.20 cannot load the two config groups); slmkit loads it")

@@ -10,7 +10,7 @@ from slmkit import progress
 from slmkit.card import ModelCard
 from slmkit.compress.calibrate import CALIB_SAMPLES, CALIB_WINDOW, calibration_for
 from slmkit.sources.forms import form_of
-from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD, check_method, head_scheme, own_layout, quantize_model, save_quantized
+from slmkit.compress.quantize import DEFAULT_GROUP, DEFAULT_METHOD, check_method, embedding_form, head_scheme, own_layout, quantize_model, save_quantized
 from slmkit.errors import SlmkitError
 from slmkit.layers.integer import SCHEME_BITS
 from slmkit.sources.hf_dir import load_float
@@ -20,17 +20,19 @@ from slmkit.store import Store, validate_name
 def quantize_stage(
     model: str, scheme: str, *, method: str = DEFAULT_METHOD, group_size: int | None = None, calib: Path | None = None,
     name: str | None = None, store: Store | None = None, portable: bool = False, head: str | None = None,
+    embedding: str | None = None,
 ) -> ModelCard:
     """Quantize store model `model` into a new store model (default name MODEL-SCHEME[-gG][-METHOD]). The child is in
     compressed-tensors' layout (transformers, vLLM) unless a form it cannot hold fits far better (int4 on a model
     dequantized from a Q4_1 GGUF) or was asked for (AWQ); `portable` forbids those forms. The card's settings
     say which ("format"). `head`: the output head's scheme where it is to differ from the scheme's default (w4a8's
-    head is w8a8)."""
+    head is w8a8); `embedding`: "head" or "separate" (w4a8's default: read from the head where the two were tied)."""
     store = store or Store()
     folder = store.require(model)
     parent = store.card(model)
     check_method(scheme, method)
     head_scheme(scheme, head, portable)  # (checked before anything loads)
+    embedding_form(scheme, embedding, method, portable)
     form = form_of(folder)
     if form == "router":
         raise SlmkitError(f"{model} is a router, not model weights", "Quantize its small and large models by their own names.")
@@ -56,8 +58,9 @@ def quantize_stage(
     batches, calib_info = None, None
     if method != "rtn":  # gptq/awq need --calib (checked above); smoothquant falls back to the sample slmkit ships
         batches, calib_info = calibration_for(tokenizer, net, calib, CALIB_SAMPLES, CALIB_WINDOW)
-    info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches, portable=portable, head=head)
-    settings = {k: info[k] for k in ("scheme", "method", "group_size", "head", "zero_point", "smoothquant", "compute") if k in info}
+    info = quantize_model(net, scheme, method=method, group_size=group_size, calibration=batches, portable=portable, head=head,
+                          embedding=embedding)
+    settings = {k: info[k] for k in ("scheme", "method", "group_size", "head", "embedding", "zero_point", "smoothquant", "compute") if k in info}
     own = own_layout(info)
     settings["format"] = (f"slmkit's own (other loaders refuse it): {own[1]}; `slmkit quantize --portable` makes a "
                           "compressed-tensors child" if own else "compressed-tensors (transformers, vLLM)")

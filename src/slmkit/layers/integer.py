@@ -96,7 +96,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE) if bias else None)
         self.register_buffer("smooth", None)
 
-    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+    def dequantized(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         return self.weight[rows].float() * self.scales[rows].float()[:, None]  # (N, K), or those rows
 
     @classmethod
@@ -144,8 +144,8 @@ class Int4Linear(nn.Module):
         zeros = self.mins.float() + 8 * self.scales.float()
         self._scales_zeros = torch.stack([self.scales.float().T, zeros.T], dim=-1).contiguous().to(COMPUTE)  # (K/g, N, 2)
 
-    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
-        q = unpack_nibbles(self.qweight[rows]).float()  # (N, K), or those rows
+    def dequantized(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        q = unpack_nibbles(self.qweight[rows]).float()  # (N, K), or those rows (a slice or ids)
         n, k = q.shape
         g = q.reshape(n, k // self.group_size, self.group_size)
         return (g * self.scales[rows].float()[..., None] + self.mins[rows].float()[..., None]).reshape(n, k)
@@ -445,6 +445,37 @@ class W4A8Linear(Int4Linear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+class HeadEmbedding(nn.Module):
+    """The token embedding read from the integer output head it was tied to (`slmkit quantize --embedding head`): a
+    token's row is the head's row dequantized, times the embedding's own scale where the family has one (Gemma's
+    sqrt(hidden)); no float table is kept or saved (the default model's bf16 embedding is 56 MB, Gemma 3 270M's 335 MB).
+    `weight` is a meta tensor with the table's shape and dtype, for code that reads only those."""
+
+    def __init__(self, head: nn.Module, like: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        object.__setattr__(self, "_head", head)  # not a submodule: the head's tensors are saved once, under the head
+        like.weight = nn.Parameter(torch.empty(like.weight.shape, device="meta"), requires_grad=False)  # no table kept
+        object.__setattr__(self, "_like", like)  # the family's embedding module, for dense()
+        scale = getattr(like, "embed_scale", None)
+        self.register_buffer("embed_scale", None if scale is None else scale.detach().float().clone(), persistent=False)
+        self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.empty((self.num_embeddings, self.embedding_dim), dtype=self.dtype, device="meta")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., E)
+        rows = self._head.dequantized(ids.reshape(-1))
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def dense(self) -> nn.Module:
+        """The family's own embedding module holding the dequantized table (float32)."""
+        self._like.weight = nn.Parameter(self._head.dequantized(), requires_grad=False)
+        return self._like
+
+
 def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear") -> nn.Linear:
     """A float32 nn.Linear computing what the integer layer computes (the smoothing folded into the weight)."""
     w = layer.dequantized()  # (N, K)
@@ -472,6 +503,9 @@ def layer_class(scheme: str) -> type:
 def to_float(model: nn.Module) -> nn.Module:
     """In place: every integer layer back to a float32 nn.Linear (its dequantized weights) and the rest in float32:
     what adapters trained over integer weights (QLoRA) are merged into, and what training starts from."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, HeadEmbedding):
+            set_module(model, name, m.dense())
     for name, m in list(model.named_modules()):
         if isinstance(m, INTEGER_LAYERS):
             set_module(model, name, dense_linear(m))

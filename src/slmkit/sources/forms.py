@@ -28,7 +28,7 @@ from slmkit.card import GUARD_KEY, read_config
 from slmkit.config import settings
 from slmkit.errors import SlmkitError
 from slmkit.layers import integer
-from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, SCHEME_BITS, Int4Linear, W8A8Linear, layer_class
+from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, SCHEME_BITS, HeadEmbedding, Int4Linear, W8A8Linear, layer_class
 from slmkit.layers.lowrank import LowRankLinear
 from slmkit.layers.walk import empty_skeleton, set_module
 from slmkit.sources import ct_layout
@@ -152,6 +152,9 @@ def load_quantized(folder: Path) -> nn.Module:
             if info.get("smooth"):
                 shell.smooth = local["smooth"].to(COMPUTE)
         set_module(model, name, shell)
+    if info.get("embedding"):  # the token embedding is read from the integer head (no table in the file)
+        dtype = torch.float32 if info["scheme"] in INT8_ACTIVATIONS else COMPUTE
+        model.set_input_embeddings(HeadEmbedding(model.get_submodule(info["embedding"]["from"]), model.get_input_embeddings(), dtype))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if standard:
         missing = [k for k in missing if k.rpartition(".")[0] not in info["modules"]]
