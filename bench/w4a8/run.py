@@ -75,7 +75,11 @@ def lean_forward(name: str, prompt: str) -> dict:
     m = slmkit.load(name)
     fast = LeanForward(m.backend.model)
     ids = torch.tensor([m.backend.encode(prompt)])
-    return {"read_bits_per_weight": read_bits(name), "one_call_step": fast.step_weights is not None} | decode_speeds(fast, ids[0].tolist())
+    from slmkit.store import Store
+
+    card = Store().card(name)
+    return {"read_bits_per_weight": read_bits(name), "one_call_step": fast.step_weights is not None,
+            "file_mb": (card.weights_bytes.get("safetensors") or card.size_bytes) / 1e6} | decode_speeds(fast, ids[0].tolist())
 
 
 def gemma(args: argparse.Namespace, threads: int) -> None:
@@ -88,12 +92,18 @@ def gemma(args: argparse.Namespace, threads: int) -> None:
     if not store.exists(name):
         subprocess.run([*SLMKIT, "models", "import", str(args.gemma), "--name", name], check=True)
     children = {f"{name}-w4a8-g32-rtn": ["--scheme", "w4a8"], f"{name}-w4a8-g32-head-w4a8-rtn": ["--scheme", "w4a8", "--head", "w4a8"],
+                f"{name}-w4a8-g32-gptq": ["--scheme", "w4a8", "--method", "gptq"],
+                f"{name}-w8a8-head-w4a8-rtn": ["--scheme", "w8a8", "--head", "w4a8"],
+                f"{name}-w8a8-head-w4a8-gptq": ["--scheme", "w8a8", "--head", "w4a8", "--method", "gptq"],
                 f"{name}-w8a8-rtn": ["--scheme", "w8a8"]}
+    calib = args.data / "wikitext2" / "wiki.valid.tokens"
     for child, cmd in children.items():
         if not store.exists(child):
-            subprocess.run([*SLMKIT, "quantize", name, *cmd, "--name", child, "--no-ppl"], check=True)
+            extra = ["--calib", str(calib)] if "gptq" in cmd else []
+            subprocess.run([*SLMKIT, "quantize", name, *cmd, *extra, "--name", child, "--no-ppl"], check=True)
     bits = 8 * args.gemma.stat().st_size / store.card(name).parameters
     result: dict = {"benchmark": "w4a8", "model": name, "cpu": _wb.cpu(), "threads": threads, "gguf_bits_per_weight": {"Q4_K_M": bits},
+                    "gguf_mb": {"Q4_K_M": args.gemma.stat().st_size / 1e6},
                     "llama_bench": {"Q4_K_M": _wb.llama_bench(args.llama_cpp_bin / "llama-bench", args.gemma, threads)}}
     print("llama-bench", result["llama_bench"], flush=True)
     result["lean_forward"] = {c: lean_forward(c, _wb.PROMPT) for c in children}
@@ -137,7 +147,8 @@ def main() -> None:
     q41, q40_file = store.path(BASE) / "model.gguf", next(store.path(q40).glob("*.gguf"))
     params = store.card(BASE).parameters
     result: dict = {"benchmark": "w4a8", "model": BASE, "cpu": _wb.cpu(), "threads": threads,
-                    "gguf_bits_per_weight": {"Q4_0": 8 * q40_file.stat().st_size / params, "Q4_1": 8 * q41.stat().st_size / params}}
+                    "gguf_bits_per_weight": {"Q4_0": 8 * q40_file.stat().st_size / params, "Q4_1": 8 * q41.stat().st_size / params},
+                    "gguf_mb": {"Q4_0": q40_file.stat().st_size / 1e6, "Q4_1": q41.stat().st_size / 1e6}}
     bench = args.llama_cpp_bin / "llama-bench"
     result["llama_bench"] = {"Q4_0": _wb.llama_bench(bench, q40_file, threads), "Q4_1": _wb.llama_bench(bench, q41, threads)}
     print("llama-bench", result["llama_bench"], flush=True)
@@ -164,15 +175,15 @@ def report(r: dict, anchor: str = "Q4_0") -> str:
     base = r["model"]
     md = [f"# W4A8 engine vs llama.cpp's 4-bit GGUFs ({r['model']})", "",
           f"CPU: {r['cpu']['model']}, {r['cpu']['cpus']} CPUs, flags {' '.join(r['cpu']['flags'])}; {r['threads']} threads everywhere.", "",
-          "| engine | bits/weight a decode token reads | decode tok/s (batch 1) | 16-row decode tok/s | prefill 512 tok/s | WikiText-2 ppl vs float |",
-          "|---|---|---|---|---|---|"]
+          "| engine | file MB | bits/weight a decode token reads | decode tok/s (batch 1) | 16-row decode tok/s | prefill 512 tok/s | WikiText-2 ppl vs float |",
+          "|---|---|---|---|---|---|---|"]
     for t in lb:
-        md.append(f"| llama-bench {t} | {bits[t]:.2f} (file) | {lb[t]['tg128']:.1f} | - | {lb[t]['pp512']:.1f} | - |")
+        md.append(f"| llama-bench {t} | {r.get('gguf_mb', {}).get(t, float('nan')):.1f} | {bits[t]:.2f} (file) | {lb[t]['tg128']:.1f} | - | {lb[t]['pp512']:.1f} | - |")
     for name, x in lf.items():
         delta = f"{100 * (ppl[name] / ppl[base] - 1):+.2f}%" if name in ppl else "-"
         md.append(f"| slmkit {name.removeprefix(base + '-')}{'' if x['one_call_step'] else ' (Python blocks)'} | "
-                  f"{x['read_bits_per_weight']:.2f} | {x['decode_1_tok_s']:.1f} | {x['decode_16_tok_s']:.1f} | {x['prefill_512_tok_s']:.1f} | {delta} |")
-    md += ["", "Bits read: the integer linears' packed weights with their scales (and minimums), output head included; "
+                  f"{x.get('file_mb', float('nan')):.1f} | {x['read_bits_per_weight']:.2f} | {x['decode_1_tok_s']:.1f} | {x['decode_16_tok_s']:.1f} | {x['prefill_512_tok_s']:.1f} | {delta} |")
+    md += ["", "File MB: the safetensors (or GGUF) file. Bits read: the integer linears' packed weights with their scales (and minimums), output head included; "
            "the token embedding is read one row per token. GGUF rows: the file's bits per parameter.",
            "", f"WikiText-2 perplexity: float {ppl[base]:.3f}; " + "; ".join(f"{n.removeprefix(base + '-')} {v:.3f}" for n, v in ppl.items() if n != base)]
     if r.get("serve"):
