@@ -33,7 +33,7 @@ DEFAULT_HEAD = {"w4a8": "w8a8"}
 # where the token embedding comes from in a child whose embedding was tied to its output head: "head" (the integer
 # head's rows, layers/integer.HeadEmbedding: no float table kept) or "separate" (a bf16 table, the standard layout)
 EMBEDDINGS = ("head", "separate")
-DEFAULT_EMBEDDING = {"w4a8": "head"}
+HEAD_EMBEDDING_SCHEMES = ("w4a8",)  # a child whose layers or head are in these reads its embedding from the head by default
 DEFAULT_METHOD = "rtn"  # round to nearest: no calibration data needed
 AWQ_GRID = 11  # alphas 0, 0.1, ..., 1
 _WEIGHT_ONLY = ("integer kernels with bf16 activations for <= 16 rows, dequantized float32 matmul above; other weights "
@@ -77,8 +77,9 @@ def head_scheme(scheme: str, head: str | None, portable: bool = False) -> str:
     return head
 
 
-def embedding_form(scheme: str, embedding: str | None, method: str, portable: bool = False) -> str:
-    """"head" or "separate" (EMBEDDINGS): `embedding` where given, checked, else the scheme's default where it can be."""
+def embedding_form(scheme: str, embedding: str | None, method: str, portable: bool = False, head: str | None = None) -> str:
+    """"head" or "separate" (EMBEDDINGS): `embedding` where given, checked, else "head" where the layers or the head
+    (`head`: its scheme) are in HEAD_EMBEDDING_SCHEMES and it can be."""
     if embedding is not None and embedding not in EMBEDDINGS:
         raise SlmkitError(f"unknown --embedding {embedding!r}", f"Use one of {', '.join(EMBEDDINGS)}.")
     smoothing = method in ("awq", "smoothquant")  # the head's weights scaled: its rows are no longer the embedding's
@@ -88,7 +89,8 @@ def embedding_form(scheme: str, embedding: str | None, method: str, portable: bo
                              "the smoothed head's rows are not the embedding's"),
                           "Drop --embedding head (the child keeps its own embedding table).")
     if embedding is None:
-        return DEFAULT_EMBEDDING.get(scheme, "separate") if not (portable or smoothing) else "separate"
+        default = any(s in HEAD_EMBEDDING_SCHEMES for s in (scheme, head_scheme(scheme, head, portable)))
+        return "head" if default and not (portable or smoothing) else "separate"
     return embedding
 
 
@@ -264,7 +266,7 @@ def quantize_model(
     tied (embedding_form)."""
     layers = linear_layers(model)
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and model.get_input_embeddings() is not None
-    form = embedding_form(scheme, embedding, method, portable)
+    form = embedding_form(scheme, embedding, method, portable, head)
     if embedding == "head" and not tied:
         raise SlmkitError("--embedding head: this model's embedding and output head are not tied (their rows differ)",
                           "Drop --embedding head.")

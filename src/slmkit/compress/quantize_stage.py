@@ -26,13 +26,14 @@ def quantize_stage(
     compressed-tensors' layout (transformers, vLLM) unless a form it cannot hold fits far better (int4 on a model
     dequantized from a Q4_1 GGUF) or was asked for (AWQ); `portable` forbids those forms. The card's settings
     say which ("format"). `head`: the output head's scheme where it is to differ from the scheme's default (w4a8's
-    head is w8a8); `embedding`: "head" or "separate" (w4a8's default: read from the head where the two were tied)."""
+    head is w8a8); `embedding`: "head" or "separate" (the default where the layers or the head are w4a8: read from the
+    head where the two were tied)."""
     store = store or Store()
     folder = store.require(model)
     parent = store.card(model)
     check_method(scheme, method)
     head_scheme(scheme, head, portable)  # (checked before anything loads)
-    embedding_form(scheme, embedding, method, portable)
+    embedding_form(scheme, embedding, method, portable, head)
     form = form_of(folder)
     if form == "router":
         raise SlmkitError(f"{model} is a router, not model weights", "Quantize its small and large models by their own names.")
