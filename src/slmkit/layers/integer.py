@@ -383,8 +383,8 @@ class W4A8Linear(Int4Linear):
     each, as llama.cpp's Q8_0 activation blocks; W8A8's one scale per row costs several times the perplexity here,
     bench/results/w4a8.md), on the integer units by slmkit's int4 kernel (native/quantize.cpp: nibbles unpacked in
     registers, AVX-512 VNNI or AVX2); a decode step reads 4 + 32 / group bits per weight. Without the kernel (no
-    compiler, neither instruction set) the same grid is computed with a
-    dequantized float32 matmul (the same numbers, slower). Saved as Int4Linear is."""
+    compiler, neither instruction set) the same grid is computed with a dequantized float32 matmul (the same numbers,
+    slower). Saved as Int4Linear is."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
         super().__init__(in_features, out_features, bias, group_size)
@@ -476,7 +476,7 @@ class HeadEmbedding(nn.Module):
         return self._like
 
 
-def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear") -> nn.Linear:
+def dense_linear(layer: "Int8Linear | Int4Linear | W8A8Linear | W4A8Linear") -> nn.Linear:
     """A float32 nn.Linear computing what the integer layer computes (the smoothing folded into the weight)."""
     w = layer.dequantized()  # (N, K)
     if layer.smooth is not None:
