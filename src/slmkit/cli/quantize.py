@@ -27,7 +27,7 @@ def quantize(
     alpha: Annotated[float | None, typer.Option("--alpha", help="qat: weight of the KL to the float parent; the rest is the data's next-token loss. [default: 1]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="qat: go on from the run's last checkpoint.")] = False,
     head: Annotated[str | None, typer.Option("--head", help="The output head's scheme where it is to differ, with the same kind of activations: int8 or int4 (weight-only models), w8a8 or w4a8 (a w8a8 model with a 4-bit head: half the head's bytes per token). [default: w8a8 for w4a8 (4-bit heads cost most of its perplexity on the default model), else the scheme]")] = None,
-    embedding: Annotated[str | None, typer.Option("--embedding", help="head: read the token embedding from the integer output head it was tied to (no float table: the default model's w4a8 child 153 -> 97 MB); separate: keep the bf16 table. [default: head where the layers or the head are w4a8 (rtn, gptq), else separate]")] = None,
+    embedding: Annotated[str | None, typer.Option("--embedding", help="head: read the token embedding from the integer output head it was tied to (no float table: the default model's w4a8 child 153 -> 97 MB); separate: keep the bf16 table. [default: head for w4a8 with its int8 head (rtn, gptq), else separate: a 4-bit head's rows lose more as embeddings]")] = None,
     portable: Annotated[bool, typer.Option("--portable", help="Only forms compressed-tensors holds, so transformers and vLLM read the child (int4: integer zero points even where free minimums fit far better, as on a model from a Q4_1 GGUF; AWQ refused).")] = False,
     as_json: JsonOpt = False,
 ) -> None:

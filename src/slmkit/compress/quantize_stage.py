@@ -26,8 +26,8 @@ def quantize_stage(
     compressed-tensors' layout (transformers, vLLM) unless a form it cannot hold fits far better (int4 on a model
     dequantized from a Q4_1 GGUF) or was asked for (AWQ); `portable` forbids those forms. The card's settings
     say which ("format"). `head`: the output head's scheme where it is to differ from the scheme's default (w4a8's
-    head is w8a8); `embedding`: "head" or "separate" (the default where the layers or the head are w4a8: read from the
-    head where the two were tied)."""
+    head is w8a8); `embedding`: "head" or "separate" (w4a8's default with an 8-bit head: read from the head where
+    the two were tied)."""
     store = store or Store()
     folder = store.require(model)
     parent = store.card(model)
