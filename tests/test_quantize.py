@@ -137,6 +137,7 @@ def test_w4a8_reads_its_embedding_from_the_integer_head(store, tmp_path):
     four = quantize_stage("tiny", "w8a8", head="w4a8", embedding="head")  # asked for: read from a 4-bit head
     assert four.settings["embedding"] == {"from": "lm_head"}
     assert "embedding" not in quantize_stage("tiny", "w4a8", head="w4a8").settings  # by default only from an 8-bit head
+    assert four.name == "tiny-w8a8-head-w4a8-embedding-head-rtn"
     folder = Store().require(card.name)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         assert not any("embed_tokens" in k for k in f.keys())

@@ -53,6 +53,7 @@ def quantize_stage(
         raise SlmkitError("--calib is used by gptq and awq only", "Drop --calib, or pick --method gptq or awq.")
     suffix = f"-g{group_size or DEFAULT_GROUP}" if SCHEME_BITS[scheme] == 4 else ""
     suffix += f"-head-{head}" if head is not None and head != head_scheme(scheme, None, portable) else ""
+    suffix += f"-embedding-{embedding}" if embedding is not None and embedding != embedding_form(scheme, None, method, portable, head) else ""
     name = validate_name(name or f"{model}-{scheme}{suffix}-{method}")
     store.check_free(name)
     net, tokenizer = load_float(folder, dtype=torch.float32, what=f"Loading {model}")
