@@ -34,7 +34,7 @@ def test_rope_decode_attention_equals_rotary_then_sdpa_over_each_rows_own_length
     cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (4, D) as Llama's rotary makes them
     lens = torch.tensor([1, 17, 40, 9])  # a row of one position, a full row, ragged ones
     want_k, want_v = k.clone(), v.clone()
-    out = ops.rope_decode_attention(qkv, cos, sin, k, v, lens, 2, 0.25, heads)  # rows are slots 2..5
+    out = ops.rope_decode_attention(qkv, cos, sin, k, v, lens, torch.arange(2, 6), 0.25, heads)  # rows are slots 2..5
     q = _rotate(qkv[:, : heads * d].reshape(4, heads, d), cos[:, None], sin[:, None])
     k_new = _rotate(qkv[:, heads * d: (heads + kv_heads) * d].reshape(4, kv_heads, d), cos[:, None], sin[:, None])
     v_new = qkv[:, (heads + kv_heads) * d:].reshape(4, kv_heads, d)
@@ -50,15 +50,33 @@ def test_rope_decode_attention_equals_rotary_then_sdpa_over_each_rows_own_length
         torch.testing.assert_close(out[r], want.reshape(-1), atol=1e-5, rtol=1e-5)
 
 
+def test_rope_decode_attention_rows_of_one_slot_see_each_other_as_a_causal_forward():
+    """Rows sharing a slot at consecutive lengths (the drafted tokens of a speculative check): every row's key and
+    value are written before any row attends, so row i sees rows 0..i-1 (and not later ones), bit for bit what the
+    rows give one at a time."""
+    torch.manual_seed(1)
+    kv_heads, heads, d, n = 2, 4, 16, 5
+    k, v = torch.randn(2, kv_heads, 32, d), torch.randn(2, kv_heads, 32, d)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
+    angle = torch.rand(n, d // 2) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    lens = torch.arange(11, 11 + n)  # 10 cached positions, then the n rows
+    k1, v1 = k.clone(), v.clone()
+    together = ops.rope_decode_attention(qkv, cos, sin, k, v, lens, torch.ones(n, dtype=torch.long), 0.25, heads)
+    alone = torch.cat([ops.rope_decode_attention(qkv[r:r + 1], cos[r:r + 1], sin[r:r + 1], k1, v1, lens[r:r + 1],
+                                                 torch.ones(1, dtype=torch.long), 0.25, heads) for r in range(n)])
+    assert torch.equal(together, alone) and torch.equal(k, k1) and torch.equal(v, v1)
+
+
 def test_rope_decode_attention_refuses_rows_or_lengths_outside_the_cache():
     k = v = torch.zeros(2, 1, 8, 4)
     qkv, cos = torch.zeros(2, 3 * 4), torch.ones(2, 4)
     with pytest.raises(RuntimeError, match="capacity"):
-        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 9]), 0, 1.0, 1)
+        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 9]), torch.tensor([0, 1]), 1.0, 1)
     with pytest.raises(RuntimeError, match="slots"):
-        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 3]), 1, 1.0, 1)
+        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 3]), torch.tensor([1, 2]), 1.0, 1)
     with pytest.raises(RuntimeError, match="heads"):
-        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 3]), 0, 1.0, 2)
+        ops.rope_decode_attention(qkv, cos, cos, k, v, torch.tensor([3, 3]), torch.tensor([0, 1]), 1.0, 2)
 
 
 def test_add_rms_norm_and_silu_gate_compute_what_torch_does():

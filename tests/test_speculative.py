@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import slmkit
 from slmkit.cli import app
 from slmkit.engine.sampling import SamplingParams
-from slmkit.engine.speculative import lookup
+from slmkit.engine.speculative import BACKOFF, PromptLookup, Throttle, lookup
 from slmkit.errors import SlmkitError
 
 
@@ -19,6 +19,49 @@ def test_lookup_proposes_what_followed_the_latest_earlier_ngram():
     assert lookup([1, 2, 3, 4], 2) == []  # nothing repeats
     assert lookup([4, 7, 8, 4], 5) == [7, 8, 4]  # a shorter n-gram when the longer has no earlier occurrence
     assert lookup([], 3) == [] and lookup([3], 3) == []
+
+
+def test_the_lookup_index_equals_scanning_the_history():
+    """PromptLookup's n-gram index, grown a token at a time, proposes what a scan of the whole history finds."""
+    import random
+
+    def scan(history, draft, max_ngram=3):
+        for n in range(min(max_ngram, len(history) - 1), 0, -1):
+            for start in range(len(history) - n - 1, -1, -1):
+                if history[start:start + n] == history[len(history) - n:]:
+                    return history[start + n: start + n + draft]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(20):
+        seq = [rng.randrange(6) for _ in range(60)]
+        index = PromptLookup(seq[:5])
+        for i in range(5, len(seq)):
+            assert index.draft(4) == scan(seq[:i], 4)
+            index.push(seq[i])
+
+
+def test_the_throttle_pauses_drafting_while_checks_lose_and_resumes():
+    """Checks slower per token than plain steps pause drafting for a doubling number of plain tokens; a winning check
+    resets the pause; before any plain step is timed, one is forced after the first check."""
+    t = Throttle()
+    assert t.allow()
+    t.checked(0.010, drafted=4, kept=0)  # no plain step timed yet: nothing to compare with
+    assert not t.allow() and t.paused == 0
+    t.plain(0.004)
+    assert t.allow()
+    t.checked(0.010, drafted=4, kept=1)  # 5 ms per token > 4 ms: pause
+    assert not t.allow() and t.paused == BACKOFF[0]
+    for _ in range(BACKOFF[0]):
+        t.plain(0.004)
+    assert t.allow()
+    t.checked(0.012, drafted=4, kept=0)  # still losing: twice as long
+    assert t.paused == 2 * BACKOFF[0]
+    for _ in range(t.paused):
+        t.plain(0.004)
+    t.checked(0.006, drafted=4, kept=4)  # 1.2 ms per token: keeps drafting, the pause back to its start
+    assert t.allow() and t.backoff == BACKOFF[0]
+    assert (t.checks, t.drafted, t.accepted) == (4, 16, 5) and t.acceptance == 5 / 16
 
 
 @pytest.mark.parametrize("draft", [1, 4, 8])
@@ -34,7 +77,7 @@ def test_speculative_greedy_gives_the_same_tokens_and_checks_drafts(store, draft
     want = list(backend.stream_steps(ids, plain, 40))
     calls = []
     real = backend.fast.forward
-    backend.fast.forward = lambda cache, tokens, first=0, every=False: calls.append(tokens.shape[1]) or real(cache, tokens, first, every)
+    backend.fast.forward = lambda cache, tokens, *a, **kw: calls.append(tokens.numel()) or real(cache, tokens, *a, **kw)
     try:
         got = list(backend.stream_steps(ids, spec, 40))
     finally:
@@ -45,6 +88,47 @@ def test_speculative_greedy_gives_the_same_tokens_and_checks_drafts(store, draft
     checks = [n for n in calls[1:] if n > 1]
     assert checks and max(checks) <= draft + 1  # drafts were checked, never more than asked
     assert len(calls) - 1 < 39  # fewer forward passes than tokens
+    assert sum(s.checked for s in got) == sum(checks) - len(checks) and sum(s.drafted for s in got) > 0  # marked
+
+
+@pytest.mark.parametrize("family,scheme", [("llama", None), ("llama", "w8a8"), ("llama", "w4a8"), ("gemma3_text", "w8a8")])
+def test_a_check_gives_each_row_what_one_token_steps_give(store, tmp_path, family, scheme):
+    """LeanForward.check runs the drafted tokens as rows of one slot on the one-token step's kernels: on integer
+    models each row's logits are bit-identical to decoding the tokens one at a time (so greedy text cannot part), on
+    float ones within float rounding; the cache after it (and after forgetting rejected rows) is the same too. Gemma 3:
+    rows past its sliding window."""
+    from conftest import build_family_model
+
+    from slmkit.compress.quantize_stage import quantize_stage
+    from slmkit.sources.importer import import_path
+
+    name = "tiny"
+    if family != "llama":
+        name = family.replace("_", "-")
+        import_path(build_family_model(tmp_path / name, family, window=5), name)
+    if scheme:
+        quantize_stage(name, scheme, name=f"{name}-{scheme}", group_size=32 if scheme == "w4a8" else None)
+        name = f"{name}-{scheme}"
+    fast = slmkit.load(name, backend="torch").backend.fast
+    if fast.kernels is None:
+        pytest.skip("slmkit's decode kernels are not built here: checks run as one multi-position row")
+    prompt, tokens = [1, 5, 9, 4, 7, 2], [3, 8, 6, 12, 10, 11]
+    caches = [fast.new_cache(1, capacity=8), fast.new_cache(1, capacity=8)]
+    with torch.inference_mode():
+        for cache in caches:
+            fast.forward(cache, torch.tensor([prompt]))
+        together = fast.check(caches[0], 0, tokens)
+        alone = torch.stack([fast.forward(caches[1], torch.tensor([[t]]))[0] for t in tokens])
+    if scheme:
+        assert torch.equal(together, alone)
+    else:
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert caches[0].lens == caches[1].lens == [len(prompt) + len(tokens)]
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-6, rtol=0)
+    caches[0].drop(0, 4)  # four drafts refused: the next token sees the prompt and the first two
+    with torch.inference_mode():
+        again = fast.forward(caches[0], torch.tensor([[tokens[2]]]))[0]
+    torch.testing.assert_close(again, alone[2], atol=1e-5, rtol=1e-5)
 
 
 def test_speculative_sampling_keeps_the_distribution_and_the_cli_takes_it(store):
@@ -65,7 +149,7 @@ def test_speculative_sampling_keeps_the_distribution_and_the_cli_takes_it(store)
         checks.append(len(tokens))
         return table[torch.tensor(tokens)]
 
-    runs, length = 3000, 4
+    runs, length = 3000, 6
     seen = {}
     for n in (0, 3):
         counts = [Counter() for _ in range(length)]

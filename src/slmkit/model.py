@@ -36,6 +36,9 @@ class GenerationStats:
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
+    checks: int = 0  # speculative decoding: checks run, drafted tokens checked, and those kept
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -264,6 +267,9 @@ class Model:
                     stats.time_to_first_token_s = now - start
                 stats.completion_tokens += 1
                 stats.total_s = now - start
+                stats.checks += step.checked > 0
+                stats.drafted_tokens += step.checked
+                stats.accepted_tokens += step.drafted
                 steps.append(step)
                 if token in eos:
                     stats.finish_reason = "stop"

@@ -89,8 +89,8 @@ MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help=f"Most
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this string appears (repeatable).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same output.")]
 Speculative = Annotated[int | None, typer.Option("--speculative", help="Draft up to N tokens by prompt lookup and check them in one "
-                        "pass: faster where the answer repeats the prompt; greedy gives the same text, sampling the same "
-                        f"distribution (PyTorch engine). [default: {_D.speculative}: off]")]
+                        "pass: faster where the answer repeats the prompt, paused where checks cost more than they save; greedy "
+                        f"gives the same text, sampling the same distribution (PyTorch engine). [default: {_D.speculative}: off]")]
 
 
 def model_or_default(model: str | None) -> str:

@@ -39,6 +39,9 @@ def _print_stats(model: Model, gen: Generation) -> None:
         f"first token {s.time_to_first_token_s:.2f}s · decode {s.decode_tokens_per_s:.1f} tokens/s · "
         f"finish: {s.finish_reason}[/]"
     )
+    if s.checks:
+        err_console().print(f"[dim]speculative: {s.checks} checks · {s.drafted_tokens} drafted · {s.accepted_tokens} kept "
+                            f"({s.accepted_tokens / s.drafted_tokens:.0%})[/]")
     weights = model.domain_weights(gen)
     if weights is not None:  # a mixture of specialists: how much each one speaks for this conversation now
         err_console().print("[dim]domain weights: " + ", ".join(f"{n} {w:.2f}" for n, w in weights.items()) + "[/]")

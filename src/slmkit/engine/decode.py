@@ -7,25 +7,30 @@ logprobs and routing on confidence read what generation computed (no second forw
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from slmkit.engine.sampling import GREEDY_BELOW, SamplingParams, make_generator, next_distribution, sample_next, sample_rows
-from slmkit.engine.speculative import lookup
+from slmkit.engine.speculative import PromptLookup, Throttle
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
     """One generated token and its log-probability under the model's own next-token distribution (before
     temperature, top-k/top-p or the repetition penalty reshape it: what OpenAI's logprobs report);
-    `top` holds the params.top_logprobs likeliest tokens as (id, log-probability), most likely first."""
+    `top` holds the params.top_logprobs likeliest tokens as (id, log-probability), most likely first. Speculative
+    decoding marks the first token after each check with the drafts it checked (`checked`) and every kept draft
+    (`drafted`)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    drafted: bool = False
+    checked: int = 0
 
 
 def steps_of(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int]) -> list[Step]:
@@ -56,38 +61,56 @@ def decode_loop(
     checked in the same forward pass. Greedy keeps a draft while it is the token greedy decoding picks (the same
     tokens); sampling keeps it with its probability under the sampling settings and, at the first refusal, draws from
     that distribution without it (Leviathan et al.'s rule for a draft that is one token for sure: the same distribution
-    of texts, not the same draws for a seed)."""
+    of texts, not the same draws for a seed). Where checks cost more per token than plain steps (little of the output
+    repeats the context), drafting pauses (speculative.Throttle)."""
     generator = make_generator(params.seed)
     history = list(prompt_ids)
     logits = first
     speculate = bool(params.speculative and params.constraint is None and verify and rollback)
-    made, chosen = 0, None  # chosen: the next token, already drawn by a speculative check
+    drafts = PromptLookup(prompt_ids) if speculate else None
+    throttle = Throttle()
+    made, chosen, checked = 0, None, 0  # chosen: the next token, already drawn by a check; checked: its drafts
     while made < max_new_tokens:
         token = chosen if chosen is not None else sample_next(logits, params, history, generator)
         chosen = None
-        yield steps_of(logits[None], [token], [params.top_logprobs])[0]
+        step = steps_of(logits[None], [token], [params.top_logprobs])[0]
+        yield replace(step, checked=checked) if checked else step
         made += 1
         if token in eos or made == max_new_tokens:
             return
         history.append(token)
-        draft = lookup(history, min(params.speculative, max_new_tokens - made - 1)) if speculate else []
-        if not draft:
+        if drafts is None:
             logits = forward(token)
             continue
+        t0 = time.perf_counter()  # each mode's time, its lookup included and the consumer's (yields) not
+        drafts.push(token)
+        draft = drafts.draft(min(params.speculative, max_new_tokens - made - 1)) if throttle.allow() else []
+        checked = len(draft)
+        if not draft:
+            logits = forward(token)
+            throttle.plain(time.perf_counter() - t0)
+            continue
         rows = verify([token, *draft])  # (1 + len(draft), V): the logits after the token and after each draft
-        kept = 0
+        kept: list[int] = []
         for row, proposed in zip(rows, draft):
             accepted, chosen = _check(row, proposed, params, history, generator)
             if not accepted:
                 break
-            yield steps_of(row[None], [proposed], [params.top_logprobs])[0]
-            made, kept = made + 1, kept + 1
-            if proposed in eos:
-                rollback(len(draft) - kept)
-                return
+            kept.append(proposed)
             history.append(proposed)
-        rollback(len(draft) - kept)
-        logits = rows[kept]
+            if proposed in eos:
+                break
+        rollback(len(draft) - len(kept))
+        throttle.checked(time.perf_counter() - t0, len(draft), len(kept))
+        for i, (row, proposed) in enumerate(zip(rows, kept)):
+            yield replace(steps_of(row[None], [proposed], [params.top_logprobs])[0], drafted=True, checked=checked * (i == 0))
+            made += 1
+            drafts.push(proposed)
+        if kept:
+            checked = 0
+            if kept[-1] in eos:
+                return
+        logits = rows[len(kept)]
 
 
 def _check(logits: torch.Tensor, proposed: int, params: SamplingParams, history: list[int],

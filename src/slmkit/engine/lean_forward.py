@@ -16,6 +16,7 @@ keys and values are never repeated. A sliding-window layer keeps every position 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from slmkit.engine.families import STATIC_ROPE_TYPES, Block, describe, unsupported
 from slmkit.layers.multi_lora import LoraBank
-from slmkit.layers.integer import Int8Linear, W4A8Linear, W8A8Linear, bucket_of
+from slmkit.layers.integer import Int8Linear, W4A8Linear, W8A8Linear, bucket_of, same_kernels_as
 from slmkit.native import ops as native_ops
 
 # queries per attention call in a long prefill: each piece sees only the keys up to it (a causal mask cannot make
@@ -303,14 +304,33 @@ class LeanForward:
         return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.dtype, capacity)
 
     @torch.inference_mode()
-    def forward(self, cache: SlotCache, ids: torch.Tensor, first: int = 0, every: bool = False) -> torch.Tensor:
+    def check(self, cache: SlotCache, slot: int, tokens: Sequence[int]) -> torch.Tensor:
+        """A speculative check: `tokens` appended to `slot`, the logits after each (n, V). Where slmkit's decode
+        kernels run (float32 activations), as n one-token rows of that slot in one step, every layer on the kernel a
+        one-token step uses: each row's logits bit-identical to what decoding the tokens one at a time gives (greedy
+        text unchanged, on integer models too). Elsewhere one row of n positions (torch's attention: within ~1e-5)."""
+        if self.kernels is None:
+            return self.forward(cache, torch.tensor([list(tokens)], dtype=torch.long), first=slot, every=True)[0]
+        with same_kernels_as(1):
+            return self.forward(cache, torch.tensor(list(tokens), dtype=torch.long)[:, None], slots=[slot] * len(tokens))
+
+    @torch.inference_mode()
+    def forward(self, cache: SlotCache, ids: torch.Tensor, first: int = 0, every: bool = False,
+                slots: Sequence[int] | None = None) -> torch.Tensor:
         """Run `ids` (B, T) for slots first..first+B-1, appending to each slot; return last-position logits (B, V), or
         with `every` the logits after each position (B, T, V) (a speculative check).
 
-        Rows of a multi-row call must each add T tokens; a prefill is a one-row call with the whole prompt."""
+        Rows of a multi-row call must each add T tokens; a prefill is a one-row call with the whole prompt. `slots`
+        (one-token rows on slmkit's decode kernels only) names each row's slot instead: rows of one slot are that
+        sequence's next tokens in order."""
         b, t = ids.shape
-        slot_list = list(range(first, first + b))
-        starts = [cache.lens[s] for s in slot_list]
+        if slots is not None and (t != 1 or self.kernels is None or len(slots) != b):
+            raise ValueError("rows by slot are one-token rows, one slot each, on slmkit's decode kernels")
+        slot_list = list(slots) if slots is not None else list(range(first, first + b))
+        starts, added = [], dict.fromkeys(slot_list, 0)
+        for s in slot_list:  # a slot named by several rows: each row one position further
+            starts.append(cache.lens[s] + added[s])
+            added[s] += t
         end = max(starts) + t
         cache.reserve(end)
         start_t = torch.tensor(starts, dtype=torch.long)
@@ -320,8 +340,8 @@ class LeanForward:
         block = self.block
         spans = {w: self._spans(b, t, starts, positions, end, w, decode is not None) for w in set(block.windows)}
         rows = slice(first, first + b)
-        row_idx = torch.tensor(slot_list)
-        adapters = cache.adapter[first: first + b]
+        row_idx = torch.tensor(slot_list)  # (B,)
+        adapters = [cache.adapter[s] for s in slot_list]
         bank = self.bank if self.bank is not None and any(adapters) else None
         groups = LoraBank.row_groups(adapters) if bank is not None else []
 
@@ -335,7 +355,7 @@ class LeanForward:
             main, other = self.step_tables
             cos, sin = rotary[main]
             local = rotary[other] if other is not None else (None, None)
-            h = decode.decode_step(h.reshape(b, -1), self.step_weights, cos, sin, cache.k, cache.v, lens, first, self.scale,
+            h = decode.decode_step(h.reshape(b, -1), self.step_weights, cos, sin, cache.k, cache.v, lens, row_idx, self.scale,
                                    self.heads, self.eps, block.step_flags, local[0], local[1], self.step_windows,
                                    self.step_local).reshape(b, 1, -1)
         else:
@@ -355,7 +375,7 @@ class LeanForward:
                     y = self._norm_heads(y, i)
                 kc, vc = cache.k[i], cache.v[i]
                 if decode is not None:  # one call: rotary, each row's new key/value written, its own length attended
-                    o = decode.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, first, self.scale, self.heads, window or 0)
+                    o = decode.rope_decode_attention(y.reshape(b, -1), cos, sin, kc, vc, lens, row_idx, self.scale, self.heads, window or 0)
                     o = o.reshape(b, 1, self.heads * self.head_dim)
                 else:
                     qk = _rotate(y[..., : self.q_width + self.kv_width].reshape(b, t, qk_heads, self.head_dim), cos, sin)
@@ -398,8 +418,8 @@ class LeanForward:
                 if mlp_out_norm is not None:
                     out = self._norm(out, mlp_out_norm)
             h += out
-        for s in slot_list:
-            cache.lens[s] += t
+        for s, n in added.items():
+            cache.lens[s] += n
         last = _rms_norm(h if every else h[:, -1], self.final_norm, self.eps)  # (B, E) or (B, T, E)
         logits = _linear(self.model.lm_head, last)  # (B, V) or (B, T, V)
         if block.final_softcap:

@@ -74,9 +74,8 @@ class TorchBackend(HfText):
             first = fast.forward(cache, prompt)[0]  # (V,)
             forward = lambda token: fast.forward(cache, torch.tensor([[token]], dtype=torch.long))[0]  # noqa: E731
             if params.speculative:  # drafts checked in one pass (engine/speculative.py); the cache forgets the rejected
-                verify = lambda tokens: fast.forward(cache, torch.tensor([tokens], dtype=torch.long), every=True)[0]  # noqa: E731
-                yield from decode_loop(first, forward, prompt_ids, params, max_new_tokens, self._eos, verify=verify,
-                                       rollback=lambda n: cache.drop(0, n))
+                yield from decode_loop(first, forward, prompt_ids, params, max_new_tokens, self._eos,
+                                       verify=lambda tokens: fast.check(cache, 0, tokens), rollback=lambda n: cache.drop(0, n))
                 return
         else:
             from transformers import DynamicCache

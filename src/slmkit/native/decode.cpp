@@ -50,15 +50,21 @@ static void attend(const float* q, const float* kb, const float* vb, int64_t L, 
   }
 }
 
-// k, v: one layer's slot cache (S, Hkv, C, D) f32, rows of D contiguous; lens (B,) int64 in 1..C for slots first..
-static void check_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first, int64_t B) {
+// k, v: one layer's slot cache (S, Hkv, C, D) f32, rows of D contiguous; lens (B,) int64 in 1..C: each row's length
+// after its token; slots (B,) int64: the slot each row writes and reads (several rows may share one: the consecutive
+// tokens of one sequence, a speculative check, each at its own length)
+static void check_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, const at::Tensor& slots, int64_t B) {
   TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "k, v: float32");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v: (slots, Hkv, capacity, D)");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3), "k, v: rows of D contiguous");
   TORCH_CHECK(lens.scalar_type() == at::kLong && lens.numel() == B && lens.is_contiguous(), "lens: (B,) int64");
-  TORCH_CHECK(first >= 0 && first + B <= k.size(0), "rows first..first+B-1 must be slots of the cache");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == B && slots.is_contiguous(), "slots: (B,) int64");
   const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= k.size(2), "lens must be in 1..capacity");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= k.size(2), "lens must be in 1..capacity");
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < k.size(0), "slots must be slots of the cache");
+  }
 }
 
 // Rotary embedding, rotate-half layout (as transformers' Llama): out = x * cos + (-x[half:], x[:half]) * sin
@@ -71,14 +77,15 @@ static inline void rotate(const float* x, const float* c, const float* sn, int64
 // A decode step's attention from the fused q/k/v projection's output: qkv (B, (H + 2 Hkv) D) f32 (queries, keys,
 // values of each row's new token side by side); cos, sin (B, D) at each row's position. Rotates the queries and the
 // key, writes the key and value at position lens - 1 of each row's slot, attends over that row's lens positions.
-// Returns (B, H D): the heads' outputs side by side (head h = kv head h / G). window > 0: a sliding-window layer,
-// whose query sees only the last `window` positions (itself included).
+// Every row's key and value are written before any row attends, so rows of one slot (consecutive positions) see each
+// other's as a causal forward would. Returns (B, H D): the heads' outputs side by side (head h = kv head h / G).
+// window > 0: a sliding-window layer, whose query sees only the last `window` positions (itself included).
 static at::Tensor rope_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first,
+                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, const at::Tensor& slots,
                                         double scale, int64_t heads, int64_t window) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2, "qkv: (B, (H + 2 Hkv) D) float32");
   const int64_t B = qkv.size(0);
-  check_cache(k, v, lens, first, B);
+  check_cache(k, v, lens, slots, B);
   const int64_t Hkv = k.size(1), D = k.size(3);
   TORCH_CHECK(heads % Hkv == 0 && qkv.size(1) == (heads + 2 * Hkv) * D && D % 2 == 0, "qkv: (B, (heads + 2 Hkv) D) for this cache");
   auto qc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
@@ -87,6 +94,7 @@ static at::Tensor rope_decode_attention(const at::Tensor& qkv, const at::Tensor&
   const int64_t G = heads / Hkv, W = (heads + 2 * Hkv) * D;
   auto out = at::empty({B, heads * D}, qc.options());
   const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* slp = slots.data_ptr<int64_t>();
   const float* qp = qc.data_ptr<float>();
   const float* cp = cc.data_ptr<float>();
   const float* sp = sc.data_ptr<float>();
@@ -94,17 +102,23 @@ static at::Tensor rope_decode_attention(const at::Tensor& qkv, const at::Tensor&
   float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  for (int64_t b = 0; b < B; ++b) {  // the writes first (B * Hkv rotations of D: a few microseconds at most)
+    const int64_t L = lp[b];
+    const float* row = qp + b * W;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      rotate(row + (heads + h) * D, cp + b * D, sp + b * D, D, kp + slp[b] * ks0 + h * ks1 + (L - 1) * D);
+      std::copy(row + (heads + Hkv + h) * D, row + (heads + Hkv + h + 1) * D, vp + slp[b] * vs0 + h * vs1 + (L - 1) * D);
+    }
+  }
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s, q(G * D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, L = lp[b];
       const float* row = qp + b * W;
       const float *c = cp + b * D, *sn = sp + b * D;
-      float* kb = kp + (first + b) * ks0 + h * ks1;
-      float* vb = vp + (first + b) * vs0 + h * vs1;
+      const float* kb = kp + slp[b] * ks0 + h * ks1;
+      const float* vb = vp + slp[b] * vs0 + h * vs1;
       for (int64_t g = 0; g < G; ++g) rotate(row + (h * G + g) * D, c, sn, D, q.data() + g * D);
-      rotate(row + (heads + h) * D, c, sn, D, kb + (L - 1) * D);
-      std::copy(row + (heads + Hkv + h) * D, row + (heads + Hkv + h + 1) * D, vb + (L - 1) * D);
       const int64_t from = window > 0 ? std::max<int64_t>(0, L - window) : 0;
       attend(q.data(), kb + from * D, vb + from * D, L - from, G, D, static_cast<float>(scale), s, op + b * heads * D + h * G * D);
     }
@@ -227,13 +241,13 @@ static void norm_heads(at::Tensor& y, const at::Tensor& weight, int64_t h0, int6
 }
 
 // h (B, E): the new tokens' embeddings. weights: per_layer(flags) tensors per block in the order above (each linear
-// as its four tensors above; norm weights as the forward multiplies by
-// them). k, v: the slot cache (layers, S, Hkv, C, D). lens (B,): each row's length after this token; cos, sin (B, D)
-// at its position, cos_local, sin_local the same from the local rope table that layers with local[i] != 0 use
+// as its four tensors above; norm weights as the forward multiplies by them). k, v: the slot cache (layers, S, Hkv,
+// C, D). lens (B,): each row's length after this token, slots (B,) its slot (as rope_decode_attention's); cos, sin
+// (B, D) at its position, cos_local, sin_local the same from the local rope table that layers with local[i] != 0 use
 // (Gemma 3's sliding layers). windows: per layer, the positions a query sees (0: all; empty: none anywhere).
 // Returns h after every block (the final norm and the output head are the caller's), the new keys and values written.
 static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
-                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, int64_t first,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, const at::Tensor& slots,
                               double scale, int64_t heads, double eps, int64_t flags,
                               const c10::optional<at::Tensor>& cos_local, const c10::optional<at::Tensor>& sin_local,
                               at::IntArrayRef windows, at::IntArrayRef local) {
@@ -258,7 +272,7 @@ static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const
       j += 2;
     }
     const bool loc = !local.empty() && local[i] != 0;
-    at::Tensor o = rope_decode_attention(y, loc ? *cos_local : cos, loc ? *sin_local : sin, k[i], v[i], lens, first, scale,
+    at::Tensor o = rope_decode_attention(y, loc ? *cos_local : cos, loc ? *sin_local : sin, k[i], v[i], lens, slots, scale,
                                          heads, windows.empty() ? 0 : windows[i]);
     at::Tensor a = int8_linear(o, w + j);
     j += 4;
@@ -275,12 +289,12 @@ static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const
 }
 
 TORCH_LIBRARY(slmkit_decode, m) {
-  m.def("rope_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
+  m.def("rope_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, Tensor slots, "
         "float scale, int heads, int window=0) -> Tensor", rope_decode_attention);
   m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
   m.def("silu_mul(Tensor y) -> Tensor", silu_mul);
   m.def("gelu_tanh_mul(Tensor y) -> Tensor", gelu_tanh_mul);
-  m.def("decode_step(Tensor h, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, int first, "
+  m.def("decode_step(Tensor h, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, Tensor slots, "
         "float scale, int heads, float eps, int flags=0, Tensor? cos_local=None, Tensor? sin_local=None, int[] windows=[], "
         "int[] local=[]) -> Tensor", decode_step);
 }
