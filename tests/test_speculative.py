@@ -169,3 +169,80 @@ def test_speculative_sampling_keeps_the_distribution_and_the_cli_takes_it(store)
     a = runner.invoke(app, ["run", "tiny", "--raw", "--temperature", "0", "-n", "12", "--speculative", "4", "one two one two one two"])
     b = runner.invoke(app, ["run", "tiny", "--raw", "--temperature", "0", "-n", "12", "one two one two one two"])
     assert a.exit_code == 0 and a.output == b.output
+
+
+@pytest.mark.parametrize("scheme", [None, "w8a8"])
+def test_the_batch_scheduler_checks_drafts_in_its_step_and_keeps_each_requests_tokens(store, scheme):
+    """Speculative requests in a continuous batch beside a plain one: each row's drafts run as rows of its slot in
+    the batch's one forward; every request gets the tokens and log-probabilities it gets in the same batch without
+    drafting (bit for bit on the w8a8 child: the check's layers take the kernels of the batch's plain step), drafts
+    were checked and kept, and a request finishing inside its drafts (its budget) stops there."""
+    import threading
+
+    from slmkit.compress.quantize_stage import quantize_stage
+    from slmkit.engine.scheduler import BatchedBackend
+
+    name = "tiny"
+    if scheme:
+        quantize_stage("tiny", scheme, name=f"tiny-{scheme}")
+        name = f"tiny-{scheme}"
+    texts = ["The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
+             "one two three four five six one two three four five six one two", "Paris is the capital of"]
+    lengths = [40, 23, 17]
+    results = {}
+    for spec in (0, 4):
+        inner = slmkit.load(name, backend="torch").backend
+        inner._eos = frozenset()  # run the whole budget
+        batched = BatchedBackend(inner, max_batch=3)
+        if spec and not batched.scheduler.store.checks:
+            pytest.skip("slmkit's decode kernels are not built here: the batch does not check drafts")
+        got = {}
+
+        def run(i: int) -> None:
+            params = SamplingParams(temperature=0, repetition_penalty=1.0, top_logprobs=1, speculative=spec if i < 2 else 0)
+            got[i] = list(batched.stream_steps(batched.encode(texts[i]), params, lengths[i]))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        batched.scheduler.stop()
+        results[spec] = got
+    for i in range(3):
+        plain, spec = results[0][i], results[4][i]
+        assert [s.token for s in spec] == [s.token for s in plain] and len(spec) == lengths[i]
+        if scheme:
+            assert [s.logprob for s in spec] == [s.logprob for s in plain]
+        else:
+            assert max(abs(a.logprob - b.logprob) for a, b in zip(spec, plain)) < 1e-3
+    assert sum(s.drafted for s in results[4][0]) > 10 and sum(s.checked for s in results[4][0]) > 0
+    assert not any(s.drafted or s.checked for s in results[4][2])  # the plain request never drafts
+
+
+def test_the_server_takes_speculative_per_request_and_reports_acceptance(store):
+    """Over a real socket with the official client: `speculative` in the request body (slmkit's own field) and the
+    server's --speculative default give the plain answer; /metrics counts the checks, drafted and kept tokens; a
+    value out of range is refused."""
+    import httpx
+    import openai
+    from test_serve import Running, client
+
+    srv = Running(["tiny"], max_tokens_limit=48, speculative=4)
+    try:
+        c = client(srv)
+        kw = {"model": "tiny", "prompt": "one two three one two three one two", "max_tokens": 30, "temperature": 0}
+        plain = c.completions.create(**kw, extra_body={"speculative": 0}).choices[0].text
+        asked = c.completions.create(**kw, extra_body={"speculative": 8}).choices[0].text
+        default = c.completions.create(**kw).choices[0].text
+        assert asked == plain == default
+        metrics = httpx.get(srv.url + "/metrics").text
+        counts = {name: float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("slmkit_speculative_")
+                  for name in [line.split("{")[0]]}
+        if slmkit.load("tiny", backend="torch").backend.fast.kernels is not None:
+            assert counts["slmkit_speculative_checks_total"] > 0
+            assert 0 < counts["slmkit_speculative_accepted_tokens_total"] <= counts["slmkit_speculative_drafted_tokens_total"]
+        with pytest.raises(openai.UnprocessableEntityError, match="speculative"):  # (as every invalid field: 422)
+            c.completions.create(**kw, extra_body={"speculative": 99})
+    finally:
+        srv.stop()

@@ -42,6 +42,7 @@ def serve(
     large_key: Annotated[str | None, typer.Option("--large-key", envvar="SLMKIT_LARGE_API_KEY", help="API key for routers' large endpoints.")] = None,
     cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="Let browser pages from this origin call the API (for example http://localhost:3000, or * for any). Repeatable.")] = None,
     docs: Annotated[bool, typer.Option("--docs", help="Serve the API's description at /docs and /openapi.json (off: it tells anyone what the server takes).")] = False,
+    speculative: Annotated[int, typer.Option("--speculative", min=0, max=16, help="Speculative decoding by prompt lookup for requests that do not say (OpenAI's requests may send `speculative`: N drafted tokens, 0 off): drafts checked with the batch's step on the PyTorch engine's kernels, paused per request where they do not pay; acceptance in /metrics.")] = 0,
     open_metrics: Annotated[bool, typer.Option("--open-metrics", help="Serve /metrics without the API key (with --api-key it needs the key).")] = False,
     allow_model_changes: Annotated[bool, typer.Option("--allow-model-changes", help="Let Ollama's clients pull, create, copy and delete models in the store (/api/pull, /api/create, /api/copy, /api/delete; allowed anyway with --api-key).")] = False,
     escalation_log: Annotated[Path | None, typer.Option("--escalation-log", help="Keep the prompts routers escalate and the large model's answers here (JSON lines; off by default: it holds users' text), for `slmkit route harvest`.")] = None,
@@ -70,7 +71,8 @@ def serve(
                              decision_log=decision_log or settings().home / "logs" / "route-decisions.jsonl",
                              escalation_log=EscalationLog(escalation_log, escalation_log_rows) if escalation_log else None)
     app = create_app(registry, metrics, api_key=api_key, max_tokens_limit=max_tokens, shutdown_timeout=shutdown_timeout,
-                     cors_origins=list(cors_origin or []), docs=docs, open_metrics=open_metrics, allow_model_changes=allow_model_changes)
+                     cors_origins=list(cors_origin or []), docs=docs, open_metrics=open_metrics, allow_model_changes=allow_model_changes,
+                     speculative=speculative)
     where = f"http://{host}:{port}"
     engines = ", ".join(f"{n} ({registry.backends[n]})" if n in registry.backends else
                         f"{n} (router: {registry.routers[n]['small']} -> {registry.routers[n]['large'].get('store') or registry.routers[n]['large'].get('url')})"

@@ -52,6 +52,7 @@ class BatchStore(Protocol):
     context: int | None  # tokens per slot where the store limits it (llama.cpp), else None
     chunked: bool  # prefill takes `between` and `chunk`: a long prompt in pieces, decode steps of the others between
     bursts: bool  # prefill_many: several admitted requests prefilled in one forward (the lean forward's slots)
+    checks: bool  # check: speculative drafts of several rows in one forward (the lean forward on slmkit's kernels)
 
     def prefill(self, ids: list[int], reused: int, kv: Any, *, export: bool) -> tuple["torch.Tensor", Any]:
         """Prefill `ids` (the first `reused` already in the prefix-cache entry `kv`) into the next free slot:
@@ -72,6 +73,15 @@ class BatchStore(Protocol):
 
     def step(self, last: list[int]) -> "torch.Tensor":
         """One decode step for every running row (its last token): logits (B, V)."""
+        ...
+
+    def check(self, rows: list[list[int]]) -> list["torch.Tensor"]:
+        """Where `checks`: one step in which running row r runs rows[r] (its last token, then its drafts): the
+        logits after each, (len(rows[r]), V) per row; forget() what a row refuses."""
+        ...
+
+    def forget(self, row: int, n: int) -> None:
+        """Where `checks`: running row `row` forgets its last n tokens (drafts refused)."""
         ...
 
     def keep(self, rows: list[int]) -> list[int]:

@@ -93,7 +93,7 @@ def decode_loop(
         rows = verify([token, *draft])  # (1 + len(draft), V): the logits after the token and after each draft
         kept: list[int] = []
         for row, proposed in zip(rows, draft):
-            accepted, chosen = _check(row, proposed, params, history, generator)
+            accepted, chosen = check_draft(row, proposed, params, history, generator)
             if not accepted:
                 break
             kept.append(proposed)
@@ -113,7 +113,7 @@ def decode_loop(
         logits = rows[len(kept)]
 
 
-def _check(logits: torch.Tensor, proposed: int, params: SamplingParams, history: list[int],
+def check_draft(logits: torch.Tensor, proposed: int, params: SamplingParams, history: list[int],
            generator: torch.Generator | None) -> tuple[bool, int | None]:
     """Is the drafted token kept after `history`? (kept, the token drawn instead when sampling refuses it)."""
     if params.temperature < GREEDY_BELOW:

@@ -36,6 +36,7 @@ class LlamaCppSlots:
 
     chunked = False  # a prompt is decoded whole
     bursts = False  # one prefill per request
+    checks = False  # no speculative checks
 
     def __init__(self, backend: "LlamaCppBackend", slots: int, context_per_slot: int | None = None) -> None:
         import llama_cpp as L

@@ -105,6 +105,7 @@ class MixtureStore:
 
     chunked = False
     bursts = False
+    checks = False  # no speculative checks
 
     def __init__(self, mix: "MixtureBackend", kv: SeparateRows | SharedRows) -> None:
         self.mix, self.kv = mix, kv

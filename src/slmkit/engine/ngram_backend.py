@@ -35,6 +35,7 @@ class NgramStore:
     context = None
     chunked = False
     bursts = False
+    checks = False
 
     def __init__(self, backend: "NgramBackend") -> None:
         self.backend = backend

@@ -22,14 +22,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slmkit.engine.decode import Step, steps_of, tokens_of
+from slmkit.engine.decode import Step, check_draft, steps_of, tokens_of
 from slmkit.engine.kv_cache import PrefixCache
 from slmkit.engine.sampling import RowsFailed, SamplingParams, make_generator, sample_next, sample_rows
+from slmkit.engine.speculative import PromptLookup, Throttle
 from slmkit.errors import SlmkitError
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class _Request:
     produced: int = 0
     adapter: int = 0  # the LoRA adapter the request runs with over the shared base (0: none)
     client: str = ""  # who sent it (the server's CLIENT: an address); "" in library use
+    drafts: PromptLookup | None = None  # speculative decoding (params.speculative, no grammar): its drafts, its throttle
+    throttle: Throttle = field(default_factory=Throttle)
 
 
 MAX_BATCH = 16  # sequences decoded together
@@ -129,7 +132,8 @@ class BatchScheduler:
                 raise QueueFull(f"this client already has {self.max_queue_per_client} requests waiting (its share of the "
                                 f"queue of {self.max_queue})", "Wait for your running requests, then retry.")
             req = _Request(list(prompt), params, max_new, generator=make_generator(params.seed), history=list(prompt),
-                           adapter=adapter, client=client)
+                           adapter=adapter, client=client,
+                           drafts=PromptLookup(prompt) if params.speculative and params.constraint is None else None)
             self.waiting.append(req)
             self._cv.notify()
         return req
@@ -321,6 +325,8 @@ class BatchScheduler:
         req.out.put(step)
         req.produced += 1
         req.history.append(step.token)
+        if req.drafts is not None:
+            req.drafts.push(step.token)
         if step.token in self.backend.eos_token_ids or req.produced >= req.max_new or req.cancelled.is_set():
             req.out.put(_DONE)
             return False
@@ -329,7 +335,15 @@ class BatchScheduler:
     @torch.inference_mode()
     def _step(self) -> None:
         run = self.running
+        drafts = self._drafts() if getattr(self.store, "checks", False) else []
+        t0 = time.perf_counter()
+        if any(drafts):
+            self._check(drafts, t0)
+            return
         logits = self.store.step([r.history[-1] for r in run])  # (B, V)
+        for r in run:
+            if r.drafts is not None:
+                r.throttle.plain(time.perf_counter() - t0)
         failed: dict[int, str] = {}
         try:
             tokens = sample_rows(logits, [r.params for r in run], [r.history for r in run], [r.generator for r in run])
@@ -349,6 +363,60 @@ class BatchScheduler:
                 keep.append(i)
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in self.store.keep(keep)]
+
+
+    def _drafts(self) -> list[list[int]]:
+        """Each running row's prompt-lookup drafts (none where its request does not speculate, its throttle has
+        paused it, or its budget has room for one token only)."""
+        out = []
+        for r in self.running:
+            room = min(r.params.speculative, r.max_new - r.produced - 1)
+            out.append(r.drafts.draft(room) if r.drafts is not None and room > 0 and r.throttle.allow() else [])
+        return out
+
+    def _check(self, drafts: list[list[int]], t0: float) -> None:
+        """A speculative step: every running row runs its last token and its drafts in one forward; each request
+        keeps the drafts it accepts (decode._check's rule: greedy's tokens, or sampling's distribution), then takes
+        its next token from the logits after them; the refused drafts are forgotten."""
+        run = self.running
+        rows = self.store.check([[r.history[-1], *d] for r, d in zip(run, drafts)])  # per row (1 + drafts, V)
+        seconds = time.perf_counter() - t0
+        keep = []
+        for i, (req, draft, logits) in enumerate(zip(run, drafts, rows)):
+            if req.cancelled.is_set():
+                req.out.put(_DONE)
+                continue
+            try:
+                going, kept = self._accept(req, draft, logits)
+            except RowsFailed as exc:  # this request alone
+                req.out.put(exc)
+                continue
+            if draft:
+                req.throttle.checked(seconds, len(draft), kept)
+                self.store.forget(i, len(draft) - kept)
+            elif req.drafts is not None:
+                req.throttle.plain(seconds)
+            if going:
+                keep.append(i)
+        if len(keep) < len(self.running):
+            self.running = [self.running[i] for i in self.store.keep(keep)]
+
+    def _accept(self, req: _Request, draft: list[int], logits: torch.Tensor) -> tuple[bool, int]:
+        """Hand out the drafts `req` keeps and the token after them; (still running, drafts kept)."""
+        params, top = req.params, [req.params.top_logprobs]
+        chosen = None
+        for kept, proposed in enumerate(draft):
+            accepted, chosen = check_draft(logits[kept], proposed, params, req.history, req.generator)
+            if not accepted:
+                break
+            step = steps_of(logits[kept][None], [proposed], top)[0]
+            if not self._emit(req, replace(step, drafted=True, checked=len(draft) if kept == 0 else 0)):
+                return False, kept + 1
+        else:
+            kept = len(draft)
+        token = chosen if chosen is not None else sample_next(logits[kept], params, req.history, req.generator)
+        step = steps_of(logits[kept][None], [token], top)[0]
+        return self._emit(req, replace(step, checked=len(draft)) if draft and kept == 0 else step), kept
 
 
 class BatchedBackend:

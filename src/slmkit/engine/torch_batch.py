@@ -15,6 +15,7 @@ import torch
 
 from slmkit.engine.kv_cache import KV, cache_from, cut, join_rows, kv_of, select_rows
 from slmkit.engine.lean_forward import LeanForward
+from slmkit.layers.integer import same_kernels_as
 
 if TYPE_CHECKING:
     from slmkit.engine.torch_backend import TorchBackend
@@ -29,6 +30,7 @@ class SlotKV:
 
     def __init__(self, fast: LeanForward, slots: int) -> None:
         self.fast = fast
+        self.checks = fast.kernels is not None  # rows by slot run on slmkit's decode kernels only
         self.cache = fast.new_cache(slots)
         self.rows = 0
         self._pending: list[int] = []  # the slots prefilled and not yet joined, in order
@@ -79,6 +81,17 @@ class SlotKV:
     def step(self, last: list[int]) -> torch.Tensor:
         return self.fast.forward(self.cache, torch.tensor(last, dtype=torch.long)[:, None])
 
+    def check(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """Every running row's tokens as one-token rows of its slot in one forward, each layer on the kernel a plain
+        step of the running batch takes (so a row's logits are those plain steps would give)."""
+        slots = [r for r, tokens in enumerate(rows) for _ in tokens]
+        with same_kernels_as(len(rows)):
+            logits = self.fast.forward(self.cache, torch.tensor([t for tokens in rows for t in tokens])[:, None], slots=slots)
+        return list(logits.split([len(tokens) for tokens in rows]))
+
+    def forget(self, row: int, n: int) -> None:
+        self.cache.drop(row, n)
+
     def keep(self, rows: list[int]) -> list[int]:
         """Keep `rows`, filling each freed slot with the last running row; returns the new order."""
         order = list(range(self.rows))
@@ -105,6 +118,7 @@ class DynamicKV:
     context: int | None = None
     chunked = False
     bursts = False
+    checks = False
 
     def __init__(self, backend: "TorchBackend") -> None:
         self.model = backend.model

@@ -136,10 +136,11 @@ class Boundary:
 
 def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
                shutdown_timeout: float = 10.0, max_body_bytes: int = MAX_BODY_BYTES, cors_origins: list[str] | None = None,
-               docs: bool = False, open_metrics: bool = False, allow_model_changes: bool = False) -> FastAPI:
+               docs: bool = False, open_metrics: bool = False, allow_model_changes: bool = False, speculative: int = 0) -> FastAPI:
     """The server. `docs` serves /docs and /openapi.json (off by default: they describe the API to anyone who asks);
     `open_metrics` serves /metrics without the API key when there is one; Ollama's pull, create, copy and delete
-    change the store only with `allow_model_changes` or an API key."""
+    change the store only with `allow_model_changes` or an API key; `speculative`: the drafted tokens a request checks
+    per step when it does not say (0: off)."""
     async def reap() -> None:  # models whose keep_alive has passed are freed once idle (Ollama's timed unload)
         while True:
             await asyncio.sleep(KEEP_ALIVE_CHECK_S)
@@ -193,7 +194,8 @@ def create_app(registry: ModelRegistry, metrics: Metrics, *, api_key: str | None
 
     app.mount("/vendor", StaticFiles(directory=WEB / "vendor"), name="vendor")  # the page's Markdown libraries
 
-    server = Server(registry, metrics, max_tokens_limit, allow_changes=allow_model_changes or api_key is not None)
+    server = Server(registry, metrics, max_tokens_limit, allow_changes=allow_model_changes or api_key is not None,
+                    speculative=speculative)
     openai = OpenAIApi(server)
     app.include_router(openai_routes(openai))
     app.include_router(responses_routes(server, openai.chat_completions))  # OpenAI's Responses API over the chat route

@@ -109,6 +109,7 @@ class OllamaApi:
             if kw.get("max_tokens", 0) > limit:
                 raise BadRequest(f"num_predict {kw['max_tokens']} is over this server's limit of {limit}", "Ask for fewer tokens.")
             kw.setdefault("max_tokens", limit)
+            kw.setdefault("speculative", self.server.speculative)
             keep = ol.keep_alive_seconds(body.keep_alive)
             model = await asyncio.to_thread(self.registry.get, name)
             self.registry.keep(name, keep)

@@ -94,6 +94,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # vLLM's and llama.cpp's servers take it
+    # slmkit's own: drafts by prompt lookup checked per step (0: off; unset: the server's --speculative)
+    speculative: int | None = Field(default=None, ge=0, le=16, strict=True)
 
 
     @field_validator("stop")
@@ -252,7 +254,7 @@ def sampling_kwargs(req: _Sampling, index: int) -> dict[str, Any]:
         "repetition_penalty": req.repetition_penalty or 1.0, "top_k": req.top_k, "min_p": req.min_p,
         "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
         "response_format": req.response_format if (req.response_format or {}).get("type", "text") != "text" else None,
-        "top_logprobs": top_logprobs_of(req),
+        "top_logprobs": top_logprobs_of(req), "speculative": req.speculative,
     }
     return {k: v for k, v in out.items() if v is not None}
 

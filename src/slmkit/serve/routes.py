@@ -60,6 +60,7 @@ class Server:
     metrics: Metrics
     max_tokens_limit: int
     allow_changes: bool = False  # Ollama's pull, create, copy, delete (serve/ollama_manage.py)
+    speculative: int = 0  # drafted tokens checked per step for requests that do not say (slmkit serve --speculative)
     started: int = field(default_factory=lambda: int(time.time()))  # `created` of the served models
 
 
@@ -235,6 +236,7 @@ class OpenAIApi:
         for i in range(body.n):
             kw = oa.sampling_kwargs(body, i)
             kw.setdefault("max_tokens", self.server.max_tokens_limit)
+            kw.setdefault("speculative", self.server.speculative)
             choices.append(Choice(i, make(kw), loop))
         return choices
 

@@ -107,8 +107,17 @@ def account(metrics: Metrics, model: str, choices: list[Choice], request_id: str
     completion = sum(c.gen.stats.completion_tokens for c in choices)
     metrics.prompt_tokens.labels(model).inc(prompt)
     metrics.completion_tokens.labels(model).inc(completion)
-    ACCESS.info(json.dumps({"request": request_id, "done": True, "prompt_tokens": prompt, "completion_tokens": completion,
-                            "finish": [c.gen.stats.finish_reason for c in choices]}))
+    line = {"request": request_id, "done": True, "prompt_tokens": prompt, "completion_tokens": completion,
+            "finish": [c.gen.stats.finish_reason for c in choices]}
+    checks = sum(c.gen.stats.checks for c in choices)
+    if checks:
+        drafted = sum(c.gen.stats.drafted_tokens for c in choices)
+        accepted = sum(c.gen.stats.accepted_tokens for c in choices)
+        metrics.speculative_checks.labels(model).inc(checks)
+        metrics.speculative_drafted.labels(model).inc(drafted)
+        metrics.speculative_accepted.labels(model).inc(accepted)
+        line["speculative"] = {"checks": checks, "drafted": drafted, "accepted": accepted}
+    ACCESS.info(json.dumps(line))
 
 
 def sse(data: Any) -> bytes:
