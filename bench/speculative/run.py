@@ -75,16 +75,61 @@ def run(name: str, drafts: list[int], tokens: int) -> dict:
     return out
 
 
+def batched(name: str, streams: int, drafts: list[int], tokens: int) -> dict:
+    """`streams` requests at once through the continuous batch (the server's scheduler, without HTTP), the four
+    prompts in turn, each mode in its own scheduler; aggregate tokens/s, acceptance, and the answers that equal the
+    plain batch's."""
+    import threading
+
+    import slmkit
+    from slmkit.engine.sampling import SamplingParams
+    from slmkit.engine.scheduler import BatchedBackend
+
+    out: dict = {"streams": streams}
+    answers = {}
+    for n in [0, *drafts]:
+        batch = BatchedBackend(lambda: slmkit.load(name, backend="torch").backend, max_batch=streams)  # loaded on its thread
+        prompts = [batch.encode(batch.render_chat([{"role": "user", "content": p}]), parse_special=True) for p in PROMPTS.values()]
+        params = SamplingParams(temperature=0, repetition_penalty=1.0, speculative=n)
+        list(batch.stream_tokens(prompts[0], params, 8))  # warm up
+        got: dict[int, list] = {}
+
+        def one(i: int) -> None:
+            got[i] = list(batch.stream_steps(prompts[i % len(prompts)], params, tokens))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - t0
+        batch.scheduler.stop()
+        steps = [s for i in range(streams) for s in got[i]]
+        drafted = sum(s.checked for s in steps)
+        answers[n] = [[s.token for s in got[i]] for i in range(streams)]
+        out[str(n)] = {"tok_s": len(steps) / seconds, "tokens": len(steps), "seconds": seconds,
+                  "acceptance": sum(s.drafted for s in steps) / drafted if drafted else None,
+                  "same_answers": sum(a == b for a, b in zip(answers[n], answers[0]))}
+        print(name, "batched", n, json.dumps(out[str(n)]), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", default="/tmp/slmkit-bench-home")
     ap.add_argument("--models", nargs="+", default=[BASE, f"{BASE}-w8a8", f"{BASE}-w4a8"])
     ap.add_argument("--drafts", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--streams", type=int, default=16, help="concurrent requests through the continuous batch (0: skip)")
+    ap.add_argument("--batched-model", default=f"{BASE}-w8a8")
     args = ap.parse_args()
     os.environ["SLMKIT_HOME"] = args.home
     result = {"benchmark": "speculative", "cpu": cpu_line(), "tokens": args.tokens, "drafts": args.drafts,
               "models": {name: run(name, args.drafts, args.tokens) for name in args.models}}
+    if args.streams:
+        ensure(args.batched_model)
+        result["batched"] = {args.batched_model: batched(args.batched_model, args.streams, args.drafts, args.tokens)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "speculative.md").write_text(report(result))
@@ -108,6 +153,15 @@ def report(r: dict) -> str:
         for label, x in rows.items():
             cells = " | ".join(cell(x, n) for n in r["drafts"])
             md.append(f"| {name} | {label} | {x['tokens']} | {x['plain_tok_s']:.1f} | {cells} | {'yes' if x['same_text'] else 'NO'} |")
+    for name, b in r.get("batched", {}).items():
+        md += ["", f"## {b['streams']} streams through the continuous batch ({name})", "",
+               f"{b['streams']} requests at once through the server's scheduler (no HTTP), the four prompts above in turn, "
+               f"up to {r['tokens']} tokens each, greedy; aggregate tokens/s over the whole run (prefills included).", "",
+               "| drafts | tok/s (x plain) | kept | answers equal to the plain batch's |", "|---|---|---|---|"]
+        for n in ["0", *map(str, r["drafts"])]:
+            x, acc = b[n], b[n]["acceptance"]
+            md.append(f"| {n} | {x['tok_s']:.1f} ({x['tok_s'] / b['0']['tok_s']:.2f}x) | "
+                      f"{'-' if acc is None else f'{acc:.0%}'} | {x['same_answers']} of {b['streams']} |")
     md += ["", "Same text: a check runs the drafted tokens as one-token rows of the sequence's slot, on the kernels a "
            "one-token step uses (slmkit's attention writes every row's key and value before any row attends; every "
            "integer layer takes its one-row kernel): on the w8a8 and w4a8 children each row's logits are bit-identical "
