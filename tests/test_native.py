@@ -136,7 +136,7 @@ def test_the_lean_forward_and_w8a8_layers_use_them(tmp_path):
     assert calls == [("quantize_rows", (3, 8)), ("int8_linear", (3, 8))]
 
 
-@pytest.mark.parametrize("n, k", [(64, 32), (50, 37), (130, 8), (200, 96)])
+@pytest.mark.parametrize("n, k", [(64, 32), (50, 37), (130, 8), (200, 96), (70, 576)])
 def test_int8_linear_is_bit_identical_to_quantize_int_mm_and_scale(n, k):
     """Odd sizes (N not a multiple of the 64-column tile, K not of 4), rows in and around the 6-row passes,
     smoothing and bias: the same floats as the three-op path it replaces."""
@@ -260,6 +260,35 @@ def test_a_w4a8_layer_computes_the_same_with_and_without_the_kernel():
         assert torch.allclose(fused(x), torch.cat(fallback, dim=1), atol=1e-5 * float(fallback[0].abs().max()))
         ref = torch.cat([lin(x) for lin in lins], dim=1)
         assert float((fused(x) - ref).norm() / ref.norm()) < 0.1  # 4-bit weights and int8 rows: near the float layer
+
+
+@pytest.mark.skipif(ops is None or not ops.int8_amx(), reason="AMX-INT8 tiles: not on this CPU, or not granted by the OS")
+def test_int8_linear_on_amx_tiles_equals_the_vnni_kernel(tmp_path):
+    """Where the CPU has AMX and the OS grants the tile state, 4+ rows with K a multiple of 64 run on the tiles: the
+    same floats, bit for bit, as the VNNI kernel gives with SLMKIT_AMX=0 (in a process of its own), rows past a
+    16-row tile included."""
+    import os
+
+    torch.manual_seed(3)
+    n, k = 200, 576
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    x, scales, bias = torch.randn(40, k) * 3, torch.rand(n) + 0.1, torch.randn(n)
+    torch.save((w, x, scales, bias), tmp_path / "in.pt")
+    script = f"""
+import torch
+from slmkit import native
+ops = native.ops()
+assert not ops.int8_amx()
+w, x, scales, bias = torch.load({str(tmp_path / "in.pt")!r})
+packed, comp = ops.pack_int8(w)
+torch.save([ops.int8_linear(x[:m], packed, comp, {n}, scales, bias) for m in (8, 16, 17, 40)], {str(tmp_path / "out.pt")!r})
+"""
+    env = {**os.environ, "SLMKIT_AMX": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    packed, comp = ops.pack_int8(w)
+    for m, want in zip((8, 16, 17, 40), torch.load(tmp_path / "out.pt")):
+        assert torch.equal(ops.int8_linear(x[:m], packed, comp, n, scales, bias), want), m
 
 
 def test_int8_linear_refuses_a_weight_it_was_not_packed_for():

@@ -168,7 +168,7 @@ class Int4Linear(nn.Module):
 #           in 64-column tiles: quantizes the rows, multiplies and scales back in one op
 BUCKET_LIMITS = (3, 31)  # rows: 1-3 (decode at batch 1), 4-31 (batched decode), 32+ (prefill)
 PROBE_ROWS = (1, 16, 64)  # the rows timed, one per bucket
-PROBE_VERSION = 3  # 2: each kernel timed with its activation quantization and scaling; 3: slmkit's native kernel too
+PROBE_VERSION = 4  # 2: each kernel timed with its activation quantization and scaling; 3: slmkit's native kernel too; 4: on AMX tiles where usable
 PROBE_BYTES = 64 << 20  # the timed weights cycle through more bytes than a CPU caches, as a real step streams them
 _KERNELS: dict[tuple[int, int], tuple[str, ...]] = {}  # (N, K) -> kernel per bucket
 _kernel_file: Any = None  # the JSON file the choices are kept in (use_kernel_cache), if any
@@ -267,6 +267,7 @@ def machine_key() -> str:
     int8 kernel is a candidate (SLMKIT_NATIVE=0 or no compiler: choices timed without it)."""
     native = native_ops()
     own = "; slmkit int8" if native is not None and native.int8_vnni() else ""
+    own += " (AMX)" if own and native.int8_amx() else ""
     return f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu_id()}; probe {PROBE_VERSION}{own}"
 
 

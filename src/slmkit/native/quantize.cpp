@@ -6,7 +6,9 @@
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -187,9 +189,101 @@ static void rows_vnni(const uint8_t* a, int64_t lda, const int8_t* wt, int64_t K
 }
 #endif
 
+// ---- AMX: the same products on Intel's tile units (Sapphire Rapids and later), for blocks of 16 rows ----
+// Compiled only where -march=native enables AMX-INT8 (this machine has it), used only once the OS grants this process
+// the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) and a probe multiply equals the plain loop.
+// tdpbusd is vpdpbusd on tiles: u8 activations (q + 128) x s8 weights -> exact s32 sums, so the epilogue (acc - comp,
+// then the scales) is store_vnni's and the output is bit-identical to the VNNI kernel's. The packed weight is read as
+// it is: a B tile is 16 steps of 4 inputs x 16 columns, i.e. 64 of the 256 bytes of each step (stride 256).
+#if SLMKIT_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cpuid.h>
+#define SLMKIT_AMX 1
+constexpr int64_t AMX_ROWS = 16, AMX_K = 64;  // a tile: 16 rows x 64 bytes
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+static void amx_configure() {  // tiles 0-3: 16 x 16 int32 sums (64 columns); 4: 16 rows x 64 u8 inputs; 5, 6: weights
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+}
+
+// 16 rows (a: stride lda, K4 % 16 == 0 steps of 4 inputs) x one 64-column tile, then the VNNI kernel's epilogue for
+// the first `rows` of them
+static void block_amx(const uint8_t* a, int64_t lda, const int8_t* wt, int64_t K4, int64_t rows, const int32_t* comp,
+                      const float* rs, const float* cs, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t N) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t k = 0; k < K4; k += AMX_K / 4) {
+    const int8_t* wk = wt + k * TILE_N * 4;
+    _tile_loadd(4, a + 4 * k, lda);
+    _tile_loadd(5, wk, TILE_N * 4);
+    _tile_loadd(6, wk + 64, TILE_N * 4);
+    _tile_dpbusd(0, 4, 5);
+    _tile_dpbusd(1, 4, 6);
+    _tile_loadd(5, wk + 128, TILE_N * 4);
+    _tile_loadd(6, wk + 192, TILE_N * 4);
+    _tile_dpbusd(2, 4, 5);
+    _tile_dpbusd(3, 4, 6);
+  }
+  alignas(64) int32_t sums[4][AMX_ROWS][16];
+  _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64); _tile_stored(2, sums[2], 64); _tile_stored(3, sums[3], 64);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512i acc[1][4] = {{_mm512_load_si512(sums[0][r]), _mm512_load_si512(sums[1][r]), _mm512_load_si512(sums[2][r]),
+                          _mm512_load_si512(sums[3][r])}};
+    store_vnni<1>(acc, comp, rs + r, cs, bias, out + r * ldo, ldo, n0, N);
+  }
+}
+
+static bool amx_probe() {  // 16 rows x 64 columns x 64 inputs on the tiles, against the plain loop
+  alignas(64) uint8_t a[AMX_ROWS * AMX_K];
+  alignas(64) int8_t w[AMX_K / 4 * TILE_N * 4];
+  for (int i = 0; i < AMX_ROWS * AMX_K; ++i) a[i] = static_cast<uint8_t>((i * 37 + 11) % 256);
+  for (int i = 0; i < AMX_K * TILE_N; ++i) w[i] = static_cast<int8_t>((i * 53 + 7) % 255 - 127);
+  int32_t comp[TILE_N] = {};
+  float rs[AMX_ROWS], cs[TILE_N], out[AMX_ROWS * TILE_N];
+  std::fill(rs, rs + AMX_ROWS, 1.f);
+  std::fill(cs, cs + TILE_N, 1.f);
+  amx_configure();
+  block_amx(a, AMX_K, w, AMX_K / 4, AMX_ROWS, comp, rs, cs, nullptr, out, TILE_N, 0, TILE_N);
+  _tile_release();
+  for (int r = 0; r < AMX_ROWS; ++r)
+    for (int c = 0; c < TILE_N; ++c) {
+      int32_t acc = 0;
+      for (int k = 0; k < AMX_K; ++k) acc += a[r * AMX_K + k] * w[((k / 4) * TILE_N + c) * 4 + k % 4];
+      if (out[r * TILE_N + c] != static_cast<float>(acc)) return false;
+    }
+  return true;
+}
+
+// The CPU has AMX-TILE and AMX-INT8, the OS grants the tile state, the probe agrees, and SLMKIT_AMX is not 0.
+static bool amx_ready() {
+  static const bool ready = [] {
+    const char* env = std::getenv("SLMKIT_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return false;
+    return amx_probe();
+  }();
+  return ready;
+}
+#else
+#define SLMKIT_AMX 0
+static bool amx_ready() { return false; }
+#endif
+constexpr int64_t AMX_MIN_ROWS = 4;  // fewer rows: VNNI (as fast at 2-3 rows, faster for the 49152-row head)
+
+static bool int8_amx() { return amx_ready(); }
+
 // x (M, K) f32 -> (M, N) f32: quantize each row per token (after x / smooth), multiply by the packed int8 weight on
-// the integer units, scale back by the row's and the column's scale, add the bias. Equal, bit for bit, to
-// quantize_rows + torch._int_mm + dequantize_rows (+ bias).
+// the integer units (AMX tiles for 4+ rows where usable, else AVX-512 VNNI), scale back by the row's and the
+// column's scale, add the bias. Equal, bit for bit, to quantize_rows + torch._int_mm + dequantize_rows (+ bias).
 static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp, int64_t N,
                               const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias,
                               const c10::optional<at::Tensor>& smooth) {
@@ -205,7 +299,9 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, con
   if (bias.has_value()) { bc = bias->contiguous(); TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N); }
   if (smooth.has_value()) { sc = smooth->contiguous(); TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == K); }
   auto out = at::empty({M, N}, xc.options());
-  auto qa = at::empty({M, Kp}, xc.options().dtype(at::kByte));
+  const bool amx = M >= AMX_MIN_ROWS && K4 % (64 / 4) == 0 && amx_ready();
+  const int64_t Ma = amx ? (M + 15) / 16 * 16 : M;  // AMX reads whole 16-row tiles: zero rows past M
+  auto qa = amx ? at::zeros({Ma, Kp}, xc.options().dtype(at::kByte)) : at::empty({M, Kp}, xc.options().dtype(at::kByte));
   std::vector<float> rs(M);
   const float* xp = xc.data_ptr<float>();
   const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
@@ -221,8 +317,19 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, con
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) rs[m] = quantize_row(xp + m * K, sp, K, Kp, SLMKIT_VNNI, ap + m * Kp);
     // each thread takes whole column tiles (its weights read once) and walks all rows over them
+#if SLMKIT_AMX
+    if (amx) {
+      amx_configure();  // per thread: the tile configuration is thread state
+      #pragma omp for schedule(static)
+      for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t m = 0; m < M; m += 16)
+          block_amx(ap + m * Kp, Kp, wp + t * K4 * TILE_N * 4, K4, std::min<int64_t>(16, M - m), cmp, rs.data() + m, csp,
+                    bp, op + m * N, N, t * TILE_N, N);
+      _tile_release();
+    }
+#endif
     #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t t = 0; t < (amx ? 0 : tiles); ++t) {
       const int8_t* wt = wp + t * K4 * TILE_N * 4;
       const int64_t n0 = t * TILE_N;
 #if SLMKIT_VNNI
@@ -496,6 +603,7 @@ TORCH_LIBRARY(slmkit_quantize, m) {
   m.def("pack_int8(Tensor w) -> (Tensor, Tensor)", pack_int8);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor comp, int N, Tensor col_scale, Tensor? bias=None, Tensor? smooth=None) -> Tensor", int8_linear);
   m.def("int8_vnni() -> bool", int8_vnni);
+  m.def("int8_amx() -> bool", int8_amx);
   m.def("pack_int4(Tensor q, Tensor scales, Tensor mins) -> (Tensor, Tensor)", pack_int4);
   m.def("int4_simd() -> bool", int4_simd);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor dm, int N, Tensor? bias=None, Tensor? smooth=None) -> Tensor", int4_linear);
