@@ -125,7 +125,8 @@ def _native(report: Report) -> None:
 
     ops = native.ops()
     report.native = {"in_use": ops is not None, "why_not": native.unavailable() or None, "where": str(settings().kernel_dir),
-                     "flags": native.BASE_FLAGS, "int8_isa": ("AVX-512 VNNI" if ops.int8_vnni() else "plain C++") if ops else None}
+                     "flags": native.BASE_FLAGS, "int8_isa": ("AVX-512 VNNI" + (", AMX tiles at 4+ rows" if ops.int8_amx() else "") if ops.int8_vnni() else "plain C++")
+                     if ops else None}
     if ops is None and settings().native:
         report.problems.append(Problem(f"slmkit's CPU kernels are not in use: {native.unavailable()}",
                                        "apt-get install g++   (or set CXX to a C++ compiler); pip install ninja"))
