@@ -9,6 +9,7 @@ load time, so files do not depend on a torch build's internal layout.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -183,12 +184,13 @@ def _onednn_mm(xq_u8: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor
     return torch.ops.onednn.qlinear_pointwise(xq_u8, 1.0, 128, packed, w_scales, zeros, None, 1.0, 0, torch.float32, "none", [], "")
 
 
-_PINNED_BUCKET: int | None = None  # set by same_kernels_as: every call takes this bucket's kernel, whatever its rows
+_PINNED = threading.local()  # .bucket, set by same_kernels_as in this thread: every call takes that bucket's kernel
 
 
 def bucket_of(rows: int) -> int:
-    if _PINNED_BUCKET is not None:
-        return _PINNED_BUCKET
+    pinned = getattr(_PINNED, "bucket", None)
+    if pinned is not None:
+        return pinned
     return 0 if rows <= BUCKET_LIMITS[0] else 1 if rows <= BUCKET_LIMITS[1] else 2  # (called by every layer of a step)
 
 
@@ -196,13 +198,13 @@ def bucket_of(rows: int) -> int:
 def same_kernels_as(rows: int) -> Iterator[None]:
     """Within it, every integer layer runs the kernel it runs for `rows` rows, whatever rows it gets: a speculative
     check's rows computed exactly as one-token steps would compute them (each kernel's row is bit-identical whatever
-    the rows beside it; two kernels round their scaling differently)."""
-    global _PINNED_BUCKET
-    saved, _PINNED_BUCKET = _PINNED_BUCKET, bucket_of(rows)
+    the rows beside it; two kernels round their scaling differently). Per thread: each model's scheduler has its own."""
+    saved = getattr(_PINNED, "bucket", None)
+    _PINNED.bucket = bucket_of(rows)
     try:
         yield
     finally:
-        _PINNED_BUCKET = saved
+        _PINNED.bucket = saved
 
 
 def kernel_choices() -> dict[str, list[str]]:
