@@ -41,6 +41,36 @@ def test_logits_match_transformers_for_prefill_and_ragged_batched_steps(tmp_path
     assert cache.lens == [len(s) for s in seqs]
 
 
+def test_integer_models_keep_their_kv_cache_in_bfloat16_and_float_ones_in_float32(store):
+    """The KV dtype follows the activations: a w8a8 child's cache is bf16 where slmkit's attention reads it (half the
+    bytes; its rounding is far below the int8 activations'), prefill and steps reading the same rounded keys, and its
+    logits stay close to a float32 cache's; the float model's cache stays float32."""
+    from slmkit.engine import lean_forward
+
+    quantize_stage("tiny", "w8a8", name="tiny-w8a8")
+    fast = slmkit.load("tiny-w8a8").backend.fast
+    assert slmkit.load("tiny").backend.fast.new_cache(1).k.dtype == torch.float32
+    if fast.kernels is None:
+        assert fast.new_cache(1).k.dtype == fast.dtype
+        return
+    ids, steps = [1, 5, 9, 4, 7, 2, 8], [3, 11, 6]
+    out = {}
+    for bf16 in (True, False):
+        lean_forward.KV_BF16 = bf16
+        try:
+            f = slmkit.load("tiny-w8a8").backend.fast
+        finally:
+            lean_forward.KV_BF16 = True
+        cache = f.new_cache(1, capacity=4)  # grows, keeping its dtype
+        assert cache.k.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        with torch.inference_mode():
+            rows = [f.forward(cache, torch.tensor([ids]))[0]] + [f.forward(cache, torch.tensor([[t]]))[0] for t in steps]
+        assert cache.k.dtype == cache.v.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        out[bf16] = torch.stack(rows)
+    probs = out[False].softmax(-1)
+    assert float((probs - out[True].softmax(-1)).abs().max()) < 0.05
+
+
 def test_a_long_prefill_attends_in_pieces_and_matches_transformers(tmp_path):
     """A prompt longer than two attention pieces (fresh, and after a cached prefix) gives transformers' logits, and
     the cache it leaves decodes on as transformers does."""

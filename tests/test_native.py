@@ -68,6 +68,29 @@ def test_rope_decode_attention_rows_of_one_slot_see_each_other_as_a_causal_forwa
     assert torch.equal(together, alone) and torch.equal(k, k1) and torch.equal(v, v1)
 
 
+def test_rope_decode_attention_on_a_bfloat16_cache_rounds_what_it_writes_and_reads_it_exactly():
+    """A bf16 slot cache (integer models' KV): the new key and value are written rounded to nearest even, and the
+    attention equals float32 attention over the cache's values as they now are."""
+    torch.manual_seed(2)
+    kv_heads, heads, d = 2, 6, 16
+    k, v = torch.randn(3, kv_heads, 20, d).bfloat16(), torch.randn(3, kv_heads, 20, d).bfloat16()
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * d)
+    angle = torch.rand(2, d // 2) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    lens, slots = torch.tensor([7, 20]), torch.tensor([2, 0])
+    out = ops.rope_decode_attention(qkv, cos, sin, k, v, lens, slots, 0.25, heads)
+    q = _rotate(qkv[:, : heads * d].reshape(2, heads, d), cos[:, None], sin[:, None])
+    k_new = _rotate(qkv[:, heads * d: (heads + kv_heads) * d].reshape(2, kv_heads, d), cos[:, None], sin[:, None])
+    v_new = qkv[:, (heads + kv_heads) * d:].reshape(2, kv_heads, d)
+    for r in range(2):
+        s, n = int(slots[r]), int(lens[r])
+        assert torch.equal(k[s, :, n - 1], k_new[r].bfloat16()) and torch.equal(v[s, :, n - 1], v_new[r].bfloat16())
+        keys = k[s, :, :n].float().repeat_interleave(heads // kv_heads, 0)  # (H, n, D)
+        values = v[s, :, :n].float().repeat_interleave(heads // kv_heads, 0)
+        want = F.scaled_dot_product_attention(q[r][:, None], keys, values, scale=0.25)[:, 0]  # (H, D)
+        torch.testing.assert_close(out[r], want.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
 def test_rope_decode_attention_refuses_rows_or_lengths_outside_the_cache():
     k = v = torch.zeros(2, 1, 8, 4)
     qkv, cos = torch.zeros(2, 3 * 4), torch.ones(2, 4)

@@ -29,6 +29,7 @@ from slmkit.native import ops as native_ops
 
 # queries per attention call in a long prefill: each piece sees only the keys up to it (a causal mask cannot make
 # torch's CPU attention skip work; 512 tokens: 4.0 -> 3.0 ms per layer, bench/w8a8)
+KV_BF16 = True  # integer models' KV cache in bfloat16 where slmkit's attention runs (False: their activations' dtype)
 ATTENTION_PIECE = 128
 
 
@@ -183,6 +184,10 @@ class LeanForward:
         # slmkit's CPU kernels where they are built (native/decode.cpp): RMSNorm with its residual add and the MLP's
         # gate of every step; a decode step's rotary + cache write + attention in one call (2.4x torch's SDPA at 16 rows)
         self.kernels = native_ops() if self.dtype == torch.float32 else None
+        # the KV cache: bfloat16 for models whose linears take int8 activations, where slmkit's attention reads it (half
+        # the bytes a 16-row step's attention reads; its rounding is far below the activations' own), else self.dtype
+        integer = any(isinstance(m, (W8A8Linear, W4A8Linear)) for m in [*self.qkv, *self.qkv_parts[0]])
+        self.kv_dtype = torch.bfloat16 if self.kernels is not None and integer and KV_BF16 else self.dtype
         gates = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_new": "gelu_tanh_mul"}
         self.gate_kernel = getattr(self.kernels, gates[self.block.act]) if self.kernels and self.block.act in gates else None
         self.step_weights, self.step_buckets = self._whole_step_weights()
@@ -301,7 +306,7 @@ class LeanForward:
         return self.bank.add(factors)
 
     def new_cache(self, slots: int, capacity: int = 256) -> SlotCache:
-        return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.dtype, capacity)
+        return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.kv_dtype, capacity)
 
     @torch.inference_mode()
     def check(self, cache: SlotCache, slot: int, tokens: Sequence[int]) -> torch.Tensor:
@@ -388,11 +393,12 @@ class LeanForward:
                     else:  # each row writes at its own length
                         pos = positions.T.reshape(-1)  # (T*B,) position-major
                         ridx = row_idx.repeat(t)
-                        kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
-                        vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim)
+                        kc[ridx, :, pos] = k.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim).to(kc.dtype)
+                        vc[ridx, :, pos] = v.transpose(0, 1).reshape(t * b, self.kv_heads, self.head_dim).to(vc.dtype)
                     parts = []
                     for c0, c1, k0, k1, mask in spans[window]:
-                        keys, values = kc[rows, :, k0:k1], vc[rows, :, k0:k1]  # (B, Hkv, keys, D)
+                        # (B, Hkv, keys, D), as the cache holds them (a bf16 cache: rounded, as decode steps read them)
+                        keys, values = kc[rows, :, k0:k1].to(q.dtype), vc[rows, :, k0:k1].to(q.dtype)
                         # (B, Hkv, G * T', D): the heads sharing a KV head, stacked
                         qg = q[:, :, c0:c1].reshape(b, self.kv_heads, self.group * (c1 - c0), self.head_dim)
                         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)

@@ -9,20 +9,33 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
-// One KV head of one row: the G queries sharing it against its L cached keys and values.
-// q: (G, D); kb, vb: (>= L, D) rows of the cache; s: scratch for G * L scores; out: (G, D)
-static void attend(const float* q, const float* kb, const float* vb, int64_t L, int64_t G, int64_t D, float sc,
+// A cache element as float: float32 as it is, bfloat16 by its 16 high bits (exact)
+static inline float as_float(float x) { return x; }
+static inline float as_float(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+static inline void store_as(float x, float* out) { *out = x; }
+static inline void store_as(float x, at::BFloat16* out) { *out = at::BFloat16(x); }  // round to nearest even
+
+// One KV head of one row: the G queries sharing it against its L cached keys and values (T: the cache's float32 or
+// bfloat16). q: (G, D); kb, vb: (>= L, D) rows of the cache; s: scratch for G * L scores; out: (G, D)
+template <typename T>
+static void attend(const float* q, const T* kb, const T* vb, int64_t L, int64_t G, int64_t D, float sc,
                    std::vector<float>& s, float* out) {
   s.assign(G * L, 0.f);
   for (int64_t t = 0; t < L; ++t) {
-    const float* kr = kb + t * D;
+    const T* kr = kb + t * D;
     for (int64_t g = 0; g < G; ++g) {
       const float* qr = q + g * D;
       float acc = 0.f;
       #pragma omp simd reduction(+:acc)
-      for (int64_t d = 0; d < D; ++d) acc += qr[d] * kr[d];
+      for (int64_t d = 0; d < D; ++d) acc += qr[d] * as_float(kr[d]);
       s[g * L + t] = acc * sc;
     }
   }
@@ -40,21 +53,22 @@ static void attend(const float* q, const float* kb, const float* vb, int64_t L, 
     for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
   }
   for (int64_t t = 0; t < L; ++t) {
-    const float* vr = vb + t * D;
+    const T* vr = vb + t * D;
     for (int64_t g = 0; g < G; ++g) {
       const float p = s[g * L + t];
       float* o = out + g * D;
       #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+      for (int64_t d = 0; d < D; ++d) o[d] += p * as_float(vr[d]);
     }
   }
 }
 
-// k, v: one layer's slot cache (S, Hkv, C, D) f32, rows of D contiguous; lens (B,) int64 in 1..C: each row's length
+// k, v: one layer's slot cache (S, Hkv, C, D) f32 or bf16 (written rounded to nearest even, read exactly), rows of D contiguous; lens (B,) int64 in 1..C: each row's length
 // after its token; slots (B,) int64: the slot each row writes and reads (several rows may share one: the consecutive
 // tokens of one sequence, a speculative check, each at its own length)
 static void check_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, const at::Tensor& slots, int64_t B) {
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "k, v: float32");
+  TORCH_CHECK((k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16) && v.scalar_type() == k.scalar_type(),
+              "k, v: float32 or bfloat16, both the same");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v: (slots, Hkv, capacity, D)");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3), "k, v: rows of D contiguous");
   TORCH_CHECK(lens.scalar_type() == at::kLong && lens.numel() == B && lens.is_contiguous(), "lens: (B,) int64");
@@ -74,6 +88,47 @@ static inline void rotate(const float* x, const float* c, const float* sn, int64
   for (int64_t d = half; d < D; ++d) out[d] = x[d] * c[d] + x[d - half] * sn[d];
 }
 
+// rope_decode_attention's work on a cache of T (float32 or bfloat16): every row's rotated key and its value written
+// first, then each row's queries attend over its own length.
+template <typename T>
+static void attend_rows(const at::Tensor& qc, const at::Tensor& cc, const at::Tensor& sc, T* kp, T* vp, at::IntArrayRef kst,
+                        at::IntArrayRef vst, const at::Tensor& lens, const at::Tensor& slots, int64_t heads, int64_t Hkv,
+                        int64_t G, int64_t D, float scale, int64_t window, at::Tensor& out) {
+  const int64_t B = qc.size(0), W = (heads + 2 * Hkv) * D;
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* slp = slots.data_ptr<int64_t>();
+  const float* qp = qc.data_ptr<float>();
+  const float* cp = cc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = kst[0], ks1 = kst[1], vs0 = vst[0], vs1 = vst[1];
+  std::vector<float> rotated(D);
+  for (int64_t b = 0; b < B; ++b) {  // the writes first (B * Hkv rotations of D: a few microseconds at most)
+    const int64_t L = lp[b];
+    const float* row = qp + b * W;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      rotate(row + (heads + h) * D, cp + b * D, sp + b * D, D, rotated.data());
+      T* kd = kp + slp[b] * ks0 + h * ks1 + (L - 1) * D;
+      T* vd = vp + slp[b] * vs0 + h * vs1 + (L - 1) * D;
+      const float* vsrc = row + (heads + Hkv + h) * D;
+      for (int64_t d = 0; d < D; ++d) { store_as(rotated[d], kd + d); store_as(vsrc[d], vd + d); }
+    }
+  }
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s, q(G * D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv, L = lp[b];
+      const float* row = qp + b * W;
+      const float *c = cp + b * D, *sn = sp + b * D;
+      const T* kb = kp + slp[b] * ks0 + h * ks1;
+      const T* vb = vp + slp[b] * vs0 + h * vs1;
+      for (int64_t g = 0; g < G; ++g) rotate(row + (h * G + g) * D, c, sn, D, q.data() + g * D);
+      const int64_t from = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      attend(q.data(), kb + from * D, vb + from * D, L - from, G, D, scale, s, op + b * heads * D + h * G * D);
+    }
+  });
+}
+
 // A decode step's attention from the fused q/k/v projection's output: qkv (B, (H + 2 Hkv) D) f32 (queries, keys,
 // values of each row's new token side by side); cos, sin (B, D) at each row's position. Rotates the queries and the
 // key, writes the key and value at position lens - 1 of each row's slot, attends over that row's lens positions.
@@ -91,38 +146,15 @@ static at::Tensor rope_decode_attention(const at::Tensor& qkv, const at::Tensor&
   auto qc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   TORCH_CHECK(cc.scalar_type() == at::kFloat && sc.scalar_type() == at::kFloat && cc.numel() == B * D && sc.numel() == B * D,
               "cos, sin: (B, D) float32");
-  const int64_t G = heads / Hkv, W = (heads + 2 * Hkv) * D;
+  const int64_t G = heads / Hkv;
   auto out = at::empty({B, heads * D}, qc.options());
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t* slp = slots.data_ptr<int64_t>();
-  const float* qp = qc.data_ptr<float>();
-  const float* cp = cc.data_ptr<float>();
-  const float* sp = sc.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  for (int64_t b = 0; b < B; ++b) {  // the writes first (B * Hkv rotations of D: a few microseconds at most)
-    const int64_t L = lp[b];
-    const float* row = qp + b * W;
-    for (int64_t h = 0; h < Hkv; ++h) {
-      rotate(row + (heads + h) * D, cp + b * D, sp + b * D, D, kp + slp[b] * ks0 + h * ks1 + (L - 1) * D);
-      std::copy(row + (heads + Hkv + h) * D, row + (heads + Hkv + h + 1) * D, vp + slp[b] * vs0 + h * vs1 + (L - 1) * D);
-    }
+  if (k.scalar_type() == at::kBFloat16) {
+    attend_rows(qc, cc, sc, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), k.strides(), v.strides(), lens, slots,
+                heads, Hkv, G, D, static_cast<float>(scale), window, out);
+  } else {
+    attend_rows(qc, cc, sc, k.data_ptr<float>(), v.data_ptr<float>(), k.strides(), v.strides(), lens, slots, heads, Hkv, G,
+                D, static_cast<float>(scale), window, out);
   }
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s, q(G * D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv, L = lp[b];
-      const float* row = qp + b * W;
-      const float *c = cp + b * D, *sn = sp + b * D;
-      const float* kb = kp + slp[b] * ks0 + h * ks1;
-      const float* vb = vp + slp[b] * vs0 + h * vs1;
-      for (int64_t g = 0; g < G; ++g) rotate(row + (h * G + g) * D, c, sn, D, q.data() + g * D);
-      const int64_t from = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-      attend(q.data(), kb + from * D, vb + from * D, L - from, G, D, static_cast<float>(scale), s, op + b * heads * D + h * G * D);
-    }
-  });
   return out;
 }
 
