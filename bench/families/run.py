@@ -106,7 +106,7 @@ def serve(binary: Path, gguf: Path, ours: str, alias: str, threads: int, levels:
     return w8.take_turns(runs, levels)
 
 
-PARTS = ("models", "trim", "before")
+PARTS = ("models", "trim", "before", "speed")  # speed: llama-bench, the w8a8 lean forward and serving only, both models
 TRIMMED = f"{GEMMA}-en"
 
 
@@ -187,7 +187,9 @@ def main() -> None:
     models = {GEMMA: gguf, BASE: store.path(BASE) / "model.gguf"}
     saved = RESULTS / "families.json"
     result: dict = json.loads(saved.read_text()) if set(args.parts) != set(PARTS) and saved.exists() else {"models": {}}
-    result |= {"benchmark": "families", "cpu": cpu_line(), "threads": threads}
+    result |= {"benchmark": "families", "threads": threads}
+    if "models" in args.parts or "cpu" not in result:  # the CPU the models part ran on (the speed part keeps its own)
+        result["cpu"] = cpu_line()
     for name, file in models.items() if "models" in args.parts else ():
         for form, flags in FORMS.items():
             if not store.exists(f"{name}-{form}"):
@@ -203,6 +205,16 @@ def main() -> None:
         result["models"][name] = r
     if "trim" in args.parts:
         result["trim"] = trimmed_gemma(args, store, gguf, threads)
+    if "speed" in args.parts:
+        result["speed"] = {"cpu": cpu_line(), "models": {}}
+        for name, file in models.items():
+            if not store.exists(f"{name}-w8a8"):
+                subprocess.run([*SLMKIT, "quantize", name, *FORMS["w8a8"], "--name", f"{name}-w8a8", "--no-ppl"], check=True)
+            r = {"gguf": file.name, "llama_bench": llama_bench(args.llama_cpp_bin / "llama-bench", file, threads),
+                 "w8a8": lean_speed(f"{name}-w8a8")}
+            print(name, "speed", json.dumps(r), flush=True)
+            r["serve"] = serve(args.llama_cpp_bin / "llama-server", file, f"{name}-w8a8", name, threads, args.levels)
+            result["speed"]["models"][name] = r
     if args.before and "before" in args.parts:
         result["before"] = {"revision": args.before, "then": before(args.before, f"{BASE}-w8a8"), "now": lean_speed(f"{BASE}-w8a8")}
     RESULTS.mkdir(exist_ok=True)
@@ -266,6 +278,22 @@ def report(r: dict) -> str:
             md.append(f"- 16 streams: slmkit trimmed w8a8 {sixteen[1]['tokens_per_s'] / sixteen[0]['tokens_per_s']:.2f}x llama-server on the "
                       f"original GGUF (#27's target 3x), errors {sixteen[1]['errors']} (llama-server {sixteen[0]['errors']})")
         md.append("")
+    if "speed" in r:
+        md += ["## Speed alone, another run", "", f"CPU: {r['speed']['cpu']}. llama-bench and llama-server on the GGUF, the "
+               "w8a8 child on slmkit's lean forward and server (its int8 linear on AMX tiles and its KV cache in bfloat16 "
+               "where the CPU and the code of this run have them).", ""]
+        for name, m in r["speed"]["models"].items():
+            lb, w8 = m["llama_bench"], m["w8a8"]
+            sixteen = [next((x for x in run["levels"] if x["streams"] == 16), None) for run in m["serve"]]
+            md += [f"### {name} ({m['gguf']})", "", "| engine | decode tok/s (batch 1) | 16-row decode tok/s | prefill 512 tok/s |",
+                   "|---|---|---|---|", f"| llama-bench (tg128, pp512) | {lb['tg128']:.1f} | - | {lb['pp512']:.1f} |",
+                   f"| slmkit w8a8, lean forward | {w8['decode_1_tok_s']:.1f} | {w8['decode_16_tok_s']:.1f} | {w8['prefill_512_tok_s']:.1f} |",
+                   "", *serve_rows(m["serve"]), "", f"- batch-1 decode: {w8['decode_1_tok_s'] / lb['tg128']:.2f}x llama-bench tg128"]
+            if all(sixteen):
+                md.append(f"- 16 streams: {sixteen[1]['tokens_per_s'] / sixteen[0]['tokens_per_s']:.2f}x llama-server, errors "
+                          f"{sixteen[1]['errors']} (llama-server {sixteen[0]['errors']}), TTFT p50 {sixteen[1]['ttft_p50']:.2f} s "
+                          f"({sixteen[0]['ttft_p50']:.2f} s)")
+            md.append("")
     if "before" in r:
         b = r["before"]
         md += [f"## The default model's w8a8 lean forward before ({b['revision']}) and now", "",
