@@ -186,7 +186,7 @@ class LeanForward:
         self.kernels = native_ops() if self.dtype == torch.float32 else None
         # the KV cache: bfloat16 for models whose linears take int8 activations, where slmkit's attention reads it (half
         # the bytes a 16-row step's attention reads; its rounding is far below the activations' own), else self.dtype
-        integer = any(isinstance(m, (W8A8Linear, W4A8Linear)) for m in [*self.qkv, *self.qkv_parts[0]])
+        integer = any(isinstance(m, (W8A8Linear, W4A8Linear)) for m in self.qkv_parts[0])  # (fused ones stay this type)
         self.kv_dtype = torch.bfloat16 if self.kernels is not None and integer and KV_BF16 else self.dtype
         gates = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_new": "gelu_tanh_mul"}
         self.gate_kernel = getattr(self.kernels, gates[self.block.act]) if self.kernels and self.block.act in gates else None

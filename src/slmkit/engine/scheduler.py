@@ -335,15 +335,16 @@ class BatchScheduler:
     @torch.inference_mode()
     def _step(self) -> None:
         run = self.running
-        drafts = self._drafts() if getattr(self.store, "checks", False) else []
+        drafts = self._drafts() if self.store.checks else []
         t0 = time.perf_counter()
         if any(drafts):
             self._check(drafts, t0)
             return
         logits = self.store.step([r.history[-1] for r in run])  # (B, V)
+        seconds = time.perf_counter() - t0
         for r in run:
             if r.drafts is not None:
-                r.throttle.plain(time.perf_counter() - t0)
+                r.throttle.plain(seconds)
         failed: dict[int, str] = {}
         try:
             tokens = sample_rows(logits, [r.params for r in run], [r.history for r in run], [r.generator for r in run])
@@ -364,7 +365,6 @@ class BatchScheduler:
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in self.store.keep(keep)]
 
-
     def _drafts(self) -> list[list[int]]:
         """Each running row's prompt-lookup drafts (none where its request does not speculate, its throttle has
         paused it, or its budget has room for one token only)."""
@@ -376,7 +376,7 @@ class BatchScheduler:
 
     def _check(self, drafts: list[list[int]], t0: float) -> None:
         """A speculative step: every running row runs its last token and its drafts in one forward; each request
-        keeps the drafts it accepts (decode._check's rule: greedy's tokens, or sampling's distribution), then takes
+        keeps the drafts it accepts (decode.check_draft's rule: greedy's tokens, or sampling's distribution), then takes
         its next token from the logits after them; the refused drafts are forgotten."""
         run = self.running
         rows = self.store.check([[r.history[-1], *d] for r, d in zip(run, drafts)])  # per row (1 + drafts, V)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_NGRAM = 3  # the longest suffix looked up; shorter ones are tried when it has no earlier occurrence
-MIN_NGRAM = 1  # the shortest
 BACKOFF = (16, 256)  # plain tokens drafting pauses for after a losing check: the first pause, doubling up to the last
 SMOOTHING = 0.3  # the weight of the newest measurement in the running seconds-per-token of each mode
 
@@ -19,9 +18,9 @@ class PromptLookup:
     """The drafts of one growing sequence: every n-gram (n <= max_ngram) indexed by where its latest occurrence ends,
     so a draft costs a few dictionary reads, not a scan of the history."""
 
-    def __init__(self, history: Sequence[int] = (), max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> None:
+    def __init__(self, history: Sequence[int] = (), max_ngram: int = MAX_NGRAM) -> None:
         self.history: list[int] = []
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_ngram = max_ngram
         self._ends: dict[tuple[int, ...], int] = {}  # n-gram -> the end (exclusive) of its latest earlier occurrence
         for token in history:
             self.push(token)
@@ -37,7 +36,7 @@ class PromptLookup:
         """Up to `limit` tokens that followed the latest earlier occurrence of the last n-gram (the longest n that
         occurred before, n = max_ngram down to 1); [] when none did."""
         h = self.history
-        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+        for n in range(min(self.max_ngram, len(h) - 1), 0, -1):
             end = self._ends.get(tuple(h[len(h) - n:]))
             if end is not None:
                 return h[end: end + limit]
