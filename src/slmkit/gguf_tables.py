@@ -116,4 +116,12 @@ OLLAMA_TEMPLATES: dict[str, tuple[str, str, list[str]]] = {
         '<|start_header_id|>assistant<|end_header_id|>\n\n',
         ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
     ),
+    "gemma": (  # Gemma's <start_of_turn>user / model turns; a system message opens the next turn, as Gemma's own does
+        "<start_of_turn>",
+        '{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{- $system = .Content }}{{- else }}'
+        '<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+        '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}'
+        '<start_of_turn>model\n',
+        ["<end_of_turn>", "<start_of_turn>"],
+    ),
 }

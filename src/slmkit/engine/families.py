@@ -44,7 +44,7 @@ FAMILIES: dict[str, Family] = {  # transformers' model_type -> layout
     "gemma3_text": GEMMA,  # + q/k head norms, GeGLU, embeddings scaled by sqrt(hidden), local and global rope bases
 }
 MULTI_LORA_TYPES = tuple(FAMILIES)  # served LoRA adapters batch per row over one base (layers/multi_lora.py) in every family
-STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # rotary angles that depend on the position alone
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # angles by position alone (longrope: per context side)
 
 
 @dataclass(frozen=True)

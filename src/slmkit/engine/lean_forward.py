@@ -197,7 +197,7 @@ class LeanForward:
         self.step_tables = (tables[0], tables[1] if len(tables) > 1 else None)
         self.step_windows = [w or 0 for w in self.block.windows] if any(self.block.windows) else []
         self.step_local = [int(k != tables[0]) for k in self.block.rope_keys] if len(tables) > 1 else []
-        self._rope_tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin (n, D) by position (_rotary)
+        self._rope_tables: dict[tuple[str | None, int | None], tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin (n, D) by position (_rotary)
 
     def _norm_weight(self, norm: Any) -> torch.Tensor:
         """An RMSNorm module's scale as the lean forward multiplies by it: `offset + weight` in float32 where the
@@ -264,20 +264,38 @@ class LeanForward:
         return [(0, t, k0, end, self._mask(positions, k0, end, window))]
 
     def _rotary(self, h: torch.Tensor, positions: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, D) at `positions`, as the model's rotary embedding makes them (Gemma 3: the table of layer
-        type `key`): rows of a table it made once for positions 0..n-1 (grown by doubling), for the rope types whose
-        angles depend on the position alone."""
+        """cos, sin (B, T, D) at `positions` (B, T), as the model's rotary embedding makes them (Gemma 3: the table of
+        layer type `key`): rows of a table it made once for positions 0..n-1 (grown by doubling), for the rope types
+        whose angles depend on the position alone. Longrope has two such tables and, as transformers does for a
+        sequence, takes the long factors' for a row whose positions reach past the original context."""
         rope = self.inner.rotary_emb
         kind = rope.rope_type[key] if key is not None else getattr(rope, "rope_type", "default")
         make = rope if key is None else (lambda x, p: rope(x, p, key))
         if kind not in STATIC_ROPE_TYPES:  # dynamic ones rescale with the length
             return make(h, positions)
+        if kind != "longrope":
+            return self._rope_rows(h, make, positions, key)
+        params = rope.config.rope_parameters if key is None else rope.config.rope_parameters[key]
+        original = int(params["original_max_position_embeddings"])  # the module's table past it has the long factors
+        long_rows = positions.amax(dim=1) >= original  # (B,)
+        if not bool(long_rows.any()):
+            return self._rope_rows(h, make, positions, key, most=original)
+        cos, sin = self._rope_rows(h, make, positions, key, least=original + 1)
+        if not bool(long_rows.all()):
+            short = self._rope_rows(h, make, positions.clamp(max=original - 1), key, most=original)
+            cos, sin = (torch.where(long_rows[:, None, None], a, b) for a, b in ((cos, short[0]), (sin, short[1])))
+        return cos, sin
+
+    def _rope_rows(self, h: torch.Tensor, make: Any, positions: torch.Tensor, key: str | None, *, least: int = 256,
+                   most: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `positions` of the cos/sin table the rotary module `make` gives for positions 0..n-1, n between `least`
+        and `most` (kept by layer type and `most`), grown by doubling."""
         end = int(positions.max()) + 1
-        table = self._rope_tables.get(key)
+        table = self._rope_tables.get((key, most))
         if table is None or table[0].shape[0] < end or table[0].dtype != h.dtype:
-            n = max(end, 256, 2 * (0 if table is None else table[0].shape[0]))
-            cos, sin = make(h[:1, :1], torch.arange(n)[None])  # (1, n, D)
-            table = self._rope_tables[key] = (cos[0], sin[0])
+            n = max(end, least, 2 * (0 if table is None else table[0].shape[0]))
+            cos, sin = make(h[:1, :1], torch.arange(n if most is None else min(n, most))[None])  # (1, n, D)
+            table = self._rope_tables[(key, most)] = (cos[0], sin[0])
         return table[0][positions], table[1][positions]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | None = None,

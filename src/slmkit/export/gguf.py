@@ -39,12 +39,15 @@ def check_exportable(config: dict[str, Any]) -> str:
         )
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # (older configs: rope_scaling)
     ropes = list(rope.values()) if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
-    kinds = {r.get("rope_type", "default") for r in ropes}
+    ropes = [{**r, "rope_type": r.get("rope_type", r.get("type", "default"))} for r in ropes]
+    kinds = {r["rope_type"] for r in ropes}
     why = None
-    if kinds - {"default", "linear", "llama3"}:
-        why = f"its rotary embedding ({', '.join(sorted(kinds))}) needs scaling data this writer does not produce yet"
+    if len(ropes) > 1 and kinds != {"default"}:
+        why = f"its rotary embeddings per layer type are scaled ({', '.join(sorted(kinds))}), which llama.cpp reads for one only"
+    elif len(ropes) == 1 and (why_rope := rope_unwritable(ropes[0], ARCHITECTURES[arch].arch)):
+        why = why_rope
     elif arch == "Gemma3ForCausalLM" and int(config.get("query_pre_attn_scalar") or head_dim) != head_dim:
         why = (f"llama.cpp scales Gemma 3's attention by its head size ({head_dim}), this model by "
                f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')}")
@@ -53,6 +56,71 @@ def check_exportable(config: dict[str, Any]) -> str:
     if why:
         raise SlmkitError(f"GGUF export cannot write this {arch}: {why}", "Export it as a Hugging Face folder (--format hf).")
     return arch
+
+
+# rope type -> the llama.cpp architectures that read what it needs (None: any); "llama3" is a table of per-dimension
+# frequency divisors (rope_freqs), "longrope" two of them (short and long context) that only Phi-3's graph reads
+ROPE_WRITABLE: dict[str, tuple[str, ...] | None] = {"default": None, "linear": None, "yarn": None, "llama3": ("LLAMA",),
+                                                   "longrope": ("PHI3",)}
+
+
+def rope_unwritable(rope: dict[str, Any], arch: str) -> str | None:
+    """Why llama.cpp would rotate this model's (one) rope differently from transformers, or None."""
+    kind = rope.get("rope_type", "default")
+    if kind == "longrope" and arch == "LLAMA" and _fixed_factors(rope):
+        return None  # one set of per-dimension divisors: Llama's rope_freqs (how a Llama 3 GGUF imports)
+    if kind not in ROPE_WRITABLE:
+        return f"its rotary embedding ({kind}) has no llama.cpp equivalent this writer knows"
+    if ROPE_WRITABLE[kind] is not None and arch not in ROPE_WRITABLE[kind]:
+        return f"llama.cpp reads {kind} rope factors for {', '.join(ROPE_WRITABLE[kind])} models only, not {arch}"
+    if kind == "yarn" and any(rope.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
+        return "its YaRN rope sets its own attention factor; llama.cpp derives it from the scaling factor"
+    if kind == "yarn" and rope.get("truncate") is False:
+        return "its YaRN rope does not truncate the correction range, which llama.cpp always does"
+    return None
+
+
+def _fixed_factors(rope: dict[str, Any]) -> bool:
+    """A longrope that never switches and does not scale attention: plain per-dimension frequency divisors."""
+    return rope.get("short_factor") == rope.get("long_factor") and float(rope.get("attention_factor") or 0.0) == 1.0
+
+
+def rope_scaling(folder: Path, arch: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The GGUF keys (writer method name -> value) and tensors that make llama.cpp rotate as transformers does for
+    the folder's model (check_exportable has passed): linear and YaRN as scaling keys; llama3 as rope_freqs, the
+    per-dimension divisor of the default frequencies (transformers' own llama3 frequencies, divided out); longrope
+    as its short and long divisors, the context they switch at and its attention factor. llama.cpp picks longrope's
+    long factors by the context a run is given (> the original context), transformers by the positions a call sees."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = AutoConfig.from_pretrained(str(folder))
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", "default")
+    if kind == "default" or "full_attention" in rope:
+        return {}, {}
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](cfg, torch.device("cpu"))
+    factor = rope.get("factor") or cfg.max_position_embeddings / rope.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    if kind == "linear":
+        return {"add_rope_scaling_type": "LINEAR", "add_rope_scaling_factor": float(factor)}, {}
+    if kind == "yarn":
+        keys = {"add_rope_scaling_type": "YARN", "add_rope_scaling_factor": float(factor),
+                "add_rope_scaling_orig_ctx_len": int(rope["original_max_position_embeddings"])}
+        for key in ("beta_fast", "beta_slow"):
+            if rope.get(key) is not None:
+                keys[f"add_rope_scaling_yarn_{key}"] = float(rope[key])
+        return keys, {}
+    dims = inv_freq.shape[0]
+    if kind == "longrope" and arch == "LLAMA":  # (rope_unwritable let only fixed factors through)
+        return {}, {"ROPE_FREQS": np.asarray(rope["short_factor"], dtype=np.float32)}
+    if kind == "llama3":
+        default = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, 2 * dims, 2, dtype=torch.float32) / (2 * dims)))
+        return {}, {"ROPE_FREQS": (default / inv_freq.float()).numpy().astype(np.float32)}
+    return ({"add_rope_scaling_type": "LONGROPE", "add_rope_scaling_orig_ctx_len": int(rope["original_max_position_embeddings"]),
+             "add_rope_scaling_attn_factors": float(attention)},
+            {"ROPE_FACTORS_SHORT": np.asarray(rope["short_factor"], dtype=np.float32),
+             "ROPE_FACTORS_LONG": np.asarray(rope["long_factor"], dtype=np.float32)})
 
 
 def tensor_names(config: dict[str, Any]) -> Any:
@@ -190,6 +258,9 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
             w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
     else:
         w.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    scaling_keys, scaling_tensors = rope_scaling(folder, spec.arch)
+    for method, value in scaling_keys.items():
+        getattr(w, method)(getattr(gguf.RopeScalingType, value) if method == "add_rope_scaling_type" else value)
     if "sliding_attention" in layer_types and config.get("sliding_window"):
         w.add_sliding_window(int(config["sliding_window"]))
         w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
@@ -214,6 +285,8 @@ def write_gguf_f32(folder: Path, out: Path, *, name: str, f16: bool = False, met
         if template:
             w.add_chat_template(template)
 
+    for kind, data in scaling_tensors.items():
+        w.add_tensor(gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)] + ".weight", data)
     names = tensor_names(config)
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:

@@ -107,7 +107,42 @@ def gguf_config(path: Path) -> Any:
         base, local = field("rope.freq_base"), field("rope.freq_base_swa")
         config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": float(base or 1_000_000.0)},
                                   "sliding_attention": {"rope_type": "default", "rope_theta": float(local or 10_000.0)}}
+        return config
+    rope = gguf_rope(reader, field, int(config.max_position_embeddings))
+    if rope is not None:
+        config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {}), **rope}  # (+ partial_rotary_factor)
+        if hasattr(config, "original_max_position_embeddings"):  # (Phi-3's config keeps its own copy)
+            config.original_max_position_embeddings = rope["original_max_position_embeddings"]
     return config
+
+
+def gguf_rope(reader: Any, field: Any, context: int) -> dict[str, Any] | None:
+    """transformers' rope_parameters for what a GGUF's scaling keys and factor tensors say (export/gguf.rope_scaling
+    writes them), or None where the rotation is the default one: linear and YaRN from their keys; longrope from its
+    short and long factors; llama.cpp's rope_freqs (per-dimension divisors of the default frequencies, as Llama 3's
+    files carry) as a longrope whose two factor sets are those divisors and never switch."""
+    kind = field("rope.scaling.type")
+    theta = float(field("rope.freq_base") or 10000.0)
+    factors = {t.name: [float(x) for x in t.data] for t in reader.tensors
+               if t.name in ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")}
+    if kind in ("linear", "yarn") and field("rope.scaling.factor") and float(field("rope.scaling.factor")) != 1.0:
+        rope = {"rope_type": kind, "rope_theta": theta, "factor": float(field("rope.scaling.factor"))}
+        if kind == "yarn":
+            rope["original_max_position_embeddings"] = int(field("rope.scaling.original_context_length") or context)
+            for key in ("beta_fast", "beta_slow"):
+                if field(f"rope.scaling.yarn_{key}") is not None:
+                    rope[key] = float(field(f"rope.scaling.yarn_{key}"))
+        return rope
+    if "rope_factors_short.weight" in factors:
+        return {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors["rope_factors_short.weight"],
+                "long_factor": factors.get("rope_factors_long.weight", factors["rope_factors_short.weight"]),
+                "original_max_position_embeddings": int(field("rope.scaling.original_context_length") or context),
+                "attention_factor": float(field("rope.scaling.attn_factor") or 1.0)}
+    if "rope_freqs.weight" in factors:
+        f = factors["rope_freqs.weight"]
+        return {"rope_type": "longrope", "rope_theta": theta, "short_factor": f, "long_factor": f,
+                "original_max_position_embeddings": context, "attention_factor": 1.0}
+    return None
 
 
 def load_gguf(path: Path, pre_tokenizer: str | None = None) -> tuple[Any, Any]:
