@@ -95,14 +95,17 @@ def perplexity(name: str, data: Path, windows: int) -> float:
     return json.loads(out.read_text())["results"]["perplexity"]["perplexity"]
 
 
-def serve(binary: Path, gguf: Path, ours: str, alias: str, threads: int, levels: list[int]) -> list[dict]:
-    """llama-server (-np 16) on the GGUF and slmkit serve on `ours`, taking turns at each level."""
+def serve(binary: Path, gguf: Path, ours: str | list[str], alias: str, threads: int, levels: list[int]) -> list[dict]:
+    """llama-server (-np 16) on the GGUF and slmkit serve on `ours` (one model or several, each its own server),
+    taking turns at each level."""
     sb = _module(ROOT / "bench" / "serve" / "run.py", "serve_bench")
     w8 = _module(ROOT / "bench" / "w8a8" / "run.py", "w8a8_bench")
     runs = [(f"llama-server (C++) -np 16, {gguf.name}", [str(binary), "-m", str(gguf), "-t", str(threads), "-c", "8192", "-np", "16",
-                                           "--host", "127.0.0.1", "--port", str(sb.free_port()), "-a", alias], alias),
-            (f"slmkit serve {ours} (torch)", sb.slmkit_cmd(ours, sb.free_port(), "torch"), ours)]
-    runs[1][1][runs[1][1].index("--max-batch") + 1] = "16"
+                                           "--host", "127.0.0.1", "--port", str(sb.free_port()), "-a", alias], alias)]
+    for name in [ours] if isinstance(ours, str) else ours:
+        cmd = sb.slmkit_cmd(name, sb.free_port(), "torch")
+        cmd[cmd.index("--max-batch") + 1] = "16"
+        runs.append((f"slmkit serve {name} (torch)", cmd, name))
     return w8.take_turns(runs, levels)
 
 
@@ -166,6 +169,7 @@ def main() -> None:
     ap.add_argument("--before", default="846435c", help="git revision to compare the default model's lean forward with")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                     help="what to run; the others are kept from bench/results/families.json")
+    ap.add_argument("--gemma-head", choices=["w4a8"], help="speed part: also a Gemma w8a8 child with this output head (GPTQ)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: print lean_speed(NAME) as JSON
     args = ap.parse_args()
     os.environ["SLMKIT_HOME"] = args.home
@@ -208,12 +212,19 @@ def main() -> None:
     if "speed" in args.parts:
         result["speed"] = {"cpu": cpu_line(), "models": {}}
         for name, file in models.items():
-            if not store.exists(f"{name}-w8a8"):
-                subprocess.run([*SLMKIT, "quantize", name, *FORMS["w8a8"], "--name", f"{name}-w8a8", "--no-ppl"], check=True)
+            children = {f"{name}-w8a8": FORMS["w8a8"]}
+            if name == GEMMA and args.gemma_head:  # #27's lever for the 262k-row head: a 4-bit head (bench/w4a8's child)
+                children[f"{name}-w8a8-head-{args.gemma_head}-gptq"] = [*FORMS["w8a8"], "--head", args.gemma_head, "--method", "gptq",
+                                                                        "--embedding", "head", "--calib", str(args.data / "wikitext2" / "wiki.valid.tokens")]
+            for child, flags in children.items():
+                if not store.exists(child):
+                    subprocess.run([*SLMKIT, "quantize", name, *flags, "--name", child, "--no-ppl"], check=True)
             r = {"gguf": file.name, "llama_bench": llama_bench(args.llama_cpp_bin / "llama-bench", file, threads),
-                 "w8a8": lean_speed(f"{name}-w8a8")}
+                 "lean": {child: lean_speed(child) for child in children}}
             print(name, "speed", json.dumps(r), flush=True)
-            r["serve"] = serve(args.llama_cpp_bin / "llama-server", file, f"{name}-w8a8", name, threads, args.levels)
+            r["serve"] = serve(args.llama_cpp_bin / "llama-server", file, list(children), name, threads, args.levels)
+            if len(children) > 1:  # what the lever costs: perplexity of each child (the models part has the float's)
+                r["perplexity"] = {child: perplexity(child, args.data, args.windows) for child in children}
             result["speed"]["models"][name] = r
     if args.before and "before" in args.parts:
         result["before"] = {"revision": args.before, "then": before(args.before, f"{BASE}-w8a8"), "now": lean_speed(f"{BASE}-w8a8")}
@@ -283,16 +294,23 @@ def report(r: dict) -> str:
                "w8a8 child on slmkit's lean forward and server (its int8 linear on AMX tiles and its KV cache in bfloat16 "
                "where the CPU and the code of this run have them).", ""]
         for name, m in r["speed"]["models"].items():
-            lb, w8 = m["llama_bench"], m["w8a8"]
-            sixteen = [next((x for x in run["levels"] if x["streams"] == 16), None) for run in m["serve"]]
+            lb = m["llama_bench"]
+            lean = m["lean"] if "lean" in m else {f"{name}-w8a8": m["w8a8"]}  # (runs before the 4-bit head's row)
             md += [f"### {name} ({m['gguf']})", "", "| engine | decode tok/s (batch 1) | 16-row decode tok/s | prefill 512 tok/s |",
                    "|---|---|---|---|", f"| llama-bench (tg128, pp512) | {lb['tg128']:.1f} | - | {lb['pp512']:.1f} |",
-                   f"| slmkit w8a8, lean forward | {w8['decode_1_tok_s']:.1f} | {w8['decode_16_tok_s']:.1f} | {w8['prefill_512_tok_s']:.1f} |",
-                   "", *serve_rows(m["serve"]), "", f"- batch-1 decode: {w8['decode_1_tok_s'] / lb['tg128']:.2f}x llama-bench tg128"]
-            if all(sixteen):
-                md.append(f"- 16 streams: {sixteen[1]['tokens_per_s'] / sixteen[0]['tokens_per_s']:.2f}x llama-server, errors "
-                          f"{sixteen[1]['errors']} (llama-server {sixteen[0]['errors']}), TTFT p50 {sixteen[1]['ttft_p50']:.2f} s "
-                          f"({sixteen[0]['ttft_p50']:.2f} s)")
+                   *(f"| slmkit {child}, lean forward | {w['decode_1_tok_s']:.1f} | {w['decode_16_tok_s']:.1f} | {w['prefill_512_tok_s']:.1f} |"
+                     for child, w in lean.items()), "", *serve_rows(m["serve"]), ""]
+            floats = r["models"].get(name, {}).get("perplexity", {}).get("float")
+            for i, (child, w) in enumerate(lean.items()):
+                sixteen = [next((x for x in run["levels"] if x["streams"] == 16), None) for run in (m["serve"][0], m["serve"][i + 1])]
+                line = f"- {child}: batch-1 decode {w['decode_1_tok_s'] / lb['tg128']:.2f}x llama-bench tg128"
+                if all(sixteen):
+                    line += (f"; 16 streams {sixteen[1]['tokens_per_s'] / sixteen[0]['tokens_per_s']:.2f}x llama-server, errors "
+                             f"{sixteen[1]['errors']} (llama-server {sixteen[0]['errors']}), TTFT p50 {sixteen[1]['ttft_p50']:.2f} s "
+                             f"({sixteen[0]['ttft_p50']:.2f} s)")
+                if child in m.get("perplexity", {}) and floats:
+                    line += f"; WikiText-2 perplexity {m['perplexity'][child]:.3f} ({100 * (m['perplexity'][child] / floats - 1):+.2f}% vs float)"
+                md.append(line)
             md.append("")
     if "before" in r:
         b = r["before"]
