@@ -60,8 +60,12 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
     assert 1 < scored["perplexity"] < 1e6 and scored["bits_per_byte"] > 0
     assert measure_speed(model, prompt_tokens=16, new_tokens=4, batch=2, repeats=1)["decode_tokens_per_s"] > 0
 
-    for scheme, tol in (("int8", 0.02), ("w8a8", 0.05), ("int4", 0.4)):  # integer children on the lean forward
-        child = quantize_stage(family, scheme, name=f"{family}-{scheme}").name
+    calib = tmp_path / "calib.txt"
+    calib.write_text((TEXT + ". Small models run offline. ") * 40)
+    for scheme, method, tol in (("int8", "rtn", 0.02), ("w8a8", "rtn", 0.05), ("int4", "rtn", 0.4), ("w8a8", "smoothquant", 0.05),
+                                ("int4", "gptq", 0.4), ("int4", "awq", 0.4)):  # integer children on the lean forward
+        child = quantize_stage(family, scheme, method=method, calib=calib if method in ("gptq", "awq") else None,
+                               name=f"{family}-{scheme}-{method}").name
         lean, own = _logits(child)
         assert float((lean - own).norm() / own.norm()) < 0.02, child  # the same integer model both ways
         float_logits, _ = _logits(family)
@@ -70,8 +74,6 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
     pruned = prune_stage(family, sparsity=0.5, name=f"{family}-sparse").name
     lean, own = _logits(pruned)
     torch.testing.assert_close(lean, own, atol=1e-4, rtol=1e-4)
-    calib = tmp_path / "calib.txt"
-    calib.write_text((TEXT + ". Small models run offline. ") * 40)
     deep = shrink_stage(family, structured="depth", blocks=1, calib=calib, samples=4, window=32, name=f"{family}-depth").name
     assert json.loads((Store().path(deep) / "config.json").read_text())["num_hidden_layers"] == 1
     torch.testing.assert_close(*_logits(deep), atol=1e-4, rtol=1e-4)
@@ -152,6 +154,28 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
             or family.replace("-", "_") not in MULTI_LORA_TYPES  # one base, one batch where the family batches adapters
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_smoothquant_folds_into_each_familys_blocks_keeping_the_float_model(tmp_path, kind):
+    """SmoothQuant's scales divided out of the module before the linears that read it (the family's norms: Gemma's
+    scale by 1 + weight and its MLP reads pre_feedforward_layernorm; Phi-3's fused q/k/v and gate/up take the norms'
+    scales whole) leave the float model computing the same logits; and its w8a8 child stays near the float model."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.compress.calibrate import collect_stats
+    from slmkit.compress.quantize import smooth_model
+    from slmkit.layers.walk import linear_layers
+
+    net = AutoModelForCausalLM.from_pretrained(build_family_model(tmp_path / kind, kind)).float().eval()
+    ids = torch.randint(3, net.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = net(input_ids=ids).logits
+        stats = collect_stats(net, linear_layers(net), [ids[:1], ids[1:]], hessian=False)
+        chosen = smooth_model(net, stats)
+        assert chosen  # something was smoothed
+        assert any("layernorm" in k for k in chosen)  # a norm took scales (every family has one before q/k/v)
+        torch.testing.assert_close(net(input_ids=ids).logits, want, atol=1e-4, rtol=1e-3)
 
 
 def _same_on_llamacpp(torch_b, gguf, texts, *, tokens: int, logprobs: bool = False) -> None:

@@ -16,6 +16,7 @@ from slmkit import progress
 from slmkit.compress import quant_ops as qo
 from slmkit.compress import smooth_ops as so
 from slmkit.compress.calibrate import collect_stats
+from slmkit.engine.families import FAMILIES, LLAMA
 from slmkit.layers.int_packing import pack_nibbles
 from slmkit.layers.integer import COMPUTE, INT8_ACTIVATIONS, INTEGER_LAYERS, SCHEME_BITS, HeadEmbedding, Int4Linear, layer_class
 from slmkit.layers.walk import decoder_blocks, linear_layers, set_module
@@ -134,13 +135,25 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, absmean: torch.Tensor, scheme: 
     return best
 
 
-# SmoothQuant, folded: inside each decoder block (Llama layout, llm-compressor's default mappings), the module whose
-# output the linears read, so x / s goes into that module's weight and the child computes no extra operation
-SMOOTH_MAPPINGS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                   ("self_attn.v_proj", ("self_attn.o_proj",)),  # o reads the attention-weighted values: v's row j
-                   # scales channel j of every query head reading that KV head
-                   ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-                   ("mlp.up_proj", ("mlp.down_proj",)))  # down reads act(gate) * up: up's output row j scales channel j
+def smooth_mappings(model_type: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """SmoothQuant, folded: inside each decoder block, (the module whose output some linears read, those linears),
+    from the family's layout (engine/families.py; llm-compressor's default mappings on Llama's): x / s goes into that
+    module's weight and the child computes no extra operation. The norm before attention feeds q/k/v (Phi-3: its one
+    fused layer), v feeds o (v's row j scales channel j of every query head reading that KV head), the norm before
+    the MLP feeds gate/up (Gemma: pre_feedforward_layernorm, not the norm on attention's output), up feeds down
+    (act(gate) * up: up's row j scales channel j); a fused layer's half is not smoothed."""
+    fam = FAMILIES.get(model_type or "", LLAMA)
+    maps = [(fam.attn_norm, fam.qkv), (fam.mlp_norm, fam.gate_up)]
+    if len(fam.qkv) == 3:
+        maps.insert(1, (fam.qkv[2], ("self_attn.o_proj",)))
+    if len(fam.gate_up) == 2:
+        maps.append((fam.gate_up[1], ("mlp.down_proj",)))
+    return tuple(maps)
+
+
+def _divide_norm(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
+    """A norm whose output is scaled by (offset + weight) (Gemma: 1 + weight) now scales by that / s."""
+    norm.weight.copy_((offset + norm.weight.float()) / s - offset)
 
 
 def smooth_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -148,9 +161,11 @@ def smooth_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]]) ->
     sample, multiplied into the linears' columns and divided out of the module before them. Returns the alpha
     chosen per smoothed module (a mapping where smoothing does not help is left alone)."""
     prefix, blocks = decoder_blocks(model)
+    model_type = getattr(model.config, "model_type", None)
+    offset = FAMILIES.get(model_type or "", LLAMA).norm_offset
     chosen: dict[str, float] = {}
     for i, block in enumerate(blocks):
-        for before, readers in SMOOTH_MAPPINGS:
+        for before, readers in smooth_mappings(model_type):
             try:
                 prev, lins = block.get_submodule(before), [block.get_submodule(r) for r in readers]
             except AttributeError:  # another layout: no smoothing there
@@ -175,7 +190,7 @@ def smooth_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]]) ->
                     if prev.bias is not None:
                         prev.bias.div_(s)
                 else:  # a norm's per-channel weight
-                    prev.weight.div_(s)
+                    _divide_norm(prev, s, offset)
             chosen[f"{prefix}.{i}.{before}"] = alpha
     head, names = model.get_output_embeddings(), {m: n for n, m in model.named_modules()}
     final_norm = getattr(getattr(model, "model", None), "norm", None)  # the output head reads the final norm
@@ -185,7 +200,7 @@ def smooth_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]]) ->
         if s is not None:
             with torch.no_grad():
                 head.weight = nn.Parameter(head.weight.detach() * s)  # a copy: the embeddings it may be tied to stay
-                final_norm.weight.div_(s)
+                _divide_norm(final_norm, s, offset)
             chosen[names[final_norm]] = alpha
     return chosen
 
