@@ -1,7 +1,8 @@
 """Every stage on every family: tiny random Qwen2, Qwen3, Mistral, Phi-3 and Gemma 3 models (built from their
-transformers configs, with the tiny ChatML tokenizer) imported into the store and taken through run/chat, quantize,
-prune, shrink, low-rank, LoRA fine-tuning, merge and serving several adapters over one base; what a stage cannot do
-for a family is refused before anything is loaded."""
+transformers configs, with the tiny ChatML tokenizer) imported into the store and taken through run/chat, eval,
+quantize (rtn, GPTQ, AWQ, SmoothQuant), prune, shrink, low-rank, distill, fine-tuning (LoRA, QLoRA, prompt, full),
+merge, HF export, route and serving several adapters over one base; what a stage cannot do for a family is refused
+before anything is loaded."""
 
 from __future__ import annotations
 
@@ -95,6 +96,11 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
     adapter = finetune_stage(family, [chats], seq_len=32, config=TrainConfig(steps=4, batch_size=4, lr=5e-3),
                              name=f"{family}-lora").name
     merged = merge_stage(adapter, name=f"{family}-merged").name
+    for method in ("qlora", "prompt", "full"):  # the other fine-tuning methods: each child loads and answers
+        tuned = finetune_stage(family, [chats], method=method, seq_len=32, config=TrainConfig(steps=2, batch_size=4),
+                               name=f"{family}-{method}").name
+        assert isinstance(slmkit.load(tuned, backend="torch").generate(TEXT, max_tokens=3, temperature=0), str), method
+    torch.testing.assert_close(*_logits(f"{family}-full"), atol=1e-4, rtol=1e-4)  # a fully tuned child: on the lean forward
     from transformers import AutoModelForCausalLM
 
     from slmkit.export.hf import export_hf
