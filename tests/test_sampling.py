@@ -130,3 +130,82 @@ def test_extreme_settings_stay_finite_or_are_refused():
     with pytest.raises(RowsFailed) as err:
         sample_rows(nan, [greedy, SamplingParams(temperature=0.8, seed=1)], [[], []], [None, torch.Generator().manual_seed(1)])
     assert set(err.value.failed) == {1} and err.value.tokens[0] == int(torch.argmax(logits[0]))
+
+
+def _kernels():
+    from slmkit import native
+
+    kernels = native.ops()
+    if kernels is None:
+        pytest.skip(f"slmkit's CPU kernels are not built here ({native.unavailable()})")
+    return kernels
+
+
+def test_top_logsumexp_reads_each_row_in_one_pass_as_torch_would():
+    """native.top_logsumexp: each row's m largest values and ids (largest first, ties by the lower id) as torch.topk
+    gives them, its logsumexp within 1e-5 of torch's, and a row holding inf or NaN flagged."""
+    kernels = _kernels()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3000, generator=g) * 4
+    values, ids, lse, finite = kernels.top_logsumexp(x, 37)
+    want_v, want_i = torch.topk(x, 37)
+    assert torch.equal(values, want_v) and torch.equal(ids, want_i) and bool(finite.all())
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1), atol=1e-5, rtol=1e-6)
+    tied = torch.zeros(1, 50)
+    tied[0, [7, 3, 40]] = 1.0
+    assert kernels.top_logsumexp(tied, 4)[1].tolist() == [[3, 7, 40, 0]]
+    x[1, 5], x[3, 9] = float("nan"), float("-inf")
+    assert kernels.top_logsumexp(x, 3)[3].tolist() == [True, False, True, False, True]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=0.0),
+    dict(temperature=0.0, repetition_penalty=1.3),
+    dict(temperature=0.7, seed=1),  # the defaults: top-k 40, top-p 0.9, repetition penalty 1.1
+    dict(temperature=1.0, top_k=5, top_p=1.0, repetition_penalty=1.0, seed=2),
+    dict(temperature=0.9, top_k=100, min_p=0.05, repetition_penalty=0.8, seed=3),  # a penalty that raises the window
+    dict(temperature=1.2, frequency_penalty=-1.5, presence_penalty=0.5, seed=4),  # OpenAI's, one of them negative
+    dict(temperature=0.8, top_k=3, frequency_penalty=2.0, repeat_last_n=8, seed=5),
+])
+def test_sampling_from_candidates_picks_what_whole_rows_pick(settings):
+    """The candidates path (one kernel pass per row, penalties re-ranked on the raw top k + |window| and the window's
+    tokens) draws the same tokens as penalizing and sorting whole rows, for the same random streams, over many steps
+    whose histories repeat tokens; the log-probabilities it hands steps_of agree with logsumexp's."""
+    _kernels()
+    from slmkit.engine.decode import steps_of
+    from slmkit.engine.sampling import candidates, make_generator, sample_rows
+
+    params = [SamplingParams(**settings)] * 4
+    g = torch.Generator().manual_seed(7)
+    histories = [[int(t) for t in torch.randint(0, 60, (30,), generator=g)] for _ in params]  # tokens the rows favour
+    gens_a = [make_generator(10 + r) for r in range(4)]
+    gens_b = [make_generator(10 + r) for r in range(4)]
+    for _ in range(25):
+        logits = torch.randn(4, 2000, generator=g) * 3
+        logits[:, :60] += 2.5  # the window's tokens are among the best: the penalties decide the ranking
+        cands = candidates(logits, params, histories)
+        assert cands is not None
+        want = sample_rows(logits, params, histories, gens_a)
+        got = sample_rows(logits, params, histories, gens_b, cands)
+        assert got == want
+        a, b = steps_of(logits, got, [2] * 4), steps_of(logits, got, [2] * 4, cands.norm)
+        assert all(abs(x.logprob - y.logprob) < 1e-5 and [t for t, _ in x.top] == [t for t, _ in y.top] for x, y in zip(a, b))
+        for h, t in zip(histories, got):
+            h.append(t)
+
+
+def test_candidates_step_aside_where_whole_rows_are_needed():
+    """No candidates for a grammar, a row without top-k, scores that are not finite, or too wide a top-k: those rows
+    take the whole-row path (which fails a non-finite row alone)."""
+    _kernels()
+    from slmkit.engine.sampling import candidates
+
+    logits = torch.randn(2, 4000)
+    ok = [SamplingParams(temperature=0.7)] * 2
+    assert candidates(logits, ok, [[1], [2]]) is not None
+    assert candidates(logits, [ok[0], SamplingParams(temperature=0.7, top_k=0)], [[1], [2]]) is None
+    assert candidates(logits, [SamplingParams(temperature=0.7, top_k=3000)] * 2, [[1], [2]]) is None
+    assert candidates(logits.double(), ok, [[1], [2]]) is None
+    bad = logits.clone()
+    bad[1, 3] = float("nan")
+    assert candidates(bad, ok, [[1], [2]]) is None

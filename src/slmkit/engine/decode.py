@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from slmkit.engine.sampling import GREEDY_BELOW, SamplingParams, make_generator, next_distribution, sample_next, sample_rows
+from slmkit.engine.sampling import GREEDY_BELOW, SamplingParams, candidates, log_norms, make_generator, next_distribution, sample_next, sample_rows
 from slmkit.engine.speculative import PromptLookup, Throttle
 
 
@@ -33,10 +33,11 @@ class Step:
     checked: int = 0
 
 
-def steps_of(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int]) -> list[Step]:
-    """Steps for the tokens sampled from each row of logits (B, V); row r keeps its top_n[r] alternatives."""
+def steps_of(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int], norm: torch.Tensor | None = None) -> list[Step]:
+    """Steps for the tokens sampled from each row of logits (B, V); row r keeps its top_n[r] alternatives. `norm`:
+    each row's logsumexp where already known (sampling.Candidates)."""
     rows = logits.float()
-    norm = torch.logsumexp(rows, dim=-1)  # (B,)
+    norm = log_norms(rows) if norm is None else norm  # (B,)
     chosen = (rows[torch.arange(len(tokens)), torch.tensor(list(tokens))] - norm).tolist()  # (B,)
     out = []
     for r, (token, lp) in enumerate(zip(tokens, chosen)):
@@ -71,9 +72,10 @@ def decode_loop(
     throttle = Throttle()
     made, chosen, checked = 0, None, 0  # chosen: the next token, already drawn by a check; checked: its drafts
     while made < max_new_tokens:
-        token = chosen if chosen is not None else sample_next(logits, params, history, generator)
+        cands = candidates(logits[None], [params], [history]) if chosen is None else None
+        token = chosen if chosen is not None else sample_rows(logits[None], [params], [history], [generator], cands)[0]
         chosen = None
-        step = steps_of(logits[None], [token], [params.top_logprobs])[0]
+        step = steps_of(logits[None], [token], [params.top_logprobs], cands.norm if cands is not None else None)[0]
         yield replace(step, checked=checked) if checked else step
         made += 1
         if token in eos or made == max_new_tokens:
@@ -140,8 +142,9 @@ def decode_static_batch(
     outputs: list[list[Step]] = [[] for _ in prompts]
     done = [False] * n
     for _ in range(max_new_tokens):
-        tokens = sample_rows(logits, [params] * n, histories, gens)  # (B,)
-        for r, s in enumerate(steps_of(logits, tokens, [params.top_logprobs] * n)):
+        cands = candidates(logits, [params] * n, histories)
+        tokens = sample_rows(logits, [params] * n, histories, gens, cands)  # (B,)
+        for r, s in enumerate(steps_of(logits, tokens, [params.top_logprobs] * n, cands.norm if cands is not None else None)):
             if not done[r]:
                 outputs[r].append(s)
                 histories[r].append(s.token)

@@ -29,7 +29,7 @@ import torch
 
 from slmkit.engine.decode import Step, check_draft, steps_of, tokens_of
 from slmkit.engine.kv_cache import PrefixCache
-from slmkit.engine.sampling import RowsFailed, SamplingParams, make_generator, sample_next, sample_rows
+from slmkit.engine.sampling import RowsFailed, SamplingParams, candidates, make_generator, sample_next, sample_rows
 from slmkit.engine.speculative import PromptLookup, Throttle
 from slmkit.errors import SlmkitError
 
@@ -346,13 +346,15 @@ class BatchScheduler:
             if r.drafts is not None:
                 r.throttle.plain(seconds)
         failed: dict[int, str] = {}
+        params, histories = [r.params for r in run], [r.history for r in run]
+        cands = candidates(logits, params, histories)  # (None: whole rows are read)
         try:
-            tokens = sample_rows(logits, [r.params for r in run], [r.history for r in run], [r.generator for r in run])
+            tokens = sample_rows(logits, params, histories, [r.generator for r in run], cands)
         except RowsFailed as exc:  # those rows' requests end with the error; the rest of the batch goes on
             tokens, failed = exc.tokens, exc.failed
             for i, why in failed.items():
                 run[i].out.put(RowsFailed({0: why}, [0]))
-        steps = steps_of(logits, tokens, [r.params.top_logprobs for r in run])
+        steps = steps_of(logits, tokens, [r.params.top_logprobs for r in run], cands.norm if cands is not None else None)
         keep = []
         for i, (req, step) in enumerate(zip(run, steps)):
             if i in failed:

@@ -50,7 +50,7 @@ def unavailable() -> str:
 
 @functools.cache
 def ops() -> SimpleNamespace | None:
-    """The kernels as torch ops (rope_decode_attention, add_rms_norm, silu_mul, gelu_tanh_mul, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni, int8_amx, pack_int4, int4_linear, int4_simd),
+    """The kernels as torch ops (rope_decode_attention, add_rms_norm, silu_mul, gelu_tanh_mul, top_logsumexp, quantize_rows, dequantize_rows, pack_int8, int8_linear, int8_vnni, int8_amx, pack_int4, int4_linear, int4_simd),
     built once per machine; None when they cannot be."""
     global _why_not
     from slmkit import progress
@@ -81,6 +81,7 @@ def ops() -> SimpleNamespace | None:
     return SimpleNamespace(rope_decode_attention=decode.rope_decode_attention,
                            add_rms_norm=decode.add_rms_norm, silu_mul=decode.silu_mul,
                            gelu_tanh_mul=decode.gelu_tanh_mul, decode_step=decode.decode_step,
+                           top_logsumexp=decode.top_logsumexp,
                            quantize_rows=torch.ops.slmkit_quantize.quantize_rows,
                            dequantize_rows=torch.ops.slmkit_quantize.dequantize_rows,
                            pack_int8=torch.ops.slmkit_quantize.pack_int8, int8_linear=torch.ops.slmkit_quantize.int8_linear,

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 #include <algorithm>
 #include <cfloat>
+#include <tuple>
+#include <utility>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -43,7 +45,7 @@ static void attend(const float* q, const T* kb, const T* vb, int64_t L, int64_t 
     float* sg = s.data() + g * L;
     float m = -FLT_MAX;
     #pragma omp simd reduction(max:m)
-    for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
+    for (int64_t t = 0; t < L; ++t) m = fmaxf(m, sg[t]);  // (fmaxf: a vector max; std::max's reference keeps it scalar)
     float z = 0.f;
     #pragma omp simd reduction(+:z)
     for (int64_t t = 0; t < L; ++t) { sg[t] = expf(sg[t] - m); z += sg[t]; }
@@ -320,7 +322,74 @@ static at::Tensor decode_step(const at::Tensor& h, at::TensorList weights, const
   return x;
 }
 
+// ---- What sampling reads of each row of logits, in passes over the row instead of copies and sorts of it ----
+// logits (B, V) float32 -> the m largest values of each row and their token ids, largest first (ties: the lower id
+// first), (B, m) and (B, m) int64; each row's logsumexp (B,); and whether every value of the row is a finite number
+// (B,) bool, tested on the bits (-ffast-math lets the compiler assume finite floats, so isfinite would not test).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_logsumexp(const at::Tensor& logits, int64_t m) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "top_logsumexp: logits must be (B, V) float32");
+  const at::Tensor x = logits.contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(m > 0 && m <= V, "top_logsumexp: m must be in 1..V");
+  at::Tensor values = at::empty({B, m}, x.options()), ids = at::empty({B, m}, x.options().dtype(at::kLong));
+  at::Tensor lse = at::empty({B}, x.options()), finite = at::empty({B}, x.options().dtype(at::kBool));
+  const float* px = x.data_ptr<float>();
+  float* pv = values.data_ptr<float>();
+  int64_t* pi = ids.data_ptr<int64_t>();
+  float* pl = lse.data_ptr<float>();
+  bool* pf = finite.data_ptr<bool>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<std::pair<float, int64_t>> heap;  // the m best so far, the worst on top (a min-heap by value, then id)
+    auto worse = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = px + b * V;
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+      uint32_t exponent = 0;  // the largest exponent field: all ones where some value is inf or NaN
+      float mx = -FLT_MAX;
+      #pragma omp simd reduction(max:exponent) reduction(max:mx)
+      for (int64_t i = 0; i < V; ++i) {
+        const uint32_t e = bits[i] & 0x7f800000u;
+        exponent = e > exponent ? e : exponent;
+        mx = fmaxf(mx, row[i]);
+      }
+      pf[b] = exponent != 0x7f800000u;
+      float z = 0.f;
+      #pragma omp simd reduction(+:z)
+      for (int64_t i = 0; i < V; ++i) z += expf(row[i] - mx);
+      pl[b] = mx + logf(z);
+      heap.clear();
+      for (int64_t i = 0; i < m; ++i) heap.emplace_back(row[i], i);
+      std::make_heap(heap.begin(), heap.end(), worse);
+      float floor = heap.front().first;  // a value must beat it to enter (equal ones lose: their id is higher)
+      for (int64_t c0 = m; c0 < V; c0 += 64) {  // blocks of 64: one vector max each, read one by one only when it beats the floor
+        const int64_t c1 = std::min(V, c0 + 64);
+        float block = -FLT_MAX;
+        #pragma omp simd reduction(max:block)
+        for (int64_t i = c0; i < c1; ++i) block = fmaxf(block, row[i]);
+        if (block <= floor) continue;
+        for (int64_t i = c0; i < c1; ++i) {
+          if (row[i] > floor) {
+            std::pop_heap(heap.begin(), heap.end(), worse);
+            heap.back() = {row[i], i};
+            std::push_heap(heap.begin(), heap.end(), worse);
+            floor = heap.front().first;
+          }
+        }
+      }
+      std::sort_heap(heap.begin(), heap.end(), worse);  // best first
+      for (int64_t j = 0; j < m; ++j) {
+        pv[b * m + j] = heap[j].first;
+        pi[b * m + j] = heap[j].second;
+      }
+    }
+  });
+  return {values, ids, lse, finite};
+}
+
 TORCH_LIBRARY(slmkit_decode, m) {
+  m.def("top_logsumexp(Tensor logits, int m) -> (Tensor, Tensor, Tensor, Tensor)", top_logsumexp);
   m.def("rope_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor lens, Tensor slots, "
         "float scale, int heads, int window=0) -> Tensor", rope_decode_attention);
   m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
