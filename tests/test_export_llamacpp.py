@@ -235,7 +235,7 @@ SMOL_STYLE = ("{% for message in messages %}{% if loop.first and messages[0]['ro
               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def _ollama_render(modelfile: str, messages: list[dict]) -> str:
+def _ollama_render(modelfile: str, messages: list[dict], tools: list[dict] | None = None) -> str:
     """What Ollama builds from this Modelfile: the SYSTEM default joins .Messages when the request has no system
     message, then Go's own text/template renders the TEMPLATE over them (tests/go/ollama_render.go; .ci/run installs
     Go). Without Go, a template of the form the plain table entries have (a range over .Messages using .Role and
@@ -251,7 +251,7 @@ def _ollama_render(modelfile: str, messages: list[dict]) -> str:
         messages = [{"role": "system", "content": system.group(1)}, *messages]
     if shutil.which("go"):
         program = Path(__file__).parent / "go" / "ollama_render.go"
-        r = subprocess.run(["go", "run", str(program)], input=json.dumps({"template": template, "messages": messages}),
+        r = subprocess.run(["go", "run", str(program)], input=json.dumps({"template": template, "messages": messages, "tools": tools or []}),
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         return r.stdout
@@ -429,3 +429,76 @@ def test_export_type_auto_picks_the_smallest_type_within_the_budget(store, tmp_p
         r = runner.invoke(app, ["export", "long", "--type", "auto", "--no-ppl", "--out", str(tmp_path / "bad"), *extra])
         assert r.exit_code == 1 and ("--ppl-budget" in r.output or "--imatrix" in r.output), r.output
     assert snapshot(tmp_path) == before
+
+
+QWEN25_TEMPLATE = (  # Qwen2.5-Instruct's chat template (tools, calls and results), as its tokenizer_config.json ships it
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n        {{- \"\\n\" }}\n"
+    "        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}"
+    "\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\" "
+    "and not message.tool_calls) %}\n        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n        {%- if message.content %}\n"
+    "            {{- '\\n' + message.content }}\n        {%- endif %}\n        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- if tool_call.function is defined %}\n                {%- set tool_call = tool_call.function %}\n"
+    "            {%- endif %}\n            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n            {{- '}\\n</tool_call>' }}\n"
+    "        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n            {{- '<|im_end|>\\n' }}\n"
+    "        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def _json_as_data(text: str) -> str:
+    """`text` with every line that is a JSON object replaced by its canonical form: jinja's tojson and Go's json
+    write the same data with other spacing and key order."""
+    out = []
+    for line in text.split("\n"):
+        try:
+            line = json.dumps(json.loads(line), sort_keys=True) if line.startswith("{") else line
+        except ValueError:
+            pass
+        out.append(line)
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_modelfile_speaks_qwen_chatml_with_tools(with_tools):
+    """Qwen2.5's template (tools in the system turn, calls in <tool_call> tags, consecutive tool results in one user
+    turn): the Modelfile's Go template, given Ollama's .Tools and .ToolCalls, renders what it renders (the JSON as
+    data), its default system prompt as SYSTEM; without tools, plain ChatML."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from slmkit.export.gguf import modelfile_text
+
+    modelfile = modelfile_text("m.gguf", QWEN25_TEMPLATE, 0.2)
+    assert 'SYSTEM """You are Qwen, created by Alibaba Cloud. You are a helpful assistant."""' in modelfile
+    assert '{{ range .Tools }}' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+             {"type": "function", "function": {"name": "get_time", "description": "The time in a city.", "parameters": {
+                 "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    calls = [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+             {"function": {"name": "get_time", "arguments": {"city": "Paris"}}}]
+    msgs = [{"role": "user", "content": "Weather and time in Paris?"}, {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "content": "sunny, 21 C"}, {"role": "tool", "content": "14:05"},
+            {"role": "assistant", "content": "Sunny, 21 C, and it is 14:05."}, {"role": "user", "content": "Thanks!"}]
+    if not with_tools:
+        msgs = [msgs[0], {"role": "assistant", "content": "Sunny."}, msgs[-1]]
+    env = ImmutableSandboxedEnvironment()
+    env.filters["tojson"] = lambda x: json.dumps(x)
+    jinja = env.from_string(QWEN25_TEMPLATE).render(messages=[{"role": "system", "content": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}, *msgs],
+                                                    tools=tools if with_tools else None, add_generation_prompt=True)
+    got = _ollama_render(modelfile, msgs, tools if with_tools else None)
+    assert _json_as_data(got) == _json_as_data(jinja)

@@ -224,6 +224,11 @@ def test_each_family_exports_to_gguf_that_llamacpp_runs_as_torch_does(home, tmp_
     with torch.inference_mode():  # tokenizer as SentencePiece, which this test's byte-level one is not; same ids here)
         torch.testing.assert_close(back.model(input_ids=ids).logits, source.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     assert back.fast is not None
+    if family != "gemma3_text":  # chat on both engines, with the chat template the file carries (Gemma: see above)
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where do small models run?"}]
+        replies = [slmkit.load("back", backend=engine).chat(msgs, max_tokens=8, temperature=0, repetition_penalty=1.0)
+                   for engine in ("llamacpp", "torch")]
+        assert replies[0] == replies[1] and replies[0]
 
 
 def test_a_family_llamacpp_would_run_otherwise_is_refused_before_export(tmp_path):

@@ -96,28 +96,52 @@ AUTO_TYPE = "AUTO"  # `export --type auto`: the smallest quantized type within a
 AUTO_CANDIDATES = ("Q4_0", "Q4_1", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_M", "Q6_K", "Q8_0")
 DEFAULT_PPL_BUDGET = 0.05  # at most 5% above the float model's perplexity
 
-# chat template family (recognised by a marker in the Jinja template) -> Ollama Modelfile TEMPLATE and stops
-OLLAMA_TEMPLATES: dict[str, tuple[str, str, list[str]]] = {
+# chat template family (recognised by markers, all in the Jinja template; the first entry that matches) -> Ollama
+# Modelfile TEMPLATE and stops
+OLLAMA_TEMPLATES: dict[str, tuple[tuple[str, ...], str, list[str]]] = {
+    # Qwen2.5's ChatML with tools (Hermes style): the tools as JSON lines in the system turn, an assistant's calls in
+    # <tool_call> tags, tool results in one user turn of <tool_response> blocks (Ollama's .Tools, .ToolCalls, `json`)
+    "chatml-tools": (
+        ("<|im_start|>", "<tool_call>", "<tools>"),
+        '{{- if .Tools }}<|im_start|>system\n{{ if eq (index .Messages 0).Role "system" }}{{ (index .Messages 0).Content }}{{ end }}'
+        '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+        'You are provided with function signatures within <tools></tools> XML tags:\n<tools>{{ range .Tools }}\n{{ json . }}{{ end }}'
+        '\n</tools>\n\nFor each function call, return a json object with function name and arguments within '
+        '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+        '</tool_call><|im_end|>\n'
+        '{{ else if eq (index .Messages 0).Role "system" }}<|im_start|>system\n{{ (index .Messages 0).Content }}<|im_end|>\n{{ end }}'
+        '{{- $prev := "" }}{{- range $i, $m := .Messages }}'
+        '{{- if and (eq $prev "tool") (ne .Role "tool") }}<|im_end|>\n{{ end }}'
+        '{{- if and (eq .Role "system") (eq $i 0) }}'
+        '{{- else if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}\n<tool_response>\n{{ .Content }}\n</tool_response>'
+        '{{- else if and (eq .Role "assistant") .ToolCalls }}<|im_start|>assistant{{ if .Content }}\n{{ .Content }}{{ end }}'
+        '{{ range .ToolCalls }}\n<tool_call>\n{"name": "{{ .Function.Name }}", "arguments": {{ json .Function.Arguments }}}\n</tool_call>'
+        '{{ end }}<|im_end|>\n'
+        '{{ else }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        '{{- $prev = .Role }}{{- end }}'
+        '{{- if eq $prev "tool" }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
+        ["<|im_end|>", "<|im_start|>"],
+    ),
     # Ollama puts the system message (the request's, or the Modelfile's SYSTEM) into .Messages itself: ranging over
     # .Messages alone renders it once, as Ollama's own chatml template does
     "chatml": (
-        "<|im_start|>",
+        ("<|im_start|>",),
         '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
         ["<|im_end|>", "<|im_start|>"],
     ),
     "phi3": (  # Phi-3's <|user|> ... <|end|> turns
-        "<|end|>",
+        ("<|end|>",),
         '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
         ["<|end|>", "<|user|>", "<|assistant|>"],
     ),
     "llama3": (  # Llama 3's headers (llama.cpp and Ollama put <|begin_of_text|> first themselves)
-        "<|start_header_id|>",
+        ("<|start_header_id|>",),
         '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
         '<|start_header_id|>assistant<|end_header_id|>\n\n',
         ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
     ),
     "gemma": (  # Gemma's <start_of_turn>user / model turns; a system message opens the next turn, as Gemma's own does
-        "<start_of_turn>",
+        ("<start_of_turn>",),
         '{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{- $system = .Content }}{{- else }}'
         '<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
         '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}'

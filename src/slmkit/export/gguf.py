@@ -401,8 +401,8 @@ def modelfile_text(gguf_name: str, template: str | None, temperature: float, con
     template renders), the default SYSTEM prompt the template adds when a conversation has none, the stop tokens,
     the context length."""
     lines = [f"FROM ./{gguf_name}"]
-    for marker, go_template, stops in OLLAMA_TEMPLATES.values():
-        if template and marker in template:
+    for markers, go_template, stops in OLLAMA_TEMPLATES.values():
+        if template and all(m in template for m in markers):
             lines.append(f'TEMPLATE """{go_template}"""')
             system = default_system(template)
             if system:
