@@ -60,6 +60,12 @@ def test_every_stage_runs_on_every_family(family, tmp_path):
     scored = perplexity(model, (TEXT + ". ") * 20, context_length=32, stride=16)  # eval: perplexity and speed
     assert 1 < scored["perplexity"] < 1e6 and scored["bits_per_byte"] > 0
     assert measure_speed(model, prompt_tokens=16, new_tokens=4, batch=2, repeats=1)["decode_tokens_per_s"] > 0
+    from test_eval import ARC_ROWS, write_task
+
+    from slmkit.evaluate.choice import evaluate_task
+
+    task = evaluate_task(model, str(write_task(tmp_path, ARC_ROWS)))  # a multiple-choice task, as the suites score
+    assert task["n"] == len(ARC_ROWS) and 0 <= task["acc"] <= 1 and 0 <= task["acc_norm"] <= 1
 
     calib = tmp_path / "calib.txt"
     calib.write_text((TEXT + ". Small models run offline. ") * 40)
