@@ -194,3 +194,13 @@ def pytest_unconfigure(config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+@pytest.fixture(autouse=True)
+def _thawed_heap():
+    """A served model freezes the heap (serve/registry.settled); give the collector everything back after each test,
+    so what earlier tests left in cycles is still collected."""
+    yield
+    import gc
+
+    gc.unfreeze()

@@ -674,3 +674,21 @@ def test_the_server_needs_only_the_servable_protocol(store):
                 call()
     finally:
         s.stop()
+
+
+def test_a_served_model_stays_out_of_the_collectors_walks_and_is_freed_whole_on_unload(store):
+    """Once a served model is open its objects are frozen (gc.freeze: no full collection walks them inside a burst of
+    requests); unloading it thaws, so its weights really go, and freezes what is left."""
+    import gc
+    import weakref
+
+    registry = ModelRegistry(["tiny"], Metrics(), max_batch=2, max_queue=4, prefix_cache_tokens=0, backend="torch")
+    gc.unfreeze()
+    model = registry.get("tiny")
+    assert isinstance(model.generate("hello", max_tokens=2, temperature=0), str)  # opened on its scheduler's thread
+    assert gc.get_freeze_count() > 0
+    weights = weakref.ref(model.backend.scheduler.backend.model)
+    del model
+    assert registry.unload("tiny")
+    gc.collect()
+    assert weights() is None and gc.get_freeze_count() > 0

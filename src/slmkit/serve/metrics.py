@@ -40,3 +40,11 @@ class Metrics:
         self.queue_depth.labels(model).set_function(queue_depth)
         self.batch_size.labels(model).set_function(batch_size)
         self.prefix_hit_rate.labels(model).set_function(hit_rate)
+
+    def unwatch(self, model: str) -> None:
+        """A freed model's gauges go (their functions held its scheduler, and so its weights)."""
+        for gauge in (self.queue_depth, self.batch_size, self.prefix_hit_rate):
+            try:
+                gauge.remove(model)
+            except KeyError:
+                pass

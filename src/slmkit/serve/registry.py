@@ -14,6 +14,8 @@ several times faster than PyTorch on a CPU, and batched it still leads). Models 
 
 from __future__ import annotations
 
+import gc
+
 import math
 import threading
 import time
@@ -34,6 +36,23 @@ from slmkit.serve.hybrid import CachedModel, DecisionLog, EscalationLog, build_r
 from slmkit.serve.metrics import Metrics
 from slmkit.sources.forms import is_adapter, is_router, read_router
 from slmkit.store import Store
+
+
+def settled(backend: Any) -> Any:
+    """`backend`, just opened for serving, with every object Python tracks moved out of the cyclic collector's walks
+    (gc.freeze): a loaded model is ~400k objects, and a full collection of them (~160 ms here) otherwise lands inside
+    a burst of requests (16 streams' first burst on the default w8a8 model: TTFT p50 0.32-0.34 -> 0.13 s, measured).
+    `thaw` gives them back when a model is freed."""
+    gc.collect()
+    gc.freeze()
+    return backend
+
+
+def thaw() -> None:
+    """After a model is freed: let the collector walk everything again (the freed model's cycles go), then settle
+    what is left."""
+    gc.unfreeze()
+    settled(None)
 
 
 class ModelRegistry:
@@ -136,7 +155,7 @@ class ModelRegistry:
         """The one scheduler over `base` with `adapters` loaded as ids 1..n (opened on the scheduler's thread)."""
         if base not in self._shared:
             def open_group() -> Any:
-                return open_backend(self.store.require(base), "torch", serving=True, adapters=[self.store.require(a) for a in adapters])
+                return settled(open_backend(self.store.require(base), "torch", serving=True, adapters=[self.store.require(a) for a in adapters]))
 
             self._shared[base] = BatchedBackend(open_group, max_batch=self.max_batch, max_queue=self.max_queue,
                                                 prefix_cache_tokens=self.prefix_cache_tokens, context=self.context,
@@ -157,7 +176,7 @@ class ModelRegistry:
             if name not in self._models:
                 folder, kind = self.store.require(name), self.backends[name]
                 # opened on the scheduler's own thread: the thread that runs the model also loads it
-                batched = BatchedBackend(lambda: open_backend(folder, kind, serving=True), max_batch=self.max_batch,
+                batched = BatchedBackend(lambda: settled(open_backend(folder, kind, serving=True)), max_batch=self.max_batch,
                                          max_queue=self.max_queue, prefix_cache_tokens=self.prefix_cache_tokens,
                                          context=self.context, max_queue_per_client=self.max_queue_per_client)
                 sched = batched.scheduler
@@ -178,6 +197,9 @@ class ModelRegistry:
             self._served.pop(name, None)
             self.expires.pop(name, None)
         model.backend.scheduler.stop(timeout)
+        self.metrics.unwatch(name)
+        del model
+        thaw()
         return True
 
     def keep(self, name: str, seconds: float | None) -> None:
