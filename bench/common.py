@@ -1,9 +1,10 @@
 """What the benchmarks share: where results go, the default model's store name, the slmkit CLI (run quietly, or with
-its peak memory), whether a model is in a store, and the CPU line results record. Every bench script imports it
+its peak memory), whether a model is in a store, the CPU line results record, and writing a result. Every bench script imports it
 (a script under bench/NAME/ puts bench/ on sys.path first; one in bench/ finds it beside itself)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,14 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 _PEAK = ("import resource, sys\nfrom slmkit.cli import main\nsys.argv = ['slmkit'] + sys.argv[1:]\ntry:\n    main()\n"
          "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
          "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(code)\n")
+
+
+def write_results(stem: str, result: dict, markdown: str) -> None:
+    """bench/results/STEM.json (the numbers) and STEM.md (the report made from them), and the report on stdout."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)
 
 
 def slmkit(args: list[str], env: dict[str, str]) -> tuple[str, int]:

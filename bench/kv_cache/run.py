@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
-from common import BASE, RESULTS, ROOT, cpu_line  # noqa: E402
+from common import BASE, ROOT, cpu_line, write_results  # noqa: E402
 
 MODELS = (f"{BASE}-w8a8", f"{BASE}-w4a8")
 WINDOW = 512
@@ -106,10 +106,7 @@ def main() -> None:
                              **{f"step_{r}x{c}_ms": step_ms(backend, r, c) for r in (1, 16) for c in (150, 500)}}
             print(name, kind, json.dumps(row[kind]), flush=True)
         result["models"][name] = row
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kv_cache.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "kv_cache.md").write_text(report(result))
-    print(report(result))
+    write_results("kv_cache", result, report(result))
 
 
 def report(r: dict) -> str:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
-from common import BASE, RESULTS, cpu_line  # noqa: E402
+from common import BASE, cpu_line, write_results  # noqa: E402
 
 PASSAGE = ("The lighthouse stood at the edge of the northern cliffs, where the sea met the land in a long line of white "
            "foam. Every evening the keeper climbed the spiral stairs, trimmed the wick, and watched the beam sweep across "
@@ -130,10 +130,7 @@ def main() -> None:
     if args.streams:
         ensure(args.batched_model)
         result["batched"] = {args.batched_model: batched(args.batched_model, args.streams, args.drafts, args.tokens)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "speculative.md").write_text(report(result))
-    print(report(result))
+    write_results("speculative", result, report(result))
 
 
 def report(r: dict) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from slmkit.engine.sampling import GREEDY_BELOW, SamplingParams, candidates, log_norms, make_generator, next_distribution, sample_next, sample_rows
+from slmkit.engine.sampling import GREEDY_BELOW, Candidates, SamplingParams, candidates, log_norms, make_generator, next_distribution, sample_next, sample_rows
 from slmkit.engine.speculative import PromptLookup, Throttle
 
 
@@ -33,11 +33,11 @@ class Step:
     checked: int = 0
 
 
-def steps_of(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int], norm: torch.Tensor | None = None) -> list[Step]:
-    """Steps for the tokens sampled from each row of logits (B, V); row r keeps its top_n[r] alternatives. `norm`:
-    each row's logsumexp where already known (sampling.Candidates)."""
+def steps_of(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int], cands: Candidates | None = None) -> list[Step]:
+    """Steps for the tokens sampled from each row of logits (B, V); row r keeps its top_n[r] alternatives. `cands`:
+    sampling's candidates of the same logits, whose logsumexp each row's log-probability reuses."""
     rows = logits.float()
-    norm = log_norms(rows) if norm is None else norm  # (B,)
+    norm = log_norms(rows) if cands is None else cands.norm  # (B,)
     chosen = (rows[torch.arange(len(tokens)), torch.tensor(list(tokens))] - norm).tolist()  # (B,)
     out = []
     for r, (token, lp) in enumerate(zip(tokens, chosen)):
@@ -75,7 +75,7 @@ def decode_loop(
         cands = candidates(logits[None], [params], [history]) if chosen is None else None
         token = chosen if chosen is not None else sample_rows(logits[None], [params], [history], [generator], cands)[0]
         chosen = None
-        step = steps_of(logits[None], [token], [params.top_logprobs], cands.norm if cands is not None else None)[0]
+        step = steps_of(logits[None], [token], [params.top_logprobs], cands)[0]
         yield replace(step, checked=checked) if checked else step
         made += 1
         if token in eos or made == max_new_tokens:
@@ -144,7 +144,7 @@ def decode_static_batch(
     for _ in range(max_new_tokens):
         cands = candidates(logits, [params] * n, histories)
         tokens = sample_rows(logits, [params] * n, histories, gens, cands)  # (B,)
-        for r, s in enumerate(steps_of(logits, tokens, [params.top_logprobs] * n, cands.norm if cands is not None else None)):
+        for r, s in enumerate(steps_of(logits, tokens, [params.top_logprobs] * n, cands)):
             if not done[r]:
                 outputs[r].append(s)
                 histories[r].append(s.token)

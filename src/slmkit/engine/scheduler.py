@@ -354,7 +354,7 @@ class BatchScheduler:
             tokens, failed = exc.tokens, exc.failed
             for i, why in failed.items():
                 run[i].out.put(RowsFailed({0: why}, [0]))
-        steps = steps_of(logits, tokens, [r.params.top_logprobs for r in run], cands.norm if cands is not None else None)
+        steps = steps_of(logits, tokens, [r.params.top_logprobs for r in run], cands)
         keep = []
         for i, (req, step) in enumerate(zip(run, steps)):
             if i in failed:

@@ -100,21 +100,21 @@ def rope_scaling(folder: Path, arch: str) -> tuple[dict[str, Any], dict[str, np.
     kind = rope.get("rope_type", "default")
     if kind == "default" or "full_attention" in rope:
         return {}, {}
-    inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](cfg, torch.device("cpu"))
-    factor = rope.get("factor") or cfg.max_position_embeddings / rope.get("original_max_position_embeddings", cfg.max_position_embeddings)
     if kind == "linear":
-        return {"add_rope_scaling_type": "LINEAR", "add_rope_scaling_factor": float(factor)}, {}
-    if kind == "yarn":
+        return {"add_rope_scaling_type": "LINEAR", "add_rope_scaling_factor": float(rope["factor"])}, {}
+    if kind == "yarn":  # (a factor left out is transformers' max / original context)
+        factor = rope.get("factor") or cfg.max_position_embeddings / rope["original_max_position_embeddings"]
         keys = {"add_rope_scaling_type": "YARN", "add_rope_scaling_factor": float(factor),
                 "add_rope_scaling_orig_ctx_len": int(rope["original_max_position_embeddings"])}
         for key in ("beta_fast", "beta_slow"):
             if rope.get(key) is not None:
                 keys[f"add_rope_scaling_yarn_{key}"] = float(rope[key])
         return keys, {}
-    dims = inv_freq.shape[0]
     if kind == "longrope" and arch == "LLAMA":  # (rope_unwritable let only fixed factors through)
         return {}, {"ROPE_FREQS": np.asarray(rope["short_factor"], dtype=np.float32)}
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](cfg, torch.device("cpu"))  # llama3's frequencies, longrope's factor
     if kind == "llama3":
+        dims = inv_freq.shape[0]
         default = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, 2 * dims, 2, dtype=torch.float32) / (2 * dims)))
         return {}, {"ROPE_FREQS": (default / inv_freq.float()).numpy().astype(np.float32)}
     return ({"add_rope_scaling_type": "LONGROPE", "add_rope_scaling_orig_ctx_len": int(rope["original_max_position_embeddings"]),

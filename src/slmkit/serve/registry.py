@@ -15,7 +15,6 @@ several times faster than PyTorch on a CPU, and batched it still leads). Models 
 from __future__ import annotations
 
 import gc
-
 import math
 import threading
 import time
